@@ -1,0 +1,145 @@
+"""A synthetic "shapes" dataset in the exact LLaVA-CC3M-Pretrain-595K layout.
+
+Each image shows one coloured shape at one of five positions on a noisy background; its caption reads
+like ``a red circle in the top left .``. Prompts come from a small pool of pretrain-style instructions
+with ``<image>`` at the start or at the end of the human turn, as in the real data. Optional extra
+question/answer rounds make multi-turn, mixed-length conversations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (220, 35, 35),
+    "green": (40, 175, 60),
+    "blue": (45, 85, 225),
+    "yellow": (235, 215, 40),
+    "purple": (145, 55, 175),
+    "orange": (245, 135, 25),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = {  # name -> centre as a fraction of the image side
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}
+ATTRIBUTES = ("color", "shape", "position")
+
+PROMPTS = (
+    "Describe the image briefly.",
+    "Write a short caption for this picture.",
+    "What does the image show? Answer in a few words.",
+    "Give a one-line description of the picture.",
+    "Summarize the visual content in a short phrase.",
+    "Caption the image concisely.",
+)
+FOLLOW_UPS = {  # question -> attribute whose value answers it
+    "What color is the shape?": "color",
+    "Which shape is it?": "shape",
+    "Where is the shape?": "position",
+}
+
+_CAPTION_RE = re.compile(
+    r"^a (?P<color>%s) (?P<shape>%s) in the (?P<position>%s) \.$"
+    % ("|".join(COLORS), "|".join(SHAPES), "|".join(map(re.escape, POSITIONS)))
+)
+
+
+def caption(color: str, shape: str, position: str) -> str:
+    return f"a {color} {shape} in the {position} ."
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """Attributes named in a caption; a value is ``None`` when the text does not name one clearly."""
+    text = text.strip()
+    match = _CAPTION_RE.match(text)
+    if match:
+        return match.groupdict()
+    found = {}
+    for attr, vocab in (("color", COLORS), ("shape", SHAPES), ("position", POSITIONS)):
+        hits = [v for v in vocab if re.search(rf"\b{re.escape(v)}\b", text)]
+        if attr == "position":  # "center" never collides; "top left" etc. are distinct phrases
+            hits = [v for v in hits if not any(v != h and v in h for h in hits)]
+        found[attr] = hits[0] if len(hits) == 1 else None
+    return found
+
+
+def draw_shape(size: int, color: str, shape: str, position: str, rng: random.Random) -> Image.Image:
+    noise = Image.effect_noise((size, size), 12).convert("RGB")
+    image = Image.blend(Image.new("RGB", (size, size), (45, 45, 50)), noise, 0.25)
+    draw = ImageDraw.Draw(image)
+    fx, fy = POSITIONS[position]
+    radius = size * rng.uniform(0.11, 0.16)
+    cx = size * fx + rng.uniform(-0.04, 0.04) * size
+    cy = size * fy + rng.uniform(-0.04, 0.04) * size
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    elif shape == "square":
+        r = radius * 0.9
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        pts = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        draw.polygon(pts, fill=fill)
+    elif shape == "cross":
+        t = radius * 0.35
+        draw.rectangle([cx - radius, cy - t, cx + radius, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - radius, cx + t, cy + radius], fill=fill)
+    return image
+
+
+def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) -> tuple[dict, tuple[str, str, str]]:
+    color, shape, position = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
+    prompt = rng.choice(PROMPTS)
+    human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+    conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": caption(color, shape, position)}]
+    attrs = {"color": color, "shape": shape, "position": position}
+    for question in rng.sample(list(FOLLOW_UPS), k=rng.randint(0, max_turns - 1)):
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": f"{attrs[FOLLOW_UPS[question]]} ."}]
+    name = f"{prefix}_{index:06d}"
+    return {"id": name, "image": f"{name}.jpg", "conversations": conversations}, (color, shape, position)
+
+
+def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max_turns: int = 1,
+                 prefix: str = "shapes", progress: bool = False) -> Path:
+    """Write ``out/chat.json`` and ``out/images/*.jpg``; returns the chat.json path."""
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    indices = range(n)
+    if progress:
+        from rich.progress import track
+
+        indices = track(indices, description=f"synth {n} images")
+    for i in indices:
+        record, (color, shape, position) = make_record(i, rng, prefix=prefix, max_turns=max_turns)
+        draw_shape(size, color, shape, position, rng).save(images / record["image"], quality=92)
+        records.append(record)
+    path = out / "chat.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text for training the tiny tokenizer: everything the shapes data and chat scaffolding can say."""
+    lines = [caption(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
+    lines += list(PROMPTS) + list(FOLLOW_UPS) + [f"{v} ." for v in (*COLORS, *SHAPES, *POSITIONS)]
+    lines += [
+        "system", "user", "assistant", "You are a helpful assistant.",
+        "The quick brown fox jumps over the lazy dog while a picture shows the scene in the photo.",
+        "Question: what is in the image? Answer: a small object with a color and a shape.",
+        "0 1 2 3 4 5 6 7 8 9 10 100 1000",
+    ]
+    return lines

@@ -1,0 +1,5 @@
+"""The one base class for errors a user can act on; the CLI prints these without a traceback."""
+
+
+class UserError(ValueError):
+    """Bad input, config or checkpoint; the message names the file/record/key and the fix."""

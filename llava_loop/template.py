@@ -1,0 +1,90 @@
+"""Chat-template helpers: render conversations and find what the assistant said.
+
+Everything here is derived from the tokenizer's own chat template, so any ChatML-style template
+(Qwen2.5, Qwen3 with its empty ``<think>`` block, ...) works without hard-coded offsets.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .errors import UserError
+
+IMAGE_TOKEN = "<image>"
+
+# Sentinels used to probe a template; chosen so no real conversation contains them.
+_PROBE_USER = "llava-loop-probe-user"
+_PROBE_ANSWER = "llava-loop-probe-answer"
+
+
+class TemplateError(UserError):
+    """The chat template does not render a conversation in a way we can supervise."""
+
+
+def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
+    """Render ``[{"role", "content"}, ...]`` to text with the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; "
+            "use an instruct/chat checkpoint (e.g. Qwen2.5-*-Instruct) or set tokenizer.chat_template"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+@lru_cache(maxsize=8)
+def turn_end_token(tokenizer) -> str:
+    """The special token that closes an assistant turn (``<|im_end|>`` for ChatML templates)."""
+    probe = [
+        {"role": "user", "content": _PROBE_USER},
+        {"role": "assistant", "content": _PROBE_ANSWER},
+    ]
+    text = render(tokenizer, probe)
+    at = text.find(_PROBE_ANSWER)
+    if at < 0:
+        raise TemplateError("the chat template drops assistant content; cannot derive labels")
+    rest = text[at + len(_PROBE_ANSWER) :]
+    specials = sorted(set(tokenizer.all_special_tokens) | _added_special_tokens(tokenizer), key=len, reverse=True)
+    for token in specials:
+        if rest.startswith(token):
+            return token
+    eos = tokenizer.eos_token
+    if eos and rest.lstrip().startswith(eos):
+        return eos
+    raise TemplateError(
+        f"cannot find the end-of-turn token after an assistant message (template renders {rest[:40]!r}); "
+        "the template must close assistant turns with a special token such as <|im_end|>"
+    )
+
+
+def _added_special_tokens(tokenizer) -> set[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {tok.content for tok in decoder.values() if getattr(tok, "special", False)}
+
+
+def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of each assistant answer in ``text`` = render(messages).
+
+    A span covers the answer as rendered plus the closing turn token: exactly what is supervised.
+    Template scaffolding (role headers, an inserted empty ``<think>`` block, newlines) stays outside.
+    Messages are located in order, so an answer that repeats the prompt is found in the right turn.
+    """
+    end_token = turn_end_token(tokenizer)
+    spans = []
+    cursor = 0
+    for message in messages:
+        content = message["content"].strip()
+        at = text.find(content, cursor) if content else cursor
+        if at < 0:
+            raise TemplateError(
+                f"the chat template rewrote a {message['role']} message; cannot locate {content[:40]!r}"
+            )
+        cursor = at + len(content)
+        if message["role"] == "assistant":
+            close = text.find(end_token, cursor)
+            if close < 0 or text[cursor:close].strip():
+                raise TemplateError(f"assistant message {content[:40]!r} is not closed by {end_token!r}")
+            spans.append((at, close + len(end_token)))
+            cursor = close + len(end_token)
+    return spans

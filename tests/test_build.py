@@ -1,0 +1,197 @@
+"""The model composer: tiny preset, hand-made towers, weight copy, bad inputs, real-scale shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llava_loop.build import BuildError, build_llava, compose_config
+from llava_loop.parts import count_params
+
+
+def _clip_configs():
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  image_size=28, patch_size=14, projection_dim=16)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    return CLIPVisionConfig(**vision), CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def hand_made_towers(tmp_path_factory, qwen3_tokenizer_dir):
+    """Towers saved by plain transformers, no llava_loop involved: a full CLIPModel, a CLIPVisionModel,
+    a tied Qwen2 with spare embedding rows and an untied Qwen2 whose rows are exactly the tokenizer."""
+    from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("towers")
+    vision_config, clip_config = _clip_configs()
+    torch.manual_seed(0)
+    CLIPModel(clip_config).save_pretrained(root / "clip-full")
+    CLIPVisionModel(vision_config).save_pretrained(root / "clip-vision")
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    for name, rows, tied in (("qwen-tied", 151936, True), ("qwen-exact", len(tokenizer), False)):
+        config = Qwen2Config(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+        Qwen2ForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+def _source_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("vision", ["clip-full", "clip-vision"])
+@pytest.mark.parametrize("llm", ["qwen-tied", "qwen-exact"])
+def test_weights_equal_sources_tensor_for_tensor(hand_made_towers, vision, llm):
+    model, processor, report = build_llava(str(hand_made_towers / vision), str(hand_made_towers / llm), dtype="float32")
+    state = model.state_dict()
+
+    vision_src = _source_tensors(hand_made_towers / vision)
+    checked = 0
+    for name, tensor in vision_src.items():
+        if name.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+            continue
+        dest = "model.vision_tower." + name.removeprefix("vision_model.")
+        assert torch.equal(state[dest], tensor), dest
+        checked += 1
+    assert checked == sum(1 for k in state if k.startswith("model.vision_tower."))
+
+    llm_src = _source_tensors(hand_made_towers / llm)
+    resized = llm == "qwen-exact"
+    for name, tensor in llm_src.items():
+        dest = "model.language_model." + name.removeprefix("model.") if name.startswith("model.") else name
+        if resized and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            # the original rows are kept; the new <image> row is the mean of the old ones
+            assert torch.equal(state[dest][: tensor.shape[0]], tensor)
+            assert state[dest].shape[0] == tensor.shape[0] + 1
+        else:
+            assert torch.equal(state[dest], tensor), dest
+    assert report.resized_embeddings == resized
+    if llm == "qwen-tied":
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+        assert report.vocab_size == 151936  # Qwen's spare rows hold <image>: no resize
+    # the projector is fresh, and not left uninitialised
+    proj = model.model.multi_modal_projector
+    assert torch.isfinite(proj.linear_1.weight).all() and proj.linear_1.weight.abs().sum() > 0
+
+
+def test_tiny_model_loads_with_plain_transformers(tiny_model_dir):
+    """A fresh interpreter that never imports llava_loop loads the directory and runs a chat prompt."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from PIL import Image
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained({str(tiny_model_dir)!r})
+        processor = AutoProcessor.from_pretrained({str(tiny_model_dir)!r})
+        messages = [{{"role": "user", "content": "<image>\\nDescribe the image briefly."}}]
+        text = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        batch = processor(text=[text], images=[Image.new("RGB", (90, 70), (200, 30, 30))], return_tensors="pt")
+        with torch.no_grad():
+            out = model(**batch)
+            n_features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output[0].shape[0]
+        print(json.dumps({{
+            "finite": bool(torch.isfinite(out.logits).all()),
+            "n_image_tokens": int((batch["input_ids"] == model.config.image_token_id).sum()),
+            "n_features": int(n_features),
+            "imported_llava_loop": "llava_loop" in sys.modules,
+            "processor": type(processor).__name__,
+            "eos": model.generation_config.eos_token_id,
+            "im_end": processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad": model.config.text_config.pad_token_id,
+            "endoftext": processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        }}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["finite"] and not result["imported_llava_loop"]
+    assert result["processor"] == "LlavaProcessor"
+    assert result["n_image_tokens"] == result["n_features"] == 16  # (64 / 16) ** 2
+    assert result["im_end"] in result["eos"]
+    assert result["pad"] == result["endoftext"]
+
+
+def test_cli_build_tiny_prints_report(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "build", "--preset", "tiny", "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, check=True,
+    )
+    for needle in ("params: vision_tower", "params: projector", "params: llm", "<image> token id", "pad token id",
+                   "image tokens per image"):
+        assert needle in out.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert (tmp_path / "m" / "processor_config.json").is_file()
+
+
+def test_bad_inputs_get_clear_errors(hand_made_towers, tmp_path):
+    good_vision, good_llm = str(hand_made_towers / "clip-vision"), str(hand_made_towers / "qwen-tied")
+    with pytest.raises(BuildError, match="--vision .*directory not found"):
+        build_llava(str(tmp_path / "nope"), good_llm)
+    with pytest.raises(BuildError, match="--vision .*is not a CLIP checkpoint"):
+        build_llava(good_llm, good_llm)
+    with pytest.raises(BuildError, match="--llm .*is not a causal LM"):
+        build_llava(good_vision, good_vision)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(BuildError, match="no config.json"):
+        build_llava(good_vision, str(empty))
+
+    import shutil
+
+    no_template = tmp_path / "no-template"
+    shutil.copytree(good_llm, no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(BuildError, match="no chat template"):
+        build_llava(good_vision, str(no_template))
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good_llm, truncated)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(truncated / "model.safetensors")
+    weights.pop("model.norm.weight")
+    save_file(weights, truncated / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BuildError, match="not found in the checkpoints.*model.language_model.norm.weight"):
+        build_llava(good_vision, str(truncated))
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "build", "--vision", str(tmp_path / "x"), "--llm", str(tmp_path),
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2
+    assert "error: --vision" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_real_scale_parameter_counts_on_meta_device():
+    """clip-vit-large-patch14-336 + Qwen2.5-3B-Instruct, from their published configs, no weights."""
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    counts = count_params(model)
+    assert counts["vision_tower"] == pytest.approx(303e6, rel=0.01)
+    assert counts["projector"] == pytest.approx(6.3e6, rel=0.01)
+    assert counts["llm"] == pytest.approx(3.09e9, rel=0.01)
+    assert config.image_seq_length == 576
