@@ -32,6 +32,14 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .loop import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype of the composed model (auto: the LLM's)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("train", help="train (same as `python train.py`); works under `accelerate launch`")
+    p.add_argument("--config", default="configs/demo.yaml", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

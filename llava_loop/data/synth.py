@@ -111,8 +111,8 @@ def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) 
 
 
 def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max_turns: int = 1,
-                 prefix: str = "shapes", progress: bool = False) -> Path:
-    """Write ``out/chat.json`` and ``out/images/*.jpg``; returns the chat.json path."""
+                 prefix: str = "shapes", progress: bool = False, json_name: str = "chat.json") -> Path:
+    """Write ``out/chat.json`` (or ``json_name``) and ``out/images/*.jpg``; returns the JSON path."""
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max
         record, (color, shape, position) = make_record(i, rng, prefix=prefix, max_turns=max_turns)
         draw_shape(size, color, shape, position, rng).save(images / record["image"], quality=92)
         records.append(record)
-    path = out / "chat.json"
+    path = out / json_name
     path.write_text(json.dumps(records, indent=1))
     return path
 

@@ -1,0 +1,292 @@
+"""Typed run configuration: a dataclass tree loaded from YAML with dotted ``key=value`` overrides.
+
+Every field carries its help text in ``metadata["help"]``. Unknown keys and bad values fail here,
+before any model is loaded, with the valid keys or choices in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+MODES = ("projector", "lora", "freeze_vision", "full")
+MODE_ALIASES = {"none": "full"}  # the seed tutorial's name for full training
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid."""
+
+
+def opt(default: Any, help: str, **kwargs):
+    """A dataclass field with a default (copied if mutable) and its help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
+    build_tiny_if_missing: bool = opt(False, "Demo convenience: build the tiny towers into `path` when it does not exist.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel passed to from_pretrained.")
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "Training records: a LLaVA chat.json list, JSONL, or {\"data\": [...]}.")
+    image_dir: str = opt("", "Folder that record `image` paths are relative to.")
+    eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
+    eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).")
+    synth_if_missing: int = opt(0, "Demo convenience: write this many synthetic shapes records when `path` is missing.")
+    num_workers: int = opt(2, "DataLoader worker processes; image decode and preprocessing run there.")
+    pin_memory: bool = opt(True, "Pin host memory for faster host-to-GPU copies (ignored without a GPU).")
+    persistent_workers: bool = opt(True, "Keep workers alive between epochs (needs num_workers > 0).")
+    prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).")
+    max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
+    max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.")
+    max_image_pixels: int = opt(89_478_485, "Images with more pixels are skipped as decompression bombs (PIL's default).")
+    system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
+    image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
+    group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = opt(4, "Samples per process per forward pass.")
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: run `epochs` epochs).")
+    epochs: float = opt(1.0, "Epochs to run when `max_steps` is 0.")
+    lr: float = opt(2e-5, "Peak learning rate.")
+    projector_lr: float = opt(0.0, "Peak learning rate of the projector (0: same as `lr`).")
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent in linear warmup.")
+    min_lr_ratio: float = opt(0.0, "Cosine decays to this fraction of the peak.")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    seed: int = opt(42, "Seed for weights init, data order and dropout.")
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
+    max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.")
+    log_every: int = opt(1, "Write metrics every N optimizer steps.")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(0, "Save every N optimizer steps (0: only the final checkpoint).")
+    keep_last: int = opt(2, "Keep the newest N complete checkpoints (0: keep all).")
+    verify: Literal["hash", "size"] = opt("hash", "On resume, check every file against the manifest by sha256 or by size only.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(0, "Evaluate held-out loss every N optimizer steps (0: only at the end).")
+    holdout: int = opt(0, "Records of `data.path` held out for evaluation when `data.eval_path` is empty.")
+    max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0: all).")
+    micro_batch_size: int = opt(0, "Eval batch size per process (0: train.micro_batch_size).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(64, "LoRA rank.")
+    alpha: int = opt(128, "LoRA alpha (scale = alpha / r).")
+    dropout: float = opt(0.05, "LoRA dropout.")
+    targets: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear-layer names in the LLM that get adapters (the vision tower never does).",
+    )
+
+
+@dataclass
+class Config:
+    mode: Literal["projector", "lora", "freeze_vision", "full", "none"] = opt(
+        "full", "What trains: projector | lora | freeze_vision | full (alias none)."
+    )
+    output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.")
+    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir; none: start fresh; or a checkpoint path.")
+    loss: str = opt("llava_loop.losses:label_only_ce", "Loss function `module:function(model, batch) -> dict` (see losses.py).")
+    hooks: list[str] = opt([], "Extra hooks `module:Class`, called on train start, step end, eval, save, train end.")
+    trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb].")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def canonical_mode(self) -> str:
+        return MODE_ALIASES.get(self.mode, self.mode)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named top-level keys/sections (e.g. what resume must agree on)."""
+        data = self.to_dict()
+        picked = {k: data[k] for k in sections} if sections else data
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, coercion and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, typing.List):
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):  # `hooks=a:B,c:D` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"{key}: optional fields are not used; give a default instead")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)  # YAML reads `1e-4` as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + ``key=value`` overrides -> validated Config."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    try:
+        config = _build(Config, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    t, d = config.train, config.data
+    problems = []
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
+                       ("data.max_length", d.max_length), ("data.prefetch_factor", d.prefetch_factor)):
+        if value < 1:
+            problems.append(f"{key} must be >= 1 (got {value})")
+    for key, value in (("train.max_steps", t.max_steps), ("data.num_workers", d.num_workers),
+                       ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep_last", config.checkpoint.keep_last),
+                       ("eval.every", config.eval.every), ("eval.holdout", config.eval.holdout),
+                       ("train.max_grad_norm", t.max_grad_norm), ("train.weight_decay", t.weight_decay),
+                       ("train.projector_lr", t.projector_lr)):
+        if value < 0:
+            problems.append(f"{key} must be >= 0 (got {value})")
+    if t.max_steps == 0 and t.epochs <= 0:
+        problems.append("set train.max_steps > 0 or train.epochs > 0")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0 (got {t.lr})")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    if not 0 <= d.max_skip_fraction <= 1:
+        problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")
+    if not d.path:
+        problems.append("data.path is required (a chat.json / .jsonl file)")
+    if config.resume not in ("auto", "none") and not config.resume:
+        problems.append("resume must be auto, none or a checkpoint path")
+    if config.canonical_mode == "lora" and (config.lora.r < 1 or not config.lora.targets):
+        problems.append("lora.r must be >= 1 and lora.targets non-empty in lora mode")
+    for spec in [config.loss, *config.hooks]:
+        if ":" not in spec:
+            problems.append(f"{spec!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every field: the reference table in the README comes from here."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_fields(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,35 @@
+"""Pad encoded samples into a batch. Masks come from lengths, never from token values."""
+
+from __future__ import annotations
+
+import torch
+
+from .encode import IGNORE_INDEX
+
+
+class Collator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        width = int(lengths.max())
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, sample in enumerate(samples):  # right padding
+            n = len(sample["input_ids"])
+            input_ids[row, :n] = sample["input_ids"]
+            labels[row, :n] = sample["labels"]
+        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        if pixels:  # image rows only, in row order: the model scatters them into <image> placeholders
+            batch["pixel_values"] = torch.stack(pixels)
+        batch["ids"] = [s["id"] for s in samples]
+        batch["skipped"] = [event for s in samples for event in s["skipped"]]
+        return batch
+
+
+def padding_fraction(batch: dict) -> float:
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / mask.numel()

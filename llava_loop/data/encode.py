@@ -1,0 +1,134 @@
+"""One record -> one training sample: chat template, labels, image placeholders, pixels.
+
+Labels supervise exactly the assistant answers plus their closing turn token; everything else
+(system, user, template scaffolding, image placeholders) is -100. The supervised spans come from the
+tokenizer's own chat template (see ``template.py``), not from hard-coded ChatML offsets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..template import IMAGE_TOKEN, assistant_spans, render
+from .images import expand_to_square, load_image
+from .records import Record
+from .skips import SkipSample
+
+IGNORE_INDEX = -100
+KNOWN_ROLES = ("system", "user", "assistant")
+
+
+def image_tokens_per_image(processor) -> int:
+    """Placeholders one ``<image>`` expands to, computed the way LlavaProcessor does."""
+    crop = processor.image_processor.crop_size
+    n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    n += processor.num_additional_image_tokens
+    return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
+    """Validated chat messages for a record, with ``<image>`` moved to the start of its turn (as LLaVA does)."""
+    unknown = sorted({role for role, _ in record.turns if role not in KNOWN_ROLES})
+    if unknown:
+        raise SkipSample("unknown_role", f"record {record.id}: roles {unknown}")
+    n_tags = sum(text.count(IMAGE_TOKEN) for _, text in record.turns)
+    expected = 1 if record.image else 0
+    if n_tags != expected or any(IMAGE_TOKEN in text for role, text in record.turns if role != "user"):
+        raise SkipSample("image_token_mismatch", f"record {record.id}: {n_tags} <image> tags for {expected} image(s)")
+    messages = []
+    if system_prompt and not any(role == "system" for role, _ in record.turns):
+        messages.append({"role": "system", "content": system_prompt})
+    for role, text in record.turns:
+        text = text.strip()
+        if IMAGE_TOKEN in text:
+            rest = text.replace(IMAGE_TOKEN, "").strip()
+            text = f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN
+        messages.append({"role": role, "content": text})
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if not answers or not all(answers):
+        raise SkipSample("empty_answer", f"record {record.id}: an assistant turn is empty (its loss would be NaN)")
+    return messages
+
+
+def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels, and the token index just past each assistant turn's closing token."""
+    text = render(tokenizer, messages)
+    spans = assistant_spans(tokenizer, messages, text)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    turn_ends = []
+    span_iter = iter(spans)
+    start, end = next(span_iter)
+    for i, (a, b) in enumerate(offsets):
+        while a >= end:  # past this span: close it and move to the next one
+            turn_ends.append(i)
+            nxt = next(span_iter, None)
+            if nxt is None:
+                return ids, labels, turn_ends
+            start, end = nxt
+        if b > start and a < end and b > a:
+            labels[i] = ids[i]
+    turn_ends.append(len(ids))
+    return ids, labels, turn_ends
+
+
+def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, n: int):
+    """Replace each ``<image>`` id by ``n`` placeholders (labels -100), shifting turn ends to match."""
+    out_ids, out_labels, new_index = [], [], []
+    for token, label in zip(ids, labels):
+        new_index.append(len(out_ids))
+        if token == image_token_id:
+            out_ids += [image_token_id] * n
+            out_labels += [IGNORE_INDEX] * n
+        else:
+            out_ids.append(token)
+            out_labels.append(label)
+    new_index.append(len(out_ids))
+    return out_ids, out_labels, [new_index[e] for e in turn_ends]
+
+
+class SampleEncoder:
+    """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample."""
+
+    def __init__(self, processor, *, max_length: int, system_prompt: str = "", image_aspect_ratio: str = "resize",
+                 max_image_pixels: int = 89_478_485):
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.n_image_tokens = image_tokens_per_image(processor)
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.image_aspect_ratio = image_aspect_ratio
+        self.max_image_pixels = max_image_pixels
+        self.pad_fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
+
+    def encode_text(self, record: Record) -> tuple[list[int], list[int]]:
+        messages = record_messages(record, self.system_prompt)
+        ids, labels, turn_ends = tokenize_messages(self.tokenizer, messages)
+        ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, self.n_image_tokens)
+        if len(ids) > self.max_length:
+            fitting = [end for end in turn_ends if end <= self.max_length]
+            if not fitting:  # the image block plus the first answer does not fit
+                raise SkipSample("too_long", f"record {record.id}: {len(ids)} tokens, first answer ends at "
+                                 f"{turn_ends[0]} > data.max_length={self.max_length}")
+            ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
+        return ids, labels
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        image = load_image(path, self.max_image_pixels)
+        if self.image_aspect_ratio == "pad":
+            image = expand_to_square(image, self.pad_fill)
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def __call__(self, record: Record, image_dir: str | Path) -> dict:
+        ids, labels = self.encode_text(record)  # text first: cheap checks before image decode
+        pixel_values = self.pixels(Path(image_dir) / record.image) if record.image else None
+        return {
+            "id": record.id,
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+        }

@@ -1,0 +1,64 @@
+"""Image loading that never kills a run: every failure becomes a ``SkipSample`` with a reason."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .skips import SkipSample
+
+_HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def load_image(path: Path, max_pixels: int) -> Image.Image:
+    """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
+    if not path.is_file():
+        raise SkipSample("missing_image", f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise SkipSample("empty_image", f"{path} is zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise SkipSample("decompression_bomb", f"{path} is {width}x{height}, over {max_pixels} pixels")
+                image.load()  # decode now, inside the guard: truncated files fail here, not later
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SkipSample("decompression_bomb", f"{path}: {exc}") from None
+    except UnidentifiedImageError as exc:
+        raise SkipSample("corrupt_image", f"{path}: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "truncated_image" if "truncated" in str(exc) else "corrupt_image"
+        raise SkipSample(reason, f"{path}: {exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha is composited on white, high-bit-depth greys are rescaled."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in _HIGH_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the short side symmetrically with ``fill`` (LLaVA-1.5's ``image_aspect_ratio: pad``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas

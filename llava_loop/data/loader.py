@@ -1,0 +1,79 @@
+"""Wire records, encoder, sampler and collator into DataLoaders as the config asks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from .collate import Collator
+from .dataset import LlavaDataset
+from .encode import SampleEncoder
+from .records import Records, load_records
+from .sampler import EpochSampler
+
+
+def split_records(cfg: Config) -> tuple[Records, Records | None]:
+    """Training records and held-out records (``data.eval_path``, or ``eval.holdout`` records of ``data.path``)."""
+    records = load_records(cfg.data.path)
+    if cfg.data.eval_path:
+        return records, load_records(cfg.data.eval_path)
+    if cfg.eval.holdout:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(records))
+        held = np.sort(order[: cfg.eval.holdout])
+        return records.subset(np.sort(order[cfg.eval.holdout :])), records.subset(held)
+    return records, None
+
+
+def make_encoder(cfg: Config, processor) -> SampleEncoder:
+    d = cfg.data
+    return SampleEncoder(processor, max_length=d.max_length, system_prompt=d.system_prompt,
+                         image_aspect_ratio=d.image_aspect_ratio, max_image_pixels=d.max_image_pixels)
+
+
+def make_datasets(cfg: Config, processor) -> tuple[LlavaDataset, LlavaDataset | None]:
+    encoder = make_encoder(cfg, processor)
+    train, held = split_records(cfg)
+    train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
+    eval_ds = None
+    if held is not None:
+        eval_ds = LlavaDataset(held, encoder, cfg.data.eval_image_dir or cfg.data.image_dir, seed=cfg.train.seed)
+    return train_ds, eval_ds
+
+
+def _loader_kwargs(cfg: Config) -> dict:
+    d = cfg.data
+    kwargs = {"num_workers": d.num_workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
+    if d.num_workers > 0:
+        kwargs.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+    return kwargs
+
+
+def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pad_token_id: int):
+    """Unsharded loader over a deterministic sampler; ``accelerator.prepare`` shards it across processes.
+
+    The DataLoader gets its own generator so creating an iterator never draws from the global torch RNG
+    (that draw would shift dropout masks after a resume).
+    """
+    t = cfg.train
+    lengths = None
+    if cfg.data.group_by_length:
+        lengths = dataset.records.length_estimates(dataset.encoder.n_image_tokens)
+    sampler = EpochSampler(len(dataset), seed=t.seed, lengths=lengths,
+                           group_size=t.micro_batch_size * t.grad_accum * world_size)
+    generator = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=Collator(pad_token_id), generator=generator, **_loader_kwargs(cfg))
+    return loader, sampler
+
+
+def make_eval_loader(dataset: LlavaDataset, cfg: Config, *, rank: int, world_size: int, pad_token_id: int):
+    """This process's share of the held-out set, in order, each sample exactly once across processes."""
+    n = len(dataset) if not cfg.eval.max_samples else min(cfg.eval.max_samples, len(dataset))
+    indices = list(range(rank, n, world_size))
+    kwargs = _loader_kwargs(cfg)
+    kwargs["persistent_workers"] = False
+    return DataLoader(torch.utils.data.Subset(dataset, indices),
+                      batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
+                      collate_fn=Collator(pad_token_id), **kwargs)

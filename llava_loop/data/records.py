@@ -1,0 +1,181 @@
+"""Read LLaVA-style conversation records and keep them compactly.
+
+Accepted files: a JSON list (LLaVA's ``chat.json``), JSONL, or ``{"data": [...]}``. Each record has
+``id``, an optional ``image`` (relative to the image folder) and ``conversations`` of
+``{"from": human|gpt|system, "value"}`` or ``{"role", "content"}`` messages.
+
+Structural problems (malformed JSON, bad encoding, a record without ``conversations``...) fail here
+with the file name and record index, before any model is loaded. Content problems (unknown roles,
+an empty answer, a wrong ``<image>`` count) are left to the encoder, which skips and counts them.
+
+Records are stored as one UTF-8 blob plus an offsets array rather than as ~600K Python dicts: about
+the size of the file itself, and copy-on-write friendly for forked DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class RecordError(UserError):
+    """A data file is structurally broken; the message names the file, the record and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: str | None
+    turns: tuple[tuple[str, str], ...]  # (role, text); role is normalised where known, else kept as given
+
+    def text_chars(self) -> int:
+        return sum(len(text) for _, text in self.turns)
+
+
+class Records:
+    """An immutable, indexable list of ``Record`` backed by a single bytes blob."""
+
+    def __init__(self, blob: bytes, offsets: np.ndarray, source: str, index: np.ndarray | None = None):
+        self._blob = blob
+        self._offsets = offsets
+        self._index = index  # a subset view shares the blob
+        self.source = source
+
+    @classmethod
+    def from_encoded(cls, encoded: list[bytes], source: str) -> Records:
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(b"".join(encoded), offsets, source)
+
+    @classmethod
+    def from_records(cls, records: list[Record], source: str = "<memory>") -> Records:
+        return cls.from_encoded([_encode(r) for r in records], source)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1 if self._index is None else len(self._index)
+
+    def __getitem__(self, index: int) -> Record:
+        if self._index is not None:
+            index = int(self._index[index])
+        start, end = self._offsets[index], self._offsets[index + 1]
+        rid, image, turns = json.loads(self._blob[start:end])
+        return Record(rid, image, tuple((role, text) for role, text in turns))
+
+    def subset(self, indices) -> Records:
+        base = np.asarray(indices, dtype=np.int64)
+        if self._index is not None:
+            base = self._index[base]
+        return Records(self._blob, self._offsets, self.source, base)
+
+    def nbytes(self) -> int:
+        return len(self._blob) + self._offsets.nbytes
+
+    def length_estimates(self, image_tokens: int) -> np.ndarray:
+        """Cheap token-length estimate per record (4 chars per token + image tokens), for length grouping."""
+        out = np.empty(len(self), dtype=np.int64)
+        for i in range(len(self)):
+            record = self[i]
+            out[i] = record.text_chars() // 4 + (image_tokens if record.image else 0)
+        return out
+
+
+def _encode(record: Record) -> bytes:
+    return json.dumps([record.id, record.image, record.turns], ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _where(path: Path, index: int, raw) -> str:
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    return f"{path}: record {index}" + (f" (id {rid!r})" if rid is not None else "")
+
+
+def normalize_record(raw, path: Path, index: int) -> Record:
+    """Validate one raw record's structure and return it in normalised form."""
+    where = _where(path, index, raw)
+    if not isinstance(raw, dict):
+        raise RecordError(f"{where}: expected an object with id/image/conversations, got {type(raw).__name__}")
+    conversations = raw.get("conversations", raw.get("messages"))
+    if conversations is None:
+        raise RecordError(f"{where}: no 'conversations' list; each record needs conversations=[{{from, value}}, ...]")
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} messages")
+    turns = []
+    for t, message in enumerate(conversations):
+        if not isinstance(message, dict):
+            raise RecordError(f"{where}: message {t} is {type(message).__name__}, expected {{from, value}}")
+        role = message.get("from", message.get("role"))
+        text = message.get("value", message.get("content"))
+        if role is None or text is None:
+            raise RecordError(f"{where}: message {t} needs 'from'+'value' or 'role'+'content' (has {sorted(message)})")
+        if not isinstance(text, str):
+            raise RecordError(
+                f"{where}: message {t} content is {type(text).__name__}, expected a string; "
+                "convert multimodal content lists with `llava-loop data convert`"
+            )
+        turns.append((ROLE_ALIASES.get(str(role).lower(), str(role)), text))
+    image = raw.get("image")
+    if isinstance(image, list):
+        if len(image) != 1:
+            raise RecordError(f"{where}: {len(image)} images; only single-image records are supported")
+        image = image[0]
+    if image is not None and not isinstance(image, str):
+        raise RecordError(f"{where}: 'image' must be a relative path string, got {type(image).__name__}")
+    rid = raw.get("id", index)
+    return Record(str(rid), image or None, tuple(turns))
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecordError(
+            f"{path}: not valid UTF-8 at byte {exc.start} (line {line}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _iter_jsonl(path: Path, text: str):
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno - 1, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RecordError(f"{path}: line {lineno} (record {lineno - 1}) is not valid JSON: {exc.msg}") from None
+
+
+def _iter_raw(path: Path):
+    """Yield ``(index, raw_record)`` from a JSON list, ``{"data": [...]}`` or JSONL file."""
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        yield from _iter_jsonl(path, text)
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object per line in a .json file
+            yield from _iter_jsonl(path, text)
+            return
+        raise RecordError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise RecordError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}}), got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def load_records(path: str | Path) -> Records:
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"data file {path} not found; set data.path to a chat.json or .jsonl file")
+    encoded = [_encode(normalize_record(raw, path, index)) for index, raw in _iter_raw(path)]
+    if not encoded:
+        raise RecordError(f"{path}: no records")
+    return Records.from_encoded(encoded, str(path))

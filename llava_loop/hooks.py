@@ -1,0 +1,156 @@
+"""Hooks: extend a run without editing the loop.
+
+A hook is any object with some of these methods (missing ones are skipped):
+
+    on_train_start(trainer)
+    on_step_end(trainer, metrics)      # metrics: dict of floats for the optimizer step just taken
+    on_eval(trainer, metrics)
+    on_save(trainer, path)             # path: the complete checkpoint folder
+    on_train_end(trainer)
+
+``trainer`` is the running ``loop.Trainer``: ``trainer.cfg``, ``.accelerator``, ``.model``,
+``.optimizer``, ``.state`` and ``.output_dir`` are there to read. List extra hooks in the config as
+``hooks: [package.module:Class]``; they are built with no arguments and called on every process
+(check ``trainer.accelerator.is_main_process`` to act once).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .importing import resolve
+
+EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_save", "on_train_end")
+
+
+class Hooks:
+    """Calls every hook that defines an event, in order."""
+
+    def __init__(self, hooks: list):
+        self.hooks = hooks
+
+    def __getattr__(self, event: str):
+        if event not in EVENTS:
+            raise AttributeError(event)
+
+        def call(*args, **kwargs):
+            for hook in self.hooks:
+                method = getattr(hook, event, None)
+                if method is not None:
+                    method(*args, **kwargs)
+
+        return call
+
+
+class MetricsJsonl:
+    """Appends one JSON line per logged step and per evaluation to ``output_dir/metrics.jsonl``."""
+
+    def on_train_start(self, trainer):
+        self.path = Path(trainer.output_dir) / "metrics.jsonl"
+
+    def _write(self, trainer, kind: str, metrics: dict):
+        if trainer.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"kind": kind, **metrics}) + "\n")
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] % trainer.cfg.train.log_every == 0 or metrics["step"] == trainer.total_steps:
+            self._write(trainer, "train", metrics)
+
+    def on_eval(self, trainer, metrics):
+        self._write(trainer, "eval", metrics)
+
+    def on_save(self, trainer, path):
+        self._write(trainer, "save", {"step": trainer.state.step, "path": str(path)})
+
+
+class Trackers:
+    """Accelerate trackers (tensorboard, wandb...) named in ``trackers:``."""
+
+    def on_train_start(self, trainer):
+        trainer.accelerator.init_trackers("llava_loop", config=_flat(trainer.cfg.to_dict()))
+
+    def on_step_end(self, trainer, metrics):
+        trainer.accelerator.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                step=metrics["step"])
+
+    def on_eval(self, trainer, metrics):
+        trainer.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                step=metrics["step"])
+
+    def on_train_end(self, trainer):
+        trainer.accelerator.end_training()
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class Progress:
+    """A rich progress bar on the main process: step/total, loss, lr, grad-norm, samples/s, tokens/s, ETA.
+    Without a terminal (CI logs, pipes) it prints a plain line about every 5% instead."""
+
+    def on_train_start(self, trainer):
+        from rich.console import Console
+
+        self.enabled = trainer.accelerator.is_main_process
+        self.console = Console(stderr=True)
+        self.bar = None
+        self.every = max(1, trainer.total_steps // 20)
+        self.started = time.perf_counter()
+        self.first_step = trainer.state.step
+        if not self.enabled or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self.task = self.bar.add_task("train", total=trainer.total_steps, completed=trainer.state.step, stats="")
+        self.bar.start()
+
+    @staticmethod
+    def _stats(m: dict) -> str:
+        return (f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
+                f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s")
+
+    def on_step_end(self, trainer, metrics):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=metrics["step"], stats=self._stats(metrics))
+        elif metrics["step"] % self.every == 0 or metrics["step"] == trainer.total_steps:
+            done = metrics["step"] - self.first_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (trainer.total_steps - metrics["step"])
+            self.console.print(f"step {metrics['step']}/{trainer.total_steps} {self._stats(metrics)} ETA {eta:.0f}s",
+                               highlight=False, soft_wrap=True)
+
+    def on_eval(self, trainer, metrics):
+        if self.enabled:
+            self.console.print(f"eval step {metrics['step']}: loss {metrics['eval_loss']:.4f} "
+                               f"({metrics['eval_tokens']} tokens)", highlight=False, soft_wrap=True)
+
+    def on_train_end(self, trainer):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def make_hooks(cfg) -> Hooks:
+    hooks = [Progress(), MetricsJsonl()]
+    if cfg.trackers:
+        hooks.append(Trackers())
+    for spec in cfg.hooks:
+        hooks.append(resolve(spec, "hook")())
+    return Hooks(hooks)

@@ -1,0 +1,360 @@
+"""The training loop: Accelerate (+ DeepSpeed ZeRO-2) with exact accumulation, hooks and safe stops.
+
+Read ``Trainer.fit`` and ``Trainer.train_step`` top to bottom; everything else is a named helper.
+
+Loss normalisation: the loss function returns sums over supervised tokens; each step divides by the
+supervised-token count of the whole accumulated global batch (all micro-batches, all processes), so
+1x4x1, 1x2x2 and 2x1x2 layouts produce the same gradients. Accelerate (and DeepSpeed) divide by the
+accumulation steps and average over processes; ``scale`` undoes both.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config
+from .data.collate import padding_fraction
+from .data.loader import make_datasets, make_eval_loader, make_train_loader
+from .data.skips import SkipTally
+from .errors import UserError
+from .hooks import make_hooks
+from .importing import resolve
+from .losses import supervised_positions
+from .modes import apply_mode, param_groups, trainable_table
+from .runtime import ensure_demo_inputs, load_model, make_accelerator, uses_deepspeed
+
+
+class NonFiniteError(UserError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run needs (saved as trainer_state.json)."""
+
+    step: int = 0  # optimizer steps taken (windows consumed), including skipped ones
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.accelerator = acc = make_accelerator(cfg)
+        self.deepspeed = uses_deepspeed(acc)
+        torch.manual_seed(cfg.train.seed)
+        with acc.main_process_first():
+            if acc.is_main_process:
+                ensure_demo_inputs(cfg)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.say(f"[bold]config[/bold]\n{cfg.to_yaml()}")
+
+        model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
+        model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        self.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
+
+        self.train_set, self.eval_set = make_datasets(cfg, self.processor)
+        pad_id = self.processor.tokenizer.pad_token_id
+        loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
+        self.eval_loader = None
+        if self.eval_set is not None:
+            self.eval_loader = make_eval_loader(self.eval_set, cfg, rank=acc.process_index,
+                                                world_size=acc.num_processes, pad_token_id=pad_id)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+        )
+        self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.steps_per_epoch = len(self.loader) // t.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(self.train_set)} training samples cannot fill one optimizer step of "
+                f"{self.global_batch} samples; lower train.micro_batch_size or train.grad_accum"
+            )
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)
+        self.loss_fn = resolve(cfg.loss, "loss")
+        self.hooks = make_hooks(cfg)
+        self.state = TrainState()
+        self.skips = SkipTally()
+        self.stop_requested = False
+        acc.register_save_state_pre_hook(checkpoint.frozen_tensor_filter)
+        self.say(
+            f"effective batch: micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
+            f"{acc.num_processes} = {self.global_batch} samples/step; {self.steps_per_epoch} steps/epoch; "
+            f"{self.total_steps} steps; {'DeepSpeed ZeRO-' + str(self.zero_stage) if self.deepspeed else acc.distributed_type}"
+        )
+        resume_from = checkpoint.find_resume(self.output_dir, cfg.resume, cfg.checkpoint.verify, warn=self.warn)
+        if resume_from is not None:
+            checkpoint.load(self, resume_from)
+            self.say(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
+                     f"{self.state.step_in_epoch} steps into it)")
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        self.install_signal_handlers()
+        self.hooks.on_train_start(self)
+        last_saved = None
+        for window in self.windows():
+            metrics = self.train_step(window)
+            self.hooks.on_step_end(self, metrics)
+            step = self.state.step
+            if self.due(self.cfg.eval.every):
+                self.evaluate()
+            if self.due(self.cfg.checkpoint.every) or self.stop_requested:
+                last_saved = self.save()
+            if self.stop_requested or step >= self.total_steps:
+                break
+        if not self.stop_requested:
+            if not self.due(self.cfg.eval.every):
+                self.evaluate()
+            if last_saved != self.state.step:
+                self.save()  # the final checkpoint is always written
+        self.hooks.on_train_end(self)
+        return self.state
+
+    def train_step(self, window: list[dict]) -> dict:
+        acc, t0 = self.accelerator, time.perf_counter()
+        stats = self.global_window_stats(window)
+        scale = self.cfg.train.grad_accum * acc.num_processes / max(stats["label_tokens"], 1)
+        terms = defaultdict(float)
+        for batch in window:
+            with acc.accumulate(self.model):
+                out = self.loss_fn(self.model, batch)
+                acc.backward(self.connect_to_trainable(out["loss"]) * scale)
+                for name, value in out.items():
+                    terms[name] += float(value.detach())
+                if acc.sync_gradients:
+                    grad_norm, stepped = self.optimizer_step()
+        self.account(window, stats, stepped)
+        return self.step_metrics(terms, stats, grad_norm, stepped, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------------------
+    # Step helpers
+    # ------------------------------------------------------------------------------------------
+
+    def windows(self):
+        """Yield lists of ``grad_accum`` micro-batches, resuming mid-epoch at the exact next one."""
+        ga = self.cfg.train.grad_accum
+        while True:
+            self.sampler.set_epoch(self.state.epoch)
+            self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
+            skip = self.state.step_in_epoch * ga
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            batches = iter(loader)
+            while self.state.step_in_epoch < self.steps_per_epoch:
+                yield [next(batches) for _ in range(ga)]
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+
+    def global_window_stats(self, window: list[dict]) -> dict:
+        """One all-reduce: supervised tokens, samples, tokens, skip events and stop requests of the window."""
+        local = torch.tensor([
+            sum(supervised_positions(b["labels"])[1].numel() for b in window),
+            sum(len(b["ids"]) for b in window),
+            sum(int(b["attention_mask"].sum()) for b in window),
+            sum(len(b["skipped"]) for b in window),
+            float(self.stop_requested),
+        ], dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.reduce(local, reduction="sum").tolist()
+        self.stop_requested = total[4] > 0  # every process stops after the same step
+        return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]), "skip_events": int(total[3])}
+
+    def connect_to_trainable(self, loss: torch.Tensor) -> torch.Tensor:
+        """A batch that reaches no trainable weight (text-only in projector mode) still gives every process
+        the same gradient structure: add a zero that touches each trainable tensor once."""
+        if loss.requires_grad:
+            return loss
+        return loss + sum(p.view(-1)[0] * 0.0 for p in self.trainable)
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """Clip, step, zero. Returns (grad norm, stepped). A non-finite norm skips the update entirely."""
+        if self.deepspeed:  # the engine already clipped and stepped inside accelerator.backward
+            norm = self.model.get_global_grad_norm()
+            norm = float("nan") if norm is None else float(norm)
+            stepped = math.isfinite(norm)  # DeepSpeed skipped the update itself when it was not
+        else:
+            max_norm = self.cfg.train.max_grad_norm or float("inf")
+            norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
+            stepped = math.isfinite(norm)
+            if stepped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.scheduler.step()
+        return norm, stepped
+
+    def account(self, window: list[dict], stats: dict, stepped: bool) -> None:
+        """Advance counters; enforce the skip budgets (bad samples, non-finite steps)."""
+        s = self.state
+        s.step += 1
+        s.step_in_epoch += 1
+        s.samples_seen += stats["samples"]
+        s.tokens_seen += stats["tokens"]
+        s.skipped_steps += not stepped
+        s.consecutive_skips = 0 if stepped else s.consecutive_skips + 1
+        if not stepped:
+            self.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped "
+                      f"({s.consecutive_skips} in a row)")
+        if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+            raise NonFiniteError(
+                f"{s.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); lower train.lr, "
+                "check the data, or enable train.max_grad_norm"
+            )
+        if stats["skip_events"]:
+            from accelerate.utils import gather_object
+
+            events = gather_object([e for b in window for e in b["skipped"]])
+            for rid, reason, detail in self.skips.add(events):
+                self.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
+            self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
+
+    def step_metrics(self, terms: dict, stats: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
+        totals = self.accelerator.reduce(torch.tensor(list(terms.values()), dtype=torch.float64,
+                                                      device=self.accelerator.device), reduction="sum").tolist()
+        n = max(stats["label_tokens"], 1)
+        metrics = {name: value / n for name, value in zip(terms, totals)}
+        groups = self.optimizer.param_groups
+        metrics.update(
+            step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
+            lr=groups[0]["lr"], grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
+            samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
+            step_time=seconds, skipped_samples=sum(self.skips.counts.values()),
+        )
+        metrics.update({f"lr/{g['name']}": g["lr"] for g in groups if "name" in g})
+        metrics.update({f"skipped/{reason}": count for reason, count in self.skips.counts.items()})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation, checkpoints, signals
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.eval_loader is None:
+            return None
+        self.model.eval()
+        loss_sum, tokens = 0.0, 0
+        for batch in self.eval_loader:
+            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss_sum += float(self.loss_fn(self.model, batch)["loss"])
+            tokens += supervised_positions(batch["labels"])[1].numel()
+        self.model.train()
+        total = self.accelerator.reduce(torch.tensor([loss_sum, tokens], dtype=torch.float64,
+                                                     device=self.accelerator.device), reduction="sum").tolist()
+        metrics = {"step": self.state.step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1])}
+        self.hooks.on_eval(self, metrics)
+        return metrics
+
+    def save(self) -> int:
+        path = checkpoint.save(self)
+        self.hooks.on_save(self, path)
+        return self.state.step
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once."""
+
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def due(self, every: int) -> bool:
+        return every > 0 and self.state.step % every == 0
+
+    # ------------------------------------------------------------------------------------------
+    # State for checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum * self.accelerator.num_processes
+
+    @property
+    def zero_stage(self) -> int:
+        return self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
+
+    def run_identity(self) -> dict:
+        c = self.cfg
+        return {
+            "world_size": self.accelerator.num_processes, "deepspeed": self.deepspeed, "mode": c.canonical_mode,
+            "model_path": str(Path(c.model.path).resolve()), "lora": asdict(c.lora) if c.canonical_mode == "lora" else None,
+            "micro_batch_size": c.train.micro_batch_size, "grad_accum": c.train.grad_accum, "seed": c.train.seed,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "progress": asdict(self.state), "skips": self.skips.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "run": self.run_identity(), "total_steps": self.total_steps, "config_hash": self.cfg.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(**state["progress"])
+        self.skips.load_state_dict(state["skips"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    # ------------------------------------------------------------------------------------------
+    # Console (main process only)
+    # ------------------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            from rich.console import Console
+
+            Console(stderr=True).print(text, highlight=False)
+
+    def warn(self, text: str) -> None:
+        self.say(f"[yellow]warning:[/yellow] {text}")
+
+    def table(self, title: str, headers, rows) -> None:
+        if self.accelerator.is_main_process:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title=title)
+            for h in headers:
+                table.add_column(h)
+            for row in rows:
+                table.add_row(*row)
+            Console(stderr=True).print(table)
+
+
+def train(cfg: Config) -> TrainState:
+    return Trainer(cfg).fit()

@@ -1,0 +1,105 @@
+"""Training modes as explicit parameter choices, applied in one place.
+
+| mode          | vision tower | projector | LLM                               |
+|---------------|--------------|-----------|-----------------------------------|
+| projector     | frozen       | trained   | frozen                            |
+| lora          | frozen       | trained   | LoRA adapters on its linears only |
+| freeze_vision | frozen       | trained   | trained                           |
+| full (none)   | trained      | trained   | trained                           |
+
+Vision layers after the feature layer (``vision_feature_layer=-2``) and CLIP's post-layernorm never
+reach the loss; they stay frozen in every mode so no optimizer state or DDP bookkeeping is wasted.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .config import LoraConfig
+from .parts import LLM, PARTS, PROJECTOR, VISION, count_params, part_of
+
+
+def unused_vision_param_names(model) -> set[str]:
+    """Vision-tower parameters that cannot affect the selected features."""
+    config = model.config
+    n_layers = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
+    deepest = max(layer % (n_layers + 1) for layer in layers)  # hidden_states[k] is the output of layer k-1
+    unused = [f"encoder.layers.{i}." for i in range(deepest, n_layers)] + ["post_layernorm."]
+    names = set()
+    for name, _ in model.named_parameters():
+        if part_of(name) == VISION:
+            tail = name.split("vision_tower.", 1)[1].removeprefix("vision_model.")
+            if tail.startswith(tuple(unused)):
+                names.add(name)
+    return names
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    """Only the language model's linears: CLIP's attention also has q_proj/k_proj/v_proj."""
+    return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(map(re.escape, targets))})$"
+
+
+def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_checkpointing: bool = False):
+    """Set ``requires_grad`` for ``mode`` (adding LoRA adapters in lora mode) and return the model to train."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode in ("projector", "lora"):
+            model.enable_input_require_grads()  # frozen embeddings: make checkpointed inputs carry grad
+    trainable_parts = {
+        "projector": {PROJECTOR},
+        "lora": {PROJECTOR},
+        "freeze_vision": {PROJECTOR, LLM},
+        "full": {VISION, PROJECTOR, LLM},
+    }[mode]
+    unused = unused_vision_param_names(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(part_of(name) in trainable_parts and name not in unused)
+    if mode == "lora":
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        assert lora is not None
+        peft_config = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_regex(lora.targets),
+            modules_to_save=["multi_modal_projector"],  # trained fully and saved with the adapter
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+    return model
+
+
+def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: trainable parameters only; no decay on biases and norms; optional projector lr."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_projector = part_of(name) == PROJECTOR
+        decay = param.ndim >= 2
+        groups.setdefault((is_projector, decay), []).append(param)
+    out = []
+    for (is_projector, decay), params in sorted(groups.items()):
+        out.append({
+            "name": f"{'projector' if is_projector else 'model'}/{'decay' if decay else 'no_decay'}",
+            "params": params,
+            "lr": projector_lr if (is_projector and projector_lr > 0) else lr,
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+    return out
+
+
+def trainable_table(model) -> list[tuple[str, str, str, str]]:
+    """Rows of (part, trainable, total, percent) for the start-of-run printout."""
+    total, trainable = count_params(model), count_params(model, trainable_only=True)
+    rows = []
+    for part in (*PARTS, "total"):
+        t = sum(trainable.values()) if part == "total" else trainable[part]
+        n = sum(total.values()) if part == "total" else total[part]
+        rows.append((part, f"{t:,}", f"{n:,}", f"{100 * t / max(n, 1):.2f}%"))
+    return rows

@@ -1,0 +1,96 @@
+"""Process-level setup: the Accelerator (plain, DDP or DeepSpeed ZeRO-2), precision, and model loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .errors import UserError
+
+
+def launched() -> bool:
+    """True under ``accelerate launch`` / torchrun (which set LOCAL_RANK), False for ``python train.py``."""
+    return "LOCAL_RANK" in os.environ
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed_precision value: bf16 on GPU, fp32 ("no") on CPU unless the config insists."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return {"fp32": "no", "bf16": "bf16"}[precision]
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin
+
+    handlers = []
+    if launched() and not torch.cuda.is_available():
+        # Without gloo, Accelerate sees one process on CPU and DeepSpeed's batch-size check fails.
+        # Only when launched: in a plain `python train.py` there is no process group to configure.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(cfg.train.precision),
+        # The loop hands accumulate() whole windows of grad_accum micro-batches, so it never needs the
+        # dataloader's end to force a sync (that would fire early, since windows are drawn ahead).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        log_with=cfg.trackers or None,
+        project_dir=cfg.output_dir,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds = plugin.deepspeed_config
+        # One source of truth: Accelerate would otherwise fill "auto" clipping with 1.0.
+        ds["gradient_clipping"] = cfg.train.max_grad_norm
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+        zero = ds.get("zero_optimization", {})
+        if zero.get("stage", 0) > 2:
+            raise UserError("llava_loop supports ZeRO stages 0-2; set zero_optimization.stage <= 2 in the DeepSpeed config")
+    return accelerator
+
+
+def uses_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=torch.float32):
+    """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"model.path {path}: no LLaVA model there; build one with `llava-loop build --vision DIR --llm DIR "
+            f"--out {path}` (or `--preset tiny`)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "llava":
+        raise UserError(f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'")
+    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
+        raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def ensure_demo_inputs(cfg: Config) -> None:
+    """Demo conveniences: tiny model and synthetic data, made once when the config asks and they are missing."""
+    from .data.synth import write_shapes
+    from .tiny import build_tiny
+
+    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.path) / "config.json").is_file():
+        build_tiny(cfg.model.path)
+    n = cfg.data.synth_if_missing
+    if n and not Path(cfg.data.path).is_file():
+        path = Path(cfg.data.path)
+        write_shapes(path.parent, n, seed=cfg.train.seed, size=64, prefix="train", json_name=path.name)
+    if n and cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
+        path = Path(cfg.data.eval_path)
+        write_shapes(path.parent, max(n // 10, 32), seed=cfg.train.seed + 1, size=64, prefix="val", json_name=path.name)
