@@ -31,6 +31,14 @@ MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 STEP_RE = re.compile(r"^step-(\d+)$")
 # Settings a resumed run must share with the run that wrote the checkpoint.
+# Non-tensor classes that Accelerate's RNG pickles and DeepSpeed's optimizer shards legitimately carry.
+# Any other global in a checkpoint's pickle stream is refused before anything unpickles it.
+ALLOWED_GLOBALS = {
+    "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy.dtypes.UInt32DType",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+}
 RESUME_KEYS = ("world_size", "deepspeed", "mode", "model_path", "lora", "micro_batch_size", "grad_accum", "seed")
 
 
@@ -51,15 +59,30 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(output_dir) / f"step-{step:06d}"
 
 
-def safe_torch_load(path: Path, mmap: bool = False):
+def safe_torch_load(path: Path):
     """``torch.load`` restricted to tensors and plain containers: a pickled code payload is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"{path}: refused to load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the file is corrupt "
             "or carries non-tensor pickled objects. Only load checkpoints you wrote yourself."
         ) from None
+
+
+def scan_pickle(path: Path) -> None:
+    """Refuse a pickle-based file whose stream names any global outside ``ALLOWED_GLOBALS`` (code payloads).
+    Reads opcodes only; nothing is constructed."""
+    try:
+        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc}); the checkpoint is corrupt") from None
+    unexpected = sorted(found - ALLOWED_GLOBALS)
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: refused to load, its pickle stream references {unexpected}; only tensors and known "
+            "DeepSpeed/NumPy state are allowed. Only load checkpoints you wrote yourself."
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -255,10 +278,8 @@ def load(trainer, path: Path) -> None:
     rng_file = path / f"rng_state_{acc.process_index}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
-    pickled = sorted(path.rglob("*.pt")) + sorted(path.rglob("*.bin")) + sorted(path.rglob("*.pkl"))
-    for file in pickled[acc.process_index :: acc.num_processes]:
-        safe_torch_load(file, mmap=True)  # tensors and plain containers only, before anything else unpickles it
-    acc.wait_for_everyone()
+    for file in sorted(path.rglob("*.pt")) + sorted(path.rglob("*.bin")) + sorted(path.rglob("*.pkl")):
+        scan_pickle(file)  # before Accelerate or DeepSpeed unpickles anything
     if trainer.deepspeed:
         acc.load_state(str(path), load_module_strict=False)
     else:

@@ -146,6 +146,7 @@ class Trainer:
 
     def train_step(self, window: list[dict]) -> dict:
         acc, t0 = self.accelerator, time.perf_counter()
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}  # this step's rates
         stats = self.global_window_stats(window)
         scale = self.cfg.train.grad_accum * acc.num_processes / max(stats["label_tokens"], 1)
         terms = defaultdict(float)
@@ -158,7 +159,7 @@ class Trainer:
                 if acc.sync_gradients:
                     grad_norm, stepped = self.optimizer_step()
         self.account(window, stats, stepped)
-        return self.step_metrics(terms, stats, grad_norm, stepped, time.perf_counter() - t0)
+        return self.step_metrics(terms, stats, lrs, grad_norm, stepped, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------
     # Step helpers
@@ -241,19 +242,18 @@ class Trainer:
                 self.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
             self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
 
-    def step_metrics(self, terms: dict, stats: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
+    def step_metrics(self, terms: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
         totals = self.accelerator.reduce(torch.tensor(list(terms.values()), dtype=torch.float64,
                                                       device=self.accelerator.device), reduction="sum").tolist()
         n = max(stats["label_tokens"], 1)
         metrics = {name: value / n for name, value in zip(terms, totals)}
-        groups = self.optimizer.param_groups
         metrics.update(
             step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
-            lr=groups[0]["lr"], grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
+            lr=next(iter(lrs.values())), grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
             samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
             step_time=seconds, skipped_samples=sum(self.skips.counts.values()),
         )
-        metrics.update({f"lr/{g['name']}": g["lr"] for g in groups if "name" in g})
+        metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
         metrics.update({f"skipped/{reason}": count for reason, count in self.skips.counts.items()})
         return metrics
 

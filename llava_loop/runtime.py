@@ -23,10 +23,23 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16"}[precision]
 
 
+def _resolve_deepspeed_config_file() -> None:
+    """accelerate_config.yaml names configs/ds_zero2.json relative to the repository root; let launches
+    from another directory find it too."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if name and not Path(name).is_absolute() and not Path(name).is_file():
+        candidate = Path(__file__).resolve().parent.parent / name
+        if not candidate.is_file():
+            raise UserError(f"DeepSpeed config {name} not found (from {Path.cwd()}); launch from the repository root "
+                            "or give deepspeed_config_file as an absolute path in the accelerate config")
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(candidate)
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import GradientAccumulationPlugin
 
+    _resolve_deepspeed_config_file()
     handlers = []
     if launched() and not torch.cuda.is_available():
         # Without gloo, Accelerate sees one process on CPU and DeepSpeed's batch-size check fails.

@@ -1,0 +1,80 @@
+"""Config tree: every shipped config loads; unknown keys and bad values fail before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llava_loop.config import ConfigError, describe_fields, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.canonical_mode in ("projector", "lora", "freeze_vision", "full")
+
+
+def test_shipped_configs_cover_the_modes_and_recipes():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "stage1_projector.yaml", "lora.yaml", "freeze_vision.yaml", "full.yaml"} <= names
+    stage1 = load_config(CONFIGS[0].parent / "stage1_projector.yaml")
+    t = stage1.train
+    assert stage1.canonical_mode == "projector"
+    assert (t.lr, t.epochs, t.warmup_ratio, t.weight_decay) == (1e-3, 1.0, 0.03, 0.0)
+    assert t.micro_batch_size * t.grad_accum == 256 // 8  # global batch 256 on 8 GPUs
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["data.path=/x.json", "train.lr=1e-4", "train.grad_accum=4", "mode=none",
+                             "hooks=a.b:C,d.e:F", "train.gradient_checkpointing=true"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.grad_accum == 4
+    assert cfg.canonical_mode == "full"
+    assert cfg.hooks == ["a.b:C", "d.e:F"]
+    assert cfg.train.gradient_checkpointing is True
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr.*valid keys under train:.*\blr\b"):
+        load_config(None, ["data.path=x", "train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key bogus.*valid keys under the top level:.*output_dir"):
+        load_config(None, ["data.path=x", "bogus=1"])
+
+
+def test_bad_values_name_the_key_and_choices():
+    with pytest.raises(ConfigError, match=r"mode: 'adapter' is not one of projector, lora, freeze_vision, full, none"):
+        load_config(None, ["data.path=x", "mode=adapter"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: expected an integer"):
+        load_config(None, ["data.path=x", "train.micro_batch_size=big"])
+    with pytest.raises(ConfigError, match=r"train.grad_accum must be >= 1"):
+        load_config(None, ["data.path=x", "train.grad_accum=0"])
+    with pytest.raises(ConfigError, match=r"data.path is required"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match=r"expected key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+    bad.write_text("data: {path: x}\ntrain: {warmup: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.warmup"):
+        load_config(bad)
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert rows and all(help_text for _, _, help_text in rows)
+    keys = {k for k, _, _ in rows}
+    fixed = {"mode", "output_dir", "resume", "loss", "hooks", "model.path", "data.path", "data.image_dir",
+             "data.num_workers", "data.max_length", "data.max_skip_fraction", "train.micro_batch_size",
+             "train.grad_accum", "train.max_steps", "train.epochs", "train.lr", "train.projector_lr",
+             "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm", "train.gradient_checkpointing",
+             "train.seed", "checkpoint.every", "checkpoint.keep_last", "eval.every", "lora.r", "lora.alpha",
+             "lora.dropout", "lora.targets"}
+    assert fixed <= keys

@@ -1,0 +1,385 @@
+"""Data path: records, labels from the chat template, images, truncation, the bad-input policy, collation."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from llava_loop.data.collate import Collator
+from llava_loop.data.dataset import DataError, LlavaDataset
+from llava_loop.data.encode import IGNORE_INDEX, SampleEncoder, record_messages, tokenize_messages
+from llava_loop.data.records import Record, RecordError, Records, load_records
+from llava_loop.data.sampler import EpochSampler
+from llava_loop.data.skips import SkipSample, SkipTally, TooManySkips
+
+MULTI_TURN = Record("mt", "img.jpg", (
+    ("system", "You describe pictures."),
+    ("user", "What is this?\n<image>"),
+    ("assistant", "a red circle in the top left ."),
+    ("user", "And its colour?"),
+    ("assistant", "red, like a (ripe) tomato: 100% red!"),
+    ("user", "Shape?"),
+    ("assistant", "circle ."),
+))
+
+
+def supervised_runs(ids, labels):
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(label)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def answers(record):
+    return [text for role, text in record.turns if role == "assistant"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(qwen3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen3"])
+@pytest.mark.parametrize("record", [MULTI_TURN, Record("st", None, (("user", "Say hi."), ("assistant", "hi there .")))],
+                         ids=["multi_turn", "single_turn"])
+def test_supervised_tokens_decode_to_exactly_the_answers(which, record, tiny_processor, qwen3_tokenizer):
+    tokenizer = tiny_processor.tokenizer if which == "tiny" else qwen3_tokenizer
+    ids, labels, turn_ends = tokenize_messages(tokenizer, record_messages(record))
+    runs = supervised_runs(ids, labels)
+    assert [tokenizer.decode(run) for run in runs] == [a + "<|im_end|>" for a in answers(record)]
+    assert len(turn_ends) == len(answers(record))
+    # nothing else is supervised: system, user, role headers, the <think> scaffolding of Qwen3's template
+    assert sum(len(r) for r in runs) == sum(label != IGNORE_INDEX for label in labels)
+    if which == "qwen3":
+        assert "<think>" in tokenizer.decode(ids)
+        assert all("<think>" not in tokenizer.decode(run) for run in runs)
+
+
+def test_image_tag_at_start_or_end_is_placed_at_the_start(tiny_processor):
+    for text in ("Describe it.\n<image>", "<image>\nDescribe it.", "Describe <image> it."):
+        messages = record_messages(Record("x", "a.jpg", (("user", text), ("assistant", "ok ."))))
+        assert messages[0]["content"].startswith("<image>\n")
+        assert messages[0]["content"].count("<image>") == 1
+
+
+def test_system_prompt_from_config_is_used(tiny_processor):
+    record = Record("x", None, (("user", "hi"), ("assistant", "ok .")))
+    messages = record_messages(record, system_prompt="Be terse.")
+    assert messages[0] == {"role": "system", "content": "Be terse."}
+    ids, _, _ = tokenize_messages(tiny_processor.tokenizer, messages)
+    assert "Be terse." in tiny_processor.tokenizer.decode(ids)
+
+
+def test_image_block_expands_to_placeholders_and_is_unsupervised(tiny_processor):
+    encoder = SampleEncoder(tiny_processor, max_length=1024)
+    ids, labels = encoder.encode_text(MULTI_TURN)
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(positions) == encoder.n_image_tokens == 16
+    assert positions == list(range(positions[0], positions[0] + 16))  # one contiguous block
+    assert all(labels[i] == IGNORE_INDEX for i in positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncation_drops_later_turns_whole_and_never_splits_the_image_block(tiny_processor):
+    full = SampleEncoder(tiny_processor, max_length=4096).encode_text(MULTI_TURN)
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    n_answers = len(answers(MULTI_TURN))
+    seen_turn_counts = set()
+    for max_length in range(1, len(full[0]) + 1):
+        encoder = SampleEncoder(tiny_processor, max_length=max_length)
+        try:
+            ids, labels = encoder.encode_text(MULTI_TURN)
+        except SkipSample as skip:
+            assert skip.reason == "too_long"
+            continue
+        assert len(ids) <= max_length
+        assert ids.count(image_id) == 16  # the block is whole or the sample is skipped
+        runs = supervised_runs(ids, labels)
+        assert [tiny_processor.tokenizer.decode(r) for r in runs] == [a + "<|im_end|>" for a in answers(MULTI_TURN)[: len(runs)]]
+        assert ids == full[0][: len(ids)]  # a prefix cut at a turn boundary
+        seen_turn_counts.add(len(runs))
+    assert seen_turn_counts == set(range(1, n_answers + 1))
+
+
+def test_sample_whose_first_answer_does_not_fit_is_too_long(tiny_processor):
+    with pytest.raises(SkipSample) as info:
+        SampleEncoder(tiny_processor, max_length=20).encode_text(MULTI_TURN)
+    assert info.value.reason == "too_long"
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_in_mode(mode: str) -> Image.Image:
+    rgb = Image.new("RGB", (40, 30), (200, 40, 40))
+    if mode == "P_transparency":
+        image = rgb.convert("P")
+        image.info["transparency"] = 0
+        return image
+    if mode == "I;16":
+        image = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
+        assert image.mode == "I;16"
+        return image
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "P_transparency", "CMYK", "I;16", "1", "RGB"])
+@pytest.mark.parametrize("aspect", ["resize", "pad"])
+def test_every_pil_mode_becomes_finite_rgb_pixels(mode, aspect, tiny_processor, tmp_path):
+    path = tmp_path / "img.png" if mode != "CMYK" else tmp_path / "img.jpg"
+    _image_in_mode(mode).save(path)
+    encoder = SampleEncoder(tiny_processor, max_length=512, image_aspect_ratio=aspect)
+    pixels = encoder.pixels(path)
+    assert pixels.shape == (3, 64, 64)
+    assert torch.isfinite(pixels).all()
+
+
+def test_i16_is_rescaled_not_clipped(tiny_processor, tmp_path):
+    from llava_loop.data.images import to_rgb
+
+    rgb = to_rgb(_image_in_mode("I;16"))
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (156, 156, 156)  # 40000/65535*255
+
+
+def test_pad_mode_pads_with_the_processor_mean_colour(tiny_processor, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (64, 16), (255, 0, 0)).save(path)
+    pad = SampleEncoder(tiny_processor, max_length=512, image_aspect_ratio="pad").pixels(path)
+    resize = SampleEncoder(tiny_processor, max_length=512, image_aspect_ratio="resize").pixels(path)
+    mean = torch.tensor(tiny_processor.image_processor.image_mean)
+    std = torch.tensor(tiny_processor.image_processor.image_std)
+    corner = pad[:, 0, 0] * std + mean  # un-normalise the top-left pixel: it is padding
+    assert torch.allclose(corner, torch.tensor([int(255 * m) / 255 for m in mean.tolist()]), atol=0.01)
+    assert not torch.allclose(pad, resize)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bad-input policy
+# ---------------------------------------------------------------------------------------------
+
+
+def _jpeg_bytes(size=(32, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _bad_case(case: str, image_dir) -> Record:
+    """A record that must be skipped for ``case``; writes whatever image file it needs."""
+    good_turns = (("user", "<image>\nDescribe."), ("assistant", "a green square ."))
+    if case == "missing_image":
+        return Record(case, "does-not-exist.jpg", good_turns)
+    if case == "empty_image":
+        (image_dir / "empty.jpg").write_bytes(b"")
+        return Record(case, "empty.jpg", good_turns)
+    if case == "corrupt_image":
+        (image_dir / "corrupt.jpg").write_bytes(b"this is not an image at all" * 10)
+        return Record(case, "corrupt.jpg", good_turns)
+    if case == "truncated_image":
+        data = _jpeg_bytes((256, 256))
+        (image_dir / "truncated.jpg").write_bytes(data[: len(data) // 2])
+        return Record(case, "truncated.jpg", good_turns)
+    if case == "decompression_bomb":
+        Image.new("L", (3000, 3000)).save(image_dir / "bomb.png")  # small file, 9M pixels > the 1M limit below
+        return Record(case, "bomb.png", good_turns)
+    if case == "image_token_mismatch":
+        return Record(case, "good.jpg", (("user", "Describe."), ("assistant", "a green square .")))
+    if case == "empty_answer":
+        return Record(case, "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "   ")))
+    if case == "unknown_role":
+        return Record(case, "good.jpg", (("user", "<image>\nDescribe."), ("narrator", "hmm"), ("assistant", "ok .")))
+    if case == "too_long":
+        return Record(case, "good.jpg", (("user", "<image>\n" + "describe " * 300), ("assistant", "ok .")))
+    raise AssertionError(case)
+
+
+BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "truncated_image", "decompression_bomb",
+             "image_token_mismatch", "empty_answer", "unknown_role", "too_long"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_processor, tmp_path):
+    (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
+    good = [Record(f"good{i}", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
+    records = Records.from_records(good[:3] + [_bad_case(case, tmp_path)] + good[3:])
+    encoder = SampleEncoder(tiny_processor, max_length=128, max_image_pixels=1_000_000)
+    dataset = LlavaDataset(records, encoder, tmp_path, seed=0)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(tiny_processor.tokenizer.pad_token_id))
+    batches = list(loader)
+    assert [len(b["ids"]) for b in batches] == [4, 4]  # full batches: the bad sample was replaced
+    assert all(rid.startswith("good") for b in batches for rid in b["ids"])
+    events = [e for b in batches for e in b["skipped"]]
+    tally = SkipTally()
+    tally.add(events)
+    assert tally.counts == Counter({case: 1}) and tally.bad_ids == {case}
+    # the replacement is deterministic: a second pass picks the same samples
+    assert [b["ids"] for b in DataLoader(dataset, batch_size=4, collate_fn=loader.collate_fn)] == [b["ids"] for b in batches]
+
+
+def test_skip_budget_stops_the_run_with_a_clear_error():
+    tally = SkipTally()
+    tally.add([("r1", "missing_image", "x/1.jpg does not exist")])
+    tally.check(dataset_size=200, max_fraction=0.01, source="chat.json")  # 1 of 200 is within 1%
+    tally.add([("r2", "corrupt_image", "bad"), ("r3", "missing_image", "x/3.jpg does not exist")])
+    with pytest.raises(TooManySkips, match=r"3 of 200 records in chat.json were skipped.*missing_image=2.*max_skip_fraction"):
+        tally.check(dataset_size=200, max_fraction=0.01, source="chat.json")
+
+
+def test_a_dataset_of_only_bad_records_fails_fast_naming_the_image_dir(tiny_processor, tmp_path):
+    records = Records.from_records([Record(f"r{i}", f"{i}.jpg", (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)])
+    dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path / "wrong-dir")
+    with pytest.raises(DataError, match="check data.image_dir"):
+        dataset[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records files
+# ---------------------------------------------------------------------------------------------
+
+LLAVA_RECORD = {"id": "GCC_1", "image": "GCC_1.jpg",
+                "conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "a dog ."}]}
+
+
+@pytest.mark.parametrize("layout", ["list", "jsonl", "data_wrapper", "role_content", "jsonl_in_json"])
+def test_record_file_layouts(layout, tmp_path):
+    records = [LLAVA_RECORD, {**LLAVA_RECORD, "id": "GCC_2"}]
+    if layout == "role_content":
+        records = [{"id": "m", "image": "m.jpg", "messages": [{"role": "user", "content": "<image>\nHi"},
+                                                             {"role": "assistant", "content": "hello ."}]}]
+    path = tmp_path / ("data.jsonl" if layout == "jsonl" else "data.json")
+    if layout in ("jsonl", "jsonl_in_json"):
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    elif layout == "data_wrapper":
+        path.write_text(json.dumps({"data": records}))
+    else:
+        path.write_text(json.dumps(records))
+    loaded = load_records(path)
+    assert len(loaded) == len(records)
+    first = loaded[0]
+    assert first.turns[0][0] == "user" and first.turns[-1][0] == "assistant"
+    assert first.image.endswith(".jpg")
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"id": 1, "conversations": [}]', r"data.json: malformed JSON at line 1 column \d+"),
+    ('[{"id": "a", "image": "a.jpg"}]', r"data.json: record 0 \(id 'a'\): no 'conversations' list"),
+    ('[{"id": "a", "conversations": [{"from": "human"}]}]', r"record 0 \(id 'a'\): message 0 needs 'from'\+'value'"),
+    ('[{"id": "a", "conversations": [{"from": "human", "value": [1]}]}]', r"content is list, expected a string"),
+    ('[{"id": "a", "conversations": []}]', r"'conversations' must be a non-empty list"),
+    ('{"x": 1}', r"expected a JSON list of records"),
+])
+def test_structural_errors_fail_at_startup_naming_file_and_record(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(RecordError, match=message):
+        load_records(path)
+
+
+def test_bad_jsonl_line_and_bad_encoding_are_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(LLAVA_RECORD) + "\n{broken\n")
+    with pytest.raises(RecordError, match=r"data.jsonl: line 2 \(record 1\) is not valid JSON"):
+        load_records(path)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps([LLAVA_RECORD]).replace("a dog", "caf\u00e9").encode("latin-1"))
+    with pytest.raises(RecordError, match=r"latin.json: not valid UTF-8 at byte \d+ \(line 1\); re-encode"):
+        load_records(latin)
+
+
+def test_records_subset_and_length_estimates(tmp_path):
+    records = Records.from_records([Record(str(i), "x.jpg" if i % 2 else None, (("user", "a" * (i * 8)), ("assistant", "b")))
+                                    for i in range(10)])
+    sub = records.subset([7, 2, 9])
+    assert [r.id for r in (sub[0], sub[1], sub[2])] == ["7", "2", "9"]
+    assert [r.id for r in (sub.subset([2, 0])[0], sub.subset([2, 0])[1])] == ["9", "7"]
+    lengths = records.length_estimates(image_tokens=100)
+    assert lengths[3] == (3 * 8 + 1) // 4 + 100 and lengths[2] == (2 * 8 + 1) // 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation and sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_collator_masks_from_lengths_even_when_pad_is_a_real_token(tiny_processor):
+    pad = tiny_processor.tokenizer.pad_token_id
+    samples = [
+        {"id": "a", "input_ids": torch.tensor([5, pad, 6, pad]), "labels": torch.tensor([-100, pad, 6, pad]),
+         "pixel_values": torch.zeros(3, 64, 64), "skipped": []},
+        {"id": "b", "input_ids": torch.tensor([7, 8]), "labels": torch.tensor([-100, 8]), "pixel_values": None,
+         "skipped": [("z", "missing_image", "")]},
+    ]
+    batch = Collator(pad)(samples)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # real pad tokens stay visible
+    assert batch["input_ids"].tolist() == [[5, pad, 6, pad], [7, 8, pad, pad]]  # right padding
+    assert batch["labels"].tolist() == [[-100, pad, 6, pad], [-100, 8, -100, -100]]
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)  # image rows only: a mixed batch
+    assert batch["ids"] == ["a", "b"] and batch["skipped"] == [("z", "missing_image", "")]
+
+
+def test_mixed_image_and_text_batch_runs_through_the_model(tiny_model_dir, tiny_processor, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
+    records = Records.from_records([
+        Record("img", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))),
+        Record("txt", None, (("user", "Say hi."), ("assistant", "hi ."))),
+    ])
+    dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path)
+    batch = Collator(tiny_processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    assert torch.isfinite(out.logits).all()
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(100, seed=3), EpochSampler(100, seed=3)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    b.set_epoch(2)
+    assert list(a) != list(b)
+    assert sorted(a) == list(range(100))
+
+
+def test_length_grouping_keeps_each_step_s_samples_and_pads_less():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 600, size=512)
+    plain = EpochSampler(512, seed=1).order(0)
+    grouped = EpochSampler(512, seed=1, lengths=lengths, group_size=64).order(0)
+    for start in range(0, 512, 64):  # each optimizer step (global batch of 64) has the same sample set
+        assert set(plain[start : start + 64]) == set(grouped[start : start + 64])
+
+    def pad_fraction(order, micro=8):
+        batches = [lengths[order[i : i + micro]] for i in range(0, 512, micro)]
+        return 1 - sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches)
+
+    assert pad_fraction(grouped) < 0.5 * pad_fraction(plain)
