@@ -47,12 +47,9 @@ class Hooks:
 class MetricsJsonl:
     """Appends one JSON line per logged step and per evaluation to ``output_dir/metrics.jsonl``."""
 
-    def on_train_start(self, trainer):
-        self.path = Path(trainer.output_dir) / "metrics.jsonl"
-
     def _write(self, trainer, kind: str, metrics: dict):
         if trainer.accelerator.is_main_process:
-            with open(self.path, "a") as f:
+            with open(Path(trainer.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"kind": kind, **metrics}) + "\n")
 
     def on_step_end(self, trainer, metrics):
@@ -97,6 +94,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 class Progress:
     """A rich progress bar on the main process: step/total, loss, lr, grad-norm, samples/s, tokens/s, ETA.
     Without a terminal (CI logs, pipes) it prints a plain line about every 5% instead."""
+
+    enabled = False
+    bar = None
 
     def on_train_start(self, trainer):
         from rich.console import Console

@@ -123,8 +123,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainState:
-        self.install_signal_handlers()
+        previous_handlers = self.install_signal_handlers()
+        try:
+            return self._fit()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _fit(self) -> TrainState:
         self.hooks.on_train_start(self)
+        if self.state.step == 0 and self.cfg.eval.every:
+            self.evaluate()  # the starting point of the eval curve
         last_saved = None
         for window in self.windows():
             metrics = self.train_step(window)
@@ -283,8 +292,9 @@ class Trainer:
         self.hooks.on_save(self, path)
         return self.state.step
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once."""
+    def install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once.
+        Returns the previous handlers (restored when fit returns)."""
 
         def request_stop(signum, frame):
             if self.stop_requested and signum == signal.SIGINT:
@@ -292,8 +302,7 @@ class Trainer:
             self.stop_requested = True
             self.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, request_stop)
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def due(self, every: int) -> bool:
         return every > 0 and self.state.step % every == 0

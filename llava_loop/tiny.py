@@ -44,6 +44,7 @@ class TinySpec:
     tokenizer_vocab: int = 400
     spare_embedding_rows: bool = True  # Qwen2.5 has spare rows; False exercises the resize path
     tie_word_embeddings: bool = True
+    dropout: float = 0.0  # attention dropout in both towers (resume tests need dropout > 0)
     seed: int = 0
 
 
@@ -92,6 +93,7 @@ def save_tiny_clip(out: Path, spec: TinySpec) -> Path:
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
+        attention_dropout=spec.dropout,
     )
     CLIPVisionModel(config).save_pretrained(out)
     CLIPImageProcessor(
@@ -120,6 +122,7 @@ def save_tiny_qwen(out: Path, spec: TinySpec) -> Path:
         num_key_value_heads=spec.text_kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=spec.tie_word_embeddings,
+        attention_dropout=spec.dropout,
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,

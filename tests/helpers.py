@@ -1,0 +1,206 @@
+"""Test helpers: run configs, launchers, and hooks/losses that tests plug in by name (``helpers:Class``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def write_config(path: Path, *, model: Path, data: dict, output_dir: Path, **sections) -> Path:
+    """A small run config: tiny model, shapes data, no workers, few steps; ``sections`` override keys."""
+    config = {
+        "mode": "full",
+        "output_dir": str(output_dir),
+        "model": {"path": str(model)},
+        "data": {"path": str(data["train"]), "image_dir": str(data["train_images"]), "eval_path": str(data["val"]),
+                 "eval_image_dir": str(data["val_images"]), "num_workers": 0, "max_length": 128},
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0,
+                  "seed": 1},
+        "checkpoint": {"every": 0, "keep_last": 0},
+        "eval": {"every": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), e.get("PYTHONPATH", "")])
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300, check: bool = True,
+           extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes)."""
+    if processes:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(ROOT / "train.py")]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py")]
+    cmd += ["--config", str(config), *overrides]
+    run_env = env()
+    run_env.update(extra_env or {})
+    out = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
+    return out
+
+
+def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [m for m in map(json.loads, path.read_text().splitlines()) if m["kind"] == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and losses referenced from test configs
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordCalls:
+    """Writes every hook call it receives to output_dir/hook_calls.jsonl (main process)."""
+
+    def _log(self, trainer, event, **info):
+        if trainer.accelerator.is_main_process:
+            with open(Path(trainer.output_dir) / "hook_calls.jsonl", "a") as f:
+                f.write(json.dumps({"event": event, **info}) + "\n")
+
+    def on_train_start(self, trainer):
+        self._log(trainer, "on_train_start", step=trainer.state.step)
+
+    def on_step_end(self, trainer, metrics):
+        self._log(trainer, "on_step_end", step=metrics["step"], loss=metrics["loss"])
+
+    def on_eval(self, trainer, metrics):
+        self._log(trainer, "on_eval", step=metrics["step"], eval_loss=metrics["eval_loss"])
+
+    def on_save(self, trainer, path):
+        self._log(trainer, "on_save", step=trainer.state.step, path=str(path))
+
+    def on_train_end(self, trainer):
+        self._log(trainer, "on_train_end", step=trainer.state.step)
+
+
+class GradCapture:
+    """Captures the accumulated gradient of optimizer step 1 from the gradients autograd produces (before any
+    reduction), sums micro-batches, averages over processes as DDP/ZeRO do, and saves grads_step1.pt."""
+
+    def on_train_start(self, trainer):
+        self.sums, self.active = {}, True
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad:
+                param.register_hook(self._hook(name.removeprefix("module.")))
+
+    def _hook(self, name):
+        def hook(grad):
+            if self.active:
+                self.sums[name] = self.sums.get(name, 0) + grad.detach().double().clone()
+            return grad
+
+        return hook
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] != 1:
+            return
+        self.active = False
+        names = sorted(self.sums)
+        flat = torch.cat([self.sums[n].flatten() for n in names])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+        if trainer.accelerator.is_main_process:
+            torch.save({"names": names, "flat": flat}, Path(trainer.output_dir) / "grads_step1.pt")
+
+
+class StopAtStep:
+    """Requests a stop (as SIGTERM would) after optimizer step $LLAVA_TEST_STOP_AT."""
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] == int(os.environ["LLAVA_TEST_STOP_AT"]):
+            trainer.stop_requested = True
+
+
+class FinalState:
+    """At the end of training, saves parameters, AdamW moments and the next random draws to final_state.pt."""
+
+    def on_train_end(self, trainer):
+        if not trainer.accelerator.is_main_process:
+            return
+        import random
+
+        import numpy as np
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        moments = {}
+        for group in trainer.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in trainer.optimizer.state[p].items():
+                    moments.setdefault(key, []).append(value.detach().clone() if torch.is_tensor(value) else value)
+        draws = {"torch": torch.rand(4), "python": random.random(), "numpy": float(np.random.rand())}
+        torch.save({"params": params, "moments": moments, "draws": draws}, Path(trainer.output_dir) / "final_state.pt")
+
+
+class Snapshots:
+    """Keeps parameters and optimizer moments after every step, for the non-finite skip test."""
+
+    def on_train_start(self, trainer):
+        trainer.snapshots = {0: self._take(trainer)}
+
+    def on_step_end(self, trainer, metrics):
+        trainer.snapshots[metrics["step"]] = self._take(trainer)
+
+    @staticmethod
+    def _take(trainer):
+        params = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+        moments = [v.detach().clone() for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return {"params": params, "moments": moments, "lr": trainer.optimizer.param_groups[0]["lr"]}
+
+
+POISON_STEPS: set[int] = set()
+
+
+def nan_on_poisoned_steps(model, batch):
+    """The default loss, made NaN while the trainer's next step is in POISON_STEPS (set by the test)."""
+    from llava_loop.losses import label_only_ce
+
+    out = label_only_ce(model, batch)
+    if nan_on_poisoned_steps.step in POISON_STEPS:
+        out["loss"] = out["loss"] * math.nan
+    return out
+
+
+nan_on_poisoned_steps.step = 0
+
+
+class TrackStep:
+    """Lets nan_on_poisoned_steps know which optimizer step is running."""
+
+    def on_train_start(self, trainer):
+        nan_on_poisoned_steps.step = trainer.state.step + 1
+
+    def on_step_end(self, trainer, metrics):
+        nan_on_poisoned_steps.step = metrics["step"] + 1

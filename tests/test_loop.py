@@ -1,0 +1,309 @@
+"""The training loop: modes, losses, accumulation parity, non-finite skips, hooks, launch paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import helpers
+from llava_loop.config import LoraConfig, load_config
+from llava_loop.data.collate import Collator
+from llava_loop.data.loader import make_datasets
+from llava_loop.losses import full_logits_ce, label_only_ce
+from llava_loop.modes import apply_mode, lora_target_regex, param_groups
+from llava_loop.parts import PROJECTOR, VISION, count_params, part_of
+
+
+def _config(tmp_path, tiny_model_dir, shapes_data, name="run", **sections):
+    path = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
+                                output_dir=tmp_path / name, **sections)
+    return load_config(path)
+
+
+def _model(tiny_model_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+
+
+def _processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor, n=4):
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data)
+    train, _ = make_datasets(cfg, tiny_processor)
+    return Collator(tiny_processor.tokenizer.pad_token_id)([train[i] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_dir, shapes_data, tiny_processor):
+    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    model = _model(tiny_model_dir).eval()
+    with torch.no_grad():
+        label_only = label_only_ce(model, batch)["loss"]
+        full = full_logits_ce(model, batch)["loss"]
+    assert torch.isclose(label_only, full, rtol=1e-5), (label_only, full)
+    # and the gradients agree
+    grads = []
+    for fn in (label_only_ce, full_logits_ce):
+        model.zero_grad()
+        fn(model, batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.linalg.norm(grads[0] - grads[1]) / torch.linalg.norm(grads[1]) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+MODES = ("projector", "lora", "freeze_vision", "full")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_trains_exactly_its_parameters(mode, tiny_model_dir):
+    model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    every = {n for n, _ in model.named_parameters()}
+    projector = {n for n in every if part_of(n) == PROJECTOR and "original_module" not in n}
+    vision = {n for n in every if part_of(n) == VISION}
+    # feature layer -2 of 3: layer 2 and post_layernorm never reach the loss
+    unused = {n for n in vision if ".encoder.layers.2." in n or ".post_layernorm." in n}
+    assert unused and len(unused) < len(vision)
+    llm = every - vision - {n for n in every if part_of(n) == PROJECTOR}
+    if mode == "projector":
+        assert trainable == projector
+    elif mode == "lora":
+        lora = {n for n in trainable if ".lora_" in n}
+        assert trainable == projector | lora
+        assert lora and all(".language_model." in n for n in lora)
+        assert not any("lora" in n for n in vision)  # CLIP's q/k/v_proj got no adapters
+        adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+        assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    elif mode == "freeze_vision":
+        assert trainable == projector | llm
+    else:
+        assert trainable == projector | llm | (vision - unused)
+
+
+def test_lora_targets_regex_only_matches_the_language_model():
+    import re
+
+    regex = re.compile(lora_target_regex(["q_proj", "down_proj"]))
+    assert regex.match("model.language_model.layers.0.self_attn.q_proj")
+    assert regex.match("base_model.model.model.language_model.layers.3.mlp.down_proj")
+    assert not regex.match("model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    assert not regex.match("model.language_model.layers.0.self_attn.q_proj_extra")
+
+
+def test_real_scale_trainable_counts_on_meta_device():
+    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    from llava_loop.build import compose_config
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
+    config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
+    projector = 1024 * 2048 + 2048 + 2048 * 2048 + 2048
+    llm = 3_085_938_688  # Qwen2.5-3B with tied embeddings
+    vision_layer = 4 * (1024 * 1024 + 1024) + 2 * (1024 * 4096) + 4096 + 1024 + 4 * 1024
+    vision_used = 303_507_456 - vision_layer - 2 * 1024  # layer 23 and post_layernorm are unused
+    r = 16
+    lora_per_layer = r * ((2048 + 2048) * 2 + (2048 + 256) * 2 + (2048 + 11008) * 3)
+    expected = {
+        "projector": projector,
+        "freeze_vision": projector + llm,
+        "full": projector + llm + vision_used,
+        "lora": projector + 36 * lora_per_layer,
+    }
+    for mode, count in expected.items():
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+        model = apply_mode(model, mode, LoraConfig(r=r, alpha=32, dropout=0.0))
+        trainable = count_params(model, trainable_only=True)
+        assert sum(trainable.values()) == count, mode
+
+
+def test_param_groups_skip_decay_on_biases_and_norms_and_set_projector_lr(tiny_model_dir):
+    model = apply_mode(_model(tiny_model_dir), "full")
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-4, projector_lr=1e-3, weight_decay=0.1)}
+    assert set(groups) == {"model/decay", "model/no_decay", "projector/decay", "projector/no_decay"}
+    assert groups["projector/decay"]["lr"] == groups["projector/no_decay"]["lr"] == 1e-3
+    assert groups["model/decay"]["lr"] == 1e-4
+    assert all(p.ndim == 1 for p in groups["model/no_decay"]["params"])  # biases, norms
+    assert groups["model/no_decay"]["weight_decay"] == 0.0 and groups["model/decay"]["weight_decay"] == 0.1
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert any(named[id(p)].endswith("norm.weight") for p in groups["model/no_decay"]["params"])
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_checkpointing_gives_the_same_gradients(mode, tmp_path, tiny_model_dir, shapes_data, tiny_processor):
+    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    grads = {}
+    for checkpointing in (False, True):
+        model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0),
+                           gradient_checkpointing=checkpointing)
+        model.train()
+        torch.manual_seed(0)
+        label_only_ce(model, batch)["loss"].backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads[checkpointing].values()), "a trainable tensor got no gradient"
+    assert grads[True].keys() == grads[False].keys()
+    for name in grads[False]:
+        assert torch.allclose(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs (in process)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    from llava_loop.loop import Trainer
+
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, mode=mode,
+                  train={"max_steps": 12, "lr": 3e-3 if mode != "full" else 1e-3}, eval={"every": 12},
+                  lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    Trainer(cfg).fit()
+    evals = helpers.metrics(cfg.output_dir, "eval")
+    assert [m["step"] for m in evals] == [0, 12]
+    before, after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
+    assert after < before - 0.1, (mode, before, after)
+
+
+def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    from llava_loop.loop import train
+
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="llava_loop.losses:ce_with_z_loss",
+                  hooks=["helpers:RecordCalls"], train={"max_steps": 4}, eval={"every": 2},
+                  checkpoint={"every": 2, "keep_last": 0})
+    train(cfg)
+    steps = helpers.metrics(cfg.output_dir)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:  # every named term is logged, normalised by supervised tokens like the loss
+        assert m["loss"] == pytest.approx(m["ce"] + 1e-4 * m["z_loss"], rel=1e-6)
+        assert m["z_loss"] > 0
+    calls = [json.loads(line) for line in open(f"{cfg.output_dir}/hook_calls.jsonl")]
+    events = [(c["event"], c["step"]) for c in calls]
+    assert events == [("on_train_start", 0), ("on_eval", 0), ("on_step_end", 1), ("on_step_end", 2), ("on_eval", 2), ("on_save", 2),
+                      ("on_step_end", 3), ("on_step_end", 4), ("on_eval", 4), ("on_save", 4), ("on_train_end", 4)]
+
+
+def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_path, tiny_model_dir, shapes_data,
+                                                                            fresh_accelerate_state):
+    from llava_loop.loop import Trainer
+
+    helpers.POISON_STEPS.clear()
+    helpers.POISON_STEPS.add(3)
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="helpers:nan_on_poisoned_steps",
+                  hooks=["helpers:TrackStep", "helpers:Snapshots"], train={"max_steps": 5, "warmup_ratio": 0.5})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    logged = {m["step"]: m for m in helpers.metrics(cfg.output_dir)}
+    assert not logged[3]["stepped"] and math.isnan(logged[3]["loss"])
+    assert all(logged[s]["stepped"] for s in (1, 2, 4, 5))
+    assert trainer.state.skipped_steps == 1
+    before, after = trainer.snapshots[2], trainer.snapshots[3]
+    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(before["moments"], after["moments"]))
+    assert before["lr"] == after["lr"]  # the schedule did not advance either
+    assert not all(torch.equal(a, b) for a, b in zip(after["params"], trainer.snapshots[4]["params"]))
+
+
+def test_run_aborts_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    from llava_loop.loop import NonFiniteError, train
+
+    helpers.POISON_STEPS.clear()
+    helpers.POISON_STEPS.update({2, 3, 4, 5})
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="helpers:nan_on_poisoned_steps",
+                  hooks=["helpers:TrackStep"], train={"max_steps": 8, "max_consecutive_skips": 3})
+    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*max_consecutive_skips=3"):
+        train(cfg)
+    helpers.POISON_STEPS.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch paths and accumulation parity (real entry points, fresh processes)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
+    """python train.py, and accelerate launch with the repo's DeepSpeed ZeRO-2 config on 1 and 2 processes."""
+    demo = helpers.ROOT / "configs" / "demo.yaml"
+    common = [f"model.path={tmp_path / 'tiny'}", f"data.path={tmp_path / 'data/train/chat.json'}",
+              f"data.image_dir={tmp_path / 'data/train/images'}", f"data.eval_path={tmp_path / 'data/val/chat.json'}",
+              f"data.eval_image_dir={tmp_path / 'data/val/images'}", "data.synth_if_missing=160",
+              "train.max_steps=3", "eval.every=0", "data.num_workers=0"]
+    runs = {"python": 0, "deepspeed-1": 1, "deepspeed-2": 2}
+    for name, processes in runs.items():
+        out = helpers.launch(demo, *common, f"output_dir={tmp_path / name}", processes=processes)
+        logged = helpers.metrics(tmp_path / name)
+        assert [m["step"] for m in logged] == [1, 2, 3]
+        assert all(math.isfinite(m["loss"]) for m in logged)
+        expected = "DeepSpeed ZeRO-2" if processes else "DistributedType.NO"
+        assert expected in out.stderr and f"x processes {max(processes, 1)} " in out.stderr
+        assert (tmp_path / name / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+    # the demo built its own tiny model and data on the first run
+    assert (tmp_path / "tiny" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp_path, tiny_model_dir, shapes_data):
+    """1 process x mb4 x acc1, 1 process x mb2 x acc2, and 2 DeepSpeed ZeRO-2 processes x mb1 x acc2.
+    Multi-turn records give samples different numbers of supervised tokens, so normalisation matters."""
+    from llava_loop.data.synth import write_shapes
+
+    data = dict(shapes_data, train=write_shapes(tmp_path / "mt", 48, seed=6, size=64, max_turns=3),
+                train_images=tmp_path / "mt" / "images")
+    layouts = {"1x4x1": (0, 4, 1), "1x2x2": (0, 2, 2), "2x1x2": (2, 1, 2)}
+    losses, grads = {}, {}
+    for name, (processes, micro, accum) in layouts.items():
+        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
+                                      output_dir=tmp_path / name, hooks=["helpers:GradCapture"],
+                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3,
+                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0})
+        helpers.launch(config, processes=processes)
+        losses[name] = [m["loss"] for m in helpers.metrics(tmp_path / name)]
+        grads[name] = torch.load(tmp_path / name / "grads_step1.pt")
+    reference = losses["1x4x1"]
+    for name in layouts:
+        assert len(losses[name]) == 3
+        for a, b in zip(losses[name], reference):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, losses[name], reference)
+        assert grads[name]["names"] == grads["1x4x1"]["names"]
+        diff = torch.linalg.norm(grads[name]["flat"] - grads["1x4x1"]["flat"]) / torch.linalg.norm(grads["1x4x1"]["flat"])
+        assert diff < 1e-5, (name, float(diff))
+    # negative control: the common bug, a mean of per-micro-batch means, is far outside that tolerance here
+    from llava_loop.data.sampler import EpochSampler
+
+    cfg = load_config(tmp_path / "1x2x2.yaml")
+    train_set, _ = make_datasets(cfg, _processor(tiny_model_dir))
+    first = EpochSampler(len(train_set), seed=cfg.train.seed).order(0)[:4]
+    collate = Collator(train_set.encoder.tokenizer.pad_token_id)
+    model = _model(tiny_model_dir).eval()
+    sums, counts = [], []
+    with torch.no_grad():
+        for pair in (first[:2], first[2:]):
+            batch = collate([train_set[int(i)] for i in pair])
+            sums.append(float(label_only_ce(model, batch)["loss"]))
+            counts.append(int((batch["labels"][:, 1:] != -100).sum()))
+    assert counts[0] != counts[1]  # the micro-batches carry different numbers of supervised tokens
+    token_mean = sum(sums) / sum(counts)
+    mean_of_means = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    assert token_mean == pytest.approx(reference[0], rel=1e-5)  # the logged loss is the token mean
+    assert abs(mean_of_means - token_mean) > 10 * 1e-5 * token_mean, (mean_of_means, token_mean)
