@@ -40,6 +40,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="checkpoint -> plain HF model dir (ZeRO consolidated, LoRA merged + adapter)")
+    p.add_argument("--checkpoint", required=True, help="a complete checkpoint folder (output_dir/checkpoints/step-N)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

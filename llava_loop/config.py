@@ -80,6 +80,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
     max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.")
     log_every: int = opt(1, "Write metrics every N optimizer steps.")
+    log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
 from . import checkpoint
 from .config import Config
@@ -67,7 +68,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.accelerator = acc = make_accelerator(cfg)
         self.deepspeed = uses_deepspeed(acc)
-        torch.manual_seed(cfg.train.seed)
+        set_seed(cfg.train.seed)  # python, numpy and torch
         with acc.main_process_first():
             if acc.is_main_process:
                 ensure_demo_inputs(cfg)
@@ -77,6 +78,7 @@ class Trainer:
 
         model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model.train()  # from_pretrained returns eval mode: dropout would silently stay off
         self.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
 
         self.train_set, self.eval_set = make_datasets(cfg, self.processor)
@@ -168,7 +170,12 @@ class Trainer:
                 if acc.sync_gradients:
                     grad_norm, stepped = self.optimizer_step()
         self.account(window, stats, stepped)
-        return self.step_metrics(terms, stats, lrs, grad_norm, stepped, time.perf_counter() - t0)
+        metrics = self.step_metrics(terms, stats, lrs, grad_norm, stepped, time.perf_counter() - t0)
+        if self.cfg.train.log_sample_ids:
+            from accelerate.utils import gather_object
+
+            metrics["sample_ids"] = gather_object([i for b in window for i in b["ids"]])
+        return metrics
 
     # ------------------------------------------------------------------------------------------
     # Step helpers
@@ -347,7 +354,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             from rich.console import Console
 
-            Console(stderr=True).print(text, highlight=False)
+            Console(stderr=True).print(text, highlight=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
         self.say(f"[yellow]warning:[/yellow] {text}")

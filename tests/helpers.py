@@ -54,13 +54,15 @@ def free_port() -> int:
 
 
 def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300, check: bool = True,
-           extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes)."""
+           extra_env: dict | None = None, fault: str = "") -> subprocess.CompletedProcess:
+    """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes).
+    ``fault`` runs tests/train_patched.py with that deliberate fault instead of train.py."""
+    script = [str(TESTS / "train_patched.py"), fault] if fault else [str(ROOT / "train.py")]
     if processes:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), str(ROOT / "train.py")]
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), *script]
     else:
-        cmd = [sys.executable, str(ROOT / "train.py")]
+        cmd = [sys.executable, *script]
     cmd += ["--config", str(config), *overrides]
     run_env = env()
     run_env.update(extra_env or {})
@@ -204,3 +206,20 @@ class TrackStep:
 
     def on_step_end(self, trainer, metrics):
         nan_on_poisoned_steps.step = metrics["step"] + 1
+
+
+class FinalLogits:
+    """At the end of training, runs the in-training model on the first two held-out samples and saves the
+    batch and its logits to final_logits.pt: the reference for export parity."""
+
+    def on_train_end(self, trainer):
+        from llava_loop.data.collate import Collator
+        from llava_loop.losses import model_inputs
+
+        batch = Collator(trainer.processor.tokenizer.pad_token_id)([trainer.eval_set[0], trainer.eval_set[1]])
+        inputs = model_inputs(batch)
+        trainer.model.eval()
+        with torch.no_grad():
+            logits = trainer.model(**{k: v.to(trainer.accelerator.device) for k, v in inputs.items()}).logits
+        if trainer.accelerator.is_main_process:
+            torch.save({"inputs": inputs, "logits": logits.float().cpu()}, Path(trainer.output_dir) / "final_logits.pt")

@@ -1,0 +1,290 @@
+"""Checkpoints: exact resume, crash safety, retention, bad checkpoints, pickle payloads, export parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import helpers
+from llava_loop import checkpoint
+from llava_loop.checkpoint import CheckpointError
+
+N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24 steps per epoch)
+
+
+def _config(tmp_path, model_dir, shapes, name, **sections):
+    base = {"train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": N, "lr": 2e-3, "warmup_ratio": 0.34,
+                      "log_sample_ids": True},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    data = base.pop("data", {})
+    path = helpers.write_config(tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name, **base)
+    if data:  # extra data.* keys on top of the shapes paths
+        import yaml
+
+        tree = yaml.safe_load(path.read_text())
+        tree["data"].update(data)
+        path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _steps(output_dir):
+    return {m["step"]: m for m in helpers.metrics(output_dir)}
+
+
+def _trajectory(steps, first, last):
+    return [(steps[s]["loss"], steps[s]["grad_norm"], steps[s]["lr"], steps[s]["sample_ids"]) for s in range(first, last + 1)]
+
+
+def _final(output_dir):
+    return torch.load(output_dir / "final_state.pt", weights_only=False)
+
+
+def _bitwise_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_bitwise_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_run_is_bitwise_identical(workers, tmp_path, tiny_dropout_model_dir, shapes_data):
+    hooks = ["helpers:FinalState", "helpers:StopAtStep"]
+    stop = {"LLAVA_TEST_STOP_AT": str(K)}
+    never = {"LLAVA_TEST_STOP_AT": "-1"}
+    data = {"num_workers": workers}
+    a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, data=data)
+    helpers.launch(a, extra_env=never)
+    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "B", hooks=hooks, data=data)
+    helpers.launch(b, extra_env=stop)  # stops after step K with a checkpoint, exit code 0
+    assert sorted(p.name for p in (tmp_path / "B" / "checkpoints").iterdir()) == [f"step-{K:06d}"]
+    helpers.launch(b, extra_env=never)  # run C: resume=auto in B's output dir, in a fresh process
+
+    steps_a, steps_bc = _steps(tmp_path / "A"), _steps(tmp_path / "B")
+    assert sorted(steps_bc) == list(range(1, N + 1))
+    assert _trajectory(steps_a, 1, N) == _trajectory(steps_bc, 1, N)  # loss, grad norm, lr, sample ids: exact
+    assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))  # params, AdamW moments, next draws
+
+    # negative controls: each missing piece of state breaks equality
+    for fault, broken in (("no-rng-restore", "dropout masks"), ("no-data-position", "sample order")):
+        control = tmp_path / f"B-{fault}"
+        config = _config(tmp_path, tiny_dropout_model_dir, shapes_data, f"B-{fault}", hooks=hooks, data=data)
+        helpers.launch(config, extra_env=stop)
+        helpers.launch(config, extra_env=never, fault=fault)
+        after = _steps(control)
+        assert _trajectory(steps_a, 1, K) == _trajectory(after, 1, K)
+        assert _trajectory(steps_a, K + 1, N) != _trajectory(after, K + 1, N), broken
+        assert not _bitwise_equal(_final(tmp_path / "A"), _final(control)), broken
+    ids_a = [steps_a[s]["sample_ids"] for s in range(K + 1, N + 1)]
+    ids_replayed = [after[s]["sample_ids"] for s in range(K + 1, N + 1)]
+    assert ids_replayed == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)] and ids_replayed != ids_a
+
+
+@pytest.mark.slow
+def test_resume_under_two_process_deepspeed_matches(tmp_path, tiny_dropout_model_dir, shapes_data):
+    hooks = ["helpers:StopAtStep"]
+    a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, train={"micro_batch_size": 1})
+    helpers.launch(a, processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
+    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "B", hooks=hooks, train={"micro_batch_size": 1})
+    helpers.launch(b, processes=2, extra_env={"LLAVA_TEST_STOP_AT": str(K)})
+    assert (tmp_path / "B" / "checkpoints" / f"step-{K:06d}" / "pytorch_model").is_dir()  # DeepSpeed engine files
+    helpers.launch(b, processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
+    steps_a, steps_bc = _steps(tmp_path / "A"), _steps(tmp_path / "B")
+    assert sorted(steps_bc) == list(range(1, N + 1))
+    for s in range(1, N + 1):
+        assert abs(steps_a[s]["loss"] - steps_bc[s]["loss"]) <= 1e-6 * abs(steps_a[s]["loss"]), s
+        assert steps_a[s]["sample_ids"] == steps_bc[s]["sample_ids"]
+    # and a resume with a different number of processes is refused with the way out
+    out = helpers.launch(b, "train.max_steps=8", processes=0, check=False)
+    assert out.returncode == 2
+    assert "world_size=2" in out.stderr and "world_size=1" in out.stderr and "llava-loop export" in out.stderr
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", checkpoint={"every": 1, "keep_last": 2})
+    out = helpers.launch(config, fault="kill-in-save:4", check=False)
+    assert out.returncode == -signal.SIGKILL
+    root = tmp_path / "run" / "checkpoints"
+    complete = [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")]
+    assert complete == ["step-000002", "step-000003"]  # pruning happened only after each save completed
+    assert (root / ".tmp-step-000004").is_dir() and not (root / ".tmp-step-000004" / "COMPLETE").exists()
+    for name in complete:
+        checkpoint.verify(root / name)  # intact, every file matches its manifest
+    resumed = helpers.launch(config)
+    assert "ignoring incomplete checkpoint folders" in resumed.stderr and ".tmp-step-000004" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-000003 at step 3" in resumed.stderr
+    steps = [m["step"] for m in helpers.metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3, 4, 4, 5, 6]  # step 4 ran again after the crash
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-000005", "step-000006"]
+    assert not (root / ".tmp-step-000004").exists()  # the stale partial save was cleaned up
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400})
+    cmd = [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert "received SIGTERM" in stderr.decode()
+    last = helpers.metrics(tmp_path / "run")[-1]["step"]
+    assert 3 <= last < 400
+    saved = checkpoint.complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == [f"step-{last:06d}"]
+    checkpoint.verify(saved[0])
+    helpers.launch(config, f"train.max_steps={last + 2}")
+    assert [m["step"] for m in helpers.metrics(tmp_path / "run")][-2:] == [last + 1, last + 2]
+
+
+def _rewrite_manifest(path):
+    (path / checkpoint.COMPLETE).unlink()
+    (path / checkpoint.MANIFEST).unlink()
+    checkpoint.write_manifest(path)
+    (path / checkpoint.COMPLETE).write_text("")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, shapes_data):
+    """A short full-mode run with a final checkpoint, copied fresh for each test that damages it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = _config(tmp, tiny_model_dir, shapes_data, "run", train={"max_steps": 2})
+    helpers.launch(config)
+    return tmp / "run" / "checkpoints" / "step-000002", config
+
+
+def _damaged_copy(finished_run, tmp_path):
+    import shutil
+
+    source, config = finished_run
+    target = tmp_path / "ckpt"
+    shutil.copytree(source, target)
+    return target, config
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"file optimizer.bin listed in MANIFEST.json is missing"),
+    ("corrupt", r"file model.safetensors does not match its sha256"),
+    ("truncated", r"file optimizer.bin has \d+ bytes, expected \d+"),
+    ("incomplete", r"is incomplete \(no COMPLETE marker\)"),
+    ("world_size", r"written with world_size=4 but this run has world_size=1.*llava-loop export"),
+    ("mode", r"written with mode='full' but this run has mode='projector'"),
+])
+def test_bad_checkpoints_get_clear_errors(damage, message, finished_run, tmp_path, fresh_accelerate_state):
+    from llava_loop.config import load_config
+    from llava_loop.loop import Trainer
+
+    ckpt, config = _damaged_copy(finished_run, tmp_path)
+    overrides = [f"resume={ckpt}", f"output_dir={tmp_path / 'out'}"]
+    if damage == "missing":
+        (ckpt / "optimizer.bin").unlink()
+    elif damage == "corrupt":
+        data = bytearray((ckpt / "model.safetensors").read_bytes())
+        data[-100] ^= 0xFF
+        (ckpt / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "truncated":
+        (ckpt / "optimizer.bin").write_bytes((ckpt / "optimizer.bin").read_bytes()[:-10])
+    elif damage == "incomplete":
+        (ckpt / "COMPLETE").unlink()
+    elif damage == "world_size":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state["run"]["world_size"] = 4
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        _rewrite_manifest(ckpt)
+    elif damage == "mode":
+        overrides.append("mode=projector")
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(load_config(config, overrides))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['LLAVA_PWNED']}",))
+
+
+def test_a_pickled_code_payload_is_refused(finished_run, tmp_path, fresh_accelerate_state, monkeypatch):
+    from llava_loop.config import load_config
+    from llava_loop.loop import Trainer
+
+    ckpt, config = _damaged_copy(finished_run, tmp_path)
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("LLAVA_PWNED", str(pwned))
+    torch.save({"torch": torch.get_rng_state(), "evil": _Payload()}, ckpt / "rng_state_0.pt")
+    _rewrite_manifest(ckpt)  # even a consistent manifest does not make it loadable
+    with pytest.raises(CheckpointError, match=r"rng_state_0.pt: refused to load.*posix.system|rng_state_0.pt: refused"):
+        Trainer(load_config(config, [f"resume={ckpt}", f"output_dir={tmp_path / 'out'}"]))
+    assert not pwned.exists()
+    with pytest.raises(CheckpointError, match="refused to load"):
+        checkpoint.safe_torch_load(ckpt / "rng_state_0.pt")
+    assert not pwned.exists()
+
+
+@pytest.mark.slow
+def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data):
+    sizes = {}
+    for mode in ("full", "projector", "lora"):
+        config = _config(tmp_path, tiny_model_dir, shapes_data, mode, mode=mode, train={"max_steps": 1})
+        helpers.launch(config)
+        ckpt = tmp_path / mode / "checkpoints" / "step-000001"
+        sizes[mode] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    assert sizes["projector"] < 0.1 * sizes["full"], sizes
+    assert sizes["lora"] < 0.3 * sizes["full"], sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, processes", [("full", 0), ("lora", 0), ("lora", 2)])
+def test_export_matches_the_trained_model(mode, processes, tmp_path, tiny_dropout_model_dir, shapes_data):
+    """Exported logits equal the in-training model's; the adapter loads with plain PEFT on the base."""
+    config = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "run", mode=mode, hooks=["helpers:FinalLogits"],
+                     train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1})
+    helpers.launch(config, processes=processes)
+    ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
+                    str(tmp_path / "export")], check=True, env=helpers.env(), capture_output=True)
+    reference = torch.load(tmp_path / "run" / "final_logits.pt")
+    script = f"""
+import sys, torch
+from transformers import LlavaForConditionalGeneration
+ref = torch.load({str(tmp_path / 'run' / 'final_logits.pt')!r})
+model = LlavaForConditionalGeneration.from_pretrained({str(tmp_path / 'export')!r}).eval()
+with torch.no_grad():
+    merged = model(**ref["inputs"]).logits
+results = {{"merged": merged}}
+if {mode == 'lora'!r}:
+    from peft import PeftModel
+    base = LlavaForConditionalGeneration.from_pretrained({str(tiny_dropout_model_dir)!r})
+    peft_model = PeftModel.from_pretrained(base, {str(tmp_path / 'export' / 'adapter')!r}).eval()
+    with torch.no_grad():
+        results["adapter"] = peft_model(**ref["inputs"]).logits
+assert "llava_loop" not in sys.modules
+torch.save(results, {str(tmp_path / 'exported_logits.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    exported = torch.load(tmp_path / "exported_logits.pt")
+    assert set(exported) == ({"merged", "adapter"} if mode == "lora" else {"merged"})
+    for logits in exported.values():
+        assert (logits - reference["logits"]).abs().max() < 1e-5
+    # negative control: the untrained base model is far from the trained one
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(tiny_dropout_model_dir).eval()
+    with torch.no_grad():
+        untrained = base(**reference["inputs"]).logits
+    assert (untrained - reference["logits"]).abs().max() > 1e-2
