@@ -48,6 +48,103 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_infer(args) -> int:
+    import json
+
+    from .infer import caption, generate, images_in, load_for_inference
+
+    model, _, encoder = load_for_inference(args.model, args.adapter)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.image:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(encoder.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        generate(model, encoder, [args.image], args.prompt, streamer=streamer, **options)
+        return 0
+    if not (args.images_dir and args.out):
+        raise SystemExit("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
+    files = images_in(args.images_dir)
+    answers = caption(model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options)
+    with open(args.out, "w") as f:
+        for path, answer in zip(files, answers):
+            f.write(json.dumps({"image": path.name, "caption": answer}) + "\n")
+    print(f"wrote {len(answers)} captions to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .data.records import load_records
+    from .evaluate import evaluate_model
+    from .infer import load_for_inference
+
+    model, _, encoder = load_for_inference(args.model, args.adapter)
+    metrics, predictions = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
+                                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                          max_samples=args.max_samples, progress=True)
+    _table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
+                                                          for k, v in metrics.items()])
+    with open(args.out, "w") as f:
+        json.dump({"model": str(args.model), "adapter": args.adapter, "data": str(args.data), "metrics": metrics,
+                   "predictions": predictions}, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.config, args.overrides)
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    import json
+
+    from .data.check import check_dataset
+
+    processor = None
+    if args.model:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model)
+    report = check_dataset(args.data, args.image_dir, decode=args.decode, processor=processor,
+                           max_length=args.max_length, workers=args.workers)
+    rows = [("records", report["records"]), ("with image", report["with_image"])]
+    rows += [(f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()]
+    kind = "estimated tokens" if report["token_lengths_estimated"] else "tokens"
+    rows += [(f"{kind} {q}", v) for q, v in report["token_lengths"].items()]
+    rows += [(f"image {axis} min/median/max", "/".join(str(v) for v in stats.values()))
+             for axis, stats in report["image_sizes"].items()]
+    _table(f"data check: {args.data}", rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    bad = sum(report["problems"].values())
+    print(f"{bad} problem records" if bad else "no problems found")
+    return 1 if bad else 0
+
+
+def cmd_data_synth(args) -> int:
+    from .data.synth import write_shapes
+
+    path = write_shapes(args.out, args.n, seed=args.seed, size=args.size, max_turns=args.max_turns, progress=True)
+    print(f"wrote {args.n} records to {path} and images to {path.parent / 'images'}")
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from .data.convert import convert
+
+    options = {}
+    if args.kind == "captions":
+        options = {"image_key": args.image_key, "caption_key": args.caption_key, "prompt": args.prompt, "seed": args.seed}
+    n = convert(args.kind, args.input, args.out, **options)
+    print(f"converted {n} records from {args.input} to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +167,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a complete checkpoint folder (output_dir/checkpoints/step-N)")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_export)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="exported model dir, base model dir (with --adapter), or a checkpoint")
+        p.add_argument("--adapter", help="PEFT adapter dir to apply on top of --model")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=16)
+
+    p = sub.add_parser("infer", help="generate for one image (streamed) or caption a folder")
+    model_args(p)
+    p.add_argument("--image", help="one image; the answer streams to the terminal")
+    p.add_argument("--images-dir", help="caption every image in this folder")
+    p.add_argument("--out", help="captions.jsonl for --images-dir")
+    p.add_argument("--prompt", default="Describe the image briefly.")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 (and shapes attribute accuracy)")
+    model_args(p)
+    p.add_argument("--data", required=True, help="records file (chat.json / .jsonl)")
+    p.add_argument("--image-dir", required=True)
+    p.add_argument("--max-samples", type=int, default=0, help="0: all")
+    p.add_argument("--out", default="eval_results.json")
+    p.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="dataset tools: check, synth, convert").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
+    p.add_argument("--data", required=True)
+    p.add_argument("--image-dir", required=True)
+    p.add_argument("--decode", action="store_true", help="fully decode every image (slow, thorough)")
+    p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=0, help="processes for image checks")
+    p.add_argument("--json", help="also write the report as JSON")
+    p.set_defaults(func=cmd_data_check)
+    p = data.add_parser("synth", help="write the synthetic shapes dataset in LLaVA-CC3M layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=336, help="image side in pixels")
+    p.add_argument("--max-turns", type=int, default=1, help=">1 adds follow-up question turns (mixed lengths)")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("convert", help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json")
+    p.add_argument("kind", choices=["captions", "conversations"])
+    p.add_argument("--input", required=True, help="CSV / JSON / JSONL / Parquet")
+    p.add_argument("--out", required=True, help="output chat.json")
+    p.add_argument("--image-key")
+    p.add_argument("--caption-key")
+    p.add_argument("--prompt", help="one fixed instruction instead of the pretrain-style pool")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_convert)
+
+    p = sub.add_parser("demo", help="the built-in demo: tiny towers + shapes, eval, train, eval, report.png")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

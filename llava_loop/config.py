@@ -78,6 +78,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     seed: int = opt(42, "Seed for weights init, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
+    time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).")
     max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.")
     log_every: int = opt(1, "Write metrics every N optimizer steps.")
     log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).")

@@ -68,5 +68,6 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     (out / "llava_loop_export.json").write_text(json.dumps({
         "checkpoint": str(checkpoint_dir.resolve()), "step": state["progress"]["step"], "mode": cfg.canonical_mode,
         "base_model": state["run"]["model_path"], "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
+        "image_aspect_ratio": cfg.data.image_aspect_ratio, "system_prompt": cfg.data.system_prompt,
     }, indent=2))
     return out

@@ -26,6 +26,7 @@ from .data.collate import padding_fraction
 from .data.loader import make_datasets, make_eval_loader, make_train_loader
 from .data.skips import SkipTally
 from .errors import UserError
+from .evaluate import heldout_loss_sums
 from .hooks import make_hooks
 from .importing import resolve
 from .losses import supervised_positions
@@ -107,7 +108,8 @@ class Trainer:
         self.hooks = make_hooks(cfg)
         self.state = TrainState()
         self.skips = SkipTally()
-        self.stop_requested = False
+        self.stop_requested = False  # set by signals, the time limit or hooks (request_stop) on any process
+        self.stopped = False  # all processes agreed to stop early
         acc.register_save_state_pre_hook(checkpoint.frozen_tensor_filter)
         self.say(
             f"effective batch: micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
@@ -133,6 +135,7 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _fit(self) -> TrainState:
+        self.started = time.monotonic()
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
             self.evaluate()  # the starting point of the eval curve
@@ -143,11 +146,12 @@ class Trainer:
             step = self.state.step
             if self.due(self.cfg.eval.every):
                 self.evaluate()
-            if self.due(self.cfg.checkpoint.every) or self.stop_requested:
+            stop = self.stop_agreed()
+            if self.due(self.cfg.checkpoint.every) or stop:
                 last_saved = self.save()
-            if self.stop_requested or step >= self.total_steps:
+            if stop or step >= self.total_steps:
                 break
-        if not self.stop_requested:
+        if not self.stopped:
             if not self.due(self.cfg.eval.every):
                 self.evaluate()
             if last_saved != self.state.step:
@@ -196,16 +200,14 @@ class Trainer:
             self.state.step_in_epoch = 0
 
     def global_window_stats(self, window: list[dict]) -> dict:
-        """One all-reduce: supervised tokens, samples, tokens, skip events and stop requests of the window."""
+        """One all-reduce: supervised tokens, samples, tokens and skip events of the window."""
         local = torch.tensor([
             sum(supervised_positions(b["labels"])[1].numel() for b in window),
             sum(len(b["ids"]) for b in window),
             sum(int(b["attention_mask"].sum()) for b in window),
             sum(len(b["skipped"]) for b in window),
-            float(self.stop_requested),
         ], dtype=torch.float64, device=self.accelerator.device)
         total = self.accelerator.reduce(local, reduction="sum").tolist()
-        self.stop_requested = total[4] > 0  # every process stops after the same step
         return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]), "skip_events": int(total[3])}
 
     def connect_to_trainable(self, loss: torch.Tensor) -> torch.Tensor:
@@ -277,19 +279,14 @@ class Trainer:
     # Evaluation, checkpoints, signals
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
         if self.eval_loader is None:
             return None
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
-        for batch in self.eval_loader:
-            batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            loss_sum += float(self.loss_fn(self.model, batch)["loss"])
-            tokens += supervised_positions(batch["labels"])[1].numel()
+        local = heldout_loss_sums(self.model, self.eval_loader, self.loss_fn, device=self.accelerator.device)
         self.model.train()
-        total = self.accelerator.reduce(torch.tensor([loss_sum, tokens], dtype=torch.float64,
-                                                     device=self.accelerator.device), reduction="sum").tolist()
+        total = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device),
+                                        reduction="sum").tolist()
         metrics = {"step": self.state.step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1])}
         self.hooks.on_eval(self, metrics)
         return metrics
@@ -310,6 +307,21 @@ class Trainer:
             self.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
 
         return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and return from fit (hooks may call this)."""
+        self.stop_requested = True
+
+    def stop_agreed(self) -> bool:
+        """True on every process once any process asked to stop (signal, time limit, hook)."""
+        limit = self.cfg.train.time_limit_minutes
+        if limit and time.monotonic() - self.started > 60 * limit:
+            self.stop_requested = True
+        flag = torch.tensor([float(self.stop_requested)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        self.stopped = bool(flag.item() > 0)
+        return self.stopped
 
     def due(self, every: int) -> bool:
         return every > 0 and self.state.step % every == 0

@@ -142,7 +142,7 @@ class StopAtStep:
 
     def on_step_end(self, trainer, metrics):
         if metrics["step"] == int(os.environ["LLAVA_TEST_STOP_AT"]):
-            trainer.stop_requested = True
+            trainer.request_stop()
 
 
 class FinalState:

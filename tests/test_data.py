@@ -383,3 +383,110 @@ def test_length_grouping_keeps_each_step_s_samples_and_pads_less():
         return 1 - sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches)
 
     assert pad_fraction(grouped) < 0.5 * pad_fraction(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# User tools: data check, synth, convert
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llava_loop.cli", *args], capture_output=True, text=True)
+
+
+def test_data_synth_writes_the_llava_cc3m_layout(tmp_path):
+    out = _cli("data", "synth", "--out", str(tmp_path / "shapes"), "--n", "12", "--seed", "3", "--size", "96",
+               "--max-turns", "2")
+    assert out.returncode == 0, out.stderr
+    records = json.loads((tmp_path / "shapes" / "chat.json").read_text())
+    assert len(records) == 12
+    from llava_loop.data.synth import parse_caption
+
+    for r in records:
+        assert set(r) == {"id", "image", "conversations"}
+        assert (tmp_path / "shapes" / "images" / r["image"]).is_file()
+        human, gpt = r["conversations"][:2]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n") or human["value"].endswith("\n<image>")
+        assert all(parse_caption(gpt["value"]).values())
+        with Image.open(tmp_path / "shapes" / "images" / r["image"]) as im:
+            assert im.size == (96, 96)
+    starts = {r["conversations"][0]["value"].startswith("<image>") for r in records}
+    assert starts == {True, False}  # both placements occur, as in the real data
+    assert {len(r["conversations"]) for r in records} == {2, 4}
+
+
+def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
+    from llava_loop.data.synth import write_shapes
+
+    path = write_shapes(tmp_path / "d", 10, seed=0, size=48)
+    records = json.loads(path.read_text())
+    records[1]["image"] = "missing.jpg"
+    records[2]["conversations"][1]["value"] = ""
+    (tmp_path / "d" / "images" / records[3]["image"]).write_bytes(b"garbage")
+    path.write_text(json.dumps(records))
+    out = _cli("data", "check", "--data", str(path), "--image-dir", str(tmp_path / "d" / "images"), "--decode",
+               "--json", str(tmp_path / "report.json"))
+    assert out.returncode == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["problems"] == {"missing_image": 1, "empty_answer": 1, "corrupt_image": 1}
+    assert report["records"] == 10 and report["image_sizes"]["width"] == {"min": 48, "median": 48, "max": 48}
+    assert "missing_image" in out.stdout and "3 problem records" in out.stdout
+    records = json.loads(path.read_text())
+    for bad in (1, 2, 3):
+        records[bad] = records[0]
+    path.write_text(json.dumps(records))
+    good = _cli("data", "check", "--data", str(path), "--image-dir", str(tmp_path / "d" / "images"))
+    assert good.returncode == 0 and "no problems found" in good.stdout
+
+
+def test_data_check_with_the_model_tokenizer_reports_exact_lengths(tmp_path, tiny_processor):
+    from llava_loop.data.check import check_dataset
+    from llava_loop.data.synth import write_shapes
+
+    path = write_shapes(tmp_path / "d", 6, seed=0, size=32)
+    report = check_dataset(path, tmp_path / "d" / "images", processor=tiny_processor, progress=False)
+    encoder = SampleEncoder(tiny_processor, max_length=2048)
+    exact = [len(encoder.encode_text(load_records(path)[i])[0]) for i in range(6)]
+    assert report["token_lengths"]["p100"] == max(exact) and not report["token_lengths_estimated"]
+
+
+def test_convert_caption_tables(tmp_path):
+    (tmp_path / "t.csv").write_text("filename,caption\na.jpg,A sign that reads OPEN.\nb.jpg,Two cats.\n")
+    out = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "c.json"))
+    assert out.returncode == 0, out.stderr
+    records = load_records(tmp_path / "c.json")
+    assert [(r.image, r.turns[-1]) for r in (records[0], records[1])] == [
+        ("a.jpg", ("assistant", "A sign that reads OPEN.")), ("b.jpg", ("assistant", "Two cats."))]
+    assert all("<image>" in records[i].turns[0][1] for i in range(2))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"img_file": "x.png", "text": "hi"}) + "\n")
+    bad = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "d.json"))
+    assert bad.returncode == 2 and "row 0: no image column" in bad.stderr and "--image-key" in bad.stderr
+    ok = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "d.json"),
+              "--image-key", "img_file", "--prompt", "Read the text.")
+    assert ok.returncode == 0
+    assert load_records(tmp_path / "d.json")[0].turns[0][1] in ("<image>\nRead the text.", "Read the text.\n<image>")
+
+
+def test_convert_sharegpt_and_openai_style_conversations(tmp_path):
+    rows = [
+        {"id": "s1", "image": "s1.jpg", "conversations": [{"from": "human", "value": "What is shown?"},
+                                                           {"from": "gpt", "value": "A bridge."},
+                                                           {"from": "human", "value": "Where?"},
+                                                           {"from": "gpt", "value": "Over a river."}]},
+        {"id": "o1", "images": ["o1.png"], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A red bus."}]}]},
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(rows))
+    out = _cli("data", "convert", "conversations", "--input", str(tmp_path / "in.json"), "--out", str(tmp_path / "o.json"))
+    assert out.returncode == 0, out.stderr
+    records = load_records(tmp_path / "o.json")
+    first, second = records[0], records[1]
+    assert first.turns[0] == ("user", "<image>\nWhat is shown?") and len(first.turns) == 4
+    assert second.image == "o1.png" and second.turns == (("user", "<image>\nDescribe it."), ("assistant", "A red bus."))
+    for record in (first, second):  # every converted record is trainable
+        record_messages(record)

@@ -28,6 +28,12 @@ def image_tokens_per_image(processor) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
+def place_image_token(text: str) -> str:
+    """``<image>`` at the start of its turn, on its own line, wherever the data put it (as LLaVA does)."""
+    rest = text.replace(IMAGE_TOKEN, "").strip()
+    return f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN
+
+
 def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
     """Validated chat messages for a record, with ``<image>`` moved to the start of its turn (as LLaVA does)."""
     unknown = sorted({role for role, _ in record.turns if role not in KNOWN_ROLES})
@@ -43,8 +49,7 @@ def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
     for role, text in record.turns:
         text = text.strip()
         if IMAGE_TOKEN in text:
-            rest = text.replace(IMAGE_TOKEN, "").strip()
-            text = f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN
+            text = place_image_token(text)
         messages.append({"role": role, "content": text})
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     if not answers or not all(answers):
@@ -117,8 +122,21 @@ class SampleEncoder:
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
         return ids, labels
 
+    def prompt_ids(self, prompt: str, with_image: bool = True) -> list[int]:
+        """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out."""
+        content = place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt) if with_image else prompt.strip()
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": content})
+        text = render(self.tokenizer, messages, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, _, _ = expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), [], self.image_token_id, self.n_image_tokens)
+        return ids
+
     def pixels(self, path: Path) -> torch.Tensor:
-        image = load_image(path, self.max_image_pixels)
+        return self.pixel_values(load_image(path, self.max_image_pixels))
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """An RGB PIL image -> normalised (3, H, W) pixels, padded to square first in ``pad`` mode."""
         if self.image_aspect_ratio == "pad":
             image = expand_to_square(image, self.pad_fill)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]

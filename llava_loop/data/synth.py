@@ -79,7 +79,7 @@ def draw_shape(size: int, color: str, shape: str, position: str, rng: random.Ran
     image = Image.blend(Image.new("RGB", (size, size), (45, 45, 50)), noise, 0.25)
     draw = ImageDraw.Draw(image)
     fx, fy = POSITIONS[position]
-    radius = size * rng.uniform(0.11, 0.16)
+    radius = size * rng.uniform(0.15, 0.2)
     cx = size * fx + rng.uniform(-0.04, 0.04) * size
     cy = size * fy + rng.uniform(-0.04, 0.04) * size
     fill = COLORS[color]

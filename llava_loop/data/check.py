@@ -1,0 +1,107 @@
+"""``llava-loop data check``: validate a whole dataset before a long run.
+
+Structural errors stop at the first bad record (they would stop training too). Everything the
+training run would skip is counted by reason, with examples. Token lengths come from the model's
+tokenizer when ``--model`` is given, else from a 4-characters-per-token estimate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .encode import record_messages
+from .images import load_image
+from .records import Records, load_records
+from .skips import SkipSample
+
+
+def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
+    """(reason or None, detail, (width, height)) for one image; decode fully only when asked."""
+    path, decode, max_pixels = args
+    try:
+        if decode:
+            image = load_image(Path(path), max_pixels)
+            return None, "", image.size
+        if not Path(path).is_file():
+            raise SkipSample("missing_image", f"{path} does not exist")
+        if Path(path).stat().st_size == 0:
+            raise SkipSample("empty_image", f"{path} is zero bytes")
+        with Image.open(path) as image:  # header only
+            if image.size[0] * image.size[1] > max_pixels:
+                raise SkipSample("decompression_bomb", f"{path} is {image.size[0]}x{image.size[1]}")
+            return None, "", image.size
+    except SkipSample as skip:
+        return skip.reason, skip.detail, None
+    except Exception as exc:  # header unreadable
+        return "corrupt_image", f"{path}: {exc}", None
+
+
+def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = False, processor=None,
+                  max_length: int = 2048, max_image_pixels: int = 89_478_485, workers: int = 0,
+                  progress: bool = True) -> dict:
+    records: Records = load_records(data)  # structural problems raise RecordError here
+    problems: Counter = Counter()
+    examples: dict[str, str] = {}
+    lengths, image_jobs, image_ids = [], [], []
+    encoder = None
+    if processor is not None:
+        from .encode import SampleEncoder
+
+        encoder = SampleEncoder(processor, max_length=max_length, max_image_pixels=max_image_pixels)
+    indices = range(len(records))
+    if progress:
+        from rich.progress import track
+
+        indices = track(indices, description=f"checking {len(records)} records")
+    for i in indices:
+        record = records[i]
+        try:
+            if encoder is not None:
+                ids, _ = encoder.encode_text(record)
+                lengths.append(len(ids))
+            else:
+                record_messages(record)
+                lengths.append(record.text_chars() // 4 + (576 if record.image else 0))
+        except SkipSample as skip:
+            problems[skip.reason] += 1
+            examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
+            continue
+        if record.image:
+            image_jobs.append((str(Path(image_dir) / record.image), decode, max_image_pixels))
+            image_ids.append(record.id)
+    sizes = []
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_image_problem, image_jobs, chunksize=256))
+    else:
+        results = map(_image_problem, image_jobs)
+        if progress:
+            from rich.progress import track
+
+            results = track(results, total=len(image_jobs), description=f"{'decoding' if decode else 'opening'} images")
+    for rid, (reason, detail, size) in zip(image_ids, results):
+        if reason:
+            problems[reason] += 1
+            examples.setdefault(reason, f"{rid}: {detail}")
+        else:
+            sizes.append(size)
+    lengths_arr = np.array(lengths) if lengths else np.zeros(1)
+    sizes_arr = np.array(sizes) if sizes else np.zeros((1, 2))
+    return {
+        "records": len(records),
+        "with_image": len(image_jobs),
+        "problems": dict(problems),
+        "examples": examples,
+        "token_lengths": {f"p{q}": int(np.percentile(lengths_arr, q)) for q in (50, 90, 99, 100)},
+        "token_lengths_estimated": encoder is None,
+        "image_sizes": {
+            "width": {k: int(f(sizes_arr[:, 0])) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))},
+            "height": {k: int(f(sizes_arr[:, 1])) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))},
+        },
+        "decoded": decode,
+    }

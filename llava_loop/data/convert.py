@@ -1,0 +1,138 @@
+"""``llava-loop data convert``: other datasets into LLaVA's chat.json form.
+
+* ``captions``: an image-caption table (CSV, JSON, JSONL, or Parquet with pyarrow installed), as in
+  TextOCR-GPT4o; every row becomes a one-turn record with an instruction from a fixed pool.
+* ``conversations``: ShareGPT-4o / ShareGPT-style records (``conversations`` of from/value) or
+  OpenAI-style ``messages`` whose content may be a list of ``{"type": "text"|"image"}`` parts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from ..errors import UserError
+from .records import ROLE_ALIASES
+from .synth import PROMPTS
+
+LLAVA_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
+IMAGE_KEYS = ("image", "file_name", "filename", "image_path", "img", "path")
+CAPTION_KEYS = ("caption", "text", "description", "answer")
+
+
+class ConvertError(UserError):
+    """The input cannot be converted; the message names the file, the row and the fix."""
+
+
+def read_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConvertError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return data["data"] if isinstance(data, dict) and "data" in data else data
+
+
+def _pick(row: dict, keys: tuple[str, ...], wanted: str | None, what: str, where: str):
+    if wanted:
+        if wanted not in row:
+            raise ConvertError(f"{where}: no column {wanted!r} (columns: {sorted(row)})")
+        return row[wanted]
+    for key in keys:
+        if row.get(key) not in (None, ""):
+            return row[key]
+    raise ConvertError(f"{where}: no {what} column among {list(keys)} (columns: {sorted(row)}); pass --{what}-key")
+
+
+def _image_path(value) -> str:
+    if isinstance(value, dict):  # HF datasets' Image feature exported as {"path": ..., "bytes": ...}
+        value = value.get("path")
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else None
+    if not isinstance(value, str) or not value:
+        raise ValueError("image must be a relative path string")
+    return value
+
+
+def from_captions(path: Path, *, image_key: str | None = None, caption_key: str | None = None,
+                  prompt: str | None = None, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        where = f"{path}: row {i}"
+        try:
+            image = _image_path(_pick(row, IMAGE_KEYS, image_key, "image", where))
+        except ValueError as exc:
+            raise ConvertError(f"{where}: {exc}") from None
+        caption = str(_pick(row, CAPTION_KEYS, caption_key, "caption", where)).strip()
+        instruction = prompt or rng.choice(PROMPTS)
+        human = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
+        out.append({"id": str(row.get("id", Path(image).stem)), "image": image,
+                    "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
+    return out
+
+
+def _message_text(content, where: str) -> str:
+    """Flatten string or list-of-parts content into text, image parts becoming <image> tags."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ConvertError(f"{where}: content must be a string or a list of parts")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(part.get("text", ""))
+        elif kind in ("image", "image_url"):
+            texts.append("<image>")
+        else:
+            raise ConvertError(f"{where}: unknown content part {part!r}")
+    return "\n".join(t for t in texts if t)
+
+
+def from_conversations(path: Path) -> list[dict]:
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        where = f"{path}: record {i}"
+        messages = row.get("conversations") or row.get("messages")
+        if not messages:
+            raise ConvertError(f"{where}: no 'conversations' or 'messages'")
+        image = row.get("image") or row.get("images") or row.get("image_path")
+        conversations = []
+        for message in messages:
+            role = str(message.get("from", message.get("role")))
+            text = _message_text(message.get("value", message.get("content")), where)
+            conversations.append({"from": LLAVA_FROM.get(ROLE_ALIASES.get(role.lower()), role), "value": text})
+        record = {"id": str(row.get("id", i)), "conversations": conversations}
+        if image:
+            try:
+                record["image"] = _image_path(image)
+            except ValueError as exc:
+                raise ConvertError(f"{where}: {exc}") from None
+            tags = sum(c["value"].count("<image>") for c in conversations)
+            if tags == 0:  # ShareGPT-4o keeps the image beside the text: put the tag where LLaVA expects it
+                first = next(c for c in conversations if c["from"] == "human")
+                first["value"] = "<image>\n" + first["value"]
+        out.append(record)
+    return out
+
+
+def convert(kind: str, source: str | Path, out: str | Path, **options) -> int:
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise ConvertError(f"{source}: file not found")
+    records = from_captions(source, **options) if kind == "captions" else from_conversations(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    return len(records)

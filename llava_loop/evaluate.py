@@ -1,0 +1,98 @@
+"""Evaluation: held-out loss, and generated answers scored against the references.
+
+* ``eval_loss``: summed label-only cross-entropy / supervised tokens (the loop's in-training number);
+* ``exact_match`` and ``token_f1`` of the first answer generated for each record's first prompt;
+* for the synthetic shapes data, accuracy per attribute (colour, shape, position).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .data.collate import Collator
+from .data.dataset import LlavaDataset
+from .data.encode import SampleEncoder
+from .data.records import Records
+from .data.synth import ATTRIBUTES, parse_caption
+from .losses import label_only_ce, supervised_positions
+
+
+@torch.no_grad()
+def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int]:
+    """(summed loss, supervised tokens) over a loader; the caller divides (after reducing across processes)."""
+    loss_sum, tokens = 0.0, 0
+    for batch in loader:
+        if device is not None:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss_sum += float(loss_fn(model, batch)["loss"])
+        tokens += supervised_positions(batch["labels"])[1].numel()
+    return loss_sum, tokens
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = words(prediction), words(reference)
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not overlap:
+        return float(pred == ref)
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_exchange(record) -> tuple[str, str]:
+    prompt = next(text for role, text in record.turns if role == "user")
+    answer = next(text for role, text in record.turns if role == "assistant")
+    return prompt, answer.strip()
+
+
+def score(predictions: list[dict]) -> dict:
+    """Exact match, token F1 and (when every reference is a shapes caption) per-attribute accuracy."""
+    n = max(len(predictions), 1)
+    metrics = {
+        "n": len(predictions),
+        "exact_match": sum(p["exact"] for p in predictions) / n,
+        "token_f1": sum(token_f1(p["prediction"], p["reference"]) for p in predictions) / n,
+    }
+    parsed = [(parse_caption(p["reference"]), parse_caption(p["prediction"])) for p in predictions]
+    if predictions and all(all(ref.values()) for ref, _ in parsed):
+        for attr in ATTRIBUTES:
+            metrics[f"{attr}_accuracy"] = sum(ref[attr] == pred[attr] for ref, pred in parsed) / n
+    return metrics
+
+
+def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: str | Path, *, batch_size: int = 16,
+                   max_new_tokens: int = 32, max_samples: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
+    """Held-out loss plus generation metrics; returns ``(metrics, predictions)``."""
+    from .infer import caption
+
+    if max_samples:
+        records = records.subset(range(min(max_samples, len(records))))
+    dataset = LlavaDataset(records, encoder, image_dir)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoder.tokenizer.pad_token_id))
+    device = next(model.parameters()).device
+    loss_sum, tokens = heldout_loss_sums(model, loader, device=device)
+
+    items = [records[i] for i in range(len(records))]
+    with_images = [r for r in items if r.image]
+    prompts, references = zip(*(first_exchange(r) for r in with_images)) if with_images else ((), ())
+    answers = caption(model, encoder, [Path(image_dir) / r.image for r in with_images], list(prompts),
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    predictions = [
+        {"id": r.id, "image": r.image, "prompt": p, "reference": ref, "prediction": ans,
+         "exact": normalize(ans) == normalize(ref)}
+        for r, p, ref, ans in zip(with_images, prompts, references, answers)
+    ]
+    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, **score(predictions)}
+    return metrics, predictions

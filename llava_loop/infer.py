@@ -1,0 +1,107 @@
+"""Generation: caption images with a trained model, laid out exactly as in training.
+
+Works with an exported model directory, a base model plus a PEFT adapter, or a training checkpoint
+folder. Decoding is greedy unless a temperature is given, and stops at the end-of-turn token.
+
+    from llava_loop.infer import load_for_inference, caption
+    model, processor, encoder = load_for_inference("runs/export")
+    caption(model, encoder, ["a.jpg", pil_image], "Describe the image briefly.")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .data.encode import SampleEncoder
+from .data.images import load_image, to_rgb
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, image_aspect_ratio: str | None = None,
+                       system_prompt: str | None = None):
+    """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint."""
+    from .checkpoint import COMPLETE, STATE
+    from .runtime import load_model
+
+    path = Path(model)
+    settings = {"image_aspect_ratio": "resize", "system_prompt": ""}
+    if (path / COMPLETE).is_file() and (path / STATE).is_file():
+        from .export import load_trained
+
+        if adapter:
+            raise UserError("--adapter goes with a base model directory, not with a training checkpoint")
+        net, processor, cfg, _ = load_trained(path)
+        if cfg.canonical_mode == "lora":
+            net = net.merge_and_unload()
+        settings.update(image_aspect_ratio=cfg.data.image_aspect_ratio, system_prompt=cfg.data.system_prompt)
+    else:
+        net, processor = load_model(path)
+        info = path / "llava_loop_export.json"
+        if info.is_file():
+            settings.update({k: v for k, v in json.loads(info.read_text()).items() if k in settings})
+        if adapter:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, str(adapter))
+    settings.update({k: v for k, v in (("image_aspect_ratio", image_aspect_ratio), ("system_prompt", system_prompt))
+                     if v is not None})
+    encoder = SampleEncoder(processor, max_length=1 << 30, **settings)
+    return net.eval(), processor, encoder
+
+
+def _as_image(image, max_pixels: int) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    return load_image(Path(image), max_pixels)
+
+
+@torch.no_grad()
+def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[str], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[str]:
+    """One batch: left-padded prompts (one, or one per image) with images -> decoded answers."""
+    tokenizer = encoder.tokenizer
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
+    sequences = [encoder.prompt_ids(p, with_image=True) for p in prompts]
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):  # left padding, so every prompt ends where generation starts
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    pixels = torch.stack([encoder.pixel_values(_as_image(img, encoder.max_image_pixels)) for img in images])
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        pixel_values=pixels.to(device, dtype=next(model.parameters()).dtype),
+        max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling,
+    )
+    return [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+def caption(model, encoder: SampleEncoder, images: list, prompt: str, *, batch_size: int = 16, progress: bool = False,
+            **generate_kwargs) -> list[str]:
+    """Caption many images in batches (the Python API behind ``llava-loop infer --images-dir``)."""
+    chunks = range(0, len(images), batch_size)
+    if progress:
+        from rich.progress import track
+
+        chunks = track(chunks, description=f"captioning {len(images)} images")
+    answers = []
+    for start in chunks:
+        prompts = prompt if isinstance(prompt, str) else prompt[start : start + batch_size]
+        answers += generate(model, encoder, images[start : start + batch_size], prompts, **generate_kwargs)
+    return answers
+
+
+def images_in(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images-dir {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
