@@ -33,7 +33,7 @@ class TinySpec:
     """Sizes of the tiny towers; the defaults are what the demo and the tests use."""
 
     image_size: int = 64
-    patch_size: int = 16
+    patch_size: int = 8
     vision_hidden: int = 64
     vision_layers: int = 3
     vision_heads: int = 4

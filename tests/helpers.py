@@ -24,7 +24,7 @@ def write_config(path: Path, *, model: Path, data: dict, output_dir: Path, **sec
         "output_dir": str(output_dir),
         "model": {"path": str(model)},
         "data": {"path": str(data["train"]), "image_dir": str(data["train_images"]), "eval_path": str(data["val"]),
-                 "eval_image_dir": str(data["val_images"]), "num_workers": 0, "max_length": 128},
+                 "eval_image_dir": str(data["val_images"]), "num_workers": 0, "max_length": 256},
         "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0,
                   "seed": 1},
         "checkpoint": {"every": 0, "keep_last": 0},

@@ -116,7 +116,7 @@ def test_tiny_model_loads_with_plain_transformers(tiny_model_dir):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["finite"] and not result["imported_llava_loop"]
     assert result["processor"] == "LlavaProcessor"
-    assert result["n_image_tokens"] == result["n_features"] == 16  # (64 / 16) ** 2
+    assert result["n_image_tokens"] == result["n_features"] == 64  # (64 / 8) ** 2
     assert result["im_end"] in result["eos"]
     assert result["pad"] == result["endoftext"]
 

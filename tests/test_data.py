@@ -96,8 +96,8 @@ def test_image_block_expands_to_placeholders_and_is_unsupervised(tiny_processor)
     ids, labels = encoder.encode_text(MULTI_TURN)
     image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
     positions = [i for i, t in enumerate(ids) if t == image_id]
-    assert len(positions) == encoder.n_image_tokens == 16
-    assert positions == list(range(positions[0], positions[0] + 16))  # one contiguous block
+    assert len(positions) == encoder.n_image_tokens == 64  # (64 px / 8 px patches) ** 2
+    assert positions == list(range(positions[0], positions[0] + 64))  # one contiguous block
     assert all(labels[i] == IGNORE_INDEX for i in positions)
 
 
@@ -119,7 +119,7 @@ def test_truncation_drops_later_turns_whole_and_never_splits_the_image_block(tin
             assert skip.reason == "too_long"
             continue
         assert len(ids) <= max_length
-        assert ids.count(image_id) == 16  # the block is whole or the sample is skipped
+        assert ids.count(image_id) == 64  # the block is whole or the sample is skipped
         runs = supervised_runs(ids, labels)
         assert [tiny_processor.tokenizer.decode(r) for r in runs] == [a + "<|im_end|>" for a in answers(MULTI_TURN)[: len(runs)]]
         assert ids == full[0][: len(ids)]  # a prefix cut at a turn boundary
@@ -129,7 +129,7 @@ def test_truncation_drops_later_turns_whole_and_never_splits_the_image_block(tin
 
 def test_sample_whose_first_answer_does_not_fit_is_too_long(tiny_processor):
     with pytest.raises(SkipSample) as info:
-        SampleEncoder(tiny_processor, max_length=20).encode_text(MULTI_TURN)
+        SampleEncoder(tiny_processor, max_length=80).encode_text(MULTI_TURN)
     assert info.value.reason == "too_long"
 
 
@@ -230,7 +230,7 @@ def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_proce
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
     good = [Record(f"good{i}", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
     records = Records.from_records(good[:3] + [_bad_case(case, tmp_path)] + good[3:])
-    encoder = SampleEncoder(tiny_processor, max_length=128, max_image_pixels=1_000_000)
+    encoder = SampleEncoder(tiny_processor, max_length=160, max_image_pixels=1_000_000)
     dataset = LlavaDataset(records, encoder, tmp_path, seed=0)
     loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(tiny_processor.tokenizer.pad_token_id))
     batches = list(loader)
