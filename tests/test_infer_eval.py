@@ -1,0 +1,98 @@
+"""Inference and evaluation on exported models, base + adapter and checkpoints; the stop at <|im_end|>."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import helpers
+from llava_loop.checkpoint import complete_checkpoints
+
+PROMPT = "Describe the image briefly."
+
+
+def _cli(*args):
+    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", *args], capture_output=True, text=True, env=helpers.env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, shapes_data):
+    """A full-mode and a LoRA run (long enough to learn to end answers), each exported."""
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for mode, lr in (("full", 2e-3), ("lora", 5e-3)):
+        config = helpers.write_config(root / f"{mode}.yaml", model=tiny_model_dir, data=shapes_data, output_dir=root / mode,
+                                      mode=mode, train={"max_steps": 60, "micro_batch_size": 8, "lr": lr, "warmup_ratio": 0.1},
+                                      lora={"r": 8, "alpha": 16, "dropout": 0.0})
+        helpers.launch(config)
+        checkpoint = complete_checkpoints(root / mode)[-1]
+        _cli("export", "--checkpoint", str(checkpoint), "--out", str(root / f"{mode}-export"))
+        runs[mode] = {"checkpoint": checkpoint, "export": root / f"{mode}-export", "output_dir": root / mode,
+                      "in_loop_eval": helpers.metrics(root / mode, "eval")[-1]["eval_loss"]}
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["export", "base+adapter", "checkpoint"])
+def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, shapes_data, tmp_path):
+    mode = "full" if how == "export" else "lora"
+    run = trained[mode]
+    model_args = {"export": ["--model", str(run["export"])],
+                  "base+adapter": ["--model", str(tiny_model_dir), "--adapter", str(trained["lora"]["export"] / "adapter")],
+                  "checkpoint": ["--model", str(run["checkpoint"])]}[how]
+    out = tmp_path / "results.json"
+    printed = _cli("eval", *model_args, "--data", str(shapes_data["val"]), "--image-dir", str(shapes_data["val_images"]),
+                   "--out", str(out)).stdout
+    results = json.loads(out.read_text())
+    metrics = results["metrics"]
+    assert metrics["eval_loss"] == pytest.approx(run["in_loop_eval"], rel=1e-5)  # same images, same number
+    assert metrics["n"] == 32 and len(results["predictions"]) == 32
+    for key in ("exact_match", "token_f1", "color_accuracy", "shape_accuracy", "position_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0 and key in printed
+    # infer on one of those images agrees with eval's generation for it
+    first = results["predictions"][0]
+    single = _cli("infer", *model_args, "--image", str(shapes_data["val_images"] / first["image"]),
+                  "--prompt", first["prompt"]).stdout.strip()
+    assert single.splitlines()[-1].strip() == first["prediction"]
+
+
+@pytest.mark.slow
+def test_caption_a_folder_and_the_python_api_agree(trained, shapes_data, tmp_path):
+    from llava_loop.infer import caption, images_in, load_for_inference
+
+    out = tmp_path / "captions.jsonl"
+    _cli("infer", "--model", str(trained["full"]["export"]), "--images-dir", str(shapes_data["val_images"]),
+         "--out", str(out), "--prompt", PROMPT, "--batch-size", "5")
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    files = images_in(shapes_data["val_images"])
+    assert [line["image"] for line in lines] == [f.name for f in files]
+    model, _, encoder = load_for_inference(trained["full"]["export"])
+    assert [line["caption"] for line in lines] == caption(model, encoder, files, PROMPT, batch_size=7)
+
+
+@pytest.mark.slow
+def test_generation_stops_at_im_end_and_hides_special_tokens(trained, shapes_data):
+    from llava_loop.infer import load_for_inference
+
+    model, processor, encoder = load_for_inference(trained["full"]["export"])
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in model.generation_config.eos_token_id
+    ids = torch.tensor([encoder.prompt_ids(PROMPT)])
+    image = next(iter(sorted(shapes_data["val_images"].iterdir())))
+    from llava_loop.data.images import load_image
+
+    pixels = encoder.pixel_values(load_image(image, encoder.max_image_pixels))[None]
+    with torch.no_grad():
+        stopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40)[0, ids.shape[1]:]
+        unstopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40, eos_token_id=None)[0, ids.shape[1]:]
+    assert stopped[-1] == im_end and len(stopped) < 40  # ended its turn
+    assert len(unstopped) == 40  # negative control: without the stop token it talks on
+    assert torch.equal(unstopped[: len(stopped)], stopped)
+    text = processor.tokenizer.decode(stopped, skip_special_tokens=True)
+    assert "<|im_end|>" not in text and text.strip()
