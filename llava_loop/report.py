@@ -30,40 +30,45 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def draw_curves(train, evals, width: int, height: int, title: str) -> Image.Image:
+    """Loss against step on a log scale (the interesting part of a converging run spans decades)."""
+    import math
+
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font, small = _font(18), _font(13)
     left, right, top, bottom = 70, width - 20, 40, height - 45
     draw.text((left, 8), title, fill="black", font=font)
-    points = train + evals
+    points = [(s, v) for s, v in train + evals if v == v and v > 0]
     if not points:
         return image
     max_step = max(s for s, _ in points) or 1
-    low, high = 0.0, max(v for _, v in points if v == v) * 1.05
+    low = math.floor(math.log10(min(v for _, v in points)))
+    high = math.ceil(math.log10(max(v for _, v in points)))
+    high = max(high, low + 1)
 
     def xy(step, value):
-        return (left + (right - left) * step / max_step, bottom - (bottom - top) * (value - low) / (high - low or 1))
+        fraction = (math.log10(max(value, 10.0**low)) - low) / (high - low)
+        return left + (right - left) * step / max_step, bottom - (bottom - top) * fraction
 
     draw.rectangle([left, top, right, bottom], outline=GREY)
-    for i in range(6):  # y ticks
-        value = low + (high - low) * i / 5
-        y = xy(0, value)[1]
-        draw.line([left - 4, y, left, y], fill=GREY)
-        draw.text((8, y - 8), f"{value:.2f}", fill=GREY, font=small)
+    for exponent in range(low, high + 1):  # y ticks at powers of ten
+        y = xy(0, 10.0**exponent)[1]
+        draw.line([left - 4, y, right, y], fill=(235, 235, 235))
+        draw.text((8, y - 8), f"{10.0**exponent:g}", fill=GREY, font=small)
     for i in range(6):  # x ticks
         step = max_step * i / 5
-        x = xy(step, low)[0]
+        x = xy(step, 10.0**low)[0]
         draw.line([x, bottom, x, bottom + 4], fill=GREY)
         draw.text((x - 12, bottom + 6), f"{int(step)}", fill=GREY, font=small)
-    draw.text(((left + right) // 2 - 30, bottom + 24), "optimizer step", fill="black", font=small)
+    draw.text(((left + right) // 2 - 60, bottom + 24), "optimizer step (loss on a log scale)", fill="black", font=small)
+    train = [(s, v) for s, v in train if v == v and v > 0]
     if len(train) > 1:
-        draw.line([xy(s, v) for s, v in train if v == v], fill=BLUE, width=2)
-    if evals:
-        if len(evals) > 1:
-            draw.line([xy(s, v) for s, v in evals], fill=ORANGE, width=3)
-        for s, v in evals:
-            x, y = xy(s, v)
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=ORANGE)
+        draw.line([xy(s, v) for s, v in train], fill=BLUE, width=2)
+    if len(evals) > 1:
+        draw.line([xy(s, v) for s, v in evals], fill=ORANGE, width=3)
+    for s, v in evals:
+        x, y = xy(s, v)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=ORANGE)
     draw.line([right - 170, top + 14, right - 140, top + 14], fill=BLUE, width=2)
     draw.text((right - 134, top + 6), "train loss", fill="black", font=small)
     draw.line([right - 170, top + 34, right - 140, top + 34], fill=ORANGE, width=3)
@@ -71,21 +76,37 @@ def draw_curves(train, evals, width: int, height: int, title: str) -> Image.Imag
     return image
 
 
-def draw_grid(predictions: list[dict], image_dir: Path, columns: int = 4, tile: int = 200) -> Image.Image:
+def _fit(draw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to ``width`` pixels."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    return lines + [line]
+
+
+def draw_grid(predictions: list[dict], image_dir: Path, columns: int = 4, tile: int = 250) -> Image.Image:
     font = _font(13)
+    picture, caption_h = 176, 112
     rows = (len(predictions) + columns - 1) // columns
-    caption_h = 62
-    grid = Image.new("RGB", (columns * tile, rows * (tile + caption_h)), "white")
+    grid = Image.new("RGB", (columns * tile, rows * (picture + caption_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i, p in enumerate(predictions):
-        x, y = (i % columns) * tile, (i // columns) * (tile + caption_h)
-        with Image.open(image_dir / p["image"]) as im:
-            grid.paste(im.convert("RGB").resize((tile - 8, tile - 8), Image.NEAREST), (x + 4, y + 4))
+        x, y = (i % columns) * tile, (i // columns) * (picture + caption_h)
         ok = p["exact"]
-        draw.rectangle([x + 2, y + 2, x + tile - 3, y + tile - 3], outline=GREEN if ok else RED, width=3)
-        draw.text((x + 6, y + tile + 2), f"ref:  {p['reference']}", fill="black", font=font)
-        draw.text((x + 6, y + tile + 20), f"pred: {p['prediction']}", fill=GREEN if ok else RED, font=font)
-        draw.text((x + 6, y + tile + 38), "correct" if ok else "wrong", fill=GREEN if ok else RED, font=font)
+        colour = GREEN if ok else RED
+        with Image.open(image_dir / p["image"]) as im:
+            grid.paste(im.convert("RGB").resize((picture - 8, picture - 8), Image.NEAREST), (x + (tile - picture) // 2 + 4, y + 4))
+        draw.rectangle([x + (tile - picture) // 2 + 1, y + 1, x + (tile + picture) // 2 - 2, y + picture - 2], outline=colour, width=3)
+        lines = [(f"{'ref:' if j == 0 else '    '} {line}", "black") for j, line in enumerate(_fit(draw, p["reference"], font, tile - 50))]
+        lines += [(f"{'pred:' if j == 0 else '     '} {line}", colour) for j, line in enumerate(_fit(draw, p["prediction"], font, tile - 50))]
+        lines.append(("correct" if ok else "wrong", colour))
+        for j, (text, fill) in enumerate(lines[:6]):
+            draw.text((x + 8, y + picture + 2 + 17 * j), text, fill=fill, font=font)
     return grid
 
 

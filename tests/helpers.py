@@ -72,6 +72,26 @@ def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300
     return out
 
 
+def launch_two_nodes(config: Path, *overrides: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Two ``accelerate launch`` invocations (machine_rank 0 and 1, one process each) on loopback: a 2-node run."""
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               str(ROOT / "train.py"), "--config", str(config), *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    for out in results:
+        if out.returncode != 0:
+            raise AssertionError(f"node failed ({out.returncode}):\n{out.stderr[-6000:]}")
+    return results
+
+
 def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["kind"] == kind]

@@ -306,3 +306,21 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
     mean_of_means = torch.cat([params[n].grad.double().flatten() for n in grads["1x4x1"]["names"]])
     reference_grad = grads["1x4x1"]["flat"]
     assert torch.linalg.norm(mean_of_means - reference_grad) / torch.linalg.norm(reference_grad) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model_dir, shapes_data):
+    """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""
+    runs = {}
+    for name in ("two-nodes", "one-node"):
+        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
+                                      output_dir=tmp_path / name, train={"micro_batch_size": 2, "max_steps": 3})
+        if name == "two-nodes":
+            node0, _ = helpers.launch_two_nodes(config)
+            assert "x processes 2 " in node0.stderr and "DeepSpeed ZeRO-2" in node0.stderr
+        else:
+            helpers.launch(config, processes=2)
+        runs[name] = [m["loss"] for m in helpers.metrics(tmp_path / name)]
+    assert len(runs["two-nodes"]) == 3
+    assert runs["two-nodes"] == pytest.approx(runs["one-node"], rel=1e-6)
+    assert (tmp_path / "two-nodes" / "checkpoints" / "step-000003" / "COMPLETE").is_file()
