@@ -22,8 +22,8 @@ def cmd_build(args) -> int:
     from .build import build_llava
     from .tiny import build_tiny
 
-    if args.preset == "tiny":
-        _, _, report = build_tiny(args.out)
+    if args.preset:
+        _, _, report = build_tiny(args.out, args.preset)
     else:
         if not (args.vision and args.llm):
             raise SystemExit("build: pass --vision DIR and --llm DIR, or --preset tiny")
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="compose a LLaVA model from a CLIP tower and a Qwen2.5 LLM")
     p.add_argument("--vision", help="CLIP checkpoint directory (CLIPModel or CLIPVisionModel) or hub id")
     p.add_argument("--llm", help="Qwen2/Qwen2.5 causal-LM directory with tokenizer, or hub id")
-    p.add_argument("--preset", choices=["tiny"], help="make tiny towers offline and compose them")
+    p.add_argument("--preset", choices=["tiny", "bench_small"], help="make tiny towers offline and compose them")
     p.add_argument("--out", required=True, help="output directory (model + processor)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype of the composed model (auto: the LLM's)")

@@ -37,7 +37,8 @@ def opt(default: Any, help: str, **kwargs):
 @dataclass
 class ModelConfig:
     path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
-    build_tiny_if_missing: bool = opt(False, "Demo convenience: build the tiny towers into `path` when it does not exist.")
+    tiny_preset: Literal["", "tiny", "bench_small"] = opt(
+        "", "Demo/benchmark convenience: build tiny towers of this preset into `path` when it does not exist.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel passed to from_pretrained.")
 
 

@@ -135,7 +135,7 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _fit(self) -> TrainState:
-        self.started = time.monotonic()
+        self.started = self.last_step_end = time.monotonic()
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
             self.evaluate()  # the starting point of the eval curve
@@ -149,6 +149,7 @@ class Trainer:
             stop = self.stop_agreed()
             if self.due(self.cfg.checkpoint.every) or stop:
                 last_saved = self.save()
+            self.last_step_end = time.monotonic()  # eval and save time are not the next step's
             if stop or step >= self.total_steps:
                 break
         if not self.stopped:
@@ -160,7 +161,7 @@ class Trainer:
         return self.state
 
     def train_step(self, window: list[dict]) -> dict:
-        acc, t0 = self.accelerator, time.perf_counter()
+        acc = self.accelerator
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}  # this step's rates
         stats = self.global_window_stats(window)
         scale = self.cfg.train.grad_accum * acc.num_processes / max(stats["label_tokens"], 1)
@@ -174,7 +175,9 @@ class Trainer:
                 if acc.sync_gradients:
                     grad_norm, stepped = self.optimizer_step()
         self.account(window, stats, stepped)
-        metrics = self.step_metrics(terms, stats, lrs, grad_norm, stepped, time.perf_counter() - t0)
+        now = time.monotonic()  # step time includes waiting for data: throughput as the user sees it
+        metrics = self.step_metrics(terms, stats, lrs, grad_norm, stepped, now - self.last_step_end)
+        self.last_step_end = now
         if self.cfg.train.log_sample_ids:
             from accelerate.utils import gather_object
 

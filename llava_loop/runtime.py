@@ -98,12 +98,17 @@ def ensure_demo_inputs(cfg: Config) -> None:
     from .data.synth import write_shapes
     from .tiny import build_tiny
 
-    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.path) / "config.json").is_file():
-        build_tiny(cfg.model.path)
+    if cfg.model.tiny_preset and not (Path(cfg.model.path) / "config.json").is_file():
+        build_tiny(cfg.model.path, cfg.model.tiny_preset)
     n = cfg.data.synth_if_missing
-    if n and not Path(cfg.data.path).is_file():
+    if not n:
+        return
+    from transformers import AutoConfig
+
+    size = AutoConfig.from_pretrained(cfg.model.path).vision_config.image_size  # images at the tower's resolution
+    if not Path(cfg.data.path).is_file():
         path = Path(cfg.data.path)
-        write_shapes(path.parent, n, seed=cfg.train.seed, size=64, prefix="train", json_name=path.name)
-    if n and cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
+        write_shapes(path.parent, n, seed=cfg.train.seed, size=size, prefix="train", json_name=path.name)
+    if cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
         path = Path(cfg.data.eval_path)
-        write_shapes(path.parent, max(n // 10, 32), seed=cfg.train.seed + 1, size=64, prefix="val", json_name=path.name)
+        write_shapes(path.parent, max(n // 10, 32), seed=cfg.train.seed + 1, size=size, prefix="val", json_name=path.name)

@@ -42,7 +42,7 @@ class TinySpec:
     text_heads: int = 4
     text_kv_heads: int = 2
     tokenizer_vocab: int = 400
-    spare_embedding_rows: bool = True  # Qwen2.5 has spare rows; False exercises the resize path
+    embedding_rows: int = 0  # 0: the tokenizer's size rounded up to 64 (spare rows, like Qwen2.5's 151,936)
     tie_word_embeddings: bool = True
     dropout: float = 0.0  # attention dropout in both towers (resume tests need dropout > 0)
     seed: int = 0
@@ -109,9 +109,7 @@ def save_tiny_qwen(out: Path, spec: TinySpec) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = train_tiny_tokenizer(spec.tokenizer_vocab)
-    rows = len(tokenizer)
-    if spec.spare_embedding_rows:
-        rows = (rows // 64 + 1) * 64  # room for <image> without resizing, like Qwen2.5's 151,936 rows
+    rows = spec.embedding_rows or (len(tokenizer) // 64 + 1) * 64  # room for <image> without resizing
     torch.manual_seed(spec.seed + 1)
     config = Qwen2Config(
         vocab_size=rows,
@@ -132,6 +130,16 @@ def save_tiny_qwen(out: Path, spec: TinySpec) -> Path:
     return out
 
 
+PRESETS = {
+    # the demo and the tests: 64 px images in 8 px patches (64 image tokens), a 2-layer Qwen2
+    "tiny": TinySpec(),
+    # benchmarks at real sequence geometry: 336 px / 14 px patches = 576 image tokens, and Qwen2.5's
+    # 151,936-row vocabulary, with towers small enough for a 2-core CPU
+    "bench_small": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=128,
+                            text_layers=2, embedding_rows=151_936),
+}
+
+
 def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tuple[Path, Path]:
     towers_dir = Path(towers_dir)
     vision = save_tiny_clip(towers_dir / "clip-vision", spec)
@@ -140,10 +148,11 @@ def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tup
     return vision, llm
 
 
-def build_tiny(out: str | Path, spec: TinySpec = TinySpec(), towers_dir: str | Path | None = None):
+def build_tiny(out: str | Path, spec: TinySpec | str = "tiny", towers_dir: str | Path | None = None):
     """Tiny towers next to ``out`` (``<out>-towers/``), composed into ``out``. Returns build_llava's result."""
     from .build import build_llava
 
+    spec = PRESETS[spec] if isinstance(spec, str) else spec
     out = Path(out)
     towers_dir = Path(towers_dir) if towers_dir else out.parent / f"{out.name}-towers"
     vision, llm = make_tiny_towers(towers_dir, spec)

@@ -104,7 +104,9 @@ def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) 
     human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
     conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": caption(color, shape, position)}]
     attrs = {"color": color, "shape": shape, "position": position}
-    for question in rng.sample(list(FOLLOW_UPS), k=rng.randint(0, max_turns - 1)):
+    k = rng.randint(0, max_turns - 1)
+    questions = rng.sample(list(FOLLOW_UPS), k=k) if k <= len(FOLLOW_UPS) else [rng.choice(list(FOLLOW_UPS)) for _ in range(k)]
+    for question in questions:
         conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": f"{attrs[FOLLOW_UPS[question]]} ."}]
     name = f"{prefix}_{index:06d}"
     return {"id": name, "image": f"{name}.jpg", "conversations": conversations}, (color, shape, position)
