@@ -22,8 +22,7 @@ from accelerate.utils import set_seed
 
 from . import checkpoint
 from .config import Config
-from .data.collate import padding_fraction
-from .data.loader import make_datasets, make_eval_loader, make_train_loader
+from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
 from .data.skips import SkipTally
 from .errors import UserError
 from .evaluate import heldout_loss_sums
@@ -77,12 +76,13 @@ class Trainer:
                 (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
         self.say(f"[bold]config[/bold]\n{cfg.to_yaml()}")
 
+        records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
         model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
         self.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
 
-        self.train_set, self.eval_set = make_datasets(cfg, self.processor)
+        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records)
         pad_id = self.processor.tokenizer.pad_token_id
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
         self.eval_loader = None
@@ -203,15 +203,17 @@ class Trainer:
             self.state.step_in_epoch = 0
 
     def global_window_stats(self, window: list[dict]) -> dict:
-        """One all-reduce: supervised tokens, samples, tokens and skip events of the window."""
+        """One all-reduce: supervised tokens, samples, real tokens, padded slots and skip events of the window."""
         local = torch.tensor([
             sum(supervised_positions(b["labels"])[1].numel() for b in window),
             sum(len(b["ids"]) for b in window),
             sum(int(b["attention_mask"].sum()) for b in window),
+            sum(b["attention_mask"].numel() for b in window),
             sum(len(b["skipped"]) for b in window),
         ], dtype=torch.float64, device=self.accelerator.device)
         total = self.accelerator.reduce(local, reduction="sum").tolist()
-        return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]), "skip_events": int(total[3])}
+        return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]),
+                "padded_slots": int(total[3]), "skip_events": int(total[4])}
 
     def connect_to_trainable(self, loss: torch.Tensor) -> torch.Tensor:
         """A batch that reaches no trainable weight (text-only in projector mode) still gives every process
@@ -272,7 +274,8 @@ class Trainer:
             step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
             lr=next(iter(lrs.values())), grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
             samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
-            step_time=seconds, skipped_samples=sum(self.skips.counts.values()),
+            step_time=seconds, pad_fraction=1 - stats["tokens"] / max(stats["padded_slots"], 1),
+            skipped_samples=sum(self.skips.counts.values()), bad_records=len(self.skips.bad_ids),
         )
         metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
         metrics.update({f"skipped/{reason}": count for reason, count in self.skips.counts.items()})

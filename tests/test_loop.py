@@ -17,10 +17,10 @@ from llava_loop.modes import apply_mode, lora_target_regex, param_groups
 from llava_loop.parts import PROJECTOR, VISION, count_params, part_of
 
 
-def _config(tmp_path, tiny_model_dir, shapes_data, name="run", **sections):
+def _config(tmp_path, tiny_model_dir, shapes_data, name="run", data=None, **sections):
     path = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
                                 output_dir=tmp_path / name, **sections)
-    return load_config(path)
+    return load_config(path, [f"data.{k}={v}" for k, v in (data or {}).items()])
 
 
 def _model(tiny_model_dir):
@@ -324,3 +324,52 @@ def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model
     assert len(runs["two-nodes"]) == 3
     assert runs["two-nodes"] == pytest.approx(runs["one-node"], rel=1e-6)
     assert (tmp_path / "two-nodes" / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+
+
+def _data_with_bad_records(tmp_path, shapes_data, n=24):
+    import shutil
+
+    records = json.loads(shapes_data["train"].read_text())[:n]
+    records[5]["image"] = "missing.jpg"
+    records[17]["conversations"][1]["value"] = " "
+    root = tmp_path / "bad-data"
+    shutil.copytree(shapes_data["train_images"], root / "images")
+    (root / "chat.json").write_text(json.dumps(records))
+    return dict(shapes_data, train=root / "chat.json", train_images=root / "images")
+
+
+def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(tmp_path, tiny_model_dir, shapes_data,
+                                                                          fresh_accelerate_state, capsys):
+    from llava_loop.data.skips import TooManySkips
+    from llava_loop.loop import train
+
+    data = _data_with_bad_records(tmp_path, shapes_data)
+    cfg = _config(tmp_path, tiny_model_dir, data, train={"max_steps": 6}, data={"max_skip_fraction": 0.1})
+    train(cfg)  # 24 records, 4 per step: one epoch meets both bad records
+    last = helpers.metrics(cfg.output_dir)[-1]
+    assert last["bad_records"] == 2  # distinct bad records: what the budget counts
+    assert last["skipped/missing_image"] >= 1 and last["skipped/empty_answer"] >= 1  # events (a replacement can retry one)
+    assert all(m["samples_per_s"] > 0 for m in helpers.metrics(cfg.output_dir))
+    err = capsys.readouterr().err
+    assert "skipping bad sample train_000005 (missing_image" in err and "train_000017 (empty_answer" in err
+
+    strict = _config(tmp_path, tiny_model_dir, data, name="strict", train={"max_steps": 6}, data={"max_skip_fraction": 0.05})
+    with pytest.raises(TooManySkips, match=r"2 of 24 records .* were skipped.*max_skip_fraction=0.05"):
+        train(strict)
+
+
+def test_a_broken_data_file_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data, monkeypatch,
+                                                         fresh_accelerate_state):
+    from llava_loop import loop
+    from llava_loop.data.records import RecordError
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}]},\n{"id": "b"}]')
+    cfg = _config(tmp_path, tiny_model_dir, dict(shapes_data, train=broken))
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was validated")
+
+    monkeypatch.setattr(loop, "load_model", must_not_load)
+    with pytest.raises(RecordError, match=r"broken.json: record 1 \(id 'b'\): no 'conversations' list"):
+        loop.Trainer(cfg)

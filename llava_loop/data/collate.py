@@ -29,7 +29,3 @@ class Collator:
         batch["skipped"] = [event for s in samples for event in s["skipped"]]
         return batch
 
-
-def padding_fraction(batch: dict) -> float:
-    mask = batch["attention_mask"]
-    return 1.0 - float(mask.sum()) / mask.numel()

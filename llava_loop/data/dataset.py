@@ -20,9 +20,11 @@ class DataError(UserError):
 
 
 def replacement_index(index: int, attempt: int, size: int, seed: int) -> int:
-    """Where to look after ``attempt`` failures at ``index``: fixed by (seed, index, attempt) alone,
-    so every process, worker and resumed run makes the same choice."""
-    return random.Random(f"{seed}:{index}:{attempt}").randrange(size)
+    """Where to look after ``attempt`` failures at ``index``: any record but ``index`` itself, fixed by
+    (seed, index, attempt) alone, so every process, worker and resumed run makes the same choice."""
+    if size < 2:
+        return index
+    return (index + 1 + random.Random(f"{seed}:{index}:{attempt}").randrange(size - 1)) % size
 
 
 class LlavaDataset(Dataset):
@@ -36,18 +38,20 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        skipped = []
+        skipped, tried = [], set()
         current = index
         for attempt in range(MAX_ATTEMPTS):
-            record = self.records[current]
-            try:
-                sample = self.encoder(record, self.image_dir)
-            except SkipSample as skip:
-                skipped.append((record.id, skip.reason, skip.detail))
-                current = replacement_index(index, attempt, len(self.records), self.seed)
-                continue
-            sample["skipped"] = skipped
-            return sample
+            if current not in tried:  # a record that failed once in this call is not tried (or counted) again
+                tried.add(current)
+                record = self.records[current]
+                try:
+                    sample = self.encoder(record, self.image_dir)
+                except SkipSample as skip:
+                    skipped.append((record.id, skip.reason, skip.detail))
+                else:
+                    sample["skipped"] = skipped
+                    return sample
+            current = replacement_index(index, attempt, len(self.records), self.seed)
         reasons = "; ".join(f"{rid}: {reason} ({detail})" for rid, reason, detail in skipped[-3:])
         raise DataError(
             f"{MAX_ATTEMPTS} records in a row from {self.records.source} could not be used (last: {reasons}); "

@@ -32,9 +32,11 @@ def make_encoder(cfg: Config, processor) -> SampleEncoder:
                          image_aspect_ratio=d.image_aspect_ratio, max_image_pixels=d.max_image_pixels)
 
 
-def make_datasets(cfg: Config, processor) -> tuple[LlavaDataset, LlavaDataset | None]:
+def make_datasets(cfg: Config, processor, records: tuple[Records, Records | None] | None = None
+                  ) -> tuple[LlavaDataset, LlavaDataset | None]:
+    """Datasets over ``records`` (from ``split_records``, read here when not given)."""
     encoder = make_encoder(cfg, processor)
-    train, held = split_records(cfg)
+    train, held = records or split_records(cfg)
     train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
     eval_ds = None
     if held is not None:
