@@ -271,9 +271,10 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
 
 
 def load(trainer, path: Path) -> None:
-    """Restore model, optimizer, scheduler, data position, counters and this process's RNG from ``path``."""
+    """Restore model, optimizer, scheduler, data position, counters and this process's RNG from ``path``
+    (a checkpoint ``find_resume`` has verified)."""
     acc = trainer.accelerator
-    state = verify(path, trainer.cfg.checkpoint.verify)
+    state = json.loads((path / STATE).read_text())
     check_compatible(state, trainer.run_identity(), path)
     rng_file = path / f"rng_state_{acc.process_index}.pt"
     if not rng_file.is_file():

@@ -6,16 +6,7 @@ import argparse
 import sys
 
 
-def _table(title: str, rows, headers=("", "")):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=any(headers))
-    for h in headers:
-        table.add_column(h)
-    for row in rows:
-        table.add_row(*[str(c) for c in row])
-    Console().print(table)
+from .console import print_table as _table
 
 
 def cmd_build(args) -> int:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .config import Config, load_config
+from .console import print_table, say
 from .errors import UserError
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -42,9 +43,6 @@ ROWS = ("exact_match", "color_accuracy", "shape_accuracy", "position_accuracy", 
 
 
 def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
     from .checkpoint import complete_checkpoints
     from .loop import Trainer
     from .report import write_report
@@ -53,32 +51,27 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     cfg = load_config(find_config(config), ["resume=none", *overrides])
     if not cfg.data.eval_path:
         raise UserError("the demo needs a held-out split: set data.eval_path")
-    console = Console(stderr=True)
     out = Path(cfg.output_dir)
     for stale in (out / "checkpoints", out / "metrics.jsonl"):  # a demo run always starts fresh
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    console.print("[bold]1/4[/bold] tiny towers and synthetic shapes (made once, offline)")
+    say("[bold]1/4[/bold] tiny towers and synthetic shapes (made once, offline)")
     ensure_demo_inputs(cfg)
-    console.print("[bold]2/4[/bold] evaluating the untrained model on the held-out split")
+    say("[bold]2/4[/bold] evaluating the untrained model on the held-out split")
     before, _ = evaluate_heldout(Path(cfg.model.path), cfg)
-    console.print("[bold]3/4[/bold] training through the real loop")
+    say("[bold]3/4[/bold] training through the real loop")
     started = time.perf_counter()
     state = Trainer(cfg).fit()
     train_seconds = time.perf_counter() - started
-    console.print("[bold]4/4[/bold] evaluating the trained model on the held-out split")
+    say("[bold]4/4[/bold] evaluating the trained model on the held-out split")
     final = complete_checkpoints(out)[-1]
     after, predictions = evaluate_heldout(final, cfg)
 
-    table = Table(title=f"held-out results ({after['n']} images never seen in training)")
-    for column in ("metric", "untrained", "trained"):
-        table.add_column(column)
-    for key in ROWS:
-        if key in after:
-            table.add_row(key, f"{before.get(key, float('nan')):.3f}", f"{after[key]:.3f}")
-    Console().print(table)
+    print_table(f"held-out results ({after['n']} images never seen in training)",
+                [(key, f"{before.get(key, float('nan')):.3f}", f"{after[key]:.3f}") for key in ROWS if key in after],
+                ("metric", "untrained", "trained"))
     summary = [
         f"trained {state.step} steps ({state.samples_seen} samples) in {train_seconds:.0f} s; "
         f"held-out exact caption match {before['exact_match']:.1%} -> {after['exact_match']:.1%}",
@@ -90,6 +83,6 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     results = {"before": before, "after": after, "train_seconds": train_seconds, "steps": state.step,
                "checkpoint": str(final), "report": str(report)}
     (out / "demo_results.json").write_text(json.dumps({**results, "predictions": predictions}, indent=1))
-    console.print(f"report: {report}\nmodel checkpoint: {final}  (export it with `llava-loop export "
+    say(f"report: {report}\nmodel checkpoint: {final}  (export it with `llava-loop export "
                   f"--checkpoint {final} --out runs/demo-export`)")
     return results

@@ -14,7 +14,7 @@ import math
 import signal
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 
 from . import checkpoint
 from .config import Config
+from .console import print_table, say
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
 from .data.skips import SkipTally
 from .errors import UserError
@@ -30,7 +31,7 @@ from .hooks import make_hooks
 from .importing import resolve
 from .losses import supervised_positions
 from .modes import apply_mode, param_groups, trainable_table
-from .runtime import ensure_demo_inputs, load_model, make_accelerator, uses_deepspeed
+from .runtime import ensure_demo_inputs, load_model, main_process_result, make_accelerator, uses_deepspeed
 
 
 class NonFiniteError(UserError):
@@ -116,7 +117,9 @@ class Trainer:
             f"{acc.num_processes} = {self.global_batch} samples/step; {self.steps_per_epoch} steps/epoch; "
             f"{self.total_steps} steps; {'DeepSpeed ZeRO-' + str(self.zero_stage) if self.deepspeed else acc.distributed_type}"
         )
-        resume_from = checkpoint.find_resume(self.output_dir, cfg.resume, cfg.checkpoint.verify, warn=self.warn)
+        # the main process reads and hashes the checkpoint once; every process gets its verdict
+        resume_from = main_process_result(
+            acc, lambda: checkpoint.find_resume(self.output_dir, cfg.resume, cfg.checkpoint.verify, warn=self.warn))
         if resume_from is not None:
             checkpoint.load(self, resume_from)
             self.say(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
@@ -370,24 +373,14 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
-            from rich.console import Console
-
-            Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+            say(text)
 
     def warn(self, text: str) -> None:
         self.say(f"[yellow]warning:[/yellow] {text}")
 
     def table(self, title: str, headers, rows) -> None:
         if self.accelerator.is_main_process:
-            from rich.console import Console
-            from rich.table import Table
-
-            table = Table(title=title)
-            for h in headers:
-                table.add_column(h)
-            for row in rows:
-                table.add_row(*row)
-            Console(stderr=True).print(table)
+            print_table(title, rows, headers, stderr=True)
 
 
 def train(cfg: Config) -> TrainState:

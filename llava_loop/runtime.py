@@ -69,6 +69,24 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
+def main_process_result(accelerator, fn):
+    """Run ``fn`` on the main process only and return its result everywhere; a UserError it raises is raised
+    on every process (so no process waits forever for one that failed)."""
+    outcome = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [fn(), None]
+        except UserError as exc:
+            outcome = [None, exc]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
 def uses_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
