@@ -373,3 +373,15 @@ def test_a_broken_data_file_fails_before_the_model_loads(tmp_path, tiny_model_di
     monkeypatch.setattr(loop, "load_model", must_not_load)
     with pytest.raises(RecordError, match=r"broken.json: record 1 \(id 'b'\): no 'conversations' list"):
         loop.Trainer(cfg)
+
+
+def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):
+    from llava_loop.data.loader import split_records
+
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, data={"eval_path": ""}, eval={"holdout": 8})
+    train, held = split_records(cfg)
+    train_ids = {train[i].id for i in range(len(train))}
+    held_ids = {held[i].id for i in range(len(held))}
+    assert (len(train_ids), len(held_ids)) == (88, 8) and not train_ids & held_ids
+    again_train, again_held = split_records(cfg)
+    assert {again_held[i].id for i in range(len(again_held))} == held_ids
