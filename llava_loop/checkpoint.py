@@ -85,6 +85,12 @@ def scan_pickle(path: Path) -> None:
         )
 
 
+def scan_pickles(root: Path) -> None:
+    """``scan_pickle`` every pickle-based file (.pt, .bin, .pkl) under ``root``."""
+    for file in sorted(root.rglob("*.pt")) + sorted(root.rglob("*.bin")) + sorted(root.rglob("*.pkl")):
+        scan_pickle(file)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -279,8 +285,7 @@ def load(trainer, path: Path) -> None:
     rng_file = path / f"rng_state_{acc.process_index}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
-    for file in sorted(path.rglob("*.pt")) + sorted(path.rglob("*.bin")) + sorted(path.rglob("*.pkl")):
-        scan_pickle(file)  # before Accelerate or DeepSpeed unpickles anything
+    scan_pickles(path)  # before Accelerate or DeepSpeed unpickles anything
     if trainer.deepspeed:
         acc.load_state(str(path), load_module_strict=False)
     else:

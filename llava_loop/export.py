@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .build import save_model_dir
-from .checkpoint import CheckpointError, scan_pickle, verify
+from .checkpoint import CheckpointError, scan_pickles, verify
 from .config import load_config
 from .modes import apply_mode
 from .runtime import load_model
@@ -25,8 +25,7 @@ def trained_tensors(checkpoint_dir: Path, deepspeed: bool) -> dict[str, torch.Te
     if deepspeed:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        for file in sorted(checkpoint_dir.rglob("*.pt")):
-            scan_pickle(file)  # zero_to_fp32 unpickles without weights_only
+        scan_pickles(checkpoint_dir)  # zero_to_fp32 unpickles without weights_only
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="pytorch_model"))
     from safetensors.torch import load_file
 

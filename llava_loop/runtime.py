@@ -124,9 +124,8 @@ def ensure_demo_inputs(cfg: Config) -> None:
     from transformers import AutoConfig
 
     size = AutoConfig.from_pretrained(cfg.model.path).vision_config.image_size  # images at the tower's resolution
-    if not Path(cfg.data.path).is_file():
-        path = Path(cfg.data.path)
-        write_shapes(path.parent, n, seed=cfg.train.seed, size=size, prefix="train", json_name=path.name)
-    if cfg.data.eval_path and not Path(cfg.data.eval_path).is_file():
-        path = Path(cfg.data.eval_path)
-        write_shapes(path.parent, max(n // 10, 32), seed=cfg.train.seed + 1, size=size, prefix="val", json_name=path.name)
+    splits = [(cfg.data.path, n, cfg.train.seed, "train"), (cfg.data.eval_path, max(n // 10, 32), cfg.train.seed + 1, "val")]
+    for json_path, count, seed, prefix in splits:
+        path = Path(json_path)
+        if json_path and not path.is_file():
+            write_shapes(path.parent, count, seed=seed, size=size, prefix=prefix, json_name=path.name)
