@@ -55,11 +55,11 @@ def main() -> None:
     from llava_loop.data.encode import SampleEncoder
     from llava_loop.data.records import load_records
     from llava_loop.data.sampler import EpochSampler
-    from llava_loop.data.synth import write_shapes
-    from llava_loop.runtime import ensure_demo_inputs
+    from llava_loop.demo.shapes import write_shapes
+    from llava_loop.loop import run_setup
 
     cfg = load_config(common.ROOT / args.config)
-    ensure_demo_inputs(cfg)
+    run_setup(cfg)
     processor = AutoProcessor.from_pretrained(cfg.model.path)
     size = processor.image_processor.crop_size["height"]
     rows = []

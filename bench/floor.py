@@ -25,14 +25,15 @@ def main() -> None:
     from llava_loop.data.loader import make_datasets
     from llava_loop.losses import label_only_ce, supervised_positions
     from llava_loop.modes import apply_mode
-    from llava_loop.runtime import ensure_demo_inputs, load_model
+    from llava_loop.loop import run_setup
+    from llava_loop.runtime import load_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench_small.yaml")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     cfg = load_config(args.config)
-    ensure_demo_inputs(cfg)
+    run_setup(cfg)
     torch.manual_seed(cfg.train.seed)
     model, processor = load_model(cfg.model.path)
     model = apply_mode(model, cfg.canonical_mode, cfg.lora).train()

@@ -50,7 +50,7 @@ def build_random_model(out: Path, smoke: bool) -> None:
 
     from llava_loop.build import (add_image_token, compose_config, load_image_processor, make_generation_config,
                                   make_processor, pad_token_id_of, save_model_dir)
-    from llava_loop.tiny import train_tiny_tokenizer
+    from llava_loop.demo.tiny import train_tiny_tokenizer
 
     vision, text = model_configs(smoke)
     tokenizer = train_tiny_tokenizer()
@@ -148,7 +148,7 @@ def main() -> None:
     sys.path.insert(0, str(common.ROOT))
     import torch
 
-    from llava_loop.data.synth import write_shapes
+    from llava_loop.demo.shapes import write_shapes
 
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no GPU here; use --smoke to check the script on CPU")

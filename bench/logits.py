@@ -61,9 +61,9 @@ def main() -> None:
         return variant(args.config, args.variant, args.micro_batch, args.repeats)
     sys.path.insert(0, str(common.ROOT))
     from llava_loop.config import load_config
-    from llava_loop.runtime import ensure_demo_inputs
+    from llava_loop.loop import run_setup
 
-    ensure_demo_inputs(load_config(common.ROOT / args.config))
+    run_setup(load_config(common.ROOT / args.config))
     results = {}
     for name in ("label_only", "full"):
         run = common.run_child([common.python(), __file__, "--config", args.config, "--variant", name,

@@ -33,10 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
     from llava_loop.config import load_config
-    from llava_loop.runtime import ensure_demo_inputs
+    from llava_loop.loop import run_setup
 
     cfg = load_config(common.ROOT / args.config)
-    ensure_demo_inputs(cfg)  # model and data exist before anything is timed
+    run_setup(cfg)  # model and data exist before anything is timed
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     rows = {}
     for workers in args.workers:

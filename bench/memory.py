@@ -38,9 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
     from llava_loop.config import load_config
-    from llava_loop.runtime import ensure_demo_inputs
+    from llava_loop.loop import run_setup
 
-    ensure_demo_inputs(load_config(common.ROOT / args.config))
+    run_setup(load_config(common.ROOT / args.config))
     rows = []
     for mode in MODES:
         total, trainable = counts(args.config, mode, args.lora_r)

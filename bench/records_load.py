@@ -26,7 +26,7 @@ WORDS = ("the a of and in on with at man woman dog cat city street car tree hous
 
 
 def write_chat(path: Path, n: int) -> None:
-    from llava_loop.data.synth import PROMPTS
+    from llava_loop.demo.shapes import PROMPTS
 
     rng = random.Random(0)
     records = []

@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import AutoProcessor, LlavaForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
     from llava_loop.config import load_config
-    from llava_loop.runtime import ensure_demo_inputs
+    from llava_loop.loop import run_setup
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/bench_small.yaml")
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-seed")
     args = parser.parse_args()
     cfg = load_config(args.config)
-    ensure_demo_inputs(cfg)
+    run_setup(cfg)
     records = json.loads(Path(cfg.data.path).read_text())
     model = LlavaForConditionalGeneration.from_pretrained(cfg.model.path, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(cfg.model.path)

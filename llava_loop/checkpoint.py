@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .runtime import main_process_result
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
 STEP_RE = re.compile(r"^step-(\d+)$")
-# Settings a resumed run must share with the run that wrote the checkpoint.
 # Non-tensor classes that Accelerate's RNG pickles and DeepSpeed's optimizer shards legitimately carry.
 # Any other global in a checkpoint's pickle stream is refused before anything unpickles it.
 ALLOWED_GLOBALS = {
@@ -39,7 +39,8 @@ ALLOWED_GLOBALS = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 }
-RESUME_KEYS = ("world_size", "deepspeed", "mode", "model_path", "lora", "micro_batch_size", "grad_accum", "seed")
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("world_size", "backend", "mode", "model_path", "lora", "micro_batch_size", "grad_accum", "seed")
 
 
 class CheckpointError(UserError):
@@ -159,21 +160,19 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume(output_dir: str | Path, resume: str, level: str, warn=print) -> Path | None:
-    """The checkpoint to resume from: None, the newest complete one (auto), or an explicit path."""
+def find_resume(output_dir: str | Path, resume: str, level: str, warn=print) -> tuple[Path, dict] | None:
+    """``(checkpoint, its trainer state)`` to resume from: None, the newest complete one (auto), or a path."""
     if resume == "none":
         return None
     if resume != "auto":
-        verify(Path(resume), level)
-        return Path(resume)
+        return Path(resume), verify(Path(resume), level)
     root = checkpoints_dir(output_dir)
     partial = sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()) if root.is_dir() else []
     if partial:
         warn(f"ignoring incomplete checkpoint folders in {root}: {', '.join(partial)} (interrupted saves)")
     for candidate in reversed(complete_checkpoints(output_dir)):
         try:
-            verify(candidate, level)
-            return candidate
+            return candidate, verify(candidate, level)
         except CheckpointError as exc:
             warn(f"skipping damaged checkpoint: {exc}")
     return None
@@ -217,94 +216,101 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Save and load, called by the loop
+# The checkpointer: handed stateful parts, never the trainer
 # ---------------------------------------------------------------------------------------------
 
 
-def frozen_tensor_filter(models, weights, output_dir) -> None:
-    """Accelerate save-state pre-hook: keep each trainable tensor once (under its first name, as
-    ``named_parameters`` does); drop frozen tensors and tied aliases."""
-    for model, state in zip(models, weights):
-        frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
-        seen = set()
-        for key in list(state):
-            ptr = state[key].data_ptr()
-            if ptr in frozen or ptr in seen:
-                del state[key]
-            seen.add(ptr)
-
-
-def save(trainer) -> Path:
-    """Write a complete checkpoint for ``trainer.state.step``; every process must call this."""
-    acc, output_dir = trainer.accelerator, Path(trainer.output_dir)
-    final = step_dir(output_dir, trainer.state.step)
-    if final.is_dir():
-        return final  # this step is already saved (a periodic save that is also the last step)
-    tmp = final.parent / f".tmp-{final.name}"
-    if acc.is_main_process:
-        for stale in final.parent.glob(".tmp-step-*"):
-            shutil.rmtree(stale)  # left by an interrupted save; never resumable
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    ds_kwargs = {"exclude_frozen_parameters": True} if trainer.deepspeed else {}
-    acc.save_state(str(tmp), safe_serialization=True, **ds_kwargs)
-    torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
-    if acc.is_main_process:
-        (tmp / STATE).write_text(json.dumps(trainer.state_dict(), indent=1))
-        (tmp / "config.yaml").write_text(trainer.cfg.to_yaml())
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_manifest(tmp)
-        _write_durable(tmp / COMPLETE, "")
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        prune(output_dir, trainer.cfg.checkpoint.keep_last)
-    acc.wait_for_everyone()
-    return final
+def check_tensor_names(saved: set[str], trainable: set[str], where: Path) -> None:
+    """A checkpoint must hold exactly the trainable tensors of the model it is loaded into."""
+    if saved != trainable:
+        missing, extra = sorted(trainable - saved), sorted(saved - trainable)
+        raise CheckpointError(
+            f"{where} holds {len(saved)} tensors but this model trains {len(trainable)} (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); was it written with another mode or model?"
+        )
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
     for key in RESUME_KEYS:
-        if saved["run"].get(key) != current.get(key):
+        if saved.get(key) != current.get(key):
             way_out = (
                 "resume with the same number of processes" if key == "world_size" else f"set {key} back to match"
             )
             raise CheckpointError(
-                f"{path} was written with {key}={saved['run'].get(key)!r} but this run has {key}={current.get(key)!r}. "
+                f"{path} was written with {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}. "
                 f"Either {way_out}, or export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and "
                 "start a new run from it with model.path=DIR and resume=none"
             )
 
 
-def load(trainer, path: Path) -> None:
-    """Restore model, optimizer, scheduler, data position, counters and this process's RNG from ``path``
-    (a checkpoint ``find_resume`` has verified)."""
-    acc = trainer.accelerator
-    state = json.loads((path / STATE).read_text())
-    check_compatible(state, trainer.run_identity(), path)
-    rng_file = path / f"rng_state_{acc.process_index}.pt"
-    if not rng_file.is_file():
-        raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
-    scan_pickles(path)  # before Accelerate or DeepSpeed unpickles anything
-    if trainer.deepspeed:
-        acc.load_state(str(path), load_module_strict=False)
-    else:
-        _check_saved_keys(trainer, path)
-        acc.load_state(str(path), strict=False)
-    trainer.load_state_dict(state)
-    set_rng_state(safe_torch_load(rng_file))  # last: nothing after this may draw random numbers
+class Checkpointer:
+    """Saves and restores a run through ``accelerator.save_state``/``load_state`` plus named stateful parts.
 
+    ``states`` maps a name to anything with ``state_dict()`` and ``load_state_dict()`` (progress, skip tally,
+    scheduler...); their dicts go into ``trainer_state.json``. ``identity`` holds the settings a resumed run
+    must share (``RESUME_KEYS``). Every process calls ``save``, ``find_resume`` and ``load``. Fault tests
+    subclass it and override one step (``seal``, ``load``).
+    """
 
-def _check_saved_keys(trainer, path: Path) -> None:
-    """A non-DeepSpeed checkpoint must hold exactly the trainable tensors of this model."""
-    from safetensors import safe_open
+    def __init__(self, accelerator, backend, model, output_dir: str | Path, *, states: dict, identity: dict,
+                 config_yaml: str, keep_last: int, verify: str, warn=print):
+        self.accelerator = accelerator
+        self.backend = backend
+        self.model = model
+        self.output_dir = Path(output_dir)
+        self.states = states
+        self.identity = identity
+        self.config_yaml = config_yaml
+        self.keep_last = keep_last
+        self.verify_level = verify
+        self.warn = warn
 
-    with safe_open(path / "model.safetensors", framework="pt") as f:
-        saved = set(f.keys())
-    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    if saved != trainable:
-        missing, extra = sorted(trainable - saved), sorted(saved - trainable)
-        raise CheckpointError(
-            f"{path}/model.safetensors does not match this run's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written with another mode or model?"
-        )
+    def save(self, step: int) -> Path:
+        """Write a complete checkpoint for ``step``."""
+        acc = self.accelerator
+        final = step_dir(self.output_dir, step)
+        if final.is_dir():
+            return final  # this step is already saved (a periodic save that is also the last step)
+        tmp = final.parent / f".tmp-{final.name}"
+        if acc.is_main_process:
+            for stale in final.parent.glob(".tmp-step-*"):
+                shutil.rmtree(stale)  # left by an interrupted save; never resumable
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
+        torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        if acc.is_main_process:
+            state = {"run": self.identity, **{name: part.state_dict() for name, part in self.states.items()}}
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            (tmp / "config.yaml").write_text(self.config_yaml)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.seal(tmp, final)
+        acc.wait_for_everyone()
+        return final
+
+    def seal(self, tmp: Path, final: Path) -> None:
+        """Main process: manifest, marker, rename into place, then prune (never before the new one is whole)."""
+        write_manifest(tmp)
+        _write_durable(tmp / COMPLETE, "")
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        prune(self.output_dir, self.keep_last)
+
+    def find_resume(self, resume: str) -> tuple[Path, dict] | None:
+        """``(checkpoint, its trainer state)`` to resume from, or None. The main process reads and hashes the
+        checkpoint once; every process gets its verdict."""
+        return main_process_result(self.accelerator,
+                                   lambda: find_resume(self.output_dir, resume, self.verify_level, warn=self.warn))
+
+    def load(self, path: Path, state: dict) -> None:
+        """Restore weights, optimizer, every stateful part and this process's RNG from a verified checkpoint."""
+        check_compatible(state["run"], self.identity, path)
+        rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
+        if not rng_file.is_file():
+            raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
+        scan_pickles(path)  # before Accelerate or DeepSpeed unpickles anything
+        self.backend.load(path, self.model)
+        for name, part in self.states.items():
+            part.load_state_dict(state[name])
+        set_rng_state(safe_torch_load(rng_file))  # last: nothing after this may draw random numbers

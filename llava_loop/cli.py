@@ -1,25 +1,34 @@
-"""``llava-loop`` command line: one subcommand per job, each a thin call into the library."""
+"""``llava-loop`` command line: one subcommand per job, each a thin call into the library.
+
+Other packages add commands and ``build --preset`` presets through the ``llava_loop.cli`` entry-point
+group: each entry is a function ``register(commands, presets)``, where ``commands`` maps a command group
+("" for the top level, "data") to its argparse subparsers and ``presets`` maps a preset name to a function
+``(out) -> (model, processor, BuildReport)``. The built-in demo registers itself this way.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .console import print_table, say
+from .errors import UserError
 
-from .console import print_table as _table
+PLUGIN_GROUP = "llava_loop.cli"
 
 
 def cmd_build(args) -> int:
     from .build import build_llava
-    from .tiny import build_tiny
 
     if args.preset:
-        _, _, report = build_tiny(args.out, args.preset)
+        if args.preset not in args.presets:
+            raise UserError(f"build --preset {args.preset}: unknown preset; available: {', '.join(sorted(args.presets))}")
+        _, _, report = args.presets[args.preset](args.out)
     else:
         if not (args.vision and args.llm):
-            raise SystemExit("build: pass --vision DIR and --llm DIR, or --preset tiny")
+            raise UserError("build: pass --vision DIR and --llm DIR, or --preset NAME")
         _, _, report = build_llava(args.vision, args.llm, args.out, dtype=args.dtype)
-    _table(f"LLaVA model written to {args.out}", report.rows())
+    print_table(f"LLaVA model written to {args.out}", report.rows())
     return 0
 
 
@@ -35,7 +44,7 @@ def cmd_export(args) -> int:
     from .export import export
 
     out = export(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} -> {out}")
+    say(f"exported {args.checkpoint} -> {out}", stderr=False)
     return 0
 
 
@@ -53,13 +62,13 @@ def cmd_infer(args) -> int:
         generate(model, encoder, [args.image], args.prompt, streamer=streamer, **options)
         return 0
     if not (args.images_dir and args.out):
-        raise SystemExit("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
+        raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
     files = images_in(args.images_dir)
     answers = caption(model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options)
     with open(args.out, "w") as f:
         for path, answer in zip(files, answers):
             f.write(json.dumps({"image": path.name, "caption": answer}) + "\n")
-    print(f"wrote {len(answers)} captions to {args.out}")
+    say(f"wrote {len(answers)} captions to {args.out}", stderr=False)
     return 0
 
 
@@ -68,25 +77,20 @@ def cmd_eval(args) -> int:
 
     from .data.records import load_records
     from .evaluate import evaluate_model
+    from .importing import resolve
     from .infer import load_for_inference
 
+    scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
     model, _, encoder = load_for_inference(args.model, args.adapter)
     metrics, predictions = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
                                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                          max_samples=args.max_samples, progress=True)
-    _table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
-                                                          for k, v in metrics.items()])
+                                          max_samples=args.max_samples, scorers=scorers, progress=True)
+    print_table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
+                                                               for k, v in metrics.items()])
     with open(args.out, "w") as f:
         json.dump({"model": str(args.model), "adapter": args.adapter, "data": str(args.data), "metrics": metrics,
                    "predictions": predictions}, f, indent=1)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args.config, args.overrides)
+    say(f"wrote {args.out}", stderr=False)
     return 0
 
 
@@ -101,28 +105,20 @@ def cmd_data_check(args) -> int:
 
         processor = AutoProcessor.from_pretrained(args.model)
     report = check_dataset(args.data, args.image_dir, decode=args.decode, processor=processor,
-                           max_length=args.max_length, workers=args.workers)
+                           max_length=args.max_length, image_tokens=args.image_tokens, workers=args.workers)
     rows = [("records", report["records"]), ("with image", report["with_image"])]
     rows += [(f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()]
     kind = "estimated tokens" if report["token_lengths_estimated"] else "tokens"
     rows += [(f"{kind} {q}", v) for q, v in report["token_lengths"].items()]
     rows += [(f"image {axis} min/median/max", "/".join(str(v) for v in stats.values()))
              for axis, stats in report["image_sizes"].items()]
-    _table(f"data check: {args.data}", rows)
+    print_table(f"data check: {args.data}", rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     bad = sum(report["problems"].values())
-    print(f"{bad} problem records" if bad else "no problems found")
+    say(f"{bad} problem records" if bad else "no problems found", stderr=False)
     return 1 if bad else 0
-
-
-def cmd_data_synth(args) -> int:
-    from .data.synth import write_shapes
-
-    path = write_shapes(args.out, args.n, seed=args.seed, size=args.size, max_turns=args.max_turns, progress=True)
-    print(f"wrote {args.n} records to {path} and images to {path.parent / 'images'}")
-    return 0
 
 
 def cmd_data_convert(args) -> int:
@@ -132,22 +128,23 @@ def cmd_data_convert(args) -> int:
     if args.kind == "captions":
         options = {"image_key": args.image_key, "caption_key": args.caption_key, "prompt": args.prompt, "seed": args.seed}
     n = convert(args.kind, args.input, args.out, **options)
-    print(f"converted {n} records from {args.input} to {args.out}")
+    say(f"converted {n} records from {args.input} to {args.out}", stderr=False)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__)
+    parser = argparse.ArgumentParser(prog="llava-loop", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    presets: dict = {}
 
     p = sub.add_parser("build", help="compose a LLaVA model from a CLIP tower and a Qwen2.5 LLM")
     p.add_argument("--vision", help="CLIP checkpoint directory (CLIPModel or CLIPVisionModel) or hub id")
     p.add_argument("--llm", help="Qwen2/Qwen2.5 causal-LM directory with tokenizer, or hub id")
-    p.add_argument("--preset", choices=["tiny", "bench_small"], help="make tiny towers offline and compose them")
+    p.add_argument("--preset", help="build a registered preset instead (the demo registers tiny and bench_small)")
     p.add_argument("--out", required=True, help="output directory (model + processor)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype of the composed model (auto: the LLM's)")
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=cmd_build, presets=presets)
 
     p = sub.add_parser("train", help="train (same as `python train.py`); works under `accelerate launch`")
     p.add_argument("--config", default="configs/demo.yaml", help="YAML config (see configs/)")
@@ -175,31 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 (and shapes attribute accuracy)")
+    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 and any extra --scorer")
     model_args(p)
     p.add_argument("--data", required=True, help="records file (chat.json / .jsonl)")
     p.add_argument("--image-dir", required=True)
     p.add_argument("--max-samples", type=int, default=0, help="0: all")
+    p.add_argument("--scorer", action="append", default=[], metavar="module:function",
+                   help="extra scorer(predictions) -> dict of metrics; repeatable "
+                        "(e.g. llava_loop.demo.shapes:attribute_accuracy)")
     p.add_argument("--out", default="eval_results.json")
     p.set_defaults(func=cmd_eval)
 
-    data = sub.add_parser("data", help="dataset tools: check, synth, convert").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="dataset tools: check, convert").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True)
     p.add_argument("--image-dir", required=True)
     p.add_argument("--decode", action="store_true", help="fully decode every image (slow, thorough)")
     p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
     p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--image-tokens", type=int, default=576,
+                   help="placeholders per image in the length estimate without --model "
+                        "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)")
     p.add_argument("--workers", type=int, default=0, help="processes for image checks")
     p.add_argument("--json", help="also write the report as JSON")
     p.set_defaults(func=cmd_data_check)
-    p = data.add_parser("synth", help="write the synthetic shapes dataset in LLaVA-CC3M layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=336, help="image side in pixels")
-    p.add_argument("--max-turns", type=int, default=1, help=">1 adds follow-up question turns (mixed lengths)")
-    p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("convert", help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json")
     p.add_argument("kind", choices=["captions", "conversations"])
     p.add_argument("--input", required=True, help="CSV / JSON / JSONL / Parquet")
@@ -210,17 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_convert)
 
-    p = sub.add_parser("demo", help="the built-in demo: tiny towers + shapes, eval, train, eval, report.png")
-    p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=cmd_demo)
+    from importlib.metadata import entry_points
+
+    for plugin in entry_points(group=PLUGIN_GROUP):
+        plugin.load()({"": sub, "data": data}, presets)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import UserError
-
     try:
         return args.func(args)
     except UserError as exc:

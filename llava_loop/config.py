@@ -1,14 +1,19 @@
 """Typed run configuration: a dataclass tree loaded from YAML with dotted ``key=value`` overrides.
 
-Every field carries its help text in ``metadata["help"]``. Unknown keys and bad values fail here,
-before any model is loaded, with the valid keys or choices in the message.
+Every field carries its help text in ``metadata["help"]``; ``docs/CONFIG.md`` is generated from it
+(``python -m llava_loop.config > docs/CONFIG.md``, and a test keeps it current). Unknown keys and bad
+values fail here, before any model is loaded, with the valid keys or choices in the message.
+
+Functions named in the config (``loss``, ``hooks``, ``setup``) are ``Call``s: a ``module:attribute``
+string, or ``{fn: module:attribute, kwargs: {...}}`` to bind keyword arguments.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
-import json
+import importlib.resources
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,28 +22,44 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.images import MAX_IMAGE_PIXELS
 from .errors import UserError
 
-MODES = ("projector", "lora", "freeze_vision", "full")
+MODES = ("projector", "lora", "freeze_vision", "full")  # the one list; modes.py maps each to what trains
 MODE_ALIASES = {"none": "full"}  # the seed tutorial's name for full training
+MODE_CHOICES = (*MODES, *MODE_ALIASES)
 
 
 class ConfigError(UserError):
     """A config file or override is invalid."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1 reads it as a string), also inside ``kwargs``."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def opt(default: Any, help: str, **kwargs):
     """A dataclass field with a default (copied if mutable) and its help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class Call:
+    """A function or class named ``module:attribute``, called with ``kwargs`` bound once at startup."""
+
+    fn: str = opt("", "`package.module:attribute`.")
+    kwargs: dict = opt({}, "Keyword arguments bound to it.")
 
 
 @dataclass
 class ModelConfig:
     path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
-    tiny_preset: Literal["", "tiny", "bench_small"] = opt(
-        "", "Demo/benchmark convenience: build tiny towers of this preset into `path` when it does not exist.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel passed to from_pretrained.")
 
 
@@ -48,14 +69,13 @@ class DataConfig:
     image_dir: str = opt("", "Folder that record `image` paths are relative to.")
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
     eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).")
-    synth_if_missing: int = opt(0, "Demo convenience: write this many synthetic shapes records when `path` is missing.")
     num_workers: int = opt(2, "DataLoader worker processes; image decode and preprocessing run there.")
     pin_memory: bool = opt(True, "Pin host memory for faster host-to-GPU copies (ignored without a GPU).")
     persistent_workers: bool = opt(True, "Keep workers alive between epochs (needs num_workers > 0).")
     prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).")
     max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
     max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.")
-    max_image_pixels: int = opt(89_478_485, "Images with more pixels are skipped as decompression bombs (PIL's default).")
+    max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default).")
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
     group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
@@ -113,13 +133,13 @@ class LoraConfig:
 
 @dataclass
 class Config:
-    mode: Literal["projector", "lora", "freeze_vision", "full", "none"] = opt(
-        "full", "What trains: projector | lora | freeze_vision | full (alias none)."
-    )
+    mode: Literal[MODE_CHOICES] = opt("full", "What trains: projector | lora | freeze_vision | full (alias none).")
     output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.")
     resume: str = opt("auto", "auto: newest complete checkpoint in output_dir; none: start fresh; or a checkpoint path.")
-    loss: str = opt("llava_loop.losses:label_only_ce", "Loss function `module:function(model, batch) -> dict` (see losses.py).")
-    hooks: list[str] = opt([], "Extra hooks `module:Class`, called on train start, step end, eval, save, train end.")
+    loss: Call = opt(Call("llava_loop.losses:label_only_ce"),
+                     "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).")
+    hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.")
+    setup: list[Call] = opt([], "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.")
     trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb].")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -138,12 +158,6 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named top-level keys/sections (e.g. what resume must agree on)."""
-        data = self.to_dict()
-        picked = {k: data[k] for k in sections} if sections else data
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
 
 # ---------------------------------------------------------------------------------------------
 # Loading, coercion and validation
@@ -151,6 +165,14 @@ class Config:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        if hint is Call and isinstance(value, str):  # the shorthand `module:attribute`
+            value = {"fn": value}
+        return _build(hint, value or {}, f"{key}.")
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -180,7 +202,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # YAML reads `1e-4` as a string
+            return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if hint is str:
@@ -203,35 +225,28 @@ def _build(cls, data: dict, prefix: str = ""):
             f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}; "
             f"valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
         )
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, prefix + name)
-    return cls(**kwargs)
+    return cls(**{name: _coerce(value, hints[name], prefix + name) for name, value in data.items()})
 
 
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
+        if isinstance(node.get(k), str):  # `loss.kwargs.x=1` below a Call given as a string
+            node[k] = {"fn": node[k]}
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    node[keys[-1]] = yaml.load(raw, Loader=_Loader) if raw != "" else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file (optional) + ``key=value`` overrides -> validated Config."""
     tree: dict = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+        path = find_config_file(path)
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
     for item in overrides:
@@ -275,21 +290,49 @@ def validate(config: Config) -> None:
         problems.append("resume must be auto, none or a checkpoint path")
     if config.canonical_mode == "lora" and (config.lora.r < 1 or not config.lora.targets):
         problems.append("lora.r must be >= 1 and lora.targets non-empty in lora mode")
-    for spec in [config.loss, *config.hooks]:
-        if ":" not in spec:
-            problems.append(f"{spec!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")
+    for call in [config.loss, *config.hooks, *config.setup]:
+        if ":" not in call.fn:
+            problems.append(f"{call.fn!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+def find_config_file(path: str | Path) -> Path:
+    """``path`` as given, else the shipped file of that name (``configs/demo.yaml`` or ``demo.yaml``), which
+    is installed with the package as ``llava_loop.configs``: shipped recipes work from any directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("llava_loop.configs") / path.name
+    if path.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"config file {path} not found (in {Path.cwd()} or among the shipped configs)")
+
+
 def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` for every field: the reference table in the README comes from here."""
+    """``(key, default, help)`` for every field, in declaration order (the rows of docs/CONFIG.md)."""
     rows = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(hint) and hint is not Call:
             rows += describe_fields(hint, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+            shown = default.fn if isinstance(default, Call) and not default.kwargs else repr(default)
+            rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md: every key with its default and help text."""
+    lines = ["# Configuration reference", "",
+             "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`; a test",
+             "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides.", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for key, default, help in describe_fields():
+        lines.append(f"| `{key}` | `{default}` | {help.replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

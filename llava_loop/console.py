@@ -1,16 +1,21 @@
-"""Terminal output: one place for rich tables and messages (callers decide which process prints)."""
+"""Terminal output: one place for rich tables and messages.
+
+``say`` and ``print_table`` print from whichever process calls them (the CLI is one process). A run's
+``Console`` prints only where it is enabled, the main process, so "say" means the same thing everywhere:
+print this message, once.
+"""
 
 from __future__ import annotations
 
 
 def say(text: str, *, stderr: bool = True) -> None:
-    from rich.console import Console
+    from rich.console import Console as RichConsole
 
-    Console(stderr=stderr).print(text, highlight=False, soft_wrap=True)
+    RichConsole(stderr=stderr).print(text, highlight=False, soft_wrap=True)
 
 
 def print_table(title: str, rows, headers=("", ""), *, stderr: bool = False) -> None:
-    from rich.console import Console
+    from rich.console import Console as RichConsole
     from rich.table import Table
 
     table = Table(title=title, show_header=any(headers))
@@ -18,4 +23,22 @@ def print_table(title: str, rows, headers=("", ""), *, stderr: bool = False) -> 
         table.add_column(header)
     for row in rows:
         table.add_row(*[str(cell) for cell in row])
-    Console(stderr=stderr).print(table)
+    RichConsole(stderr=stderr).print(table)
+
+
+class Console:
+    """Messages, warnings and tables of one run, printed (to stderr) only where ``enabled``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            say(text)
+
+    def warn(self, text: str) -> None:
+        self.say(f"[yellow]warning:[/yellow] {text}")
+
+    def table(self, title: str, headers, rows) -> None:
+        if self.enabled:
+            print_table(title, rows, headers, stderr=True)

@@ -2,7 +2,7 @@
 
 * ``eval_loss``: summed label-only cross-entropy / supervised tokens (the loop's in-training number);
 * ``exact_match`` and ``token_f1`` of the first answer generated for each record's first prompt;
-* for the synthetic shapes data, accuracy per attribute (colour, shape, position).
+* whatever extra scorers add: each is ``scorer(predictions) -> dict`` (the demo adds shapes attribute accuracy).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from .data.collate import Collator
 from .data.dataset import LlavaDataset
 from .data.encode import SampleEncoder
 from .data.records import Records
-from .data.synth import ATTRIBUTES, parse_caption
 from .losses import label_only_ce, supervised_positions
 
 
@@ -57,24 +56,24 @@ def first_exchange(record) -> tuple[str, str]:
     return prompt, answer.strip()
 
 
-def score(predictions: list[dict]) -> dict:
-    """Exact match, token F1 and (when every reference is a shapes caption) per-attribute accuracy."""
+def score(predictions: list[dict], scorers=()) -> dict:
+    """Exact match and token F1, plus the metrics of each extra ``scorer(predictions) -> dict``."""
     n = max(len(predictions), 1)
     metrics = {
         "n": len(predictions),
         "exact_match": sum(p["exact"] for p in predictions) / n,
         "token_f1": sum(token_f1(p["prediction"], p["reference"]) for p in predictions) / n,
     }
-    parsed = [(parse_caption(p["reference"]), parse_caption(p["prediction"])) for p in predictions]
-    if predictions and all(all(ref.values()) for ref, _ in parsed):
-        for attr in ATTRIBUTES:
-            metrics[f"{attr}_accuracy"] = sum(ref[attr] == pred[attr] for ref, pred in parsed) / n
+    for scorer in scorers:
+        metrics.update(scorer(predictions))
     return metrics
 
 
 def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: str | Path, *, batch_size: int = 16,
-                   max_new_tokens: int = 32, max_samples: int = 0, progress: bool = False) -> tuple[dict, list[dict]]:
-    """Held-out loss plus generation metrics; returns ``(metrics, predictions)``."""
+                   max_new_tokens: int = 32, max_samples: int = 0, scorers=(), progress: bool = False
+                   ) -> tuple[dict, list[dict]]:
+    """Held-out loss plus generation metrics (exact match, token F1 and ``scorers``); returns
+    ``(metrics, predictions)``."""
     from .infer import caption
 
     if max_samples:
@@ -94,5 +93,5 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
          "exact": normalize(ans) == normalize(ref)}
         for r, p, ref, ans in zip(with_images, prompts, references, answers)
     ]
-    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, **score(predictions)}
+    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, **score(predictions, scorers)}
     return metrics, predictions

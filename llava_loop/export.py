@@ -13,23 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .backends import backend_class
 from .build import save_model_dir
-from .checkpoint import CheckpointError, scan_pickles, verify
+from .checkpoint import check_tensor_names, verify
 from .config import load_config
 from .modes import apply_mode
 from .runtime import load_model
 
-
-def trained_tensors(checkpoint_dir: Path, deepspeed: bool) -> dict[str, torch.Tensor]:
-    """The trainable tensors a checkpoint holds, by parameter name, in fp32."""
-    if deepspeed:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        scan_pickles(checkpoint_dir)  # zero_to_fp32 unpickles without weights_only
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="pytorch_model"))
-    from safetensors.torch import load_file
-
-    return load_file(checkpoint_dir / "model.safetensors")
+EXPORT_INFO = "llava_loop_export.json"  # beside the weights: how the model was trained and must be prompted
 
 
 def load_trained(checkpoint_dir: str | Path):
@@ -42,13 +33,9 @@ def load_trained(checkpoint_dir: str | Path):
     model = apply_mode(model, cfg.canonical_mode, cfg.lora)
     params = dict(model.named_parameters())
     aliases = set(model.state_dict()) - set(params)  # tied weights (lm_head.weight) appear once as parameters
-    tensors = {k: v for k, v in trained_tensors(checkpoint_dir, state["run"]["deepspeed"]).items() if k not in aliases}
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    if set(tensors) != trainable:
-        raise CheckpointError(
-            f"{checkpoint_dir}: holds {len(tensors)} tensors but the {cfg.canonical_mode} model trains {len(trainable)} "
-            f"(e.g. missing {sorted(trainable - set(tensors))[:3]}, unexpected {sorted(set(tensors) - trainable)[:3]})"
-        )
+    saved = backend_class(state["run"]["backend"], checkpoint_dir).trained_tensors(checkpoint_dir)
+    tensors = {k: v for k, v in saved.items() if k not in aliases}
+    check_tensor_names(set(tensors), {n for n, p in params.items() if p.requires_grad}, checkpoint_dir)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
@@ -64,7 +51,7 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
         model = model.merge_and_unload()
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
     save_model_dir(model, processor, out)
-    (out / "llava_loop_export.json").write_text(json.dumps({
+    (out / EXPORT_INFO).write_text(json.dumps({
         "checkpoint": str(checkpoint_dir.resolve()), "step": state["progress"]["step"], "mode": cfg.canonical_mode,
         "base_model": state["run"]["model_path"], "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
         "image_aspect_ratio": cfg.data.image_aspect_ratio, "system_prompt": cfg.data.system_prompt,

@@ -10,8 +10,8 @@ A hook is any object with some of these methods (missing ones are skipped):
 
 ``trainer`` is the running ``loop.Trainer``: ``trainer.cfg``, ``.accelerator``, ``.model``,
 ``.optimizer``, ``.state`` and ``.output_dir`` are there to read. List extra hooks in the config as
-``hooks: [package.module:Class]``; they are built with no arguments and called on every process
-(check ``trainer.accelerator.is_main_process`` to act once).
+``hooks: [package.module:Class]`` (or ``{fn: package.module:Class, kwargs: {...}}`` to pass arguments);
+they are built once and called on every process (check ``trainer.accelerator.is_main_process`` to act once).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from .importing import resolve
+from .importing import bind
 
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_save", "on_train_end")
 
@@ -151,6 +151,6 @@ def make_hooks(cfg) -> Hooks:
     hooks = [Progress(), MetricsJsonl()]
     if cfg.trackers:
         hooks.append(Trackers())
-    for spec in cfg.hooks:
-        hooks.append(resolve(spec, "hook")())
+    for call in cfg.hooks:
+        hooks.append(bind(call, "hook")())
     return Hooks(hooks)

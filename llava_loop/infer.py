@@ -27,6 +27,7 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
                        system_prompt: str | None = None):
     """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint."""
     from .checkpoint import COMPLETE, STATE
+    from .export import EXPORT_INFO
     from .runtime import load_model
 
     path = Path(model)
@@ -42,7 +43,7 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
         settings.update(image_aspect_ratio=cfg.data.image_aspect_ratio, system_prompt=cfg.data.system_prompt)
     else:
         net, processor = load_model(path)
-        info = path / "llava_loop_export.json"
+        info = path / EXPORT_INFO
         if info.is_file():
             settings.update({k: v for k, v in json.loads(info.read_text()).items() if k in settings})
         if adapter:

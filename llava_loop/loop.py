@@ -20,18 +20,19 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from . import checkpoint
+from .backends import backend_for
+from .checkpoint import Checkpointer
 from .config import Config
-from .console import print_table, say
+from .console import Console
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
 from .data.skips import SkipTally
 from .errors import UserError
 from .evaluate import heldout_loss_sums
 from .hooks import make_hooks
-from .importing import resolve
-from .losses import supervised_positions
+from .importing import bind
+from .losses import make_loss, supervised_positions
 from .modes import apply_mode, param_groups, trainable_table
-from .runtime import ensure_demo_inputs, load_model, main_process_result, make_accelerator, uses_deepspeed
+from .runtime import load_model, make_accelerator
 
 
 class NonFiniteError(UserError):
@@ -40,7 +41,7 @@ class NonFiniteError(UserError):
 
 @dataclass
 class TrainState:
-    """Everything about progress that a resumed run needs (saved as trainer_state.json)."""
+    """Everything about progress that a resumed run needs (a stateful part of every checkpoint)."""
 
     step: int = 0  # optimizer steps taken (windows consumed), including skipped ones
     epoch: int = 0
@@ -49,6 +50,14 @@ class TrainState:
     tokens_seen: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """In place: the loss and hooks hold this object."""
+        for key, value in asdict(TrainState(**state)).items():
+            setattr(self, key, value)
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -63,26 +72,69 @@ def warmup_cosine(optimizer, total_steps: int, warmup_ratio: float, min_lr_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def run_setup(cfg: Config) -> None:
+    """The config's ``setup:`` functions, in order (the demo's fixture builder is one)."""
+    for call in cfg.setup:
+        bind(call, "setup")(cfg)
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    """Construction is a sequence of named steps (output, data, model, optimizer, checkpointer, resume);
+    ``fit`` runs the loop. ``checkpointer_cls`` lets a test inject a fault into one checkpoint step."""
+
+    def __init__(self, cfg: Config, *, checkpointer_cls=Checkpointer):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.accelerator = acc = make_accelerator(cfg)
-        self.deepspeed = uses_deepspeed(acc)
+        self.accelerator = make_accelerator(cfg)
+        self.backend = backend_for(self.accelerator)
+        self.backend.configure(cfg.train)
+        self.console = Console(enabled=self.accelerator.is_main_process)
         set_seed(cfg.train.seed)  # python, numpy and torch
-        with acc.main_process_first():
-            if acc.is_main_process:
-                ensure_demo_inputs(cfg)
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.say(f"[bold]config[/bold]\n{cfg.to_yaml()}")
+        self.state = TrainState()
+        self.skips = SkipTally()
+        self.loss_fn = make_loss(cfg.loss, self.state)  # config callables resolve before anything slow
+        self.hooks = make_hooks(cfg)
+        self.stop_requested = False  # set by signals, the time limit or hooks (request_stop) on any process
+        self.stopped = False  # all processes agreed to stop early
+        self.started = self.last_step_end = time.monotonic()  # reset when fit starts
 
+        self.prepare_output_dir()
         records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
+        model = self.build_model()
+        loader = self.build_data(records)
+        self.build_optimizer(model, loader)
+        self.checkpointer = checkpointer_cls(
+            self.accelerator, self.backend, self.model, self.output_dir,
+            states={"progress": self.state, "skips": self.skips, "scheduler": self.scheduler},
+            identity=self.identity(), config_yaml=cfg.to_yaml(), keep_last=cfg.checkpoint.keep_last,
+            verify=cfg.checkpoint.verify, warn=self.console.warn,
+        )
+        self.resume()
+
+    # ------------------------------------------------------------------------------------------
+    # Construction steps
+    # ------------------------------------------------------------------------------------------
+
+    def prepare_output_dir(self) -> None:
+        """Setup functions and the output folder, on the main process before the others read anything."""
+        with self.accelerator.main_process_first():
+            if self.accelerator.is_main_process:
+                run_setup(self.cfg)
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
+
+    def build_model(self):
+        cfg = self.cfg
         model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
-        self.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
+        self.console.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
+        return model
 
+    def build_data(self, records):
+        """Datasets, the held-out loader and the (not yet prepared) training loader, which it returns."""
+        cfg, acc = self.cfg, self.accelerator
         self.train_set, self.eval_set = make_datasets(cfg, self.processor, records)
         pad_id = self.processor.tokenizer.pad_token_id
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
@@ -90,7 +142,11 @@ class Trainer:
         if self.eval_set is not None:
             self.eval_loader = make_eval_loader(self.eval_set, cfg, rank=acc.process_index,
                                                 world_size=acc.num_processes, pad_token_id=pad_id)
-        t = cfg.train
+        return loader
+
+    def build_optimizer(self, model, loader) -> None:
+        """AdamW over the trainable groups, everything prepared by Accelerate, then the schedule."""
+        t, acc = self.cfg.train, self.accelerator
         optimizer = torch.optim.AdamW(
             param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -105,25 +161,28 @@ class Trainer:
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)
-        self.loss_fn = resolve(cfg.loss, "loss")
-        self.hooks = make_hooks(cfg)
-        self.state = TrainState()
-        self.skips = SkipTally()
-        self.stop_requested = False  # set by signals, the time limit or hooks (request_stop) on any process
-        self.stopped = False  # all processes agreed to stop early
-        acc.register_save_state_pre_hook(checkpoint.frozen_tensor_filter)
-        self.say(
+        self.console.say(
             f"effective batch: micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
             f"{acc.num_processes} = {self.global_batch} samples/step; {self.steps_per_epoch} steps/epoch; "
-            f"{self.total_steps} steps; {'DeepSpeed ZeRO-' + str(self.zero_stage) if self.deepspeed else acc.distributed_type}"
+            f"{self.total_steps} steps; {self.backend.describe()}"
         )
-        # the main process reads and hashes the checkpoint once; every process gets its verdict
-        resume_from = main_process_result(
-            acc, lambda: checkpoint.find_resume(self.output_dir, cfg.resume, cfg.checkpoint.verify, warn=self.warn))
-        if resume_from is not None:
-            checkpoint.load(self, resume_from)
-            self.say(f"resumed from {resume_from} at step {self.state.step} (epoch {self.state.epoch}, "
-                     f"{self.state.step_in_epoch} steps into it)")
+
+    def resume(self) -> None:
+        found = self.checkpointer.find_resume(self.cfg.resume)
+        if found is not None:
+            path, saved = found
+            self.checkpointer.load(path, saved)
+            s = self.state
+            self.console.say(f"resumed from {path} at step {s.step} (epoch {s.epoch}, {s.step_in_epoch} steps into it)")
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share with the run that wrote its checkpoint."""
+        c = self.cfg
+        return {
+            "world_size": self.accelerator.num_processes, "backend": self.backend.name, "mode": c.canonical_mode,
+            "model_path": str(Path(c.model.path).resolve()), "lora": asdict(c.lora) if c.canonical_mode == "lora" else None,
+            "micro_batch_size": c.train.micro_batch_size, "grad_accum": c.train.grad_accum, "seed": c.train.seed,
+        }
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -141,14 +200,14 @@ class Trainer:
         self.started = self.last_step_end = time.monotonic()
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
-            self.evaluate()  # the starting point of the eval curve
+            self.eval_loss()  # the starting point of the eval curve
         last_saved = None
         for window in self.windows():
             metrics = self.train_step(window)
             self.hooks.on_step_end(self, metrics)
             step = self.state.step
             if self.due(self.cfg.eval.every):
-                self.evaluate()
+                self.eval_loss()
             stop = self.stop_agreed()
             if self.due(self.cfg.checkpoint.every) or stop:
                 last_saved = self.save()
@@ -157,7 +216,7 @@ class Trainer:
                 break
         if not self.stopped:
             if not self.due(self.cfg.eval.every):
-                self.evaluate()
+                self.eval_loss()
             if last_saved != self.state.step:
                 self.save()  # the final checkpoint is always written
         self.hooks.on_train_end(self)
@@ -173,11 +232,15 @@ class Trainer:
             with acc.accumulate(self.model):
                 out = self.loss_fn(self.model, batch)
                 acc.backward(self.connect_to_trainable(out["loss"]) * scale)
-                for name, value in out.items():
-                    terms[name] += float(value.detach())
-                if acc.sync_gradients:
-                    grad_norm, stepped = self.optimizer_step()
-        self.account(window, stats, stepped)
+            for name, value in out.items():
+                terms[name] += float(value.detach())
+        assert acc.sync_gradients, "a window must end on an accumulation boundary"
+        grad_norm, stepped = self.backend.optimizer_step(self.model, self.optimizer, self.trainable,
+                                                         self.cfg.train.max_grad_norm)
+        if stepped:
+            self.scheduler.step()
+        self.advance(stats, stepped)
+        self.record_skips(window, stats)
         now = time.monotonic()  # step time includes waiting for data: throughput as the user sees it
         metrics = self.step_metrics(terms, stats, lrs, grad_norm, stepped, now - self.last_step_end)
         self.last_step_end = now
@@ -225,25 +288,8 @@ class Trainer:
             return loss
         return loss + sum(p.view(-1)[0] * 0.0 for p in self.trainable)
 
-    def optimizer_step(self) -> tuple[float, bool]:
-        """Clip, step, zero. Returns (grad norm, stepped). A non-finite norm skips the update entirely."""
-        if self.deepspeed:  # the engine already clipped and stepped inside accelerator.backward
-            norm = self.model.get_global_grad_norm()
-            norm = float("nan") if norm is None else float(norm)
-            stepped = math.isfinite(norm)  # DeepSpeed skipped the update itself when it was not
-        else:
-            max_norm = self.cfg.train.max_grad_norm or float("inf")
-            norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
-            stepped = math.isfinite(norm)
-            if stepped:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if stepped:
-            self.scheduler.step()
-        return norm, stepped
-
-    def account(self, window: list[dict], stats: dict, stepped: bool) -> None:
-        """Advance counters; enforce the skip budgets (bad samples, non-finite steps)."""
+    def advance(self, stats: dict, stepped: bool) -> None:
+        """Advance the progress counters; abort after too many non-finite steps in a row."""
         s = self.state
         s.step += 1
         s.step_in_epoch += 1
@@ -252,21 +298,25 @@ class Trainer:
         s.skipped_steps += not stepped
         s.consecutive_skips = 0 if stepped else s.consecutive_skips + 1
         if not stepped:
-            self.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped "
-                      f"({s.consecutive_skips} in a row)")
+            self.console.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped "
+                              f"({s.consecutive_skips} in a row)")
         if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
             raise NonFiniteError(
                 f"{s.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm "
                 f"(train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); lower train.lr, "
                 "check the data, or enable train.max_grad_norm"
             )
-        if stats["skip_events"]:
-            from accelerate.utils import gather_object
 
-            events = gather_object([e for b in window for e in b["skipped"]])
-            for rid, reason, detail in self.skips.add(events):
-                self.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
-            self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
+    def record_skips(self, window: list[dict], stats: dict) -> None:
+        """Tally the bad samples any process replaced in this window; abort past the data's skip budget."""
+        if not stats["skip_events"]:
+            return
+        from accelerate.utils import gather_object
+
+        events = gather_object([e for b in window for e in b["skipped"]])
+        for rid, reason, detail in self.skips.add(events):
+            self.console.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
+        self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
 
     def step_metrics(self, terms: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
         totals = self.accelerator.reduce(torch.tensor(list(terms.values()), dtype=torch.float64,
@@ -285,10 +335,11 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------
-    # Evaluation, checkpoints, signals
+    # Held-out loss, checkpoints, signals
     # ------------------------------------------------------------------------------------------
 
-    def evaluate(self) -> dict | None:
+    def eval_loss(self) -> dict | None:
+        """Held-out loss over this process's share of the eval set, reduced across processes; calls on_eval."""
         if self.eval_loader is None:
             return None
         self.model.eval()
@@ -301,7 +352,7 @@ class Trainer:
         return metrics
 
     def save(self) -> int:
-        path = checkpoint.save(self)
+        path = self.checkpointer.save(self.state.step)
         self.hooks.on_save(self, path)
         return self.state.step
 
@@ -313,7 +364,7 @@ class Trainer:
             if self.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            self.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
+            self.console.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
 
         return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -335,52 +386,10 @@ class Trainer:
     def due(self, every: int) -> bool:
         return every > 0 and self.state.step % every == 0
 
-    # ------------------------------------------------------------------------------------------
-    # State for checkpoints
-    # ------------------------------------------------------------------------------------------
-
     @property
     def global_batch(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.grad_accum * self.accelerator.num_processes
-
-    @property
-    def zero_stage(self) -> int:
-        return self.accelerator.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
-
-    def run_identity(self) -> dict:
-        c = self.cfg
-        return {
-            "world_size": self.accelerator.num_processes, "deepspeed": self.deepspeed, "mode": c.canonical_mode,
-            "model_path": str(Path(c.model.path).resolve()), "lora": asdict(c.lora) if c.canonical_mode == "lora" else None,
-            "micro_batch_size": c.train.micro_batch_size, "grad_accum": c.train.grad_accum, "seed": c.train.seed,
-        }
-
-    def state_dict(self) -> dict:
-        return {
-            "progress": asdict(self.state), "skips": self.skips.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "run": self.run_identity(), "total_steps": self.total_steps, "config_hash": self.cfg.fingerprint(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = TrainState(**state["progress"])
-        self.skips.load_state_dict(state["skips"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-    # ------------------------------------------------------------------------------------------
-    # Console (main process only)
-    # ------------------------------------------------------------------------------------------
-
-    def say(self, text: str) -> None:
-        if self.accelerator.is_main_process:
-            say(text)
-
-    def warn(self, text: str) -> None:
-        self.say(f"[yellow]warning:[/yellow] {text}")
-
-    def table(self, title: str, headers, rows) -> None:
-        if self.accelerator.is_main_process:
-            print_table(title, rows, headers, stderr=True)
 
 
 def train(cfg: Config) -> TrainState:

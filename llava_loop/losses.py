@@ -4,16 +4,35 @@
 * any other entries: named terms, also sums, logged as-is after the same normalisation.
 
 The loop divides every term by the number of supervised tokens in the whole accumulated global batch,
-so gradients are exact whatever the micro-batch, accumulation and process layout. Point
-``loss: package.module:function`` at your own function to replace the default.
+so gradients are exact whatever the micro-batch, accumulation and process layout. Point the config at
+your own function to replace the default, with keyword arguments if it takes any:
+
+    loss: package.module:function
+    loss: {fn: llava_loop.losses:ce_with_z_loss, kwargs: {z_weight: 1.0e-3}}
+
+A loss that declares a ``state`` parameter also gets the run's live ``TrainState`` (``state.step`` is
+the number of optimizer steps completed), so a warm-up or curriculum of a loss term needs no global.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 from .data.encode import IGNORE_INDEX
+from .importing import bind
+
+
+def make_loss(call, state):
+    """The configured loss as ``loss_fn(model, batch) -> dict``, built once: kwargs bound, and the live
+    training ``state`` passed to a loss that declares it."""
+    fn = bind(call, "loss")
+    if "state" in inspect.signature(fn).parameters:
+        return functools.partial(fn, state=state)
+    return fn
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

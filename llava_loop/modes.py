@@ -42,18 +42,21 @@ def lora_target_regex(targets: list[str]) -> str:
     return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(map(re.escape, targets))})$"
 
 
+TRAINABLE_PARTS = {  # mode -> the parts that train (config.MODES is the list of modes)
+    "projector": {PROJECTOR},
+    "lora": {PROJECTOR},
+    "freeze_vision": {PROJECTOR, LLM},
+    "full": {VISION, PROJECTOR, LLM},
+}
+
+
 def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_checkpointing: bool = False):
     """Set ``requires_grad`` for ``mode`` (adding LoRA adapters in lora mode) and return the model to train."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if mode in ("projector", "lora"):
             model.enable_input_require_grads()  # frozen embeddings: make checkpointed inputs carry grad
-    trainable_parts = {
-        "projector": {PROJECTOR},
-        "lora": {PROJECTOR},
-        "freeze_vision": {PROJECTOR, LLM},
-        "full": {VISION, PROJECTOR, LLM},
-    }[mode]
+    trainable_parts = TRAINABLE_PARTS[mode]
     unused = unused_vision_param_names(model)
     for name, param in model.named_parameters():
         param.requires_grad_(part_of(name) in trainable_parts and name not in unused)

@@ -1,4 +1,4 @@
-"""Process-level setup: the Accelerator (plain, DDP or DeepSpeed ZeRO-2), precision, and model loading."""
+"""Process-level setup: the Accelerator (plain, DDP or DeepSpeed), precision, main-process work, model loading."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, find_config_file
 from .errors import UserError
 
 
@@ -24,15 +24,15 @@ def resolve_precision(precision: str) -> str:
 
 
 def _resolve_deepspeed_config_file() -> None:
-    """accelerate_config.yaml names configs/ds_zero2.json relative to the repository root; let launches
-    from another directory find it too."""
+    """accelerate_config.yaml names configs/ds_zero2.json relative to the repository root; launched from
+    another directory, use the copy shipped with the package."""
     name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if name and not Path(name).is_absolute() and not Path(name).is_file():
-        candidate = Path(__file__).resolve().parent.parent / name
-        if not candidate.is_file():
-            raise UserError(f"DeepSpeed config {name} not found (from {Path.cwd()}); launch from the repository root "
-                            "or give deepspeed_config_file as an absolute path in the accelerate config")
-        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(candidate)
+    if name and not Path(name).is_file():
+        try:
+            os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(find_config_file(name))
+        except UserError:
+            raise UserError(f"DeepSpeed config {name} not found (from {Path.cwd()}); give deepspeed_config_file as an "
+                            "absolute path in the accelerate config") from None
 
 
 def make_accelerator(cfg: Config):
@@ -55,17 +55,6 @@ def make_accelerator(cfg: Config):
         log_with=cfg.trackers or None,
         project_dir=cfg.output_dir,
     )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        ds = plugin.deepspeed_config
-        # One source of truth: Accelerate would otherwise fill "auto" clipping with 1.0.
-        ds["gradient_clipping"] = cfg.train.max_grad_norm
-        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
-        zero = ds.get("zero_optimization", {})
-        if zero.get("stage", 0) > 2:
-            raise UserError("llava_loop supports ZeRO stages 0-2; set zero_optimization.stage <= 2 in the DeepSpeed config")
     return accelerator
 
 
@@ -87,10 +76,6 @@ def main_process_result(accelerator, fn):
     return outcome[0]
 
 
-def uses_deepspeed(accelerator) -> bool:
-    return accelerator.state.deepspeed_plugin is not None
-
-
 def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=torch.float32):
     """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
@@ -109,23 +94,3 @@ def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=tor
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
-
-
-def ensure_demo_inputs(cfg: Config) -> None:
-    """Demo conveniences: tiny model and synthetic data, made once when the config asks and they are missing."""
-    from .data.synth import write_shapes
-    from .tiny import build_tiny
-
-    if cfg.model.tiny_preset and not (Path(cfg.model.path) / "config.json").is_file():
-        build_tiny(cfg.model.path, cfg.model.tiny_preset)
-    n = cfg.data.synth_if_missing
-    if not n:
-        return
-    from transformers import AutoConfig
-
-    size = AutoConfig.from_pretrained(cfg.model.path).vision_config.image_size  # images at the tower's resolution
-    splits = [(cfg.data.path, n, cfg.train.seed, "train"), (cfg.data.eval_path, max(n // 10, 32), cfg.train.seed + 1, "val")]
-    for json_path, count, seed, prefix in splits:
-        path = Path(json_path)
-        if json_path and not path.is_file():
-            write_shapes(path.parent, count, seed=seed, size=size, prefix=prefix, json_name=path.name)

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from llava_loop.tiny import build_tiny
+    from llava_loop.demo.tiny import build_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     build_tiny(out)
@@ -42,7 +42,7 @@ def qwen3_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> dict:
     """Synthetic shapes in the LLaVA layout at the tiny tower's 64 px: 96 train and 32 held-out records."""
-    from llava_loop.data.synth import write_shapes
+    from llava_loop.demo.shapes import write_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     train = write_shapes(root / "train", 96, seed=0, size=64, prefix="train")
@@ -53,7 +53,7 @@ def shapes_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_dropout_model_dir(tmp_path_factory) -> Path:
     """The tiny model with attention dropout 0.1 in both towers (for resume tests)."""
-    from llava_loop.tiny import TinySpec, build_tiny
+    from llava_loop.demo.tiny import TinySpec, build_tiny
 
     out = tmp_path_factory.mktemp("tiny-dropout") / "model"
     build_tiny(out, TinySpec(dropout=0.1))

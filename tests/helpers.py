@@ -202,30 +202,15 @@ class Snapshots:
         return {"params": params, "moments": moments, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
-POISON_STEPS: set[int] = set()
-
-
-def nan_on_poisoned_steps(model, batch):
-    """The default loss, made NaN while the trainer's next step is in POISON_STEPS (set by the test)."""
+def nan_on_poisoned_steps(model, batch, state, steps=()):
+    """The default loss, made NaN during the optimizer steps listed in ``steps`` (a loss kwarg); ``state`` is the
+    run's live progress, which the loop hands to any loss that declares it."""
     from llava_loop.losses import label_only_ce
 
     out = label_only_ce(model, batch)
-    if nan_on_poisoned_steps.step in POISON_STEPS:
+    if state.step + 1 in steps:  # state.step counts completed steps
         out["loss"] = out["loss"] * math.nan
     return out
-
-
-nan_on_poisoned_steps.step = 0
-
-
-class TrackStep:
-    """Lets nan_on_poisoned_steps know which optimizer step is running."""
-
-    def on_train_start(self, trainer):
-        nan_on_poisoned_steps.step = trainer.state.step + 1
-
-    def on_step_end(self, trainer, metrics):
-        nan_on_poisoned_steps.step = metrics["step"] + 1
 
 
 class FinalLogits:

@@ -403,7 +403,7 @@ def test_data_synth_writes_the_llava_cc3m_layout(tmp_path):
     assert out.returncode == 0, out.stderr
     records = json.loads((tmp_path / "shapes" / "chat.json").read_text())
     assert len(records) == 12
-    from llava_loop.data.synth import parse_caption
+    from llava_loop.demo.shapes import parse_caption
 
     for r in records:
         assert set(r) == {"id", "image", "conversations"}
@@ -420,7 +420,7 @@ def test_data_synth_writes_the_llava_cc3m_layout(tmp_path):
 
 
 def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
-    from llava_loop.data.synth import write_shapes
+    from llava_loop.demo.shapes import write_shapes
 
     path = write_shapes(tmp_path / "d", 10, seed=0, size=48)
     records = json.loads(path.read_text())
@@ -445,7 +445,7 @@ def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
 
 def test_data_check_with_the_model_tokenizer_reports_exact_lengths(tmp_path, tiny_processor):
     from llava_loop.data.check import check_dataset
-    from llava_loop.data.synth import write_shapes
+    from llava_loop.demo.shapes import write_shapes
 
     path = write_shapes(tmp_path / "d", 6, seed=0, size=32)
     report = check_dataset(path, tmp_path / "d" / "images", processor=tiny_processor, progress=False)

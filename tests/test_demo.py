@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from llava_loop.data.encode import SampleEncoder
-from llava_loop.demo import run_demo
+from llava_loop.demo.pipeline import run_demo
 
 
 def _overrides(tmp_path):
@@ -17,7 +17,7 @@ def _overrides(tmp_path):
         f"model.path={tmp_path / 'tiny'}", f"output_dir={tmp_path / 'demo'}",
         f"data.path={tmp_path / 'data/train/chat.json'}", f"data.image_dir={tmp_path / 'data/train/images'}",
         f"data.eval_path={tmp_path / 'data/val/chat.json'}", f"data.eval_image_dir={tmp_path / 'data/val/images'}",
-        "data.synth_if_missing=3200", "data.num_workers=0", "train.epochs=2", "train.time_limit_minutes=2",
+        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 3200}}]", "data.num_workers=0", "train.epochs=2", "train.time_limit_minutes=2",
         "eval.every=50", "eval.max_samples=160",
     ]
 

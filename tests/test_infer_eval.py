@@ -48,7 +48,7 @@ def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, s
                   "checkpoint": ["--model", str(run["checkpoint"])]}[how]
     out = tmp_path / "results.json"
     printed = _cli("eval", *model_args, "--data", str(shapes_data["val"]), "--image-dir", str(shapes_data["val_images"]),
-                   "--out", str(out)).stdout
+                   "--scorer", "llava_loop.demo.shapes:attribute_accuracy", "--out", str(out)).stdout
     results = json.loads(out.read_text())
     metrics = results["metrics"]
     assert metrics["eval_loss"] == pytest.approx(run["in_loop_eval"], rel=1e-5)  # same images, same number

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import helpers
-from llava_loop.config import LoraConfig, load_config
+from llava_loop.config import MODES, LoraConfig, load_config
 from llava_loop.data.collate import Collator
 from llava_loop.data.loader import make_datasets
 from llava_loop.losses import full_logits_ce, label_only_ce
@@ -66,7 +66,6 @@ def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_di
 # Modes
 # ---------------------------------------------------------------------------------------------
 
-MODES = ("projector", "lora", "freeze_vision", "full")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -188,14 +187,16 @@ def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, s
 def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
     from llava_loop.loop import train
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="llava_loop.losses:ce_with_z_loss",
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
+                  loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_weight": 0.01}},
                   hooks=["helpers:RecordCalls"], train={"max_steps": 4}, eval={"every": 2},
                   checkpoint={"every": 2, "keep_last": 0})
     train(cfg)
     steps = helpers.metrics(cfg.output_dir)
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     for m in steps:  # every named term is logged, normalised by supervised tokens like the loss
-        assert m["loss"] == pytest.approx(m["ce"] + 1e-4 * m["z_loss"], rel=1e-6)
+        assert m["loss"] == pytest.approx(m["ce"] + 0.01 * m["z_loss"], rel=1e-6)  # the configured z_weight
+        assert m["loss"] != pytest.approx(m["ce"] + 1e-4 * m["z_loss"], rel=1e-6)  # not the default
         assert m["z_loss"] > 0
     calls = [json.loads(line) for line in open(f"{cfg.output_dir}/hook_calls.jsonl")]
     events = [(c["event"], c["step"]) for c in calls]
@@ -207,10 +208,8 @@ def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_
                                                                             fresh_accelerate_state):
     from llava_loop.loop import Trainer
 
-    helpers.POISON_STEPS.clear()
-    helpers.POISON_STEPS.add(3)
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="helpers:nan_on_poisoned_steps",
-                  hooks=["helpers:TrackStep", "helpers:Snapshots"], train={"max_steps": 5, "warmup_ratio": 0.5})
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [3]}},
+                  hooks=["helpers:Snapshots"], train={"max_steps": 5, "warmup_ratio": 0.5})
     trainer = Trainer(cfg)
     trainer.fit()
     logged = {m["step"]: m for m in helpers.metrics(cfg.output_dir)}
@@ -227,13 +226,11 @@ def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_
 def test_run_aborts_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
     from llava_loop.loop import NonFiniteError, train
 
-    helpers.POISON_STEPS.clear()
-    helpers.POISON_STEPS.update({2, 3, 4, 5})
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss="helpers:nan_on_poisoned_steps",
-                  hooks=["helpers:TrackStep"], train={"max_steps": 8, "max_consecutive_skips": 3})
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
+                  loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [2, 3, 4, 5]}},
+                  train={"max_steps": 8, "max_consecutive_skips": 3})
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*max_consecutive_skips=3"):
         train(cfg)
-    helpers.POISON_STEPS.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +244,7 @@ def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
     demo = helpers.ROOT / "configs" / "demo.yaml"
     common = [f"model.path={tmp_path / 'tiny'}", f"data.path={tmp_path / 'data/train/chat.json'}",
               f"data.image_dir={tmp_path / 'data/train/images'}", f"data.eval_path={tmp_path / 'data/val/chat.json'}",
-              f"data.eval_image_dir={tmp_path / 'data/val/images'}", "data.synth_if_missing=160",
+              f"data.eval_image_dir={tmp_path / 'data/val/images'}", "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 160}}]",
               "train.max_steps=3", "eval.every=0", "data.num_workers=0"]
     runs = {"python": 0, "deepspeed-1": 1, "deepspeed-2": 2}
     for name, processes in runs.items():
@@ -266,7 +263,7 @@ def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
 def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp_path, tiny_model_dir, shapes_data):
     """1 process x mb4 x acc1, 1 process x mb2 x acc2, and 2 DeepSpeed ZeRO-2 processes x mb1 x acc2.
     Multi-turn records give samples different numbers of supervised tokens, so normalisation matters."""
-    from llava_loop.data.synth import write_shapes
+    from llava_loop.demo.shapes import write_shapes
 
     data = dict(shapes_data, train=write_shapes(tmp_path / "mt", 48, seed=6, size=64, max_turns=3),
                 train_images=tmp_path / "mt" / "images")
@@ -372,6 +369,18 @@ def test_a_broken_data_file_fails_before_the_model_loads(tmp_path, tiny_model_di
 
     monkeypatch.setattr(loop, "load_model", must_not_load)
     with pytest.raises(RecordError, match=r"broken.json: record 1 \(id 'b'\): no 'conversations' list"):
+        loop.Trainer(cfg)
+
+
+def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
+                                                                      monkeypatch, fresh_accelerate_state):
+    from llava_loop import loop
+    from llava_loop.errors import UserError
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the loss was bound"))
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
+                  loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}})
+    with pytest.raises(UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*z_wieght.*\(it takes \(model, batch, z_weight"):
         loop.Trainer(cfg)
 
 

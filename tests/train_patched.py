@@ -1,45 +1,55 @@
-"""``python train.py`` with one deliberate fault, for negative controls and crash tests.
+"""``python train.py`` with one deliberate fault, injected as a Checkpointer subclass, for negative controls and
+crash tests.
 
     python tests/train_patched.py no-rng-restore --config ...        resume without restoring RNG state
     python tests/train_patched.py no-data-position --config ...      resume restarting the epoch's data
     python tests/train_patched.py kill-in-save:STEP --config ...     SIGKILL itself while writing checkpoint STEP
 """
 
+import argparse
 import os
 import signal
 import sys
 
-from llava_loop import checkpoint, loop
-from llava_loop.cli import main
+from llava_loop.checkpoint import Checkpointer, rng_state, set_rng_state
+from llava_loop.config import load_config
+from llava_loop.loop import Trainer
 
-fault, argv = sys.argv[1], sys.argv[2:]
+
+class NoRngRestore(Checkpointer):
+    def load(self, path, state):
+        before = rng_state()
+        super().load(path, state)
+        set_rng_state(before)  # undo every RNG restore, ours and Accelerate's
+
+
+class NoDataPosition(Checkpointer):
+    def load(self, path, state):
+        super().load(path, state)
+        self.states["progress"].step_in_epoch = 0
+
+
+def kill_in_save(target: int):
+    class KillInSave(Checkpointer):
+        def seal(self, tmp, final):
+            if final.name == f"step-{target:06d}":
+                os.kill(os.getpid(), signal.SIGKILL)  # model, optimizer and RNG files are written; no manifest, no marker
+            super().seal(tmp, final)
+
+    return KillInSave
+
+
+fault = sys.argv[1]
 if fault == "no-rng-restore":
-    load = checkpoint.load
-
-    def load_without_rng(trainer, path):
-        before = checkpoint.rng_state()
-        load(trainer, path)
-        checkpoint.set_rng_state(before)  # undo every RNG restore, ours and Accelerate's
-
-    checkpoint.load = load_without_rng
+    checkpointer_cls = NoRngRestore
 elif fault == "no-data-position":
-    original = loop.Trainer.load_state_dict
-
-    def forget_position(self, state):
-        original(self, state)
-        self.state.step_in_epoch = 0
-
-    loop.Trainer.load_state_dict = forget_position
+    checkpointer_cls = NoDataPosition
 elif fault.startswith("kill-in-save:"):
-    target = int(fault.split(":")[1])
-    write_manifest = checkpoint.write_manifest
-
-    def dying_manifest(root):
-        if root.name == f".tmp-step-{target:06d}":
-            os.kill(os.getpid(), signal.SIGKILL)  # model, optimizer and RNG files are written; no manifest, no marker
-        write_manifest(root)
-
-    checkpoint.write_manifest = dying_manifest
+    checkpointer_cls = kill_in_save(int(fault.split(":")[1]))
 else:
     raise SystemExit(f"unknown fault {fault}")
-sys.exit(main(["train", *argv]))
+parser = argparse.ArgumentParser()
+parser.add_argument("--config", required=True)
+parser.add_argument("overrides", nargs="*")
+args = parser.parse_args(sys.argv[2:])
+Trainer(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls).fit()

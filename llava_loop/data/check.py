@@ -2,7 +2,8 @@
 
 Structural errors stop at the first bad record (they would stop training too). Everything the
 training run would skip is counted by reason, with examples. Token lengths come from the model's
-tokenizer when ``--model`` is given, else from a 4-characters-per-token estimate.
+tokenizer when ``--model`` is given, else from ``Record.estimated_tokens`` with ``image_tokens``
+placeholders per image. Images go through the same checks as in training (``images.open_checked``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .encode import record_messages
-from .images import load_image
+from .images import MAX_IMAGE_PIXELS, open_checked
 from .records import Records, load_records
 from .skips import SkipSample
 
@@ -24,26 +24,17 @@ def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
     """(reason or None, detail, (width, height)) for one image; decode fully only when asked."""
     path, decode, max_pixels = args
     try:
-        if decode:
-            image = load_image(Path(path), max_pixels)
-            return None, "", image.size
-        if not Path(path).is_file():
-            raise SkipSample("missing_image", f"{path} does not exist")
-        if Path(path).stat().st_size == 0:
-            raise SkipSample("empty_image", f"{path} is zero bytes")
-        with Image.open(path) as image:  # header only
-            if image.size[0] * image.size[1] > max_pixels:
-                raise SkipSample("decompression_bomb", f"{path} is {image.size[0]}x{image.size[1]}")
-            return None, "", image.size
+        result = open_checked(Path(path), max_pixels, decode=decode)
     except SkipSample as skip:
         return skip.reason, skip.detail, None
-    except Exception as exc:  # header unreadable
-        return "corrupt_image", f"{path}: {exc}", None
+    return None, "", result.size if decode else result
 
 
 def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = False, processor=None,
-                  max_length: int = 2048, max_image_pixels: int = 89_478_485, workers: int = 0,
-                  progress: bool = True) -> dict:
+                  max_length: int = 2048, image_tokens: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                  workers: int = 0, progress: bool = True) -> dict:
+    """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
+    the length estimate when no ``processor`` gives exact lengths."""
     records: Records = load_records(data)  # structural problems raise RecordError here
     problems: Counter = Counter()
     examples: dict[str, str] = {}
@@ -66,7 +57,7 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
                 lengths.append(len(ids))
             else:
                 record_messages(record)
-                lengths.append(record.text_chars() // 4 + (576 if record.image else 0))
+                lengths.append(record.estimated_tokens(image_tokens))
         except SkipSample as skip:
             problems[skip.reason] += 1
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")

@@ -14,10 +14,21 @@ import random
 from pathlib import Path
 
 from ..errors import UserError
+from ..template import IMAGE_TOKEN
 from .records import ROLE_ALIASES
-from .synth import PROMPTS
 
 LLAVA_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
+# Brief-description instructions in the spirit of LLaVA's pretraining prompts; one is drawn per caption row.
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of this picture.",
+    "What is shown in this image? Answer briefly.",
+    "Write a concise caption for the photo.",
+    "Summarize what you see in one sentence.",
+    "Provide a brief caption for the image.",
+    "Tell me in a few words what the picture shows.",
+    "Describe the main content of the image concisely.",
+)
 IMAGE_KEYS = ("image", "file_name", "filename", "image_path", "img", "path")
 CAPTION_KEYS = ("caption", "text", "description", "answer")
 
@@ -76,8 +87,8 @@ def from_captions(path: Path, *, image_key: str | None = None, caption_key: str 
         except ValueError as exc:
             raise ConvertError(f"{where}: {exc}") from None
         caption = str(_pick(row, CAPTION_KEYS, caption_key, "caption", where)).strip()
-        instruction = prompt or rng.choice(PROMPTS)
-        human = f"<image>\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n<image>"
+        instruction = prompt or rng.choice(CAPTION_PROMPTS)
+        human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
         out.append({"id": str(row.get("id", Path(image).stem)), "image": image,
                     "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
     return out
@@ -95,7 +106,7 @@ def _message_text(content, where: str) -> str:
         if kind == "text":
             texts.append(part.get("text", ""))
         elif kind in ("image", "image_url"):
-            texts.append("<image>")
+            texts.append(IMAGE_TOKEN)
         else:
             raise ConvertError(f"{where}: unknown content part {part!r}")
     return "\n".join(t for t in texts if t)
@@ -120,10 +131,10 @@ def from_conversations(path: Path) -> list[dict]:
                 record["image"] = _image_path(image)
             except ValueError as exc:
                 raise ConvertError(f"{where}: {exc}") from None
-            tags = sum(c["value"].count("<image>") for c in conversations)
+            tags = sum(c["value"].count(IMAGE_TOKEN) for c in conversations)
             if tags == 0:  # ShareGPT-4o keeps the image beside the text: put the tag where LLaVA expects it
                 first = next(c for c in conversations if c["from"] == "human")
-                first["value"] = "<image>\n" + first["value"]
+                first["value"] = f"{IMAGE_TOKEN}\n" + first["value"]
         out.append(record)
     return out
 

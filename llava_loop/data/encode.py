@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..template import IMAGE_TOKEN, assistant_spans, render
-from .images import clip_fast_path_applies, clip_pixels, expand_to_square, load_image
+from .images import MAX_IMAGE_PIXELS, clip_fast_path_applies, clip_pixels, expand_to_square, load_image
 from .records import Record
 from .skips import SkipSample
 
@@ -99,7 +99,7 @@ class SampleEncoder:
     """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample."""
 
     def __init__(self, processor, *, max_length: int, system_prompt: str = "", image_aspect_ratio: str = "resize",
-                 max_image_pixels: int = 89_478_485):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -11,11 +11,18 @@ from PIL import Image, UnidentifiedImageError
 
 from .skips import SkipSample
 
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit; data.max_image_pixels defaults to it
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
-def load_image(path: Path, max_pixels: int) -> Image.Image:
+def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
+    return open_checked(path, max_pixels, decode=True)
+
+
+def open_checked(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool) -> Image.Image | tuple[int, int]:
+    """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
+    only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
     if not path.is_file():
         raise SkipSample("missing_image", f"{path} does not exist")
     if path.stat().st_size == 0:
@@ -27,6 +34,8 @@ def load_image(path: Path, max_pixels: int) -> Image.Image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise SkipSample("decompression_bomb", f"{path} is {width}x{height}, over {max_pixels} pixels")
+                if not decode:
+                    return image.size
                 image.load()  # decode now, inside the guard: truncated files fail here, not later
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

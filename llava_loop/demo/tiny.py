@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data.synth import tokenizer_corpus
+from .shapes import tokenizer_corpus
 
 # Qwen2.5's ChatML layout (no tools): a default system turn when none is given.
 CHATML_TEMPLATE = (
@@ -150,7 +150,7 @@ def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tup
 
 def build_tiny(out: str | Path, spec: TinySpec | str = "tiny", towers_dir: str | Path | None = None):
     """Tiny towers next to ``out`` (``<out>-towers/``), composed into ``out``. Returns build_llava's result."""
-    from .build import build_llava
+    from ..build import build_llava
 
     spec = PRESETS[spec] if isinstance(spec, str) else spec
     out = Path(out)

@@ -1,9 +1,10 @@
-"""A synthetic "shapes" dataset in the exact LLaVA-CC3M-Pretrain-595K layout.
+"""The demo's synthetic "shapes" dataset, in the exact LLaVA-CC3M-Pretrain-595K layout, and its scorer.
 
 Each image shows one coloured shape at one of five positions on a noisy background; its caption reads
 like ``a red circle in the top left .``. Prompts come from a small pool of pretrain-style instructions
 with ``<image>`` at the start or at the end of the human turn, as in the real data. Optional extra
-question/answer rounds make multi-turn, mixed-length conversations.
+question/answer rounds make multi-turn, mixed-length conversations. ``attribute_accuracy`` is the
+extra scorer the demo hands to ``llava_loop.evaluate``: per-attribute accuracy of generated captions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..template import IMAGE_TOKEN
 
 COLORS = {
     "red": (220, 35, 35),
@@ -101,7 +104,7 @@ def draw_shape(size: int, color: str, shape: str, position: str, rng: random.Ran
 def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) -> tuple[dict, tuple[str, str, str]]:
     color, shape, position = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
     prompt = rng.choice(PROMPTS)
-    human = f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"
+    human = f"{IMAGE_TOKEN}\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n{IMAGE_TOKEN}"
     conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": caption(color, shape, position)}]
     attrs = {"color": color, "shape": shape, "position": position}
     k = rng.randint(0, max_turns - 1)
@@ -145,3 +148,13 @@ def tokenizer_corpus() -> list[str]:
         "0 1 2 3 4 5 6 7 8 9 10 100 1000",
     ]
     return lines
+
+
+def attribute_accuracy(predictions: list[dict]) -> dict:
+    """Accuracy per attribute (colour, shape, position) of predicted captions; empty unless every reference
+    is a shapes caption. An extra scorer for ``llava_loop.evaluate.evaluate_model``."""
+    parsed = [(parse_caption(p["reference"]), parse_caption(p["prediction"])) for p in predictions]
+    if not predictions or not all(all(ref.values()) for ref, _ in parsed):
+        return {}
+    return {f"{attr}_accuracy": sum(ref[attr] == pred[attr] for ref, pred in parsed) / len(predictions)
+            for attr in ATTRIBUTES}

@@ -1,0 +1,135 @@
+"""Distributed backends: what differs between plain PyTorch (one process or DDP) and DeepSpeed ZeRO.
+
+The loop, the checkpointer and export call the same few methods on whichever backend ``backend_for``
+chose once from the Accelerator; none of them branches on the backend. A new backend (ZeRO-3, FSDP2)
+is one more class in ``BACKENDS``, not more branches:
+
+* ``configure``: settle backend settings from the training config, before ``accelerator.prepare``;
+* ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
+* ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
+* ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, check_tensor_names, scan_pickles
+from .errors import UserError
+
+
+class PlainBackend:
+    """One process or DDP: Accelerate's own save/load, clipping and optimizer step."""
+
+    name = "plain"
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def describe(self) -> str:
+        return str(self.accelerator.distributed_type)
+
+    def configure(self, train_cfg) -> None:
+        self.accelerator.register_save_state_pre_hook(frozen_tensor_filter)
+
+    def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
+        """Clip, step, zero. A non-finite norm skips the update entirely."""
+        norm = float(self.accelerator.clip_grad_norm_(trainable, max_grad_norm or float("inf")))
+        stepped = math.isfinite(norm)
+        if stepped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
+
+    def save_kwargs(self) -> dict:
+        return {}
+
+    def load(self, path: Path, model) -> None:
+        from safetensors import safe_open
+
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            saved = set(f.keys())
+        check_tensor_names(saved, {n for n, p in model.named_parameters() if p.requires_grad}, path / "model.safetensors")
+        self.accelerator.load_state(str(path), strict=False)
+
+    @staticmethod
+    def trained_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint_dir / "model.safetensors")
+
+
+class DeepSpeedBackend:
+    """DeepSpeed ZeRO-2 through Accelerate's plugin: the engine clips, accumulates and steps itself."""
+
+    name = "deepspeed"
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.config = accelerator.state.deepspeed_plugin.deepspeed_config
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
+
+    def configure(self, train_cfg) -> None:
+        """One source of truth: batch sizes, accumulation and clipping come from ``train.*`` (Accelerate would
+        otherwise fill an "auto" clipping with 1.0)."""
+        ds = self.config
+        ds["gradient_clipping"] = train_cfg.max_grad_norm
+        ds["gradient_accumulation_steps"] = train_cfg.grad_accum
+        ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
+        ds["train_batch_size"] = train_cfg.micro_batch_size * train_cfg.grad_accum * self.accelerator.num_processes
+        if ds.get("zero_optimization", {}).get("stage", 0) > 2:
+            raise UserError("llava_loop supports ZeRO stages 0-2; set zero_optimization.stage <= 2 in the DeepSpeed config")
+
+    def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
+        """The engine already clipped and stepped inside the last ``accelerator.backward``; it skips a
+        non-finite update itself. Read back what it did."""
+        norm = model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, math.isfinite(norm)
+
+    def save_kwargs(self) -> dict:
+        return {"exclude_frozen_parameters": True}
+
+    def load(self, path: Path, model) -> None:
+        self.accelerator.load_state(str(path), load_module_strict=False)
+
+    @staticmethod
+    def trained_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        scan_pickles(checkpoint_dir)  # zero_to_fp32 unpickles without weights_only
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="pytorch_model"))
+
+
+BACKENDS = {backend.name: backend for backend in (PlainBackend, DeepSpeedBackend)}
+
+
+def backend_for(accelerator):
+    """The backend this Accelerator runs (chosen once, at startup)."""
+    cls = DeepSpeedBackend if accelerator.state.deepspeed_plugin is not None else PlainBackend
+    return cls(accelerator)
+
+
+def backend_class(name: str, where: Path):
+    """The backend a checkpoint was written with (export has no Accelerator)."""
+    if name not in BACKENDS:
+        raise CheckpointError(f"{where}: written by an unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    return BACKENDS[name]
+
+
+def frozen_tensor_filter(models, weights, output_dir) -> None:
+    """Accelerate save-state pre-hook: keep each trainable tensor once (under its first name, as
+    ``named_parameters`` does); drop frozen tensors and tied aliases."""
+    for model, state in zip(models, weights):
+        frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+        seen = set()
+        for key in list(state):
+            ptr = state[key].data_ptr()
+            if ptr in frozen or ptr in seen:
+                del state[key]
+            seen.add(ptr)
