@@ -380,7 +380,7 @@ def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(tmp_path, 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the loss was bound"))
     cfg = _config(tmp_path, tiny_model_dir, shapes_data,
                   loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}})
-    with pytest.raises(UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*z_wieght.*\(it takes \(model, batch, z_weight"):
+    with pytest.raises(UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*'z_wieght'.*\(it takes \(model, batch.*z_weight"):
         loop.Trainer(cfg)
 
 
