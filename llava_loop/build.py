@@ -272,7 +272,7 @@ def compose_config(vision_config, text_config, image_token_id: int, pad_token_id
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=image_token_id,
-        image_seq_length=image_tokens_per_image(vision_config),
+        image_seq_length=patch_count(vision_config),
         projector_hidden_act="gelu",
         vision_feature_layer=VISION_FEATURE_LAYER,
         vision_feature_select_strategy=VISION_FEATURE_SELECT,
@@ -280,7 +280,9 @@ def compose_config(vision_config, text_config, image_token_id: int, pad_token_id
     )
 
 
-def image_tokens_per_image(vision_config) -> int:
+def patch_count(vision_config) -> int:
+    """Patches per image, (image_size / patch_size)^2: the features a CLIP tower hands the projector once its
+    CLS token is dropped. What one ``<image>`` must expand to (``data.encode.image_tokens_per_image``)."""
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
@@ -326,7 +328,7 @@ def make_processor(image_processor, tokenizer, vision_config):
 def check_image_tokens(model, processor) -> int:
     """One ``<image>`` must expand to as many placeholder tokens as the tower yields features."""
     size = model.config.vision_config.image_size
-    expected = image_tokens_per_image(model.config.vision_config)
+    expected = patch_count(model.config.vision_config)
     prompt = render(processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True)
     batch = processor(text=[prompt], images=[Image.new("RGB", (size, size), (127, 127, 127))], return_tensors="pt")
     n_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())

@@ -288,3 +288,64 @@ torch.save(results, {str(tmp_path / 'exported_logits.pt')!r})
     with torch.no_grad():
         untrained = base(**reference["inputs"]).logits
     assert (untrained - reference["logits"]).abs().max() > 1e-2
+
+
+class _Counter:
+    """A stateful part of the kind a user might add: anything with state_dict / load_state_dict."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path, fresh_accelerate_state):
+    """The Checkpointer is handed an accelerator, a backend, a model and stateful parts, and nothing else."""
+    from accelerate import Accelerator
+
+    from llava_loop.backends import PlainBackend
+    from llava_loop.checkpoint import Checkpointer
+
+    acc = Accelerator(cpu=True)
+    backend = PlainBackend(acc)
+    backend.configure(None)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    net[0].requires_grad_(False)  # frozen: never saved
+    model, optimizer = acc.prepare(net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1))
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    counter = _Counter()
+    identity = {"world_size": 1, "backend": "plain", "mode": "full"}
+
+    def checkpointer(run_identity):
+        return Checkpointer(acc, backend, model, tmp_path, states={"counter": counter}, identity=run_identity,
+                            config_yaml="x: 1\n", keep_last=0, verify="hash")
+
+    counter.n = 7
+    path = checkpointer(identity).save(3)
+    trained = [p.detach().clone() for p in model.parameters()]
+    moments = [v.clone() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == {"1.weight", "1.bias"}
+    counter.n = 0
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+
+    found = checkpointer(identity).find_resume("auto")
+    assert found[0] == path and found[1]["counter"] == {"n": 7} and found[1]["run"] == identity
+    with pytest.raises(CheckpointError, match=r"written with mode='full' but this run has mode='lora'"):
+        checkpointer({**identity, "mode": "lora"}).load(*found)  # negative control: a different run is refused
+    checkpointer(identity).load(*found)
+    assert counter.n == 7
+    assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in
+               zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]))
