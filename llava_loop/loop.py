@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 
 from .backends import backend_for
 from .checkpoint import Checkpointer
 from .config import Config
 from .console import Console
+from .data.encode import IGNORE_INDEX
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
 from .data.skips import SkipTally
 from .errors import UserError
@@ -138,6 +140,9 @@ class Trainer:
         self.train_set, self.eval_set = make_datasets(cfg, self.processor, records)
         pad_id = self.processor.tokenizer.pad_token_id
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
+        encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size
+        self.blank_image = {"tokens": encoder.n_image_tokens, "token_id": encoder.image_token_id,
+                            "pixels": encoder.pixel_values(Image.new("RGB", (8, 8)))}
         self.eval_loader = None
         if self.eval_set is not None:
             self.eval_loader = make_eval_loader(self.eval_set, cfg, rank=acc.process_index,
@@ -230,8 +235,8 @@ class Trainer:
         terms = defaultdict(float)
         for batch in window:
             with acc.accumulate(self.model):
-                out = self.loss_fn(self.model, batch)
-                acc.backward(self.connect_to_trainable(out["loss"]) * scale)
+                out = self.loss_fn(self.model, self.with_image_path(batch))
+                acc.backward(out["loss"] * scale)
             for name, value in out.items():
                 terms[name] += float(value.detach())
         assert acc.sync_gradients, "a window must end on an accumulation boundary"
@@ -281,12 +286,22 @@ class Trainer:
         return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]),
                 "padded_slots": int(total[3]), "skip_events": int(total[4])}
 
-    def connect_to_trainable(self, loss: torch.Tensor) -> torch.Tensor:
-        """A batch that reaches no trainable weight (text-only in projector mode) still gives every process
-        the same gradient structure: add a zero that touches each trainable tensor once."""
-        if loss.requires_grad:
-            return loss
-        return loss + sum(p.view(-1)[0] * 0.0 for p in self.trainable)
+    def with_image_path(self, batch: dict) -> dict:
+        """Every process must produce the same gradients in the same order: ZeRO-2 packs them into its reduce
+        buckets in the order backward makes them, so a rank that skips the vision tower and projector (a micro-
+        batch without images) misaligns every bucket, silently. Such a micro-batch gets one blank image, as
+        LLaVA does: its placeholders go after row 0's last column with attention mask 0 and no labels, so causal
+        attention hides them from every real token, the loss is unchanged, and their gradient is exactly zero."""
+        if "pixel_values" in batch:
+            return batch
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        n = self.blank_image["tokens"]
+        extra_ids = ids.new_full((ids.shape[0], n), self.processor.tokenizer.pad_token_id)
+        extra_ids[0] = self.blank_image["token_id"]
+        return {**batch, "input_ids": torch.cat([ids, extra_ids], 1),
+                "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
+                "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
+                "pixel_values": self.blank_image["pixels"].to(ids.device)[None]}
 
     def advance(self, stats: dict, stepped: bool) -> None:
         """Advance the progress counters; abort after too many non-finite steps in a row."""

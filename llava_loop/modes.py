@@ -9,6 +9,10 @@
 
 Vision layers after the feature layer (``vision_feature_layer=-2``) and CLIP's post-layernorm never
 reach the loss; they stay frozen in every mode so no optimizer state or DDP bookkeeping is wasted.
+
+Gradient checkpointing goes only where backward must pass: the LLM always, the vision tower only when it
+trains (``full``). It is non-reentrant, so no input-grad hooks are needed: a frozen vision tower runs
+forward once per micro-batch and its outputs carry no autograd graph.
 """
 
 from __future__ import annotations
@@ -52,10 +56,6 @@ TRAINABLE_PARTS = {  # mode -> the parts that train (config.MODES is the list of
 
 def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_checkpointing: bool = False):
     """Set ``requires_grad`` for ``mode`` (adding LoRA adapters in lora mode) and return the model to train."""
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if mode in ("projector", "lora"):
-            model.enable_input_require_grads()  # frozen embeddings: make checkpointed inputs carry grad
     trainable_parts = TRAINABLE_PARTS[mode]
     unused = unused_vision_param_names(model)
     for name, param in model.named_parameters():
@@ -73,8 +73,19 @@ def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_che
             modules_to_save=["multi_modal_projector"],  # trained fully and saved with the adapter
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)  # before checkpointing, or PEFT hooks the inputs to require grad
+    if gradient_checkpointing:
+        enable_checkpointing(model, trainable_parts)
     return model
+
+
+def enable_checkpointing(model, trainable_parts: set[str]) -> None:
+    """Non-reentrant activation checkpointing on the LLM, and on the vision tower only if it trains."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    towers = [llava.model.language_model] + ([llava.model.vision_tower] if VISION in trainable_parts else [])
+    for tower in towers:
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        tower.disable_input_require_grads()  # transformers hooks input_ids models; non-reentrant needs no hook
 
 
 def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:

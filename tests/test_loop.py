@@ -165,6 +165,44 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode, tmp_path, tiny_mo
         assert torch.allclose(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7), name
 
 
+def _probe_vision_layer(model):
+    """Counts runs of the vision tower's first encoder layer, recomputes included (transformers checkpoints the
+    layer's ``forward``, so the probe sits on its first sub-module, as a pre-hook because a recompute may stop
+    early), and records whether the layer's output carried an autograd graph."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    probe = {"calls": 0, "graph": []}
+    layer = llava.model.vision_tower.encoder.layers[0]
+    layer.layer_norm1.register_forward_pre_hook(lambda module, args: probe.update(calls=probe["calls"] + 1))
+    layer.register_forward_hook(
+        lambda module, args, out: probe["graph"].append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    return probe
+
+
+@pytest.mark.parametrize("mode", ["projector", "lora", "freeze_vision", "full"])
+def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(mode, tmp_path, tiny_model_dir,
+                                                                               shapes_data, tiny_processor):
+    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
+    model.train()
+    probe = _probe_vision_layer(model)
+    label_only_ce(model, batch)["loss"].backward()
+    llava = model.get_base_model() if mode == "lora" else model
+    assert llava.model.language_model.layers[0].gradient_checkpointing  # the LLM is checkpointed in every mode
+    if mode == "full":  # the tower trains: checkpointed, so recomputed once in backward
+        assert probe["calls"] == 2 and probe["graph"][0]
+    else:
+        assert probe == {"calls": 1, "graph": [False]}, probe  # one forward per micro-batch, no autograd graph
+        assert not llava.model.vision_tower.encoder.layers[0].gradient_checkpointing
+    if mode == "projector":  # negative control: checkpointing the whole model with input-grad hooks (the old way)
+        old = apply_mode(_model(tiny_model_dir), mode)
+        old.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        old.enable_input_require_grads()
+        old.train()
+        old_probe = _probe_vision_layer(old)
+        label_only_ce(old, batch)["loss"].backward()
+        assert old_probe["calls"] == 2 and old_probe["graph"][0]  # recomputed and backpropagated: what the probe catches
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs (in process)
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +341,44 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
     mean_of_means = torch.cat([params[n].grad.double().flatten() for n in grads["1x4x1"]["names"]])
     reference_grad = grads["1x4x1"]["flat"]
     assert torch.linalg.norm(mean_of_means - reference_grad) / torch.linalg.norm(reference_grad) > 1e-3
+
+
+def _mixed_text_and_image_data(root, shapes_data, n=48):
+    """Shapes records where every other one is text-only (no image, no <image> tag): a stage-2-like mix."""
+    from llava_loop.demo.shapes import write_shapes
+
+    path = write_shapes(root, n, seed=7, size=64, max_turns=2)
+    records = json.loads(path.read_text())
+    for record in records[1::2]:
+        del record["image"]
+        record["id"] = "text_" + record["id"]
+        for turn in record["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "").strip()
+    path.write_text(json.dumps(records))
+    return dict(shapes_data, train=path, train_images=root / "images")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["projector", "freeze_vision", "lora"])
+def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
+    """A rank whose micro-batch has no image must still produce projector gradients, or ZeRO-2's reduce breaks
+    (gloo: a size mismatch; NCCL: a hang). 2 processes x mb1 x acc2 against 1 process x mb4."""
+    data = _mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
+    losses = {}
+    for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "2x1x2": (2, 1, 2)}.items():
+        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / name,
+                                      mode=mode, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4,
+                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True})
+        helpers.launch(config, processes=processes)
+        losses[name] = helpers.metrics(tmp_path / name)
+    # the run really mixed: some accumulation slot had an image on one rank and none on the other
+    mixed_slots = [ids for ids in (m["sample_ids"] for m in losses["2x1x2"])
+                   if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))]
+    assert mixed_slots, [m["sample_ids"] for m in losses["2x1x2"]]
+    reference = [m["loss"] for m in losses["1x4x1"]]
+    got = [m["loss"] for m in losses["2x1x2"]]
+    assert len(got) == 4 and got == pytest.approx(reference, rel=1e-5)
 
 
 @pytest.mark.slow
