@@ -18,19 +18,20 @@ from .data.collate import Collator
 from .data.dataset import LlavaDataset
 from .data.encode import SampleEncoder
 from .data.records import Records
-from .losses import label_only_ce, supervised_positions
+from .losses import label_only_ce
 
 
 @torch.no_grad()
 def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int]:
-    """(summed loss, supervised tokens) over a loader; the caller divides (after reducing across processes)."""
-    loss_sum, tokens = 0.0, 0
+    """(summed loss, supervised tokens) over a loader; the caller divides (after reducing across processes).
+    The loss is summed on the device and read once."""
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in loader:
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss_sum += float(loss_fn(model, batch)["loss"])
-        tokens += supervised_positions(batch["labels"])[1].numel()
-    return loss_sum, tokens
+        loss_sum += loss_fn(model, batch)["loss"].detach().double()
+        tokens += batch["n_label_tokens"]
+    return float(loss_sum), tokens
 
 
 def normalize(text: str) -> str:

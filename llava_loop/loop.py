@@ -32,7 +32,7 @@ from .errors import UserError
 from .evaluate import heldout_loss_sums
 from .hooks import make_hooks
 from .importing import bind
-from .losses import make_loss, supervised_positions
+from .losses import make_loss
 from .modes import apply_mode, param_groups, trainable_table
 from .runtime import load_model, make_accelerator
 
@@ -230,24 +230,25 @@ class Trainer:
     def train_step(self, window: list[dict]) -> dict:
         acc = self.accelerator
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}  # this step's rates
-        stats = self.global_window_stats(window)
-        scale = self.cfg.train.grad_accum * acc.num_processes / max(stats["label_tokens"], 1)
-        terms = defaultdict(float)
+        counts = self.global_window_counts(window)  # stays on the device: no host read before backward
+        scale = self.cfg.train.grad_accum * acc.num_processes / counts[0].clamp(min=1)
+        terms = {}
         for batch in window:
             with acc.accumulate(self.model):
                 out = self.loss_fn(self.model, self.with_image_path(batch))
-                acc.backward(out["loss"] * scale)
-            for name, value in out.items():
-                terms[name] += float(value.detach())
+                acc.backward(out["loss"] * scale.to(out["loss"].dtype))
+            for name, value in out.items():  # summed on the device, read once per step
+                terms[name] = terms.get(name, 0) + value.detach().double()
         assert acc.sync_gradients, "a window must end on an accumulation boundary"
         grad_norm, stepped = self.backend.optimizer_step(self.model, self.optimizer, self.trainable,
                                                          self.cfg.train.max_grad_norm)
         if stepped:
             self.scheduler.step()
+        stats, sums = self.read_step(counts, terms)
         self.advance(stats, stepped)
         self.record_skips(window, stats)
         now = time.monotonic()  # step time includes waiting for data: throughput as the user sees it
-        metrics = self.step_metrics(terms, stats, lrs, grad_norm, stepped, now - self.last_step_end)
+        metrics = self.step_metrics(sums, stats, lrs, grad_norm, stepped, now - self.last_step_end)
         self.last_step_end = now
         if self.cfg.train.log_sample_ids:
             from accelerate.utils import gather_object
@@ -273,18 +274,22 @@ class Trainer:
             self.state.epoch += 1
             self.state.step_in_epoch = 0
 
-    def global_window_stats(self, window: list[dict]) -> dict:
-        """One all-reduce: supervised tokens, samples, real tokens, padded slots and skip events of the window."""
+    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events")
+
+    def global_window_counts(self, window: list[dict]) -> torch.Tensor:
+        """One all-reduce of the window's ``COUNTS`` (from the collator's Python ints); left on the device."""
         local = torch.tensor([
-            sum(supervised_positions(b["labels"])[1].numel() for b in window),
-            sum(len(b["ids"]) for b in window),
-            sum(int(b["attention_mask"].sum()) for b in window),
-            sum(b["attention_mask"].numel() for b in window),
-            sum(len(b["skipped"]) for b in window),
+            sum(b["n_label_tokens"] for b in window), sum(len(b["ids"]) for b in window),
+            sum(b["n_tokens"] for b in window), sum(b["n_slots"] for b in window), sum(len(b["skipped"]) for b in window),
         ], dtype=torch.float64, device=self.accelerator.device)
-        total = self.accelerator.reduce(local, reduction="sum").tolist()
-        return {"label_tokens": int(total[0]), "samples": int(total[1]), "tokens": int(total[2]),
-                "padded_slots": int(total[3]), "skip_events": int(total[4])}
+        return self.accelerator.reduce(local, reduction="sum")
+
+    def read_step(self, counts: torch.Tensor, terms: dict) -> tuple[dict, dict]:
+        """The step's one metrics read: the global counts and the loss terms summed over processes."""
+        sums = self.accelerator.reduce(torch.stack(list(terms.values())), reduction="sum")
+        values = torch.cat([counts, sums]).tolist()
+        stats = {name: int(v) for name, v in zip(self.COUNTS, values)}
+        return stats, dict(zip(terms, values[len(self.COUNTS):]))
 
     def with_image_path(self, batch: dict) -> dict:
         """Every process must produce the same gradients in the same order: ZeRO-2 packs them into its reduce
@@ -333,11 +338,9 @@ class Trainer:
             self.console.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
         self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
 
-    def step_metrics(self, terms: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
-        totals = self.accelerator.reduce(torch.tensor(list(terms.values()), dtype=torch.float64,
-                                                      device=self.accelerator.device), reduction="sum").tolist()
+    def step_metrics(self, sums: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
         n = max(stats["label_tokens"], 1)
-        metrics = {name: value / n for name, value in zip(terms, totals)}
+        metrics = {name: value / n for name, value in sums.items()}
         metrics.update(
             step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
             lr=next(iter(lrs.values())), grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
@@ -392,10 +395,10 @@ class Trainer:
         limit = self.cfg.train.time_limit_minutes
         if limit and time.monotonic() - self.started > 60 * limit:
             self.stop_requested = True
-        flag = torch.tensor([float(self.stop_requested)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        self.stopped = bool(flag.item() > 0)
+        self.stopped = self.stop_requested
+        if self.accelerator.num_processes > 1:  # the step's one more host read
+            flag = torch.tensor([float(self.stop_requested)], device=self.accelerator.device)
+            self.stopped = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return self.stopped
 
     def due(self, every: int) -> bool:

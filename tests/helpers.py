@@ -213,6 +213,15 @@ def nan_on_poisoned_steps(model, batch, state, steps=()):
     return out
 
 
+def label_only_ce_read_each_micro_batch(model, batch):
+    """The default loss, plus one host read of its value per micro-batch (the read-counting negative control)."""
+    from llava_loop.losses import label_only_ce
+
+    out = label_only_ce(model, batch)
+    float(out["loss"])
+    return out
+
+
 class FinalLogits:
     """At the end of training, runs the in-training model on the first two held-out samples and saves the
     batch and its logits to final_logits.pt: the reference for export parity."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -269,6 +270,66 @@ def test_run_aborts_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_mode
                   train={"max_steps": 8, "max_consecutive_skips": 3})
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*max_consecutive_skips=3"):
         train(cfg)
+
+
+def _read_counter(monkeypatch):
+    """Counts host reads (Tensor.item / tolist / __float__) made by llava_loop and Accelerate. torch's AdamW
+    reads its step counter, which it keeps on the host, and transformers' Llava formats a tensor into an error
+    message on every forward (docs/BENCHMARKS.md); neither is the loop's to remove."""
+    reads = []
+
+    def wrap(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(("llava_loop", "accelerate", "helpers")):
+                reads.append((name, caller))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in ("item", "tolist", "__float__"):
+        wrap(name)
+    return reads
+
+
+class _ReadsPerStep:
+    def __init__(self, reads):
+        self.reads, self.at_step_end = reads, []
+
+    def on_step_end(self, trainer, metrics):
+        self.at_step_end.append(len(self.reads))
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_at_most_three_host_reads_per_optimizer_step(accum, tmp_path, tiny_model_dir, shapes_data, monkeypatch,
+                                                    fresh_accelerate_state):
+    from llava_loop.loop import Trainer
+
+    reads = _read_counter(monkeypatch)
+    per_step = {}
+    for loss in ("llava_loop.losses:label_only_ce", "helpers:label_only_ce_read_each_micro_batch"):
+        cfg = _config(tmp_path, tiny_model_dir, shapes_data, name=loss.split(":")[1], loss=loss,
+                      train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4})
+        trainer = Trainer(cfg)
+        probe = _ReadsPerStep(reads)
+        trainer.hooks.hooks.append(probe)
+        trainer.fit()
+        per_step[loss] = [b - a for a, b in zip(probe.at_step_end, probe.at_step_end[1:])]
+        _reset_accelerate()  # two Trainers in one test
+    assert len(per_step["llava_loop.losses:label_only_ce"]) == 3
+    assert max(per_step["llava_loop.losses:label_only_ce"]) <= 3, reads[-12:]
+    # negative control: a loss that reads its value back on every micro-batch is counted once per micro-batch more
+    assert [b - a for a, b in zip(per_step["llava_loop.losses:label_only_ce"],
+                                  per_step["helpers:label_only_ce_read_each_micro_batch"])] == [accum] * 3
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------------------------------------

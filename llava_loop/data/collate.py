@@ -1,4 +1,8 @@
-"""Pad encoded samples into a batch. Masks come from lengths, never from token values."""
+"""Pad encoded samples into a batch. Masks come from lengths, never from token values.
+
+The batch also carries its counts as Python ints (supervised tokens, real tokens, padded slots), so the
+loop never reads them back from the device.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,19 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict:
-        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-        width = int(lengths.max())
+        lengths = [len(s["input_ids"]) for s in samples]
+        width = max(lengths)
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         for row, sample in enumerate(samples):  # right padding
             n = len(sample["input_ids"])
             input_ids[row, :n] = sample["input_ids"]
             labels[row, :n] = sample["labels"]
-        attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # the positions losses.supervised_positions keeps: a label on the next token
+        batch["n_label_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        batch["n_tokens"], batch["n_slots"] = sum(lengths), len(samples) * width
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         if pixels:  # image rows only, in row order: the model scatters them into <image> placeholders
             batch["pixel_values"] = torch.stack(pixels)
