@@ -7,6 +7,7 @@ is one more class in ``BACKENDS``, not more branches:
 * ``configure``: settle backend settings from the training config, before ``accelerator.prepare``;
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
 * ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
+* ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
 * ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export.
 """
 
@@ -46,6 +47,9 @@ class PlainBackend:
 
     def save_kwargs(self) -> dict:
         return {}
+
+    def rank_files(self) -> tuple[str, ...]:
+        return ()
 
     def load(self, path: Path, model) -> None:
         from safetensors import safe_open
@@ -94,6 +98,9 @@ class DeepSpeedBackend:
 
     def save_kwargs(self) -> dict:
         return {"exclude_frozen_parameters": True}
+
+    def rank_files(self) -> tuple[str, ...]:
+        return ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",)  # each rank's optimizer partition
 
     def load(self, path: Path, model) -> None:
         self.accelerator.load_state(str(path), load_module_strict=False)

@@ -30,6 +30,8 @@ from .runtime import main_process_result
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
 STATE = "trainer_state.json"
+RNG_FILE = "rng_state_{rank}.pt"  # ours, one per process
+ACCELERATE_RNG_FILE = "random_states_{rank}.pkl"  # Accelerate's save_state writes one per process too
 STEP_RE = re.compile(r"^step-(\d+)$")
 # Non-tensor classes that Accelerate's RNG pickles and DeepSpeed's optimizer shards legitimately carry.
 # Any other global in a checkpoint's pickle stream is refused before anything unpickles it.
@@ -104,9 +106,19 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (COMPLETE, MANIFEST))
 
 
-def write_manifest(root: Path) -> None:
-    files = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
-    _write_durable(root / MANIFEST, json.dumps({"files": files}, indent=1))
+def hash_share(root: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """Size and sha256 of every ``world_size``-th file under ``root``, starting at ``rank``: each process
+    hashes its share of a checkpoint, so no process works alone while the others wait in a barrier."""
+    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p), "rank": rank}
+            for p in _files(root)[rank::world_size]}
+
+
+def write_manifest(root: Path, files: dict | None = None, *, world_size: int = 1, per_rank: tuple[str, ...] = ()) -> None:
+    """MANIFEST.json: every file's size and hash (``files``, from ``hash_share``; hashed here when None), the
+    world size, and the file patterns each rank must have written (``{rank}`` filled in) for completeness."""
+    files = hash_share(root) if files is None else files
+    _write_durable(root / MANIFEST, json.dumps({"world_size": world_size, "per_rank": list(per_rank), "files": files},
+                                               indent=1))
 
 
 def _write_durable(path: Path, text: str) -> None:
@@ -124,8 +136,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify(path: Path, level: str = "hash") -> dict:
-    """Check a checkpoint against its manifest; returns its trainer state. Raises CheckpointError."""
+def read_manifest(path: Path) -> dict:
+    """The structural checks of a checkpoint (marker, manifest, every rank's files, nothing extra); returns
+    the manifest. Cheap: no file is read beyond the manifest. Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"resume={path}: not a checkpoint directory")
@@ -134,8 +147,26 @@ def verify(path: Path, level: str = "hash") -> dict:
             f"{path} is incomplete (no {COMPLETE} marker): the save was interrupted. "
             f"Resume from an earlier checkpoint in {path.parent} or use resume=auto"
         )
-    manifest = json.loads((path / MANIFEST).read_text())["files"]
-    for rel, meta in manifest.items():
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {MANIFEST} is unreadable ({exc}); the checkpoint is damaged") from None
+    for rank in range(manifest.get("world_size", 1)):
+        for pattern in manifest.get("per_rank", ()):
+            if pattern.format(rank=rank) not in files:
+                raise CheckpointError(
+                    f"{path}: no {pattern.format(rank=rank)} from process {rank} of {manifest['world_size']}; the "
+                    "checkpoint is incomplete (was output_dir on a filesystem every node shares?)")
+    extra = sorted(str(p.relative_to(path)) for p in _files(path) if str(p.relative_to(path)) not in files)
+    if extra:
+        raise CheckpointError(f"{path}: files not in {MANIFEST}: {extra[:5]}; the checkpoint was modified")
+    return manifest
+
+
+def check_files(path: Path, files: dict, level: str) -> None:
+    """Each listed file exists with its size (and, at level "hash", its sha256). Raises CheckpointError."""
+    for rel, meta in files.items():
         file = path / rel
         if not file.is_file():
             raise CheckpointError(f"{path}: file {rel} listed in {MANIFEST} is missing; the checkpoint is damaged")
@@ -145,9 +176,12 @@ def verify(path: Path, level: str = "hash") -> dict:
         if level == "hash" and _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{path}: file {rel} does not match its sha256 in {MANIFEST}; the checkpoint is "
                                   "corrupt or was modified")
-    extra = sorted(str(p.relative_to(path)) for p in _files(path) if str(p.relative_to(path)) not in manifest)
-    if extra:
-        raise CheckpointError(f"{path}: files not in {MANIFEST}: {extra[:5]}; the checkpoint was modified")
+
+
+def verify(path: Path, level: str = "hash") -> dict:
+    """Check a checkpoint against its manifest in one process; returns its trainer state."""
+    path = Path(path)
+    check_files(path, read_manifest(path)["files"], level)
     return json.loads((path / STATE).read_text())
 
 
@@ -160,22 +194,17 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume(output_dir: str | Path, resume: str, level: str, warn=print) -> tuple[Path, dict] | None:
-    """``(checkpoint, its trainer state)`` to resume from: None, the newest complete one (auto), or a path."""
+def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[Path]:
+    """Checkpoints to try, in order: none, the complete ones newest first (auto), or the one path given."""
     if resume == "none":
-        return None
+        return []
     if resume != "auto":
-        return Path(resume), verify(Path(resume), level)
+        return [Path(resume)]
     root = checkpoints_dir(output_dir)
     partial = sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()) if root.is_dir() else []
     if partial:
         warn(f"ignoring incomplete checkpoint folders in {root}: {', '.join(partial)} (interrupted saves)")
-    for candidate in reversed(complete_checkpoints(output_dir)):
-        try:
-            return candidate, verify(candidate, level)
-        except CheckpointError as exc:
-            warn(f"skipping damaged checkpoint: {exc}")
-    return None
+    return list(reversed(complete_checkpoints(output_dir)))
 
 
 def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
@@ -269,7 +298,7 @@ class Checkpointer:
         """Write a complete checkpoint for ``step``."""
         acc = self.accelerator
         final = step_dir(self.output_dir, step)
-        if final.is_dir():
+        if main_process_result(acc, final.is_dir):  # decided once: ranks must not disagree over a network filesystem
             return final  # this step is already saved (a periodic save that is also the last step)
         tmp = final.parent / f".tmp-{final.name}"
         if acc.is_main_process:
@@ -278,35 +307,68 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
-        torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        torch.save(rng_state(), tmp / RNG_FILE.format(rank=acc.process_index))
         if acc.is_main_process:
             state = {"run": self.identity, **{name: part.state_dict() for name, part in self.states.items()}}
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             (tmp / "config.yaml").write_text(self.config_yaml)
         acc.wait_for_everyone()
+        files = self.gather_dicts(hash_share(tmp, acc.process_index, acc.num_processes))
         if acc.is_main_process:
-            self.seal(tmp, final)
+            self.seal(tmp, final, files)
         acc.wait_for_everyone()
         return final
 
-    def seal(self, tmp: Path, final: Path) -> None:
+    def gather_dicts(self, mine: dict) -> dict:
+        """Every process's dict, merged, on every process."""
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([mine]):
+            merged.update(part)
+        return merged
+
+    def seal(self, tmp: Path, final: Path, files: dict) -> None:
         """Main process: manifest, marker, rename into place, then prune (never before the new one is whole)."""
-        write_manifest(tmp)
+        write_manifest(tmp, files, world_size=self.accelerator.num_processes,
+                       per_rank=(RNG_FILE, ACCELERATE_RNG_FILE, *self.backend.rank_files()))
         _write_durable(tmp / COMPLETE, "")
         os.rename(tmp, final)
         _fsync_dir(final.parent)
         prune(self.output_dir, self.keep_last)
 
     def find_resume(self, resume: str) -> tuple[Path, dict] | None:
-        """``(checkpoint, its trainer state)`` to resume from, or None. The main process reads and hashes the
-        checkpoint once; every process gets its verdict."""
-        return main_process_result(self.accelerator,
-                                   lambda: find_resume(self.output_dir, resume, self.verify_level, warn=self.warn))
+        """``(checkpoint, its trainer state)`` to resume from, or None. The main process decides which folders to
+        try; every process hashes its share of each; all see the same verdict."""
+        candidates = main_process_result(self.accelerator, lambda: resume_candidates(self.output_dir, resume, self.warn))
+        for path in candidates:
+            try:
+                return path, self.verify(path)
+            except CheckpointError as exc:
+                if resume != "auto":
+                    raise
+                self.warn(f"skipping damaged checkpoint: {exc}")
+        return None
+
+    def verify(self, path: Path) -> dict:
+        """``verify`` as a team: structure on the main process, hashing shared; raises on every process alike."""
+        acc = self.accelerator
+        manifest = main_process_result(acc, lambda: read_manifest(path))
+        share = dict(sorted(manifest["files"].items())[acc.process_index::acc.num_processes])
+        try:
+            check_files(path, share, self.verify_level)
+            problem = ""
+        except CheckpointError as exc:
+            problem = str(exc)
+        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
+        if problems:
+            raise CheckpointError(problems[0])
+        return main_process_result(acc, lambda: json.loads((path / STATE).read_text()))
 
     def load(self, path: Path, state: dict) -> None:
         """Restore weights, optimizer, every stateful part and this process's RNG from a verified checkpoint."""
         check_compatible(state["run"], self.identity, path)
-        rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
+        rng_file = path / RNG_FILE.format(rank=self.accelerator.process_index)
         if not rng_file.is_file():
             raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
         scan_pickles(path)  # before Accelerate or DeepSpeed unpickles anything

@@ -101,6 +101,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
     time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).")
     max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.")
+    dist_timeout_minutes: float = opt(30.0, "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.")
     log_every: int = opt(1, "Write metrics every N optimizer steps.")
     log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).")
 
@@ -278,6 +279,8 @@ def validate(config: Config) -> None:
             problems.append(f"{key} must be >= 0 (got {value})")
     if t.max_steps == 0 and t.epochs <= 0:
         problems.append("set train.max_steps > 0 or train.epochs > 0")
+    if t.dist_timeout_minutes <= 0:
+        problems.append(f"train.dist_timeout_minutes must be > 0 (got {t.dist_timeout_minutes})")
     if t.lr <= 0:
         problems.append(f"train.lr must be > 0 (got {t.lr})")
     if not 0 <= t.warmup_ratio < 1:

@@ -34,7 +34,7 @@ from .hooks import make_hooks
 from .importing import bind
 from .losses import make_loss
 from .modes import apply_mode, param_groups, trainable_table
-from .runtime import load_model, make_accelerator
+from .runtime import load_model, make_accelerator, require_shared_dir
 
 
 class NonFiniteError(UserError):
@@ -118,12 +118,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def prepare_output_dir(self) -> None:
-        """Setup functions and the output folder, on the main process before the others read anything."""
+        """Setup functions and the output folder, on the main process before the others read anything; then
+        every process proves it sees that same folder."""
         with self.accelerator.main_process_first():
             if self.accelerator.is_main_process:
                 run_setup(self.cfg)
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        require_shared_dir(self.accelerator, self.output_dir)
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
     def build_model(self):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -41,10 +44,11 @@ def make_accelerator(cfg: Config):
 
     _resolve_deepspeed_config_file()
     handlers = []
-    if launched() and not torch.cuda.is_available():
-        # Without gloo, Accelerate sees one process on CPU and DeepSpeed's batch-size check fails.
-        # Only when launched: in a plain `python train.py` there is no process group to configure.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if launched():  # in a plain `python train.py` there is no process group to configure
+        process_group = {"timeout": timedelta(minutes=cfg.train.dist_timeout_minutes)}
+        if not torch.cuda.is_available():  # without gloo, Accelerate sees one process on CPU
+            process_group["backend"] = "gloo"
+        handlers.append(InitProcessGroupKwargs(**process_group))
     accelerator = Accelerator(
         mixed_precision=resolve_precision(cfg.train.precision),
         # The loop hands accumulate() whole windows of grad_accum micro-batches, so it never needs the
@@ -74,6 +78,36 @@ def main_process_result(accelerator, fn):
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
+
+
+def require_shared_dir(accelerator, path: Path) -> None:
+    """Every process writes its shards into one checkpoint folder, so ``path`` must be one folder for all of
+    them: the main process leaves a nonce there and every process must read it back. Call after the main
+    process has created ``path``."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    probe = path / ".llava_loop-shared-check"
+    nonce = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        probe.write_text(nonce[0])
+    nonce = broadcast_object_list(nonce)[0]
+    try:
+        seen = probe.read_text() == nonce
+    except OSError:
+        seen = False
+    blind = [who for ok, who in gather_object([(seen, f"process {accelerator.process_index} on {socket.gethostname()}")])
+             if not ok]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if blind:
+        raise UserError(
+            f"output_dir {path} is not shared: {', '.join(blind)} cannot see the file the main process wrote there. "
+            "Every process writes its part of each checkpoint into that folder; put output_dir on a filesystem all "
+            "nodes mount (NFS, Lustre, a cloud file store) at the same path"
+        )
 
 
 def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=torch.float32):
