@@ -72,22 +72,24 @@ def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300
     return out
 
 
-def launch_two_nodes(config: Path, *overrides: str, timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Two ``accelerate launch`` invocations (machine_rank 0 and 1, one process each) on loopback: a 2-node run."""
+def launch_two_nodes(config: Path, *overrides: str, timeout: int = 300, check: bool = True,
+                     per_node: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> list[subprocess.CompletedProcess]:
+    """Two ``accelerate launch`` invocations (machine_rank 0 and 1, one process each) on loopback: a 2-node run.
+    ``per_node`` adds overrides to one node only (e.g. a node-local output_dir)."""
     port = free_port()
     procs = []
     for rank in (0, 1):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               str(ROOT / "train.py"), "--config", str(config), *overrides]
+               str(ROOT / "train.py"), "--config", str(config), *overrides, *per_node[rank]]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     for out in results:
-        if out.returncode != 0:
+        if check and out.returncode != 0:
             raise AssertionError(f"node failed ({out.returncode}):\n{out.stderr[-6000:]}")
     return results
 
@@ -155,6 +157,17 @@ class GradCapture:
             flat /= torch.distributed.get_world_size()
         if trainer.accelerator.is_main_process:
             torch.save({"names": names, "flat": flat}, Path(trainer.output_dir) / "grads_step1.pt")
+
+
+class ProcessGroupTimeout:
+    """Writes the default process group's timeout (seconds) to output_dir/pg_timeout.txt (main process)."""
+
+    def on_train_start(self, trainer):
+        import torch.distributed as dist
+
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        if trainer.accelerator.is_main_process:
+            (Path(trainer.output_dir) / "pg_timeout.txt").write_text(str(backend.options._timeout.total_seconds()))
 
 
 class StopAtStep:

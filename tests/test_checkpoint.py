@@ -349,3 +349,41 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
     assert all(torch.equal(a, b) for a, b in
                zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]))
+
+
+@pytest.mark.slow
+def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_files(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"micro_batch_size": 1, "max_steps": 2},
+                     hooks=["helpers:ProcessGroupTimeout"])
+    helpers.launch(config, "train.dist_timeout_minutes=7", processes=2)
+    assert float((tmp_path / "run" / "pg_timeout.txt").read_text()) == 7 * 60  # the setting reached the process group
+    ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    assert {meta["rank"] for meta in manifest["files"].values()} == {0, 1}  # both processes hashed a share
+    assert manifest["world_size"] == 2 and "rng_state_{rank}.pt" in manifest["per_rank"]
+    assert "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in manifest["per_rank"]
+    checkpoint.verify(ckpt)
+    # a checkpoint without process 1's files is incomplete, even with a manifest that matches what is there
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    (damaged / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    del manifest["files"]["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    (damaged / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"no pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt from process 1 of 2"):
+        checkpoint.verify(damaged)
+    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(damaged), "--out",
+                          str(tmp_path / "export")], env=helpers.env(), capture_output=True, text=True)
+    assert out.returncode == 2 and "from process 1 of 2" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_node_local_output_dir_is_refused_at_startup(tmp_path, tiny_model_dir, shapes_data):
+    """Two nodes whose output_dir is not the same folder (node-local disks): stop before training, naming the fix."""
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"micro_batch_size": 1, "max_steps": 2})
+    nodes = helpers.launch_two_nodes(config, check=False, per_node=((), (f"output_dir={tmp_path / 'node1-local'}",)))
+    for node in nodes:
+        assert node.returncode != 0
+    assert "is not shared: process 1 on" in nodes[0].stderr and "filesystem all nodes mount" in nodes[0].stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
