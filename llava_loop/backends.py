@@ -5,6 +5,7 @@ chose once from the Accelerator; none of them branches on the backend. A new bac
 is one more class in ``BACKENDS``, not more branches:
 
 * ``configure``: settle backend settings from the training config, before ``accelerator.prepare``;
+* ``weights_dtype``: the dtype to load weights in (what the backend would cast them to anyway);
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
 * ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
 * ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
@@ -35,6 +36,9 @@ class PlainBackend:
 
     def configure(self, train_cfg) -> None:
         self.accelerator.register_save_state_pre_hook(frozen_tensor_filter)
+
+    def weights_dtype(self) -> torch.dtype:
+        return torch.float32  # autocast computes in bf16 from fp32 master weights
 
     def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
         """Clip, step, zero. A non-finite norm skips the update entirely."""
@@ -88,6 +92,13 @@ class DeepSpeedBackend:
         ds["train_batch_size"] = train_cfg.micro_batch_size * train_cfg.grad_accum * self.accelerator.num_processes
         if ds.get("zero_optimization", {}).get("stage", 0) > 2:
             raise UserError("llava_loop supports ZeRO stages 0-2; set zero_optimization.stage <= 2 in the DeepSpeed config")
+        if self.accelerator.mixed_precision == "bf16" and train_cfg.grad_accum > 1:
+            # bf16 has 8 bits of mantissa: summing many micro-batches' gradients in it loses the small ones
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+
+    def weights_dtype(self) -> torch.dtype:
+        """The engine casts the model to bf16 itself; loading in bf16 spares each rank a full fp32 copy in RAM."""
+        return torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
 
     def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
         """The engine already clipped and stepped inside the last ``accelerator.backward``; it skips a

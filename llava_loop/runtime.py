@@ -40,7 +40,7 @@ def _resolve_deepspeed_config_file() -> None:
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     _resolve_deepspeed_config_file()
     handlers = []
@@ -55,6 +55,8 @@ def make_accelerator(cfg: Config):
         # dataloader's end to force a sync (that would fire early, since windows are drawn ahead).
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,
+        # copies from pinned host memory need not block the host (the loader pins only on a GPU machine)
+        dataloader_config=DataLoaderConfiguration(non_blocking=cfg.data.pin_memory),
         kwargs_handlers=handlers,
         log_with=cfg.trackers or None,
         project_dir=cfg.output_dir,
