@@ -53,7 +53,8 @@ def cmd_infer(args) -> int:
 
     from .infer import caption, generate, images_in, load_for_inference
 
-    model, _, encoder = load_for_inference(args.model, args.adapter)
+    model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
+                                           attn_implementation=args.attn_implementation)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.image:
         from transformers import TextStreamer
@@ -81,7 +82,8 @@ def cmd_eval(args) -> int:
     from .infer import load_for_inference
 
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
-    model, _, encoder = load_for_inference(args.model, args.adapter)
+    model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
+                                           attn_implementation=args.attn_implementation)
     metrics, predictions = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
                                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                           max_samples=args.max_samples, scorers=scorers, progress=True)
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", help="PEFT adapter dir to apply on top of --model")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--device", default="auto", help="auto (the GPU in bf16 if there is one, else CPU), cpu, cuda, cuda:N")
+        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
 
     p = sub.add_parser("infer", help="generate for one image (streamed) or caption a folder")
     model_args(p)

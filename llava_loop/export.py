@@ -23,13 +23,14 @@ from .runtime import load_model
 EXPORT_INFO = "llava_loop_export.json"  # beside the weights: how the model was trained and must be prompted
 
 
-def load_trained(checkpoint_dir: str | Path):
+def load_trained(checkpoint_dir: str | Path, *, attn_implementation: str = "sdpa"):
     """Rebuild the model exactly as it was trained (mode applied, LoRA wrapped) with the checkpoint's weights.
-    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU."""
+    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU. Attention is ``sdpa``, not the
+    training run's kernel: the weights do not depend on it, and flash-attention may not be installed here."""
     checkpoint_dir = Path(checkpoint_dir)
     state = verify(checkpoint_dir, "hash")
     cfg = load_config(checkpoint_dir / "config.yaml")
-    model, processor = load_model(state["run"]["model_path"], attn_implementation=cfg.model.attn_implementation)
+    model, processor = load_model(state["run"]["model_path"], attn_implementation=attn_implementation)
     model = apply_mode(model, cfg.canonical_mode, cfg.lora)
     params = dict(model.named_parameters())
     aliases = set(model.state_dict()) - set(params)  # tied weights (lm_head.weight) appear once as parameters

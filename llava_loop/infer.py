@@ -23,9 +23,25 @@ from .errors import UserError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def inference_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where generation runs: ``auto`` is the GPU in bf16 when there is one, else the CPU in fp32; or a device
+    name (``cpu``, ``cuda``, ``cuda:1``)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return target, torch.bfloat16 if target.type == "cuda" else torch.float32
+
+
 def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, image_aspect_ratio: str | None = None,
-                       system_prompt: str | None = None):
-    """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint."""
+                       system_prompt: str | None = None, device: str = "auto", attn_implementation: str = "sdpa"):
+    """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint, on
+    ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
+    flash-attention still loads on a machine without it."""
     from .checkpoint import COMPLETE, STATE
     from .export import EXPORT_INFO
     from .runtime import load_model
@@ -37,12 +53,12 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
 
         if adapter:
             raise UserError("--adapter goes with a base model directory, not with a training checkpoint")
-        net, processor, cfg, _ = load_trained(path)
+        net, processor, cfg, _ = load_trained(path, attn_implementation=attn_implementation)
         if cfg.canonical_mode == "lora":
             net = net.merge_and_unload()
         settings.update(image_aspect_ratio=cfg.data.image_aspect_ratio, system_prompt=cfg.data.system_prompt)
     else:
-        net, processor = load_model(path)
+        net, processor = load_model(path, attn_implementation=attn_implementation)
         info = path / EXPORT_INFO
         if info.is_file():
             settings.update({k: v for k, v in json.loads(info.read_text()).items() if k in settings})
@@ -53,7 +69,8 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
     settings.update({k: v for k, v in (("image_aspect_ratio", image_aspect_ratio), ("system_prompt", system_prompt))
                      if v is not None})
     encoder = SampleEncoder(processor, max_length=1 << 30, **settings)
-    return net.eval(), processor, encoder
+    target, dtype = inference_device(device)
+    return net.to(device=target, dtype=dtype).eval(), processor, encoder
 
 
 def _as_image(image, max_pixels: int) -> Image.Image:

@@ -387,3 +387,24 @@ def test_a_node_local_output_dir_is_refused_at_startup(tmp_path, tiny_model_dir,
         assert node.returncode != 0
     assert "is not shared: process 1 on" in nodes[0].stderr and "filesystem all nodes mount" in nodes[0].stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_flash_attention_checkpoint_exports_and_infers_without_flash_attention(finished_run, tmp_path):
+    """The training run's attention kernel does not travel: reloading uses sdpa unless told otherwise."""
+    import importlib.util
+
+    import yaml
+
+    assert importlib.util.find_spec("flash_attn") is None  # the point: a machine without it
+    ckpt, _ = _damaged_copy(finished_run, tmp_path)
+    tree = yaml.safe_load((ckpt / "config.yaml").read_text())
+    tree["model"]["attn_implementation"] = "flash_attention_2"
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(tree))
+    _rewrite_manifest(ckpt)
+    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
+                          str(tmp_path / "export")], env=helpers.env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from llava_loop.infer import load_for_inference
+
+    model, _, _ = load_for_inference(ckpt, device="cpu")
+    assert model.config._attn_implementation == "sdpa" and next(model.parameters()).dtype == torch.float32

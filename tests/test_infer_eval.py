@@ -58,7 +58,7 @@ def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, s
     # infer on one of those images agrees with eval's generation for it
     first = results["predictions"][0]
     single = _cli("infer", *model_args, "--image", str(shapes_data["val_images"] / first["image"]),
-                  "--prompt", first["prompt"]).stdout.strip()
+                  "--prompt", first["prompt"], "--device", "cpu").stdout.strip()
     assert single.splitlines()[-1].strip() == first["prediction"]
 
 
@@ -96,3 +96,19 @@ def test_generation_stops_at_im_end_and_hides_special_tokens(trained, shapes_dat
     assert torch.equal(unstopped[: len(stopped)], stopped)
     text = processor.tokenizer.decode(stopped, skip_special_tokens=True)
     assert "<|im_end|>" not in text and text.strip()
+
+
+def test_inference_runs_on_the_gpu_in_bf16_when_there_is_one_and_says_so_when_asked_for_a_missing_one():
+    from llava_loop.errors import UserError
+    from llava_loop.infer import inference_device
+
+    device, dtype = inference_device("auto")
+    if torch.cuda.is_available():
+        assert (device.type, dtype) == ("cuda", torch.bfloat16)
+    else:
+        assert (device.type, dtype) == ("cpu", torch.float32)
+        with pytest.raises(UserError, match="no CUDA GPU is visible; use --device cpu"):
+            inference_device("cuda")
+    assert inference_device("cpu") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(UserError, match="not a device name"):
+        inference_device("gpu0")
