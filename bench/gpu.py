@@ -1,15 +1,22 @@
-"""Benchmark 5: one GPU, bf16, a random-weight CLIP-L/14-336 + Qwen2.5-0.5B-shaped LLM (configs written here,
-nothing downloaded), trained through llava_loop's real loop on LLaVA-pretrain-like shapes data at 336 px.
-Reports, for stage 1 (`projector`) and `lora`: samples/s, tokens/s, peak GPU memory and MFU.
+"""Benchmark 5, the GPU checks: the real launch (`accelerate launch` + DeepSpeed ZeRO-2 + bf16, `train.py`) on
+random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded),
+over synthetic LLaVA-pretrain-like shapes data at 336 px.
 
-MFU counts model FLOPs with the actual token counts and no recompute, two ways:
-* "needed": what the step must compute: the frozen vision tower forward only; the LLM forward plus the
-  backward to its inputs (and to its weights only where they train); the LM head at supervised positions;
-* "6N": the usual convention, 6 x non-embedding parameters x tokens (vision tokens for the vision tower),
-  as if every weight trained; comparable with published MFU figures.
+For each shape, mode (`projector`, `lora`) and gradient checkpointing (off, on) one launch, in its own
+processes so memory is freed between them, reports samples/s, tokens/s, peak GPU memory and MFU counted
+two ways from the real token counts:
+* "needed": what the step must compute: the frozen vision tower forward over the layers used; the LLM
+  forward plus the backward to its inputs (and to its weights only where they train); the LM head at
+  supervised positions only;
+* "6N": 6 x non-embedding parameters x tokens, as if every weight trained (comparable with published MFU).
+Checkpointing's recompute is not counted as useful work in either.
 
-    python bench/gpu.py                 # on a GPU machine
-    python bench/gpu.py --smoke         # CPU check of the same code path with tiny shapes
+    python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
+    python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
+    python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
+
+Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
+shape at MFU >= 35% of needed FLOPs (about 225 samples/s); with the 3B shape >= 35 samples/s.
 """
 
 from __future__ import annotations
@@ -20,31 +27,44 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, SXM parts
+# Dense bf16 peak TFLOP/s by device name, most specific first (vendor datasheets).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0))
+TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
 
 
-def model_configs(smoke: bool):
+def peak_tflops(device_name: str) -> float:
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), float("nan"))
+
+
+def tower_configs(shape: str):
+    """CLIP-L/14-336 and a Qwen2.5-shaped LLM (published sizes), or tiny towers at the same geometry for --smoke."""
     from transformers import CLIPVisionConfig, Qwen2Config
 
-    if smoke:
+    if shape == "tiny":
         vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
                                   image_size=336, patch_size=14, projection_dim=64)
-        text = Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-        return vision, text
+        return vision, Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
-    return vision, text
+    llm = {
+        "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                     num_key_value_heads=2, tie_word_embeddings=True),
+        "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                   num_key_value_heads=2, tie_word_embeddings=True),
+    }[shape]
+    return vision, Qwen2Config(vocab_size=151_936, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                               rms_norm_eps=1e-6, **llm)
 
 
-def build_random_model(out: Path, smoke: bool) -> None:
-    """Compose random-weight towers with the tiny tokenizer (Qwen special tokens, ChatML) into a LLaVA dir."""
+def build_random_model(out: Path, shape: str) -> None:
+    """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -52,119 +72,162 @@ def build_random_model(out: Path, smoke: bool) -> None:
                                   make_processor, pad_token_id_of, save_model_dir)
     from llava_loop.demo.tiny import train_tiny_tokenizer
 
-    vision, text = model_configs(smoke)
+    vision, text = tower_configs(shape)
     tokenizer = train_tiny_tokenizer()
     image_id, pad_id = add_image_token(tokenizer), pad_token_id_of(tokenizer)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(compose_config(vision, text, image_id, pad_id))
+    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(compose_config(vision, text, image_id, pad_id))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.config.dtype = dtype
     model.generation_config = make_generation_config(tokenizer, pad_id)
     image_processor = load_image_processor(out, vision.image_size)  # no preprocessor file: CLIP defaults at 336
     save_model_dir(model, make_processor(image_processor, tokenizer, vision), out)
 
 
-def step_flops(model, batch_tokens: list[int], supervised: int, images: int, mode: str) -> tuple[float, float]:
-    """(needed, 6N) FLOPs for one optimizer step's samples."""
+def part_sizes(model_dir: Path) -> dict:
+    """Parameters per part that the step touches (vision layers past the feature layer excluded), built on the
+    meta device: no memory, no weights read."""
+    import torch
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
     from llava_loop.modes import unused_vision_param_names
     from llava_loop.parts import LLM, PROJECTOR, VISION, part_of
 
-    cfg = model.config
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
     unused = unused_vision_param_names(model)
-    n = {VISION: 0, PROJECTOR: 0, LLM: 0}
-    embed = 0
+    sizes = {VISION: 0, PROJECTOR: 0, LLM: 0, "embedding": 0}
     for name, p in model.named_parameters():
-        if name in unused:
-            continue
-        n[part_of(name)] += p.numel()
-        if "embed_tokens" in name:
-            embed += p.numel()
-    n_llm_body = n[LLM] - embed  # the (tied) embedding is a lookup; the LM head is counted separately
-    v, t = cfg.vision_config, cfg.text_config
-    img_tokens = (v.image_size // v.patch_size) ** 2 + 1
-    vision_fwd = images * (2 * n[VISION] * img_tokens + 4 * img_tokens**2 * v.hidden_size * (v.num_hidden_layers - 1))
-    projector = 6 * n[PROJECTOR] * images * (img_tokens - 1)
-    tokens = sum(batch_tokens)
-    attn = sum(4 * s * s * t.hidden_size * t.num_hidden_layers for s in batch_tokens) / 2  # causal
-    llm_fwd = 2 * n_llm_body * tokens + attn
+        if name not in unused:
+            sizes[part_of(name)] += p.numel()
+            sizes["embedding"] += p.numel() if "embed_tokens" in name else 0
+    return {**sizes, "config": model.config}
+
+
+def step_flops(sizes: dict, samples: int, tokens: int, supervised: int, mode: str) -> tuple[float, float]:
+    """(needed, 6N) FLOPs of one optimizer step from its real token counts (samples of about equal length)."""
+    from llava_loop.parts import LLM, PROJECTOR, VISION
+
+    v, t = sizes["config"].vision_config, sizes["config"].text_config
+    img_tokens = (v.image_size // v.patch_size) ** 2 + 1  # with CLS
+    used_layers = v.num_hidden_layers - 1  # feature layer -2
+    vision_fwd = samples * (2 * sizes[VISION] * img_tokens + 4 * img_tokens**2 * v.hidden_size * used_layers)
+    projector = 6 * sizes[PROJECTOR] * samples * (img_tokens - 1)
+    llm_body = sizes[LLM] - sizes["embedding"]  # the (tied) embedding is a lookup; the head is counted below
+    per_sample = tokens / samples
+    attention = samples * 4 * per_sample**2 * t.hidden_size * t.num_hidden_layers / 2  # causal
+    llm_fwd = 2 * llm_body * tokens + attention
     head_fwd = 2 * t.hidden_size * t.vocab_size * supervised
-    weight_grads = 2 * n_llm_body * tokens if mode in ("freeze_vision", "full") else 0
+    weight_grads = 2 * llm_body * tokens if mode in ("freeze_vision", "full") else 0
+    if mode == "lora":
+        weight_grads = 0.0  # the adapters' own FLOPs are under 1% at r=64
     needed = vision_fwd + projector + 2 * (llm_fwd + head_fwd) + weight_grads
-    six_n = 6 * (n[VISION] * img_tokens * images + n[PROJECTOR] * images * (img_tokens - 1) + n_llm_body * tokens)
+    six_n = 6 * (sizes[VISION] * img_tokens * samples + sizes[PROJECTOR] * samples * (img_tokens - 1) + llm_body * tokens)
     return needed, six_n
 
 
-def run_mode(model_dir: Path, data: Path, mode: str, args) -> dict:
-    import torch
+class PeakMemory:
+    """A hook for the launched run: the peak GPU memory of every process, written at the end of training."""
 
-    from llava_loop.config import load_config
-    from llava_loop.loop import Trainer
-    from llava_loop.losses import supervised_positions
+    def on_step_end(self, trainer, metrics):
+        import torch
 
-    out = Path(tempfile.mkdtemp(prefix=f"gpu-{mode}-"))
-    cfg = load_config(None, [
-        f"mode={mode}", f"output_dir={out}", "resume=none", f"model.path={model_dir}",
-        f"data.path={data / 'chat.json'}", f"data.image_dir={data / 'images'}", f"data.num_workers={args.workers}",
-        f"train.micro_batch_size={args.micro_batch}", "train.grad_accum=1", f"train.max_steps={args.steps}",
-        f"train.lr={1e-3 if mode == 'projector' else 2e-4}", "train.warmup_ratio=0.03", "lora.r=64", "lora.alpha=128",
-        "checkpoint.every=0", "checkpoint.keep_last=1", "train.log_every=1",
-    ])
-    trainer = Trainer(cfg)
-    counted = []
+        if metrics["step"] == 2 and torch.cuda.is_available():  # after warm-up; the peak of the steady state
+            torch.cuda.reset_peak_memory_stats()
 
-    class Count:  # actual token counts of every step, for the FLOP count
-        def on_step_end(self, trainer, metrics):
-            counted.append(metrics)
+    def on_train_end(self, trainer):
+        import torch
 
-    trainer.hooks.hooks.append(Count())
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    # FLOPs of a typical step, from one real batch of the same size
-    from llava_loop.data.collate import Collator
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        rank = trainer.accelerator.process_index
+        (Path(trainer.output_dir) / f"peak_memory_{rank}.json").write_text(json.dumps({"peak_gib": peak}))
 
-    batch = Collator(trainer.processor.tokenizer.pad_token_id)([trainer.train_set[i] for i in range(args.micro_batch)])
-    lengths = batch["attention_mask"].sum(1).tolist()
-    supervised = supervised_positions(batch["labels"])[1].numel()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    needed, six_n = step_flops(model, lengths, supervised, args.micro_batch, cfg.canonical_mode)
-    steady = counted[2:] or counted
+
+def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, args) -> dict:
+    """One real training launch; returns its measured figures."""
+    config = {
+        "mode": mode, "output_dir": str(out), "resume": "none", "model": {"path": str(model_dir)},
+        "hooks": ["gpu:PeakMemory"],
+        "data": {"path": str(data / "chat.json"), "image_dir": str(data / "images"), "num_workers": args.workers,
+                 "max_length": 1024},
+        "train": {"micro_batch_size": args.micro_batch, "grad_accum": 1, "max_steps": args.steps,
+                  "lr": 1e-3 if mode == "projector" else 2e-4, "warmup_ratio": 0.03, "log_every": 1,
+                  "gradient_checkpointing": checkpointing, "precision": "fp32" if args.smoke else "bf16"},
+        "lora": {"r": 64, "alpha": 128}, "checkpoint": {"every": 0, "keep_last": 1}, "eval": {"every": 0},
+    }
+    out.mkdir(parents=True)
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
+    cmd = [common.python(), "-m", "accelerate.commands.launch", "--config_file", str(common.ROOT / "accelerate_config.yaml"),
+           "--num_processes", str(args.processes), "--main_process_port", str(args.port), "train.py",
+           "--config", str(out.parent / f"{out.name}.yaml")]
+    env = {"PYTHONPATH": f"{common.ROOT / 'bench'}:{common.ROOT}", "TOKENIZERS_PARALLELISM": "false"}
+    common.run_child(cmd, env=env)
+    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
+    steady = steps[2:] or steps  # the first steps compile kernels and fill the loader
     seconds = common.median([m["step_time"] for m in steady])
-    return {"mode": mode, "samples_per_s": args.micro_batch / seconds,
-            "tokens_per_s": common.median([m["tokens_per_s"] for m in steady]),
-            "peak_gib": peak, "needed_tflops": needed / seconds / 1e12, "six_n_tflops": six_n / seconds / 1e12}
+    samples = args.micro_batch * args.processes
+    tokens = common.median([m["tokens_per_s"] * m["step_time"] for m in steady])
+    supervised = common.median([m["label_tokens"] for m in steady])
+    peaks = [json.loads(p.read_text())["peak_gib"] for p in sorted(out.glob("peak_memory_*.json"))]
+    return {"shape": shape, "mode": mode, "checkpointing": checkpointing, "seconds": seconds,
+            "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+            "tokens_per_sample": tokens / samples, "supervised": supervised, "peak_gib": max(peaks)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing")
+    parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b"])
+    parser.add_argument("--modes", nargs="+", default=["projector", "lora"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--modes", nargs="+", default=["projector", "lora"])
+    parser.add_argument("--processes", type=int, default=0, help="GPUs to launch on (default: all visible)")
+    parser.add_argument("--port", type=int, default=29531)
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
     args = parser.parse_args()
-    if args.smoke:
-        args.steps, args.micro_batch, args.workers = 3, 2, 0
     sys.path.insert(0, str(common.ROOT))
     import torch
 
     from llava_loop.demo.shapes import write_shapes
 
-    if not args.smoke and not torch.cuda.is_available():
+    if args.smoke:
+        args.shapes, args.steps, args.micro_batch, args.workers, args.processes = ["tiny"], 3, 2, 0, 1
+    elif not torch.cuda.is_available():
         raise SystemExit("no GPU here; use --smoke to check the script on CPU")
+    args.processes = args.processes or torch.cuda.device_count()
     root = Path(tempfile.mkdtemp(prefix="llava-gpu-bench-"))
-    build_random_model(root / "model", args.smoke)
-    write_shapes(root / "data", args.steps * args.micro_batch + args.micro_batch, seed=0, size=336)
-    results = [run_mode(root / "model", root / "data", mode, args) for mode in args.modes]
+    write_shapes(root / "data", (args.steps + 1) * args.micro_batch * args.processes, seed=0, size=336)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
-    print(common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-0.5B shape, bf16 ({name})",
+    peak = args.peak_tflops or peak_tflops(name)
+    rows = []
+    for shape in args.shapes:
+        build_random_model(root / f"model-{shape}", shape)
+        sizes = part_sizes(root / f"model-{shape}")
+        for mode in args.modes:
+            for checkpointing in args.checkpointing:
+                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{checkpointing}", shape,
+                           mode, checkpointing == "on", args)
+                samples = args.micro_batch * args.processes
+                needed, six_n = step_flops(sizes, samples, r["tokens_per_sample"] * samples, r["supervised"], mode)
+                r["mfu_needed"] = needed / r["seconds"] / 1e12 / args.processes / peak
+                r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print(common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-2, "
+                        f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
                         "python bench/gpu.py " + " ".join(sys.argv[1:])))
     print(common.table(
-        ["mode", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed FLOPs)", "MFU (6N)"],
-        [[r["mode"], f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}",
-          f"{r['needed_tflops'] / peak:.1%}", f"{r['six_n_tflops'] / peak:.1%}"] for r in results]))
-    print(json.dumps(results))
+        ["shape", "mode", "checkpointing", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed)", "MFU (6N)",
+         "target"],
+        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", f"{r['samples_per_s']:.1f}",
+          f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}", f"{r['mfu_needed']:.1%}", f"{r['mfu_6n']:.1%}",
+          TARGETS.get((r["shape"], r["mode"]), "")] for r in rows]))
 
 
 if __name__ == "__main__":
