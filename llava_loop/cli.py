@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_results.json")
     p.set_defaults(func=cmd_eval)
 
-    data = sub.add_parser("data", help="dataset tools: check, convert").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="dataset tools: check, convert, and those plugins add (the demo: synth)").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True)
     p.add_argument("--image-dir", required=True)

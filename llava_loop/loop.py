@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
