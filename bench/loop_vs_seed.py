@@ -42,7 +42,7 @@ def main() -> None:
     for workers in args.workers:
         out_dir = common.ROOT / "runs" / f"bench-loop-w{workers}"
         run = common.run_child([common.python(), "train.py", "--config", args.config, f"output_dir={out_dir}",
-                                f"train.max_steps={args.steps}", f"data.num_workers={workers}", "resume=none"])
+                                f"train.max_steps={args.steps}", f"data.num_workers={workers}", "resume=overwrite"])
         steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         seconds = [samples_per_step / m["samples_per_s"] for m in steps if m["kind"] == "train"]
         rows[f"llava_loop ({workers} workers)"] = (throughput(seconds, samples_per_step), run["peak_rss_mib"])

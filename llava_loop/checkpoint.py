@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,18 +186,50 @@ def verify(path: Path, level: str = "hash") -> dict:
     return json.loads((path / STATE).read_text())
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``step-N`` folder, complete or not, oldest first."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and (p / COMPLETE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for p in step_folders(output_dir) if (p / COMPLETE).is_file()]
+
+
+def quarantine(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``.bad-step-N`` (kept for inspection, never resumed): its step is then
+    saved again when training gets there."""
+    target = path.with_name(f".bad-{path.name}")
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(path, target)
+    return target
+
+
 def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[Path]:
-    """Checkpoints to try, in order: none, the complete ones newest first (auto), or the one path given."""
-    if resume == "none":
+    """Checkpoints to try, in order: none, the complete ones newest first (auto), or the one path given.
+    ``resume=none`` into a folder that already holds checkpoints is refused: the two runs' checkpoints would
+    mix, and a later ``auto`` would resume the wrong one. ``overwrite`` moves the old ones aside first."""
+    existing = [p.name for p in step_folders(output_dir)]
+    if resume == "none" and existing:
+        raise CheckpointError(
+            f"output_dir {output_dir} already holds checkpoints ({', '.join(existing[-3:])}) and resume=none would "
+            "mix a new run with them. Use resume=auto to continue that run, resume=overwrite to move its "
+            "checkpoints aside and start fresh, or another output_dir"
+        )
+    if resume == "overwrite":
+        if existing:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = Path(output_dir) / f"checkpoints.replaced-{stamp}"
+            os.rename(checkpoints_dir(output_dir), aside)
+            metrics = Path(output_dir) / "metrics.jsonl"
+            if metrics.is_file():
+                os.rename(metrics, metrics.with_name(f"metrics.replaced-{stamp}.jsonl"))
+            warn(f"resume=overwrite: moved the previous run's checkpoints to {aside} (and its metrics beside them)")
         return []
     if resume != "auto":
         return [Path(resume)]
@@ -268,7 +301,7 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             raise CheckpointError(
                 f"{path} was written with {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}. "
                 f"Either {way_out}, or export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and "
-                "start a new run from it with model.path=DIR and resume=none"
+                "start a new run from it with model.path=DIR in a new output_dir"
             )
 
 
@@ -299,7 +332,8 @@ class Checkpointer:
         acc = self.accelerator
         final = step_dir(self.output_dir, step)
         if main_process_result(acc, final.is_dir):  # decided once: ranks must not disagree over a network filesystem
-            return final  # this step is already saved (a periodic save that is also the last step)
+            raise CheckpointError(f"{final} already exists; a save never replaces a checkpoint (resume=auto "
+                                  "quarantines a damaged one, resume=overwrite moves a previous run's aside)")
         tmp = final.parent / f".tmp-{final.name}"
         if acc.is_main_process:
             for stale in final.parent.glob(".tmp-step-*"):
@@ -347,7 +381,8 @@ class Checkpointer:
             except CheckpointError as exc:
                 if resume != "auto":
                     raise
-                self.warn(f"skipping damaged checkpoint: {exc}")
+                moved = main_process_result(self.accelerator, lambda: quarantine(path))
+                self.warn(f"skipping damaged checkpoint, moved to {moved.name}: {exc}")
         return None
 
     def verify(self, path: Path) -> dict:

@@ -136,7 +136,7 @@ class LoraConfig:
 class Config:
     mode: Literal[MODE_CHOICES] = opt("full", "What trains: projector | lora | freeze_vision | full (alias none).")
     output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.")
-    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir; none: start fresh; or a checkpoint path.")
+    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first; or a checkpoint path.")
     loss: Call = opt(Call("llava_loop.losses:label_only_ce"),
                      "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).")
     hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.")
@@ -289,8 +289,8 @@ def validate(config: Config) -> None:
         problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")
     if not d.path:
         problems.append("data.path is required (a chat.json / .jsonl file)")
-    if config.resume not in ("auto", "none") and not config.resume:
-        problems.append("resume must be auto, none or a checkpoint path")
+    if not config.resume:
+        problems.append("resume must be auto, none, overwrite or a checkpoint path")
     if config.canonical_mode == "lora" and (config.lora.r < 1 or not config.lora.targets):
         problems.append("lora.r must be >= 1 and lora.targets non-empty in lora mode")
     for call in [config.loss, *config.hooks, *config.setup]:

@@ -22,16 +22,19 @@ from .losses import label_only_ce
 
 
 @torch.no_grad()
-def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int]:
-    """(summed loss, supervised tokens) over a loader; the caller divides (after reducing across processes).
-    The loss is summed on the device and read once."""
-    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int, list]:
+    """(summed loss, supervised tokens, left-out samples' skip events) over a held-out loader; the caller
+    divides (after reducing across processes). The loss is summed on the device and read once."""
+    loss_sum, tokens, left_out = torch.zeros((), dtype=torch.float64, device=device), 0, []
     for batch in loader:
+        left_out += batch["skipped"]
+        if not batch["ids"]:  # every sample of this batch was left out
+            continue
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss_sum += loss_fn(model, batch)["loss"].detach().double()
         tokens += batch["n_label_tokens"]
-    return float(loss_sum), tokens
+    return float(loss_sum), tokens, left_out
 
 
 def normalize(text: str) -> str:
@@ -79,10 +82,10 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
 
     if max_samples:
         records = records.subset(range(min(max_samples, len(records))))
-    dataset = LlavaDataset(records, encoder, image_dir)
+    dataset = LlavaDataset(records, encoder, image_dir, substitute=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoder.tokenizer.pad_token_id))
     device = next(model.parameters()).device
-    loss_sum, tokens = heldout_loss_sums(model, loader, device=device)
+    loss_sum, tokens, left_out = heldout_loss_sums(model, loader, device=device)
 
     items = [records[i] for i in range(len(records))]
     with_images = [r for r in items if r.image]
@@ -94,5 +97,6 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
          "exact": normalize(ans) == normalize(ref)}
         for r, p, ref, ans in zip(with_images, prompts, references, answers)
     ]
-    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, **score(predictions, scorers)}
+    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, "eval_left_out": len(left_out),
+               **score(predictions, scorers)}
     return metrics, predictions

@@ -208,24 +208,24 @@ class Trainer:
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
             self.eval_loss()  # the starting point of the eval curve
-        last_saved = None
+        last_saved = self.state.step or None  # a resumed run's current step is saved already
         for window in self.windows():
             metrics = self.train_step(window)
             self.hooks.on_step_end(self, metrics)
             step = self.state.step
-            if self.due(self.cfg.eval.every):
-                self.eval_loss()
             stop = self.stop_agreed()
             if self.due(self.cfg.checkpoint.every) or stop:
-                last_saved = self.save()
+                last_saved = self.save()  # before evaluating: an evaluation never costs training
+            if self.due(self.cfg.eval.every):
+                self.eval_loss()
             self.last_step_end = time.monotonic()  # eval and save time are not the next step's
             if stop or step >= self.total_steps:
                 break
         if not self.stopped:
+            if last_saved != self.state.step:
+                self.save()  # the final checkpoint is always written, before the final evaluation
             if not self.due(self.cfg.eval.every):
                 self.eval_loss()
-            if last_saved != self.state.step:
-                self.save()  # the final checkpoint is always written
         self.hooks.on_train_end(self)
         return self.state
 
@@ -265,7 +265,7 @@ class Trainer:
     def windows(self):
         """Yield lists of ``grad_accum`` micro-batches, resuming mid-epoch at the exact next one."""
         ga = self.cfg.train.grad_accum
-        while True:
+        while self.state.step < self.total_steps:  # a resumed run that already finished trains no more
             self.sampler.set_epoch(self.state.epoch)
             self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
             skip = self.state.step_in_epoch * ga
@@ -363,13 +363,31 @@ class Trainer:
         if self.eval_loader is None:
             return None
         self.model.eval()
-        local = heldout_loss_sums(self.model, self.eval_loader, self.loss_fn, device=self.accelerator.device)
+        loss_sum, tokens, left_out = heldout_loss_sums(self.model, self.eval_loader, self.loss_fn,
+                                                       device=self.accelerator.device)
         self.model.train()
-        total = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device),
-                                        reduction="sum").tolist()
-        metrics = {"step": self.state.step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1])}
+        total = self.accelerator.reduce(torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64,
+                                                     device=self.accelerator.device), reduction="sum").tolist()
+        metrics = {"step": self.state.step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1]),
+                   "eval_left_out": int(total[2])}
+        if metrics["eval_left_out"]:
+            self.report_left_out(left_out, metrics["eval_left_out"])
         self.hooks.on_eval(self, metrics)
         return metrics
+
+    def report_left_out(self, local_events: list, count: int) -> None:
+        """Held-out samples are never replaced: say which were left out, why, and which setting to check."""
+        from collections import Counter
+
+        from accelerate.utils import gather_object
+
+        events = gather_object(local_events)
+        reasons = ", ".join(f"{reason} x{n}" for reason, n in Counter(e[1] for e in events).most_common())
+        d = self.cfg.data
+        setting = (f"data.eval_image_dir={d.eval_image_dir or d.image_dir}" if d.eval_path
+                   else f"data.image_dir={d.image_dir}")
+        self.console.warn(f"held-out loss: {count} of {len(self.eval_set)} samples left out ({reasons}; e.g. "
+                          f"{events[0][0]}: {events[0][2]}); check {setting} and run `llava-loop data check`")
 
     def save(self) -> int:
         path = self.checkpointer.save(self.state.step)

@@ -133,15 +133,23 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, 
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400})
+@pytest.mark.parametrize("workers, target", [(0, "process"), (2, "process group")])
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(workers, target, tmp_path, tiny_model_dir, shapes_data):
+    """SIGTERM to the main process, or to its whole process group as Slurm and Kubernetes send it (DataLoader
+    workers included): finish the step, save, exit 0."""
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400},
+                     data={"num_workers": workers})
     cmd = [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if target == "process group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     assert "received SIGTERM" in stderr.decode()
@@ -184,6 +192,7 @@ def _damaged_copy(finished_run, tmp_path):
     ("corrupt", r"file model.safetensors does not match its sha256"),
     ("truncated", r"file optimizer.bin has \d+ bytes, expected \d+"),
     ("incomplete", r"is incomplete \(no COMPLETE marker\)"),
+    ("manifest", r"MANIFEST.json is unreadable"),
     ("world_size", r"written with world_size=4 but this run has world_size=1.*llava-loop export"),
     ("mode", r"written with mode='full' but this run has mode='projector'"),
 ])
@@ -203,6 +212,8 @@ def test_bad_checkpoints_get_clear_errors(damage, message, finished_run, tmp_pat
         (ckpt / "optimizer.bin").write_bytes((ckpt / "optimizer.bin").read_bytes()[:-10])
     elif damage == "incomplete":
         (ckpt / "COMPLETE").unlink()
+    elif damage == "manifest":
+        (ckpt / "MANIFEST.json").write_text('{"files": {"model.safe')
     elif damage == "world_size":
         state = json.loads((ckpt / "trainer_state.json").read_text())
         state["run"]["world_size"] = 4
@@ -408,3 +419,40 @@ def test_a_flash_attention_checkpoint_exports_and_infers_without_flash_attention
 
     model, _, _ = load_for_inference(ckpt, device="cpu")
     assert model.config._attn_implementation == "sdpa" and next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path, tiny_model_dir, shapes_data):
+    """resume=none into a used output_dir is refused; resume=overwrite moves the old run aside; the new run's
+    step-4 is its own (before: the save was skipped and the first run's step-4 stayed, silently)."""
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4})
+    helpers.launch(config)
+    first = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    refused = helpers.launch(config, "resume=none", "train.lr=1e-4", check=False)
+    assert refused.returncode == 2 and "already holds checkpoints (step-000004) and resume=none" in refused.stderr
+    helpers.launch(config, "resume=overwrite", "train.lr=1e-4")
+    aside = sorted((tmp_path / "run").glob("checkpoints.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "step-000004" / "COMPLETE").is_file()
+    assert len(list((tmp_path / "run").glob("metrics.replaced-*.jsonl"))) == 1
+    second = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    assert second.name == "step-000004" and "lr: 0.0001" in (second / "config.yaml").read_text()
+    assert json.loads((second / "trainer_state.json").read_text())["scheduler"] != first["scheduler"]
+    assert [m["step"] for m in helpers.metrics(tmp_path / "run")] == [1, 2, 3, 4]  # only the new run's rows
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
+                     checkpoint={"every": 2, "keep_last": 0})
+    helpers.launch(config)
+    broken = tmp_path / "run" / "checkpoints" / "step-000004"
+    (broken / "optimizer.bin").write_bytes(b"garbage")
+    out = helpers.launch(config)  # resume=auto: step-4 is damaged, so it resumes from step 2
+    assert "skipping damaged checkpoint, moved to .bad-step-000004" in out.stderr
+    assert (tmp_path / "run" / "checkpoints" / ".bad-step-000004").is_dir()
+    assert [m["step"] for m in helpers.metrics(tmp_path / "run")][-2:] == [3, 4]
+    checkpoint.verify(broken)  # step 4 was saved again, whole
+    rows = len(helpers.metrics(tmp_path / "run"))
+    again = helpers.launch(config)  # the next resume uses it: nothing is left to train, and nothing is saved twice
+    assert "resumed from" in again.stderr and "step-000004" in again.stderr
+    assert len(helpers.metrics(tmp_path / "run")) == rows

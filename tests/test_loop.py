@@ -239,8 +239,9 @@ def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data,
         assert m["z_loss"] > 0
     calls = [json.loads(line) for line in open(f"{cfg.output_dir}/hook_calls.jsonl")]
     events = [(c["event"], c["step"]) for c in calls]
-    assert events == [("on_train_start", 0), ("on_eval", 0), ("on_step_end", 1), ("on_step_end", 2), ("on_eval", 2), ("on_save", 2),
-                      ("on_step_end", 3), ("on_step_end", 4), ("on_eval", 4), ("on_save", 4), ("on_train_end", 4)]
+    # each save comes before the evaluation of its step: an evaluation never costs training
+    assert events == [("on_train_start", 0), ("on_eval", 0), ("on_step_end", 1), ("on_step_end", 2), ("on_save", 2), ("on_eval", 2),
+                      ("on_step_end", 3), ("on_step_end", 4), ("on_save", 4), ("on_eval", 4), ("on_train_end", 4)]
 
 
 def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_path, tiny_model_dir, shapes_data,
@@ -519,6 +520,53 @@ def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(tmp_path, 
                   loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}})
     with pytest.raises(UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*'z_wieght'.*\(it takes \(model, batch.*z_weight"):
         loop.Trainer(cfg)
+
+
+def _val_copy(tmp_path, shapes_data, missing: int | None):
+    """The held-out set with ``missing`` of its images removed (None: the whole image folder is missing)."""
+    import shutil
+
+    images = tmp_path / "val-images"
+    if missing is not None:
+        shutil.copytree(shapes_data["val_images"], images)
+        for path in sorted(images.iterdir())[:missing]:
+            path.unlink()
+    return dict(shapes_data, val_images=images)
+
+
+def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state,
+                                                          capsys):
+    """Every held-out image missing: training completes, the final checkpoint is saved, and the warning names
+    data.eval_image_dir, not data.image_dir."""
+    from llava_loop.checkpoint import complete_checkpoints
+    from llava_loop.loop import train
+
+    data = _val_copy(tmp_path, shapes_data, missing=None)
+    train(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 2}))
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
+    evals = helpers.metrics(tmp_path / "run", "eval")
+    assert evals[-1]["eval_left_out"] == 32 and evals[-1]["eval_tokens"] == 0
+    err = capsys.readouterr().err
+    assert "32 of 32 samples left out (missing_image x32" in err and f"data.eval_image_dir={data['val_images']}" in err
+
+
+def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, shapes_data, tiny_processor,
+                                                     fresh_accelerate_state):
+    """1 of 32 held-out images missing: the eval loss is over the 31 others exactly, and says one was left out."""
+    from llava_loop.evaluate import heldout_loss_sums
+    from llava_loop.loop import Trainer
+
+    data = _val_copy(tmp_path, shapes_data, missing=1)
+    trainer = Trainer(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 1}))
+    metrics = trainer.eval_loss()
+    assert metrics["eval_left_out"] == 1
+    kept = [trainer.eval_set[i] for i in range(len(trainer.eval_set)) if trainer.eval_set[i]["input_ids"] is not None]
+    assert len(kept) == 31
+    batch = Collator(tiny_processor.tokenizer.pad_token_id)(kept)
+    trainer.model.eval()
+    loss_sum, tokens, left_out = heldout_loss_sums(trainer.model, [batch], trainer.loss_fn)
+    assert left_out == [] and metrics["eval_tokens"] == tokens
+    assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
 
 
 def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):

@@ -16,6 +16,10 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, samples: list[dict]) -> dict:
+        events = [event for s in samples for event in s["skipped"]]
+        samples = [s for s in samples if s["input_ids"] is not None]  # left-out held-out samples (dataset.py)
+        if not samples:
+            return {"ids": [], "skipped": events, "n_label_tokens": 0, "n_tokens": 0, "n_slots": 0}
         lengths = [len(s["input_ids"]) for s in samples]
         width = max(lengths)
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
@@ -33,6 +37,6 @@ class Collator:
         if pixels:  # image rows only, in row order: the model scatters them into <image> placeholders
             batch["pixel_values"] = torch.stack(pixels)
         batch["ids"] = [s["id"] for s in samples]
-        batch["skipped"] = [event for s in samples for event in s["skipped"]]
+        batch["skipped"] = events
         return batch
 

@@ -28,16 +28,28 @@ def replacement_index(index: int, attempt: int, size: int, seed: int) -> int:
 
 
 class LlavaDataset(Dataset):
-    def __init__(self, records: Records, encoder: SampleEncoder, image_dir: str | Path, *, seed: int = 0):
+    """Training sets replace a bad sample (``substitute``); held-out sets never do: a bad sample comes back as
+    a left-out marker (``input_ids`` None, the reason in ``skipped``) that the collator drops and counts, so an
+    evaluation scores exactly the samples it says it scored."""
+
+    def __init__(self, records: Records, encoder: SampleEncoder, image_dir: str | Path, *, seed: int = 0,
+                 substitute: bool = True):
         self.records = records
         self.encoder = encoder
         self.image_dir = Path(image_dir)
         self.seed = seed
+        self.substitute = substitute
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        if not self.substitute:
+            record = self.records[index]
+            try:
+                return {**self.encoder(record, self.image_dir), "skipped": []}
+            except SkipSample as skip:
+                return {"id": record.id, "input_ids": None, "skipped": [(record.id, skip.reason, skip.detail)]}
         skipped, tried = [], set()
         current = index
         for attempt in range(MAX_ATTEMPTS):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -40,15 +42,24 @@ def make_datasets(cfg: Config, processor, records: tuple[Records, Records | None
     train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
     eval_ds = None
     if held is not None:
-        eval_ds = LlavaDataset(held, encoder, cfg.data.eval_image_dir or cfg.data.image_dir, seed=cfg.train.seed)
+        eval_ds = LlavaDataset(held, encoder, cfg.data.eval_image_dir or cfg.data.image_dir, substitute=False)
     return train_ds, eval_ds
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGINT to the main process, which finishes the step, saves and exits
+    0. Slurm and Kubernetes signal the whole process group: a worker killed by it would take the run down
+    before the save. (A worker whose parent is gone still exits: PyTorch's workers watch their parent.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _loader_kwargs(cfg: Config) -> dict:
     d = cfg.data
     kwargs = {"num_workers": d.num_workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
     if d.num_workers > 0:
-        kwargs.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+        kwargs.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                      worker_init_fn=ignore_stop_signals)
     return kwargs
 
 
