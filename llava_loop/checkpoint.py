@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from .config import config_changes
 from .errors import UserError
 from .runtime import main_process_result
 
@@ -400,9 +402,17 @@ class Checkpointer:
             raise CheckpointError(problems[0])
         return main_process_result(acc, lambda: json.loads((path / STATE).read_text()))
 
-    def load(self, path: Path, state: dict) -> None:
-        """Restore weights, optimizer, every stateful part and this process's RNG from a verified checkpoint."""
+    def load(self, path: Path, state: dict) -> list[str]:
+        """Restore weights, optimizer, every stateful part and this process's RNG from a verified checkpoint.
+        Returns the config changes since the checkpoint, which the run applies; any other change is refused."""
         check_compatible(state["run"], self.identity, path)
+        applied, refused = config_changes(yaml.safe_load((path / "config.yaml").read_text()), yaml.safe_load(self.config_yaml))
+        if refused:
+            raise CheckpointError(
+                f"{path} was written with a different config, and these settings cannot change on resume: "
+                f"{'; '.join(refused)}. Set them back, or export the checkpoint (`llava-loop export --checkpoint "
+                f"{path} --out DIR`) and start a new run from it with model.path=DIR in a new output_dir"
+            )
         rng_file = path / RNG_FILE.format(rank=self.accelerator.process_index)
         if not rng_file.is_file():
             raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")
@@ -411,3 +421,4 @@ class Checkpointer:
         for name, part in self.states.items():
             part.load_state_dict(state[name])
         set_rng_state(safe_torch_load(rng_file))  # last: nothing after this may draw random numbers
+        return applied

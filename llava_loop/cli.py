@@ -65,12 +65,24 @@ def cmd_infer(args) -> int:
     if not (args.images_dir and args.out):
         raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
     files = images_in(args.images_dir)
-    answers = caption(model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options)
+    answers, unreadable = caption(model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True,
+                                  **options)
     with open(args.out, "w") as f:
-        for path, answer in zip(files, answers):
-            f.write(json.dumps({"image": path.name, "caption": answer}) + "\n")
-    say(f"wrote {len(answers)} captions to {args.out}", stderr=False)
-    return 0
+        for i, (path, answer) in enumerate(zip(files, answers)):
+            row = {"image": path.name, "caption": answer}
+            if i in unreadable:
+                row.update(error=unreadable[i][0], detail=unreadable[i][1])
+            f.write(json.dumps(row) + "\n")
+    say(f"wrote {len(files) - len(unreadable)} captions to {args.out}", stderr=False)
+    return report_left_out([{"id": files[i].name, "reason": r, "detail": d} for i, (r, d) in unreadable.items()])
+
+
+def report_left_out(left_out: list[dict]) -> int:
+    """List what could not be used, and why; the exit status is 1 when anything was left out."""
+    if left_out:
+        print_table(f"{len(left_out)} left out", [(x["id"], x["reason"], x["detail"]) for x in left_out],
+                    ("record", "reason", "detail"), stderr=True)
+    return 1 if left_out else 0
 
 
 def cmd_eval(args) -> int:
@@ -84,16 +96,16 @@ def cmd_eval(args) -> int:
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
     model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
                                            attn_implementation=args.attn_implementation)
-    metrics, predictions = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
-                                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                          max_samples=args.max_samples, scorers=scorers, progress=True)
+    metrics, predictions, left_out = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
+                                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                    max_samples=args.max_samples, scorers=scorers, progress=True)
     print_table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
                                                                for k, v in metrics.items()])
     with open(args.out, "w") as f:
         json.dump({"model": str(args.model), "adapter": args.adapter, "data": str(args.data), "metrics": metrics,
-                   "predictions": predictions}, f, indent=1)
+                   "predictions": predictions, "left_out": left_out}, f, indent=1)
     say(f"wrote {args.out}", stderr=False)
-    return 0
+    return report_left_out(left_out)
 
 
 def cmd_data_check(args) -> int:

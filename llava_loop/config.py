@@ -300,6 +300,41 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
+# Keys a resumed run may change: they steer how long, how fast and what is logged or saved, or where files are
+# read from, and the run applies them (the schedule is rebuilt from the current step). Any other change would
+# be dropped silently by the restored state, or would make the resumed run a different run: it is refused.
+RESUMABLE = (
+    "output_dir", "resume", "hooks", "setup", "trackers", "loss", "model.attn_implementation",
+    "data.image_dir", "data.eval_path", "data.eval_image_dir", "data.num_workers", "data.pin_memory",
+    "data.persistent_workers", "data.prefetch_factor", "data.max_skip_fraction",
+    "train.max_steps", "train.epochs", "train.lr", "train.projector_lr", "train.warmup_ratio", "train.min_lr_ratio",
+    "train.max_grad_norm", "train.gradient_checkpointing", "train.time_limit_minutes", "train.max_consecutive_skips",
+    "train.dist_timeout_minutes", "train.log_every", "train.log_sample_ids", "checkpoint.", "eval.",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("loss",) and not key.endswith("kwargs"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """``(applied, refused)``: the differences between a checkpoint's config and this run's, as
+    ``key: old -> new`` lines, split by ``RESUMABLE``."""
+    old, new = _flatten(saved), _flatten(current)
+    applied, refused = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            (applied if key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith("."))) else refused).append(line)
+    return applied, refused
+
+
 def find_config_file(path: str | Path) -> Path:
     """``path`` as given, else the shipped file of that name (``configs/demo.yaml`` or ``demo.yaml``), which
     is installed with the package as ``llava_loop.configs``: shipped recipes work from any directory."""

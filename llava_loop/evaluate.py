@@ -75,9 +75,10 @@ def score(predictions: list[dict], scorers=()) -> dict:
 
 def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: str | Path, *, batch_size: int = 16,
                    max_new_tokens: int = 32, max_samples: int = 0, scorers=(), progress: bool = False
-                   ) -> tuple[dict, list[dict]]:
+                   ) -> tuple[dict, list[dict], list[dict]]:
     """Held-out loss plus generation metrics (exact match, token F1 and ``scorers``); returns
-    ``(metrics, predictions)``."""
+    ``(metrics, predictions, left_out)``. A record that cannot be used (a bad image, a bad conversation) is
+    left out of every metric, never replaced, and listed in ``left_out`` with its reason."""
     from .infer import caption
 
     if max_samples:
@@ -85,18 +86,21 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
     dataset = LlavaDataset(records, encoder, image_dir, substitute=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoder.tokenizer.pad_token_id))
     device = next(model.parameters()).device
-    loss_sum, tokens, left_out = heldout_loss_sums(model, loader, device=device)
+    loss_sum, tokens, skipped = heldout_loss_sums(model, loader, device=device)
+    left_out = {rid: {"id": rid, "reason": reason, "detail": detail} for rid, reason, detail in skipped}
 
     items = [records[i] for i in range(len(records))]
-    with_images = [r for r in items if r.image]
+    with_images = [r for r in items if r.image and r.id not in left_out]
     prompts, references = zip(*(first_exchange(r) for r in with_images)) if with_images else ((), ())
-    answers = caption(model, encoder, [Path(image_dir) / r.image for r in with_images], list(prompts),
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    answers, unreadable = caption(model, encoder, [Path(image_dir) / r.image for r in with_images], list(prompts),
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    for i, (reason, detail) in unreadable.items():
+        left_out[with_images[i].id] = {"id": with_images[i].id, "reason": reason, "detail": detail}
     predictions = [
         {"id": r.id, "image": r.image, "prompt": p, "reference": ref, "prediction": ans,
          "exact": normalize(ans) == normalize(ref)}
-        for r, p, ref, ans in zip(with_images, prompts, references, answers)
+        for r, p, ref, ans in zip(with_images, prompts, references, answers) if ans is not None
     ]
-    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, "eval_left_out": len(left_out),
+    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, "left_out": len(left_out),
                **score(predictions, scorers)}
-    return metrics, predictions
+    return metrics, predictions, list(left_out.values())

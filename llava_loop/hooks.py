@@ -45,12 +45,13 @@ class Hooks:
 
 
 class MetricsJsonl:
-    """Appends one JSON line per logged step and per evaluation to ``output_dir/metrics.jsonl``."""
+    """Appends one JSON line per logged step and per evaluation to ``output_dir/metrics.jsonl``; each row names
+    the run (launch) that wrote it, so a resumed run's rows can be told from the first launch's."""
 
     def _write(self, trainer, kind: str, metrics: dict):
         if trainer.accelerator.is_main_process:
             with open(Path(trainer.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"kind": kind, **metrics}) + "\n")
+                f.write(json.dumps({"kind": kind, "run": trainer.run_id, **metrics}) + "\n")
 
     def on_step_end(self, trainer, metrics):
         if metrics["step"] % trainer.cfg.train.log_every == 0 or metrics["step"] == trainer.total_steps:

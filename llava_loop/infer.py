@@ -5,7 +5,10 @@ folder. Decoding is greedy unless a temperature is given, and stops at the end-o
 
     from llava_loop.infer import load_for_inference, caption
     model, processor, encoder = load_for_inference("runs/export")
-    caption(model, encoder, ["a.jpg", pil_image], "Describe the image briefly.")
+    answers, unreadable = caption(model, encoder, ["a.jpg", pil_image], "Describe the image briefly.")
+
+An image that cannot be read (missing, corrupt, not an image) never stops the others: its answer is None
+and ``unreadable`` maps its position to ``(reason, detail)``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from PIL import Image
 
 from .data.encode import SampleEncoder
 from .data.images import load_image, to_rgb
+from .data.skips import SkipSample
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -79,6 +83,14 @@ def _as_image(image, max_pixels: int) -> Image.Image:
     return load_image(Path(image), max_pixels)
 
 
+def read_image(image, max_pixels: int) -> Image.Image:
+    """A path or PIL image as RGB; an unreadable one raises a UserError that names it and says why."""
+    try:
+        return _as_image(image, max_pixels)
+    except SkipSample as skip:
+        raise UserError(f"{image}: cannot be used as an image ({skip.reason}: {skip.detail})") from None
+
+
 @torch.no_grad()
 def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[str]:
@@ -92,7 +104,7 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
     for row, seq in enumerate(sequences):  # left padding, so every prompt ends where generation starts
         input_ids[row, width - len(seq):] = torch.tensor(seq)
         attention_mask[row, width - len(seq):] = 1
-    pixels = torch.stack([encoder.pixel_values(_as_image(img, encoder.max_image_pixels)) for img in images])
+    pixels = torch.stack([encoder.pixel_values(read_image(img, encoder.max_image_pixels)) for img in images])
     device = next(model.parameters()).device
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     out = model.generate(
@@ -103,19 +115,31 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
     return [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
 
 
-def caption(model, encoder: SampleEncoder, images: list, prompt: str, *, batch_size: int = 16, progress: bool = False,
-            **generate_kwargs) -> list[str]:
-    """Caption many images in batches (the Python API behind ``llava-loop infer --images-dir``)."""
+def caption(model, encoder: SampleEncoder, images: list, prompt: str | list[str], *, batch_size: int = 16,
+            progress: bool = False, **generate_kwargs) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
+    """Caption many images in batches (the Python API behind ``llava-loop infer --images-dir``). Returns the
+    answers in input order, None for an image that could not be read, and ``{position: (reason, detail)}``
+    for those."""
     chunks = range(0, len(images), batch_size)
     if progress:
         from rich.progress import track
 
         chunks = track(chunks, description=f"captioning {len(images)} images")
-    answers = []
+    answers: list[str | None] = [None] * len(images)
+    unreadable: dict[int, tuple[str, str]] = {}
     for start in chunks:
-        prompts = prompt if isinstance(prompt, str) else prompt[start : start + batch_size]
-        answers += generate(model, encoder, images[start : start + batch_size], prompts, **generate_kwargs)
-    return answers
+        readable = []
+        for i in range(start, min(start + batch_size, len(images))):
+            try:
+                readable.append((i, _as_image(images[i], encoder.max_image_pixels)))
+            except SkipSample as skip:
+                unreadable[i] = (skip.reason, skip.detail)
+        if readable:
+            prompts = prompt if isinstance(prompt, str) else [prompt[i] for i, _ in readable]
+            for (i, _), answer in zip(readable, generate(model, encoder, [im for _, im in readable], prompts,
+                                                         **generate_kwargs)):
+                answers[i] = answer
+    return answers, unreadable
 
 
 def images_in(folder: str | Path) -> list[Path]:

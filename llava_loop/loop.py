@@ -10,6 +10,7 @@ accumulation steps and average over processes; ``scale`` undoes both.
 
 from __future__ import annotations
 
+import atexit
 import math
 import signal
 import time
@@ -32,8 +33,9 @@ from .evaluate import heldout_loss_sums
 from .hooks import make_hooks
 from .importing import bind
 from .losses import make_loss
-from .modes import apply_mode, param_groups, trainable_table
-from .runtime import load_model, make_accelerator, require_shared_dir
+from .modes import apply_mode, group_lr, param_groups, trainable_table
+from .runlock import RunLock
+from .runtime import load_model, main_process_result, make_accelerator, require_shared_dir
 
 
 class NonFiniteError(UserError):
@@ -99,6 +101,9 @@ class Trainer:
         self.stopped = False  # all processes agreed to stop early
         self.started = self.last_step_end = time.monotonic()  # reset when fit starts
 
+        self.lock = RunLock(self.output_dir, warn=self.console.warn)  # one run per output_dir
+        self.run_id = main_process_result(self.accelerator, self.lock.acquire)
+        atexit.register(self.lock.release)
         self.prepare_output_dir()
         records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
         model = self.build_model()
@@ -123,7 +128,6 @@ class Trainer:
             if self.accelerator.is_main_process:
                 run_setup(self.cfg)
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
         require_shared_dir(self.accelerator, self.output_dir)
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
@@ -175,12 +179,30 @@ class Trainer:
         )
 
     def resume(self) -> None:
+        """Resume from a checkpoint if there is one, then record this run's config (never before a resume was
+        accepted: a refused one leaves output_dir as it was)."""
         found = self.checkpointer.find_resume(self.cfg.resume)
         if found is not None:
             path, saved = found
-            self.checkpointer.load(path, saved)
+            changes = self.checkpointer.load(path, saved)
+            self.schedule_from_config()
             s = self.state
             self.console.say(f"resumed from {path} at step {s.step} (epoch {s.epoch}, {s.step_in_epoch} steps into it)")
+            if changes:
+                self.console.warn("config changed since the checkpoint, applied from here on: " + "; ".join(changes))
+        if self.accelerator.is_main_process:
+            (self.output_dir / "config.yaml").write_text(self.cfg.to_yaml())
+
+    def schedule_from_config(self) -> None:
+        """After a resume, the learning rates follow this run's config from the current step on: the restored
+        optimizer and scheduler carry the old peak rates and the old step's rate (a raised train.max_steps would
+        otherwise run on at the old schedule's final rate, 0)."""
+        t, scheduler = self.cfg.train, self.scheduler
+        groups = scheduler.optimizer.param_groups
+        scheduler.base_lrs = [group_lr(g["name"], lr=t.lr, projector_lr=t.projector_lr) for g in groups]
+        for group, peak, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"] = peak
+            group["lr"] = peak * factor(scheduler.last_epoch)
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote its checkpoint."""
@@ -202,6 +224,7 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            self.lock.release()
 
     def _fit(self) -> TrainState:
         self.started = self.last_step_end = time.monotonic()

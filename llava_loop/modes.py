@@ -88,6 +88,11 @@ def enable_checkpointing(model, trainable_parts: set[str]) -> None:
         tower.disable_input_require_grads()  # transformers hooks input_ids models; non-reentrant needs no hook
 
 
+def group_lr(name: str, *, lr: float, projector_lr: float) -> float:
+    """The peak learning rate of the AdamW group called ``name`` (see ``param_groups``)."""
+    return projector_lr if (name.startswith("projector/") and projector_lr > 0) else lr
+
+
 def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: trainable parameters only; no decay on biases and norms; optional projector lr."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
@@ -99,12 +104,9 @@ def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) 
         groups.setdefault((is_projector, decay), []).append(param)
     out = []
     for (is_projector, decay), params in sorted(groups.items()):
-        out.append({
-            "name": f"{'projector' if is_projector else 'model'}/{'decay' if decay else 'no_decay'}",
-            "params": params,
-            "lr": projector_lr if (is_projector and projector_lr > 0) else lr,
-            "weight_decay": weight_decay if decay else 0.0,
-        })
+        name = f"{'projector' if is_projector else 'model'}/{'decay' if decay else 'no_decay'}"
+        out.append({"name": name, "params": params, "lr": group_lr(name, lr=lr, projector_lr=projector_lr),
+                    "weight_decay": weight_decay if decay else 0.0})
     return out
 
 

@@ -456,3 +456,53 @@ def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp
     again = helpers.launch(config)  # the next resume uses it: nothing is left to train, and nothing is saved twice
     assert "resumed from" in again.stderr and "step-000004" in again.stderr
     assert len(helpers.metrics(tmp_path / "run")) == rows
+
+
+@pytest.mark.slow
+def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, tiny_model_dir, shapes_data):
+    from llava_loop.loop import warmup_cosine
+
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4})
+    helpers.launch(config)
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    refused = helpers.launch(config, "train.max_steps=8", "data.max_length=128", check=False)
+    assert refused.returncode == 2
+    listed = refused.stderr.split("cannot change on resume: ")[1].split(". Set them back")[0]
+    assert listed == "data.max_length: 256 -> 128"  # train.max_steps may change: not refused
+    assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # a refused resume changes nothing
+    resumed = helpers.launch(config, "train.max_steps=8", "train.lr=1e-3")
+    assert "train.lr: 0.002 -> 0.001" in resumed.stderr and "train.max_steps: 4 -> 8" in resumed.stderr
+    steps = _steps(tmp_path / "run")
+    assert sorted(steps) == list(range(1, 9))
+    # from step 5 on, the rate follows the new peak and the new total (before: step 5 ran at the old final rate, 0)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = warmup_cosine(probe, 8, 0.34, 0.0)
+    for step in range(1, 9):
+        if step >= 5:
+            assert steps[step]["lr"] == pytest.approx(probe.param_groups[0]["lr"], rel=1e-12), step
+        probe.step()
+        schedule.step()
+    assert steps[5]["lr"] > 1e-4 and "lr: 0.001" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400})
+    first = subprocess.Popen([sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)], cwd=helpers.ROOT,
+                             env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not metrics_file.exists():
+        time.sleep(0.2)
+    try:
+        second = helpers.launch(config, check=False)
+        assert second.returncode == 2 and f"is in use by another run (pid {first.pid} on" in second.stderr
+        assert first.poll() is None  # the first run goes on, undisturbed
+    finally:
+        first.kill()  # SIGKILL: the lock stays behind, its process gone
+        first.communicate()
+    third = helpers.launch(config, "train.max_steps=2")
+    assert "taking over the lock of a run that is gone" in third.stderr
+    runs = {m["run"] for m in helpers.metrics(tmp_path / "run")}
+    assert len(runs) == 2  # every row says which run wrote it
+    assert not (tmp_path / "run" / ".llava_loop.lock").exists()  # released at the end

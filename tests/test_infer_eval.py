@@ -73,7 +73,7 @@ def test_caption_a_folder_and_the_python_api_agree(trained, shapes_data, tmp_pat
     files = images_in(shapes_data["val_images"])
     assert [line["image"] for line in lines] == [f.name for f in files]
     model, _, encoder = load_for_inference(trained["full"]["export"])
-    assert [line["caption"] for line in lines] == caption(model, encoder, files, PROMPT, batch_size=7)
+    assert [line["caption"] for line in lines] == caption(model, encoder, files, PROMPT, batch_size=7)[0]
 
 
 @pytest.mark.slow
@@ -112,3 +112,35 @@ def test_inference_runs_on_the_gpu_in_bf16_when_there_is_one_and_says_so_when_as
     assert inference_device("cpu") == (torch.device("cpu"), torch.float32)
     with pytest.raises(UserError, match="not a device name"):
         inference_device("gpu0")
+
+
+@pytest.mark.slow
+def test_a_bad_image_never_stops_infer_or_eval_and_is_listed(trained, shapes_data, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(shapes_data["val_images"], images)
+    files = sorted(images.iterdir())
+    files[1].write_text("not an image")  # corrupt
+    files[2].unlink()  # missing (eval only: infer captions what is in the folder)
+    model = str(trained["full"]["export"])
+    out = tmp_path / "captions.jsonl"
+    run = subprocess.run([sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--images-dir", str(images),
+                          "--out", str(out), "--prompt", PROMPT], capture_output=True, text=True, env=helpers.env())
+    assert run.returncode == 1  # some failed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 31 and [r["image"] for r in rows if "error" in r] == [files[1].name]
+    assert all(r["caption"] for r in rows if "error" not in r) and rows[1]["error"] == "corrupt_image"
+    assert "1 left out" in run.stderr and files[1].name in run.stderr
+    results = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "llava_loop.cli", "eval", "--model", model, "--data", str(shapes_data["val"]),
+                          "--image-dir", str(images), "--out", str(results)], capture_output=True, text=True,
+                         env=helpers.env())
+    assert run.returncode == 1
+    report = json.loads(results.read_text())
+    assert report["metrics"]["n"] == 30 and report["metrics"]["left_out"] == 2
+    assert sorted(x["reason"] for x in report["left_out"]) == ["corrupt_image", "missing_image"]
+    single = subprocess.run([sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--image", str(files[1])],
+                            capture_output=True, text=True, env=helpers.env())
+    assert single.returncode == 2 and "cannot be used as an image (corrupt_image" in single.stderr
+    assert "Traceback" not in single.stderr

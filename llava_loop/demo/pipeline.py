@@ -17,7 +17,7 @@ from .shapes import attribute_accuracy
 DEMO_CONFIG = "configs/demo.yaml"  # shipped with the package: found from any directory
 
 
-def score_model(model_path: Path, cfg: Config) -> tuple[dict, list[dict]]:
+def score_model(model_path: Path, cfg: Config) -> tuple[dict, list[dict], list[dict]]:
     """Held-out loss, exact match, token F1 and shapes attribute accuracy of a model or checkpoint."""
     from ..data.records import load_records
     from ..evaluate import evaluate_model
@@ -50,14 +50,14 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     say("[bold]1/4[/bold] tiny towers and synthetic shapes (made once, offline)")
     run_setup(cfg)
     say("[bold]2/4[/bold] scoring the untrained model on the held-out split")
-    before, _ = score_model(Path(cfg.model.path), cfg)
+    before, _, _ = score_model(Path(cfg.model.path), cfg)
     say("[bold]3/4[/bold] training through the real loop")
     started = time.perf_counter()
     state = Trainer(cfg).fit()
     train_seconds = time.perf_counter() - started
     say("[bold]4/4[/bold] scoring the trained model on the held-out split")
     final = complete_checkpoints(out)[-1]
-    after, predictions = score_model(final, cfg)
+    after, predictions, _ = score_model(final, cfg)
 
     print_table(f"held-out: {after['n']} unseen images",
                 [(key, f"{before.get(key, float('nan')):.3f}", f"{after[key]:.3f}") for key in ROWS if key in after],

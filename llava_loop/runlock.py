@@ -1,0 +1,91 @@
+"""One run per output_dir: an exclusive lock file, and a run id for every metrics row.
+
+Two runs in one folder delete each other's in-flight saves and resume each other's checkpoints. The main
+process creates ``output_dir/.llava_loop.lock`` exclusively (``O_EXCL``), holding the pid, host, start time
+and run id; a second run exits at once, naming the holder. A lock whose process is gone (same host, pid no
+longer alive) is stale and taken over with a warning; one from another host cannot be checked from here,
+so the message says how to remove it. Released when the run ends; a run killed with SIGKILL leaves it for
+the next run to find stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+LOCK = ".llava_loop.lock"
+
+
+class OutputDirBusy(UserError):
+    """Another run holds output_dir."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, output_dir: str | Path, warn=print):
+        self.path = Path(output_dir) / LOCK
+        self.warn = warn
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        self.held = False
+
+    def acquire(self) -> str:
+        """Take the lock (or fail naming its holder); returns this run's id."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "run_id": self.run_id}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._stale(holder):
+                    self.warn(f"taking over the lock of a run that is gone ({self._describe(holder)})")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise OutputDirBusy(
+                    f"output_dir {self.path.parent} is in use by another run ({self._describe(holder)}). Wait for it, "
+                    f"stop it, or use another output_dir; if that run is gone, delete {self.path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self.run_id
+        raise OutputDirBusy(f"could not take {self.path}: another run keeps taking it")
+
+    def release(self) -> None:
+        if self.held and self._holder().get("run_id") == self.run_id:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # half-written by a run that died while taking it
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if not holder:
+            return True
+        same_process = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+        return same_process or (holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))))
+
+    @staticmethod
+    def _describe(holder: dict) -> str:
+        return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
+                f"run {holder.get('run_id')}" if holder else "an unreadable lock file")
