@@ -13,6 +13,7 @@ saved: projector and LoRA checkpoints hold only what trains.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -144,11 +145,11 @@ def read_manifest(path: Path) -> dict:
     the manifest. Cheap: no file is read beyond the manifest. Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"resume={path}: not a checkpoint directory")
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected output_dir/checkpoints/step-N)")
     if not (path / COMPLETE).is_file() or not (path / MANIFEST).is_file():
         raise CheckpointError(
             f"{path} is incomplete (no {COMPLETE} marker): the save was interrupted. "
-            f"Resume from an earlier checkpoint in {path.parent} or use resume=auto"
+            f"Use an earlier checkpoint in {path.parent} (resume=auto picks the newest whole one)"
         )
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -342,18 +343,49 @@ class Checkpointer:
                 shutil.rmtree(stale)  # left by an interrupted save; never resumable
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        try:
+            self.write(tmp)
+            problem = ""
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
+            problem = self.write_failure(exc, step, tmp)
+        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
+        if problems:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(problems[0])
+        files = self.gather_dicts(hash_share(tmp, acc.process_index, acc.num_processes))
+        if acc.is_main_process:
+            self.seal(tmp, final, files)
+        acc.wait_for_everyone()
+        return final
+
+    def write(self, tmp: Path) -> None:
+        """Every process: its part of the Accelerate state and its RNG; the main process: the stateful parts
+        and the config."""
+        acc = self.accelerator
         acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
         torch.save(rng_state(), tmp / RNG_FILE.format(rank=acc.process_index))
         if acc.is_main_process:
             state = {"run": self.identity, **{name: part.state_dict() for name, part in self.states.items()}}
             (tmp / STATE).write_text(json.dumps(state, indent=1))
             (tmp / "config.yaml").write_text(self.config_yaml)
-        acc.wait_for_everyone()
-        files = self.gather_dicts(hash_share(tmp, acc.process_index, acc.num_processes))
-        if acc.is_main_process:
-            self.seal(tmp, final, files)
-        acc.wait_for_everyone()
-        return final
+
+    def write_failure(self, exc: Exception, step: int, tmp: Path) -> str:
+        """What to tell the user when writing a checkpoint failed. A full disk surfaces as ENOSPC, or from
+        torch's C++ writer as "unexpected pos" / "basic_ios::clear" / "file write failed"."""
+        text = f"{type(exc).__name__}: {exc}"
+        full = getattr(exc, "errno", None) == errno.ENOSPC or any(
+            sign in text for sign in ("No space left", "unexpected pos", "basic_ios::clear", "file write failed"))
+        previous = complete_checkpoints(self.output_dir)
+        if not full:
+            return f"could not write checkpoint step {step} to {tmp.parent} ({text[:300]})"
+        needs = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else \
+            sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        free = shutil.disk_usage(tmp.parent).free
+        intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
+        return (f"no space left on device while saving step {step} to {tmp.parent} (needs about {needs / 1e9:.2f} GB"
+                f"{'' if previous else ' at least'}, {free / 1e9:.2f} GB free there); {intact}. Free space or move "
+                "output_dir, then resume with resume=auto")
 
     def gather_dicts(self, mine: dict) -> dict:
         """Every process's dict, merged, on every process."""

@@ -119,7 +119,8 @@ def cmd_data_check(args) -> int:
 
         processor = AutoProcessor.from_pretrained(args.model)
     report = check_dataset(args.data, args.image_dir, decode=args.decode, processor=processor,
-                           max_length=args.max_length, image_tokens=args.image_tokens, workers=args.workers)
+                           max_length=args.max_length, image_tokens=args.image_tokens,
+                           allow_absolute_paths=args.allow_absolute_paths, workers=args.workers)
     rows = [("records", report["records"]), ("with image", report["with_image"])]
     rows += [(f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()]
     kind = "estimated tokens" if report["token_lengths_estimated"] else "tokens"
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tokens", type=int, default=576,
                    help="placeholders per image in the length estimate without --model "
                         "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept image paths outside --image-dir (as data.allow_absolute_paths does in training)")
     p.add_argument("--workers", type=int, default=0, help="processes for image checks")
     p.add_argument("--json", help="also write the report as JSON")
     p.set_defaults(func=cmd_data_check)

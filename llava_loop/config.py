@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.resources
+import math
 import re
 import types
 import typing
@@ -75,6 +76,7 @@ class DataConfig:
     prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).")
     max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
     max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.")
+    allow_absolute_paths: bool = opt(False, "Let records name images by absolute paths or paths that leave `image_dir` (`../`); otherwise such records are skipped as unsafe_path.")
     max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default).")
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
@@ -263,9 +265,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
+def _numbers(node, prefix: str = ""):
+    """``(key, value)`` of every float field in the tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, Call):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield prefix + f.name, value
+
+
 def validate(config: Config) -> None:
     t, d = config.train, config.data
-    problems = []
+    problems = [f"{key} must be a finite number (got {value})" for key, value in _numbers(config)
+                if not math.isfinite(value)]
+    if not config.output_dir.strip():
+        problems.append("output_dir is required (checkpoints and metrics.jsonl go there)")
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
                        ("data.max_length", d.max_length), ("data.prefetch_factor", d.prefetch_factor)):
         if value < 1:

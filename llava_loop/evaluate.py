@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from .data.collate import Collator
 from .data.dataset import LlavaDataset
 from .data.encode import SampleEncoder
+from .data.images import image_path
 from .data.records import Records
 from .losses import label_only_ce
 
@@ -92,7 +93,8 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
     items = [records[i] for i in range(len(records))]
     with_images = [r for r in items if r.image and r.id not in left_out]
     prompts, references = zip(*(first_exchange(r) for r in with_images)) if with_images else ((), ())
-    answers, unreadable = caption(model, encoder, [Path(image_dir) / r.image for r in with_images], list(prompts),
+    paths = [image_path(image_dir, r.image, allow_absolute=encoder.allow_absolute_paths) for r in with_images]
+    answers, unreadable = caption(model, encoder, paths, list(prompts),
                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     for i, (reason, detail) in unreadable.items():
         left_out[with_images[i].id] = {"id": with_images[i].id, "reason": reason, "detail": detail}

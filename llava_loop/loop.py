@@ -25,6 +25,7 @@ from .backends import backend_for
 from .checkpoint import Checkpointer
 from .config import Config
 from .console import Console
+from .data.dataset import DataError
 from .data.encode import IGNORE_INDEX
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
 from .data.skips import SkipTally
@@ -295,9 +296,21 @@ class Trainer:
             loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
-                yield [next(batches) for _ in range(ga)]
+                yield [self.next_batch(batches) for _ in range(ga)]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
+
+    def next_batch(self, batches):
+        try:
+            return next(batches)
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise DataError(
+                f"a DataLoader worker died ({str(exc).splitlines()[0]}); killed by the system, most often for memory "
+                f"(check `dmesg` for the out-of-memory killer). Lower data.num_workers (now {self.cfg.data.num_workers}) "
+                f"or data.prefetch_factor, then resume with resume=auto"
+            ) from None
 
     COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events")
 

@@ -45,7 +45,14 @@ class RunLock:
 
     def acquire(self) -> str:
         """Take the lock (or fail naming its holder); returns this run's id."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            probe = self.path.parent / f".llava_loop-write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"output_dir {self.path.parent} is not writable ({exc.strerror or exc}); choose a folder "
+                            "this user can write to") from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "run_id": self.run_id}
         for _ in range(2):

@@ -170,6 +170,18 @@ class ProcessGroupTimeout:
             (Path(trainer.output_dir) / "pg_timeout.txt").write_text(str(backend.options._timeout.total_seconds()))
 
 
+class KillWorkersAtStep2:
+    """SIGKILLs every DataLoader worker after optimizer step 2, as the out-of-memory killer would."""
+
+    def on_step_end(self, trainer, metrics):
+        import multiprocessing
+        import signal
+
+        if metrics["step"] == 2:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+
+
 class StopAtStep:
     """Requests a stop (as SIGTERM would) after optimizer step $LLAVA_TEST_STOP_AT."""
 

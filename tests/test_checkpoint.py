@@ -506,3 +506,24 @@ def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_p
     runs = {m["run"] for m in helpers.metrics(tmp_path / "run")}
     assert len(runs) == 2  # every row says which run wrote it
     assert not (tmp_path / "run" / ".llava_loop.lock").exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_problem_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
+                     checkpoint={"every": 2, "keep_last": 1})
+    out = helpers.launch(config, fault="disk-full:4", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no space left on device while saving step 4 to" in out.stderr
+    assert "GB free there); the previous checkpoint (step-000002) is intact" in out.stderr
+    assert "Traceback" not in out.stderr and "basic_ios" not in out.stderr
+    saved = checkpoint.complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == ["step-000002"] and not (tmp_path / "run" / "checkpoints" / ".tmp-step-000004").exists()
+    checkpoint.verify(saved[0])
+
+
+def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(tmp_path), "--out",
+                          str(tmp_path / "x")], env=helpers.env(), capture_output=True, text=True)
+    assert out.returncode == 2 and "not a checkpoint directory (expected output_dir/checkpoints/step-N)" in out.stderr
+    assert "resume=" not in out.stderr

@@ -55,6 +55,12 @@ def test_bad_values_name_the_key_and_choices():
         load_config(None, [])
     with pytest.raises(ConfigError, match=r"expected key=value"):
         load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"train.lr must be a finite number \(got nan\)"):
+        load_config(None, ["data.path=x", "train.lr=.nan"])
+    with pytest.raises(ConfigError, match=r"train.epochs must be a finite number \(got inf\)"):
+        load_config(None, ["data.path=x", "train.epochs=.inf"])
+    with pytest.raises(ConfigError, match=r"output_dir is required"):
+        load_config(None, ["data.path=x", "output_dir="])
 
 
 def test_config_file_errors_name_the_file(tmp_path):

@@ -218,15 +218,32 @@ def _bad_case(case: str, image_dir) -> Record:
         return Record(case, "good.jpg", (("user", "<image>\nDescribe."), ("narrator", "hmm"), ("assistant", "ok .")))
     if case == "too_long":
         return Record(case, "good.jpg", (("user", "<image>\n" + "describe " * 300), ("assistant", "ok .")))
+    if case == "unsafe_path:parent":  # the image exists, outside the image folder: never opened
+        (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
+        return Record(case, "../outside.jpg", good_turns)
+    if case == "unsafe_path:absolute":
+        (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
+        return Record(case, str(image_dir.parent / "outside.jpg"), good_turns)
+    if case == "not_a_file:directory":
+        (image_dir / "folder.jpg").mkdir()
+        return Record(case, "folder.jpg", good_turns)
+    if case == "not_a_file:symlink_loop":
+        (image_dir / "loop.jpg").symlink_to(image_dir / "loop.jpg")
+        return Record(case, "loop.jpg", good_turns)
     raise AssertionError(case)
 
 
 BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "truncated_image", "decompression_bomb",
-             "image_token_mismatch", "empty_answer", "unknown_role", "too_long"]
+             "image_token_mismatch", "empty_answer", "unknown_role", "too_long", "unsafe_path:parent",
+             "unsafe_path:absolute", "not_a_file:directory", "not_a_file:symlink_loop"]
+DETAILS = {"unsafe_path:parent": "is not inside the image folder", "unsafe_path:absolute": "allow_absolute_paths",
+           "not_a_file:directory": "is a directory", "not_a_file:symlink_loop": "broken or looping symbolic link"}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_processor, tmp_path):
+    tmp_path = tmp_path / "images"
+    tmp_path.mkdir()
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
     good = [Record(f"good{i}", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
     records = Records.from_records(good[:3] + [_bad_case(case, tmp_path)] + good[3:])
@@ -239,7 +256,8 @@ def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_proce
     events = [e for b in batches for e in b["skipped"]]
     tally = SkipTally()
     tally.add(events)
-    assert tally.counts == Counter({case: 1}) and tally.bad_ids == {case}
+    assert tally.counts == Counter({case.split(":")[0]: 1}) and tally.bad_ids == {case}
+    assert DETAILS.get(case, "") in events[0][2]
     # the replacement is deterministic: a second pass picks the same samples
     assert [b["ids"] for b in DataLoader(dataset, batch_size=4, collate_fn=loader.collate_fn)] == [b["ids"] for b in batches]
 
@@ -518,3 +536,12 @@ def test_processors_outside_the_fast_path_fall_back_to_hugging_face(tiny_process
     image = Image.new("RGB", (80, 50), (1, 2, 3))
     expected = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(encoder.pixel_values(image), expected)
+
+
+def test_absolute_image_paths_load_when_allowed(tiny_processor, tmp_path):
+    (tmp_path / "outside.jpg").write_bytes(_jpeg_bytes())
+    record = Record("a", str(tmp_path / "outside.jpg"), (("user", "<image>\nDescribe."), ("assistant", "ok .")))
+    encoder = SampleEncoder(tiny_processor, max_length=160, allow_absolute_paths=True)
+    assert encoder(record, tmp_path / "images")["pixel_values"] is not None
+    with pytest.raises(SkipSample, match="unsafe_path"):
+        SampleEncoder(tiny_processor, max_length=160)(record, tmp_path / "images")

@@ -569,6 +569,45 @@ def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, 
     assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
 
 
+def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
+                                                                             monkeypatch, fresh_accelerate_state):
+    from llava_loop import loop
+    from llava_loop.errors import UserError
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the config was checked"))
+    with pytest.raises(UserError, match=r"hook 'no_such_pkg.hooks:Hook': cannot import module 'no_such_pkg.hooks'"):
+        loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, hooks=["no_such_pkg.hooks:Hook"]))
+    with pytest.raises(UserError, match=r"loss 'llava_loop.losses:no_such_loss': module 'llava_loop.losses' has no attribute"):
+        loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, name="run2", loss="llava_loop.losses:no_such_loss"))
+
+
+def test_unusable_output_dirs_and_holdouts_get_clear_errors(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    from llava_loop.data.loader import split_records
+    from llava_loop.data.records import RecordError
+    from llava_loop.errors import UserError
+    from llava_loop.loop import Trainer
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data)
+    cfg.output_dir = str(blocker / "run")  # below a file: cannot be created (root ignores permission bits)
+    with pytest.raises(UserError, match=r"output_dir .*a-file/run is not writable"):
+        Trainer(cfg)
+    cfg = _config(tmp_path, tiny_model_dir, shapes_data, name="run2", data={"eval_path": ""}, eval={"holdout": 96})
+    with pytest.raises(RecordError, match=r"eval.holdout=96 leaves no training records: .* holds 96"):
+        split_records(cfg)
+
+
+@pytest.mark.slow
+def test_a_killed_data_loader_worker_is_reported_not_a_traceback(tmp_path, tiny_model_dir, shapes_data):
+    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / "run",
+                                  hooks=["helpers:KillWorkersAtStep2"], train={"max_steps": 40, "micro_batch_size": 2})
+    out = helpers.launch(config, "data.num_workers=2", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "a DataLoader worker died" in out.stderr and "Lower data.num_workers (now 2)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):
     from llava_loop.data.loader import split_records
 

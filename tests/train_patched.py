@@ -4,15 +4,18 @@ crash tests.
     python tests/train_patched.py no-rng-restore --config ...        resume without restoring RNG state
     python tests/train_patched.py no-data-position --config ...      resume restarting the epoch's data
     python tests/train_patched.py kill-in-save:STEP --config ...     SIGKILL itself while writing checkpoint STEP
+    python tests/train_patched.py disk-full:STEP --config ...        the disk fills up while writing checkpoint STEP
 """
 
 import argparse
+import errno
 import os
 import signal
 import sys
 
 from llava_loop.checkpoint import Checkpointer, rng_state, set_rng_state
 from llava_loop.config import load_config
+from llava_loop.errors import UserError
 from llava_loop.loop import Trainer
 
 
@@ -39,6 +42,17 @@ def kill_in_save(target: int):
     return KillInSave
 
 
+def disk_full(target: int):
+    class DiskFull(Checkpointer):
+        def write(self, tmp):
+            if tmp.name == f".tmp-step-{target:06d}":
+                (tmp / "optimizer.bin").write_bytes(b"partial")  # what a full disk leaves: part of a file
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super().write(tmp)
+
+    return DiskFull
+
+
 fault = sys.argv[1]
 if fault == "no-rng-restore":
     checkpointer_cls = NoRngRestore
@@ -46,10 +60,16 @@ elif fault == "no-data-position":
     checkpointer_cls = NoDataPosition
 elif fault.startswith("kill-in-save:"):
     checkpointer_cls = kill_in_save(int(fault.split(":")[1]))
+elif fault.startswith("disk-full:"):
+    checkpointer_cls = disk_full(int(fault.split(":")[1]))
 else:
     raise SystemExit(f"unknown fault {fault}")
 parser = argparse.ArgumentParser()
 parser.add_argument("--config", required=True)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args(sys.argv[2:])
-Trainer(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls).fit()
+try:
+    Trainer(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls).fit()
+except UserError as exc:  # as the CLI reports it
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .encode import record_messages
-from .images import MAX_IMAGE_PIXELS, open_checked
+from .images import MAX_IMAGE_PIXELS, image_path, open_checked
 from .records import Records, load_records
 from .skips import SkipSample
 
@@ -32,7 +32,7 @@ def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
 
 def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = False, processor=None,
                   max_length: int = 2048, image_tokens: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                  workers: int = 0, progress: bool = True) -> dict:
+                  allow_absolute_paths: bool = False, workers: int = 0, progress: bool = True) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
     records: Records = load_records(data)  # structural problems raise RecordError here
@@ -52,6 +52,7 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
     for i in indices:
         record = records[i]
         try:
+            path = image_path(image_dir, record.image, allow_absolute=allow_absolute_paths) if record.image else None
             if encoder is not None:
                 ids, _ = encoder.encode_text(record)
                 lengths.append(len(ids))
@@ -62,8 +63,8 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
             problems[skip.reason] += 1
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
             continue
-        if record.image:
-            image_jobs.append((str(Path(image_dir) / record.image), decode, max_image_pixels))
+        if path is not None:
+            image_jobs.append((str(path), decode, max_image_pixels))
             image_ids.append(record.id)
     sizes = []
     if workers > 1:

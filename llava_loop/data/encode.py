@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..template import IMAGE_TOKEN, assistant_spans, render
-from .images import MAX_IMAGE_PIXELS, clip_fast_path_applies, clip_pixels, expand_to_square, load_image
+from .images import MAX_IMAGE_PIXELS, clip_fast_path_applies, clip_pixels, expand_to_square, image_path, load_image
 from .records import Record
 from .skips import SkipSample
 
@@ -99,7 +99,7 @@ class SampleEncoder:
     """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample."""
 
     def __init__(self, processor, *, max_length: int, system_prompt: str = "", image_aspect_ratio: str = "resize",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False):
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -108,6 +108,7 @@ class SampleEncoder:
         self.system_prompt = system_prompt
         self.image_aspect_ratio = image_aspect_ratio
         self.max_image_pixels = max_image_pixels
+        self.allow_absolute_paths = allow_absolute_paths
         self.pad_fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
         self.fast_pixels = clip_fast_path_applies(self.image_processor)
 
@@ -146,7 +147,9 @@ class SampleEncoder:
 
     def __call__(self, record: Record, image_dir: str | Path) -> dict:
         ids, labels = self.encode_text(record)  # text first: cheap checks before image decode
-        pixel_values = self.pixels(Path(image_dir) / record.image) if record.image else None
+        pixel_values = None
+        if record.image:
+            pixel_values = self.pixels(image_path(image_dir, record.image, allow_absolute=self.allow_absolute_paths))
         return {
             "id": record.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),

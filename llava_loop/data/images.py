@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,18 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit; data.max_im
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
+def image_path(image_dir: str | Path, name: str, *, allow_absolute: bool = False) -> Path:
+    """Where a record's image lives. Names are relative to ``image_dir`` and may not leave it (an absolute path
+    or ``../``): a data file must not make the run read arbitrary files, unless ``data.allow_absolute_paths``.
+    Checked on the path as written, so an image folder that is itself a symlink still works."""
+    if not allow_absolute:
+        normal = os.path.normpath(name)
+        if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
+            raise SkipSample("unsafe_path", f"{name!r} is not inside the image folder {image_dir} "
+                                            "(set data.allow_absolute_paths to allow it)")
+    return Path(image_dir) / name
+
+
 def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
     return open_checked(path, max_pixels, decode=True)
@@ -24,6 +37,10 @@ def open_checked(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
     """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
     only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
     if not path.is_file():
+        if path.is_dir():
+            raise SkipSample("not_a_file", f"{path} is a directory")
+        if path.is_symlink():
+            raise SkipSample("not_a_file", f"{path} is a broken or looping symbolic link")
         raise SkipSample("missing_image", f"{path} does not exist")
     if path.stat().st_size == 0:
         raise SkipSample("empty_image", f"{path} is zero bytes")

@@ -12,7 +12,7 @@ from ..config import Config
 from .collate import Collator
 from .dataset import LlavaDataset
 from .encode import SampleEncoder
-from .records import Records, load_records
+from .records import RecordError, Records, load_records
 from .sampler import EpochSampler
 
 
@@ -22,6 +22,9 @@ def split_records(cfg: Config) -> tuple[Records, Records | None]:
     if cfg.data.eval_path:
         return records, load_records(cfg.data.eval_path)
     if cfg.eval.holdout:
+        if cfg.eval.holdout >= len(records):
+            raise RecordError(f"eval.holdout={cfg.eval.holdout} leaves no training records: {cfg.data.path} holds "
+                              f"{len(records)}; lower eval.holdout or give held-out records in data.eval_path")
         order = np.random.default_rng(cfg.train.seed).permutation(len(records))
         held = np.sort(order[: cfg.eval.holdout])
         return records.subset(np.sort(order[cfg.eval.holdout :])), records.subset(held)
@@ -31,7 +34,8 @@ def split_records(cfg: Config) -> tuple[Records, Records | None]:
 def make_encoder(cfg: Config, processor) -> SampleEncoder:
     d = cfg.data
     return SampleEncoder(processor, max_length=d.max_length, system_prompt=d.system_prompt,
-                         image_aspect_ratio=d.image_aspect_ratio, max_image_pixels=d.max_image_pixels)
+                         image_aspect_ratio=d.image_aspect_ratio, max_image_pixels=d.max_image_pixels,
+                         allow_absolute_paths=d.allow_absolute_paths)
 
 
 def make_datasets(cfg: Config, processor, records: tuple[Records, Records | None] | None = None

@@ -9,6 +9,8 @@ from ..errors import UserError
 
 REASONS = (
     "missing_image",
+    "not_a_file",
+    "unsafe_path",
     "empty_image",
     "corrupt_image",
     "truncated_image",
