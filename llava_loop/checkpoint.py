@@ -144,12 +144,12 @@ def read_manifest(path: Path) -> dict:
     """The structural checks of a checkpoint (marker, manifest, every rank's files, nothing extra); returns
     the manifest. Cheap: no file is read beyond the manifest. Raises CheckpointError."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or not any((path / name).exists() for name in (COMPLETE, MANIFEST, STATE)):
         raise CheckpointError(f"{path}: not a checkpoint directory (expected output_dir/checkpoints/step-N)")
     if not (path / COMPLETE).is_file() or not (path / MANIFEST).is_file():
         raise CheckpointError(
             f"{path} is incomplete (no {COMPLETE} marker): the save was interrupted. "
-            f"Use an earlier checkpoint in {path.parent} (resume=auto picks the newest whole one)"
+            f"Use an earlier checkpoint in {path.parent}"
         )
     try:
         manifest = json.loads((path / MANIFEST).read_text())
