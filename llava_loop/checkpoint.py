@@ -182,11 +182,18 @@ def check_files(path: Path, files: dict, level: str) -> None:
                                   "corrupt or was modified")
 
 
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {STATE} is unreadable ({exc}); the checkpoint is damaged") from None
+
+
 def verify(path: Path, level: str = "hash") -> dict:
     """Check a checkpoint against its manifest in one process; returns its trainer state."""
     path = Path(path)
     check_files(path, read_manifest(path)["files"], level)
-    return json.loads((path / STATE).read_text())
+    return read_state(path)
 
 
 def step_folders(output_dir: str | Path) -> list[Path]:
@@ -224,6 +231,8 @@ def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[P
             "mix a new run with them. Use resume=auto to continue that run, resume=overwrite to move its "
             "checkpoints aside and start fresh, or another output_dir"
         )
+    if resume == "none":
+        return []
     if resume == "overwrite":
         if existing:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -338,26 +347,36 @@ class Checkpointer:
             raise CheckpointError(f"{final} already exists; a save never replaces a checkpoint (resume=auto "
                                   "quarantines a damaged one, resume=overwrite moves a previous run's aside)")
         tmp = final.parent / f".tmp-{final.name}"
-        if acc.is_main_process:
+
+        def fresh_tmp():
             for stale in final.parent.glob(".tmp-step-*"):
                 shutil.rmtree(stale)  # left by an interrupted save; never resumable
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        try:
-            self.write(tmp)
-            problem = ""
-        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait forever
-            problem = self.write_failure(exc, step, tmp)
-        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
-        if problems:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(problems[0])
+
+        main_process_result(acc, fresh_tmp)
+        self.together(lambda: self.write(tmp), step, tmp)
         files = self.gather_dicts(hash_share(tmp, acc.process_index, acc.num_processes))
-        if acc.is_main_process:
-            self.seal(tmp, final, files)
-        acc.wait_for_everyone()
+        self.together(lambda: self.seal(tmp, final, files) if acc.is_main_process else None, step, tmp)
         return final
+
+    def together(self, work, step: int, tmp: Path) -> None:
+        """Run ``work`` on every process, then agree on how it went: a failure anywhere stops every process
+        (none waits forever in the next collective). A full disk becomes one clear CheckpointError everywhere;
+        any other failure is re-raised, with its traceback, where it happened."""
+        acc = self.accelerator
+        failure, problem = None, ""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it
+            failure, problem = exc, self.write_failure(exc, step, tmp)
+        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
+        if not problems:
+            return
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if problems[0].startswith("no space left") or failure is None:
+            raise CheckpointError(problems[0])
+        raise failure
 
     def write(self, tmp: Path) -> None:
         """Every process: its part of the Accelerate state and its RNG; the main process: the stateful parts
@@ -378,7 +397,7 @@ class Checkpointer:
             sign in text for sign in ("No space left", "unexpected pos", "basic_ios::clear", "file write failed"))
         previous = complete_checkpoints(self.output_dir)
         if not full:
-            return f"could not write checkpoint step {step} to {tmp.parent} ({text[:300]})"
+            return f"could not write checkpoint step {step} to {tmp.parent}: {text[:300]}"
         needs = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else \
             sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         free = shutil.disk_usage(tmp.parent).free
@@ -411,13 +430,28 @@ class Checkpointer:
         candidates = main_process_result(self.accelerator, lambda: resume_candidates(self.output_dir, resume, self.warn))
         for path in candidates:
             try:
-                return path, self.verify(path)
+                found = path, self.verify(path)
+                main_process_result(self.accelerator, lambda: self.set_aside_newer(path))
+                return found
             except CheckpointError as exc:
                 if resume != "auto":
                     raise
                 moved = main_process_result(self.accelerator, lambda: quarantine(path))
                 self.warn(f"skipping damaged checkpoint, moved to {moved.name}: {exc}")
         return None
+
+    def set_aside_newer(self, resumed: Path) -> None:
+        """Resuming from an older checkpoint (a rollback): the newer ones of this output_dir would stand where
+        this run must save; rename them ``.rolled-back-step-N``, kept, never resumed."""
+        match = STEP_RE.match(resumed.name)
+        if not match or resumed.resolve().parent != checkpoints_dir(self.output_dir).resolve():
+            return
+        for newer in step_folders(self.output_dir):
+            if int(STEP_RE.match(newer.name).group(1)) > int(match.group(1)):
+                target = newer.with_name(f".rolled-back-{newer.name}")
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(newer, target)
+                self.warn(f"resuming from {resumed.name}: the newer {newer.name} is moved to {target.name}")
 
     def verify(self, path: Path) -> dict:
         """``verify`` as a team: structure on the main process, hashing shared; raises on every process alike."""
@@ -427,12 +461,12 @@ class Checkpointer:
         try:
             check_files(path, share, self.verify_level)
             problem = ""
-        except CheckpointError as exc:
-            problem = str(exc)
+        except (CheckpointError, OSError) as exc:
+            problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: cannot read its files ({exc})"
         problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
         if problems:
             raise CheckpointError(problems[0])
-        return main_process_result(acc, lambda: json.loads((path / STATE).read_text()))
+        return main_process_result(acc, lambda: read_state(path))
 
     def load(self, path: Path, state: dict) -> list[str]:
         """Restore weights, optimizer, every stateful part and this process's RNG from a verified checkpoint.

@@ -171,7 +171,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if hint is Call and isinstance(value, str):  # the shorthand `module:attribute`
             value = {"fn": value}
-        return _build(hint, value or {}, f"{key}.")
+        built = _build(hint, value or {}, f"{key}.")
+        if hint is Call and not built.fn:
+            raise ConfigError(f"{key}: name the function too, e.g. {key}.fn=llava_loop.losses:ce_with_z_loss")
+        return built
     if hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -320,11 +323,12 @@ def validate(config: Config) -> None:
 # be dropped silently by the restored state, or would make the resumed run a different run: it is refused.
 RESUMABLE = (
     "output_dir", "resume", "hooks", "setup", "trackers", "loss", "model.attn_implementation",
-    "data.image_dir", "data.eval_path", "data.eval_image_dir", "data.num_workers", "data.pin_memory",
+    "data.image_dir", "data.eval_image_dir", "data.num_workers", "data.pin_memory",
     "data.persistent_workers", "data.prefetch_factor", "data.max_skip_fraction",
     "train.max_steps", "train.epochs", "train.lr", "train.projector_lr", "train.warmup_ratio", "train.min_lr_ratio",
     "train.max_grad_norm", "train.gradient_checkpointing", "train.time_limit_minutes", "train.max_consecutive_skips",
-    "train.dist_timeout_minutes", "train.log_every", "train.log_sample_ids", "checkpoint.", "eval.",
+    "train.dist_timeout_minutes", "train.log_every", "train.log_sample_ids", "checkpoint.", "eval.every",
+    "eval.max_samples", "eval.micro_batch_size",  # not eval.holdout or data.eval_path: they change the training set
 )
 
 
@@ -346,7 +350,8 @@ def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            (applied if key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith("."))) else refused).append(line)
+            resumable = key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith(".")))
+            (applied if resumable else refused).append(line)
     return applied, refused
 
 

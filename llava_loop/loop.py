@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -125,10 +126,11 @@ class Trainer:
     def prepare_output_dir(self) -> None:
         """Setup functions and the output folder, on the main process before the others read anything; then
         every process proves it sees that same folder."""
-        with self.accelerator.main_process_first():
-            if self.accelerator.is_main_process:
-                run_setup(self.cfg)
-                self.output_dir.mkdir(parents=True, exist_ok=True)
+        def on_main():
+            run_setup(self.cfg)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        main_process_result(self.accelerator, on_main)  # the others wait, and fail too if it fails
         require_shared_dir(self.accelerator, self.output_dir)
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
@@ -222,6 +224,14 @@ class Trainer:
         previous_handlers = self.install_signal_handlers()
         try:
             return self._fit()
+        except RuntimeError as exc:  # raised by PyTorch's SIGCHLD handler, wherever the loop happens to be
+            if not re.search(r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)", str(exc)):
+                raise  # an error inside a worker (dataset, collator) keeps its traceback
+            raise DataError(
+                f"a DataLoader worker died ({str(exc).splitlines()[0].strip()}); killed by the system, most often for "
+                f"memory (check `dmesg` for the out-of-memory killer). Lower data.num_workers (now "
+                f"{self.cfg.data.num_workers}) or data.prefetch_factor, then resume with resume=auto"
+            ) from None
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -296,21 +306,9 @@ class Trainer:
             loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
-                yield [self.next_batch(batches) for _ in range(ga)]
+                yield [next(batches) for _ in range(ga)]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
-
-    def next_batch(self, batches):
-        try:
-            return next(batches)
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            raise DataError(
-                f"a DataLoader worker died ({str(exc).splitlines()[0]}); killed by the system, most often for memory "
-                f"(check `dmesg` for the out-of-memory killer). Lower data.num_workers (now {self.cfg.data.num_workers}) "
-                f"or data.prefetch_factor, then resume with resume=auto"
-            ) from None
 
     COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events")
 

@@ -83,12 +83,14 @@ class RunLock:
         try:
             return json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}  # half-written by a run that died while taking it
+            return {}
 
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        if not holder:
-            return True
+    def _stale(self, holder: dict) -> bool:
+        if not holder:  # being written right now, or left half-written by a run that died while taking it
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except FileNotFoundError:
+                return True
         same_process = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
         return same_process or (holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))))
 

@@ -65,20 +65,26 @@ def make_accelerator(cfg: Config):
 
 
 def main_process_result(accelerator, fn):
-    """Run ``fn`` on the main process only and return its result everywhere; a UserError it raises is raised
-    on every process (so no process waits forever for one that failed)."""
-    outcome = [None, None]
+    """Run ``fn`` on the main process only and return its result everywhere. Whatever it raises is raised on
+    every process (so no process waits forever for one that failed): the main process raises the original,
+    with its traceback; the others a UserError, or a RuntimeError for anything else, carrying its message."""
+    outcome, failure = [None, None], None
     if accelerator.is_main_process:
         try:
             outcome = [fn(), None]
-        except UserError as exc:
-            outcome = [None, exc]
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
+            failure = exc
+            outcome = [None, (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError)
+                              else str(exc))]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         outcome = broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
     if outcome[1] is not None:
-        raise outcome[1]
+        user, message = outcome[1]
+        raise (UserError if user else RuntimeError)(f"on the main process: {message}")
     return outcome[0]
 
 

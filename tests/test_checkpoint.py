@@ -527,3 +527,28 @@ def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):
                           str(tmp_path / "x")], env=helpers.env(), capture_output=True, text=True)
     assert out.returncode == 2 and "not a checkpoint directory (expected output_dir/checkpoints/step-N)" in out.stderr
     assert "resume=" not in out.stderr
+
+
+@pytest.mark.slow
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, tiny_model_dir, shapes_data):
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
+                     checkpoint={"every": 2, "keep_last": 0})
+    helpers.launch(config)
+    root = tmp_path / "run" / "checkpoints"
+    out = helpers.launch(config, f"resume={root / 'step-000002'}")
+    assert "the newer step-000004 is moved to .rolled-back-step-000004" in out.stderr
+    assert (root / ".rolled-back-step-000004" / "COMPLETE").is_file()
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-000002", "step-000004"]
+    checkpoint.verify(root / "step-000004")  # saved again by the resumed run
+
+
+def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from llava_loop.runtime import main_process_result
+
+    def broken():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        main_process_result(Accelerator(cpu=True), broken)

@@ -96,6 +96,20 @@ def test_a_call_takes_a_string_or_fn_with_kwargs_and_overrides_reach_the_kwargs(
         load_config(None, ["data.path=x", "loss.kwarg.z=1"])
     with pytest.raises(ConfigError, match=r"'nocolon': expected module:attribute"):
         load_config(None, ["data.path=x", "setup=[nocolon]"])
+    with pytest.raises(ConfigError, match=r"loss: name the function too, e.g. loss.fn="):
+        load_config(None, ["data.path=x", "loss.kwargs.z_weight=1e-3"])
+
+
+def test_resume_may_change_cadence_and_schedule_but_not_what_trains_on_what():
+    from llava_loop.config import config_changes
+
+    saved = load_config(None, ["data.path=x"]).to_dict()
+    changed = load_config(None, ["data.path=x", "train.max_steps=9", "eval.every=5", "hooks=a:B",
+                                 "eval.holdout=10", "data.eval_path=y.json", "train.weight_decay=0.1",
+                                 "lora.r=8"]).to_dict()
+    applied, refused = config_changes(saved, changed)
+    assert [line.split(":")[0] for line in applied] == ["eval.every", "hooks", "train.max_steps"]
+    assert [line.split(":")[0] for line in refused] == ["data.eval_path", "eval.holdout", "lora.r", "train.weight_decay"]
 
 
 def test_the_modes_table_covers_exactly_the_config_modes():

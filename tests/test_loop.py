@@ -558,7 +558,9 @@ def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, 
 
     data = _val_copy(tmp_path, shapes_data, missing=1)
     trainer = Trainer(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 1}))
+    rng = torch.get_rng_state()
     metrics = trainer.eval_loss()
+    assert torch.equal(rng, torch.get_rng_state())  # evaluating draws nothing from the training RNG
     assert metrics["eval_left_out"] == 1
     kept = [trainer.eval_set[i] for i in range(len(trainer.eval_set)) if trainer.eval_set[i]["input_ids"] is not None]
     assert len(kept) == 31

@@ -59,6 +59,8 @@ def open_checked(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
         raise SkipSample("decompression_bomb", f"{path}: {exc}") from None
     except UnidentifiedImageError as exc:
         raise SkipSample("corrupt_image", f"{path}: {exc}") from None
+    except PermissionError as exc:
+        raise SkipSample("unreadable_image", f"{path}: {exc.strerror}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "truncated_image" if "truncated" in str(exc) else "corrupt_image"
         raise SkipSample(reason, f"{path}: {exc}") from None

@@ -91,6 +91,9 @@ def make_eval_loader(dataset: LlavaDataset, cfg: Config, *, rank: int, world_siz
     indices = list(range(rank, n, world_size))
     kwargs = _loader_kwargs(cfg)
     kwargs["persistent_workers"] = False
+    # its own generator: starting an evaluation must not draw from the global torch RNG, which a checkpoint
+    # saved just before it has captured (a resumed run would otherwise see different dropout masks)
     return DataLoader(torch.utils.data.Subset(dataset, indices),
                       batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
-                      collate_fn=Collator(pad_token_id), **kwargs)
+                      collate_fn=Collator(pad_token_id), generator=torch.Generator().manual_seed(cfg.train.seed),
+                      **kwargs)

@@ -10,6 +10,7 @@ from ..errors import UserError
 REASONS = (
     "missing_image",
     "not_a_file",
+    "unreadable_image",
     "unsafe_path",
     "empty_image",
     "corrupt_image",

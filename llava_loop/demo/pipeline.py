@@ -5,7 +5,6 @@ held-out split; train through the real loop; score again; write a before/after t
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -38,15 +37,10 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     from ..loop import Trainer, run_setup
     from .report import write_report
 
-    cfg = load_config(config, ["resume=none", *overrides])
+    cfg = load_config(config, ["resume=overwrite", *overrides])  # a demo run always starts fresh
     if not cfg.data.eval_path:
         raise UserError("the demo needs a held-out split: set data.eval_path")
     out = Path(cfg.output_dir)
-    for stale in (out / "checkpoints", out / "metrics.jsonl"):  # a demo run always starts fresh
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
     say("[bold]1/4[/bold] tiny towers and synthetic shapes (made once, offline)")
     run_setup(cfg)
     say("[bold]2/4[/bold] scoring the untrained model on the held-out split")
