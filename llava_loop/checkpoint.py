@@ -210,12 +210,11 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for p in step_folders(output_dir) if (p / COMPLETE).is_file()]
 
 
-def quarantine(path: Path) -> Path:
-    """Rename a damaged checkpoint to ``.bad-step-N`` (kept for inspection, never resumed): its step is then
-    saved again when training gets there."""
-    target = path.with_name(f".bad-{path.name}")
-    if target.exists():
-        shutil.rmtree(target)
+def set_aside(path: Path, label: str) -> Path:
+    """Rename a checkpoint to ``.<label>-step-N``: kept for inspection, never resumed (``STEP_RE`` no longer
+    matches), and its step is saved again when training gets there."""
+    target = path.with_name(f".{label}-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
     os.rename(path, target)
     return target
 
@@ -304,6 +303,12 @@ def check_tensor_names(saved: set[str], trainable: set[str], where: Path) -> Non
         )
 
 
+def start_anew(path: Path) -> str:
+    """The way out when a checkpoint cannot be resumed as this run is configured."""
+    return (f"export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and start a new run from "
+            "it with model.path=DIR in a new output_dir")
+
+
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
     for key in RESUME_KEYS:
         if saved.get(key) != current.get(key):
@@ -312,8 +317,7 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             )
             raise CheckpointError(
                 f"{path} was written with {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}. "
-                f"Either {way_out}, or export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and "
-                "start a new run from it with model.path=DIR in a new output_dir"
+                f"Either {way_out}, or {start_anew(path)}"
             )
 
 
@@ -369,7 +373,7 @@ class Checkpointer:
             work()
         except Exception as exc:  # noqa: BLE001 - every rank must hear of it
             failure, problem = exc, self.write_failure(exc, step, tmp)
-        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
+        problems = self.problems_everywhere(problem)
         if not problems:
             return
         if acc.is_main_process:
@@ -406,6 +410,10 @@ class Checkpointer:
                 f"{'' if previous else ' at least'}, {free / 1e9:.2f} GB free there); {intact}. Free space or move "
                 "output_dir, then resume with resume=auto")
 
+    def problems_everywhere(self, mine: str) -> list[str]:
+        """Every process's problem ("" for none), on every process: all of them then act alike."""
+        return [p for p in self.gather_dicts({self.accelerator.process_index: mine}).values() if p]
+
     def gather_dicts(self, mine: dict) -> dict:
         """Every process's dict, merged, on every process."""
         from accelerate.utils import gather_object
@@ -436,7 +444,7 @@ class Checkpointer:
             except CheckpointError as exc:
                 if resume != "auto":
                     raise
-                moved = main_process_result(self.accelerator, lambda: quarantine(path))
+                moved = main_process_result(self.accelerator, lambda: set_aside(path, "bad"))
                 self.warn(f"skipping damaged checkpoint, moved to {moved.name}: {exc}")
         return None
 
@@ -448,9 +456,7 @@ class Checkpointer:
             return
         for newer in step_folders(self.output_dir):
             if int(STEP_RE.match(newer.name).group(1)) > int(match.group(1)):
-                target = newer.with_name(f".rolled-back-{newer.name}")
-                shutil.rmtree(target, ignore_errors=True)
-                os.rename(newer, target)
+                target = set_aside(newer, "rolled-back")
                 self.warn(f"resuming from {resumed.name}: the newer {newer.name} is moved to {target.name}")
 
     def verify(self, path: Path) -> dict:
@@ -463,7 +469,7 @@ class Checkpointer:
             problem = ""
         except (CheckpointError, OSError) as exc:
             problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: cannot read its files ({exc})"
-        problems = [p for p in self.gather_dicts({acc.process_index: problem}).values() if p]
+        problems = self.problems_everywhere(problem)
         if problems:
             raise CheckpointError(problems[0])
         return main_process_result(acc, lambda: read_state(path))
@@ -476,8 +482,7 @@ class Checkpointer:
         if refused:
             raise CheckpointError(
                 f"{path} was written with a different config, and these settings cannot change on resume: "
-                f"{'; '.join(refused)}. Set them back, or export the checkpoint (`llava-loop export --checkpoint "
-                f"{path} --out DIR`) and start a new run from it with model.path=DIR in a new output_dir"
+                f"{'; '.join(refused)}. Set them back, or {start_anew(path)}"
             )
         rng_file = path / RNG_FILE.format(rank=self.accelerator.process_index)
         if not rng_file.is_file():
