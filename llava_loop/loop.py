@@ -465,4 +465,11 @@ class Trainer:
 
 
 def train(cfg: Config) -> TrainState:
-    return Trainer(cfg).fit()
+    """A whole run, as `train.py` and `llava-loop train` make it: fit, then end it the way Accelerate asks a
+    script to (trackers finished, process group destroyed), every process together, so none exits while
+    another still talks to it."""
+    trainer = Trainer(cfg)
+    state = trainer.fit()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    return state
