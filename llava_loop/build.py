@@ -1,8 +1,9 @@
-"""Compose a LLaVA model from a CLIP vision checkpoint and a causal-LM (Qwen2/Qwen2.5) checkpoint.
+"""Compose a LLaVA model from a vision tower (CLIP or SigLIP) and a chat LLM (any ``*ForCausalLM``).
 
 The result is one directory that plain ``transformers`` loads: ``LlavaForConditionalGeneration``
-weights (safetensors), a ``LlavaProcessor`` (the LLM's tokenizer and chat template plus a CLIP image
-processor) and a generation config that stops at the end-of-turn token.
+weights (safetensors), a ``LlavaProcessor`` (the LLM's tokenizer and chat template plus the tower's own
+image processor) and a generation config that stops at the LLM's end-of-turn and end-of-sequence tokens.
+What each tower family implies lives in ``vision_tower.py``; the LLM's tokens in ``llm.py``.
 
 Weights are copied tensor by tensor with an explicit name map; any source tensor with no home, or any
 target tensor left unwritten (other than the fresh projector), is an error.
@@ -19,18 +20,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import BuildError
+from .llm import choose_pad_token, fit_embeddings, load_text_config, load_tokenizer, stop_token_ids
 from .parts import PARTS, count_params
-from .template import IMAGE_TOKEN, TemplateError, render, turn_end_token
+from .template import IMAGE_TOKEN, render
+from .vision_tower import FAMILIES, VisionFamily, VisionTower, load_vision_tower
 
-# LLaVA-1.5: features from the penultimate CLIP layer, CLS token dropped.
-VISION_FEATURE_LAYER = -2
-VISION_FEATURE_SELECT = "default"
-PAD_TOKEN_FALLBACK = "<|endoftext|>"  # Qwen's pad token
-
-
-class BuildError(UserError):
-    """The inputs to ``build`` cannot be composed; the message says which input and why."""
+VISION_FEATURE_LAYER = -2  # LLaVA-1.5: features from the penultimate layer
+CLIP = FAMILIES[0]
 
 
 @dataclass
@@ -45,18 +42,34 @@ class BuildReport:
     resized_embeddings: bool
     copied: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    vision_family: str = ""
+    llm_model_type: str = ""
+    feature_layer: int = VISION_FEATURE_LAYER
+    image_processor: str = ""
+    pad_token: str = ""
+    pad_choice: str = ""
+    stop_tokens: list[str] = field(default_factory=list)
+    embedding_rows_before: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [(f"params: {part}", f"{self.params[part]:,}") for part in PARTS]
+        grown = (f"{self.embedding_rows_before:,} -> {self.vocab_size:,} rows, new rows = mean of the old"
+                 if self.resized_embeddings else "no (spare rows hold the new tokens)")
         rows += [
             ("params: total", f"{sum(self.params.values()):,}"),
+            ("vision tower", f"{self.vision_family} (feature layer {self.feature_layer})"),
+            ("image processor", self.image_processor),
+            ("LLM", self.llm_model_type),
             ("vocab size (embedding rows)", f"{self.vocab_size:,}"),
             ("tokenizer size", f"{self.tokenizer_size:,}"),
-            ("embeddings resized", str(self.resized_embeddings)),
+            ("embeddings resized", grown),
             ("<image> token id", str(self.image_token_id)),
-            ("pad token id", str(self.pad_token_id)),
+            ("pad token id", f"{self.pad_token_id} {self.pad_token} ({self.pad_choice})"),
+            ("stops at", " ".join(self.stop_tokens)),
             ("image tokens per image", str(self.image_tokens_per_image)),
         ]
+        rows += [("note", note) for note in self.notes]
         return rows
 
 
@@ -102,78 +115,6 @@ def _load_config(path: Path, flag: str):
         raise BuildError(f"{flag} {path}: cannot read config.json ({exc})") from exc
 
 
-def load_vision_config(path: Path):
-    """CLIP vision config plus the set of source prefixes that are not part of the vision tower."""
-    from transformers import CLIPConfig, CLIPVisionConfig
-
-    config = _load_config(path, "--vision")
-    if isinstance(config, CLIPConfig):  # a full CLIPModel: keep the vision half
-        return config.vision_config, ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
-    if isinstance(config, CLIPVisionConfig):
-        return config, ("visual_projection.",)  # CLIPVisionModelWithProjection's head is not used
-    raise BuildError(
-        f"--vision {path}: model_type {config.model_type!r} is not a CLIP checkpoint "
-        "(expected 'clip' or 'clip_vision_model', e.g. openai/clip-vit-large-patch14-336)"
-    )
-
-
-def load_text_config(path: Path):
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    config = _load_config(path, "--llm")
-    archs = config.architectures or []
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
-        archs and not any(a.endswith("ForCausalLM") for a in archs)
-    ):
-        raise BuildError(
-            f"--llm {path}: model_type {config.model_type!r} (architectures {archs}) is not a causal LM; "
-            "expected a Qwen2/Qwen2.5 *ForCausalLM checkpoint"
-        )
-    return config
-
-
-def load_llm_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        raise BuildError(f"--llm {path}: cannot load its tokenizer ({exc})") from exc
-    if not getattr(tokenizer, "chat_template", None):
-        raise BuildError(
-            f"--llm {path}: the tokenizer has no chat template; use a chat/instruct checkpoint "
-            "(e.g. Qwen2.5-3B-Instruct) whose tokenizer_config.json carries chat_template"
-        )
-    try:
-        turn_end_token(tokenizer)
-    except TemplateError as exc:
-        raise BuildError(f"--llm {path}: {exc}") from exc
-    return tokenizer
-
-
-def load_image_processor(path: Path, image_size: int):
-    """The checkpoint's own preprocessor config when it has one, else CLIP's defaults at its image size."""
-    from transformers import CLIPImageProcessor
-    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    if (path / "preprocessor_config.json").is_file():
-        processor = CLIPImageProcessor.from_pretrained(path)
-    else:
-        processor = CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_mean=OPENAI_CLIP_MEAN,
-            image_std=OPENAI_CLIP_STD,
-        )
-    crop = processor.crop_size if processor.do_center_crop else None
-    if crop is None or (crop["height"], crop["width"]) != (image_size, image_size):
-        raise BuildError(
-            f"--vision {path}: preprocessor_config.json produces {crop} images but the vision tower expects "
-            f"{image_size}x{image_size}; fix crop_size in preprocessor_config.json"
-        )
-    return processor
-
-
 # ---------------------------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------------------------
@@ -196,14 +137,6 @@ def iter_checkpoint_tensors(path: Path, flag: str):
             yield from state.items()
     else:
         raise BuildError(f"{flag} {path}: no *.safetensors or pytorch_model*.bin weight files")
-
-
-def vision_name_map(name: str, dropped_prefixes: tuple[str, ...]) -> str | None:
-    """``vision_model.X`` (CLIPModel, older CLIPVisionModel saves) or bare ``X`` (transformers 5 saves)
-    goes to ``model.vision_tower.X``; the text half of a CLIPModel and legacy buffers are dropped."""
-    if name.startswith(dropped_prefixes) or name.endswith(".position_ids"):
-        return None
-    return "model.vision_tower." + name.removeprefix("vision_model.")
 
 
 def llm_name_map(name: str) -> str:
@@ -263,8 +196,9 @@ def _copy_weights(model, sources) -> tuple[dict[str, int], list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def compose_config(vision_config, text_config, image_token_id: int, pad_token_id: int):
-    """The LlavaConfig for a CLIP + causal-LM pair (LLaVA-1.5 feature selection, 2-layer GELU MLP)."""
+def compose_config(vision_config, text_config, image_token_id: int, pad_token_id: int, *,
+                   family: VisionFamily = CLIP, feature_layer: int = VISION_FEATURE_LAYER):
+    """The LlavaConfig for a vision tower + causal-LM pair (2-layer GELU MLP projector, LLaVA-1.5)."""
     from transformers import LlavaConfig
 
     text_config.pad_token_id = pad_token_id
@@ -272,18 +206,20 @@ def compose_config(vision_config, text_config, image_token_id: int, pad_token_id
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=image_token_id,
-        image_seq_length=patch_count(vision_config),
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         projector_hidden_act="gelu",
-        vision_feature_layer=VISION_FEATURE_LAYER,
-        vision_feature_select_strategy=VISION_FEATURE_SELECT,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=family.select_strategy,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
 
 
-def patch_count(vision_config) -> int:
-    """Patches per image, (image_size / patch_size)^2: the features a CLIP tower hands the projector once its
-    CLS token is dropped. What one ``<image>`` must expand to (``data.encode.image_tokens_per_image``)."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2
+def check_feature_layer(layer: int, vision_config) -> int:
+    n = vision_config.num_hidden_layers
+    if not -(n + 1) <= layer <= n:
+        raise BuildError(f"--feature-layer {layer}: the vision tower has {n} layers, so the layer must lie in "
+                         f"[-{n + 1}, {n}] (hidden states 0..{n}; -2 = the penultimate layer, as LLaVA-1.5)")
+    return layer
 
 
 def add_image_token(tokenizer) -> int:
@@ -293,42 +229,22 @@ def add_image_token(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def pad_token_id_of(tokenizer) -> int:
-    pad = tokenizer.pad_token or (PAD_TOKEN_FALLBACK if PAD_TOKEN_FALLBACK in tokenizer.get_vocab() else None)
-    if pad is None:
-        raise BuildError("the LLM tokenizer has no pad token and no <|endoftext|>; set pad_token in tokenizer_config.json")
-    return tokenizer.convert_tokens_to_ids(pad)
-
-
-def make_generation_config(tokenizer, pad_token_id: int):
-    """Greedy by default; stops at the end-of-turn token (``<|im_end|>``) as well as at EOS."""
-    from transformers import GenerationConfig
-
-    stop = [tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-        stop.append(tokenizer.eos_token_id)
-    if pad_token_id not in stop:
-        stop.append(pad_token_id)
-    return GenerationConfig(eos_token_id=stop, pad_token_id=pad_token_id, do_sample=False)
-
-
-def make_processor(image_processor, tokenizer, vision_config):
+def make_processor(tower: VisionTower, tokenizer):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=tower.image_processor,
         tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=VISION_FEATURE_SELECT,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" strategy
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=tower.family.select_strategy,
+        num_additional_image_tokens=int(tower.family.has_cls),  # CLIP's CLS, dropped again by "default"
         chat_template=tokenizer.chat_template,
     )
 
 
-def check_image_tokens(model, processor) -> int:
+def check_image_tokens(model, processor, expected: int) -> int:
     """One ``<image>`` must expand to as many placeholder tokens as the tower yields features."""
     size = model.config.vision_config.image_size
-    expected = patch_count(model.config.vision_config)
     prompt = render(processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True)
     batch = processor(text=[prompt], images=[Image.new("RGB", (size, size), (127, 127, 127))], return_tensors="pt")
     n_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
@@ -338,7 +254,7 @@ def check_image_tokens(model, processor) -> int:
     if not n_tokens == n_features == expected:
         raise BuildError(
             f"one <image> expands to {n_tokens} tokens, the vision tower yields {n_features} features, "
-            f"expected (image_size/patch_size)^2 = {expected}; check patch_size / num_additional_image_tokens"
+            f"expected its patch grid, {expected}; check patch_size and the image processor's size"
         )
     return n_tokens
 
@@ -353,21 +269,37 @@ def _dtype_of(name: str | None, text_config) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[name]
 
 
-def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0):
-    """Compose, check and (if ``out``) save. Returns ``(model, processor, BuildReport)``."""
-    from transformers import LlavaForConditionalGeneration
+def build_notes(text_config) -> list[str]:
+    """Things about the pair a user should know before training it."""
+    notes = []
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    if softcap:
+        notes.append(f"the LLM's final_logit_softcapping ({softcap}) is not applied by LlavaForConditionalGeneration; "
+                     "training and inference both see uncapped logits (greedy decoding is unaffected)")
+    return notes
+
+
+def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0,
+                feature_layer: int = VISION_FEATURE_LAYER, chat_template: str | None = None):
+    """Compose, check and (if ``out``) save. Returns ``(model, processor, BuildReport)``.
+
+    ``chat_template``: a Jinja file or a built-in name (``chatml``, ``llama3``, ``vicuna``) for an LLM whose tokenizer
+    has none, or to replace the one it has."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     vision_path = resolve_checkpoint(vision, "--vision")
     llm_path = resolve_checkpoint(llm, "--llm")
-    vision_config, dropped_prefixes = load_vision_config(vision_path)
-    text_config = load_text_config(llm_path)
-    tokenizer = load_llm_tokenizer(llm_path)
-    image_processor = load_image_processor(vision_path, vision_config.image_size)
+    tower = load_vision_tower(vision_path, _load_config(vision_path, "--vision"))
+    text_config = load_text_config(llm_path, _load_config(llm_path, "--llm"))
+    tokenizer = load_tokenizer(llm_path, chat_template)
 
     image_token_id = add_image_token(tokenizer)
-    pad_id = pad_token_id_of(tokenizer)
-    config = compose_config(vision_config, text_config, image_token_id, pad_id)
+    pad_token, pad_choice = choose_pad_token(tokenizer)
+    pad_id = tokenizer.convert_tokens_to_ids(pad_token)
+    stops = stop_token_ids(tokenizer, llm_path, text_config)
+    config = compose_config(tower.config, text_config, image_token_id, pad_id, family=tower.family,
+                            feature_layer=check_feature_layer(feature_layer, tower.config))
     torch_dtype = _dtype_of(dtype, text_config)
 
     previous = torch.get_default_dtype()
@@ -381,7 +313,7 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     copied, dropped = _copy_weights(
         model,
         [
-            ("vision", "--vision", vision_path, lambda n: vision_name_map(n, dropped_prefixes)),
+            ("vision", "--vision", vision_path, tower.target_name),
             ("llm", "--llm", llm_path, llm_name_map),
         ],
     )
@@ -391,27 +323,33 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
             module.reset_parameters()  # nn.Linear's default init, as LLaVA's projector uses
     model.tie_weights()
 
-    rows = model.get_input_embeddings().weight.shape[0]
-    resized = len(tokenizer) > rows
-    if resized:  # Qwen2.5 has spare rows; only a full vocabulary needs to grow
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    model.generation_config = make_generation_config(tokenizer, pad_id)
+    rows_before, rows_after = fit_embeddings(model, len(tokenizer))
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_id, do_sample=False)
     model.config.dtype = torch_dtype
     model.eval()
 
-    processor = make_processor(image_processor, tokenizer, vision_config)
-    n_image_tokens = check_image_tokens(model, processor)
+    processor = make_processor(tower, tokenizer)
+    n_image_tokens = check_image_tokens(model, processor, tower.features_per_image)
     report = BuildReport(
         out=Path(out) if out else None,
         params=dict(count_params(model)),
-        vocab_size=model.get_input_embeddings().weight.shape[0],
+        vocab_size=rows_after,
         tokenizer_size=len(tokenizer),
         image_token_id=image_token_id,
         pad_token_id=pad_id,
         image_tokens_per_image=n_image_tokens,
-        resized_embeddings=resized,
+        resized_embeddings=rows_after != rows_before,
         copied=copied,
         dropped=dropped,
+        vision_family=tower.family.name,
+        llm_model_type=text_config.model_type,
+        feature_layer=feature_layer,
+        image_processor=tower.processor_source,
+        pad_token=pad_token,
+        pad_choice=pad_choice,
+        stop_tokens=tokenizer.convert_ids_to_tokens(stops),
+        embedding_rows_before=rows_before,
+        notes=build_notes(text_config),
     )
     if out is not None:
         save_model_dir(model, processor, out)

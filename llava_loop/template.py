@@ -1,12 +1,14 @@
-"""Chat-template helpers: render conversations and find what the assistant said.
+"""Chat-template helpers: render conversations, find what the assistant said, and templates for base LLMs.
 
-Everything here is derived from the tokenizer's own chat template, so any ChatML-style template
-(Qwen2.5, Qwen3 with its empty ``<think>`` block, ...) works without hard-coded offsets.
+Everything here is derived from the tokenizer's own chat template, so any template whose assistant turns end in
+a special token (ChatML for Qwen and SmolLM, Qwen3 with its empty ``<think>`` block, Llama 3, Mistral, Gemma,
+Vicuna) works without hard-coded offsets.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from .errors import UserError
 
@@ -88,3 +90,56 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
             spans.append((at, close + len(end_token)))
             cursor = close + len(end_token)
     return spans
+
+
+# Templates for LLMs that ship none (base checkpoints), chosen with ``build --chat-template NAME``. Each lays a
+# conversation out the way its family's chat models were trained: ChatML (Qwen, SmolLM), Llama 3's header
+# blocks, and Vicuna v1 (what LLaVA-1.5 reproductions train with, answers closed by ``</s>``).
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    ),
+    "llama3": (
+        "{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+    ),
+    "vicuna": (
+        "{{- bos_token -}}"
+        "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+        "{%- else -%}{{- 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user\\'s questions.' -}}{%- endif -%}"
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- if message['role'] == 'user' -%}{{- ' USER: ' + message['content'] -}}"
+        "{%- else -%}{{- ' ASSISTANT: ' + message['content'] + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+    ),
+}
+TEMPLATE_TOKENS = {  # special tokens a built-in template writes, which the tokenizer must have as single tokens
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "vicuna": (),
+}
+
+
+def chat_template_from(spec: str, tokenizer) -> str:
+    """A built-in template by name, or a Jinja file's text; checked against the tokenizer it will render with."""
+    if spec in BUILTIN_TEMPLATES:
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in TEMPLATE_TOKENS[spec] if t not in vocab]
+        if spec == "vicuna" and not tokenizer.eos_token:
+            missing.append("eos token (Vicuna closes answers with it)")
+        if missing:
+            raise TemplateError(f"--chat-template {spec}: the tokenizer has no {', '.join(missing)}; this template "
+                                "needs them as single tokens (pick the template of the LLM's family, or pass a file)")
+        return BUILTIN_TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise TemplateError(f"--chat-template {spec}: neither a file nor one of {', '.join(BUILTIN_TEMPLATES)}")
+    return path.read_text()

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ..template import IMAGE_TOKEN, assistant_spans, render
-from .images import MAX_IMAGE_PIXELS, clip_fast_path_applies, clip_pixels, expand_to_square, image_path, load_image
+from .images import (MAX_IMAGE_PIXELS, expand_to_square, fast_path_applies, fast_pixels, image_path, load_image,
+                     processed_size)
 from .records import Record
 from .skips import SkipSample
 
@@ -22,8 +23,8 @@ KNOWN_ROLES = ("system", "user", "assistant")
 
 def image_tokens_per_image(processor) -> int:
     """Placeholders one ``<image>`` expands to, computed the way LlavaProcessor does."""
-    crop = processor.image_processor.crop_size
-    n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    height, width = processed_size(processor.image_processor)
+    n = (height // processor.patch_size) * (width // processor.patch_size)
     n += processor.num_additional_image_tokens
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
@@ -110,7 +111,7 @@ class SampleEncoder:
         self.max_image_pixels = max_image_pixels
         self.allow_absolute_paths = allow_absolute_paths
         self.pad_fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
-        self.fast_pixels = clip_fast_path_applies(self.image_processor)
+        self.fast_pixels = fast_path_applies(self.image_processor)
 
     def encode_text(self, record: Record) -> tuple[list[int], list[int]]:
         messages = record_messages(record, self.system_prompt)
@@ -141,8 +142,8 @@ class SampleEncoder:
         """An RGB PIL image -> normalised (3, H, W) pixels, padded to square first in ``pad`` mode."""
         if self.image_aspect_ratio == "pad":
             image = expand_to_square(image, self.pad_fill)
-        if self.fast_pixels:  # same pixels as the CLIP processor, ~6x cheaper at 336 px (docs/BENCHMARKS.md)
-            return clip_pixels(image, self.image_processor)
+        if self.fast_pixels:  # same pixels as the CLIP / SigLIP processor, ~6x cheaper at 336 px (docs/BENCHMARKS.md)
+            return fast_pixels(image, self.image_processor)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __call__(self, record: Record, image_dir: str | Path) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserError
 from .skips import SkipSample
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit; data.max_image_pixels defaults to it
@@ -93,35 +94,54 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
-def clip_fast_path_applies(image_processor) -> bool:
-    """True for a CLIP-style processor (resize shortest edge, centre crop no larger, rescale, normalise)."""
+def processed_size(image_processor, where: str = "the image processor") -> tuple[int, int]:
+    """``(height, width)`` of the pixels an image processor hands the tower: its centre crop when it crops,
+    else its fixed resize target. A shortest-edge resize without a crop gives varying sizes, which a fixed
+    number of image tokens cannot describe."""
     ip = image_processor
-    size, crop = dict(getattr(ip, "size", None) or {}), dict(getattr(ip, "crop_size", None) or {})
-    return (
-        type(ip).__name__.startswith("CLIPImageProcessor")
-        and ip.do_resize and set(k for k, v in size.items() if v) == {"shortest_edge"}
-        and ip.do_center_crop and crop.get("height", 1 << 30) <= size["shortest_edge"]
-        and crop.get("width", 1 << 30) <= size["shortest_edge"]
-        and not getattr(ip, "do_pad", False)
-    )
+    size = {k: v for k, v in dict(getattr(ip, "size", None) or {}).items() if v}
+    if getattr(ip, "do_center_crop", False):
+        crop = dict(ip.crop_size)
+        return crop["height"], crop["width"]
+    if "height" in size and "width" in size:
+        return size["height"], size["width"]
+    raise UserError(f"{where}: images are resized to {size} with no centre crop, so their size varies; "
+                    "set crop_size (and do_center_crop) or a fixed size {height, width}")
 
 
-def clip_pixels(image: Image.Image, image_processor) -> torch.Tensor:
-    """CLIP's PIL-backend preprocessing, done in float32: the same pixels as the Hugging Face image processor
-    (to ~1e-6) at a fraction of its cost, which spends most of its time in float64 rescale and normalise."""
+def fast_path_applies(image_processor) -> bool:
+    """True for the CLIP and SigLIP processors' plain pipelines: a shortest-edge resize and a centre crop no larger
+    (CLIP), or a resize to a fixed size (SigLIP); then rescale and normalise."""
     ip = image_processor
-    short = ip.size["shortest_edge"]
+    size = {k for k, v in dict(getattr(ip, "size", None) or {}).items() if v}
+    crop = dict(getattr(ip, "crop_size", None) or {})
+    cropped = bool(getattr(ip, "do_center_crop", False))
+    if not (type(ip).__name__.startswith(("CLIPImageProcessor", "SiglipImageProcessor")) and ip.do_resize
+            and not getattr(ip, "do_pad", False)):
+        return False
+    if size == {"shortest_edge"}:
+        return cropped and max(crop.get("height", 1 << 30), crop.get("width", 1 << 30)) <= ip.size["shortest_edge"]
+    return size == {"height", "width"} and not cropped
+
+
+def fast_pixels(image: Image.Image, image_processor) -> torch.Tensor:
+    """The CLIP / SigLIP processors' PIL-backend preprocessing, done in float32: the same pixels as the Hugging Face
+    image processor (to ~1e-6) at a fraction of its cost, which spends most of its time in float64 rescale and
+    normalise. Only for processors where ``fast_path_applies``."""
+    ip = image_processor
     width, height = image.size
-    if width <= height:  # the short side becomes `short`, the long side is truncated as transformers does
-        target = (short, int(short * height / width))
+    if dict(ip.size).get("shortest_edge"):  # the short side becomes `short`, the long side is truncated as transformers does
+        short = ip.size["shortest_edge"]
+        target = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
     else:
-        target = (int(short * width / height), short)
+        target = (ip.size["width"], ip.size["height"])
     if target != image.size:
         image = image.resize(target, resample=Image.Resampling(int(ip.resample)))
-    crop_h, crop_w = ip.crop_size["height"], ip.crop_size["width"]
-    top, left = (image.size[1] - crop_h) // 2, (image.size[0] - crop_w) // 2
-    if (crop_w, crop_h) != image.size:
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+    if getattr(ip, "do_center_crop", False):
+        crop_h, crop_w = ip.crop_size["height"], ip.crop_size["width"]
+        top, left = (image.size[1] - crop_h) // 2, (image.size[0] - crop_w) // 2
+        if (crop_w, crop_h) != image.size:
+            image = image.crop((left, top, left + crop_w, top + crop_h))
     # rescale and normalise folded into one multiply-add: x * (r / std) - mean / std
     scale = torch.full((3,), float(ip.rescale_factor) if ip.do_rescale else 1.0, dtype=torch.float64)
     shift = torch.zeros(3, dtype=torch.float64)
