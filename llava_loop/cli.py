@@ -27,7 +27,8 @@ def cmd_build(args) -> int:
     else:
         if not (args.vision and args.llm):
             raise UserError("build: pass --vision DIR and --llm DIR, or --preset NAME")
-        _, _, report = build_llava(args.vision, args.llm, args.out, dtype=args.dtype)
+        _, _, report = build_llava(args.vision, args.llm, args.out, dtype=args.dtype, feature_layer=args.feature_layer,
+                                   chat_template=args.chat_template)
     print_table(f"LLaVA model written to {args.out}", report.rows())
     return 0
 
@@ -152,10 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     presets: dict = {}
 
-    p = sub.add_parser("build", help="compose a LLaVA model from a CLIP tower and a Qwen2.5 LLM")
-    p.add_argument("--vision", help="CLIP checkpoint directory (CLIPModel or CLIPVisionModel) or hub id")
-    p.add_argument("--llm", help="Qwen2/Qwen2.5 causal-LM directory with tokenizer, or hub id")
-    p.add_argument("--preset", help="build a registered preset instead (the demo registers tiny and bench_small)")
+    p = sub.add_parser("build", help="compose a LLaVA model from a vision tower (CLIP, SigLIP) and a chat LLM")
+    p.add_argument("--vision", help="CLIP or SigLIP checkpoint directory (full or vision-only model), or hub id")
+    p.add_argument("--llm", help="causal-LM directory with its tokenizer (Qwen2.5/3, Llama 3, Mistral, Gemma, "
+                                 "SmolLM, ...), or hub id")
+    p.add_argument("--preset", help="build a registered preset instead (the demo registers tiny, bench_small and "
+                                    "tiny-<vision>-<llm> pairs)")
+    p.add_argument("--feature-layer", type=int, default=-2,
+                   help="vision hidden state the projector reads (-2: penultimate layer, as LLaVA-1.5)")
+    p.add_argument("--chat-template", help="for an LLM without one (or to replace it): a Jinja file, or chatml, "
+                                           "llama3 or vicuna (LLaVA-1.5)")
     p.add_argument("--out", required=True, help="output directory (model + processor)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype of the composed model (auto: the LLM's)")

@@ -129,8 +129,9 @@ class LoraConfig:
     alpha: int = opt(128, "LoRA alpha (scale = alpha / r).")
     dropout: float = opt(0.05, "LoRA dropout.")
     targets: list[str] = opt(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "Linear-layer names in the LLM that get adapters (the vision tower never does).",
+        ["all-linear"],
+        "LLM layers that get adapters: [all-linear] (every nn.Linear of the LLM, found by type) or names such as "
+        "[q_proj, v_proj]; the vision tower never does.",
     )
 
 

@@ -7,8 +7,12 @@
 | freeze_vision | frozen       | trained   | trained                           |
 | full (none)   | trained      | trained   | trained                           |
 
-Vision layers after the feature layer (``vision_feature_layer=-2``) and CLIP's post-layernorm never
-reach the loss; they stay frozen in every mode so no optimizer state or DDP bookkeeping is wasted.
+Vision layers after the feature layer (``vision_feature_layer=-2``) and the tower's post-layernorm never
+reach the loss; they stay frozen in every mode so no optimizer state or DDP bookkeeping is wasted, and the
+layers run as the identity, so no compute is either.
+
+LoRA adapters go on the language model's ``nn.Linear`` layers, found by module type (``lora.targets:
+[all-linear]``) so every LLM family gets them without naming its projections; the vision tower never does.
 
 Gradient checkpointing goes only where backward must pass: the LLM always, the vision tower only when it
 trains (``full``). It is non-reentrant, so no input-grad hooks are needed: a frozen vision tower runs
@@ -22,16 +26,23 @@ import re
 import torch
 
 from .config import LoraConfig
+from .errors import UserError
 from .parts import LLM, PARTS, PROJECTOR, VISION, count_params, part_of
+
+
+def deepest_feature_layer(config) -> int:
+    """How many vision encoder layers the selected features pass through (``hidden_states[k]`` is the output
+    of layer ``k - 1``; ``hidden_states[0]`` the embeddings)."""
+    n_layers = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
+    return max(layer % (n_layers + 1) for layer in layers)
 
 
 def unused_vision_param_names(model) -> set[str]:
     """Vision-tower parameters that cannot affect the selected features."""
-    config = model.config
-    n_layers = config.vision_config.num_hidden_layers
-    layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
-    deepest = max(layer % (n_layers + 1) for layer in layers)  # hidden_states[k] is the output of layer k-1
-    unused = [f"encoder.layers.{i}." for i in range(deepest, n_layers)] + ["post_layernorm."]
+    deepest = deepest_feature_layer(model.config)
+    unused = [f"encoder.layers.{i}." for i in range(deepest, model.config.vision_config.num_hidden_layers)]
+    unused += ["post_layernorm.", "head."]
     names = set()
     for name, _ in model.named_parameters():
         if part_of(name) == VISION:
@@ -41,9 +52,39 @@ def unused_vision_param_names(model) -> set[str]:
     return names
 
 
-def lora_target_regex(targets: list[str]) -> str:
-    """Only the language model's linears: CLIP's attention also has q_proj/k_proj/v_proj."""
-    return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(map(re.escape, targets))})$"
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def skip_unused_vision_layers(model) -> int:
+    """Run the vision layers after the feature layer as the identity: their output is never read. The layers
+    and their weights stay, so checkpoints and exports are complete. Returns how many layers are skipped."""
+    tower = model.model.vision_tower
+    layers = getattr(tower, "vision_model", tower).encoder.layers
+    deepest = deepest_feature_layer(model.config)
+    for layer in layers[deepest:]:
+        layer.forward = _pass_through  # hidden_states[k > deepest] become copies, which nothing selects
+    return len(layers) - deepest
+
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_target_regex(model, targets: list[str]) -> str:
+    """A PEFT ``target_modules`` regex for the language model's linear layers: all of them (``all-linear``), or
+    those with the given names, each of which must name a linear layer of this LLM."""
+    llm = model.model.language_model
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in llm.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    if targets == [ALL_LINEAR]:
+        names = linear
+    else:
+        unknown = sorted(set(targets) - set(linear))
+        if unknown:
+            raise UserError(f"lora.targets: {unknown} are not linear layers of this {model.config.text_config.model_type} "
+                            f"LLM; its linear layers are {linear} (or use [{ALL_LINEAR}])")
+        names = targets
+    return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(map(re.escape, names))})$"
 
 
 TRAINABLE_PARTS = {  # mode -> the parts that train (config.MODES is the list of modes)
@@ -58,6 +99,7 @@ def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_che
     """Set ``requires_grad`` for ``mode`` (adding LoRA adapters in lora mode) and return the model to train."""
     trainable_parts = TRAINABLE_PARTS[mode]
     unused = unused_vision_param_names(model)
+    skip_unused_vision_layers(model)
     for name, param in model.named_parameters():
         param.requires_grad_(part_of(name) in trainable_parts and name not in unused)
     if mode == "lora":
@@ -69,7 +111,7 @@ def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_che
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora_target_regex(lora.targets),
+            target_modules=lora_target_regex(model, lora.targets),
             modules_to_save=["multi_modal_projector"],  # trained fully and saved with the adapter
             task_type="CAUSAL_LM",
         )

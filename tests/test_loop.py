@@ -95,14 +95,49 @@ def test_each_mode_trains_exactly_its_parameters(mode, tiny_model_dir):
         assert trainable == projector | llm | (vision - unused)
 
 
-def test_lora_targets_regex_only_matches_the_language_model():
+def test_vision_layers_after_the_feature_layer_are_not_computed(tiny_model_dir):
+    """The tiny tower has 3 layers and reads layer -2: the last layer runs as the identity, and the features the
+    projector gets are bitwise those of the untouched model (whose last layer does run)."""
+    from transformers import LlavaForConditionalGeneration
+
+    reference = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    model = apply_mode(LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), "full")
+    last = model.model.vision_tower.encoder.layers[-1]
+
+    def never(*args, **kwargs):
+        raise AssertionError("a skipped layer ran")
+
+    last.mlp.forward = never
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.model.get_image_features(pixel_values=pixels).pooler_output
+        got = model.model.get_image_features(pixel_values=pixels).pooler_output
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    reference.model.vision_tower.encoder.layers[-1].mlp.forward = never  # negative control: unpatched, it runs
+    with pytest.raises(AssertionError, match="a skipped layer ran"), torch.no_grad():
+        reference.model.get_image_features(pixel_values=pixels)
+    assert "model.vision_tower.encoder.layers.2.mlp.fc1.weight" in model.state_dict()  # still saved and exported
+
+
+def test_lora_targets_are_the_language_models_linear_layers(tiny_model_dir):
     import re
 
-    regex = re.compile(lora_target_regex(["q_proj", "down_proj"]))
-    assert regex.match("model.language_model.layers.0.self_attn.q_proj")
-    assert regex.match("base_model.model.model.language_model.layers.3.mlp.down_proj")
-    assert not regex.match("model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_loop.errors import UserError
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    regex = re.compile(lora_target_regex(model, ["all-linear"]))
+    matched = {name for name, _ in model.named_modules() if regex.match(name)}
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert matched == {name for name in linear if ".language_model." in f".{name}"}  # found by type, LLM only
+    assert len(matched) == 2 * 7 and "lm_head" not in matched
+    assert any(".vision_tower." in name and name.endswith("q_proj") for name in linear)  # CLIP's q_proj is left out
+    regex = re.compile(lora_target_regex(model, ["q_proj", "down_proj"]))
+    assert regex.match("base_model.model.model.language_model.layers.1.mlp.down_proj")
     assert not regex.match("model.language_model.layers.0.self_attn.q_proj_extra")
+    with pytest.raises(UserError, match=r"lora.targets: \['c_attn'\] are not linear layers.*'down_proj'"):
+        lora_target_regex(model, ["c_attn", "q_proj"])
 
 
 def test_real_scale_trainable_counts_on_meta_device():
