@@ -66,15 +66,16 @@ def tower_configs(shape: str):
 def build_random_model(out: Path, shape: str) -> None:
     """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
 
-    from llava_loop.build import (add_image_token, compose_config, load_image_processor, make_generation_config,
-                                  make_processor, pad_token_id_of, save_model_dir)
-    from llava_loop.demo.tiny import train_tiny_tokenizer
+    from llava_loop.build import add_image_token, compose_config, make_processor, save_model_dir
+    from llava_loop.demo.families import LLM_FAMILIES, make_tokenizer
+    from llava_loop.llm import stop_token_ids
+    from llava_loop.vision_tower import FAMILIES, VisionTower, load_image_processor
 
     vision, text = tower_configs(shape)
-    tokenizer = train_tiny_tokenizer()
-    image_id, pad_id = add_image_token(tokenizer), pad_token_id_of(tokenizer)
+    tokenizer = make_tokenizer(LLM_FAMILIES["qwen2"])
+    image_id, pad_id = add_image_token(tokenizer), tokenizer.pad_token_id
     torch.manual_seed(0)
     dtype = torch.float32 if shape == "tiny" else torch.bfloat16
     torch.set_default_dtype(dtype)
@@ -83,9 +84,11 @@ def build_random_model(out: Path, shape: str) -> None:
     finally:
         torch.set_default_dtype(torch.float32)
     model.config.dtype = dtype
-    model.generation_config = make_generation_config(tokenizer, pad_id)
-    image_processor = load_image_processor(out, vision.image_size)  # no preprocessor file: CLIP defaults at 336
-    save_model_dir(model, make_processor(image_processor, tokenizer, vision), out)
+    model.generation_config = GenerationConfig(eos_token_id=stop_token_ids(tokenizer, out, text), pad_token_id=pad_id,
+                                               do_sample=False)
+    clip = FAMILIES[0]
+    image_processor, source = load_image_processor(out, clip, vision)  # no preprocessor file: CLIP defaults at 336
+    save_model_dir(model, make_processor(VisionTower(out, clip, vision, image_processor, source), tokenizer), out)
 
 
 def part_sizes(model_dir: Path) -> dict:

@@ -298,8 +298,9 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     pad_token, pad_choice = choose_pad_token(tokenizer)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token)
     stops = stop_token_ids(tokenizer, llm_path, text_config)
-    config = compose_config(tower.config, text_config, image_token_id, pad_id, family=tower.family,
-                            feature_layer=check_feature_layer(feature_layer, tower.config))
+    rows = text_config.vocab_size  # a new <pad> has no row until the embeddings grow: set it after that
+    config = compose_config(tower.config, text_config, image_token_id, pad_id if pad_id < rows else None,
+                            family=tower.family, feature_layer=check_feature_layer(feature_layer, tower.config))
     torch_dtype = _dtype_of(dtype, text_config)
 
     previous = torch.get_default_dtype()
@@ -324,6 +325,7 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     model.tie_weights()
 
     rows_before, rows_after = fit_embeddings(model, len(tokenizer))
+    model.config.text_config.pad_token_id = pad_id
     model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_id, do_sample=False)
     model.config.dtype = torch_dtype
     model.eval()

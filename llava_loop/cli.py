@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--device", default="auto", help="auto (the GPU in bf16 if there is one, else CPU), cpu, cuda, cuda:N")
-        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+        p.add_argument("--attn-implementation", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                       help="auto: sdpa where each tower supports it, else eager (Gemma 2)")
 
     p = sub.add_parser("infer", help="generate for one image (streamed) or caption a folder")
     model_args(p)

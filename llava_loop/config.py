@@ -61,7 +61,8 @@ class Call:
 @dataclass
 class ModelConfig:
     path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "Attention kernel passed to from_pretrained.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
+        "auto", "Attention kernel passed to from_pretrained; auto: sdpa where each tower supports it, else eager (Gemma 2).")
 
 
 @dataclass

@@ -23,9 +23,9 @@ from .runtime import load_model
 EXPORT_INFO = "llava_loop_export.json"  # beside the weights: how the model was trained and must be prompted
 
 
-def load_trained(checkpoint_dir: str | Path, *, attn_implementation: str = "sdpa"):
+def load_trained(checkpoint_dir: str | Path, *, attn_implementation: str = "auto"):
     """Rebuild the model exactly as it was trained (mode applied, LoRA wrapped) with the checkpoint's weights.
-    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU. Attention is ``sdpa``, not the
+    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU. Attention is transformers' choice, not the
     training run's kernel: the weights do not depend on it, and flash-attention may not be installed here."""
     checkpoint_dir = Path(checkpoint_dir)
     state = verify(checkpoint_dir, "hash")

@@ -42,7 +42,7 @@ def inference_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
 
 
 def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, image_aspect_ratio: str | None = None,
-                       system_prompt: str | None = None, device: str = "auto", attn_implementation: str = "sdpa"):
+                       system_prompt: str | None = None, device: str = "auto", attn_implementation: str = "auto"):
     """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint, on
     ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
     flash-attention still loads on a machine without it."""

@@ -82,7 +82,7 @@ def choose_pad_token(tokenizer) -> tuple[str, str]:
         (tokenizer.pad_token, "the tokenizer's pad token"),
         *[(t, "a reserved special token") for t in RESERVED_PADS if t in specials],
         *[(t, "a reserved special token") for _, t in reserved],
-        *[(t, "Qwen-style <|endoftext|>") for t in SHARED_PADS],
+        *[(t, "<|endoftext|>, which chat turns never use") for t in SHARED_PADS],
         (tokenizer.unk_token, "the unknown token (as LLaVA pads Llama/Vicuna)"),
     ]
     for token, why in candidates:

@@ -118,7 +118,7 @@ def require_shared_dir(accelerator, path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=torch.float32):
+def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=torch.float32):
     """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
@@ -133,6 +133,7 @@ def load_model(path: str | Path, *, attn_implementation: str = "sdpa", dtype=tor
         raise UserError(f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'")
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    kernel = None if attn_implementation == "auto" else attn_implementation  # None: transformers picks per tower
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor

@@ -24,14 +24,17 @@ class TemplateError(UserError):
 
 
 def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    """Render ``[{"role", "content"}, ...]`` to text with the tokenizer's chat template."""
+    """Render ``[{"role", "content"}, ...]`` to text with the tokenizer's chat template.
+
+    Answers are trained without reasoning, after the empty ``<think>`` block Qwen3's template writes before the
+    last answer; ``enable_thinking=False`` gives generation prompts that same block (other templates ignore it)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template; "
             "use an instruct/chat checkpoint (e.g. Qwen2.5-*-Instruct) or set tokenizer.chat_template"
         )
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False
     )
 
 
