@@ -512,13 +512,13 @@ def test_convert_sharegpt_and_openai_style_conversations(tmp_path):
 
 @pytest.mark.parametrize("size", [(400, 300), (300, 400), (64, 64), (100, 37), (999, 1000), (16, 16)])
 def test_fast_clip_pixels_equal_the_hugging_face_processor(size, tiny_processor):
-    from llava_loop.data.images import clip_fast_path_applies, clip_pixels
+    from llava_loop.data.images import fast_path_applies, fast_pixels
 
     image_processor = tiny_processor.image_processor
-    assert clip_fast_path_applies(image_processor)
+    assert fast_path_applies(image_processor)
     image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     reference = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-    fast = clip_pixels(image, image_processor)
+    fast = fast_pixels(image, image_processor)
     assert fast.shape == reference.shape and fast.dtype == torch.float32
     assert (fast - reference).abs().max() < 1e-5
 
@@ -526,11 +526,11 @@ def test_fast_clip_pixels_equal_the_hugging_face_processor(size, tiny_processor)
 def test_processors_outside_the_fast_path_fall_back_to_hugging_face(tiny_processor):
     import copy
 
-    from llava_loop.data.images import clip_fast_path_applies
+    from llava_loop.data.images import fast_path_applies
 
     processor = copy.deepcopy(tiny_processor)
     processor.image_processor.size = {"height": 64, "width": 64}  # not a shortest-edge resize
-    assert not clip_fast_path_applies(processor.image_processor)
+    assert not fast_path_applies(processor.image_processor)
     encoder = SampleEncoder(processor, max_length=128)
     assert not encoder.fast_pixels
     image = Image.new("RGB", (80, 50), (1, 2, 3))

@@ -337,6 +337,15 @@ def test_every_llm_family_trains_exports_and_stops_at_its_end_of_turn(vision, ll
     unstopped, _ = _generate(tmp_path / "full-export", eos=[tokenizer.pad_token_id])  # negative control
     assert len(unstopped) == 12 and end in unstopped
 
+    from llava_loop.data.records import load_records  # llava_loop's own inference and evaluation agree
+    from llava_loop.evaluate import evaluate_model
+    from llava_loop.infer import load_for_inference
+
+    model, _, encoder = load_for_inference(tmp_path / "full-export")
+    metrics, predictions, left_out = evaluate_model(model, encoder, load_records(answer_data["val"]),
+                                                    answer_data["val_images"], max_new_tokens=12)
+    assert metrics["exact_match"] == 1.0 and not left_out, predictions[:2]
+
 
 def _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir):
     """The issue's two pairs: SigLIP + a Llama-3-Instruct-like LLM (no pad, <|eot_id|>, no spare rows, untied
@@ -387,3 +396,39 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(pair, towers, a
     new, tokenizer = _generate(_export(tmp_path, "learn"))
     assert tokenizer.decode(new[:-1], skip_special_tokens=True).strip() == ANSWER
     assert tokenizer.convert_ids_to_tokens(new[-1]) == ("<|eot_id|>" if pair == "siglip-llama" else "<|im_end|>")
+
+
+@pytest.mark.slow
+def test_cli_builds_any_pair_with_its_choices_in_the_table(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "llava_loop.cli", "build", *args], capture_output=True,
+                              text=True, check=True, env=helpers.env()).stdout
+
+    out = cli("--preset", "tiny-siglip-llama", "--out", str(tmp_path / "m"))
+    for needle in ("siglip (feature layer -2)", "<|finetune_right_pad_id|> (a reserved special token)",
+                   "<|eot_id|>", "rows, new rows = mean of the old"):
+        assert needle in out, needle
+    towers = tmp_path / "m-towers"
+    (towers / "llama" / "chat_template.jinja").unlink()  # a base LLM
+    out = cli("--vision", str(towers / "siglip-vision"), "--llm", str(towers / "llama"), "--out", str(tmp_path / "b"),
+              "--feature-layer", "-1", "--chat-template", "llama3")
+    assert "siglip (feature layer -1)" in out
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["vision_feature_layer"] == -1 and config["vision_feature_select_strategy"] == "full"
+
+
+@pytest.mark.slow
+def test_the_demo_runs_with_another_tower_pair(tmp_path, fresh_accelerate_state):
+    from transformers import AutoConfig
+
+    from llava_loop.demo.pipeline import run_demo
+
+    results = run_demo(preset="tiny-siglip-gemma3", overrides=[
+        f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'demo'}",
+        f"data.path={tmp_path / 'data/train/chat.json'}", f"data.image_dir={tmp_path / 'data/train/images'}",
+        f"data.eval_path={tmp_path / 'data/val/chat.json'}", f"data.eval_image_dir={tmp_path / 'data/val/images'}",
+        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 64}}]",  # the pair replaces tiny
+        "data.num_workers=0", "train.max_steps=3", "eval.every=0", "eval.max_samples=8"])
+    config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert (config.vision_config.model_type, config.text_config.model_type) == ("siglip_vision_model", "gemma3_text")
+    assert results["steps"] == 3 and results["after"]["n"] == 8

@@ -18,6 +18,8 @@ def register(commands: dict, presets: dict) -> None:
 
     p = commands[""].add_parser("demo", help="the built-in demo: tiny towers + shapes, eval, train, eval, report.png")
     p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--preset", default="", choices=sorted(n for n in PRESETS if n.startswith("tiny-")),
+                   metavar="tiny-<vision>-<llm>", help="another tower pair (default: the config's, tiny CLIP + Qwen2)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
 
@@ -33,7 +35,7 @@ def register(commands: dict, presets: dict) -> None:
 def cmd_demo(args) -> int:
     from .pipeline import run_demo
 
-    run_demo(args.config, args.overrides)
+    run_demo(args.config, args.overrides, preset=args.preset)
     return 0
 
 

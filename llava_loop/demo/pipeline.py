@@ -32,12 +32,19 @@ def score_model(model_path: Path, cfg: Config) -> tuple[dict, list[dict], list[d
 ROWS = ("exact_match", "color_accuracy", "shape_accuracy", "position_accuracy", "token_f1", "eval_loss")
 
 
-def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] = (), preset: str = "") -> dict:
+    """``preset``: another tower pair for the demo (``tiny-<vision>-<llm>``), in its own model and run folders."""
     from ..checkpoint import complete_checkpoints
     from ..loop import Trainer, run_setup
+    from .fixtures import prepare
     from .report import write_report
 
+    if preset:
+        overrides = [f"model.path=runs/{preset}-model", f"output_dir=runs/demo-{preset}", *overrides]
     cfg = load_config(config, ["resume=overwrite", *overrides])  # a demo run always starts fresh
+    for call in cfg.setup if preset else ():
+        if call.fn == f"{prepare.__module__}:{prepare.__name__}":
+            call.kwargs["preset"] = preset
     if not cfg.data.eval_path:
         raise UserError("the demo needs a held-out split: set data.eval_path")
     out = Path(cfg.output_dir)
