@@ -65,7 +65,8 @@ class BuildReport:
             ("tokenizer size", f"{self.tokenizer_size:,}"),
             ("embeddings resized", grown),
             ("<image> token id", str(self.image_token_id)),
-            ("pad token id", f"{self.pad_token_id} {self.pad_token} ({self.pad_choice})"),
+            ("pad token id", f"{self.pad_token_id} {self.pad_token}"),
+            ("pad token is", self.pad_choice),
             ("stops at", " ".join(self.stop_tokens)),
             ("image tokens per image", str(self.image_tokens_per_image)),
         ]
