@@ -122,7 +122,7 @@ def cmd_data_check(args) -> int:
     report = check_dataset(args.data, args.image_dir, decode=args.decode, processor=processor,
                            max_length=args.max_length, image_tokens=args.image_tokens,
                            allow_absolute_paths=args.allow_absolute_paths, workers=args.workers)
-    rows = [("records", report["records"]), ("with image", report["with_image"])]
+    rows = [("records", report["records"]), ("with images", report["with_image"]), ("images", report["images"])]
     rows += [(f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()]
     kind = "estimated tokens" if report["token_lengths_estimated"] else "tokens"
     rows += [(f"{kind} {q}", v) for q, v in report["token_lengths"].items()]

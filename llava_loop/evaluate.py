@@ -91,15 +91,16 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
     left_out = {rid: {"id": rid, "reason": reason, "detail": detail} for rid, reason, detail in skipped}
 
     items = [records[i] for i in range(len(records))]
-    with_images = [r for r in items if r.image and r.id not in left_out]
+    # generation metrics: single-image records (their first exchange); every record counts in the held-out loss
+    with_images = [r for r in items if len(r.images) == 1 and r.id not in left_out]
     prompts, references = zip(*(first_exchange(r) for r in with_images)) if with_images else ((), ())
-    paths = [image_path(image_dir, r.image, allow_absolute=encoder.allow_absolute_paths) for r in with_images]
+    paths = [image_path(image_dir, r.images[0], allow_absolute=encoder.allow_absolute_paths) for r in with_images]
     answers, unreadable = caption(model, encoder, paths, list(prompts),
                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     for i, (reason, detail) in unreadable.items():
         left_out[with_images[i].id] = {"id": with_images[i].id, "reason": reason, "detail": detail}
     predictions = [
-        {"id": r.id, "image": r.image, "prompt": p, "reference": ref, "prediction": ans,
+        {"id": r.id, "image": r.images[0], "prompt": p, "reference": ref, "prediction": ans,
          "exact": normalize(ans) == normalize(ref)}
         for r, p, ref, ans in zip(with_images, prompts, references, answers) if ans is not None
     ]

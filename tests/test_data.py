@@ -19,7 +19,7 @@ from llava_loop.data.records import Record, RecordError, Records, load_records
 from llava_loop.data.sampler import EpochSampler
 from llava_loop.data.skips import SkipSample, SkipTally, TooManySkips
 
-MULTI_TURN = Record("mt", "img.jpg", (
+MULTI_TURN = Record("mt", ("img.jpg",), (
     ("system", "You describe pictures."),
     ("user", "What is this?\n<image>"),
     ("assistant", "a red circle in the top left ."),
@@ -61,7 +61,7 @@ def qwen3_tokenizer(qwen3_tokenizer_dir):
 
 
 @pytest.mark.parametrize("which", ["tiny", "qwen3"])
-@pytest.mark.parametrize("record", [MULTI_TURN, Record("st", None, (("user", "Say hi."), ("assistant", "hi there .")))],
+@pytest.mark.parametrize("record", [MULTI_TURN, Record("st", (), (("user", "Say hi."), ("assistant", "hi there .")))],
                          ids=["multi_turn", "single_turn"])
 def test_supervised_tokens_decode_to_exactly_the_answers(which, record, tiny_processor, qwen3_tokenizer):
     tokenizer = tiny_processor.tokenizer if which == "tiny" else qwen3_tokenizer
@@ -78,13 +78,13 @@ def test_supervised_tokens_decode_to_exactly_the_answers(which, record, tiny_pro
 
 def test_image_tag_at_start_or_end_is_placed_at_the_start(tiny_processor):
     for text in ("Describe it.\n<image>", "<image>\nDescribe it.", "Describe <image> it."):
-        messages = record_messages(Record("x", "a.jpg", (("user", text), ("assistant", "ok ."))))
+        messages = record_messages(Record("x", ("a.jpg",), (("user", text), ("assistant", "ok ."))))
         assert messages[0]["content"].startswith("<image>\n")
         assert messages[0]["content"].count("<image>") == 1
 
 
 def test_system_prompt_from_config_is_used(tiny_processor):
-    record = Record("x", None, (("user", "hi"), ("assistant", "ok .")))
+    record = Record("x", (), (("user", "hi"), ("assistant", "ok .")))
     messages = record_messages(record, system_prompt="Be terse.")
     assert messages[0] == {"role": "system", "content": "Be terse."}
     ids, _, _ = tokenize_messages(tiny_processor.tokenizer, messages)
@@ -196,40 +196,40 @@ def _bad_case(case: str, image_dir) -> Record:
     """A record that must be skipped for ``case``; writes whatever image file it needs."""
     good_turns = (("user", "<image>\nDescribe."), ("assistant", "a green square ."))
     if case == "missing_image":
-        return Record(case, "does-not-exist.jpg", good_turns)
+        return Record(case, ("does-not-exist.jpg",), good_turns)
     if case == "empty_image":
         (image_dir / "empty.jpg").write_bytes(b"")
-        return Record(case, "empty.jpg", good_turns)
+        return Record(case, ("empty.jpg",), good_turns)
     if case == "corrupt_image":
         (image_dir / "corrupt.jpg").write_bytes(b"this is not an image at all" * 10)
-        return Record(case, "corrupt.jpg", good_turns)
+        return Record(case, ("corrupt.jpg",), good_turns)
     if case == "truncated_image":
         data = _jpeg_bytes((256, 256))
         (image_dir / "truncated.jpg").write_bytes(data[: len(data) // 2])
-        return Record(case, "truncated.jpg", good_turns)
+        return Record(case, ("truncated.jpg",), good_turns)
     if case == "decompression_bomb":
         Image.new("L", (3000, 3000)).save(image_dir / "bomb.png")  # small file, 9M pixels > the 1M limit below
-        return Record(case, "bomb.png", good_turns)
+        return Record(case, ("bomb.png",), good_turns)
     if case == "image_token_mismatch":
-        return Record(case, "good.jpg", (("user", "Describe."), ("assistant", "a green square .")))
+        return Record(case, ("good.jpg",), (("user", "Describe."), ("assistant", "a green square .")))
     if case == "empty_answer":
-        return Record(case, "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "   ")))
+        return Record(case, ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "   ")))
     if case == "unknown_role":
-        return Record(case, "good.jpg", (("user", "<image>\nDescribe."), ("narrator", "hmm"), ("assistant", "ok .")))
+        return Record(case, ("good.jpg",), (("user", "<image>\nDescribe."), ("narrator", "hmm"), ("assistant", "ok .")))
     if case == "too_long":
-        return Record(case, "good.jpg", (("user", "<image>\n" + "describe " * 300), ("assistant", "ok .")))
+        return Record(case, ("good.jpg",), (("user", "<image>\n" + "describe " * 300), ("assistant", "ok .")))
     if case == "unsafe_path:parent":  # the image exists, outside the image folder: never opened
         (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
-        return Record(case, "../outside.jpg", good_turns)
+        return Record(case, ("../outside.jpg",), good_turns)
     if case == "unsafe_path:absolute":
         (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
-        return Record(case, str(image_dir.parent / "outside.jpg"), good_turns)
+        return Record(case, (str(image_dir.parent / "outside.jpg"),), good_turns)
     if case == "not_a_file:directory":
         (image_dir / "folder.jpg").mkdir()
-        return Record(case, "folder.jpg", good_turns)
+        return Record(case, ("folder.jpg",), good_turns)
     if case == "not_a_file:symlink_loop":
         (image_dir / "loop.jpg").symlink_to(image_dir / "loop.jpg")
-        return Record(case, "loop.jpg", good_turns)
+        return Record(case, ("loop.jpg",), good_turns)
     raise AssertionError(case)
 
 
@@ -245,7 +245,7 @@ def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_proce
     tmp_path = tmp_path / "images"
     tmp_path.mkdir()
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
-    good = [Record(f"good{i}", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
+    good = [Record(f"good{i}", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
     records = Records.from_records(good[:3] + [_bad_case(case, tmp_path)] + good[3:])
     encoder = SampleEncoder(tiny_processor, max_length=160, max_image_pixels=1_000_000)
     dataset = LlavaDataset(records, encoder, tmp_path, seed=0)
@@ -272,7 +272,7 @@ def test_skip_budget_stops_the_run_with_a_clear_error():
 
 
 def test_a_dataset_of_only_bad_records_fails_fast_naming_the_image_dir(tiny_processor, tmp_path):
-    records = Records.from_records([Record(f"r{i}", f"{i}.jpg", (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)])
+    records = Records.from_records([Record(f"r{i}", (f"{i}.jpg",), (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)])
     dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path / "wrong-dir")
     with pytest.raises(DataError, match="check data.image_dir"):
         dataset[0]
@@ -303,7 +303,7 @@ def test_record_file_layouts(layout, tmp_path):
     assert len(loaded) == len(records)
     first = loaded[0]
     assert first.turns[0][0] == "user" and first.turns[-1][0] == "assistant"
-    assert first.image.endswith(".jpg")
+    assert first.images[0].endswith(".jpg") and len(first.images) == 1
 
 
 @pytest.mark.parametrize("content, message", [
@@ -333,7 +333,7 @@ def test_bad_jsonl_line_and_bad_encoding_are_named(tmp_path):
 
 
 def test_records_subset_and_length_estimates(tmp_path):
-    records = Records.from_records([Record(str(i), "x.jpg" if i % 2 else None, (("user", "a" * (i * 8)), ("assistant", "b")))
+    records = Records.from_records([Record(str(i), ("x.jpg",) if i % 2 else (), (("user", "a" * (i * 8)), ("assistant", "b")))
                                     for i in range(10)])
     sub = records.subset([7, 2, 9])
     assert [r.id for r in (sub[0], sub[1], sub[2])] == ["7", "2", "9"]
@@ -351,7 +351,7 @@ def test_collator_masks_from_lengths_even_when_pad_is_a_real_token(tiny_processo
     pad = tiny_processor.tokenizer.pad_token_id
     samples = [
         {"id": "a", "input_ids": torch.tensor([5, pad, 6, pad]), "labels": torch.tensor([-100, pad, 6, pad]),
-         "pixel_values": torch.zeros(3, 64, 64), "skipped": []},
+         "pixel_values": torch.zeros(1, 3, 64, 64), "skipped": []},
         {"id": "b", "input_ids": torch.tensor([7, 8]), "labels": torch.tensor([-100, 8]), "pixel_values": None,
          "skipped": [("z", "missing_image", "")]},
     ]
@@ -368,14 +368,94 @@ def test_mixed_image_and_text_batch_runs_through_the_model(tiny_model_dir, tiny_
 
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
     records = Records.from_records([
-        Record("img", "good.jpg", (("user", "<image>\nDescribe."), ("assistant", "a green square ."))),
-        Record("txt", None, (("user", "Say hi."), ("assistant", "hi ."))),
+        Record("img", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square ."))),
+        Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
     ])
     dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path)
     batch = Collator(tiny_processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
     assert torch.isfinite(out.logits).all()
+
+
+TWO_IMAGES = Record("two", ("red.png", "blue.png"), (
+    ("user", "First:\n<image>\nSecond:\n<image>\nWhich one is red?"),
+    ("assistant", "the first ."),
+    ("user", "And now?\n<image>"),
+    ("assistant", "blue ."),
+))
+
+
+def _solid_images(folder, colours):
+    for name, rgb in colours.items():
+        Image.new("RGB", (64, 64), rgb).save(folder / name)
+
+
+def test_multi_image_records_keep_each_tag_in_place_with_its_own_image(tiny_processor, tmp_path):
+    _solid_images(tmp_path, {"red.png": (220, 30, 30), "blue.png": (30, 30, 220)})
+    record = Record("two", ("red.png", "blue.png", "red.png"), TWO_IMAGES.turns)
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    encoder = SampleEncoder(tiny_processor, max_length=512)
+    sample = encoder(record, tmp_path)
+    ids = sample["input_ids"].tolist()
+    assert ids.count(image_id) == 3 * 64 and sample["pixel_values"].shape == (3, 3, 64, 64)
+    text = tiny_processor.tokenizer.decode([i for i in ids if i != image_id])
+    assert "First:\n\nSecond:\n\nWhich one is red?" in text  # interleaved: tags stay where the data put them
+    red, blue = (encoder.pixels(tmp_path / n) for n in ("red.png", "blue.png"))
+    assert [torch.equal(p, x) for p, x in zip(sample["pixel_values"], (red, blue, red))] == [True] * 3
+    runs = supervised_runs(ids, sample["labels"].tolist())
+    assert [tiny_processor.tokenizer.decode(r) for r in runs] == ["the first .<|im_end|>", "blue .<|im_end|>"]
+
+    with pytest.raises(SkipSample) as skip:  # two tags for three images
+        encoder(Record("bad", ("red.png", "blue.png", "red.png"), TWO_IMAGES.turns[:2]), tmp_path)
+    assert skip.value.reason == "image_token_mismatch"
+    with pytest.raises(SkipSample) as skip:  # the images alone are over max_length
+        SampleEncoder(tiny_processor, max_length=3 * 64 - 1)(record, tmp_path)
+    assert skip.value.reason == "too_long" and "its 3 images alone take 192 tokens" in skip.value.detail
+
+
+def test_truncating_a_multi_image_record_drops_the_images_of_dropped_turns(tiny_processor, tmp_path):
+    _solid_images(tmp_path, {"red.png": (220, 30, 30), "blue.png": (30, 30, 220)})
+    record = Record("two", ("red.png", "blue.png", "red.png"), TWO_IMAGES.turns)
+    image_id = tiny_processor.tokenizer.convert_tokens_to_ids("<image>")
+    full = SampleEncoder(tiny_processor, max_length=512)(record, tmp_path)["input_ids"].tolist()
+    sample = SampleEncoder(tiny_processor, max_length=len(full) - 10)(record, tmp_path)  # cuts into the last turn
+    ids = sample["input_ids"].tolist()
+    assert ids == full[: len(ids)] and len(ids) < len(full) - 64  # the last turn went whole, its image block too
+    assert ids.count(image_id) == 2 * 64 and sample["pixel_values"].shape[0] == 2
+    runs = supervised_runs(ids, sample["labels"].tolist())
+    assert [tiny_processor.tokenizer.decode(r) for r in runs] == ["the first .<|im_end|>"]
+
+
+def test_a_batch_of_text_one_and_two_image_samples_fills_each_placeholder_with_its_image(
+        tiny_model_dir, tiny_processor, tmp_path):
+    """Rows of one batch give the logits each sample gives alone: pixels are stacked in row and tag order. Swapping
+    the two images of the two-image sample (the negative control) changes its logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    _solid_images(tmp_path, {"red.png": (220, 30, 30), "blue.png": (30, 30, 220), "green.png": (30, 200, 30)})
+    records = [Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
+               Record("two", ("red.png", "blue.png"), TWO_IMAGES.turns[:2]),
+               Record("one", ("green.png",), (("user", "<image>\nDescribe."), ("assistant", "green .")))]
+    dataset = LlavaDataset(Records.from_records(records), SampleEncoder(tiny_processor, max_length=512), tmp_path)
+    samples = [dataset[i] for i in range(len(records))]
+    collate = Collator(tiny_processor.tokenizer.pad_token_id)
+    batch = collate(samples)
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+
+    def logits(b):
+        inputs = {k: b[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in b}
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    together = logits(batch)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        alone = logits(collate([sample]))[0]
+        assert (together[row, :n] - alone[:n]).abs().max() < 1e-5, sample["id"]
+    swapped = dict(samples[1], pixel_values=samples[1]["pixel_values"].flip(0))
+    assert (logits(collate([swapped]))[0] - logits(collate([samples[1]]))[0]).abs().max() > 1e-3
 
 
 def test_sampler_is_a_function_of_seed_and_epoch():
@@ -442,7 +522,8 @@ def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
 
     path = write_shapes(tmp_path / "d", 10, seed=0, size=48)
     records = json.loads(path.read_text())
-    records[1]["image"] = "missing.jpg"
+    records[1]["image"] = [records[1]["image"], "missing.jpg"]  # a two-image record with its second image missing
+    records[1]["conversations"][0]["value"] += "\n<image>"
     records[2]["conversations"][1]["value"] = ""
     (tmp_path / "d" / "images" / records[3]["image"]).write_bytes(b"garbage")
     path.write_text(json.dumps(records))
@@ -451,7 +532,8 @@ def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
     assert out.returncode == 1
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problems"] == {"missing_image": 1, "empty_answer": 1, "corrupt_image": 1}
-    assert report["records"] == 10 and report["image_sizes"]["width"] == {"min": 48, "median": 48, "max": 48}
+    assert report["records"] == 10 and report["with_image"] == 9 and report["images"] == 10
+    assert report["image_sizes"]["width"] == {"min": 48, "median": 48, "max": 48}
     assert "missing_image" in out.stdout and "3 problem records" in out.stdout
     records = json.loads(path.read_text())
     for bad in (1, 2, 3):
@@ -477,7 +559,7 @@ def test_convert_caption_tables(tmp_path):
     out = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "c.json"))
     assert out.returncode == 0, out.stderr
     records = load_records(tmp_path / "c.json")
-    assert [(r.image, r.turns[-1]) for r in (records[0], records[1])] == [
+    assert [(r.images[0], r.turns[-1]) for r in (records[0], records[1])] == [
         ("a.jpg", ("assistant", "A sign that reads OPEN.")), ("b.jpg", ("assistant", "Two cats."))]
     assert all("<image>" in records[i].turns[0][1] for i in range(2))
     (tmp_path / "t.jsonl").write_text(json.dumps({"img_file": "x.png", "text": "hi"}) + "\n")
@@ -499,15 +581,31 @@ def test_convert_sharegpt_and_openai_style_conversations(tmp_path):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
             {"role": "assistant", "content": [{"type": "text", "text": "A red bus."}]}]},
     ]
+    rows += [  # ShareGPT-4o style with two images beside the text, and interleaved OpenAI-style parts
+        {"id": "m1", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "Which is red?"},
+                                                                    {"from": "gpt", "value": "The first."}]},
+        {"id": "m2", "images": ["c.png", "d.png"], "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Left:"}, {"type": "image"},
+                                         {"type": "text", "text": "Right:"}, {"type": "image"},
+                                         {"type": "text", "text": "Same?"}]},
+            {"role": "assistant", "content": "No."}]},
+    ]
     (tmp_path / "in.json").write_text(json.dumps(rows))
     out = _cli("data", "convert", "conversations", "--input", str(tmp_path / "in.json"), "--out", str(tmp_path / "o.json"))
     assert out.returncode == 0, out.stderr
     records = load_records(tmp_path / "o.json")
-    first, second = records[0], records[1]
+    first, second, two, interleaved = (records[i] for i in range(4))
     assert first.turns[0] == ("user", "<image>\nWhat is shown?") and len(first.turns) == 4
-    assert second.image == "o1.png" and second.turns == (("user", "<image>\nDescribe it."), ("assistant", "A red bus."))
-    for record in (first, second):  # every converted record is trainable
+    assert second.images == ("o1.png",) and second.turns == (("user", "<image>\nDescribe it."), ("assistant", "A red bus."))
+    assert two.images == ("a.jpg", "b.jpg") and two.turns[0] == ("user", "<image>\n<image>\nWhich is red?")
+    assert interleaved.images == ("c.png", "d.png")
+    assert interleaved.turns[0] == ("user", "Left:\n<image>\nRight:\n<image>\nSame?")
+    for record in (first, second, two, interleaved):  # every converted record is trainable
         record_messages(record)
+    rows[3]["messages"][0]["content"].pop(1)  # one image part for two images
+    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    bad = _cli("data", "convert", "conversations", "--input", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.json"))
+    assert bad.returncode == 2 and "record 3: 1 <image> tags or image parts for 2 images" in bad.stderr
 
 
 @pytest.mark.parametrize("size", [(400, 300), (300, 400), (64, 64), (100, 37), (999, 1000), (16, 16)])
@@ -540,7 +638,7 @@ def test_processors_outside_the_fast_path_fall_back_to_hugging_face(tiny_process
 
 def test_absolute_image_paths_load_when_allowed(tiny_processor, tmp_path):
     (tmp_path / "outside.jpg").write_bytes(_jpeg_bytes())
-    record = Record("a", str(tmp_path / "outside.jpg"), (("user", "<image>\nDescribe."), ("assistant", "ok .")))
+    record = Record("a", (str(tmp_path / "outside.jpg"),), (("user", "<image>\nDescribe."), ("assistant", "ok .")))
     encoder = SampleEncoder(tiny_processor, max_length=160, allow_absolute_paths=True)
     assert encoder(record, tmp_path / "images")["pixel_values"] is not None
     with pytest.raises(SkipSample, match="unsafe_path"):

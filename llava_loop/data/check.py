@@ -38,7 +38,7 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
     records: Records = load_records(data)  # structural problems raise RecordError here
     problems: Counter = Counter()
     examples: dict[str, str] = {}
-    lengths, image_jobs, image_ids = [], [], []
+    lengths, image_jobs, image_ids, with_image = [], [], [], 0
     encoder = None
     if processor is not None:
         from .encode import SampleEncoder
@@ -52,7 +52,7 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
     for i in indices:
         record = records[i]
         try:
-            path = image_path(image_dir, record.image, allow_absolute=allow_absolute_paths) if record.image else None
+            paths = [image_path(image_dir, name, allow_absolute=allow_absolute_paths) for name in record.images]
             if encoder is not None:
                 ids, _ = encoder.encode_text(record)
                 lengths.append(len(ids))
@@ -63,9 +63,9 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
             problems[skip.reason] += 1
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
             continue
-        if path is not None:
-            image_jobs.append((str(path), decode, max_image_pixels))
-            image_ids.append(record.id)
+        with_image += bool(paths)
+        image_jobs += [(str(path), decode, max_image_pixels) for path in paths]
+        image_ids += [record.id] * len(paths)
     sizes = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -86,7 +86,8 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
     sizes_arr = np.array(sizes) if sizes else np.zeros((1, 2))
     return {
         "records": len(records),
-        "with_image": len(image_jobs),
+        "with_image": with_image,
+        "images": len(image_jobs),
         "problems": dict(problems),
         "examples": examples,
         "token_lengths": {f"p{q}": int(np.percentile(lengths_arr, q)) for q in (50, 90, 99, 100)},

@@ -34,8 +34,8 @@ class Collator:
         batch["n_label_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
         batch["n_tokens"], batch["n_slots"] = sum(lengths), len(samples) * width
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        if pixels:  # image rows only, in row order: the model scatters them into <image> placeholders
-            batch["pixel_values"] = torch.stack(pixels)
+        if pixels:  # every sample's images, in row and tag order: the model fills the <image> placeholders in turn
+            batch["pixel_values"] = torch.cat(pixels)
         batch["ids"] = [s["id"] for s in samples]
         batch["skipped"] = events
         return batch

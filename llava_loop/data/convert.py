@@ -3,7 +3,8 @@
 * ``captions``: an image-caption table (CSV, JSON, JSONL, or Parquet with pyarrow installed), as in
   TextOCR-GPT4o; every row becomes a one-turn record with an instruction from a fixed pool.
 * ``conversations``: ShareGPT-4o / ShareGPT-style records (``conversations`` of from/value) or
-  OpenAI-style ``messages`` whose content may be a list of ``{"type": "text"|"image"}`` parts.
+  OpenAI-style ``messages`` whose content may be a list of ``{"type": "text"|"image"}`` parts; one image or
+  several (``image``/``images`` lists), with image parts becoming ``<image>`` tags where they stand.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def _image_path(value) -> str:
     return value
 
 
+def _image_paths(value) -> list[str]:
+    return [_image_path(v) for v in value] if isinstance(value, list) else [_image_path(value)]
+
+
 def from_captions(path: Path, *, image_key: str | None = None, caption_key: str | None = None,
                   prompt: str | None = None, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
@@ -128,13 +133,17 @@ def from_conversations(path: Path) -> list[dict]:
         record = {"id": str(row.get("id", i)), "conversations": conversations}
         if image:
             try:
-                record["image"] = _image_path(image)
+                paths = _image_paths(image)
             except ValueError as exc:
                 raise ConvertError(f"{where}: {exc}") from None
+            record["image"] = paths[0] if len(paths) == 1 else paths
             tags = sum(c["value"].count(IMAGE_TOKEN) for c in conversations)
-            if tags == 0:  # ShareGPT-4o keeps the image beside the text: put the tag where LLaVA expects it
+            if tags == 0:  # ShareGPT-4o keeps images beside the text: put the tags where LLaVA expects them
                 first = next(c for c in conversations if c["from"] == "human")
-                first["value"] = f"{IMAGE_TOKEN}\n" + first["value"]
+                first["value"] = f"{IMAGE_TOKEN}\n" * len(paths) + first["value"]
+            elif tags != len(paths):
+                raise ConvertError(f"{where}: {tags} <image> tags or image parts for {len(paths)} images; "
+                                   "each image needs exactly one")
         out.append(record)
     return out
 

@@ -36,20 +36,22 @@ def place_image_token(text: str) -> str:
 
 
 def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
-    """Validated chat messages for a record, with ``<image>`` moved to the start of its turn (as LLaVA does)."""
+    """Validated chat messages for a record. One image: its ``<image>`` moves to the start of its turn, as LLaVA
+    does. Several images: each tag stays where the data put it (interleaved), and stands for the images in order."""
     unknown = sorted({role for role, _ in record.turns if role not in KNOWN_ROLES})
     if unknown:
         raise SkipSample("unknown_role", f"record {record.id}: roles {unknown}")
     n_tags = sum(text.count(IMAGE_TOKEN) for _, text in record.turns)
-    expected = 1 if record.image else 0
+    expected = len(record.images)
     if n_tags != expected or any(IMAGE_TOKEN in text for role, text in record.turns if role != "user"):
-        raise SkipSample("image_token_mismatch", f"record {record.id}: {n_tags} <image> tags for {expected} image(s)")
+        raise SkipSample("image_token_mismatch", f"record {record.id}: {n_tags} <image> tags for {expected} image(s)"
+                         " (tags go in user turns)")
     messages = []
     if system_prompt and not any(role == "system" for role, _ in record.turns):
         messages.append({"role": "system", "content": system_prompt})
     for role, text in record.turns:
         text = text.strip()
-        if IMAGE_TOKEN in text:
+        if IMAGE_TOKEN in text and expected == 1:
             text = place_image_token(text)
         messages.append({"role": role, "content": text})
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -114,6 +116,11 @@ class SampleEncoder:
         self.fast_pixels = fast_path_applies(self.image_processor)
 
     def encode_text(self, record: Record) -> tuple[list[int], list[int]]:
+        """Token ids and labels; later turns are dropped whole when too long, so an image block is never cut (the
+        images of dropped turns go with them: see ``images_kept``)."""
+        if len(record.images) * self.n_image_tokens > self.max_length:
+            raise SkipSample("too_long", f"record {record.id}: its {len(record.images)} images alone take "
+                             f"{len(record.images) * self.n_image_tokens} tokens > data.max_length={self.max_length}")
         messages = record_messages(record, self.system_prompt)
         ids, labels, turn_ends = tokenize_messages(self.tokenizer, messages)
         ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, self.n_image_tokens)
@@ -146,11 +153,17 @@ class SampleEncoder:
             return fast_pixels(image, self.image_processor)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    def images_kept(self, ids: list[int]) -> int:
+        """How many of a record's images its (possibly truncated) token ids still hold."""
+        return ids.count(self.image_token_id) // self.n_image_tokens
+
     def __call__(self, record: Record, image_dir: str | Path) -> dict:
         ids, labels = self.encode_text(record)  # text first: cheap checks before image decode
+        names = record.images[: self.images_kept(ids)]  # every image the kept turns refer to, in tag order
         pixel_values = None
-        if record.image:
-            pixel_values = self.pixels(image_path(image_dir, record.image, allow_absolute=self.allow_absolute_paths))
+        if names:  # (n_images, 3, H, W)
+            pixel_values = torch.stack([self.pixels(image_path(image_dir, name, allow_absolute=self.allow_absolute_paths))
+                                        for name in names])
         return {
             "id": record.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),

@@ -1,8 +1,8 @@
 """Read LLaVA-style conversation records and keep them compactly.
 
 Accepted files: a JSON list (LLaVA's ``chat.json``), JSONL, or ``{"data": [...]}``. Each record has
-``id``, an optional ``image`` (relative to the image folder) and ``conversations`` of
-``{"from": human|gpt|system, "value"}`` or ``{"role", "content"}`` messages.
+``id``, an optional ``image`` (one path relative to the image folder, or a list of them for multi-image
+records) and ``conversations`` of ``{"from": human|gpt|system, "value"}`` or ``{"role", "content"}`` messages.
 
 Structural problems (malformed JSON, bad encoding, a record without ``conversations``...) fail here
 with the file name and record index, before any model is loaded. Content problems (unknown roles,
@@ -32,12 +32,12 @@ class RecordError(UserError):
 @dataclass(frozen=True)
 class Record:
     id: str
-    image: str | None
+    images: tuple[str, ...]  # in the order of the record's <image> tags; empty for text-only records
     turns: tuple[tuple[str, str], ...]  # (role, text); role is normalised where known, else kept as given
 
     def estimated_tokens(self, image_tokens: int) -> int:
-        """A cheap length estimate without a tokenizer: about 4 characters per text token, plus the image."""
-        return sum(len(text) for _, text in self.turns) // 4 + (image_tokens if self.image else 0)
+        """A cheap length estimate without a tokenizer: about 4 characters per text token, plus the images."""
+        return sum(len(text) for _, text in self.turns) // 4 + image_tokens * len(self.images)
 
 
 class Records:
@@ -66,8 +66,8 @@ class Records:
         if self._index is not None:
             index = int(self._index[index])
         start, end = self._offsets[index], self._offsets[index + 1]
-        rid, image, turns = json.loads(self._blob[start:end])
-        return Record(rid, image, tuple((role, text) for role, text in turns))
+        rid, images, turns = json.loads(self._blob[start:end])
+        return Record(rid, tuple(images), tuple((role, text) for role, text in turns))
 
     def subset(self, indices) -> Records:
         base = np.asarray(indices, dtype=np.int64)
@@ -84,7 +84,7 @@ class Records:
 
 
 def _encode(record: Record) -> bytes:
-    return json.dumps([record.id, record.image, record.turns], ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps([record.id, record.images, record.turns], ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _where(path: Path, index: int, raw) -> str:
@@ -117,14 +117,11 @@ def normalize_record(raw, path: Path, index: int) -> Record:
             )
         turns.append((ROLE_ALIASES.get(str(role).lower(), str(role)), text))
     image = raw.get("image")
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise RecordError(f"{where}: {len(image)} images; only single-image records are supported")
-        image = image[0]
-    if image is not None and not isinstance(image, str):
-        raise RecordError(f"{where}: 'image' must be a relative path string, got {type(image).__name__}")
+    images = image if isinstance(image, list) else [] if image in (None, "") else [image]
+    if not all(isinstance(i, str) and i for i in images):
+        raise RecordError(f"{where}: 'image' must be a relative path or a list of them, got {image!r}")
     rid = raw.get("id", index)
-    return Record(str(rid), image or None, tuple(turns))
+    return Record(str(rid), tuple(images), tuple(turns))
 
 
 def _read_text(path: Path) -> str:
