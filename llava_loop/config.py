@@ -82,6 +82,8 @@ class DataConfig:
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
     group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
+    padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
+                                    "no cross-sample attention (block-diagonal mask; varlen flash-attention on GPU).")
 
 
 @dataclass

@@ -332,17 +332,25 @@ class Trainer:
         buckets in the order backward makes them, so a rank that skips the vision tower and projector (a micro-
         batch without images) misaligns every bucket, silently. Such a micro-batch gets one blank image, as
         LLaVA does: its placeholders go after row 0's last column with attention mask 0 and no labels, so causal
-        attention hides them from every real token, the loss is unchanged, and their gradient is exactly zero."""
+        attention hides them from every real token, the loss is unchanged, and their gradient is exactly zero. In a
+        packed row they are one more sample, with positions of their own, which no real token attends to."""
         if "pixel_values" in batch:
             return batch
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ids, labels = batch["input_ids"], batch["labels"]
         n = self.blank_image["tokens"]
+        pixels = self.blank_image["pixels"].to(ids.device)[None]
+        if "position_ids" in batch:
+            positions = batch["position_ids"]
+            return {**batch, "input_ids": torch.cat([ids, ids.new_full((1, n), self.blank_image["token_id"])], 1),
+                    "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
+                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1), "pixel_values": pixels}
+        mask = batch["attention_mask"]
         extra_ids = ids.new_full((ids.shape[0], n), self.processor.tokenizer.pad_token_id)
         extra_ids[0] = self.blank_image["token_id"]
         return {**batch, "input_ids": torch.cat([ids, extra_ids], 1),
                 "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
                 "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
-                "pixel_values": self.blank_image["pixels"].to(ids.device)[None]}
+                "pixel_values": pixels}
 
     def advance(self, stats: dict, stepped: bool) -> None:
         """Advance the progress counters; abort after too many non-finite steps in a row."""

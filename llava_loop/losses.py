@@ -44,10 +44,8 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def model_inputs(batch: dict) -> dict:
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "pixel_values" in batch:
-        inputs["pixel_values"] = batch["pixel_values"]
-    return inputs
+    """What the model takes from a batch: a padded batch's attention mask, or a packed one's position ids."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch}
 
 
 def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -237,6 +238,72 @@ def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(
         old_probe = _probe_vision_layer(old)
         label_only_ce(old, batch)["loss"].backward()
         assert old_probe["calls"] == 2 and old_probe["graph"][0]  # recomputed and backpropagated: what the probe catches
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding-free packing
+# ---------------------------------------------------------------------------------------------
+
+
+def _mixed_samples(tmp_path, processor):
+    """Text-only, one-image, two-image and multi-turn records of different lengths, as stage-2 data mixes them."""
+    from PIL import Image
+
+    from llava_loop.data.dataset import LlavaDataset
+    from llava_loop.data.encode import SampleEncoder
+    from llava_loop.data.records import Record, Records
+
+    for name, rgb in {"r.png": (220, 30, 30), "b.png": (30, 30, 220), "g.png": (30, 200, 30)}.items():
+        Image.new("RGB", (64, 64), rgb).save(tmp_path / name)
+    records = [
+        Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
+        Record("one", ("g.png",), (("user", "<image>\nDescribe."), ("assistant", "a green circle in the center ."))),
+        Record("two", ("r.png", "b.png"), (("user", "First:\n<image>\nSecond:\n<image>\nWhich is red?"),
+                                           ("assistant", "the first ."))),
+        Record("long", (), (("user", "Count: " + "one two three " * 6), ("assistant", "three ."),
+                            ("user", "Again?"), ("assistant", "yes, three ."))),
+        Record("turns", ("b.png",), (("user", "<image>\nColour?"), ("assistant", "blue ."), ("user", "Shape?"),
+                                     ("assistant", "square ."))),
+    ]
+    dataset = LlavaDataset(Records.from_records(records), SampleEncoder(processor, max_length=512), tmp_path)
+    return [dataset[i] for i in range(len(records))]
+
+
+def _token_losses_and_grads(tiny_model_dir, mode, batch):
+    import torch.nn.functional as F
+
+    from llava_loop.losses import supervised_logits
+
+    torch.manual_seed(0)  # the same LoRA initialisation for every layout
+    model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0))
+    logits, targets = supervised_logits(model, batch)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    losses.sum().backward()
+    return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, tmp_path, tiny_model_dir, tiny_processor):
+    samples = _mixed_samples(tmp_path, tiny_processor)
+    pad = tiny_processor.tokenizer.pad_token_id
+    padded, packed = Collator(pad)(samples), Collator(pad, padding_free=True)(samples)
+    assert packed["input_ids"].shape == (1, packed["n_tokens"]) and packed["n_slots"] == packed["n_tokens"]
+    assert padded["n_slots"] > padded["n_tokens"] == packed["n_tokens"]
+    assert packed["n_label_tokens"] == padded["n_label_tokens"]
+    assert torch.equal(packed["pixel_values"], padded["pixel_values"])  # 1 + 2 + 1 images, in sample order
+
+    reference, reference_grads = _token_losses_and_grads(tiny_model_dir, mode, padded)
+    losses, grads = _token_losses_and_grads(tiny_model_dir, mode, packed)
+    assert losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5  # every token of every sample
+    assert grads.keys() == reference_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert (grad - reference_grads[name]).abs().max() < 1e-5, name
+
+    # negative controls: positions running on across samples, or attention across samples, change the losses
+    running = dict(packed, position_ids=torch.arange(packed["n_tokens"])[None])
+    crossing = dict(packed, attention_mask=torch.ones(1, packed["n_tokens"], dtype=torch.long))
+    for broken in (running, crossing):
+        assert (_token_losses_and_grads(tiny_model_dir, mode, broken)[0] - reference).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +543,41 @@ def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode,
     reference = [m["loss"] for m in losses["1x4x1"]]
     got = [m["loss"] for m in losses["2x1x2"]]
     assert len(got) == 4 and got == pytest.approx(reference, rel=1e-5)
+
+
+def _stage2_mix(root, shapes_data, n=48):
+    """Text-only, single-image (some multi-turn) and two-image records, shuffled together."""
+    from llava_loop.demo.shapes import write_shapes
+
+    data = _mixed_text_and_image_data(root, shapes_data, n)
+    pairs = json.loads(write_shapes(root, n // 4, seed=8, size=64, pair_ratio=1.0, prefix="pair",
+                                    json_name="pairs.json").read_text())  # images beside the others
+    records = json.loads(data["train"].read_text()) + pairs
+    random.Random(0).shuffle(records)
+    data["train"].write_text(json.dumps(records))
+    return data
+
+
+@pytest.mark.slow
+def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_path, tiny_model_dir, shapes_data):
+    """On a stage-2 mix, padded 1 process x mb4, padding-free 1 process x mb4 and padding-free 2-process ZeRO-2
+    x mb1 x acc2 log the same losses; padding-free spends no slot on padding."""
+    data = _stage2_mix(tmp_path / "mixed", shapes_data)
+    runs = {}
+    for name, (processes, micro, accum, packed) in {"padded": (0, 4, 1, False), "packed": (0, 4, 1, True),
+                                                    "packed-2x1x2": (2, 1, 2, True)}.items():
+        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
+                                      output_dir=tmp_path / name, mode="freeze_vision",
+                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4,
+                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True})
+        helpers.launch(config, f"data.padding_free={str(packed).lower()}", "data.max_length=512", processes=processes)
+        runs[name] = helpers.metrics(tmp_path / name)
+    ids = [i for m in runs["padded"] for i in m["sample_ids"]]
+    assert any(i.startswith("pair_") for i in ids) and any(i.startswith("text_") for i in ids)
+    reference = [m["loss"] for m in runs["padded"]]
+    for name in ("packed", "packed-2x1x2"):
+        assert [m["loss"] for m in runs[name]] == pytest.approx(reference, rel=1e-5), name
+    assert all(m["pad_fraction"] == 0 for m in runs["packed"]) and any(m["pad_fraction"] > 0 for m in runs["padded"])
 
 
 @pytest.mark.slow

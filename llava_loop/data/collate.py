@@ -1,7 +1,14 @@
-"""Pad encoded samples into a batch. Masks come from lengths, never from token values.
+"""Collate encoded samples into a batch: padded rows, or one packed row without padding.
 
-The batch also carries its counts as Python ints (supervised tokens, real tokens, padded slots), so the
-loop never reads them back from the device.
+Padded (default): right padding, masks built from lengths, never from token values.
+
+Padding-free (``data.padding_free``): the samples are laid end to end in one row, with ``position_ids`` restarting
+at 0 for each and no attention mask. Transformers reads the restarts as packed sequences: a block-diagonal causal
+mask under sdpa/eager, varlen flash-attention (``cu_seqlens`` from the positions) under flash_attention_2. So no
+token attends across samples, every sample sees the positions it would see alone, and no slot is spent on padding.
+
+The batch also carries its counts as Python ints (supervised tokens, real tokens, slots), so the loop never reads
+them back from the device.
 """
 
 from __future__ import annotations
@@ -12,14 +19,28 @@ from .encode import IGNORE_INDEX
 
 
 class Collator:
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, padding_free: bool = False):
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
 
     def __call__(self, samples: list[dict]) -> dict:
         events = [event for s in samples for event in s["skipped"]]
         samples = [s for s in samples if s["input_ids"] is not None]  # left-out held-out samples (dataset.py)
         if not samples:
             return {"ids": [], "skipped": events, "n_label_tokens": 0, "n_tokens": 0, "n_slots": 0}
+        batch = self.packed(samples) if self.padding_free else self.padded(samples)
+        # the positions losses.supervised_positions keeps: a label on the next token
+        batch["n_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch["n_tokens"] = sum(len(s["input_ids"]) for s in samples)
+        batch["n_slots"] = batch["input_ids"].numel()
+        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        if pixels:  # every sample's images, in row and tag order: the model fills the <image> placeholders in turn
+            batch["pixel_values"] = torch.cat(pixels)
+        batch["ids"] = [s["id"] for s in samples]
+        batch["skipped"] = events
+        return batch
+
+    def padded(self, samples: list[dict]) -> dict:
         lengths = [len(s["input_ids"]) for s in samples]
         width = max(lengths)
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
@@ -29,14 +50,15 @@ class Collator:
             input_ids[row, :n] = sample["input_ids"]
             labels[row, :n] = sample["labels"]
         attention_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        # the positions losses.supervised_positions keeps: a label on the next token
-        batch["n_label_tokens"] = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        batch["n_tokens"], batch["n_slots"] = sum(lengths), len(samples) * width
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        if pixels:  # every sample's images, in row and tag order: the model fills the <image> placeholders in turn
-            batch["pixel_values"] = torch.cat(pixels)
-        batch["ids"] = [s["id"] for s in samples]
-        batch["skipped"] = events
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+    @staticmethod
+    def packed(samples: list[dict]) -> dict:
+        labels = []
+        for sample in samples:
+            own = sample["labels"].clone()
+            own[0] = IGNORE_INDEX  # never the target of the previous sample's last token
+            labels.append(own)
+        return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+                "labels": torch.cat(labels)[None],
+                "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None]}

@@ -81,7 +81,8 @@ def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pa
                            group_size=t.micro_batch_size * t.grad_accum * world_size)
     generator = torch.Generator().manual_seed(t.seed)
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=Collator(pad_token_id), generator=generator, **_loader_kwargs(cfg))
+                        collate_fn=Collator(pad_token_id, cfg.data.padding_free), generator=generator,
+                        **_loader_kwargs(cfg))
     return loader, sampler
 
 
@@ -95,5 +96,6 @@ def make_eval_loader(dataset: LlavaDataset, cfg: Config, *, rank: int, world_siz
     # saved just before it has captured (a resumed run would otherwise see different dropout masks)
     return DataLoader(torch.utils.data.Subset(dataset, indices),
                       batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
-                      collate_fn=Collator(pad_token_id), generator=torch.Generator().manual_seed(cfg.train.seed),
+                      collate_fn=Collator(pad_token_id, cfg.data.padding_free),
+                      generator=torch.Generator().manual_seed(cfg.train.seed),
                       **kwargs)

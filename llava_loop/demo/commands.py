@@ -29,6 +29,8 @@ def register(commands: dict, presets: dict) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=336, help="image side in pixels")
     p.add_argument("--max-turns", type=int, default=1, help=">1 adds follow-up question turns (mixed lengths)")
+    p.add_argument("--pair-ratio", type=float, default=0.0,
+                   help="share of two-image records ('which image has the red circle?')")
     p.set_defaults(func=cmd_synth)
 
 
@@ -42,6 +44,7 @@ def cmd_demo(args) -> int:
 def cmd_synth(args) -> int:
     from .shapes import write_shapes
 
-    path = write_shapes(args.out, args.n, seed=args.seed, size=args.size, max_turns=args.max_turns, progress=True)
+    path = write_shapes(args.out, args.n, seed=args.seed, size=args.size, max_turns=args.max_turns, progress=True,
+                        pair_ratio=args.pair_ratio)
     say(f"wrote {args.n} records to {path} and images to {path.parent / 'images'}", stderr=False)
     return 0

@@ -3,7 +3,9 @@
 Each image shows one coloured shape at one of five positions on a noisy background; its caption reads
 like ``a red circle in the top left .``. Prompts come from a small pool of pretrain-style instructions
 with ``<image>`` at the start or at the end of the human turn, as in the real data. Optional extra
-question/answer rounds make multi-turn, mixed-length conversations. ``attribute_accuracy`` is the
+question/answer rounds make multi-turn, mixed-length conversations. An optional two-image task ("which image
+has the red circle?") makes multi-image records whose answer depends on telling the images apart.
+``attribute_accuracy`` is the
 extra scorer the demo hands to ``llava_loop.evaluate``: per-attribute accuracy of generated captions.
 """
 
@@ -115,9 +117,27 @@ def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) 
     return {"id": name, "image": f"{name}.jpg", "conversations": conversations}, (color, shape, position)
 
 
+PAIR_ANSWERS = ("the first .", "the second .")
+
+
+def make_pair_record(index: int, rng: random.Random, *, prefix: str) -> tuple[dict, list[tuple[str, str, str]]]:
+    """Two images with the same shape in different colours; the question names one of them."""
+    shape = rng.choice(SHAPES)
+    colors = rng.sample(list(COLORS), 2)
+    drawn = [(color, shape, rng.choice(list(POSITIONS))) for color in colors]
+    target = rng.randrange(2)
+    human = f"First:\n{IMAGE_TOKEN}\nSecond:\n{IMAGE_TOKEN}\nWhich image has the {colors[target]} {shape}?"
+    name = f"{prefix}_{index:06d}"
+    record = {"id": name, "image": [f"{name}_a.jpg", f"{name}_b.jpg"],
+              "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": PAIR_ANSWERS[target]}]}
+    return record, drawn
+
+
 def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max_turns: int = 1,
-                 prefix: str = "shapes", progress: bool = False, json_name: str = "chat.json") -> Path:
-    """Write ``out/chat.json`` (or ``json_name``) and ``out/images/*.jpg``; returns the JSON path."""
+                 prefix: str = "shapes", progress: bool = False, json_name: str = "chat.json",
+                 pair_ratio: float = 0.0) -> Path:
+    """Write ``out/chat.json`` (or ``json_name``) and ``out/images/*.jpg``; returns the JSON path. A ``pair_ratio``
+    share of the records is the two-image task."""
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -129,8 +149,14 @@ def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max
 
         indices = track(indices, description=f"synth {n} images")
     for i in indices:
-        record, (color, shape, position) = make_record(i, rng, prefix=prefix, max_turns=max_turns)
-        draw_shape(size, color, shape, position, rng).save(images / record["image"], quality=92)
+        if pair_ratio and rng.random() < pair_ratio:
+            record, drawn = make_pair_record(i, rng, prefix=prefix)
+            names = record["image"]
+        else:
+            record, attrs = make_record(i, rng, prefix=prefix, max_turns=max_turns)
+            names, drawn = [record["image"]], [attrs]
+        for name, (color, shape, position) in zip(names, drawn):
+            draw_shape(size, color, shape, position, rng).save(images / name, quality=92)
         records.append(record)
     path = out / json_name
     path.write_text(json.dumps(records, indent=1))
