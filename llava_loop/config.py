@@ -82,6 +82,8 @@ class DataConfig:
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
     group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
+    max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many (estimated) tokens instead of "
+                                             "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
     padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
                                     "no cross-sample attention (block-diagonal mask; varlen flash-attention on GPU).")
 
@@ -307,6 +309,9 @@ def validate(config: Config) -> None:
         problems.append(f"train.lr must be > 0 (got {t.lr})")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    if 0 < d.max_tokens_per_micro_batch < d.max_length or d.max_tokens_per_micro_batch < 0:
+        problems.append(f"data.max_tokens_per_micro_batch must be 0 (off) or >= data.max_length={d.max_length}, so "
+                        f"every sample fits (got {d.max_tokens_per_micro_batch})")
     if not 0 <= d.max_skip_fraction <= 1:
         problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")
     if not d.path:

@@ -175,11 +175,12 @@ class Trainer:
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)
-        self.console.say(
-            f"effective batch: micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
-            f"{acc.num_processes} = {self.global_batch} samples/step; {self.steps_per_epoch} steps/epoch; "
-            f"{self.total_steps} steps; {self.backend.describe()}"
-        )
+        budget = self.cfg.data.max_tokens_per_micro_batch
+        batch = (f"micro-batches of up to {budget} tokens x accumulation {t.grad_accum} x processes {acc.num_processes}"
+                 if budget else f"micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
+                                f"{acc.num_processes} = {self.global_batch} samples/step")
+        self.console.say(f"effective batch: {batch}; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps; "
+                         f"{self.backend.describe()}")
 
     def resume(self) -> None:
         """Resume from a checkpoint if there is one, then record this run's config (never before a resume was
@@ -302,6 +303,7 @@ class Trainer:
         while self.state.step < self.total_steps:  # a resumed run that already finished trains no more
             self.sampler.set_epoch(self.state.epoch)
             self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
+            self.steps_per_epoch = len(self.loader) // ga  # token-budget batches: the count depends on the epoch
             skip = self.state.step_in_epoch * ga
             loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             batches = iter(loader)
@@ -388,7 +390,7 @@ class Trainer:
         metrics.update(
             step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
             lr=next(iter(lrs.values())), grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
-            samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
+            samples=stats["samples"], samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
             step_time=seconds, pad_fraction=1 - stats["tokens"] / max(stats["padded_slots"], 1),
             skipped_samples=sum(self.skips.counts.values()), bad_records=len(self.skips.bad_ids),
         )

@@ -59,12 +59,16 @@ def _bitwise_equal(a, b) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_interrupted_and_resumed_run_is_bitwise_identical(workers, tmp_path, tiny_dropout_model_dir, shapes_data):
+@pytest.mark.parametrize("workers, batching", [(0, "fixed"), (2, "fixed"), (0, "tokens"), (2, "tokens")])
+def test_interrupted_and_resumed_run_is_bitwise_identical(workers, batching, tmp_path, tiny_dropout_model_dir,
+                                                          shapes_data):
+    """Fixed micro-batches, and packed micro-batches filled to a token budget (their size varies)."""
     hooks = ["helpers:FinalState", "helpers:StopAtStep"]
     stop = {"LLAVA_TEST_STOP_AT": str(K)}
     never = {"LLAVA_TEST_STOP_AT": "-1"}
     data = {"num_workers": workers}
+    if batching == "tokens":
+        data.update(max_tokens_per_micro_batch=330, padding_free=True)
     a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, data=data)
     helpers.launch(a, extra_env=never)
     b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "B", hooks=hooks, data=data)
@@ -77,8 +81,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(workers, tmp_path, tin
     assert _trajectory(steps_a, 1, N) == _trajectory(steps_bc, 1, N)  # loss, grad norm, lr, sample ids: exact
     assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))  # params, AdamW moments, next draws
 
+    if batching == "tokens":
+        assert len({len(m["sample_ids"]) for m in steps_a.values()}) > 1  # micro-batch sizes really varied
     # negative controls: each missing piece of state breaks equality
-    for fault, broken in (("no-rng-restore", "dropout masks"), ("no-data-position", "sample order")):
+    faults = (("no-rng-restore", "dropout masks"), ("no-data-position", "sample order"))
+    for fault, broken in faults if batching == "fixed" else faults[1:]:
         control = tmp_path / f"B-{fault}"
         config = _config(tmp_path, tiny_dropout_model_dir, shapes_data, f"B-{fault}", hooks=hooks, data=data)
         helpers.launch(config, extra_env=stop)

@@ -468,6 +468,30 @@ def test_sampler_is_a_function_of_seed_and_epoch():
     assert sorted(a) == list(range(100))
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_token_budget_batches_fit_the_budget_and_are_a_function_of_seed_and_epoch(packed):
+    from llava_loop.data.sampler import TokenBudgetBatches
+
+    lengths = np.random.default_rng(0).integers(40, 700, 500)
+
+    def batches(seed, epoch, window=64):
+        return TokenBudgetBatches(EpochSampler(500, seed=seed), lengths, 2048, packed=packed, window=window,
+                                  multiple=4).batches(epoch)
+
+    first = batches(1, 0)
+    cost = (lambda b: sum(lengths[b])) if packed else (lambda b: len(b) * max(lengths[b]))
+    assert all(cost(b) <= 2048 for b in first) and len(first) % 4 == 0
+    flat = [i for b in first for i in b]
+    assert len(flat) == len(set(flat)) and len(flat) > 480  # each sample once; only the last few are cut
+    assert first == batches(1, 0) and first != batches(1, 1) and first != batches(2, 0)
+    fill = np.mean([cost(b) for b in first]) / 2048
+    assert fill > (0.95 if packed else 0.7), fill
+    order = EpochSampler(500, seed=1).order(0).tolist()  # first fit never reaches past the look-ahead window
+    narrow = batches(1, 0, window=1)
+    assert [i for b in narrow for i in b] == order[: len([i for b in narrow for i in b])]
+    assert np.mean([cost(b) for b in narrow]) < np.mean([cost(b) for b in first])
+
+
 def test_length_grouping_keeps_each_step_s_samples_and_pads_less():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 600, size=512)

@@ -581,6 +581,26 @@ def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_pa
 
 
 @pytest.mark.slow
+def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path, tiny_model_dir, shapes_data):
+    """Packed micro-batches filled to a token budget: 2 processes x acc 1 run the micro-batches 1 process x acc 2
+    runs, as many on each rank, and log the same losses; the samples per step vary."""
+    data = _stage2_mix(tmp_path / "mixed", shapes_data)
+    runs = {}
+    for name, (processes, accum) in {"1xacc2": (0, 2), "2xacc1": (2, 1)}.items():
+        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
+                                      output_dir=tmp_path / name, mode="freeze_vision",
+                                      train={"grad_accum": accum, "max_steps": 4, "max_grad_norm": 0.0,
+                                             "warmup_ratio": 0.0, "log_sample_ids": True})
+        helpers.launch(config, "data.padding_free=true", "data.max_length=512",
+                       "data.max_tokens_per_micro_batch=600", processes=processes)
+        runs[name] = helpers.metrics(tmp_path / name)
+    reference = runs["1xacc2"]
+    assert len({m["samples"] for m in reference}) > 1
+    assert [sorted(m["sample_ids"]) for m in runs["2xacc1"]] == [sorted(m["sample_ids"]) for m in reference]
+    assert [m["loss"] for m in runs["2xacc1"]] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model_dir, shapes_data):
     """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""
     runs = {}

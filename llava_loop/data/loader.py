@@ -13,7 +13,7 @@ from .collate import Collator
 from .dataset import LlavaDataset
 from .encode import SampleEncoder
 from .records import RecordError, Records, load_records
-from .sampler import EpochSampler
+from .sampler import EpochSampler, TokenBudgetBatches
 
 
 def split_records(cfg: Config) -> tuple[Records, Records | None]:
@@ -73,16 +73,21 @@ def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pa
     The DataLoader gets its own generator so creating an iterator never draws from the global torch RNG
     (that draw would shift dropout masks after a resume).
     """
-    t = cfg.train
+    t, d = cfg.train, cfg.data
     lengths = None
-    if cfg.data.group_by_length:
+    if d.group_by_length or d.max_tokens_per_micro_batch:
         lengths = dataset.records.length_estimates(dataset.encoder.n_image_tokens)
-    sampler = EpochSampler(len(dataset), seed=t.seed, lengths=lengths,
+    sampler = EpochSampler(len(dataset), seed=t.seed, lengths=lengths if d.group_by_length else None,
                            group_size=t.micro_batch_size * t.grad_accum * world_size)
     generator = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=Collator(pad_token_id, cfg.data.padding_free), generator=generator,
-                        **_loader_kwargs(cfg))
+    collate, kwargs = Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg)
+    if d.max_tokens_per_micro_batch:
+        sampler = TokenBudgetBatches(sampler, lengths, d.max_tokens_per_micro_batch, packed=d.padding_free,
+                                     multiple=t.grad_accum * world_size)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator, **kwargs)
+    else:
+        loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
+                            collate_fn=collate, generator=generator, **kwargs)
     return loader, sampler
 
 

@@ -39,3 +39,51 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class TokenBudgetBatches(Sampler[list[int]]):
+    """Micro-batches filled up to a token budget (``data.max_tokens_per_micro_batch``) instead of a fixed size.
+
+    The epoch's order (``EpochSampler``) is walked once: each micro-batch opens with the next sample, then takes
+    every later sample within a look-ahead ``window`` that still fits (first fit). The batches are a function of
+    (seed, epoch), so a resumed run sees the same ones; their count is cut to a multiple of ``multiple``
+    (processes x accumulation), so every process runs the same number of micro-batches per step. A sample's cost
+    is its estimated length; a padded micro-batch costs its size times its longest sample, a packed one the sum.
+    """
+
+    def __init__(self, order: EpochSampler, lengths: np.ndarray, max_tokens: int, *, packed: bool, window: int = 64,
+                 multiple: int = 1):
+        self.order, self.lengths, self.max_tokens = order, lengths, max_tokens
+        self.packed, self.window, self.multiple = packed, window, multiple
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def cost(self, batch_lengths: list[int]) -> int:
+        return sum(batch_lengths) if self.packed else len(batch_lengths) * max(batch_lengths)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            pending = self.order.order(epoch).tolist()
+            out = []
+            while pending:
+                batch = [pending.pop(0)]
+                lengths = [int(self.lengths[batch[0]])]
+                i = 0
+                while i < min(self.window, len(pending)):
+                    candidate = int(self.lengths[pending[i]])
+                    if self.cost(lengths + [candidate]) <= self.max_tokens:
+                        batch.append(pending.pop(i))
+                        lengths.append(candidate)
+                    else:
+                        i += 1
+                out.append(batch)
+            self._cache = (epoch, out[: len(out) // self.multiple * self.multiple])
+        return self._cache[1]
+
+    def __iter__(self):
+        return iter(self.batches(self.order.epoch))
+
+    def __len__(self) -> int:
+        return len(self.batches(self.order.epoch))
