@@ -25,6 +25,10 @@ def test_shipped_configs_cover_the_modes_and_recipes():
     assert stage1.canonical_mode == "projector"
     assert (t.lr, t.epochs, t.warmup_ratio, t.weight_decay) == (1e-3, 1.0, 0.03, 0.0)
     assert t.micro_batch_size * t.grad_accum == 256 // 8  # global batch 256 on 8 GPUs
+    stage2 = load_config(CONFIGS[0].parent / "stage2_instruct.yaml")
+    t, d = stage2.train, stage2.data
+    assert stage2.canonical_mode == "freeze_vision" and d.padding_free and d.max_tokens_per_micro_batch >= d.max_length
+    assert (t.lr, t.epochs, t.warmup_ratio, t.weight_decay, d.max_length) == (2e-5, 1.0, 0.03, 0.0, 2048)
 
 
 def test_overrides_are_typed():
