@@ -43,6 +43,10 @@ PRESETS = {
     # 151,936-row vocabulary, with towers small enough for a 2-core CPU
     "bench_small": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=128,
                             text_layers=2, embedding_rows=151_936),
+    # bench/batching.py: the same geometry with an LLM wide enough that, as in real LLMs, its linear layers and
+    # not its attention dominate a 2,048-token sequence (hidden 512, MLP 1,536)
+    "bench_stage2": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=512,
+                             text_heads=8, text_kv_heads=2, text_layers=4, embedding_rows=151_936),
     # every vision family with every LLM family, e.g. tiny-siglip-llama, tiny-clip-qwen3
     **{f"tiny-{vision}-{llm}": TinySpec(vision=vision, llm=llm) for vision in VISION_FAMILIES for llm in LLM_FAMILIES},
 }
