@@ -7,6 +7,8 @@ sees exactly the samples it would have seen without grouping.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 from torch.utils.data import Sampler
 
@@ -65,16 +67,17 @@ class TokenBudgetBatches(Sampler[list[int]]):
 
     def batches(self, epoch: int) -> list[list[int]]:
         if self._cache is None or self._cache[0] != epoch:
-            pending = self.order.order(epoch).tolist()
+            pending = deque(self.order.order(epoch).tolist())  # a list's pop(0) would make an epoch quadratic
             out = []
             while pending:
-                batch = [pending.pop(0)]
+                batch = [pending.popleft()]
                 lengths = [int(self.lengths[batch[0]])]
                 i = 0
                 while i < min(self.window, len(pending)):
                     candidate = int(self.lengths[pending[i]])
                     if self.cost(lengths + [candidate]) <= self.max_tokens:
-                        batch.append(pending.pop(i))
+                        batch.append(pending[i])
+                        del pending[i]
                         lengths.append(candidate)
                     else:
                         i += 1
