@@ -66,12 +66,12 @@ def tower_configs(shape: str):
 def build_random_model(out: Path, shape: str) -> None:
     """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir."""
     import torch
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from llava_loop.build import add_image_token, compose_config, make_processor, save_model_dir
     from llava_loop.demo.families import LLM_FAMILIES, make_tokenizer
-    from llava_loop.llm import stop_token_ids
-    from llava_loop.vision_tower import FAMILIES, VisionTower, load_image_processor
+    from llava_loop.llm import generation_config
+    from llava_loop.vision_tower import CLIP, VisionTower, load_image_processor
 
     vision, text = tower_configs(shape)
     tokenizer = make_tokenizer(LLM_FAMILIES["qwen2"])
@@ -84,11 +84,9 @@ def build_random_model(out: Path, shape: str) -> None:
     finally:
         torch.set_default_dtype(torch.float32)
     model.config.dtype = dtype
-    model.generation_config = GenerationConfig(eos_token_id=stop_token_ids(tokenizer, out, text), pad_token_id=pad_id,
-                                               do_sample=False)
-    clip = FAMILIES[0]
-    image_processor, source = load_image_processor(out, clip, vision)  # no preprocessor file: CLIP defaults at 336
-    save_model_dir(model, make_processor(VisionTower(out, clip, vision, image_processor, source), tokenizer), out)
+    model.generation_config = generation_config(tokenizer, out, text)
+    image_processor, source = load_image_processor(out, CLIP, vision)  # no preprocessor file: CLIP defaults at 336
+    save_model_dir(model, make_processor(VisionTower(out, CLIP, vision, image_processor, source), tokenizer), out)
 
 
 def part_sizes(model_dir: Path) -> dict:

@@ -21,13 +21,12 @@ import torch
 from PIL import Image
 
 from .errors import BuildError
-from .llm import choose_pad_token, fit_embeddings, load_text_config, load_tokenizer, stop_token_ids
+from .llm import choose_pad_token, fit_embeddings, generation_config, load_text_config, load_tokenizer
 from .parts import PARTS, count_params
 from .template import IMAGE_TOKEN, render
-from .vision_tower import FAMILIES, VisionFamily, VisionTower, load_vision_tower
+from .vision_tower import CLIP, VisionFamily, VisionTower, load_vision_tower
 
 VISION_FEATURE_LAYER = -2  # LLaVA-1.5: features from the penultimate layer
-CLIP = FAMILIES[0]
 
 
 @dataclass
@@ -286,7 +285,7 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
 
     ``chat_template``: a Jinja file or a built-in name (``chatml``, ``llama3``, ``vicuna``) for an LLM whose tokenizer
     has none, or to replace the one it has."""
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     vision_path = resolve_checkpoint(vision, "--vision")
@@ -298,7 +297,6 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     image_token_id = add_image_token(tokenizer)
     pad_token, pad_choice = choose_pad_token(tokenizer)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token)
-    stops = stop_token_ids(tokenizer, llm_path, text_config)
     rows = text_config.vocab_size  # a new <pad> has no row until the embeddings grow: set it after that
     config = compose_config(tower.config, text_config, image_token_id, pad_id if pad_id < rows else None,
                             family=tower.family, feature_layer=check_feature_layer(feature_layer, tower.config))
@@ -327,7 +325,7 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
 
     rows_before, rows_after = fit_embeddings(model, len(tokenizer))
     model.config.text_config.pad_token_id = pad_id
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_id, do_sample=False)
+    model.generation_config = generation_config(tokenizer, llm_path, text_config)
     model.config.dtype = torch_dtype
     model.eval()
 
@@ -350,7 +348,7 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
         image_processor=tower.processor_source,
         pad_token=pad_token,
         pad_choice=pad_choice,
-        stop_tokens=tokenizer.convert_ids_to_tokens(stops),
+        stop_tokens=tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id),
         embedding_rows_before=rows_before,
         notes=build_notes(text_config),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BuildError
-from .template import BUILTIN_TEMPLATES, TemplateError, chat_template_from, turn_end_token
+from .template import BUILTIN_TEMPLATES, TemplateError, chat_template_from, special_tokens, turn_end_token
 
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
 RESERVED_PATTERN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
@@ -72,7 +72,7 @@ def emitted_tokens(tokenizer) -> set[str]:
 def choose_pad_token(tokenizer) -> tuple[str, str]:
     """Set ``tokenizer.pad_token`` to a token that is safe to pad with; returns ``(token, why)``."""
     vocab, emitted = tokenizer.get_vocab(), emitted_tokens(tokenizer)
-    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()}
+    specials = special_tokens(tokenizer)
 
     def usable(token: str | None) -> bool:
         return bool(token) and token in vocab and token not in emitted
@@ -95,8 +95,9 @@ def choose_pad_token(tokenizer) -> tuple[str, str]:
     return NEW_PAD, "added (no pad, reserved or unknown token to reuse)"
 
 
-def stop_token_ids(tokenizer, llm_path: Path, config) -> list[int]:
-    """End-of-turn first, then the LLM's own generation EOS ids, the tokenizer's EOS and the pad token."""
+def generation_config(tokenizer, llm_path: Path, config):
+    """Greedy decoding that stops at the end-of-turn token first, then at the LLM's own generation EOS ids, the
+    tokenizer's EOS and the pad token; pads with the tokenizer's (chosen) pad token."""
     from transformers import GenerationConfig
 
     ids = [tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer))]
@@ -105,7 +106,8 @@ def stop_token_ids(tokenizer, llm_path: Path, config) -> list[int]:
         eos = GenerationConfig.from_pretrained(llm_path).eos_token_id
     ids += eos if isinstance(eos, list) else [eos]
     ids += [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    stops = list(dict.fromkeys(i for i in ids if i is not None))
+    return GenerationConfig(eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, do_sample=False)
 
 
 def fit_embeddings(model, n_tokens: int) -> tuple[int, int]:

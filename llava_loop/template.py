@@ -50,7 +50,7 @@ def turn_end_token(tokenizer) -> str:
     if at < 0:
         raise TemplateError("the chat template drops assistant content; cannot derive labels")
     rest = text[at + len(_PROBE_ANSWER) :]
-    specials = sorted(set(tokenizer.all_special_tokens) | _added_special_tokens(tokenizer), key=len, reverse=True)
+    specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
     for token in specials:
         if rest.startswith(token):
             return token
@@ -63,9 +63,10 @@ def turn_end_token(tokenizer) -> str:
     )
 
 
-def _added_special_tokens(tokenizer) -> set[str]:
+def special_tokens(tokenizer) -> set[str]:
+    """The tokenizer's named special tokens and every added token marked special (reserved ones included)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return {tok.content for tok in decoder.values() if getattr(tok, "special", False)}
+    return set(tokenizer.all_special_tokens) | {tok.content for tok in decoder.values() if getattr(tok, "special", False)}
 
 
 def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:

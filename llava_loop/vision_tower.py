@@ -45,6 +45,7 @@ FAMILIES = (
     VisionFamily("siglip", "siglip", "siglip_vision_model", ("text_model.", "logit_scale", "logit_bias"),
                  ("head.",), has_cls=False, config_overrides={"vision_use_head": False}),
 )
+CLIP, SIGLIP = FAMILIES
 NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 
 
