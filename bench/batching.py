@@ -3,11 +3,14 @@
 The mix is synthetic, at real geometry (336 px images = 576 tokens each, Qwen2.5's 151,936-token vocabulary; the
 ``bench_stage2`` towers, whose LLM is wide enough that its linear layers outweigh attention, as in real LLMs):
 40% text-only chats, 10% two-image records, the rest single-image, with text lengths spread
-so records run from about 100 to about 2,000 tokens. Four ways of batching run the same number of steps:
+so records run from about 100 to about 2,000 tokens. Five ways of batching run the same number of steps:
 
 * padded: fixed micro-batches (``--micro`` x ``--accum`` samples per step), padded to their longest sample;
 * length-grouped: the same samples per step, sorted by length within each step before cutting micro-batches;
-* padding-free: the padded run's micro-batches, packed into one row each (its losses must equal the padded run's);
+* padding-free, dense mask: the padded run's micro-batches, packed into one row each, under plain sdpa
+  (transformers' block-diagonal mask over the whole row);
+* padding-free: the same packed rows under sdpa_varlen (sdpa per sample; the default for packed rows); its losses
+  must equal the padded run's;
 * padding-free + token budget: packed micro-batches filled up to ``--budget`` tokens, ``--budget-accum`` of them
   per step, which is about as many tokens per optimizer step as the fixed runs take.
 
@@ -94,6 +97,8 @@ def main() -> None:
     runs = {
         "padded": run("padded", data, *fixed),
         "length-grouped": run("grouped", data, *fixed, "data.group_by_length=true"),
+        "padding-free, dense mask": run("packed-dense", data, *fixed, "data.padding_free=true",
+                                        "model.attn_implementation=sdpa"),
         "padding-free": run("packed", data, *fixed, "data.padding_free=true"),
         "padding-free + token budget": run("budget", data, args.steps, args.micro, args.budget_accum,
                                            "data.padding_free=true", f"data.max_tokens_per_micro_batch={args.budget}"),

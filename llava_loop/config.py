@@ -61,8 +61,9 @@ class Call:
 @dataclass
 class ModelConfig:
     path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
-        "auto", "Attention kernel passed to from_pretrained; auto: sdpa where each tower supports it, else eager (Gemma 2).")
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = opt(
+        "auto", "Attention kernel; auto: sdpa where each tower supports it, else eager (Gemma 2), and with "
+                "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).")
 
 
 @dataclass
@@ -85,7 +86,7 @@ class DataConfig:
     max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many (estimated) tokens instead of "
                                              "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
     padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
-                                    "no cross-sample attention (block-diagonal mask; varlen flash-attention on GPU).")
+                                    "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).")
 
 
 @dataclass

@@ -118,9 +118,14 @@ def require_shared_dir(accelerator, path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=torch.float32):
-    """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing."""
+def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=torch.float32, packed: bool = False):
+    """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing.
+
+    ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
+    samples cost their own lengths squared in attention, not the row's."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+    from . import attention  # registers sdpa_varlen with transformers
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -133,7 +138,12 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
         raise UserError(f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'")
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
-    kernel = None if attn_implementation == "auto" else attn_implementation  # None: transformers picks per tower
+    # None: transformers picks per tower; sdpa_varlen is set on the LLM alone, after loading
+    kernel = None if attn_implementation in ("auto", attention.NAME) else attn_implementation
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
+    if attn_implementation == attention.NAME or (attn_implementation == "auto" and packed):
+        if not attention.use_for_llm(model) and attn_implementation == attention.NAME:
+            raise UserError(f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
+                            f"(it runs {model.config.text_config._attn_implementation}); use auto or eager")
     processor = AutoProcessor.from_pretrained(path)
     return model, processor

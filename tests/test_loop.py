@@ -269,21 +269,26 @@ def _mixed_samples(tmp_path, processor):
     return [dataset[i] for i in range(len(records))]
 
 
-def _token_losses_and_grads(tiny_model_dir, mode, batch):
+def _token_losses_and_grads(tiny_model_dir, mode, batch, kernel="auto"):
     import torch.nn.functional as F
 
     from llava_loop.losses import supervised_logits
+    from llava_loop.runtime import load_model
 
     torch.manual_seed(0)  # the same LoRA initialisation for every layout
-    model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0))
+    model = load_model(tiny_model_dir, attn_implementation=kernel)[0]
+    assert model.config.text_config._attn_implementation == ("sdpa" if kernel == "auto" else kernel)
+    model = apply_mode(model, mode, LoraConfig(r=4, alpha=8, dropout=0.0))
     logits, targets = supervised_logits(model, batch)
     losses = F.cross_entropy(logits, targets, reduction="none")
     losses.sum().backward()
     return losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "sdpa_varlen"])  # dense block-diagonal mask; sdpa per packed sample
 @pytest.mark.parametrize("mode", MODES)
-def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, tmp_path, tiny_model_dir, tiny_processor):
+def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel, tmp_path, tiny_model_dir,
+                                                                     tiny_processor, monkeypatch):
     samples = _mixed_samples(tmp_path, tiny_processor)
     pad = tiny_processor.tokenizer.pad_token_id
     padded, packed = Collator(pad)(samples), Collator(pad, padding_free=True)(samples)
@@ -293,7 +298,7 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, tmp_pa
     assert torch.equal(packed["pixel_values"], padded["pixel_values"])  # 1 + 2 + 1 images, in sample order
 
     reference, reference_grads = _token_losses_and_grads(tiny_model_dir, mode, padded)
-    losses, grads = _token_losses_and_grads(tiny_model_dir, mode, packed)
+    losses, grads = _token_losses_and_grads(tiny_model_dir, mode, packed, kernel)
     assert losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5  # every token of every sample
     assert grads.keys() == reference_grads.keys() and len(grads) > 0
     for name, grad in grads.items():
@@ -301,9 +306,15 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, tmp_pa
 
     # negative controls: positions running on across samples, or attention across samples, change the losses
     running = dict(packed, position_ids=torch.arange(packed["n_tokens"])[None])
-    crossing = dict(packed, attention_mask=torch.ones(1, packed["n_tokens"], dtype=torch.long))
-    for broken in (running, crossing):
-        assert (_token_losses_and_grads(tiny_model_dir, mode, broken)[0] - reference).abs().max() > 1e-3
+    assert (_token_losses_and_grads(tiny_model_dir, mode, running, kernel)[0] - reference).abs().max() > 1e-3
+    if kernel == "sdpa":  # an all-ones mask turns transformers' packed-sequence detection off
+        crossing = dict(packed, attention_mask=torch.ones(1, packed["n_tokens"], dtype=torch.long))
+    else:  # the kernel, blind to the sample boundaries, attends across them (positions still restart)
+        from llava_loop import attention
+
+        crossing = packed
+        monkeypatch.setattr(attention, "sample_bounds", lambda position_ids: [0, position_ids.shape[-1]])
+    assert (_token_losses_and_grads(tiny_model_dir, mode, crossing, kernel)[0] - reference).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Padded (default): right padding, masks built from lengths, never from token values.
 
 Padding-free (``data.padding_free``): the samples are laid end to end in one row, with ``position_ids`` restarting
-at 0 for each and no attention mask. Transformers reads the restarts as packed sequences: a block-diagonal causal
-mask under sdpa/eager, varlen flash-attention (``cu_seqlens`` from the positions) under flash_attention_2. So no
+at 0 for each and no attention mask. Transformers reads the restarts as packed sequences: varlen flash-attention
+(``cu_seqlens`` from the positions) under flash_attention_2, sdpa per sample under sdpa_varlen (attention.py), a
+block-diagonal causal mask under sdpa/eager. So no
 token attends across samples, every sample sees the positions it would see alone, and no slot is spent on padding.
 
 The batch also carries its counts as Python ints (supervised tokens, real tokens, slots), so the loop never reads

@@ -30,7 +30,7 @@ def register(commands: dict, presets: dict) -> None:
     p.add_argument("--size", type=int, default=336, help="image side in pixels")
     p.add_argument("--max-turns", type=int, default=1, help=">1 adds follow-up question turns (mixed lengths)")
     p.add_argument("--pair-ratio", type=float, default=0.0,
-                   help="share of two-image records ('which image has the red circle?')")
+                   help="share of two-image records ('what colour is the circle in the second image?')")
     p.set_defaults(func=cmd_synth)
 
 

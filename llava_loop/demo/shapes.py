@@ -117,19 +117,22 @@ def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) 
     return {"id": name, "image": f"{name}.jpg", "conversations": conversations}, (color, shape, position)
 
 
-PAIR_ANSWERS = ("the first .", "the second .")
+ORDINALS = ("first", "second")
 
 
 def make_pair_record(index: int, rng: random.Random, *, prefix: str) -> tuple[dict, list[tuple[str, str, str]]]:
-    """Two images with the same shape in different colours; the question names one of them."""
+    """Two images of the same shape in different colours; the question asks the colour of one of them, named by
+    its place, so only a model that tells the two images apart answers it. (The comparison "which image has the
+    red circle?" needs more depth than the tiny demo LLM has: it stayed at chance for 1,500 steps.)"""
     shape = rng.choice(SHAPES)
     colors = rng.sample(list(COLORS), 2)
     drawn = [(color, shape, rng.choice(list(POSITIONS))) for color in colors]
     target = rng.randrange(2)
-    human = f"First:\n{IMAGE_TOKEN}\nSecond:\n{IMAGE_TOKEN}\nWhich image has the {colors[target]} {shape}?"
+    human = (f"First:\n{IMAGE_TOKEN}\nSecond:\n{IMAGE_TOKEN}\n"
+             f"What colour is the {shape} in the {ORDINALS[target]} image?")
     name = f"{prefix}_{index:06d}"
     record = {"id": name, "image": [f"{name}_a.jpg", f"{name}_b.jpg"],
-              "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": PAIR_ANSWERS[target]}]}
+              "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": f"{colors[target]} ."}]}
     return record, drawn
 
 
