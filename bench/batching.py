@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2, help="fixed micro-batches per step")
     parser.add_argument("--budget", type=int, default=2048, help="tokens per packed micro-batch")
     parser.add_argument("--budget-accum", type=int, default=4, help="token-budget micro-batches per step")
+    parser.add_argument("--skip", default="", help="runs to leave out, by folder: padded is the baseline, so never it "
+                                                   "(grouped, packed-dense, packed, budget)")
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
     from llava_loop.demo.tiny import build_tiny
@@ -94,15 +96,17 @@ def main() -> None:
         build_tiny(MODEL, "bench_stage2")
     data = write_mix(common.ROOT / "runs" / "bench-batching-data", args.records)
     fixed = (args.steps, args.micro, args.accum)
-    runs = {
-        "padded": run("padded", data, *fixed),
-        "length-grouped": run("grouped", data, *fixed, "data.group_by_length=true"),
-        "padding-free, dense mask": run("packed-dense", data, *fixed, "data.padding_free=true",
-                                        "model.attn_implementation=sdpa"),
-        "padding-free": run("packed", data, *fixed, "data.padding_free=true"),
-        "padding-free + token budget": run("budget", data, args.steps, args.micro, args.budget_accum,
-                                           "data.padding_free=true", f"data.max_tokens_per_micro_batch={args.budget}"),
+    ways = {  # name: (run folder, steps, micro, accum, overrides)
+        "padded": ("padded", *fixed, ()),
+        "length-grouped": ("grouped", *fixed, ("data.group_by_length=true",)),
+        "padding-free, dense mask": ("packed-dense", *fixed, ("data.padding_free=true", "model.attn_implementation=sdpa")),
+        "padding-free": ("packed", *fixed, ("data.padding_free=true",)),
+        "padding-free + token budget": ("budget", args.steps, args.micro, args.budget_accum,
+                                        ("data.padding_free=true", f"data.max_tokens_per_micro_batch={args.budget}")),
     }
+    skip = set(args.skip.split(",")) - {""}
+    runs = {name: run(folder, data, steps, micro, accum, *overrides)
+            for name, (folder, steps, micro, accum, overrides) in ways.items() if folder not in skip}
     rows, base = [], None
     for name, result in runs.items():
         steps = result["steps"][WARMUP:]
@@ -118,7 +122,8 @@ def main() -> None:
     pad = sum(s["pad_fraction"] for s in runs["padded"]["steps"]) / len(runs["padded"]["steps"])
     print(common.header("Batching stage-2 data", f"python bench/batching.py --steps {args.steps} --records "
                                                  f"{args.records} --micro {args.micro} --accum {args.accum} "
-                                                 f"--budget {args.budget} --budget-accum {args.budget_accum}"))
+                                                 f"--budget {args.budget} --budget-accum {args.budget_accum}"
+                                                 + (f" --skip {args.skip}" if args.skip else "")))
     print(common.table(["batching", "padding", "tokens/s", "samples/s", "tokens/s vs padded", "samples/step",
                         "tokens/step"], rows))
     print(f"\npadded vs padding-free on the same micro-batches (same samples: {same_ids}): largest step-loss "

@@ -22,7 +22,6 @@ import common  # noqa: E402
 
 def variant(config: str, name: str, micro: int, repeats: int) -> None:
     sys.path.insert(0, str(common.ROOT))
-    import torch
 
     from llava_loop.config import load_config
     from llava_loop.data.collate import Collator

@@ -1,10 +1,10 @@
 """Distributed backends: what differs between plain PyTorch (one process or DDP) and DeepSpeed ZeRO.
 
 The loop, the checkpointer and export call the same few methods on whichever backend ``backend_for``
-chose once from the Accelerator; none of them branches on the backend. A new backend (ZeRO-3, FSDP2)
+chose once from the Accelerator; none of them branches on the backend. A new backend (FSDP2)
 is one more class in ``BACKENDS``, not more branches:
 
-* ``configure``: settle backend settings from the training config, before ``accelerator.prepare``;
+* ``configure``: settle backend settings from the run's config, before ``accelerator.prepare``;
 * ``weights_dtype``: the dtype to load weights in (what the backend would cast them to anyway);
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
 * ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
@@ -34,7 +34,7 @@ class PlainBackend:
     def describe(self) -> str:
         return str(self.accelerator.distributed_type)
 
-    def configure(self, train_cfg) -> None:
+    def configure(self, cfg) -> None:
         self.accelerator.register_save_state_pre_hook(frozen_tensor_filter)
 
     def weights_dtype(self) -> torch.dtype:
@@ -71,7 +71,9 @@ class PlainBackend:
 
 
 class DeepSpeedBackend:
-    """DeepSpeed ZeRO-2 through Accelerate's plugin: the engine clips, accumulates and steps itself."""
+    """DeepSpeed ZeRO (stages 0-3) through Accelerate's plugin: the engine clips, accumulates and steps itself.
+    Under ZeRO-3 every rank holds a shard of each weight, so ranks must run their forwards in lockstep (the loop
+    already gives every rank the same micro-batches, each with the vision path; held-out batches are evened)."""
 
     name = "deepspeed"
 
@@ -82,19 +84,36 @@ class DeepSpeedBackend:
     def describe(self) -> str:
         return f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
 
-    def configure(self, train_cfg) -> None:
+    @property
+    def stage(self) -> int:
+        return self.config.get("zero_optimization", {}).get("stage", 0)
+
+    def configure(self, cfg) -> None:
         """One source of truth: batch sizes, accumulation and clipping come from ``train.*`` (Accelerate would
         otherwise fill an "auto" clipping with 1.0)."""
-        ds = self.config
+        ds, train_cfg = self.config, cfg.train
         ds["gradient_clipping"] = train_cfg.max_grad_norm
         ds["gradient_accumulation_steps"] = train_cfg.grad_accum
         ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
         ds["train_batch_size"] = train_cfg.micro_batch_size * train_cfg.grad_accum * self.accelerator.num_processes
-        if ds.get("zero_optimization", {}).get("stage", 0) > 2:
-            raise UserError("llava_loop supports ZeRO stages 0-2; set zero_optimization.stage <= 2 in the DeepSpeed config")
+        if self.stage == 3:
+            self.size_zero3_buckets(cfg.model.path)
         if self.accelerator.mixed_precision == "bf16" and train_cfg.grad_accum > 1:
             # bf16 has 8 bits of mantissa: summing many micro-batches' gradients in it loses the small ones
             ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+
+    def size_zero3_buckets(self, model_path) -> None:
+        """Accelerate sizes ZeRO-3's "auto" buckets from ``model.config.hidden_size``, which a LlavaConfig lacks:
+        give them DeepSpeed's recommended values from the LLM's hidden size (h^2, 0.9 h^2, 10 h)."""
+        from transformers import AutoConfig
+
+        hidden = AutoConfig.from_pretrained(model_path).text_config.hidden_size
+        zero = self.config["zero_optimization"]
+        recommended = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                       "stage3_param_persistence_threshold": 10 * hidden}
+        for key, value in recommended.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
 
     def weights_dtype(self) -> torch.dtype:
         """The engine casts the model to bf16 itself; loading in bf16 spares each rank a full fp32 copy in RAM."""
@@ -111,7 +130,10 @@ class DeepSpeedBackend:
         return {"exclude_frozen_parameters": True}
 
     def rank_files(self) -> tuple[str, ...]:
-        return ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",)  # each rank's optimizer partition
+        files = ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",)  # each rank's optimizer partition
+        if self.stage == 3:  # and its weight shards
+            files += ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",)
+        return files
 
     def load(self, path: Path, model) -> None:
         self.accelerator.load_state(str(path), load_module_strict=False)

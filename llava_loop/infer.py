@@ -93,8 +93,9 @@ def read_image(image, max_pixels: int) -> Image.Image:
 
 @torch.no_grad()
 def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[str], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, streamer=None) -> list[str]:
-    """One batch: left-padded prompts (one, or one per image) with images -> decoded answers."""
+             temperature: float = 0.0, top_p: float = 1.0, streamer=None, **generate_kwargs) -> list[str]:
+    """One batch: left-padded prompts (one, or one per image) with images -> decoded answers. Under multi-process
+    ZeRO-3 transformers sets ``synced_gpus``, so a rank that finishes first keeps joining the others' forwards."""
     tokenizer = encoder.tokenizer
     prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
     sequences = [encoder.prompt_ids(p, with_image=True) for p in prompts]
@@ -111,6 +112,7 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
         pixel_values=pixels.to(device, dtype=next(model.parameters()).dtype),
         max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling,
+        **generate_kwargs,
     )
     return [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
 

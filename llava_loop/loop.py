@@ -92,7 +92,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.accelerator = make_accelerator(cfg)
         self.backend = backend_for(self.accelerator)
-        self.backend.configure(cfg.train)
+        self.backend.configure(cfg)
         self.console = Console(enabled=self.accelerator.is_main_process)
         set_seed(cfg.train.seed)  # python, numpy and torch
         self.state = TrainState()
@@ -407,7 +407,7 @@ class Trainer:
         if self.eval_loader is None:
             return None
         self.model.eval()
-        loss_sum, tokens, left_out = heldout_loss_sums(self.model, self.eval_loader, self.loss_fn,
+        loss_sum, tokens, left_out = heldout_loss_sums(self.model, self.lockstep(self.eval_loader), self.loss_fn,
                                                        device=self.accelerator.device)
         self.model.train()
         total = self.accelerator.reduce(torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64,
@@ -418,6 +418,24 @@ class Trainer:
             self.report_left_out(left_out, metrics["eval_left_out"])
         self.hooks.on_eval(self, metrics)
         return metrics
+
+    def lockstep(self, loader):
+        """Held-out batches such that every process runs the same number of forwards, each through the vision
+        path: under ZeRO-3 each forward gathers weight shards from all ranks, so a rank with one batch fewer
+        (an uneven split), an all-left-out batch or a text-only batch would leave the others waiting. The
+        stand-ins are one padding token plus the blank image, with no labels: they add nothing to the loss."""
+        pad = self.processor.tokenizer.pad_token_id
+        idle = {"input_ids": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE_INDEX]]), "ids": ["(idle)"],
+                "n_label_tokens": 0, "skipped": []}
+        idle.update({"position_ids": torch.tensor([[0]])} if self.cfg.data.padding_free
+                    else {"attention_mask": torch.tensor([[1]])})
+        longest = int(self.accelerator.reduce(torch.tensor(len(loader), device=self.accelerator.device), "max"))
+        batches = iter(loader)
+        for _ in range(longest):
+            batch = next(batches, None)
+            if batch is None or not batch["ids"]:
+                batch = {**idle, "skipped": batch["skipped"] if batch else []}
+            yield self.with_image_path(batch)
 
     def report_left_out(self, local_events: list, count: int) -> None:
         """Held-out samples are never replaced: say which were left out, why, and which setting to check."""

@@ -30,5 +30,5 @@ def count_params(model: torch.nn.Module, *, trainable_only: bool = False) -> Cou
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
-        counts[part_of(name)] += param.numel()
+        counts[part_of(name)] += getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves each rank a shard
     return counts

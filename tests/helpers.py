@@ -54,12 +54,14 @@ def free_port() -> int:
 
 
 def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300, check: bool = True,
-           extra_env: dict | None = None, fault: str = "") -> subprocess.CompletedProcess:
-    """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes).
-    ``fault`` runs tests/train_patched.py with that deliberate fault instead of train.py."""
+           extra_env: dict | None = None, fault: str = "",
+           accelerate_config: str = "accelerate_config.yaml") -> subprocess.CompletedProcess:
+    """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes;
+    ``accelerate_config_zero3.yaml`` for ZeRO-3). ``fault`` runs tests/train_patched.py with that deliberate fault
+    instead of train.py."""
     script = [str(TESTS / "train_patched.py"), fault] if fault else [str(ROOT / "train.py")]
     if processes:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / accelerate_config),
                "--num_processes", str(processes), "--main_process_port", str(free_port()), *script]
     else:
         cmd = [sys.executable, *script]
@@ -262,3 +264,35 @@ class FinalLogits:
             logits = trainer.model(**{k: v.to(trainer.accelerator.device) for k, v in inputs.items()}).logits
         if trainer.accelerator.is_main_process:
             torch.save({"inputs": inputs, "logits": logits.float().cpu()}, Path(trainer.output_dir) / "final_logits.pt")
+
+
+def mixed_text_and_image_data(root, shapes_data, n=48):
+    """Shapes records where every other one is text-only (no image, no <image> tag): a stage-2-like mix."""
+    from llava_loop.demo.shapes import write_shapes
+
+    path = write_shapes(root, n, seed=7, size=64, max_turns=2)
+    records = json.loads(path.read_text())
+    for record in records[1::2]:
+        del record["image"]
+        record["id"] = "text_" + record["id"]
+        for turn in record["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "").strip()
+    path.write_text(json.dumps(records))
+    return dict(shapes_data, train=path, train_images=root / "images")
+
+
+class GenerateOnEveryRank:
+    """At the end of training, every rank generates for its own held-out image, rank r exactly 2 + 10 r tokens
+    (a rank that finished first must keep joining the others' ZeRO-3 forwards), and writes what it got."""
+
+    def on_train_end(self, trainer):
+        from llava_loop.infer import generate
+
+        rank = trainer.accelerator.process_index
+        n = 2 + 10 * rank
+        sample = trainer.eval_set.records[rank]
+        image = trainer.eval_set.image_dir / sample.images[0]
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        answer = generate(model, trainer.eval_set.encoder, [image], "Describe the image.", max_new_tokens=n,
+                          min_new_tokens=n)
+        (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(json.dumps({"n": n, "answer": answer[0]}))

@@ -21,12 +21,32 @@ def _restore_environment():
     os.environ.update(saved)
 
 
-def _accelerator(precision: str, deepspeed: bool):
+def _accelerator(precision: str, deepspeed: bool, ds_config: str = "ds_zero2.json"):
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
 
-    plugin = DeepSpeedPlugin(hf_ds_config=str(helpers.ROOT / "configs" / "ds_zero2.json")) if deepspeed else None
+    plugin = DeepSpeedPlugin(hf_ds_config=str(helpers.ROOT / "configs" / ds_config)) if deepspeed else None
     return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin)
+
+
+def test_zero3_auto_buckets_are_sized_from_the_llm_hidden_size(tiny_model_dir, fresh_accelerate_state):
+    """Accelerate reads model.config.hidden_size, which a LlavaConfig lacks (it raises on the "auto" keys): the
+    backend fills them from the LLM's hidden size before prepare, and leaves numbers a user set alone."""
+    from transformers import AutoConfig
+
+    from llava_loop.backends import backend_for
+
+    backend = backend_for(_accelerator("no", deepspeed=True, ds_config="ds_zero3.json"))
+    zero = backend.config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == "auto"
+    zero["stage3_max_live_parameters"] = 12345
+    backend.configure(load_config(None, ["data.path=x", f"model.path={tiny_model_dir}"]))
+    h = AutoConfig.from_pretrained(tiny_model_dir).text_config.hidden_size
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+        == (h * h, int(0.9 * h * h), 10 * h)
+    assert zero["stage3_max_live_parameters"] == 12345
+    assert backend.rank_files() == ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                                    "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
 
 
 @pytest.mark.parametrize("precision, accum, fp32_accumulation, weights", [
@@ -38,7 +58,7 @@ def test_deepspeed_bf16_accumulates_in_fp32_and_loads_weights_as_the_engine_will
 
     acc = _accelerator(precision, deepspeed=True)
     backend = backend_for(acc)
-    backend.configure(load_config(None, ["data.path=x", f"train.grad_accum={accum}"]).train)
+    backend.configure(load_config(None, ["data.path=x", f"train.grad_accum={accum}"]))
     assert isinstance(backend, DeepSpeedBackend)
     ds = acc.state.deepspeed_plugin.deepspeed_config
     assert (ds.get("data_types", {}).get("grad_accum_dtype") == "fp32") is fp32_accumulation

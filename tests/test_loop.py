@@ -518,27 +518,12 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
     assert torch.linalg.norm(mean_of_means - reference_grad) / torch.linalg.norm(reference_grad) > 1e-3
 
 
-def _mixed_text_and_image_data(root, shapes_data, n=48):
-    """Shapes records where every other one is text-only (no image, no <image> tag): a stage-2-like mix."""
-    from llava_loop.demo.shapes import write_shapes
-
-    path = write_shapes(root, n, seed=7, size=64, max_turns=2)
-    records = json.loads(path.read_text())
-    for record in records[1::2]:
-        del record["image"]
-        record["id"] = "text_" + record["id"]
-        for turn in record["conversations"]:
-            turn["value"] = turn["value"].replace("<image>", "").strip()
-    path.write_text(json.dumps(records))
-    return dict(shapes_data, train=path, train_images=root / "images")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["projector", "freeze_vision", "lora"])
 def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
     """A rank whose micro-batch has no image must still produce projector gradients, or ZeRO-2's reduce breaks
     (gloo: a size mismatch; NCCL: a hang). 2 processes x mb1 x acc2 against 1 process x mb4."""
-    data = _mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
+    data = helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
     losses = {}
     for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "2x1x2": (2, 1, 2)}.items():
         config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / name,
@@ -560,7 +545,7 @@ def _stage2_mix(root, shapes_data, n=48):
     """Text-only, single-image (some multi-turn) and two-image records, shuffled together."""
     from llava_loop.demo.shapes import write_shapes
 
-    data = _mixed_text_and_image_data(root, shapes_data, n)
+    data = helpers.mixed_text_and_image_data(root, shapes_data, n)
     pairs = json.loads(write_shapes(root, n // 4, seed=8, size=64, pair_ratio=1.0, prefix="pair",
                                     json_name="pairs.json").read_text())  # images beside the others
     records = json.loads(data["train"].read_text()) + pairs
