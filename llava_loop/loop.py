@@ -138,6 +138,7 @@ class Trainer:
         cfg = self.cfg
         model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
                                            dtype=self.backend.weights_dtype(), packed=cfg.data.padding_free)
+        set_seed(cfg.train.seed)  # LoRA's initial weights must not depend on how loading drew (ZeRO-3 init draws)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
         self.console.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))

@@ -282,8 +282,8 @@ def mixed_text_and_image_data(root, shapes_data, n=48):
 
 
 class GenerateOnEveryRank:
-    """At the end of training, every rank generates for its own held-out image, rank r exactly 2 + 10 r tokens
-    (a rank that finished first must keep joining the others' ZeRO-3 forwards), and writes what it got."""
+    """At the end of training, every rank generates for its own held-out image, rank r exactly 2 + 10 r tokens,
+    counting the model's forwards: under ZeRO-3 a rank that finished first must keep joining the others'."""
 
     def on_train_end(self, trainer):
         from llava_loop.infer import generate
@@ -291,8 +291,11 @@ class GenerateOnEveryRank:
         rank = trainer.accelerator.process_index
         n = 2 + 10 * rank
         sample = trainer.eval_set.records[rank]
-        image = trainer.eval_set.image_dir / sample.images[0]
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
-        answer = generate(model, trainer.eval_set.encoder, [image], "Describe the image.", max_new_tokens=n,
-                          min_new_tokens=n)
-        (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(json.dumps({"n": n, "answer": answer[0]}))
+        forwards = []
+        llava = next(m for m in model.modules() if type(m).__name__ == "LlavaForConditionalGeneration")  # under PEFT
+        handle = llava.register_forward_hook(lambda *args: forwards.append(1))
+        generate(model, trainer.eval_set.encoder, [trainer.eval_set.image_dir / sample.images[0]], "Describe the image.",
+                 max_new_tokens=n, min_new_tokens=n)
+        handle.remove()
+        (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(json.dumps({"n": n, "forwards": len(forwards)}))

@@ -38,9 +38,10 @@ def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, s
                                              "max_grad_norm": 1.0, "warmup_ratio": 0.0, "log_sample_ids": True},
                                       eval={"every": 3, "max_samples": 7})
         out = helpers.launch(config, processes=processes, accelerate_config=ZERO3)
-        runs[name], tables[name] = helpers.metrics(tmp_path / name), _parameter_table(out.stdout)
+        printed = out.stdout + out.stderr
+        runs[name], tables[name] = helpers.metrics(tmp_path / name), _parameter_table(printed)
         if processes:
-            assert "DeepSpeed ZeRO-3" in out.stdout
+            assert "DeepSpeed ZeRO-3" in printed
     zero3, reference = runs["zero3-2x1x2"], runs["1x4x1"]
     mixed_slots = [ids for ids in (m["sample_ids"] for m in zero3)
                    if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))]
@@ -84,7 +85,7 @@ def test_zero3_resumes_exactly_generates_in_lockstep_and_exports(tmp_path, tiny_
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x, y)
 
     generated = [json.loads((tmp_path / "B" / f"generated_rank{r}.json").read_text()) for r in (0, 1)]
-    assert [g["n"] for g in generated] == [2, 12] and len(generated[1]["answer"]) > len(generated[0]["answer"])
+    assert [g["n"] for g in generated] == [2, 12] and [g["forwards"] for g in generated] == [12, 12]
 
     out = helpers.launch(tmp_path / "B.yaml", "train.max_steps=6", processes=0, check=False)
     assert out.returncode == 2 and "world_size=2" in out.stderr and "llava-loop export" in out.stderr
