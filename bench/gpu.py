@@ -14,6 +14,7 @@ Checkpointing's recompute is not counted as useful work in either.
     python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
     python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
     python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
+    python bench/gpu.py --zero 3 --shapes 3b     # the same under ZeRO-3 (partitioned load, NCCL, bf16)
 
 Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
 shape at MFU >= 35% of needed FLOPs (about 225 samples/s); with the 3B shape >= 35 samples/s.
@@ -162,7 +163,8 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
     }
     out.mkdir(parents=True)
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
-    cmd = [common.python(), "-m", "accelerate.commands.launch", "--config_file", str(common.ROOT / "accelerate_config.yaml"),
+    accelerate_config = "accelerate_config_zero3.yaml" if args.zero == 3 else "accelerate_config.yaml"
+    cmd = [common.python(), "-m", "accelerate.commands.launch", "--config_file", str(common.ROOT / accelerate_config),
            "--num_processes", str(args.processes), "--main_process_port", str(args.port), "train.py",
            "--config", str(out.parent / f"{out.name}.yaml")]
     env = {"PYTHONPATH": f"{common.ROOT / 'bench'}:{common.ROOT}", "TOKENIZERS_PARALLELISM": "false"}
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--processes", type=int, default=0, help="GPUs to launch on (default: all visible)")
     parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--zero", type=int, default=2, choices=[2, 3],
+                        help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
@@ -220,7 +224,7 @@ def main() -> None:
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-2, "
+    print(common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
                         f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
                         "python bench/gpu.py " + " ".join(sys.argv[1:])))
     print(common.table(

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, check_tensor_names, scan_pickles
-from .errors import UserError
 
 
 class PlainBackend:

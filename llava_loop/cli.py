@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval_results.json")
     p.set_defaults(func=cmd_eval)
 
+    from . import memory
+
+    p = sub.add_parser("memory", help="per-GPU memory by LLM size, mode and ZeRO setting; the smallest that fits")
+    memory.add_arguments(p)
+    p.set_defaults(func=memory.run)
+
     data = sub.add_parser("data", help="dataset tools: check, convert, and those plugins add (the demo: synth)").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True)

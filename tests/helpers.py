@@ -299,3 +299,22 @@ class GenerateOnEveryRank:
                  max_new_tokens=n, min_new_tokens=n)
         handle.remove()
         (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(json.dumps({"n": n, "forwards": len(forwards)}))
+
+
+class ModelStateBytes:
+    """After step 1, each rank writes the bytes DeepSpeed really holds for it: weight partitions (ZeRO-3's
+    ds_tensor shards, else whole weights) and optimizer states (fp32 master partition, Adam's two moments)."""
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] != 1:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        weights = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                      for p in model.parameters())
+        zero = trainer.optimizer.optimizer  # Accelerate's wrapper -> DeepSpeed's ZeRO optimizer
+        masters = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        moments = [t for state in zero.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+        optimizer = sum(t.numel() * t.element_size() for t in [*masters, *moments])
+        rank = trainer.accelerator.process_index
+        (Path(trainer.output_dir) / f"model_state_bytes_rank{rank}.json").write_text(
+            json.dumps({"weights": weights, "optimizer": optimizer}))

@@ -45,6 +45,10 @@ PRESETS = {
                             text_layers=2, embedding_rows=151_936),
     # bench/batching.py: the same geometry with an LLM wide enough that, as in real LLMs, its linear layers and
     # not its attention dominate a 2,048-token sequence (hidden 512, MLP 1,536)
+    # bench/zero3_load.py: a Qwen2.5-0.5B-sized LLM (about 0.45B parameters with Qwen's vocabulary), big enough
+    # that its weights dominate a process's memory
+    "bench_load": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=1024,
+                           text_heads=16, text_kv_heads=2, text_layers=24, embedding_rows=151_936),
     "bench_stage2": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=512,
                              text_heads=8, text_kv_heads=2, text_layers=4, embedding_rows=151_936),
     # every vision family with every LLM family, e.g. tiny-siglip-llama, tiny-clip-qwen3
