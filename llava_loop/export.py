@@ -1,9 +1,10 @@
 """Turn a training checkpoint into a plain Hugging Face model directory.
 
-* ZeRO-2 optimizer partitions are consolidated into fp32 weights (DeepSpeed's own zero_to_fp32 logic).
+* ZeRO-2/3 partitions are consolidated into fp32 weights (DeepSpeed's own zero_to_fp32 logic).
 * LoRA runs also get ``out/adapter/``: a PEFT adapter (LoRA weights + the trained projector) that loads with
   ``PeftModel.from_pretrained(base, out/adapter)``; ``out/`` itself holds the merged full model.
-* ``out/`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` alone.
+* ``out/`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` alone, and its
+  ``README.md`` is a model card (model_card.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .backends import backend_class
 from .build import save_model_dir
 from .checkpoint import check_tensor_names, verify
 from .config import load_config
+from .model_card import write_model_card
 from .modes import apply_mode
 from .runtime import load_model
 
@@ -52,6 +54,7 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
         model = model.merge_and_unload()
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
     save_model_dir(model, processor, out)
+    write_model_card(out, cfg, state, checkpoint_dir)
     (out / EXPORT_INFO).write_text(json.dumps({
         "checkpoint": str(checkpoint_dir.resolve()), "step": state["progress"]["step"], "mode": cfg.canonical_mode,
         "base_model": state["run"]["model_path"], "adapter": "adapter" if cfg.canonical_mode == "lora" else None,

@@ -38,6 +38,40 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = Fal
     )
 
 
+# Prepended to the LLM's template to make the processor's: HF chat-format content lists ([{"type": "image"},
+# {"type": "text", "text": ...}], what pipelines and lmms-eval send) become the strings training used. One image
+# goes to the start of its turn on its own line whatever its place in the list, as place_image_token does (LLaVA's
+# layout); several keep their order, one item per line. String contents pass through untouched.
+CONTENT_LIST_PRELUDE = """{#- llava_loop: content lists in the training layout -#}
+{%- set llava_ns = namespace(messages=[]) -%}
+{%- for message in messages -%}
+{%- if message['content'] is string -%}
+{%- set llava_ns.messages = llava_ns.messages + [message] -%}
+{%- else -%}
+{%- set images = message['content'] | selectattr('type', 'in', ['image', 'image_url']) | list -%}
+{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}
+{%- if images | length == 1 -%}
+{%- set body = texts | join('\n') | trim -%}
+{%- set content = '<image>\n' + body if body else '<image>' -%}
+{%- else -%}
+{%- set parts = namespace(items=[]) -%}
+{%- for item in message['content'] -%}
+{%- set parts.items = parts.items + ['<image>' if item['type'] in ['image', 'image_url'] else item['text']] -%}
+{%- endfor -%}
+{%- set content = parts.items | join('\n') -%}
+{%- endif -%}
+{%- set llava_ns.messages = llava_ns.messages + [dict(role=message['role'], content=content)] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- set messages = llava_ns.messages -%}
+"""
+
+
+def processor_chat_template(llm_template: str) -> str:
+    """The processor's chat template: the LLM's, taking content lists in the layout the model was trained on."""
+    return llm_template if llm_template.startswith(CONTENT_LIST_PRELUDE) else CONTENT_LIST_PRELUDE + llm_template
+
+
 @lru_cache(maxsize=8)
 def turn_end_token(tokenizer) -> str:
     """The special token that closes an assistant turn (``<|im_end|>`` for ChatML templates)."""

@@ -559,3 +559,29 @@ def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_stat
 
     with pytest.raises(OSError, match="No space left"):
         main_process_result(Accelerator(cpu=True), broken)
+
+
+def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shapes_data):
+    """README.md with front matter huggingface_hub parses: towers, library, pipeline tag, data, mode; the body
+    holds the run's last held-out metrics, its config and the prompt layout."""
+    from pathlib import Path
+
+    import yaml
+    from huggingface_hub import ModelCard
+
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", mode="lora", train={"max_steps": 2},
+                     eval={"every": 2})
+    helpers.launch(config)
+    ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
+                    str(tmp_path / "export")], check=True, env=helpers.env(), capture_output=True)
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    build = json.loads((tiny_model_dir / "llava_loop_build.json").read_text())
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.base_model == [Path(build["vision"]).name, Path(build["llm"]).name]
+    assert card.data.datasets == [shapes_data["train"].parent.name] and "lora" in card.data.tags
+    last = helpers.metrics(tmp_path / "run", "eval")[-1]
+    assert last["step"] == 2 and f"| eval_loss | {last['eval_loss']:.4g} |" in card.text
+    trained = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
+    assert trained == yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert "`<image>\\nQuestion`" in card.text and "for 2 optimizer steps" in card.text

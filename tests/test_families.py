@@ -18,7 +18,7 @@ from llava_loop.config import MODES, load_config
 from llava_loop.data.encode import IGNORE_INDEX, tokenize_messages
 from llava_loop.demo.families import LLM_FAMILIES, VISION_FAMILIES, make_tokenizer, save_llm, save_vision
 from llava_loop.llm import emitted_tokens
-from llava_loop.template import turn_end_token
+from llava_loop.template import render, turn_end_token
 
 SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2)
 ANSWER = "a red circle ."
@@ -75,7 +75,7 @@ def _supervised_runs(tokenizer, ids, labels):
 
 @pytest.mark.parametrize("vision, llm", PAIRS)
 def test_every_pair_composes_into_a_model_plain_transformers_loads(vision, llm, towers, tmp_path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     model, _, report = build_llava(str(towers[vision]), str(towers[llm]), tmp_path / "m", dtype="float32")
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m")
@@ -95,6 +95,22 @@ def test_every_pair_composes_into_a_model_plain_transformers_loads(vision, llm, 
         assert torch.isfinite(loaded(**batch).logits).all()
     assert int((batch["input_ids"] == loaded.config.image_token_id).sum()) == features.shape[0] == 64
     assert loaded.config.image_seq_length == report.image_tokens_per_image == 64
+
+    # HF chat-format content lists (pipelines, lmms-eval) render the training layout: one image at the start of
+    # its turn, wherever the list put it. The LLM's own template cannot (negative control): it fails or differs.
+    trained = render(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat is shown?"}],
+                     add_generation_prompt=True)
+    lists = ([{"type": "image"}, {"type": "text", "text": "What is shown?"}],
+             [{"type": "text", "text": "What is shown? "}, {"type": "image"}])
+    for content in lists:
+        assert processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             enable_thinking=False) == trained
+    own = AutoTokenizer.from_pretrained(towers[llm])
+    try:
+        assert own.apply_chat_template([{"role": "user", "content": lists[1]}], tokenize=False,
+                                       add_generation_prompt=True, enable_thinking=False) != trained
+    except TypeError:  # str + list in the template
+        pass
 
     # every source tensor LLaVA uses is copied exactly; the rest is accounted for
     for name, tensor in _source_tensors(towers[vision]).items():
@@ -334,6 +350,14 @@ def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(vision, llm, tow
     assert new[-1] == end and len(new) < 12  # stopped by the end-of-turn token
     unstopped, _ = _generate(tmp_path / "full-export", eos=[tokenizer.pad_token_id])  # negative control
     assert len(unstopped) == 12 and end in unstopped
+
+    from transformers import pipeline  # the HF pipeline, given chat-format content with the image after the text
+
+    captioner = pipeline("image-text-to-text", model=str(tmp_path / "full-export"))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is shown?"},
+                                             {"type": "image", "image": Image.new("RGB", (64, 64), (203, 30, 30))}]}]
+    said = captioner(text=messages, max_new_tokens=12, return_full_text=False, generate_kwargs={"do_sample": False})
+    assert said[0]["generated_text"].strip() == ANSWER, said
 
     from llava_loop.data.records import load_records  # llava_loop's own inference and evaluation agree
     from llava_loop.evaluate import evaluate_model
