@@ -14,7 +14,8 @@ Checkpointing's recompute is not counted as useful work in either.
     python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
     python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
     python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
-    python bench/gpu.py --zero 3 --shapes 3b     # the same under ZeRO-3 (partitioned load, NCCL, bf16)
+    python bench/gpu.py --zero 3 --shapes 7b --modes freeze_vision --micro-batch 8
+                                                 # ZeRO-3 (partitioned load, NCCL, bf16) at Qwen2.5-7B's shape
 
 Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
 shape at MFU >= 35% of needed FLOPs (about 225 samples/s); with the 3B shape >= 35 samples/s.
@@ -59,6 +60,9 @@ def tower_configs(shape: str):
                      num_key_value_heads=2, tie_word_embeddings=True),
         "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                    num_key_value_heads=2, tie_word_embeddings=True),
+        # the ZeRO-3 check (--zero 3 --shapes 7b): loaded partitioned, its peak GPU memory against llava_loop.memory
+        "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, tie_word_embeddings=False),
     }[shape]
     return vision, Qwen2Config(vocab_size=151_936, max_position_embeddings=32768, rope_theta=1_000_000.0,
                                rms_norm_eps=1e-6, **llm)
@@ -184,7 +188,7 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing")
-    parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b"])
+    parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b", "7b"])
     parser.add_argument("--modes", nargs="+", default=["projector", "lora"])
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--steps", type=int, default=12)
