@@ -36,8 +36,9 @@ def child() -> None:
 
     cfg = load_config(None, ["data.path=x", f"model.path={MODEL}"])
     accelerator = make_accelerator(cfg)
-    backend_for(accelerator).configure(cfg)
-    model, _ = load_model(MODEL, dtype=backend_for(accelerator).weights_dtype())
+    backend = backend_for(accelerator)
+    backend.configure(cfg)  # ZeRO-3's bucket sizes, which zero.Init reads while the model is built
+    model, _ = load_model(MODEL, dtype=backend.weights_dtype())
     held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)

@@ -318,3 +318,30 @@ class ModelStateBytes:
         rank = trainer.accelerator.process_index
         (Path(trainer.output_dir) / f"model_state_bytes_rank{rank}.json").write_text(
             json.dumps({"weights": weights, "optimizer": optimizer}))
+
+
+def export_and_rerun_logits(checkpoint_dir: Path, run_dir: Path, out: Path, adapter_base: Path | None = None) -> dict:
+    """``llava-loop export`` a checkpoint to ``out``, then, in a fresh interpreter that never imports llava_loop,
+    run plain transformers on the inputs FinalLogits saved in ``run_dir``: {"merged": logits}, plus
+    {"adapter": logits} of PEFT's adapter on ``adapter_base`` when given."""
+    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(checkpoint_dir), "--out",
+                    str(out)], check=True, env=env(), capture_output=True)
+    result = out.parent / f"{out.name}_logits.pt"
+    script = f"""
+import sys, torch
+from transformers import LlavaForConditionalGeneration
+ref = torch.load({str(run_dir / 'final_logits.pt')!r})
+model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
+with torch.no_grad():
+    results = {{"merged": model(**ref["inputs"]).logits}}
+if {adapter_base is not None!r}:
+    from peft import PeftModel
+    base = LlavaForConditionalGeneration.from_pretrained({str(adapter_base)!r})
+    peft_model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r}).eval()
+    with torch.no_grad():
+        results["adapter"] = peft_model(**ref["inputs"]).logits
+assert "llava_loop" not in sys.modules
+torch.save(results, {str(result)!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    return torch.load(result)

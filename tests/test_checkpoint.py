@@ -274,28 +274,9 @@ def test_export_matches_the_trained_model(mode, processes, tmp_path, tiny_dropou
                      train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1})
     helpers.launch(config, processes=processes)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
-    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
-                    str(tmp_path / "export")], check=True, env=helpers.env(), capture_output=True)
+    exported = helpers.export_and_rerun_logits(ckpt, tmp_path / "run", tmp_path / "export",
+                                               adapter_base=tiny_dropout_model_dir if mode == "lora" else None)
     reference = torch.load(tmp_path / "run" / "final_logits.pt")
-    script = f"""
-import sys, torch
-from transformers import LlavaForConditionalGeneration
-ref = torch.load({str(tmp_path / 'run' / 'final_logits.pt')!r})
-model = LlavaForConditionalGeneration.from_pretrained({str(tmp_path / 'export')!r}).eval()
-with torch.no_grad():
-    merged = model(**ref["inputs"]).logits
-results = {{"merged": merged}}
-if {mode == 'lora'!r}:
-    from peft import PeftModel
-    base = LlavaForConditionalGeneration.from_pretrained({str(tiny_dropout_model_dir)!r})
-    peft_model = PeftModel.from_pretrained(base, {str(tmp_path / 'export' / 'adapter')!r}).eval()
-    with torch.no_grad():
-        results["adapter"] = peft_model(**ref["inputs"]).logits
-assert "llava_loop" not in sys.modules
-torch.save(results, {str(tmp_path / 'exported_logits.pt')!r})
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    exported = torch.load(tmp_path / "exported_logits.pt")
     assert set(exported) == ({"merged", "adapter"} if mode == "lora" else {"merged"})
     for logits in exported.values():
         assert (logits - reference["logits"]).abs().max() < 1e-5

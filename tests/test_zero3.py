@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -91,20 +89,8 @@ def test_zero3_resumes_exactly_generates_in_lockstep_and_exports(tmp_path, tiny_
     assert out.returncode == 2 and "world_size=2" in out.stderr and "llava-loop export" in out.stderr
 
     final = checkpoint.complete_checkpoints(tmp_path / "B")[-1]
-    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(final), "--out",
-                    str(tmp_path / "export")], check=True, env=helpers.env(), capture_output=True)
+    exported = helpers.export_and_rerun_logits(final, tmp_path / "B", tmp_path / "export")["merged"]
     reference = torch.load(tmp_path / "B" / "final_logits.pt")
-    script = f"""
-import sys, torch
-from transformers import LlavaForConditionalGeneration
-ref = torch.load({str(tmp_path / 'B' / 'final_logits.pt')!r})
-model = LlavaForConditionalGeneration.from_pretrained({str(tmp_path / 'export')!r}).eval()
-with torch.no_grad():
-    torch.save(model(**ref["inputs"]).logits, {str(tmp_path / 'exported_logits.pt')!r})
-assert "llava_loop" not in sys.modules
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    exported = torch.load(tmp_path / "exported_logits.pt")
     assert (exported - reference["logits"]).abs().max() < 1e-5
     from transformers import LlavaForConditionalGeneration  # negative control: the base model is far from it
 
