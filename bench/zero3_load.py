@@ -32,6 +32,7 @@ def child() -> None:
 
     from llava_loop.backends import backend_for
     from llava_loop.config import load_config
+    from llava_loop.memory import held_weight_bytes
     from llava_loop.runtime import load_model, make_accelerator
 
     cfg = load_config(None, ["data.path=x", f"model.path={MODEL}"])
@@ -39,7 +40,7 @@ def child() -> None:
     backend = backend_for(accelerator)
     backend.configure(cfg)  # ZeRO-3's bucket sizes, which zero.Init reads while the model is built
     model, _ = load_model(MODEL, dtype=backend.weights_dtype())
-    held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in model.parameters())
+    held = held_weight_bytes(model)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     row = {"rank": accelerator.process_index, "held_mib": held / 2**20, "params": total,

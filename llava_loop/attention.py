@@ -43,8 +43,6 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = sample_bounds(position_ids)
-    if len(bounds) == 2:
-        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
                                     **{k: v for k, v in kwargs.items() if k != "is_causal"})[0]
              for a, b in zip(bounds[:-1], bounds[1:])]

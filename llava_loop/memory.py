@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from .config import MODES
+
 GIB = 1 << 30
 CLIP_L_336 = 303_507_456  # CLIP ViT-L/14-336 vision tower (the LLaVA-1.5 recipe)
 CLIP_L_HIDDEN = 1024
@@ -39,7 +41,6 @@ LLMS = {s.name: s for s in (
     LLMShape("34B", 34_388_917_248, 7168, 60, 20480, 1024),
     LLMShape("72B", 72_706_203_648, 8192, 80, 29568, 1024),
 )}
-MODES = ("projector", "lora", "freeze_vision", "full")
 SETTINGS = ("zero2", "zero3", "zero3+offload")
 
 
@@ -70,6 +71,11 @@ def model_state_bytes(total: int, trainable: int, setting: str, gpus: int, *, we
     if setting == "zero3+offload":
         out["host_optimizer"], out["optimizer"] = out["optimizer"], 0.0
     return out
+
+
+def held_weight_bytes(model) -> int:
+    """Weight bytes this process really holds: ZeRO-3's shard of each parameter (``ds_tensor``), else the whole."""
+    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in model.parameters())
 
 
 def activation_bytes(llm: LLMShape, micro_batch: int, seq_len: int, setting: str) -> float:

@@ -306,11 +306,12 @@ class ModelStateBytes:
     ds_tensor shards, else whole weights) and optimizer states (fp32 master partition, Adam's two moments)."""
 
     def on_step_end(self, trainer, metrics):
+        from llava_loop.memory import held_weight_bytes
+
         if metrics["step"] != 1:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
-        weights = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
-                      for p in model.parameters())
+        weights = held_weight_bytes(model)
         zero = trainer.optimizer.optimizer  # Accelerate's wrapper -> DeepSpeed's ZeRO optimizer
         masters = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
         moments = [t for state in zero.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
