@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from .importing import bind
@@ -65,10 +66,32 @@ class MetricsJsonl:
 
 
 class Trackers:
-    """Accelerate trackers (tensorboard, wandb...) named in ``trackers:``."""
+    """Accelerate trackers (tensorboard, wandb...) named in ``trackers:``; Accelerate starts and writes them on the
+    main process only. A resumed run continues the curves of the run it resumes instead of starting new ones at
+    step 0: wandb gets the same run id (kept in ``output_dir/trackers.json``, made anew when a run starts from
+    step 0). TensorBoard's ``purge_step`` hides what an interrupted launch logged after the checkpoint it resumes
+    from, so no step is drawn twice; a run that starts afresh in the folder hides all the earlier curves. They are
+    finished by ``loop.train``'s ``end_training``, after every process is done (not here: that call also tears
+    down the process group the others may still be using)."""
+
+    RUN_FILE = "trackers.json"
 
     def on_train_start(self, trainer):
-        trainer.accelerator.init_trackers("llava_loop", config=_flat(trainer.cfg.to_dict()))
+        step = trainer.state.step
+        init = {"wandb": {"id": self.run_id(trainer), "resume": "allow", "dir": str(trainer.output_dir)},
+                "tensorboard": {"purge_step": step + 1 if step else 0}}
+        trainer.accelerator.init_trackers("llava_loop", config=_flat(trainer.cfg.to_dict()), init_kwargs=init)
+
+    def run_id(self, trainer) -> str | None:
+        """The tracker run id of this run's curves (main process; the others start no tracker)."""
+        if not trainer.accelerator.is_main_process:
+            return None
+        path = Path(trainer.output_dir) / self.RUN_FILE
+        if trainer.state.step and path.is_file():
+            return json.loads(path.read_text())["run_id"]
+        run_id = uuid.uuid4().hex[:12]
+        path.write_text(json.dumps({"run_id": run_id}) + "\n")
+        return run_id
 
     def on_step_end(self, trainer, metrics):
         trainer.accelerator.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -77,9 +100,6 @@ class Trackers:
     def on_eval(self, trainer, metrics):
         trainer.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
                                 step=metrics["step"])
-
-    def on_train_end(self, trainer):
-        trainer.accelerator.end_training()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
