@@ -23,7 +23,7 @@ from PIL import Image
 from .errors import BuildError
 from .llm import choose_pad_token, fit_embeddings, generation_config, load_text_config, load_tokenizer
 from .parts import PARTS, count_params
-from .template import IMAGE_TOKEN, processor_chat_template, render
+from .template import IMAGE_TOKEN, processor_chat_template, render, turn_end_token
 from .vision_tower import CLIP, VisionFamily, VisionTower, load_vision_tower
 
 VISION_FEATURE_LAYER = -2  # LLaVA-1.5: features from the penultimate layer
@@ -362,9 +362,13 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
 
 def save_model_dir(model, processor, out: str | os.PathLike) -> None:
     """Model (safetensors), generation config and processor into one plain HF directory. Its chat template takes
-    HF content lists in the training layout (also when exporting a model built before it did)."""
+    HF content lists in the training layout (also when exporting a model built before it did), and its tokenizer's
+    ``eos_token`` is the token that ends an assistant turn: tools that stop at the tokenizer's eos alone (lmms-eval's
+    ``llava_hf``) stop where the model was trained to (Gemma's ``<end_of_turn>``, not ``<eos>``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    processor.chat_template = processor.tokenizer.chat_template = processor_chat_template(processor.tokenizer.chat_template)
+    tokenizer = processor.tokenizer
+    processor.chat_template = tokenizer.chat_template = processor_chat_template(tokenizer.chat_template)
+    tokenizer.eos_token = turn_end_token(tokenizer)
     model.save_pretrained(out)
     processor.save_pretrained(out)

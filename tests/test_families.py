@@ -136,7 +136,7 @@ def test_every_pair_composes_into_a_model_plain_transformers_loads(vision, llm, 
     # pad and stop tokens
     tokenizer = processor.tokenizer
     end = tokenizer.convert_tokens_to_ids(END_OF_TURN[llm])
-    assert turn_end_token(tokenizer) == END_OF_TURN[llm]
+    assert turn_end_token(tokenizer) == END_OF_TURN[llm] == tokenizer.eos_token  # where lmms-eval's llava_hf stops
     assert tokenizer.pad_token not in emitted_tokens(tokenizer) | {END_OF_TURN[llm]}
     assert loaded.config.text_config.pad_token_id == tokenizer.pad_token_id == report.pad_token_id
     stops = loaded.generation_config.eos_token_id
