@@ -89,24 +89,66 @@ def report_left_out(left_out: list[dict]) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .data.records import load_records
-    from .evaluate import evaluate_model
     from .importing import resolve
-    from .infer import load_for_inference
 
+    if not args.data and not args.lmms_eval:
+        raise UserError("eval needs --data (with --image-dir) for llava_loop's metrics, or --lmms-eval --tasks ...")
+    if args.data and not args.image_dir:
+        raise UserError("--data needs --image-dir: the folder its image paths are relative to")
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
-    model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
-                                           attn_implementation=args.attn_implementation)
-    metrics, predictions, left_out = evaluate_model(model, encoder, load_records(args.data), args.image_dir,
-                                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                                    max_samples=args.max_samples, scorers=scorers, progress=True)
-    print_table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
-                                                               for k, v in metrics.items()])
+    result = {"model": str(args.model), "adapter": args.adapter, "data": args.data and str(args.data)}
+    records, left_out = None, []
+    if args.data:
+        from .data.records import load_records
+        from .evaluate import evaluate_model
+        from .infer import load_for_inference
+
+        records = load_records(args.data)
+        model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
+                                               attn_implementation=args.attn_implementation)
+        metrics, predictions, left_out = evaluate_model(model, encoder, records, args.image_dir,
+                                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                        max_samples=args.max_samples, scorers=scorers, progress=True)
+        del model
+        print_table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
+                                                                   for k, v in metrics.items()])
+        result.update(metrics=metrics, predictions=predictions, left_out=left_out)
+    if args.lmms_eval:
+        result["lmms_eval"] = run_lmms_eval(args, records)
     with open(args.out, "w") as f:
-        json.dump({"model": str(args.model), "adapter": args.adapter, "data": str(args.data), "metrics": metrics,
-                   "predictions": predictions, "left_out": left_out}, f, indent=1)
+        json.dump(result, f, indent=1)
     say(f"wrote {args.out}", stderr=False)
     return report_left_out(left_out)
+
+
+def run_lmms_eval(args, records) -> dict:
+    """lmms-eval on the model (a checkpoint is exported first), its files in ``<--out stem>_lmms/``."""
+    from pathlib import Path
+
+    from . import lmms
+    from .checkpoint import COMPLETE
+    from .infer import inference_device
+
+    if args.adapter:
+        raise UserError("--lmms-eval takes an exported (merged) model or a checkpoint, not --adapter; "
+                        "`llava-loop export` merges an adapter")
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise UserError("--lmms-eval needs --tasks, e.g. --tasks mme,pope,mmbench_en_dev,textvqa_val")
+    out = Path(args.out).with_name(Path(args.out).stem + "_lmms")
+    model_dir = Path(args.model)
+    if (model_dir / COMPLETE).is_file():
+        from .export import export
+
+        model_dir = export(model_dir, out / "export")
+    device, dtype = inference_device(args.device)
+    scores = lmms.run(model_dir, tasks, out, records=records, image_dir=args.image_dir,
+                      max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                      device=str(device), dtype=str(dtype).removeprefix("torch."))
+    print_table(f"lmms-eval of {args.model}", [(task, metric, f"{value:.4f}") for task, values in scores.items()
+                                               for metric, value in values.items()], ("task", "metric", "value"))
+    say(f"lmms-eval's results and samples are in {out}", stderr=False)
+    return scores
 
 
 def cmd_data_check(args) -> int:
@@ -197,15 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 and any extra --scorer")
+    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 and any extra --scorer; standard "
+                                     "benchmarks through lmms-eval with --lmms-eval --tasks")
     model_args(p)
-    p.add_argument("--data", required=True, help="records file (chat.json / .jsonl)")
-    p.add_argument("--image-dir", required=True)
+    p.add_argument("--data", help="records file (chat.json / .jsonl)")
+    p.add_argument("--image-dir")
     p.add_argument("--max-samples", type=int, default=0, help="0: all")
     p.add_argument("--scorer", action="append", default=[], metavar="module:function",
                    help="extra scorer(predictions) -> dict of metrics; repeatable "
                         "(e.g. llava_loop.demo.shapes:attribute_accuracy)")
-    p.add_argument("--out", default="eval_results.json")
+    p.add_argument("--out", default="eval_results.json", help="our metrics, and lmms-eval's scores (its own files "
+                                                               "go to <out stem>_lmms/)")
+    p.add_argument("--lmms-eval", action="store_true", help="also run lmms-eval (pip install 'llava-loop[lmms]')")
+    p.add_argument("--tasks", default="", help="lmms-eval tasks, comma-separated (mme,pope,mmbench_en_dev,textvqa_val"
+                                               "...); llava_loop_heldout asks --data's questions")
+    p.add_argument("--limit", type=int, default=0, help="lmms-eval: at most this many questions per task (0: all)")
     p.set_defaults(func=cmd_eval)
 
     from . import memory

@@ -145,5 +145,7 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
         if not attention.use_for_llm(model) and attn_implementation == attention.NAME:
             raise UserError(f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
                             f"(it runs {model.config.text_config._attn_implementation}); use auto or eager")
-    processor = AutoProcessor.from_pretrained(path)
+    # PIL, as the fast pixel path computes: with torchvision installed (lmms-eval pulls it) transformers would pick
+    # its torchvision backend, whose resizes differ by up to one grey level (docs/BENCHMARKS.md, "Pixels")
+    processor = AutoProcessor.from_pretrained(path, backend="pil")
     return model, processor

@@ -1,0 +1,187 @@
+"""Standard benchmarks (MME, POPE, MMBench, TextVQA...) through lmms-eval (``pip install 'llava-loop[lmms]'``).
+
+An export loads in lmms-eval's ``llava_hf`` model as it is: its tokenizer's chat template renders the training
+layout for the ``<image>\\n{question}`` strings llava_hf sends, and its ``eos_token`` ends an assistant turn (the
+only stop llava_hf passes). lmms-eval runs in a subprocess, so its heavy imports (torchvision, which also changes
+transformers' default image-processor backend) never enter a training process, and a run that evaluates
+benchmarks in the background keeps training.
+
+Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each single-image
+record's first question, the prompt laid out as training lays it out, scored by exact match and token F1 with
+``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .data.encode import place_image_token
+from .data.images import image_path, load_image, open_checked
+from .data.records import Records
+from .data.skips import SkipSample
+from .errors import UserError
+from .evaluate import first_exchange, normalize, token_f1
+from .template import IMAGE_TOKEN
+
+LOCAL_TASK = "llava_loop_heldout"
+# set by torchrun / accelerate launch: a child that inherits them would try to join the training's process group
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+def command(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, include_path: str | Path | None = None,
+            limit: int = 0, device: str = "cpu", dtype: str = "float32", batch_size: int = 1,
+            force_simple: bool = False) -> list[str]:
+    """The ``python -m lmms_eval`` command line for an exported model directory. lmms-eval runs ``llava_hf``'s chat
+    variant (HF content lists through the processor's template) unless ``force_simple`` (``<image>\n`` strings
+    through the tokenizer's); the export renders both in the training layout."""
+    # device_map too: llava_hf's default ("") is no device map transformers 5 accepts
+    model_args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device},dtype={dtype}"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", model_args,
+           "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(output_dir),
+           "--log_samples"]
+    if include_path:
+        cmd += ["--include_path", str(include_path)]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    if force_simple:
+        cmd.append("--force_simple")
+    return cmd
+
+
+def child_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("ACCELERATE_")}
+
+
+def start(cmd: list[str], output_dir: str | Path) -> subprocess.Popen:
+    """Start lmms-eval in the background; its output goes to ``output_dir/lmms_eval.log``."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(output_dir) / "lmms_eval.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+
+
+def finish(process: subprocess.Popen, output_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Wait for a started lmms-eval and return its scores. lmms-eval logs most failures and still exits 0, so
+    a run without a results file is a failure too; the error quotes the end of its log."""
+    process.wait()
+    scores = read_results(output_dir)
+    if process.returncode != 0 or scores is None:
+        log = Path(output_dir) / "lmms_eval.log"
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise UserError(f"lmms-eval failed (exit {process.returncode}, no results); its log is {log}:\n{tail}")
+    return scores
+
+
+def read_results(output_dir: str | Path) -> dict[str, dict[str, float]] | None:
+    """``{task: {metric: value}}`` from the newest ``*_results.json`` lmms-eval wrote under ``output_dir``."""
+    files = sorted(Path(output_dir).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    scores = {}
+    for task, values in json.loads(files[-1].read_text())["results"].items():
+        scores[task] = {key.split(",")[0]: value for key, value in values.items()
+                        if isinstance(value, (int, float)) and "_stderr" not in key}
+    return scores
+
+
+def run(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, records: Records | None = None,
+        image_dir: str | Path | None = None, max_samples: int = 0, max_new_tokens: int = 32, **options
+        ) -> dict[str, dict[str, float]]:
+    """Run lmms-eval on ``tasks`` and return its scores. ``llava_loop_heldout`` among them is written first from
+    ``records`` (and ``image_dir``); ``options`` go to ``command``."""
+    output_dir = Path(output_dir)
+    if LOCAL_TASK in tasks:
+        if records is None or image_dir is None:
+            raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data and --image-dir")
+        options["include_path"] = write_local_task(records, image_dir, output_dir / "tasks",
+                                                   max_samples=max_samples, max_new_tokens=max_new_tokens)
+    process = start(command(model_dir, tasks, output_dir, **options), output_dir)
+    return finish(process, output_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# The local task
+# ------------------------------------------------------------------------------------------
+
+TASK_YAML = f"""\
+# Written by llava_loop.lmms: the first question of each single-image record, laid out as training lays it out.
+task: {LOCAL_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{questions}}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function task_hooks.doc_to_visual
+doc_to_text: !function task_hooks.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: {{max_new_tokens}}
+  temperature: 0
+  do_sample: false
+  num_beams: 1
+process_results: !function task_hooks.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+  - metric: token_f1
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1
+"""
+TASK_HOOKS = "from llava_loop.lmms import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
+
+
+def write_local_task(records: Records, image_dir: str | Path, out: str | Path, *, max_samples: int = 0,
+                     max_new_tokens: int = 32, allow_absolute_paths: bool = False) -> Path:
+    """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
+    questions are the ones ``evaluate_model`` generates for: single-image records, in order; a record whose
+    image cannot be opened is left out and named on stderr, as ``llava-loop eval`` leaves it out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if max_samples:
+        records = records.subset(range(min(max_samples, len(records))))
+    rows = []
+    for i in range(len(records)):
+        record = records[i]
+        if len(record.images) != 1:
+            continue
+        prompt, answer = first_exchange(record)
+        try:
+            path = image_path(image_dir, record.images[0], allow_absolute=allow_absolute_paths)
+            open_checked(path, decode=False)
+        except SkipSample as skip:
+            print(f"{LOCAL_TASK}: left out record {record.id}: {skip.reason} ({skip.detail})", file=sys.stderr)
+            continue
+        question = place_image_token(prompt).removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
+        rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
+    if not rows:
+        raise UserError(f"{records.source}: no single-image record to ask; {LOCAL_TASK} needs some")
+    questions = out / "questions.jsonl"
+    questions.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    (out / f"{LOCAL_TASK}.yaml").write_text(TASK_YAML.format(questions=json.dumps(str(questions.resolve())),
+                                                             max_new_tokens=max_new_tokens))
+    (out / "task_hooks.py").write_text(TASK_HOOKS)
+    return out
+
+
+def doc_to_visual(doc, lmms_eval_specific_kwargs=None):
+    return [load_image(Path(doc["image"]))]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The question without its ``<image>`` tag: llava_hf puts ``<image>\n`` before it, and its chat variant sends
+    [image, text] content, which the export's template renders the same way (the training layout)."""
+    return doc["question"]
+
+
+def process_results(doc, results):
+    prediction = results[0]
+    return {"exact_match": float(normalize(prediction) == normalize(doc["answer"])),
+            "token_f1": token_f1(prediction, doc["answer"])}

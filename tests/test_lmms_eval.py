@@ -1,0 +1,124 @@
+"""lmms-eval against the real package (the ``lmms`` extra; CI runs it in its own venv, see .ci/run): a trained demo
+export scores the same in lmms-eval's llava_hf, chat and simple variants, as in ``llava-loop eval`` on the same
+questions, answer for answer; the LLM's own chat template in its place does not (negative control). Also the
+pixels of transformers' two image-processor backends, which installing lmms-eval (torchvision) switches between."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import helpers
+
+pytestmark = [pytest.mark.extras, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A tiny model trained on shapes captions to partial accuracy (so a wrong prompt shows), exported."""
+    from llava_loop.checkpoint import complete_checkpoints
+    from llava_loop.demo.shapes import write_shapes
+    from llava_loop.export import export
+
+    root = tmp_path_factory.mktemp("lmms")
+    data = {"train": write_shapes(root / "train", 1600, seed=0, size=64, prefix="train"),
+            "train_images": root / "train" / "images",
+            "val": write_shapes(root / "val", 40, seed=1, size=64, prefix="val"), "val_images": root / "val" / "images"}
+    config = helpers.write_config(root / "run.yaml", model=tiny_model_dir, data=data, output_dir=root / "run",
+                                  train={"max_steps": 400, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05,
+                                         "weight_decay": 0.0, "seed": 0}, checkpoint={"every": 0, "keep_last": 1})
+    helpers.launch(config)
+    export(complete_checkpoints(root / "run")[-1], root / "export")
+    return {**data, "export": root / "export"}
+
+
+def lmms_predictions(output_dir) -> list[str]:
+    """What lmms-eval generated for each question, in question order (its samples file)."""
+    samples = next(output_dir.rglob("*_samples_*.jsonl"))
+    rows = sorted(map(json.loads, samples.read_text().splitlines()), key=lambda row: row["doc_id"])
+    answers = [row["filtered_resps"] for row in rows]  # the task has no filters: what the model said
+    return [a if isinstance(a, str) else a[0] for a in answers]
+
+
+def test_lmms_eval_scores_an_export_as_llava_loop_eval_does(trained, tmp_path):
+    from llava_loop import lmms
+    from llava_loop.data.records import load_records
+    from llava_loop.evaluate import evaluate_model, normalize
+    from llava_loop.infer import load_for_inference
+
+    records = load_records(trained["val"])
+    model, _, encoder = load_for_inference(trained["export"], device="cpu")
+    ours, predictions, left_out = evaluate_model(model, encoder, records, trained["val_images"], max_new_tokens=32)
+    assert not left_out and len(predictions) == 40
+    assert 0.2 <= ours["exact_match"] <= 0.95, ours  # partly trained: a prompt the model was not trained on shows
+    expected = [normalize(p["prediction"]) for p in predictions]
+
+    for variant, force_simple in (("chat", False), ("simple", True)):
+        out = tmp_path / variant
+        scores = lmms.run(trained["export"], [lmms.LOCAL_TASK], out, records=records, image_dir=trained["val_images"],
+                          max_new_tokens=32, force_simple=force_simple)[lmms.LOCAL_TASK]
+        assert [normalize(p) for p in lmms_predictions(out)] == expected, variant
+        assert scores["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12), variant
+        assert scores["token_f1"] == pytest.approx(ours["token_f1"], abs=1e-9), variant
+
+    # negative control: with the LLM's own chat template (no content-list prelude) in the export, lmms-eval's
+    # default (chat) variant cannot even render its prompts, and the failure is reported with lmms-eval's log
+    from llava_loop.errors import UserError
+    from llava_loop.template import CONTENT_LIST_PRELUDE
+
+    own = tmp_path / "own-template"
+    shutil.copytree(trained["export"], own)
+    template = (own / "chat_template.jinja").read_text()
+    assert template.startswith(CONTENT_LIST_PRELUDE)
+    (own / "chat_template.jinja").write_text(template.removeprefix(CONTENT_LIST_PRELUDE))
+    with pytest.raises(UserError, match="(?s)lmms-eval failed.*lmms_eval.log.*concatenate str"):
+        lmms.run(own, [lmms.LOCAL_TASK], tmp_path / "control", records=records, image_dir=trained["val_images"],
+                 max_new_tokens=32)
+
+
+def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
+    from llava_loop.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(trained["export"]), "--data", str(trained["val"]), "--image-dir",
+                 str(trained["val_images"]), "--device", "cpu", "--max-samples", "8", "--max-new-tokens", "32",
+                 "--lmms-eval", "--tasks", "llava_loop_heldout", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ours, theirs = result["metrics"], result["lmms_eval"]["llava_loop_heldout"]
+    assert ours["n"] == 8 and theirs["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
+    assert (tmp_path / "eval_lmms" / "lmms_eval.log").is_file()
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_pixels_of_the_two_image_processor_backends(tower, tiny_model_dir, tmp_path):
+    """PIL (what llava_loop trains with) and torchvision (transformers' default once torchvision is installed):
+    identical at the tower's own size; on resize, at most one 8-bit grey level apart (docs/BENCHMARKS.md)."""
+    from transformers import AutoImageProcessor
+
+    from llava_loop.demo.families import save_vision
+    from llava_loop.runtime import load_model
+
+    path = tmp_path / tower
+    save_vision(path, tower, image_size=64, patch_size=8, hidden=32, layers=1, heads=2)
+    pil = AutoImageProcessor.from_pretrained(path, backend="pil")
+    vision = AutoImageProcessor.from_pretrained(path)
+    assert type(vision).__name__.endswith("ImageProcessor") and type(pil).__name__.endswith("Pil")
+    grey_level = 1 / 255 / min(pil.image_std)  # one 8-bit step, after normalisation
+    rng = np.random.default_rng(0)
+    for width, height in ((64, 64), (90, 70), (640, 480), (333, 500)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        a, b = (p(images=image, return_tensors="pt")["pixel_values"] for p in (pil, vision))
+        gap = (a - b).abs()
+        if (width, height) == (64, 64):
+            assert gap.max() < 1e-6
+        else:
+            assert 0 < gap.max() <= grey_level * 1.01 and gap.mean() < grey_level * 0.01
+    # llava_loop's own loading takes the PIL backend even with torchvision installed
+    _, processor = load_model(tiny_model_dir)
+    assert type(processor.image_processor).__name__.endswith("Pil")
+    assert torch.is_tensor(processor.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"])
