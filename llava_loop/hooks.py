@@ -17,6 +17,9 @@ they are built once and called on every process (check ``trainer.accelerator.is_
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -45,24 +48,26 @@ class Hooks:
         return call
 
 
-class MetricsJsonl:
-    """Appends one JSON line per logged step and per evaluation to ``output_dir/metrics.jsonl``; each row names
-    the run (launch) that wrote it, so a resumed run's rows can be told from the first launch's."""
+def append_metrics(trainer, kind: str, metrics: dict) -> None:
+    """One JSON line in ``output_dir/metrics.jsonl`` (main process); each row names the run (launch) that wrote it,
+    so a resumed run's rows can be told from the first launch's."""
+    if trainer.accelerator.is_main_process:
+        with open(Path(trainer.output_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"kind": kind, "run": trainer.run_id, **metrics}) + "\n")
 
-    def _write(self, trainer, kind: str, metrics: dict):
-        if trainer.accelerator.is_main_process:
-            with open(Path(trainer.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"kind": kind, "run": trainer.run_id, **metrics}) + "\n")
+
+class MetricsJsonl:
+    """Appends one row per logged step, per evaluation and per checkpoint to ``output_dir/metrics.jsonl``."""
 
     def on_step_end(self, trainer, metrics):
         if metrics["step"] % trainer.cfg.train.log_every == 0 or metrics["step"] == trainer.total_steps:
-            self._write(trainer, "train", metrics)
+            append_metrics(trainer, "train", metrics)
 
     def on_eval(self, trainer, metrics):
-        self._write(trainer, "eval", metrics)
+        append_metrics(trainer, "eval", metrics)
 
     def on_save(self, trainer, path):
-        self._write(trainer, "save", {"step": trainer.state.step, "path": str(path)})
+        append_metrics(trainer, "save", {"step": trainer.state.step, "path": str(path)})
 
 
 class Trackers:
@@ -166,6 +171,84 @@ class Progress:
     def on_train_end(self, trainer):
         if self.bar is not None:
             self.bar.stop()
+
+
+class LmmsEval:
+    """Standard benchmarks while training, through lmms-eval (``pip install 'llava-loop[lmms]'``)::
+
+        hooks:
+          - fn: llava_loop.hooks:LmmsEval
+            kwargs: {tasks: [mme, pope], every: 2000, device: "cuda:7", dtype: bfloat16}
+
+    Every ``every`` steps (a multiple of ``checkpoint.every``) and at the end, the checkpoint just saved is hard-
+    linked aside (instant; ``keep_last`` may prune the original meanwhile), exported and scored by lmms-eval in a
+    background process on the main process, so training does not wait. It fires on ``on_save`` rather than
+    ``on_eval``: an export needs a complete checkpoint, and one of the step's own is there for free. Files go to
+    ``output_dir/lmms_eval/step-N/``. Scores arrive steps later: they are logged when they do, to metrics.jsonl
+    (kind ``lmms_eval``, with the step of the weights) and to the trackers (``lmms_eval/<task>/<metric>`` at the
+    step training has reached, ``lmms_eval/weights_step`` beside them: trackers need steps to increase). One
+    evaluation runs at a time; a checkpoint due while one runs is skipped with a warning. At the end the run waits
+    for the last one. ``data``/``image_dir`` give the ``llava_loop_heldout`` task its questions. A failed
+    evaluation is a warning naming its log, never the end of the run."""
+
+    def __init__(self, tasks: list[str], every: int = 0, *, data: str | None = None, image_dir: str | None = None,
+                 max_samples: int = 0, max_new_tokens: int = 32, limit: int = 0, device: str = "cpu",
+                 dtype: str = "float32"):
+        self.tasks, self.every = list(tasks), every
+        self.options = {"data": data, "image_dir": image_dir, "max_samples": max_samples,
+                        "max_new_tokens": max_new_tokens, "limit": limit, "device": device, "dtype": dtype}
+        self.running = None  # (process, step, folder)
+
+    def on_save(self, trainer, path):
+        step = trainer.state.step
+        final = step >= trainer.total_steps
+        if not trainer.accelerator.is_main_process or not (final or (self.every and step % self.every == 0)):
+            return
+        if self.running is not None:
+            if not final:
+                trainer.console.warn(f"lmms-eval: step {step} skipped, step {self.running[1]}'s evaluation still runs")
+                return
+            self.collect(trainer, wait=True)
+        from . import lmms
+
+        out = Path(trainer.output_dir) / "lmms_eval" / f"step-{step:06d}"
+        shutil.rmtree(out, ignore_errors=True)  # a resumed run redoes an evaluation it did not finish
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "llava_loop.lmms", str(lmms.stage(Path(path), out)), str(out),
+               "--tasks", ",".join(self.tasks)]
+        for key, value in self.options.items():
+            if value:
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+        with open(out / "job.log", "w") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=lmms.child_env())
+        self.running = (process, step, out)
+
+    def on_step_end(self, trainer, metrics):
+        if self.running is not None:
+            self.collect(trainer, wait=False)
+
+    def on_train_end(self, trainer):
+        if self.running is not None:
+            trainer.console.say(f"waiting for lmms-eval on step {self.running[1]} ({self.running[2]})")
+            self.collect(trainer, wait=True)
+
+    def collect(self, trainer, *, wait: bool) -> None:
+        process, step, out = self.running
+        if process.poll() is None and not wait:
+            return
+        process.wait()
+        self.running = None
+        scores_file = out / "scores.json"
+        if process.returncode != 0 or not scores_file.is_file():
+            trainer.console.warn(f"lmms-eval on step {step} failed (exit {process.returncode}); see {out / 'job.log'}")
+            return
+        scores = json.loads(scores_file.read_text())
+        append_metrics(trainer, "lmms_eval", {"step": step, "logged_at_step": trainer.state.step, "scores": scores})
+        flat = {f"lmms_eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
+        if trainer.cfg.trackers:
+            trainer.accelerator.log({**flat, "lmms_eval/weights_step": step}, step=trainer.state.step)
+        trainer.console.say(f"lmms-eval, step {step}: " + ", ".join(f"{k.removeprefix('lmms_eval/')} {v:.4f}"
+                                                                    for k, v in flat.items()))
 
 
 def make_hooks(cfg) -> Hooks:

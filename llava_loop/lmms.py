@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,55 @@ def process_results(doc, results):
     prediction = results[0]
     return {"exact_match": float(normalize(prediction) == normalize(doc["answer"])),
             "token_f1": token_f1(prediction, doc["answer"])}
+
+
+# ------------------------------------------------------------------------------------------
+# A checkpoint, in the background (the LmmsEval hook's job)
+# ------------------------------------------------------------------------------------------
+
+def stage(checkpoint: Path, out: Path) -> Path:
+    """Hard links to a complete checkpoint's files in ``out/checkpoint``: instant, no second copy on disk, and
+    still there when ``checkpoint.keep_last`` prunes the original while lmms-eval runs."""
+    staged = out / "checkpoint"
+    shutil.copytree(checkpoint, staged, copy_function=os.link)
+    return staged
+
+
+def evaluate_checkpoint(checkpoint: Path, out: Path, tasks: list[str], *, data: str | None = None,
+                        image_dir: str | None = None, **options) -> dict:
+    """Export a (staged) checkpoint, run lmms-eval on it, write ``out/scores.json``, drop the staged files."""
+    from .data.records import load_records
+    from .export import export
+
+    model_dir = export(checkpoint, out / "export")
+    records = load_records(data) if data else None
+    scores = run(model_dir, tasks, out, records=records, image_dir=image_dir, **options)
+    (out / "scores.json").write_text(json.dumps(scores, indent=1))
+    if checkpoint.parent == out:
+        shutil.rmtree(checkpoint)
+    return scores
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m llava_loop.lmms", description=evaluate_checkpoint.__doc__)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--data")
+    p.add_argument("--image-dir")
+    p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args(argv)
+    evaluate_checkpoint(a.checkpoint, a.out, a.tasks.split(","), data=a.data, image_dir=a.image_dir,
+                        max_samples=a.max_samples, max_new_tokens=a.max_new_tokens, limit=a.limit,
+                        device=a.device, dtype=a.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,6 +94,34 @@ def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
     assert (tmp_path / "eval_lmms" / "lmms_eval.log").is_file()
 
 
+def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, tmp_path):
+    """Two processes continue training the exported model; the hook (main process only) evaluates step 2 in the
+    background while the steps after it run, and the final step after the last save; scores reach metrics.jsonl
+    and equal llava-loop's own evaluation of the same checkpoint."""
+    from llava_loop.evaluate import evaluate_model
+    from llava_loop.data.records import load_records
+    from llava_loop.infer import load_for_inference
+
+    out = tmp_path / "run"
+    hook = {"fn": "llava_loop.hooks:LmmsEval", "kwargs": {
+        "tasks": ["llava_loop_heldout"], "every": 2, "data": str(trained["val"]), "image_dir": str(trained["val_images"]),
+        "max_samples": 8}}
+    config = helpers.write_config(tmp_path / "run.yaml", model=trained["export"], data=trained, output_dir=out,
+                                  hooks=[hook], train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},
+                                  checkpoint={"every": 2, "keep_last": 1})
+    run = helpers.launch(config, processes=2)
+    rows = {row["step"]: row for row in helpers.metrics(out, "lmms_eval")}
+    assert 2 in rows and 6 in rows and set(rows) <= {2, 4, 6}
+    assert rows[2]["logged_at_step"] > 2  # training went on while step 2 was evaluated
+    assert run.stderr.count("lmms-eval, step 6") == 1  # reported once: the other process started nothing
+    assert not (out / "lmms_eval" / "step-000002" / "checkpoint").exists()  # the hard-linked copy is gone
+    final = out / "checkpoints" / "step-000006"
+    model, _, encoder = load_for_inference(final, device="cpu")
+    ours, _, _ = evaluate_model(model, encoder, load_records(trained["val"]), trained["val_images"], max_samples=8)
+    assert rows[6]["scores"]["llava_loop_heldout"]["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
+    assert ours["exact_match"] > 0
+
+
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_pixels_of_the_two_image_processor_backends(tower, tiny_model_dir, tmp_path):
     """PIL (what llava_loop trains with) and torchvision (transformers' default once torchvision is installed):
