@@ -101,6 +101,21 @@ def metrics(output_dir: Path, kind: str = "train") -> list[dict]:
     return [m for m in map(json.loads, path.read_text().splitlines()) if m["kind"] == kind]
 
 
+def tensorboard_scalars(log_dir: Path) -> dict[tuple[str, int], float]:
+    """``{(tag, step): value}`` of every scalar in a TensorBoard log folder, read with TensorBoard's own reader
+    (the ``trackers`` extra); a step drawn twice fails."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    scalars = {}
+    for tag in events.Tags()["scalars"]:
+        for event in events.Scalars(tag):
+            assert (tag, event.step) not in scalars, f"{tag} step {event.step} drawn twice"
+            scalars[tag, event.step] = event.value
+    return scalars
+
+
 # ---------------------------------------------------------------------------------------------
 # Hooks and losses referenced from test configs
 # ---------------------------------------------------------------------------------------------

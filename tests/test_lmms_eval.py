@@ -107,7 +107,8 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
         "tasks": ["llava_loop_heldout"], "every": 2, "data": str(trained["val"]), "image_dir": str(trained["val_images"]),
         "max_samples": 8}}
     config = helpers.write_config(tmp_path / "run.yaml", model=trained["export"], data=trained, output_dir=out,
-                                  hooks=[hook], train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},
+                                  hooks=[hook], trackers=["tensorboard"],
+                                  train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},
                                   checkpoint={"every": 2, "keep_last": 1})
     run = helpers.launch(config, processes=2)
     rows = {row["step"]: row for row in helpers.metrics(out, "lmms_eval")}
@@ -120,6 +121,14 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
     ours, _, _ = evaluate_model(model, encoder, load_records(trained["val"]), trained["val_images"], max_samples=8)
     assert rows[6]["scores"]["llava_loop_heldout"]["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
     assert ours["exact_match"] > 0
+    # and in the trackers, at the step training had reached when they arrived (both may arrive at step 6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "llava_loop"))
+    events.Reload()
+    weights = [(e.step, e.value) for e in events.Scalars("lmms_eval/weights_step")]
+    assert weights == [(rows[step]["logged_at_step"], step) for step in sorted(rows)]
+    assert events.Scalars("lmms_eval/llava_loop_heldout/exact_match")[-1].value == pytest.approx(ours["exact_match"])
 
 
 @pytest.mark.parametrize("tower", ["clip", "siglip"])

@@ -51,19 +51,6 @@ def wandb_history(path: Path) -> dict[tuple[str, int], float]:
     return history
 
 
-def tensorboard_scalars(log_dir: Path) -> dict[tuple[str, int], float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    scalars = {}
-    for tag in events.Tags()["scalars"]:
-        for event in events.Scalars(tag):
-            assert (tag, event.step) not in scalars, f"{tag} step {event.step} drawn twice"
-            scalars[tag, event.step] = event.value
-    return scalars
-
-
 def expected(output_dir: Path) -> dict[tuple[str, int], float]:
     rows = {}
     for m in helpers.metrics(output_dir, "train"):
@@ -90,7 +77,7 @@ def test_tensorboard_and_wandb_offline_hold_the_metrics_and_a_resumed_run_contin
 
     # TensorBoard: one event file per launch (the main process only), every step once, the values logged
     assert len(list((out / "llava_loop").glob("events.out.tfevents.*"))) == 2
-    scalars = tensorboard_scalars(out / "llava_loop")
+    scalars = helpers.tensorboard_scalars(out / "llava_loop")
     for key, value in want.items():
         assert scalars[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key  # event files hold float32
 
@@ -106,6 +93,6 @@ def test_tensorboard_and_wandb_offline_hold_the_metrics_and_a_resumed_run_contin
     # a run started afresh in the same folder is a new run: a new id, and only its own curve in TensorBoard
     helpers.launch(config, "resume=overwrite", "train.max_steps=1", "eval.every=0", processes=2, extra_env=WANDB_ENV)
     assert json.loads((out / "trackers.json").read_text())["run_id"] != run_id
-    fresh = tensorboard_scalars(out / "llava_loop")
+    fresh = helpers.tensorboard_scalars(out / "llava_loop")
     assert sorted(step for key, step in fresh if key == "train/loss") == [1]
     assert fresh["train/loss", 1] == pytest.approx(helpers.metrics(out)[0]["loss"], rel=1e-6)
