@@ -182,12 +182,29 @@ def cmd_data_check(args) -> int:
 def cmd_data_convert(args) -> int:
     from .data.convert import convert
 
+    if args.kind == "shards":
+        return convert_shards(args)
     options = {}
     if args.kind == "captions":
         options = {"image_key": args.image_key, "caption_key": args.caption_key, "prompt": args.prompt, "seed": args.seed}
     n = convert(args.kind, args.input, args.out, **options)
     say(f"converted {n} records from {args.input} to {args.out}", stderr=False)
     return 0
+
+
+def convert_shards(args) -> int:
+    from .data.shards import parse_size, write_shards
+    from .data.sources import require_data_extra
+
+    if not args.image_dir:
+        raise UserError("data convert shards needs --image-dir: the folder the records' image paths are relative to")
+    require_data_extra("shards", args.out)
+    report = write_shards(args.input, args.image_dir, args.out, shard_size=parse_size(args.shard_size),
+                          allow_absolute_paths=args.allow_absolute_paths)
+    rows = [("shards", report["shards"]), ("samples", report["samples"])]
+    rows += [(f"left out: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["skipped"].items()]
+    print_table(f"webdataset shards written to {args.out}", rows)
+    return 1 if report["skipped"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools: check, convert, and those plugins add (the demo: synth)").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-dir", required=True)
+    p.add_argument("--data", required=True, help="chat.json / .jsonl, Parquet, a save_to_disk folder, or shards")
+    p.add_argument("--image-dir", default="", help="the folder image paths are relative to (not needed when every "
+                                                   "image is embedded)")
     p.add_argument("--decode", action="store_true", help="fully decode every image (slow, thorough)")
     p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
     p.add_argument("--max-length", type=int, default=2048)
@@ -277,10 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes for image checks")
     p.add_argument("--json", help="also write the report as JSON")
     p.set_defaults(func=cmd_data_check)
-    p = data.add_parser("convert", help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json")
-    p.add_argument("kind", choices=["captions", "conversations"])
-    p.add_argument("--input", required=True, help="CSV / JSON / JSONL / Parquet")
-    p.add_argument("--out", required=True, help="output chat.json")
+    p = data.add_parser("convert", help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json; "
+                                        "LLaVA records + images -> webdataset shards")
+    p.add_argument("kind", choices=["captions", "conversations", "shards"])
+    p.add_argument("--input", required=True, help="CSV / JSON / JSONL / Parquet (shards: a chat.json or .jsonl)")
+    p.add_argument("--out", required=True, help="output chat.json (shards: an empty output folder)")
+    p.add_argument("--image-dir", help="shards: the folder the records' image paths are relative to")
+    p.add_argument("--shard-size", default="1GB", help="shards: about this many bytes each (200KB, 512MB, 1GB, 1GiB)")
+    p.add_argument("--allow-absolute-paths", action="store_true", help="shards: accept image paths outside --image-dir")
     p.add_argument("--image-key")
     p.add_argument("--caption-key")
     p.add_argument("--prompt", help="one fixed instruction instead of the pretrain-style pool")

@@ -68,7 +68,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "Training records: a LLaVA chat.json list, JSONL, or {\"data\": [...]}.")
+    path: str = opt("", "Training records: a LLaVA chat.json list, JSONL, or {\"data\": [...]}; a Parquet file or folder; a "
+                        "datasets save_to_disk folder; or webdataset shards, streamed (shards/{000000..000127}.tar).")
     image_dir: str = opt("", "Folder that record `image` paths are relative to.")
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
     eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).")
@@ -85,6 +86,8 @@ class DataConfig:
     group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
     max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many (estimated) tokens instead of "
                                              "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
+    shuffle_buffer: int = opt(1000, "Shards: samples each process's worker shuffles together in memory (blocks of this "
+                                    "many, in a shard order drawn per epoch).")
     padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
                                     "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).")
 
@@ -292,7 +295,8 @@ def validate(config: Config) -> None:
     if not config.output_dir.strip():
         problems.append("output_dir is required (checkpoints and metrics.jsonl go there)")
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
-                       ("data.max_length", d.max_length), ("data.prefetch_factor", d.prefetch_factor)):
+                       ("data.max_length", d.max_length), ("data.prefetch_factor", d.prefetch_factor),
+                       ("data.shuffle_buffer", d.shuffle_buffer)):
         if value < 1:
             problems.append(f"{key} must be >= 1 (got {value})")
     for key, value in (("train.max_steps", t.max_steps), ("data.num_workers", d.num_workers),

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from PIL import Image
 
 from .backends import backend_for
@@ -29,6 +29,7 @@ from .console import Console
 from .data.dataset import DataError
 from .data.encode import IGNORE_INDEX
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
+from .data.stream import StreamDataset, StreamPosition
 from .data.skips import SkipTally
 from .errors import UserError
 from .evaluate import heldout_loss_sums
@@ -113,7 +114,8 @@ class Trainer:
         self.build_optimizer(model, loader)
         self.checkpointer = checkpointer_cls(
             self.accelerator, self.backend, self.model, self.output_dir,
-            states={"progress": self.state, "skips": self.skips, "scheduler": self.scheduler},
+            states={"progress": self.state, "skips": self.skips, "scheduler": self.scheduler,
+                    **({"stream": StreamPosition(self.stream, self.state, cfg.train.grad_accum)} if self.stream else {})},
             identity=self.identity(), config_yaml=cfg.to_yaml(), keep_last=cfg.checkpoint.keep_last,
             verify=cfg.checkpoint.verify, warn=self.console.warn,
         )
@@ -147,7 +149,9 @@ class Trainer:
     def build_data(self, records):
         """Datasets, the held-out loader and the (not yet prepared) training loader, which it returns."""
         cfg, acc = self.cfg, self.accelerator
-        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records)
+        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records, rank=acc.process_index,
+                                                      processes=acc.num_processes)
+        self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         pad_id = self.processor.tokenizer.pad_token_id
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
         encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size
@@ -166,9 +170,13 @@ class Trainer:
             param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
         )
-        self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        if self.stream is None:
+            self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        else:  # not prepared: Accelerate would have every process read every shard and keep its slice
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+            self.loader = loader
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.steps_per_epoch = len(self.loader) // t.grad_accum
+        self.steps_per_epoch = self.micro_batches_per_epoch() // t.grad_accum
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"{len(self.train_set)} training samples cannot fill one optimizer step of "
@@ -302,16 +310,23 @@ class Trainer:
         """Yield lists of ``grad_accum`` micro-batches, resuming mid-epoch at the exact next one."""
         ga = self.cfg.train.grad_accum
         while self.state.step < self.total_steps:  # a resumed run that already finished trains no more
-            self.sampler.set_epoch(self.state.epoch)
-            self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
-            self.steps_per_epoch = len(self.loader) // ga  # token-budget batches: the count depends on the epoch
             skip = self.state.step_in_epoch * ga
-            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            if self.stream is None:
+                self.sampler.set_epoch(self.state.epoch)
+                self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
+                loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            else:  # the stream seeks to its position itself (stream.py); replaying it would read the epoch again
+                self.train_set.start(self.state.epoch, skip)
+                loader = (send_to_device(batch, self.accelerator.device) for batch in self.loader)
+            self.steps_per_epoch = self.micro_batches_per_epoch() // ga  # token budgets: depends on the epoch
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
                 yield [next(batches) for _ in range(ga)]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
+
+    def micro_batches_per_epoch(self) -> int:
+        return self.stream.micro_batches if self.stream is not None else len(self.loader)
 
     COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events")
 
@@ -383,7 +398,7 @@ class Trainer:
         events = gather_object([e for b in window for e in b["skipped"]])
         for rid, reason, detail in self.skips.add(events):
             self.console.warn(f"skipping bad sample {rid} ({reason}: {detail}); counted, replaced deterministically")
-        self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.records.source)
+        self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.source)
 
     def step_metrics(self, sums: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
         n = max(stats["label_tokens"], 1)

@@ -15,16 +15,48 @@ from pathlib import Path
 import numpy as np
 
 from .encode import record_messages
-from .images import MAX_IMAGE_PIXELS, image_path, open_checked
-from .records import Records, load_records
+from .images import MAX_IMAGE_PIXELS, EmbeddedImage, image_path, open_checked
 from .skips import SkipSample
+from .sources import open_records, require_data_extra, source_kind
+
+
+def source_records(data: str | Path):
+    """``(count, records)`` of any source, in stored order; a row or sample that is itself broken comes as its
+    SkipSample. Structural problems of a JSON file raise RecordError here."""
+    kind = source_kind(data)
+    if kind != "json":
+        require_data_extra(kind, data)
+    if kind == "shards":
+        from .shards import expand, iter_shard, sample_record, shard_counts
+
+        shards = expand(data)
+
+        def shard_records():
+            for shard in shards:
+                for sample in iter_shard(shard):
+                    try:
+                        yield sample_record(sample)
+                    except SkipSample as skip:
+                        yield skip
+
+        return sum(shard_counts(shards)), shard_records()
+    records = open_records(data)
+
+    def table_records():
+        for i in range(len(records)):
+            try:
+                yield records[i]
+            except SkipSample as skip:
+                yield skip
+
+    return len(records), table_records()
 
 
 def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
     """(reason or None, detail, (width, height)) for one image; decode fully only when asked."""
     path, decode, max_pixels = args
     try:
-        result = open_checked(Path(path), max_pixels, decode=decode)
+        result = open_checked(path if isinstance(path, EmbeddedImage) else Path(path), max_pixels, decode=decode)
     except SkipSample as skip:
         return skip.reason, skip.detail, None
     return None, "", result.size if decode else result
@@ -35,22 +67,24 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
                   allow_absolute_paths: bool = False, workers: int = 0, progress: bool = True) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
-    records: Records = load_records(data)  # structural problems raise RecordError here
+    count, records = source_records(data)
     problems: Counter = Counter()
     examples: dict[str, str] = {}
-    lengths, image_jobs, image_ids, with_image = [], [], [], 0
+    lengths, image_jobs, image_ids, embedded, with_image = [], [], [], [], 0
     encoder = None
     if processor is not None:
         from .encode import SampleEncoder
 
         encoder = SampleEncoder(processor, max_length=max_length, max_image_pixels=max_image_pixels)
-    indices = range(len(records))
     if progress:
         from rich.progress import track
 
-        indices = track(indices, description=f"checking {len(records)} records")
-    for i in indices:
-        record = records[i]
+        records = track(records, total=count, description=f"checking {count} records")
+    for record in records:
+        if isinstance(record, SkipSample):
+            problems[record.reason] += 1
+            examples.setdefault(record.reason, record.detail)
+            continue
         try:
             paths = [image_path(image_dir, name, allow_absolute=allow_absolute_paths) for name in record.images]
             if encoder is not None:
@@ -64,8 +98,13 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
             continue
         with_image += bool(paths)
-        image_jobs += [(str(path), decode, max_image_pixels) for path in paths]
-        image_ids += [record.id] * len(paths)
+        for path in paths:
+            if isinstance(path, EmbeddedImage):  # checked here: its bytes are not kept for a pool
+                reason, detail, size = _image_problem((path, decode, max_image_pixels))
+                embedded.append((record.id, (reason, detail, size)))
+            else:
+                image_jobs.append((str(path), decode, max_image_pixels))
+                image_ids.append(record.id)
     sizes = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -76,7 +115,7 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
             from rich.progress import track
 
             results = track(results, total=len(image_jobs), description=f"{'decoding' if decode else 'opening'} images")
-    for rid, (reason, detail, size) in zip(image_ids, results):
+    for rid, (reason, detail, size) in [*embedded, *zip(image_ids, results)]:
         if reason:
             problems[reason] += 1
             examples.setdefault(reason, f"{rid}: {detail}")
@@ -85,9 +124,9 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
     lengths_arr = np.array(lengths) if lengths else np.zeros(1)
     sizes_arr = np.array(sizes) if sizes else np.zeros((1, 2))
     return {
-        "records": len(records),
+        "records": count,
         "with_image": with_image,
-        "images": len(image_jobs),
+        "images": len(image_jobs) + len(embedded),
         "problems": dict(problems),
         "examples": examples,
         "token_lengths": {f"p{q}": int(np.percentile(lengths_arr, q)) for q in (50, 90, 99, 100)},

@@ -43,23 +43,36 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def source(self) -> str:
+        return self.records.source
+
+    def encode(self, index: int) -> dict:
+        """Record ``index`` as a sample; a table row that is itself broken raises SkipSample like a bad image."""
+        return self.encoder(self.records[index], self.image_dir)
+
+    def record_id(self, index: int) -> str:
+        try:
+            return self.records[index].id
+        except SkipSample:  # a malformed row has no id to trust
+            return f"row {index}"
+
     def __getitem__(self, index: int) -> dict:
         if not self.substitute:
-            record = self.records[index]
             try:
-                return {**self.encoder(record, self.image_dir), "skipped": []}
+                return {**self.encode(index), "skipped": []}
             except SkipSample as skip:
-                return {"id": record.id, "input_ids": None, "skipped": [(record.id, skip.reason, skip.detail)]}
+                rid = self.record_id(index)
+                return {"id": rid, "input_ids": None, "skipped": [(rid, skip.reason, skip.detail)]}
         skipped, tried = [], set()
         current = index
         for attempt in range(MAX_ATTEMPTS):
             if current not in tried:  # a record that failed once in this call is not tried (or counted) again
                 tried.add(current)
-                record = self.records[current]
                 try:
-                    sample = self.encoder(record, self.image_dir)
+                    sample = self.encode(current)
                 except SkipSample as skip:
-                    skipped.append((record.id, skip.reason, skip.detail))
+                    skipped.append((self.record_id(current), skip.reason, skip.detail))
                 else:
                     sample["skipped"] = skipped
                     return sample

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,24 @@ MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit; data.max_im
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 
 
-def image_path(image_dir: str | Path, name: str, *, allow_absolute: bool = False) -> Path:
-    """Where a record's image lives. Names are relative to ``image_dir`` and may not leave it (an absolute path
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image carried inside the data (Arrow/Parquet bytes, a webdataset shard member) rather than named by path.
+    ``where`` says where it came from, for skip reasons."""
+
+    where: str
+    data: bytes = field(default=b"", repr=False)
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def image_path(image_dir: str | Path, name: str | EmbeddedImage, *, allow_absolute: bool = False) -> Path | EmbeddedImage:
+    """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and may not leave it (an absolute path
     or ``../``): a data file must not make the run read arbitrary files, unless ``data.allow_absolute_paths``.
     Checked on the path as written, so an image folder that is itself a symlink still works."""
+    if isinstance(name, EmbeddedImage):
+        return name
     if not allow_absolute:
         normal = os.path.normpath(name)
         if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
@@ -29,14 +45,19 @@ def image_path(image_dir: str | Path, name: str, *, allow_absolute: bool = False
     return Path(image_dir) / name
 
 
-def load_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
     return open_checked(path, max_pixels, decode=True)
 
 
-def open_checked(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool) -> Image.Image | tuple[int, int]:
+def open_checked(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS, *,
+                 decode: bool) -> Image.Image | tuple[int, int]:
     """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
     only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
+    if isinstance(path, EmbeddedImage):
+        if not path.data:
+            raise SkipSample("empty_image", f"{path} is zero bytes")
+        return _decode_checked(io.BytesIO(path.data), path, max_pixels, decode)
     if not path.is_file():
         if path.is_dir():
             raise SkipSample("not_a_file", f"{path} is a directory")
@@ -45,10 +66,14 @@ def open_checked(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
         raise SkipSample("missing_image", f"{path} does not exist")
     if path.stat().st_size == 0:
         raise SkipSample("empty_image", f"{path} is zero bytes")
+    return _decode_checked(path, path, max_pixels, decode)
+
+
+def _decode_checked(file, path, max_pixels: int, decode: bool) -> Image.Image | tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise SkipSample("decompression_bomb", f"{path} is {width}x{height}, over {max_pixels} pixels")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,15 +13,29 @@ from ..config import Config
 from .collate import Collator
 from .dataset import LlavaDataset
 from .encode import SampleEncoder
-from .records import RecordError, Records, load_records
+from .records import RecordError, Records
 from .sampler import EpochSampler, TokenBudgetBatches
+from .shards import expand
+from .sources import open_records, require_data_extra, source_kind
+from .stream import StreamDataset, make_stream, stream_loader
+from .tables import TableRecords
 
 
-def split_records(cfg: Config) -> tuple[Records, Records | None]:
-    """Training records and held-out records (``data.eval_path``, or ``eval.holdout`` records of ``data.path``)."""
-    records = load_records(cfg.data.path)
-    if cfg.data.eval_path:
-        return records, load_records(cfg.data.eval_path)
+def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Records | TableRecords | None]:
+    """Training records and held-out records (``data.eval_path``, or ``eval.holdout`` records of ``data.path``).
+    Shards are streamed: their training part is the list of shard files (all found, or an error now)."""
+    kind = source_kind(cfg.data.path)
+    if kind != "json":
+        require_data_extra(kind, cfg.data.path)
+    held = open_records(cfg.data.eval_path) if cfg.data.eval_path else None
+    if kind == "shards":
+        if cfg.eval.holdout:
+            raise RecordError(f"eval.holdout cannot split the shard stream {cfg.data.path}; give held-out records in "
+                              "data.eval_path (JSON, Parquet or Arrow)")
+        return expand(cfg.data.path), held
+    records = open_records(cfg.data.path)
+    if held is not None:
+        return records, held
     if cfg.eval.holdout:
         if cfg.eval.holdout >= len(records):
             raise RecordError(f"eval.holdout={cfg.eval.holdout} leaves no training records: {cfg.data.path} holds "
@@ -38,12 +53,16 @@ def make_encoder(cfg: Config, processor) -> SampleEncoder:
                          allow_absolute_paths=d.allow_absolute_paths)
 
 
-def make_datasets(cfg: Config, processor, records: tuple[Records, Records | None] | None = None
-                  ) -> tuple[LlavaDataset, LlavaDataset | None]:
-    """Datasets over ``records`` (from ``split_records``, read here when not given)."""
+def make_datasets(cfg: Config, processor, records: tuple | None = None, *, rank: int = 0, processes: int = 1
+                  ) -> tuple[LlavaDataset | StreamDataset, LlavaDataset | None]:
+    """Datasets over ``records`` (from ``split_records``, read here when not given); shards give this process's
+    stream (``rank`` of ``processes``)."""
     encoder = make_encoder(cfg, processor)
     train, held = records or split_records(cfg)
-    train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
+    if source_kind(cfg.data.path) == "shards":
+        train_ds = make_stream(cfg, encoder, train, rank=rank, processes=processes)
+    else:
+        train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
     eval_ds = None
     if held is not None:
         eval_ds = LlavaDataset(held, encoder, cfg.data.eval_image_dir or cfg.data.image_dir, substitute=False)
@@ -74,6 +93,8 @@ def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pa
     (that draw would shift dropout masks after a resume).
     """
     t, d = cfg.train, cfg.data
+    if isinstance(dataset, StreamDataset):  # its order lives in the stream itself (stream.py)
+        return stream_loader(dataset, Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg), t.micro_batch_size), None
     lengths = None
     if d.group_by_length or d.max_tokens_per_micro_batch:
         lengths = dataset.records.length_estimates(dataset.encoder.n_image_tokens)

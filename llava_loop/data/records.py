@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .images import EmbeddedImage
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -32,7 +33,8 @@ class RecordError(UserError):
 @dataclass(frozen=True)
 class Record:
     id: str
-    images: tuple[str, ...]  # in the order of the record's <image> tags; empty for text-only records
+    images: tuple[str | EmbeddedImage, ...]  # paths relative to the image folder, or embedded images, in the order
+    # of the record's <image> tags; empty for text-only records
     turns: tuple[tuple[str, str], ...]  # (role, text); role is normalised where known, else kept as given
 
     def estimated_tokens(self, image_tokens: int) -> int:
@@ -118,7 +120,7 @@ def normalize_record(raw, path: Path, index: int) -> Record:
         turns.append((ROLE_ALIASES.get(str(role).lower(), str(role)), text))
     image = raw.get("image")
     images = image if isinstance(image, list) else [] if image in (None, "") else [image]
-    if not all(isinstance(i, str) and i for i in images):
+    if not all(isinstance(i, EmbeddedImage) or (isinstance(i, str) and i) for i in images):
         raise RecordError(f"{where}: 'image' must be a relative path or a list of them, got {image!r}")
     rid = raw.get("id", index)
     return Record(str(rid), tuple(images), tuple(turns))

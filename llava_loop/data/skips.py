@@ -20,6 +20,7 @@ REASONS = (
     "empty_answer",
     "unknown_role",
     "too_long",
+    "malformed_record",  # a row of a table or shard whose structure is broken (JSON files fail at load instead)
 )
 
 

@@ -1,0 +1,149 @@
+"""Webdataset tar shards: writing them (``llava-loop data convert shards``), counting them, and their samples as
+records.
+
+A sample is ``<key>.json`` (``{"id", "conversations", "images": [original names]}``) plus its images as
+``<key>.<n>.<ext>`` (n = 0, 1, ... in tag order); keys are the record's position, so they never hold a dot.
+The writer also leaves ``shards.json`` beside the shards: every shard's sample count, which the stream needs to
+lay out an epoch without opening a shard. Shards without it are counted from their tar headers (no image bytes
+are read).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from ..errors import UserError
+from .images import EmbeddedImage, image_path, open_checked
+from .records import Record, RecordError, load_records, normalize_record
+from .skips import SkipSample
+
+INDEX = "shards.json"
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+         "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"200KB"``, ``"1GB"``, ``"1.5GiB"`` or a byte count -> bytes (KB/MB/GB are powers of 1000)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in UNITS:
+        raise UserError(f"--shard-size {text!r}: expected a size such as 200KB, 512MB, 1GB or 1GiB")
+    size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise UserError(f"--shard-size {text!r}: must be positive")
+    return size
+
+
+def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Path, *, shard_size: int,
+                 allow_absolute_paths: bool = False) -> dict:
+    """Write ``out/000000.tar, 000001.tar, ...`` of about ``shard_size`` bytes each (a shard closes once it
+    passes the size) and ``out/shards.json``. Records whose images cannot be read are left out and counted by
+    reason (as training would skip them); returns ``{"shards", "samples", "skipped", "examples"}``."""
+    import webdataset as wds
+
+    records = load_records(records_path)  # structural problems stop here, naming the record
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise UserError(f"{out} already holds .tar shards; write to an empty folder")
+    counts: Counter = Counter()
+    skipped: Counter = Counter()
+    examples: dict[str, str] = {}
+    with wds.ShardWriter(str(out / "%06d.tar"), maxsize=shard_size, maxcount=1 << 62, verbose=0,
+                         encoder=False, mtime=0) as writer:
+        for i in range(len(records)):
+            record = records[i]
+            try:
+                sample = {"__key__": f"{i:09d}", "json": record_json(record)}
+                for n, name in enumerate(record.images):
+                    path = image_path(image_dir, name, allow_absolute=allow_absolute_paths)
+                    open_checked(path, decode=False)  # header checks; a corrupt body still fails in training
+                    sample[f"{n}{Path(name).suffix.lower() or '.img'}"] = path.read_bytes()
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
+                continue
+            writer.write(sample)
+            counts[Path(writer.fname).name] += 1
+    shards = [{"name": name, "samples": n, "bytes": (out / name).stat().st_size} for name, n in sorted(counts.items())]
+    (out / INDEX).write_text(json.dumps({"source": str(records_path), "shards": shards}, indent=1))
+    return {"shards": len(shards), "samples": sum(counts.values()), "skipped": dict(skipped), "examples": examples}
+
+
+def record_json(record: Record) -> bytes:
+    names = [str(name) for name in record.images]
+    conversations = [{"from": role, "value": text} for role, text in record.turns]
+    return json.dumps({"id": record.id, "conversations": conversations, "images": names}, ensure_ascii=False).encode()
+
+
+def expand(pattern: str | Path) -> list[Path]:
+    """The shard files ``data.path`` names: a brace pattern, one .tar, or a folder of .tar files."""
+    text = str(pattern)
+    if Path(text).is_dir():
+        files = sorted(Path(text).glob("*.tar"))
+    else:
+        import braceexpand
+
+        files = [Path(p) for p in braceexpand.braceexpand(text)]
+    missing = [f for f in files if not f.is_file()]
+    if missing or not files:
+        raise RecordError(f"data.path={text}: {len(missing)} of {len(files)} shards not found (e.g. "
+                          f"{missing[0] if missing else text}); check the pattern and that the shared filesystem is "
+                          "mounted")
+    return files
+
+
+def sample_key(name: str) -> str | None:
+    """The sample a tar member belongs to, as webdataset groups them: the name up to the first dot."""
+    base = name.rsplit("/", 1)[-1]
+    return name[: len(name) - len(base)] + base.split(".", 1)[0] if "." in base else None
+
+
+def count_samples(shard: Path) -> int:
+    """Samples in a shard from its tar headers alone (tarfile seeks past every member's data)."""
+    keys, last = 0, None
+    with tarfile.open(shard, "r:") as tar:
+        for member in tar:
+            key = sample_key(member.name) if member.isreg() else None
+            if key is not None and key != last:
+                keys, last = keys + 1, key
+    return keys
+
+
+def shard_counts(files: list[Path]) -> list[int]:
+    """Samples per shard: from ``shards.json`` beside them when it lists them all, else counted."""
+    index_file = files[0].parent / INDEX
+    if index_file.is_file():
+        listed = {s["name"]: s["samples"] for s in json.loads(index_file.read_text())["shards"]}
+        if all(f.name in listed for f in files):
+            return [listed[f.name] for f in files]
+    return [count_samples(f) for f in files]
+
+
+def iter_shard(shard: Path):
+    """A shard's samples as webdataset groups them: ``{"__key__", "json": bytes, "0.jpg": bytes, ...}``."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(shard, "rb") as stream:
+        members = ({**member, "__url__": str(shard)} for member in tar_file_iterator(stream))
+        yield from group_by_keys(members)
+
+
+def sample_record(sample: dict) -> Record:
+    """One shard sample -> Record with embedded images; a broken sample becomes ``SkipSample``."""
+    where = f"{sample['__url__']}: sample {sample['__key__']}"
+    try:
+        raw = json.loads(sample["json"])
+    except (KeyError, ValueError) as exc:
+        raise SkipSample("malformed_record", f"{where}: no readable .json member ({exc})") from None
+    images = sorted((k for k in sample if re.match(r"\d+\.", k)), key=lambda k: int(k.split(".")[0]))
+    if isinstance(raw, dict):
+        raw.pop("images", None)
+        raw["image"] = [EmbeddedImage(f"{where}.{k}", sample[k]) for k in images]
+    try:
+        return normalize_record(raw, Path(sample["__url__"]), sample["__key__"])
+    except RecordError as exc:
+        raise SkipSample("malformed_record", str(exc)) from None
