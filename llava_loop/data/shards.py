@@ -22,6 +22,7 @@ from .records import Record, RecordError, load_records, normalize_record
 from .skips import SkipSample
 
 INDEX = "shards.json"
+TAR_BLOCK, TAR_RECORD = 512, 10240
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}
 
@@ -33,27 +34,24 @@ def parse_size(text: str) -> int:
         raise UserError(f"--shard-size {text!r}: expected a size such as 200KB, 512MB, 1GB or 1GiB")
     size = int(float(match.group(1)) * UNITS[match.group(2).upper()])
     if size <= 0:
-        raise UserError(f"--shard-size {text!r}: must be positive")
+        raise UserError(f"--shard-size {text!r}: must be positive, such as 200KB or 1GB")
     return size
 
 
 def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Path, *, shard_size: int,
                  allow_absolute_paths: bool = False) -> dict:
-    """Write ``out/000000.tar, 000001.tar, ...`` of about ``shard_size`` bytes each (a shard closes once it
-    passes the size) and ``out/shards.json``. Records whose images cannot be read are left out and counted by
+    """Write ``out/000000.tar, 000001.tar, ...`` of at most ``shard_size`` bytes each (``ShardSink``) and
+    ``out/shards.json``. Records whose images cannot be read are left out and counted by
     reason (as training would skip them); returns ``{"shards", "samples", "skipped", "examples"}``."""
-    import webdataset as wds
-
     records = load_records(records_path)  # structural problems stop here, naming the record
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise UserError(f"{out} already holds .tar shards; write to an empty folder")
-    counts: Counter = Counter()
+    sink = ShardSink(out, shard_size)
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
-    with wds.ShardWriter(str(out / "%06d.tar"), maxsize=shard_size, maxcount=1 << 62, verbose=0,
-                         encoder=False, mtime=0) as writer:
+    with sink:
         for i in range(len(records)):
             record = records[i]
             try:
@@ -66,11 +64,57 @@ def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Pat
                 skipped[skip.reason] += 1
                 examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
                 continue
-            writer.write(sample)
-            counts[Path(writer.fname).name] += 1
+            sink.write(sample)
+    counts = sink.counts
     shards = [{"name": name, "samples": n, "bytes": (out / name).stat().st_size} for name, n in sorted(counts.items())]
     (out / INDEX).write_text(json.dumps({"source": str(records_path), "shards": shards}, indent=1))
     return {"shards": len(shards), "samples": sum(counts.values()), "skipped": dict(skipped), "examples": examples}
+
+
+class ShardSink:
+    """``out/000000.tar, 000001.tar, ...``: a shard is closed before a sample would take it past ``limit`` bytes
+    on disk (tar headers, padding and end blocks included); a sample larger than that gets a shard of its own."""
+
+    def __init__(self, out: Path, limit: int):
+        self.out, self.limit = out, limit
+        self.counts: dict[str, int] = {}
+        self.file = self.writer = None
+        self.used = 0
+
+    @staticmethod
+    def tar_bytes(sample: dict) -> int:
+        return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for k, v in sample.items() if k != "__key__")
+
+    def write(self, sample: dict) -> None:
+        import webdataset as wds
+
+        need = self.tar_bytes(sample)
+        if self.writer is None or (self.used and _on_disk(self.used + need) > self.limit):
+            self.close()
+            name = f"{len(self.counts):06d}.tar"
+            self.file = open(self.out / name, "wb")
+            self.writer, self.used = wds.TarWriter(self.file, encoder=False, mtime=0), 0
+            self.counts[name] = 0
+        self.writer.write(sample)
+        self.used += need
+        self.counts[f"{len(self.counts) - 1:06d}.tar"] += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.file.close()
+            self.writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _on_disk(used: int) -> int:
+    """A tar file's size: its members, two zero end blocks, padded to tar's 10 KiB records."""
+    return -(-(used + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
 
 
 def record_json(record: Record) -> bytes:

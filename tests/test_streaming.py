@@ -1,0 +1,211 @@
+"""Webdataset shards: the writer, the stream's layout (per rank and worker, equal steps), and exact resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+import yaml
+
+import helpers
+from llava_loop.data.collate import Collator
+from llava_loop.data.dataset import DataError
+from llava_loop.data.loader import make_encoder
+from llava_loop.data.shards import count_samples, expand, parse_size, shard_counts, write_shards
+from llava_loop.data.stream import StreamDataset, StreamLayout, StreamPosition, stream_loader
+from llava_loop.errors import UserError
+
+pytest.importorskip("webdataset")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, shapes_data):
+    """The 96 shapes training records as uneven shards of about 30 KB (the last one short)."""
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    report = write_shards(shapes_data["train"], shapes_data["train_images"], out, shard_size=parse_size("30KB"))
+    assert report["samples"] == 96 and report["skipped"] == {}
+    return out
+
+
+def test_shard_sizes_parse_and_bad_ones_name_the_fix():
+    assert parse_size("200KB") == 200_000 and parse_size("1GB") == 10**9 and parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("4096") == 4096
+    for bad in ("1XB", "GB", "-1GB", "0"):
+        with pytest.raises(UserError, match="200KB"):
+            parse_size(bad)
+
+
+def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, shapes_data):
+    import webdataset as wds
+
+    out = tmp_path / "shards"
+    cli = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "data", "convert", "shards", "--input", str(shapes_data["train"]),
+         "--image-dir", str(shapes_data["train_images"]), "--out", str(out), "--shard-size", "30KB"],
+        capture_output=True, text=True, env=helpers.env())
+    assert cli.returncode == 0, cli.stderr
+    files = sorted(out.glob("*.tar"))
+    assert [f.name for f in files[:2]] == ["000000.tar", "000001.tar"] and len(files) > 3
+    index = json.loads((out / "shards.json").read_text())
+    assert [s["name"] for s in index["shards"]] == [f.name for f in files]
+    assert all(s["bytes"] == (out / s["name"]).stat().st_size <= 30_000 for s in index["shards"])  # never over
+    assert [s["samples"] for s in index["shards"]] == [count_samples(f) for f in files]  # header count agrees
+    # webdataset itself reads them back: every record once, its json and its image bytes
+    records = {r["id"]: r for r in json.loads(shapes_data["train"].read_text())}
+    seen = [s for s in wds.WebDataset([str(f) for f in files], shardshuffle=False)]
+    assert len(seen) == 96
+    for sample in seen:
+        meta = json.loads(sample["json"])
+        assert sample["0.jpg"] == (shapes_data["train_images"] / records[meta["id"]]["image"]).read_bytes()
+    # a missing image is left out, counted, and the exit status says so
+    broken = json.loads(shapes_data["train"].read_text())[:4]
+    broken[1]["image"] = "nope.jpg"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    cli = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "data", "convert", "shards", "--input", str(tmp_path / "broken.json"),
+         "--image-dir", str(shapes_data["train_images"]), "--out", str(tmp_path / "b")], capture_output=True, text=True,
+        env=helpers.env())
+    assert cli.returncode == 1 and "missing_image" in cli.stdout
+    assert shard_counts(expand(tmp_path / "b")) == [3]
+
+
+def _layout(shards, processes=1, workers=0, micro_batch=2, grad_accum=2, block=8, counts=None):
+    files = expand(shards)
+    return StreamLayout(files, counts or shard_counts(files), seed=3, processes=processes, workers=workers,
+                        micro_batch=micro_batch, grad_accum=grad_accum, block=block)
+
+
+def _ids(loader, n=None):
+    out = []
+    for batch in loader:
+        out.append(tuple(batch["ids"]))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def _stream(layout, processor, rank=0):
+    from llava_loop.config import Config
+
+    return StreamDataset(layout, make_encoder(Config(), processor), rank=rank, source="shards")
+
+
+def _loader(dataset, workers):
+    kwargs = {"num_workers": workers}
+    return stream_loader(dataset, Collator(0), kwargs, dataset.layout.micro_batch)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_reads_its_own_slice_and_runs_the_same_steps(workers, shards, tiny_processor):
+    layout = [_layout(shards, processes=2, workers=workers, micro_batch=2, grad_accum=3) for _ in range(2)]
+    assert layout[0].micro_batches == layout[1].micro_batches  # uneven shards, same steps on every rank
+    per_rank = []
+    for rank in (0, 1):
+        dataset = _stream(layout[rank], tiny_processor, rank)
+        dataset.start(epoch=0, micro_batches=0)
+        per_rank.append(_ids(_loader(dataset, workers), layout[rank].micro_batches))
+    flat = [[i for batch in rank for i in batch] for rank in per_rank]
+    assert len(flat[0]) == len(flat[1]) == layout[0].micro_batches * 2
+    assert not set(flat[0]) & set(flat[1]) and len(set(flat[0])) == len(flat[0])  # disjoint, no repeats
+    dataset = _stream(layout[0], tiny_processor)
+    dataset.start(epoch=1, micro_batches=0)
+    assert _ids(_loader(dataset, workers), layout[0].micro_batches) != per_rank[0]  # the order changes by epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_started_mid_epoch_continues_exactly_where_it_was(workers, shards, tiny_processor):
+    """Every position, including ones inside a shuffle block and inside a shard, resumes to the same batches."""
+    layout = _layout(shards, workers=workers, block=5)
+    dataset = _stream(layout, tiny_processor)
+    dataset.start(epoch=2, micro_batches=0)
+    full = _ids(_loader(dataset, workers), layout.micro_batches)
+    assert len(full) == layout.micro_batches
+    for k in (1, 3, 4, 7, len(full) - 1):
+        dataset.start(epoch=2, micro_batches=k)
+        assert _ids(_loader(dataset, workers), len(full) - k) == full[k:], k
+    positions = StreamPosition(layout, type("P", (), {"epoch": 2, "step_in_epoch": 2})(), grad_accum=2).positions()
+    assert [p["samples"] for p in positions] == ([8] if workers == 0 else [4, 4])
+    assert all(p["block_start"] == p["samples"] // 5 * 5 and p["shard"].endswith(".tar") for p in positions)
+
+
+def test_a_truncated_shard_and_a_bad_sample_are_named_and_counted(tmp_path, shards, tiny_processor):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    first = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:  # rewrite shard 0 with one image corrupt
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name.endswith(".0.jpg") and member.name.startswith(members[0][0].name.split(".")[0]):
+                data = b"not a jpeg"
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    layout = _layout(copy, block=200)  # one block: the whole slice
+    dataset = _stream(layout, tiny_processor)
+    batches = list(_loader(dataset, 0))
+    events = [e for b in batches for e in b["skipped"]]
+    assert len(events) == 1 and events[0][1] == "corrupt_image" and first.name in events[0][0]
+    assert all(len(b["ids"]) == 2 for b in batches)  # replaced from the block: batches stay full
+    counts = shard_counts(expand(copy))
+    counts[0] += 3  # an index that promises more than the shard holds
+    dataset = _stream(_layout(copy, counts=counts, block=200), tiny_processor)
+    with pytest.raises(DataError, match="shards.json is stale"):
+        list(_loader(dataset, 0))
+
+
+def _config(tmp_path, model_dir, shapes, shards, name, workers):
+    path = helpers.write_config(
+        tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name,
+        hooks=["helpers:FinalState", "helpers:StopAtStep"],
+        train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 2e-3, "warmup_ratio": 0.34,
+               "log_sample_ids": True})
+    tree = yaml.safe_load(path.read_text())
+    tree["data"].update(path=str(shards), image_dir="", num_workers=workers, shuffle_buffer=6)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(workers, tmp_path, tiny_dropout_model_dir,
+                                                                    shapes_data, shards):
+    from test_checkpoint import K, N, _bitwise_equal, _final, _steps, _trajectory
+
+    never, stop = {"LLAVA_TEST_STOP_AT": "-1"}, {"LLAVA_TEST_STOP_AT": str(K)}
+    helpers.launch(_config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "A", workers), extra_env=never)
+    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "B", workers)
+    helpers.launch(b, extra_env=stop)
+    saved = json.loads((tmp_path / "B" / "checkpoints" / f"step-{K:06d}" / "trainer_state.json").read_text())["stream"]
+    assert [(p["worker"], p["samples"]) for p in saved["positions"]] == (
+        [(0, K * 4)] if workers == 0 else [(0, K * 2), (1, K * 2)])  # K steps of 2 micro-batches of 2
+    assert all(p["shard"].endswith(".tar") for p in saved["positions"])
+    helpers.launch(b, extra_env=never)  # resumes mid-epoch, mid-block (6 samples a block)
+
+    steps_a, steps_b = _steps(tmp_path / "A"), _steps(tmp_path / "B")
+    assert _trajectory(steps_a, 1, N) == _trajectory(steps_b, 1, N)
+    assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))
+    # negative control: a resume that loses the data position replays the epoch's start
+    control = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "C", workers)
+    helpers.launch(control, extra_env=stop)
+    helpers.launch(control, extra_env=never, fault="no-data-position")
+    steps_c = _steps(tmp_path / "C")
+    assert _trajectory(steps_a, K + 1, N) != _trajectory(steps_c, K + 1, N)
+    assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)]
+    assert not _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "C"))
+    # the stream's layout is part of its position: other workers are refused, naming the setting
+    out = helpers.launch(b, "train.max_steps=8", f"data.num_workers={2 - workers}", check=False)
+    assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
+
+
+def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_model_dir, shapes_data, shards):
+    for override, named in (("data.max_tokens_per_micro_batch=512", "max_tokens_per_micro_batch"),
+                            ("eval.holdout=4", "data.eval_path")):
+        path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "R", 0)
+        out = helpers.launch(path, override, "data.eval_path=", check=False)
+        assert out.returncode == 2 and named in out.stderr, out.stderr[-2000:]
