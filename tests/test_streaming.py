@@ -17,7 +17,7 @@ import helpers
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import DataError
 from llava_loop.data.loader import make_encoder
-from llava_loop.data.shards import count_samples, expand, parse_size, shard_counts, write_shards
+from llava_loop.data.shards import count_samples, expand, iter_shard, parse_size, read_index, shard_counts, write_shards
 from llava_loop.data.stream import StreamDataset, StreamLayout, StreamPosition, stream_loader
 from llava_loop.errors import UserError
 
@@ -26,9 +26,11 @@ pytest.importorskip("webdataset")
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, shapes_data):
-    """The 96 shapes training records as uneven shards of about 30 KB (the last one short)."""
+    """The 96 shapes training records as uneven shards of at most 30 KB (the last one short), with a seek point
+    every 4 samples."""
     out = tmp_path_factory.mktemp("shards") / "shards"
-    report = write_shards(shapes_data["train"], shapes_data["train_images"], out, shard_size=parse_size("30KB"))
+    report = write_shards(shapes_data["train"], shapes_data["train_images"], out, shard_size=parse_size("30KB"),
+                          seek_every=4)
     assert report["samples"] == 96 and report["skipped"] == {}
     return out
 
@@ -77,8 +79,25 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
 
 def _layout(shards, processes=1, workers=0, micro_batch=2, grad_accum=2, block=8, counts=None):
     files = expand(shards)
-    return StreamLayout(files, counts or shard_counts(files), seed=3, processes=processes, workers=workers,
-                        micro_batch=micro_batch, grad_accum=grad_accum, block=block)
+    found, seeks = read_index(files)
+    return StreamLayout(files, counts or found, seed=3, processes=processes, workers=workers,
+                        micro_batch=micro_batch, grad_accum=grad_accum, block=block, seeks=seeks)
+
+
+def test_a_shard_read_from_a_seek_point_equals_one_read_from_the_top(shards):
+    files = expand(shards)
+    counts, seeks = read_index(files)
+    assert seeks[0][0] == 4 and len(seeks[0][1]) == -(-counts[0] // 4)
+    keys = [s["__key__"] for s in iter_shard(files[0])]
+    assert len(keys) == counts[0]
+    last = counts[0] - 1
+    assert last >= 4  # the last sample is past a seek point
+    for skip in (0, 3, 4, last):
+        assert [s["__key__"] for s in iter_shard(files[0], skip, seeks[0])] == keys[skip:]
+    # negative controls: seek points that all say 0 jump back to the top; ones off by a header are named
+    assert [s["__key__"] for s in iter_shard(files[0], last, (4, [0] * len(seeks[0][1])))] == keys[last % 4:]
+    with pytest.raises(DataError, match=f"{files[0].name} cannot be read from byte .*delete shards.json"):
+        list(iter_shard(files[0], last, (4, [o + 512 for o in seeks[0][1]])))
 
 
 def _ids(loader, n=None):

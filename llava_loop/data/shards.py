@@ -4,8 +4,9 @@ records.
 A sample is ``<key>.json`` (``{"id", "conversations", "images": [original names]}``) plus its images as
 ``<key>.<n>.<ext>`` (n = 0, 1, ... in tag order); keys are the record's position, so they never hold a dot.
 The writer also leaves ``shards.json`` beside the shards: every shard's sample count, which the stream needs to
-lay out an epoch without opening a shard. Shards without it are counted from their tar headers (no image bytes
-are read).
+lay out an epoch without opening a shard, and the byte offset of every ``SEEK_EVERY``-th sample, so a stream can
+start inside a shard without reading it from the top. Shards without it are counted from their tar headers (no
+image bytes are read) and read from the top.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import json
 import re
 import tarfile
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 from ..errors import UserError
+from .dataset import DataError
 from .images import EmbeddedImage, image_path, open_checked
 from .records import Record, RecordError, load_records, normalize_record
 from .skips import SkipSample
 
 INDEX = "shards.json"
 TAR_BLOCK, TAR_RECORD = 512, 10240
+SEEK_EVERY = 1000  # shards.json keeps the byte offset of every 1000th sample: a resume reads at most that many
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}
 
@@ -39,7 +43,7 @@ def parse_size(text: str) -> int:
 
 
 def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Path, *, shard_size: int,
-                 allow_absolute_paths: bool = False) -> dict:
+                 allow_absolute_paths: bool = False, seek_every: int = SEEK_EVERY) -> dict:
     """Write ``out/000000.tar, 000001.tar, ...`` of at most ``shard_size`` bytes each (``ShardSink``) and
     ``out/shards.json``. Records whose images cannot be read are left out and counted by
     reason (as training would skip them); returns ``{"shards", "samples", "skipped", "examples"}``."""
@@ -48,7 +52,7 @@ def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
         raise UserError(f"{out} already holds .tar shards; write to an empty folder")
-    sink = ShardSink(out, shard_size)
+    sink = ShardSink(out, shard_size, seek_every)
     skipped: Counter = Counter()
     examples: dict[str, str] = {}
     with sink:
@@ -66,8 +70,9 @@ def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Pat
                 continue
             sink.write(sample)
     counts = sink.counts
-    shards = [{"name": name, "samples": n, "bytes": (out / name).stat().st_size} for name, n in sorted(counts.items())]
-    (out / INDEX).write_text(json.dumps({"source": str(records_path), "shards": shards}, indent=1))
+    shards = [{"name": name, "samples": n, "bytes": (out / name).stat().st_size, "offsets": sink.offsets[name]}
+              for name, n in sorted(counts.items())]
+    (out / INDEX).write_text(json.dumps({"source": str(records_path), "seek_every": seek_every, "shards": shards}))
     return {"shards": len(shards), "samples": sum(counts.values()), "skipped": dict(skipped), "examples": examples}
 
 
@@ -75,9 +80,10 @@ class ShardSink:
     """``out/000000.tar, 000001.tar, ...``: a shard is closed before a sample would take it past ``limit`` bytes
     on disk (tar headers, padding and end blocks included); a sample larger than that gets a shard of its own."""
 
-    def __init__(self, out: Path, limit: int):
-        self.out, self.limit = out, limit
+    def __init__(self, out: Path, limit: int, seek_every: int = SEEK_EVERY):
+        self.out, self.limit, self.seek_every = out, limit, seek_every
         self.counts: dict[str, int] = {}
+        self.offsets: dict[str, list[int]] = {}  # byte offset of every seek_every-th sample, per shard
         self.file = self.writer = None
         self.used = 0
 
@@ -94,10 +100,13 @@ class ShardSink:
             name = f"{len(self.counts):06d}.tar"
             self.file = open(self.out / name, "wb")
             self.writer, self.used = wds.TarWriter(self.file, encoder=False, mtime=0), 0
-            self.counts[name] = 0
+            self.counts[name], self.offsets[name] = 0, []
+        name = f"{len(self.counts) - 1:06d}.tar"
+        if self.counts[name] % self.seek_every == 0:
+            self.offsets[name].append(self.writer.tarstream.offset)  # the tar's position; the file lags (buffered)
         self.writer.write(sample)
         self.used += need
-        self.counts[f"{len(self.counts) - 1:06d}.tar"] += 1
+        self.counts[name] += 1
 
     def close(self) -> None:
         if self.writer is not None:
@@ -157,23 +166,40 @@ def count_samples(shard: Path) -> int:
     return keys
 
 
-def shard_counts(files: list[Path]) -> list[int]:
-    """Samples per shard: from ``shards.json`` beside them when it lists them all, else counted."""
+def read_index(files: list[Path]) -> tuple[list[int], list[tuple[int, list[int]] | None]]:
+    """Samples per shard and its seek points ``(every, offsets)``: from ``shards.json`` beside them when it lists
+    them all, else counted from the tar headers (and no seek points)."""
     index_file = files[0].parent / INDEX
     if index_file.is_file():
-        listed = {s["name"]: s["samples"] for s in json.loads(index_file.read_text())["shards"]}
+        index = json.loads(index_file.read_text())
+        listed = {s["name"]: s for s in index["shards"]}
         if all(f.name in listed for f in files):
-            return [listed[f.name] for f in files]
-    return [count_samples(f) for f in files]
+            every = index.get("seek_every")
+            return ([listed[f.name]["samples"] for f in files],
+                    [(every, listed[f.name]["offsets"]) if every and listed[f.name].get("offsets") else None
+                     for f in files])
+    return [count_samples(f) for f in files], [None for _ in files]
 
 
-def iter_shard(shard: Path):
-    """A shard's samples as webdataset groups them: ``{"__key__", "json": bytes, "0.jpg": bytes, ...}``."""
+def shard_counts(files: list[Path]) -> list[int]:
+    return read_index(files)[0]
+
+
+def iter_shard(shard: Path, skip: int = 0, seek: tuple[int, list[int]] | None = None):
+    """A shard's samples from the ``skip``-th on, as webdataset groups them: ``{"__key__", "json": bytes,
+    "0.jpg": bytes, ...}``. With seek points (``read_index``) it jumps to the nearest one at or before ``skip``."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+    every, offsets = seek or (1, [0])
+    jump = min(skip // every, len(offsets) - 1)
     with open(shard, "rb") as stream:
+        stream.seek(offsets[jump])  # a tar read from a member header on is a valid tar stream
         members = ({**member, "__url__": str(shard)} for member in tar_file_iterator(stream))
-        yield from group_by_keys(members)
+        try:
+            yield from islice(group_by_keys(members), skip - jump * every, None)
+        except tarfile.TarError as exc:
+            raise DataError(f"{shard} cannot be read from byte {offsets[jump]} ({exc}): the shard is damaged or "
+                            f"{INDEX} beside it is stale (delete {INDEX} to read the shards without it)") from None
 
 
 def sample_record(sample: dict) -> Record:

@@ -11,8 +11,10 @@ An epoch's data is a function of (seed, epoch, shard counts, processes, workers,
 
 A consumer's stream position is therefore fully described by (epoch, samples it has consumed): the shard and
 offset of its next sample, and its shuffle buffer's contents and order, follow from it. This is the documented
-equivalent of storing shard, offset and buffer. A resumed consumer seeks to the start of its current block, skipping
-whole shards unopened and reading through at most one, re-forms the block and drops what was consumed.
+equivalent of storing shard, offset and buffer. A resumed consumer seeks to the start of its current block (whole
+shards before it are never opened; inside its shard it jumps to the nearest seek point that shards.json records, so
+it reads through at most 1000 samples, or the shard's head without an index), re-forms the block and drops what
+was consumed.
 Checkpoints store every process's and worker's position explicitly (``StreamPosition``), and resume verifies it.
 
 A DataLoader with W workers takes micro-batch j of a process from worker j mod W, each worker making whole
@@ -33,7 +35,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import UserError
 from .dataset import MAX_ATTEMPTS, DataError
 from .encode import SampleEncoder
-from .shards import iter_shard, sample_record, shard_counts
+from .shards import iter_shard, read_index, sample_record
 from .skips import SkipSample
 
 
@@ -41,8 +43,9 @@ class StreamLayout:
     """Where every consumer's samples come from, per epoch: pure arithmetic over the shard counts."""
 
     def __init__(self, shards: list[Path], counts: list[int], *, seed: int, processes: int, workers: int,
-                 micro_batch: int, grad_accum: int, block: int):
+                 micro_batch: int, grad_accum: int, block: int, seeks: list | None = None):
         self.shards, self.counts = shards, np.asarray(counts, dtype=np.int64)
+        self.seeks = seeks or [None for _ in shards]  # seek points inside each shard, from shards.json
         self.seed, self.processes, self.workers = seed, processes, max(workers, 1)
         self.micro_batch, self.block = micro_batch, block
         self.total = int(self.counts.sum())
@@ -88,7 +91,7 @@ class StreamLayout:
             shard = self.shards[order[k]]
             expected = int(self.counts[order[k]])
             got = 0
-            for sample in islice(iter_shard(shard), offset, expected):
+            for sample in islice(iter_shard(shard, offset, self.seeks[order[k]]), expected - offset):
                 yield sample
                 got += 1
                 needed -= 1
@@ -198,8 +201,10 @@ def make_stream(cfg, encoder: SampleEncoder, shards: list[Path], *, rank: int, p
         raise UserError("data.group_by_length and data.max_tokens_per_micro_batch need every record's length up "
                         "front, which a stream of shards does not have; turn them off for shards, or train from "
                         "Parquet/Arrow")
-    layout = StreamLayout(shards, shard_counts(shards), seed=t.seed, processes=processes, workers=d.num_workers,
-                          micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, block=d.shuffle_buffer)
+    counts, seeks = read_index(shards)
+    layout = StreamLayout(shards, counts, seed=t.seed, processes=processes, workers=d.num_workers,
+                          micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, block=d.shuffle_buffer,
+                          seeks=seeks)
     return StreamDataset(layout, encoder, rank=rank, source=str(d.path))
 
 
