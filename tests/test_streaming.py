@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import helpers
+from llava_loop.data.check import check_dataset
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import DataError
 from llava_loop.data.loader import make_encoder
@@ -77,10 +78,10 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
     assert shard_counts(expand(tmp_path / "b")) == [3]
 
 
-def _layout(shards, processes=1, workers=0, micro_batch=2, grad_accum=2, block=8, counts=None):
+def _layout(shards, processes=1, workers=0, micro_batch=2, grad_accum=2, block=8, counts=None, seed=3):
     files = expand(shards)
     found, seeks = read_index(files)
-    return StreamLayout(files, counts or found, seed=3, processes=processes, workers=workers,
+    return StreamLayout(files, counts or found, seed=seed, processes=processes, workers=workers,
                         micro_batch=micro_batch, grad_accum=grad_accum, block=block, seeks=seeks)
 
 
@@ -171,6 +172,8 @@ def test_a_truncated_shard_and_a_bad_sample_are_named_and_counted(tmp_path, shar
     events = [e for b in batches for e in b["skipped"]]
     assert len(events) == 1 and events[0][1] == "corrupt_image" and first.name in events[0][0]
     assert all(len(b["ids"]) == 2 for b in batches)  # replaced from the block: batches stay full
+    report = check_dataset(copy, "", decode=True, progress=False)  # `llava-loop data check` reads shards too
+    assert report["problems"] == {"corrupt_image": 1} and report["records"] == report["images"] == 96
     counts = shard_counts(expand(copy))
     counts[0] += 3  # an index that promises more than the shard holds
     dataset = _stream(_layout(copy, counts=counts, block=200), tiny_processor)
@@ -204,6 +207,7 @@ def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(workers, tmp
     assert [(p["worker"], p["samples"]) for p in saved["positions"]] == (
         [(0, K * 4)] if workers == 0 else [(0, K * 2), (1, K * 2)])  # K steps of 2 micro-batches of 2
     assert all(p["shard"].endswith(".tar") for p in saved["positions"])
+    shutil.copytree(tmp_path / "B", tmp_path / "C")  # the negative control's first K steps
     helpers.launch(b, extra_env=never)  # resumes mid-epoch, mid-block (6 samples a block)
 
     steps_a, steps_b = _steps(tmp_path / "A"), _steps(tmp_path / "B")
@@ -211,20 +215,43 @@ def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(workers, tmp
     assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))
     # negative control: a resume that loses the data position replays the epoch's start
     control = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "C", workers)
-    helpers.launch(control, extra_env=stop)
     helpers.launch(control, extra_env=never, fault="no-data-position")
     steps_c = _steps(tmp_path / "C")
     assert _trajectory(steps_a, K + 1, N) != _trajectory(steps_c, K + 1, N)
     assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)]
     assert not _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "C"))
-    # the stream's layout is part of its position: other workers are refused, naming the setting
-    out = helpers.launch(b, "train.max_steps=8", f"data.num_workers={2 - workers}", check=False)
-    assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
+    if workers:  # the stream's layout is part of its position: other workers are refused, naming the setting
+        out = helpers.launch(b, "train.max_steps=8", "data.num_workers=1", check=False)
+        assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
 
 
-def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_model_dir, shapes_data, shards):
-    for override, named in (("data.max_tokens_per_micro_batch=512", "max_tokens_per_micro_batch"),
-                            ("eval.holdout=4", "data.eval_path")):
-        path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "R", 0)
-        out = helpers.launch(path, override, "data.eval_path=", check=False)
-        assert out.returncode == 2 and named in out.stderr, out.stderr[-2000:]
+def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_model_dir, shapes_data, shards,
+                                                            tiny_processor):
+    from llava_loop.config import load_config
+    from llava_loop.data.loader import make_datasets, split_records
+    from llava_loop.data.records import RecordError
+
+    path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "R", 0)
+    with pytest.raises(RecordError, match="eval.holdout cannot split the shard stream .* data.eval_path"):
+        split_records(load_config(path, ["eval.holdout=4", "data.eval_path="]))
+    with pytest.raises(UserError, match="max_tokens_per_micro_batch .* turn them off for shards"):
+        make_datasets(load_config(path, ["data.max_tokens_per_micro_batch=512"]), tiny_processor)
+
+
+@pytest.mark.slow
+def test_two_processes_stream_disjoint_slices_in_lockstep(tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor):
+    """2 processes x 2 workers under accelerate launch + DeepSpeed: one epoch of uneven shards, the same steps on
+    both ranks, each rank's micro-batches exactly its own slice of the stream."""
+    path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "P", 2)
+    helpers.launch(path, "train.micro_batch_size=5", "train.grad_accum=1", "train.max_steps=0", "train.epochs=1",
+                   processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
+    steps = helpers.metrics(tmp_path / "P")
+    layout = _layout(shards, processes=2, workers=2, micro_batch=5, grad_accum=1, block=6, seed=1)  # the run's
+    assert len(steps) == layout.micro_batches == 8  # 96 samples: 4 micro-batches of 5 per consumer, 16 dropped
+    expected = []
+    for rank in (0, 1):
+        dataset = _stream(layout, tiny_processor, rank)
+        expected.append(_ids(_loader(dataset, 2), layout.micro_batches))
+    assert [m["sample_ids"] for m in steps] == [list(a + b) for a, b in zip(*expected)]
+    ids = [i for m in steps for i in m["sample_ids"]]
+    assert len(ids) == len(set(ids)) == 80

@@ -83,7 +83,7 @@ class StreamLayout:
 
     def raw_samples(self, epoch: int, start: int, stop: int):
         """Global samples ``start`` to ``stop`` of the epoch's sequence: whole shards before ``start`` are never
-        opened; the first one is read through to its offset."""
+        opened; the first one is entered at its offset (from the nearest seek point)."""
         order = self.order(epoch)
         k, offset = self.locate(epoch, start)
         needed = stop - start
@@ -103,8 +103,8 @@ class StreamLayout:
             k, offset = k + 1, 0
 
     def consumer_samples(self, epoch: int, consumer: int, done: int):
-        """The consumer's samples in training order from its ``done``-th on, as ``(block, i, raw samples)``
-        triples (the block, to replace a bad sample from)."""
+        """The consumer's samples in training order from its ``done``-th on, as ``(block, i)``: sample ``i`` of the
+        in-memory block of raw samples (the block, to replace a bad sample from)."""
         start = consumer * self.slice
         first = done // self.block * self.block
         reader = self.raw_samples(epoch, start + first, start + self.slice)
