@@ -181,6 +181,8 @@ class Trainer:
             raise UserError(
                 f"{len(self.train_set)} training samples cannot fill one optimizer step of "
                 f"{self.global_batch} samples; lower train.micro_batch_size or train.grad_accum"
+                + (" (a stream first cuts them into equal slices per process and DataLoader worker: or lower "
+                   "data.num_workers)" if self.stream else "")
             )
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)

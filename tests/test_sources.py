@@ -150,3 +150,15 @@ def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tab
         helpers.launch(path)
         losses[name] = [(m["loss"], m["sample_ids"]) for m in helpers.metrics(tmp_path / name)]
     assert losses["json"] == losses["structs"] == losses["arrow"] and len(losses["json"]) == 4
+
+
+@pytest.mark.parametrize("kind, module", [("arrow", "datasets"), ("parquet", "pyarrow"), ("shards", "webdataset")])
+def test_without_the_data_extra_the_error_says_how_to_install_it(kind, module, tables, monkeypatch):
+    from llava_loop.data.sources import require_data_extra
+    from llava_loop.errors import UserError
+
+    path = {"arrow": tables["arrow"], "parquet": tables["structs"], "shards": "s/{000..001}.tar"}[kind]
+    require_data_extra(kind, path)  # installed: no complaint
+    monkeypatch.setitem(sys.modules, module, None)  # what Python does for a module that cannot be imported
+    with pytest.raises(UserError, match=rf"{module}: pip install 'llava-loop\[data\]'"):
+        require_data_extra(kind, path)

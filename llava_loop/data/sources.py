@@ -10,7 +10,7 @@ The first three are map-style (random access: ``open_records``); shards are stre
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 from ..errors import UserError
@@ -40,8 +40,13 @@ def source_kind(path: str | Path) -> str:
 
 def require_data_extra(kind: str, path) -> None:
     """Parquet, Arrow and shards need the ``data`` extra; say how to get it."""
-    needs = {"parquet": ("pyarrow",), "arrow": ("datasets",), "shards": ("webdataset",)}[kind]
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    needs = {"parquet": ("pyarrow",), "arrow": ("datasets",), "shards": ("webdataset", "braceexpand")}[kind]
+    missing = []
+    for module in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
     if missing:
         raise UserError(f"data.path={path} is {kind} data, which needs {', '.join(missing)}: {DATA_EXTRA}")
 
