@@ -29,8 +29,8 @@ from .console import Console
 from .data.dataset import DataError
 from .data.encode import IGNORE_INDEX
 from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
-from .data.stream import StreamDataset, StreamPosition
 from .data.skips import SkipTally
+from .data.stream import StreamDataset, StreamPosition
 from .errors import UserError
 from .evaluate import heldout_loss_sums
 from .hooks import make_hooks

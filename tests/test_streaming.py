@@ -10,7 +10,6 @@ import sys
 import tarfile
 
 import pytest
-import torch
 import yaml
 
 import helpers
