@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -162,3 +163,14 @@ def test_without_the_data_extra_the_error_says_how_to_install_it(kind, module, t
     monkeypatch.setitem(sys.modules, module, None)  # what Python does for a module that cannot be imported
     with pytest.raises(UserError, match=rf"{module}: pip install 'llava-loop\[data\]'"):
         require_data_extra(kind, path)
+
+
+def test_large_parquet_row_groups_warn_naming_the_fix(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}] * 1001
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "big.parquet"), batch_size=1001)
+    with pytest.warns(UserWarning, match="big.parquet: row groups of up to 1001 rows.*batch_size=100"):
+        open_records(tmp_path / "big.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "small.parquet"), batch_size=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(open_records(tmp_path / "small.parquet")) == 1001

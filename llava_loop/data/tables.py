@@ -8,8 +8,9 @@ list of these. Nothing is converted or copied:
   workers share through the page cache without copies;
 * Parquet is compressed column chunks, which cannot be memory-mapped row by row. Rows are read through pyarrow's
   (memory-mapped) ``ParquetFile`` one row group at a time, and the last row group read is kept per process: random
-  access decodes a whole row group per sample, so keep row groups small (``datasets`` writes 100 rows per group
-  for image columns) or prefer a ``save_to_disk`` folder or shards for large embedded-image sets.
+  access decodes a whole row group per sample. At 100 rows per group a random read costs about 0.4 ms; at the
+  122K rows per group that ``Dataset.to_parquet`` wrote for a 595K-row image set, 36 ms. Opening a file whose row
+  groups exceed ``LARGE_ROW_GROUP`` rows warns, naming the fix.
 
 Rows are validated when they are read, not at startup (5M rows would take minutes): a structurally broken row is
 skipped and counted as ``malformed_record``, like any other bad sample; ``llava-loop data check`` reads them all.
@@ -17,6 +18,7 @@ skipped and counted as ``malformed_record``, like any other bad sample; ``llava-
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from .records import Record, RecordError, normalize_record
 from .skips import SkipSample
 
 TEXT_COLUMNS = ("conversations", "messages")
+LARGE_ROW_GROUP = 1000
 IMAGE_COLUMNS = ("image", "images")
 
 
@@ -107,6 +110,12 @@ class ParquetRows:
             for g in range(meta.num_row_groups):
                 counts.append(meta.row_group(g).num_rows)
                 groups.append((f, g))
+            largest = max((meta.row_group(g).num_rows for g in range(meta.num_row_groups)), default=0)
+            if largest > LARGE_ROW_GROUP:
+                warnings.warn(f"{file}: row groups of up to {largest} rows, and every random read decodes a whole "
+                              "group, so training will read it slowly; rewrite it with row groups of about 100 rows "
+                              "(datasets: ds.to_parquet(path, batch_size=100); pyarrow: row_group_size=100), or use "
+                              "a save_to_disk folder or shards", stacklevel=2)
         self.groups = groups
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.columns = [c for c in names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)]
