@@ -14,6 +14,7 @@ samples/s through decode, encode and collate, timed once every worker has delive
 the repeats.
 
     python bench/data_scale.py --sizes 595375 5000000 --repeats 3
+    python bench/data_scale.py --sizes 595375 --parquet-row-groups 100 1000 122633   # Parquet random reads
 """
 
 from __future__ import annotations
@@ -152,6 +153,28 @@ def child(source: str, path: str, image_dir: str, batches: int, workers: int, mi
                       "worker_uss_mib": [m.uss / 2**20 for m in memory[1:]]}), flush=True)
 
 
+def parquet_random_reads(root: Path, row_groups: list[int], reads: int = 2000) -> list[list]:
+    """Parquet of the Arrow set at each row-group size: microseconds per record read in a random order."""
+    import datasets
+    import numpy as np
+
+    from llava_loop.data.sources import open_records
+
+    rows = []
+    table = datasets.load_from_disk(str(root / "arrow"))
+    for size in row_groups:
+        path = root / f"rows-{size}.parquet"
+        table.to_parquet(str(path), batch_size=size)
+        records = open_records(path)
+        order = np.random.default_rng(0).permutation(len(records))[:reads]
+        start = time.perf_counter()
+        for i in order:
+            records[int(i)]
+        rows.append([f"{len(records):,}", f"{size:,}", f"{(time.perf_counter() - start) / reads * 1e6:.0f}"])
+        path.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[595_375, 5_000_000])
@@ -162,12 +185,19 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--shard-size", default="256MB")
     parser.add_argument("--root", default=str(common.ROOT / "runs" / "bench-scale"))
+    parser.add_argument("--parquet-row-groups", type=int, nargs="*", default=[],
+                        help="instead: time random reads of Parquet copies of the Arrow set at these row-group sizes")
     parser.add_argument("--child", nargs=3, metavar=("SOURCE", "PATH", "IMAGE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child, args.batches, args.workers, args.micro_batch)
         return
     sys.path.insert(0, str(common.ROOT))
+    if args.parquet_row_groups:
+        rows = [row for n in args.sizes for row in parquet_random_reads(Path(args.root) / str(n), args.parquet_row_groups)]
+        print(common.header("Parquet: random reads by row-group size", "python bench/data_scale.py " + " ".join(sys.argv[1:])))
+        print(common.table(["records", "rows per group", "random read (us/record)"], rows))
+        return
     rows = []
     for n in args.sizes:
         root = Path(args.root) / str(n)
