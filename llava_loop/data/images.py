@@ -31,9 +31,11 @@ class EmbeddedImage:
         return self.where
 
 
-def image_path(image_dir: str | Path, name: str | EmbeddedImage, *, allow_absolute: bool = False) -> Path | EmbeddedImage:
-    """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and may not leave it (an absolute path
-    or ``../``): a data file must not make the run read arbitrary files, unless ``data.allow_absolute_paths``.
+def image_path(image_dir: str | Path, name: str | EmbeddedImage, *,
+               allow_absolute: bool = False) -> Path | EmbeddedImage:
+    """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and
+    may not leave it (an absolute path or ``../``): a data file must not make the run read arbitrary files, unless
+    ``data.allow_absolute_paths``.
     Checked on the path as written, so an image folder that is itself a symlink still works."""
     if isinstance(name, EmbeddedImage):
         return name

@@ -9,8 +9,8 @@ list of these. Nothing is converted or copied:
 * Parquet is compressed column chunks, which cannot be memory-mapped row by row. Rows are read through pyarrow's
   (memory-mapped) ``ParquetFile`` one row group at a time, and the last row group read is kept per process: random
   access decodes a whole row group per sample. At 100 rows per group a random read costs about 0.5 ms; at the
-  122K rows per group that ``Dataset.to_parquet`` wrote for a 595K-row image set, 35 ms (docs/BENCHMARKS.md, 9). Opening a file whose row
-  groups exceed ``LARGE_ROW_GROUP`` rows warns, naming the fix.
+  122K rows per group that ``Dataset.to_parquet`` wrote for a 595K-row image set, 35 ms (docs/BENCHMARKS.md,
+  section 9). Opening a file whose row groups exceed ``LARGE_ROW_GROUP`` rows warns, naming the fix.
 
 Rows are validated when they are read, not at startup (5M rows would take minutes): a structurally broken row is
 skipped and counted as ``malformed_record``, like any other bad sample; ``llava-loop data check`` reads them all.
