@@ -94,19 +94,22 @@ def cmd_eval(args) -> int:
     if not args.data and not args.lmms_eval:
         raise UserError("eval needs --data (with --image-dir) for llava_loop's metrics, or --lmms-eval --tasks ...")
     if args.data and not args.image_dir:
-        raise UserError("--data needs --image-dir: the folder its image paths are relative to")
+        from .data.sources import source_kind
+
+        if source_kind(args.data) == "json":
+            raise UserError("--data needs --image-dir: the folder its image paths are relative to")
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
     result = {"model": str(args.model), "adapter": args.adapter, "data": args.data and str(args.data)}
     records, left_out = None, []
     if args.data:
-        from .data.records import load_records
+        from .data.sources import open_records
         from .evaluate import evaluate_model
         from .infer import load_for_inference
 
-        records = load_records(args.data)
+        records = open_records(args.data)
         model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
                                                attn_implementation=args.attn_implementation)
-        metrics, predictions, left_out = evaluate_model(model, encoder, records, args.image_dir,
+        metrics, predictions, left_out = evaluate_model(model, encoder, records, args.image_dir or "",
                                                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                                         max_samples=args.max_samples, scorers=scorers, progress=True)
         del model
@@ -259,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss, exact match, token F1 and any extra --scorer; standard "
                                      "benchmarks through lmms-eval with --lmms-eval --tasks")
     model_args(p)
-    p.add_argument("--data", help="records file (chat.json / .jsonl)")
-    p.add_argument("--image-dir")
+    p.add_argument("--data", help="records: chat.json / .jsonl, Parquet, or a save_to_disk folder")
+    p.add_argument("--image-dir", help="the folder image paths are relative to (embedded images need none)")
     p.add_argument("--max-samples", type=int, default=0, help="0: all")
     p.add_argument("--scorer", action="append", default=[], metavar="module:function",
                    help="extra scorer(predictions) -> dict of metrics; repeatable "

@@ -100,7 +100,7 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
     for i, (reason, detail) in unreadable.items():
         left_out[with_images[i].id] = {"id": with_images[i].id, "reason": reason, "detail": detail}
     predictions = [
-        {"id": r.id, "image": r.images[0], "prompt": p, "reference": ref, "prediction": ans,
+        {"id": r.id, "image": str(r.images[0]), "prompt": p, "reference": ref, "prediction": ans,
          "exact": normalize(ans) == normalize(ref)}
         for r, p, ref, ans in zip(with_images, prompts, references, answers) if ans is not None
     ]

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .data.encode import SampleEncoder
-from .data.images import load_image, to_rgb
+from .data.images import EmbeddedImage, load_image, to_rgb
 from .data.skips import SkipSample
 from .errors import UserError
 
@@ -80,7 +80,7 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
 def _as_image(image, max_pixels: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    return load_image(Path(image), max_pixels)
+    return load_image(image if isinstance(image, EmbeddedImage) else Path(image), max_pixels)
 
 
 def read_image(image, max_pixels: int) -> Image.Image:

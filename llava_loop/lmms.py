@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .data.encode import place_image_token
-from .data.images import image_path, load_image, open_checked
+from .data.images import EmbeddedImage, image_path, load_image, open_checked
 from .data.records import Records
 from .data.skips import SkipSample
 from .errors import UserError
@@ -96,9 +96,9 @@ def run(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, reco
     ``records`` (and ``image_dir``); ``options`` go to ``command``."""
     output_dir = Path(output_dir)
     if LOCAL_TASK in tasks:
-        if records is None or image_dir is None:
-            raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data and --image-dir")
-        options["include_path"] = write_local_task(records, image_dir, output_dir / "tasks",
+        if records is None:
+            raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data (and --image-dir)")
+        options["include_path"] = write_local_task(records, image_dir or "", output_dir / "tasks",
                                                    max_samples=max_samples, max_new_tokens=max_new_tokens)
     process = start(command(model_dir, tasks, output_dir, **options), output_dir)
     return finish(process, output_dir)
@@ -139,7 +139,7 @@ metadata:
 TASK_HOOKS = "from llava_loop.lmms import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
 
 
-def write_local_task(records: Records, image_dir: str | Path, out: str | Path, *, max_samples: int = 0,
+def write_local_task(records, image_dir: str | Path, out: str | Path, *, max_samples: int = 0,
                      max_new_tokens: int = 32, allow_absolute_paths: bool = False) -> Path:
     """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
     questions are the ones ``evaluate_model`` generates for: single-image records, in order; a record whose
@@ -160,6 +160,10 @@ def write_local_task(records: Records, image_dir: str | Path, out: str | Path, *
         except SkipSample as skip:
             print(f"{LOCAL_TASK}: left out record {record.id}: {skip.reason} ({skip.detail})", file=sys.stderr)
             continue
+        if isinstance(path, EmbeddedImage):  # lmms-eval reads files: this question's image is written out
+            (out / "images").mkdir(exist_ok=True)
+            path = out / "images" / f"{len(rows):06d}"
+            path.write_bytes(record.images[0].data)
         question = place_image_token(prompt).removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
         rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
     if not rows:
@@ -203,11 +207,11 @@ def stage(checkpoint: Path, out: Path) -> Path:
 def evaluate_checkpoint(checkpoint: Path, out: Path, tasks: list[str], *, data: str | None = None,
                         image_dir: str | None = None, **options) -> dict:
     """Export a (staged) checkpoint, run lmms-eval on it, write ``out/scores.json``, drop the staged files."""
-    from .data.records import load_records
+    from .data.sources import open_records
     from .export import export
 
     model_dir = export(checkpoint, out / "export")
-    records = load_records(data) if data else None
+    records = open_records(data) if data else None
     scores = run(model_dir, tasks, out, records=records, image_dir=image_dir, **options)
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
     if checkpoint.parent == out:

@@ -144,3 +144,27 @@ def test_a_bad_image_never_stops_infer_or_eval_and_is_listed(trained, shapes_dat
                             capture_output=True, text=True, env=helpers.env())
     assert single.returncode == 2 and "cannot be used as an image (corrupt_image" in single.stderr
     assert "Traceback" not in single.stderr
+
+
+@pytest.mark.slow
+def test_eval_reads_parquet_with_embedded_images_as_it_reads_json(trained, shapes_data, tmp_path):
+    """The same held-out records as a Parquet file with the images embedded (the datasets Image struct, no image
+    folder) score exactly as the JSON records with their image folder."""
+    import datasets
+
+    from llava_loop.data.records import load_records
+    from llava_loop.data.sources import open_records
+    from llava_loop.evaluate import evaluate_model
+    from llava_loop.infer import load_for_inference
+
+    records = json.loads(shapes_data["val"].read_text())
+    rows = [{"id": r["id"], "conversations": r["conversations"],
+             "image": {"bytes": (shapes_data["val_images"] / r["image"]).read_bytes(), "path": r["image"]}}
+            for r in records]
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "val.parquet"))
+    model, _, encoder = load_for_inference(trained["full"]["export"], device="cpu")
+    from_json, json_predictions, _ = evaluate_model(model, encoder, load_records(shapes_data["val"]),
+                                                    shapes_data["val_images"])
+    from_parquet, parquet_predictions, left_out = evaluate_model(model, encoder, open_records(tmp_path / "val.parquet"), "")
+    assert not left_out and from_parquet == from_json
+    assert [p["prediction"] for p in parquet_predictions] == [p["prediction"] for p in json_predictions]
