@@ -239,6 +239,9 @@ class Trainer:
         except RuntimeError as exc:  # raised by PyTorch's SIGCHLD handler, wherever the loop happens to be
             if not re.search(r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)", str(exc)):
                 raise  # an error inside a worker (dataset, collator) keeps its traceback
+            # the run ends here: the other workers' deaths must not raise the handler's error again on the way out
+            # (seen under load, from an exit hook, as a bare traceback)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise DataError(
                 f"a DataLoader worker died ({str(exc).splitlines()[0].strip()}); killed by the system, most often for "
                 f"memory (check `dmesg` for the out-of-memory killer). Lower data.num_workers (now "
