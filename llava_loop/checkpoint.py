@@ -205,6 +205,11 @@ def step_folders(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a complete training checkpoint (rather than a model directory)."""
+    return (Path(path) / COMPLETE).is_file() and (Path(path) / STATE).is_file()
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     return [p for p in step_folders(output_dir) if (p / COMPLETE).is_file()]

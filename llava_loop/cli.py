@@ -129,7 +129,7 @@ def run_lmms_eval(args, records) -> dict:
     from pathlib import Path
 
     from . import lmms
-    from .checkpoint import COMPLETE
+    from .checkpoint import is_checkpoint
     from .infer import inference_device
 
     if args.adapter:
@@ -140,7 +140,7 @@ def run_lmms_eval(args, records) -> dict:
         raise UserError("--lmms-eval needs --tasks, e.g. --tasks mme,pope,mmbench_en_dev,textvqa_val")
     out = Path(args.out).with_name(Path(args.out).stem + "_lmms")
     model_dir = Path(args.model)
-    if (model_dir / COMPLETE).is_file():
+    if is_checkpoint(model_dir):
         from .export import export
 
         model_dir = export(model_dir, out / "export")

@@ -46,13 +46,13 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
     """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint, on
     ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
     flash-attention still loads on a machine without it."""
-    from .checkpoint import COMPLETE, STATE
+    from .checkpoint import is_checkpoint
     from .export import EXPORT_INFO
     from .runtime import load_model
 
     path = Path(model)
     settings = {"image_aspect_ratio": "resize", "system_prompt": ""}
-    if (path / COMPLETE).is_file() and (path / STATE).is_file():
+    if is_checkpoint(path):
         from .export import load_trained
 
         if adapter:

@@ -206,16 +206,19 @@ def stage(checkpoint: Path, out: Path) -> Path:
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, tasks: list[str], *, data: str | None = None,
                         image_dir: str | None = None, **options) -> dict:
-    """Export a (staged) checkpoint, run lmms-eval on it, write ``out/scores.json``, drop the staged files."""
+    """Export a (staged) checkpoint, run lmms-eval on it, write ``out/scores.json``; the staged files go either way
+    (once the original is pruned, a failed evaluation's hard links would hold a whole checkpoint on disk)."""
     from .data.sources import open_records
     from .export import export
 
-    model_dir = export(checkpoint, out / "export")
-    records = open_records(data) if data else None
-    scores = run(model_dir, tasks, out, records=records, image_dir=image_dir, **options)
+    try:
+        model_dir = export(checkpoint, out / "export")
+        records = open_records(data) if data else None
+        scores = run(model_dir, tasks, out, records=records, image_dir=image_dir, **options)
+    finally:
+        if checkpoint.parent == out:
+            shutil.rmtree(checkpoint)
     (out / "scores.json").write_text(json.dumps(scores, indent=1))
-    if checkpoint.parent == out:
-        shutil.rmtree(checkpoint)
     return scores
 
 
