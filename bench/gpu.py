@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing")
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b", "7b"])
     parser.add_argument("--modes", nargs="+", default=["projector", "lora"])
-    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"],
+                        help="default: off and on; with --smoke, on (off is the path every test trains through)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=8)
@@ -200,6 +201,7 @@ def main() -> None:
                         help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
     args = parser.parse_args()
+    args.checkpointing = args.checkpointing or (["on"] if args.smoke else ["off", "on"])
     sys.path.insert(0, str(common.ROOT))
     import torch
 

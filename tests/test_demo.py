@@ -12,20 +12,26 @@ from llava_loop.data.encode import SampleEncoder
 from llava_loop.demo.pipeline import run_demo
 
 
-def _overrides(tmp_path):
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory):
+    """Where the demo's setup makes its tiny model and shapes: once, shared by the run and its control."""
+    return tmp_path_factory.mktemp("demo-inputs")
+
+
+def _overrides(inputs, tmp_path):
     """The demo config with a smaller data set so training takes well under 2 minutes here."""
     return [
-        f"model.path={tmp_path / 'tiny'}", f"output_dir={tmp_path / 'demo'}",
-        f"data.path={tmp_path / 'data/train/chat.json'}", f"data.image_dir={tmp_path / 'data/train/images'}",
-        f"data.eval_path={tmp_path / 'data/val/chat.json'}", f"data.eval_image_dir={tmp_path / 'data/val/images'}",
-        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 3200}}]", "data.num_workers=0", "train.epochs=2", "train.time_limit_minutes=2",
+        f"model.path={inputs / 'tiny'}", f"output_dir={tmp_path / 'demo'}",
+        f"data.path={inputs / 'data/train/chat.json'}", f"data.image_dir={inputs / 'data/train/images'}",
+        f"data.eval_path={inputs / 'data/val/chat.json'}", f"data.eval_image_dir={inputs / 'data/val/images'}",
+        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 3200}}]", "data.num_workers=0", "train.epochs=1", "train.time_limit_minutes=2",
         "eval.every=50", "eval.max_samples=160",
     ]
 
 
 @pytest.mark.slow
-def test_demo_learns_colour_from_pixels_and_writes_a_report(tmp_path, fresh_accelerate_state):
-    results = run_demo(overrides=_overrides(tmp_path))
+def test_demo_learns_colour_from_pixels_and_writes_a_report(demo_inputs, tmp_path, fresh_accelerate_state):
+    results = run_demo(overrides=_overrides(demo_inputs, tmp_path))
     before, after = results["before"], results["after"]
     assert before["color_accuracy"] < 0.4  # untrained: near chance (1/7)
     assert after["color_accuracy"] >= 0.8
@@ -36,9 +42,9 @@ def test_demo_learns_colour_from_pixels_and_writes_a_report(tmp_path, fresh_acce
 
 
 @pytest.mark.slow
-def test_with_pixels_zeroed_the_demo_stays_at_chance(tmp_path, monkeypatch, fresh_accelerate_state):
+def test_with_pixels_zeroed_the_demo_stays_at_chance(demo_inputs, tmp_path, monkeypatch, fresh_accelerate_state):
     monkeypatch.setattr(SampleEncoder, "pixel_values", lambda self, image: torch.zeros(3, 64, 64))
-    results = run_demo(overrides=_overrides(tmp_path))
+    results = run_demo(overrides=_overrides(demo_inputs, tmp_path))
     assert results["after"]["color_accuracy"] < 0.4
 
 

@@ -395,25 +395,28 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(pair, towers, a
         assert report.resized_embeddings and report.pad_token == "<|finetune_right_pad_id|>"
     else:
         assert not report.resized_embeddings and report.vocab_size == 151936  # Qwen3's spare rows
+    exports = []
     for mode in MODES:
         metrics = _train(tmp_path, tmp_path / "m", answer_data, mode, mode, 2, checkpointing=True)
         assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics), mode
-        exported = _export(tmp_path, mode)
-        script = (
-            "import sys, torch\n"
-            "from PIL import Image\n"
-            "from transformers import AutoProcessor, LlavaForConditionalGeneration\n"
-            f"model = LlavaForConditionalGeneration.from_pretrained({str(exported)!r})\n"
-            f"processor = AutoProcessor.from_pretrained({str(exported)!r})\n"
-            "text = processor.tokenizer.apply_chat_template([{'role': 'user', 'content': '<image>\\nWhat?'}], "
-            "tokenize=False, add_generation_prompt=True)\n"
-            "batch = processor(text=[text], images=[Image.new('RGB', (64, 64))], return_tensors='pt')\n"
-            "out = model.generate(**batch, max_new_tokens=3, do_sample=False)\n"
-            "assert out.shape[1] > batch['input_ids'].shape[1] and 'llava_loop' not in sys.modules\n"
-            "print('ok')\n"
-        )
-        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-        assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (mode, run.stderr[-2000:])
+        exports.append(str(_export(tmp_path, mode)))
+    script = (  # one fresh interpreter for all four exports: plain transformers, llava_loop never imported
+        "import sys, torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration\n"
+        "for path in sys.argv[1:]:\n"
+        "    model = LlavaForConditionalGeneration.from_pretrained(path)\n"
+        "    processor = AutoProcessor.from_pretrained(path)\n"
+        "    text = processor.tokenizer.apply_chat_template([{'role': 'user', 'content': '<image>\\nWhat?'}], "
+        "tokenize=False, add_generation_prompt=True)\n"
+        "    batch = processor(text=[text], images=[Image.new('RGB', (64, 64))], return_tensors='pt')\n"
+        "    out = model.generate(**batch, max_new_tokens=3, do_sample=False)\n"
+        "    assert out.shape[1] > batch['input_ids'].shape[1] and 'llava_loop' not in sys.modules\n"
+        "    print('ok', path)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, *exports], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [word for path in exports for word in ("ok", path)]
     _train(tmp_path, tmp_path / "m", answer_data, "full", "learn", 60, lr=5e-3)
     new, tokenizer = _generate(_export(tmp_path, "learn"))
     assert tokenizer.decode(new[:-1], skip_special_tokens=True).strip() == ANSWER

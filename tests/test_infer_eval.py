@@ -30,7 +30,7 @@ def trained(tmp_path_factory, tiny_model_dir, shapes_data):
         config = helpers.write_config(root / f"{mode}.yaml", model=tiny_model_dir, data=shapes_data, output_dir=root / mode,
                                       mode=mode, train={"max_steps": 60, "micro_batch_size": 8, "lr": lr, "warmup_ratio": 0.1},
                                       lora={"r": 8, "alpha": 16, "dropout": 0.0})
-        helpers.launch(config)
+        helpers.train_here(config)
         checkpoint = complete_checkpoints(root / mode)[-1]
         _cli("export", "--checkpoint", str(checkpoint), "--out", str(root / f"{mode}-export"))
         runs[mode] = {"checkpoint": checkpoint, "export": root / f"{mode}-export", "output_dir": root / mode,

@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     config = helpers.write_config(root / "run.yaml", model=tiny_model_dir, data=data, output_dir=root / "run",
                                   train={"max_steps": 400, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05,
                                          "weight_decay": 0.0, "seed": 0}, checkpoint={"every": 0, "keep_last": 1})
-    helpers.launch(config)
+    helpers.train_here(config)
     export(complete_checkpoints(root / "run")[-1], root / "export")
     return {**data, "export": root / "export"}
 

@@ -519,7 +519,7 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["projector", "freeze_vision", "lora"])
+@pytest.mark.parametrize("mode", ["projector", "lora"])  # the projector alone; the projector beside PEFT's adapters
 def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
     """A rank whose micro-batch has no image must still produce projector gradients, or ZeRO-2's reduce breaks
     (gloo: a size mismatch; NCCL: a hang). 2 processes x mb1 x acc2 against 1 process x mb4."""

@@ -138,7 +138,8 @@ def test_a_table_without_conversations_or_with_splits_names_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tables, tiny_model_dir, shapes_data):
+def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tables, tiny_model_dir, shapes_data,
+                                                                    fresh_accelerate_state):
     """One skip, encode and collate path: the same records give the same run, with workers (forked readers)."""
     losses = {}
     for name in ("json", "structs", "arrow"):
@@ -148,7 +149,7 @@ def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tab
         tree["data"].update(path=str(tables[name]), num_workers=2)
         tree["data"]["image_dir"] = str(shapes_data["train_images"]) if name == "json" else ""
         path.write_text(yaml.safe_dump(tree))
-        helpers.launch(path)
+        helpers.train_here(path)
         losses[name] = [(m["loss"], m["sample_ids"]) for m in helpers.metrics(tmp_path / name)]
     assert losses["json"] == losses["structs"] == losses["arrow"] and len(losses["json"]) == 4
 

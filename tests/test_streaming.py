@@ -193,18 +193,19 @@ def _config(tmp_path, model_dir, shapes, shards, name, workers):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(workers, tmp_path, tiny_dropout_model_dir,
-                                                                    shapes_data, shards):
+def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(tmp_path, tiny_dropout_model_dir, shapes_data,
+                                                                    shards):
+    """Two workers, each with its own position (one worker's positions: the in-process tests above)."""
     from test_checkpoint import K, N, _bitwise_equal, _final, _steps, _trajectory
+
+    workers = 2
 
     never, stop = {"LLAVA_TEST_STOP_AT": "-1"}, {"LLAVA_TEST_STOP_AT": str(K)}
     helpers.launch(_config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "A", workers), extra_env=never)
     b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "B", workers)
     helpers.launch(b, extra_env=stop)
     saved = json.loads((tmp_path / "B" / "checkpoints" / f"step-{K:06d}" / "trainer_state.json").read_text())["stream"]
-    assert [(p["worker"], p["samples"]) for p in saved["positions"]] == (
-        [(0, K * 4)] if workers == 0 else [(0, K * 2), (1, K * 2)])  # K steps of 2 micro-batches of 2
+    assert [(p["worker"], p["samples"]) for p in saved["positions"]] == [(0, K * 2), (1, K * 2)]  # K steps x 2 x 2
     assert all(p["shard"].endswith(".tar") for p in saved["positions"])
     shutil.copytree(tmp_path / "B", tmp_path / "C")  # the negative control's first K steps
     helpers.launch(b, extra_env=never)  # resumes mid-epoch, mid-block (6 samples a block)
@@ -219,9 +220,9 @@ def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(workers, tmp
     assert _trajectory(steps_a, K + 1, N) != _trajectory(steps_c, K + 1, N)
     assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)]
     assert not _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "C"))
-    if workers:  # the stream's layout is part of its position: other workers are refused, naming the setting
-        out = helpers.launch(b, "train.max_steps=8", "data.num_workers=1", check=False)
-        assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
+    # the stream's layout is part of its position: other workers are refused, naming the setting
+    out = helpers.launch(b, "train.max_steps=8", "data.num_workers=1", check=False)
+    assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
 
 
 def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_model_dir, shapes_data, shards,

@@ -22,7 +22,7 @@ def _parameter_table(stdout: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["projector", "lora", "freeze_vision", "full"])
+@pytest.mark.parametrize("mode", ["projector", "lora", "full"])  # freeze_vision: between projector and full
 def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
     """2 processes x mb1 x acc2 under ZeRO-3 against 1 process x mb4, on a mix with text-only records (so some
     micro-batch has no image on one rank): the same step losses, the same held-out loss over 7 samples (4 on
