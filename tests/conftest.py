@@ -64,9 +64,8 @@ def tiny_dropout_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def fresh_accelerate_state():
     """In-process Trainers share Accelerate's singleton state; reset it around each test that builds one."""
-    from accelerate.state import AcceleratorState, GradientState
+    import helpers
 
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    helpers.reset_accelerate_state()
     gc.collect()  # a ZeRO-3 plugin left in a reference cycle would keep transformers' zero3-init switch on

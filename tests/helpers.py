@@ -87,19 +87,24 @@ def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300
     return out
 
 
+def reset_accelerate_state() -> None:
+    """Accelerate's state is a process-wide singleton: reset it so the next Trainer in this process starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def train_here(config: Path, *overrides: str):
     """The run in this process, as ``python train.py`` runs it, without paying a launch's imports again (about 4 s
     of the 5 a short launch takes here); for runs whose test reads what the run wrote, not what it printed."""
-    from accelerate.state import AcceleratorState, GradientState
-
     from llava_loop.config import load_config
     from llava_loop.loop import train
 
     try:
         return train(load_config(config, list(overrides)))
-    finally:  # Accelerate's state is a process-wide singleton; the next run in this process starts clean
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    finally:
+        reset_accelerate_state()
 
 
 def launch_two_nodes(config: Path, *overrides: str, timeout: int = 300, check: bool = True,

@@ -257,7 +257,7 @@ def test_a_pickled_code_payload_is_refused(finished_run, tmp_path, fresh_acceler
 
 
 @pytest.mark.slow
-def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data):
     sizes = {}
     for mode in ("full", "projector", "lora"):
         config = _config(tmp_path, tiny_model_dir, shapes_data, mode, mode=mode, train={"max_steps": 1})
@@ -544,7 +544,7 @@ def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_stat
         main_process_result(Accelerator(cpu=True), broken)
 
 
-def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shapes_data):
     """README.md with front matter huggingface_hub parses: towers, library, pipeline tag, data, mode; the body
     holds the run's last held-out metrics, its config and the prompt layout."""
     from pathlib import Path

@@ -14,7 +14,7 @@ from PIL import Image
 
 import helpers
 from llava_loop.build import BuildError, build_llava
-from llava_loop.config import MODES, load_config
+from llava_loop.config import MODES
 from llava_loop.data.encode import IGNORE_INDEX, tokenize_messages
 from llava_loop.demo.families import LLM_FAMILIES, VISION_FAMILIES, make_tokenizer, save_llm, save_vision
 from llava_loop.llm import emitted_tokens
@@ -301,14 +301,12 @@ def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
 
 
 def _train(tmp_path, model_dir, data, mode, name, steps, lr=3e-3, checkpointing=False):
-    from llava_loop.loop import train
-
     path = helpers.write_config(tmp_path / f"{name}.yaml", model=model_dir, data=data, output_dir=tmp_path / name,
                                 mode=mode, train={"max_steps": steps, "lr": lr, "micro_batch_size": 4,
                                                   "min_lr_ratio": 1.0, "gradient_checkpointing": checkpointing},
                                 checkpoint={"every": steps, "keep_last": 1},
                                 lora={"r": 4, "alpha": 8, "dropout": 0.0})
-    train(load_config(path))
+    helpers.train_here(path)
     return helpers.metrics(tmp_path / name)
 
 

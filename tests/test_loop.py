@@ -431,19 +431,12 @@ def test_at_most_three_host_reads_per_optimizer_step(accum, tmp_path, tiny_model
         trainer.hooks.hooks.append(probe)
         trainer.fit()
         per_step[loss] = [b - a for a, b in zip(probe.at_step_end, probe.at_step_end[1:])]
-        _reset_accelerate()  # two Trainers in one test
+        helpers.reset_accelerate_state()  # two Trainers in one test
     assert len(per_step["llava_loop.losses:label_only_ce"]) == 3
     assert max(per_step["llava_loop.losses:label_only_ce"]) <= 3, reads[-12:]
     # negative control: a loss that reads its value back on every micro-batch is counted once per micro-batch more
     assert [b - a for a, b in zip(per_step["llava_loop.losses:label_only_ce"],
                                   per_step["helpers:label_only_ce_read_each_micro_batch"])] == [accum] * 3
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 # ---------------------------------------------------------------------------------------------

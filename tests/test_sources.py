@@ -138,8 +138,7 @@ def test_a_table_without_conversations_or_with_splits_names_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tables, tiny_model_dir, shapes_data,
-                                                                    fresh_accelerate_state):
+def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tables, tiny_model_dir, shapes_data):
     """One skip, encode and collate path: the same records give the same run, with workers (forked readers)."""
     losses = {}
     for name in ("json", "structs", "arrow"):
