@@ -23,7 +23,7 @@ def main() -> None:
     from llava_loop.config import load_config
     from llava_loop.data.collate import Collator
     from llava_loop.data.loader import make_datasets
-    from llava_loop.losses import label_only_ce, supervised_positions
+    from llava_loop.losses import label_only_ce
     from llava_loop.modes import apply_mode
     from llava_loop.loop import run_setup
     from llava_loop.runtime import load_model
@@ -44,7 +44,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
     times = [time.monotonic()]
     for window in windows:
-        tokens = sum(supervised_positions(b["labels"])[1].numel() for b in window)
+        tokens = sum(b["n_label_tokens"] for b in window)
         for batch in window:
             (label_only_ce(model, batch)["loss"] / tokens).backward()
         optimizer.step()

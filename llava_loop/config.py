@@ -108,6 +108,10 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    compile: bool = opt(False, "Regional torch.compile: each LLM decoder layer compiled in place (one shared graph), "
+                               "fusing its elementwise work; not under ZeRO-3.")
+    liger: Literal["auto", "on", "off"] = opt("auto", "Liger's Triton kernels for the LLM's RMSNorm, SwiGLU and RoPE: "
+                                                      "auto where installed on a GPU; on: or refuse.")
     seed: int = opt(42, "Seed for weights init, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
     time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).")
@@ -115,6 +119,8 @@ class TrainConfig:
     dist_timeout_minutes: float = opt(30.0, "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.")
     log_every: int = opt(1, "Write metrics every N optimizer steps.")
     log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).")
+    peak_tflops: float = opt(0.0, "Dense bf16 peak TFLOP/s of one device, for the logged `mfu` (0: known GPUs by name, "
+                                  "none elsewhere).")
 
 
 @dataclass

@@ -149,7 +149,8 @@ class Progress:
     @staticmethod
     def _stats(m: dict) -> str:
         return (f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
-                f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s")
+                f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s"
+                + (f" MFU {m['mfu']:.1%}" if "mfu" in m else ""))
 
     def on_step_end(self, trainer, metrics):
         if not self.enabled:

@@ -33,8 +33,10 @@ from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
 from .errors import UserError
 from .evaluate import heldout_loss_sums
+from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
 from .importing import bind
+from .kernels import apply_liger, compile_decoder_layers
 from .losses import make_loss
 from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .runlock import RunLock
@@ -143,8 +145,22 @@ class Trainer:
         set_seed(cfg.train.seed)  # LoRA's initial weights must not depend on how loading drew (ZeRO-3 init draws)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
+        self.fuse_kernels(model)
+        self.flops = FlopsModel.from_model(model, cfg.canonical_mode)
+        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.accelerator)
         self.console.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
         return model
+
+    def fuse_kernels(self, model) -> None:
+        """Liger's kernels and regional compilation (kernels.py), as ``train.liger`` and ``train.compile`` say."""
+        t = self.cfg.train
+        if apply_liger(model, t.liger):
+            self.console.say("Liger kernels: the LLM's RMSNorm, SwiGLU and RoPE")
+        if t.compile:
+            if getattr(self.backend, "stage", 0) == 3:
+                raise UserError("train.compile: not under ZeRO-3, whose per-layer parameter gathering breaks the "
+                                "compiled graphs; use accelerate_config.yaml (ZeRO-2) or train.compile=false")
+            self.console.say(f"compiled {compile_decoder_layers(model)} decoder layers (torch.compile, per layer)")
 
     def build_data(self, records):
         """Datasets, the held-out loader and the (not yet prepared) training loader, which it returns."""
@@ -154,9 +170,9 @@ class Trainer:
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         pad_id = self.processor.tokenizer.pad_token_id
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
-        encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size
+        encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size; kept on the device
         self.blank_image = {"tokens": encoder.n_image_tokens, "token_id": encoder.image_token_id,
-                            "pixels": encoder.pixel_values(Image.new("RGB", (8, 8)))}
+                            "pixels": encoder.pixel_values(Image.new("RGB", (8, 8))).to(acc.device)[None]}
         self.eval_loader = None
         if self.eval_set is not None:
             self.eval_loader = make_eval_loader(self.eval_set, cfg, rank=acc.process_index,
@@ -166,8 +182,8 @@ class Trainer:
     def build_optimizer(self, model, loader) -> None:
         """AdamW over the trainable groups, everything prepared by Accelerate, then the schedule."""
         t, acc = self.cfg.train, self.accelerator
-        optimizer = torch.optim.AdamW(
-            param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
+        optimizer = self.backend.make_optimizer(
+            model, param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
         )
         if self.stream is None:
@@ -322,7 +338,9 @@ class Trainer:
                 loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             else:  # the stream seeks to its position itself (stream.py); replaying it would read the epoch again
                 self.train_set.start(self.state.epoch, skip)
-                loader = (send_to_device(batch, self.accelerator.device) for batch in self.loader)
+                # pinned batches (data.pin_memory on a GPU) copy without blocking the host, as prepared loaders do
+                loader = (send_to_device(batch, self.accelerator.device, non_blocking=self.cfg.data.pin_memory)
+                          for batch in self.loader)
             self.steps_per_epoch = self.micro_batches_per_epoch() // ga  # token budgets: depends on the epoch
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
@@ -333,13 +351,14 @@ class Trainer:
     def micro_batches_per_epoch(self) -> int:
         return self.stream.micro_batches if self.stream is not None else len(self.loader)
 
-    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events")
+    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events", "images", "attention_pairs")
 
     def global_window_counts(self, window: list[dict]) -> torch.Tensor:
         """One all-reduce of the window's ``COUNTS`` (from the collator's Python ints); left on the device."""
         local = torch.tensor([
             sum(b["n_label_tokens"] for b in window), sum(len(b["ids"]) for b in window),
             sum(b["n_tokens"] for b in window), sum(b["n_slots"] for b in window), sum(len(b["skipped"]) for b in window),
+            sum(b["n_images"] for b in window), sum(b["n_attention_pairs"] for b in window),
         ], dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(local, reduction="sum")
 
@@ -361,12 +380,14 @@ class Trainer:
             return batch
         ids, labels = batch["input_ids"], batch["labels"]
         n = self.blank_image["tokens"]
-        pixels = self.blank_image["pixels"].to(ids.device)[None]
+        pixels = self.blank_image["pixels"]
         if "position_ids" in batch:
-            positions = batch["position_ids"]
+            positions, bounds = batch["position_ids"], [*batch["sample_bounds"], batch["sample_bounds"][-1] + n]
             return {**batch, "input_ids": torch.cat([ids, ids.new_full((1, n), self.blank_image["token_id"])], 1),
                     "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
-                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1), "pixel_values": pixels}
+                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1), "pixel_values": pixels,
+                    "sample_bounds": bounds,
+                    "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])])}
         mask = batch["attention_mask"]
         extra_ids = ids.new_full((ids.shape[0], n), self.processor.tokenizer.pad_token_id)
         extra_ids[0] = self.blank_image["token_id"]
@@ -415,9 +436,20 @@ class Trainer:
             step_time=seconds, pad_fraction=1 - stats["tokens"] / max(stats["padded_slots"], 1),
             skipped_samples=sum(self.skips.counts.values()), bad_records=len(self.skips.bad_ids),
         )
+        metrics.update(self.throughput(stats, seconds))
         metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
         metrics.update({f"skipped/{reason}": count for reason, count in self.skips.counts.items()})
         return metrics
+
+    def throughput(self, stats: dict, seconds: float) -> dict:
+        """``flops``: what the step needed (flops.py, all processes); ``model_tflops_per_s``: that per second per
+        process; ``mfu``: that over one device's dense bf16 peak, where it is known (``train.peak_tflops``, or the
+        GPU's name)."""
+        needed, _ = self.flops.step(images=stats["images"], tokens=stats["tokens"],
+                                    attention_pairs=stats["attention_pairs"], supervised=stats["label_tokens"])
+        tflops = needed / seconds / 1e12 / self.accelerator.num_processes
+        return {"flops": needed, "model_tflops_per_s": tflops,
+                **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
 
     # ------------------------------------------------------------------------------------------
     # Held-out loss, checkpoints, signals
@@ -448,7 +480,8 @@ class Trainer:
         pad = self.processor.tokenizer.pad_token_id
         idle = {"input_ids": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE_INDEX]]), "ids": ["(idle)"],
                 "n_label_tokens": 0, "skipped": []}
-        idle.update({"position_ids": torch.tensor([[0]])} if self.cfg.data.padding_free
+        idle.update({"position_ids": torch.tensor([[0]]), "sample_bounds": [0, 1],
+                     "cu_seq_lens": torch.tensor([0, 1], dtype=torch.int32)} if self.cfg.data.padding_free
                     else {"attention_mask": torch.tensor([[1]])})
         longest = int(self.accelerator.reduce(torch.tensor(len(loader), device=self.accelerator.device), "max"))
         batches = iter(loader)

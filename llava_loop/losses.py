@@ -9,6 +9,7 @@ your own function to replace the default, with keyword arguments if it takes any
 
     loss: package.module:function
     loss: {fn: llava_loop.losses:ce_with_z_loss, kwargs: {z_weight: 1.0e-3}}
+    loss: {fn: llava_loop.losses:label_only_ce, kwargs: {chunk_rows: 512}}
 
 A loss that declares a ``state`` parameter also gets the run's live ``TrainState`` (``state.step`` is
 the number of optimizer steps completed), so a warm-up or curriculum of a loss term needs no global.
@@ -16,14 +17,20 @@ the number of optimizer steps completed), so a warm-up or curriculum of a loss t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from .attention import packed_kwargs
+from .data.collate import supervised_index as supervised_from_labels
 from .data.encode import IGNORE_INDEX
 from .importing import bind
+
+CHUNK_ROWS = 1024  # supervised rows whose (rows x vocabulary) logits exist at once in the default loss
 
 
 def make_loss(call, state):
@@ -35,17 +42,54 @@ def make_loss(call, state):
     return fn
 
 
-def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keep, targets)``: a (B, T) mask of positions whose *next* token is supervised, and those tokens."""
-    nxt = labels[:, 1:]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = nxt != IGNORE_INDEX
-    return keep, nxt[nxt != IGNORE_INDEX]
+def supervised_index(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, targets)`` of the positions whose next token is supervised. The collator computes them on
+    the host (``data/collate.py``), so indexing with them needs no device-to-host read; a batch made elsewhere
+    gets them from its labels (a boolean mask, which costs a read on a GPU)."""
+    return (batch["supervised"] if "supervised" in batch else supervised_from_labels(batch["labels"])).unbind(0)
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model takes from a batch: a padded batch's attention mask, or a packed one's position ids."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch}
+    """What the model takes from a batch: a padded batch's attention mask, or a packed one's position ids (and its
+    sample boundaries, computed once by the collator for every attention layer: attention.py)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch}
+    return {**inputs, **packed_kwargs(batch)}
+
+
+def unwrapped(model):
+    """The model under Accelerate's and DeepSpeed's wrappers (a PEFT model stays one: it finds the head)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def head_bypassed(model):
+    """While inside, the LM head returns its input: the model's ``logits`` are its final hidden states. The head
+    module keeps its hooks (ZeRO-3 still gathers and releases it); only its computation is skipped."""
+    head = unwrapped(model).get_output_embeddings()
+    own = head.__dict__.get("forward")  # an instance-level forward someone else installed, if any
+    head.forward = _identity
+    try:
+        yield head
+    finally:
+        if own is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = own
+
+
+def _identity(hidden_states):
+    return hidden_states
+
+
+def supervised_hidden(model, batch: dict):
+    """``(head, hidden (N, H), targets (N,))``: the final hidden states at supervised positions only, and the LM
+    head to apply to them. The forward passes the model's own wrappers (autocast, DeepSpeed), as a plain call."""
+    rows, cols, targets = supervised_index(batch)
+    with head_bypassed(model) as head:
+        hidden = model(**model_inputs(batch), use_cache=False).logits
+    return head, hidden[rows, cols], targets
 
 
 def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,15 +98,30 @@ def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The LM head runs on ~40 caption positions instead of ~600 image and prompt positions: at Qwen2.5's
     151,936-token vocabulary that is most of a stage-1 step's cost and memory.
     """
-    keep, targets = supervised_positions(batch["labels"])
-    out = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False)
-    return out.logits.float(), targets
+    head, hidden, targets = supervised_hidden(model, batch)
+    return head(hidden).float(), targets
 
 
-def label_only_ce(model, batch: dict) -> dict:
-    """Default: summed next-token cross-entropy on supervised tokens, LM head on those positions only."""
-    logits, targets = supervised_logits(model, batch)
-    return {"loss": F.cross_entropy(logits, targets, reduction="sum")}
+def _chunk_ce(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_ce(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` with at most ``chunk_rows`` rows of logits alive at once. Each
+    chunk keeps only its hidden rows for backward and recomputes its logits there (one more LM-head forward), so
+    thousands of stage-2 answer tokens x a 151,936-row vocabulary never sit in memory together with their
+    gradient. One chunk (stage 1's few caption tokens) is computed as is, with nothing recomputed."""
+    if hidden.shape[0] <= chunk_rows or not torch.is_grad_enabled():  # no row: the head still joins the graph
+        return sum(_chunk_ce(head, h, t) for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)))
+    return sum(checkpoint(_chunk_ce, head, h, t, use_reentrant=False, preserve_rng_state=False)
+               for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)))
+
+
+def label_only_ce(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> dict:
+    """Default: summed next-token cross-entropy on supervised tokens, the LM head on those positions only, in
+    chunks of ``chunk_rows`` rows (``chunked_ce``)."""
+    head, hidden, targets = supervised_hidden(model, batch)
+    return {"loss": chunked_ce(head, hidden, targets, chunk_rows)}
 
 
 def full_logits_ce(model, batch: dict) -> dict:

@@ -64,6 +64,73 @@ def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_di
     assert torch.linalg.norm(grads[0] - grads[1]) / torch.linalg.norm(grads[1]) < 1e-5
 
 
+def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(tmp_path, tiny_model_dir, shapes_data,
+                                                                     tiny_processor):
+    """label_only_ce in chunks of 7 supervised rows equals the one-chunk loss and gradients to 1e-6; each chunk's
+    LM head runs once forward and once more in backward (its logits were not kept); one chunk recomputes nothing."""
+    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    rows = batch["n_label_tokens"]
+    assert rows > 3 * 7
+    model = _model(tiny_model_dir)
+    head_calls = []
+    model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    results = {}
+    for chunk_rows in (7, 10**6):
+        model.zero_grad()
+        head_calls.clear()
+        loss = label_only_ce(model, batch, chunk_rows=chunk_rows)["loss"]
+        forward_calls = len(head_calls)
+        loss.backward()
+        results[chunk_rows] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                               forward_calls, len(head_calls))
+    chunked, whole = results[7], results[10**6]
+    assert torch.isclose(chunked[0], whole[0], rtol=1e-6, atol=0), (chunked[0], whole[0])
+    assert chunked[1].keys() == whole[1].keys() and len(whole[1]) > 10  # full mode: the head trains too
+    flat = [torch.cat([grads[n].flatten() for n in sorted(whole[1])]) for grads in (chunked[1], whole[1])]
+    assert torch.linalg.norm(flat[0] - flat[1]) <= 1e-6 * torch.linalg.norm(flat[1])  # float reassociation only
+    chunks = math.ceil(rows / 7)  # + 1 call: the head's hooks still run (bypassed) inside the model's forward
+    assert chunked[2:] == (chunks + 1, 2 * chunks + 1) and whole[2:] == (2, 2)
+    # negative control: the tolerance tells a changed target apart
+    wrong = dict(batch, supervised=batch["supervised"].clone())
+    wrong["supervised"][2, 0] = (wrong["supervised"][2, 0] + 1) % model.config.text_config.vocab_size
+    with torch.no_grad():
+        assert not torch.isclose(label_only_ce(model, wrong, chunk_rows=7)["loss"], whole[0], rtol=1e-6, atol=0)
+
+
+def _host_syncs(fn) -> int:
+    """Operators that make the host wait for a device result (a boolean mask's nonzero, a scalar read), counted
+    by the profiler in one call of ``fn`` (forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::nonzero", "aten::_local_scalar_dense"))
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_the_loss_adds_no_host_read_to_the_models_own(padding_free, tmp_path, tiny_processor, tiny_model_dir):
+    """With the collator's supervised index and sample boundaries, the default loss (forward + backward) makes no
+    host read beyond those the model's own forward and backward make (Llava's placeholder check, the packed-row detection).
+    Negative controls: the same batch without the index reads once more (its label mask), and a packed batch
+    without the boundaries once more per attention layer (read from position_ids)."""
+    from llava_loop.losses import model_inputs
+
+    samples = _mixed_samples(tmp_path, tiny_processor)
+    batch = Collator(tiny_processor.tokenizer.pad_token_id, padding_free=padding_free)(samples)
+    from llava_loop.runtime import load_model
+
+    model = load_model(tiny_model_dir, packed=padding_free)[0]  # packed: the LLM runs sdpa_varlen
+    own = _host_syncs(lambda: model(**model_inputs(batch), logits_to_keep=1, use_cache=False).logits.sum()
+                      .backward())
+    assert _host_syncs(lambda: label_only_ce(model, batch)["loss"].backward()) == own
+    unindexed = {k: v for k, v in batch.items() if k != "supervised"}
+    assert _host_syncs(lambda: label_only_ce(model, unindexed)["loss"].backward()) == own + 1
+    if padding_free:
+        unbounded = {k: v for k, v in batch.items() if k not in ("sample_bounds", "cu_seq_lens")}
+        layers = model.config.text_config.num_hidden_layers
+        assert _host_syncs(lambda: label_only_ce(model, unbounded)["loss"].backward()) == own + layers
+
+
 # ---------------------------------------------------------------------------------------------
 # Modes
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +355,7 @@ def _token_losses_and_grads(tiny_model_dir, mode, batch, kernel="auto"):
 @pytest.mark.parametrize("kernel", ["sdpa", "sdpa_varlen"])  # dense block-diagonal mask; sdpa per packed sample
 @pytest.mark.parametrize("mode", MODES)
 def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel, tmp_path, tiny_model_dir,
-                                                                     tiny_processor, monkeypatch):
+                                                                     tiny_processor):
     samples = _mixed_samples(tmp_path, tiny_processor)
     pad = tiny_processor.tokenizer.pad_token_id
     padded, packed = Collator(pad)(samples), Collator(pad, padding_free=True)(samples)
@@ -298,22 +365,24 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel
     assert torch.equal(packed["pixel_values"], padded["pixel_values"])  # 1 + 2 + 1 images, in sample order
 
     reference, reference_grads = _token_losses_and_grads(tiny_model_dir, mode, padded)
-    losses, grads = _token_losses_and_grads(tiny_model_dir, mode, packed, kernel)
-    assert losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5  # every token of every sample
-    assert grads.keys() == reference_grads.keys() and len(grads) > 0
-    for name, grad in grads.items():
-        assert (grad - reference_grads[name]).abs().max() < 1e-5, name
+    # the collator's sample boundaries (read once per batch), and a caller's packed row without them (each layer
+    # finds them in position_ids)
+    unbounded = {k: v for k, v in packed.items() if k not in ("sample_bounds", "cu_seq_lens")}
+    for batch in (packed, unbounded):
+        losses, grads = _token_losses_and_grads(tiny_model_dir, mode, batch, kernel)
+        assert losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5  # every token of every sample
+        assert grads.keys() == reference_grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            assert (grad - reference_grads[name]).abs().max() < 1e-5, name
 
     # negative controls: positions running on across samples, or attention across samples, change the losses
-    running = dict(packed, position_ids=torch.arange(packed["n_tokens"])[None])
+    running = dict(unbounded, position_ids=torch.arange(packed["n_tokens"])[None])
     assert (_token_losses_and_grads(tiny_model_dir, mode, running, kernel)[0] - reference).abs().max() > 1e-3
     if kernel == "sdpa":  # an all-ones mask turns transformers' packed-sequence detection off
         crossing = dict(packed, attention_mask=torch.ones(1, packed["n_tokens"], dtype=torch.long))
-    else:  # the kernel, blind to the sample boundaries, attends across them (positions still restart)
-        from llava_loop import attention
-
-        crossing = packed
-        monkeypatch.setattr(attention, "sample_bounds", lambda position_ids: [0, position_ids.shape[-1]])
+    else:  # the kernel, given one sample for the whole row, attends across the samples (positions still restart)
+        whole = [0, packed["n_tokens"]]
+        crossing = dict(packed, sample_bounds=whole, cu_seq_lens=torch.tensor(whole, dtype=torch.int32))
     assert (_token_losses_and_grads(tiny_model_dir, mode, crossing, kernel)[0] - reference).abs().max() > 1e-3
 
 

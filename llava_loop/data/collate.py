@@ -8,8 +8,14 @@ at 0 for each and no attention mask. Transformers reads the restarts as packed s
 block-diagonal causal mask under sdpa/eager. So no
 token attends across samples, every sample sees the positions it would see alone, and no slot is spent on padding.
 
-The batch also carries its counts as Python ints (supervised tokens, real tokens, slots), so the loop never reads
-them back from the device.
+The batch also carries, computed here on the host so that nothing is read back from the device:
+
+* its counts as Python ints (supervised tokens, real tokens, slots, images, and the sum of squared sample lengths
+  that attention costs), for the loop's loss normalisation and its FLOPs count;
+* ``supervised``: a (3, N) tensor of the (row, column, next token) of every position whose next token is
+  supervised, which the loss indexes the hidden states with (``losses.supervised_index``);
+* packed rows only: ``sample_bounds`` (start offsets plus the row length) and ``cu_seq_lens`` (the same as an int32
+  tensor, moved to the device with the batch), which every attention layer reads (``attention.PackedSamples``).
 """
 
 from __future__ import annotations
@@ -28,15 +34,19 @@ class Collator:
         events = [event for s in samples for event in s["skipped"]]
         samples = [s for s in samples if s["input_ids"] is not None]  # left-out held-out samples (dataset.py)
         if not samples:
-            return {"ids": [], "skipped": events, "n_label_tokens": 0, "n_tokens": 0, "n_slots": 0}
+            return {"ids": [], "skipped": events, "n_label_tokens": 0, "n_tokens": 0, "n_slots": 0, "n_images": 0,
+                    "n_attention_pairs": 0}
         batch = self.packed(samples) if self.padding_free else self.padded(samples)
-        # the positions losses.supervised_positions keeps: a label on the next token
-        batch["n_label_tokens"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        batch["n_tokens"] = sum(len(s["input_ids"]) for s in samples)
+        batch["supervised"] = supervised_index(batch["labels"])
+        batch["n_label_tokens"] = batch["supervised"].shape[1]
+        lengths = [len(s["input_ids"]) for s in samples]
+        batch["n_tokens"] = sum(lengths)
+        batch["n_attention_pairs"] = sum(n * n for n in lengths)
         batch["n_slots"] = batch["input_ids"].numel()
         pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         if pixels:  # every sample's images, in row and tag order: the model fills the <image> placeholders in turn
             batch["pixel_values"] = torch.cat(pixels)
+        batch["n_images"] = sum(len(p) for p in pixels)
         batch["ids"] = [s["id"] for s in samples]
         batch["skipped"] = events
         return batch
@@ -60,6 +70,16 @@ class Collator:
             own = sample["labels"].clone()
             own[0] = IGNORE_INDEX  # never the target of the previous sample's last token
             labels.append(own)
+        bounds = [0]
+        for sample in samples:
+            bounds.append(bounds[-1] + len(sample["input_ids"]))
         return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
                 "labels": torch.cat(labels)[None],
-                "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None]}
+                "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
+                "sample_bounds": bounds, "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32)}
+
+
+def supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    """(3, N): row, column and target of each position whose *next* token carries a label."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return torch.stack([rows, cols, labels[rows, cols + 1]])
