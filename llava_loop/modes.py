@@ -126,7 +126,10 @@ def enable_checkpointing(model, trainable_parts: set[str]) -> None:
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     towers = [llava.model.language_model] + ([llava.model.vision_tower] if VISION in trainable_parts else [])
     for tower in towers:
-        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(tower, "activation_checkpointing_enable"):
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers 5.17 (the GPU machine's) has only the name that later versions deprecate
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         tower.disable_input_require_grads()  # transformers hooks input_ids models; non-reentrant needs no hook
 
 

@@ -97,7 +97,10 @@ def family_of(config, path: Path) -> tuple[VisionFamily, object]:
 def load_image_processor(path: Path, family: VisionFamily, vision_config) -> tuple[object, str]:
     """The tower's own image processor (``preprocessor_config.json``, legacy feature-extractor files included),
     else its family's processor class with that class's defaults at the tower's resolution."""
-    from transformers import AutoImageProcessor, CLIPImageProcessor, SiglipImageProcessor
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+    # from its module: transformers 5.17's top-level AutoImageProcessor is a torchvision-only placeholder where
+    # torchvision is missing (fixed by 5.24), and the GPU machine has no torchvision
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     if (path / "preprocessor_config.json").is_file():
         try:

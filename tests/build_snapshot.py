@@ -1,7 +1,7 @@
 """A content snapshot of a composed model directory, for pinning a build byte for byte.
 
-Small JSON files (configs) are kept as parsed content, with machine-specific paths removed so the snapshot
-holds anywhere; weights, ``tokenizer.json`` and every other file are kept as their SHA-256. ``python -m tests.build_snapshot`` rewrites the pinned snapshots in
+Small JSON files (configs) are kept as parsed content, with machine-specific paths and the writing transformers
+version removed so the snapshot holds anywhere; weights, ``tokenizer.json`` and every other file are kept as their SHA-256. ``python -m tests.build_snapshot`` rewrites the pinned snapshots in
 ``tests/data/`` from the current code: only do that when a change to the composed model is intended.
 """
 
@@ -12,14 +12,16 @@ import json
 from pathlib import Path
 
 PINNED = Path(__file__).parent / "data" / "pinned_builds.json"
-_PATH_KEYS = ("_name_or_path", "vision", "llm")  # where a build records the folders it was made from
+# where a build records the folders it was made from, and the transformers that wrote it (the floor-version CI
+# step builds with an older one; the content must not differ)
+_UNPINNED_KEYS = ("_name_or_path", "vision", "llm", "transformers_version")
 
 
-def _without_paths(value):
+def _pinned_part(value):
     if isinstance(value, dict):
-        return {k: _without_paths(v) for k, v in value.items() if k not in _PATH_KEYS}
+        return {k: _pinned_part(v) for k, v in value.items() if k not in _UNPINNED_KEYS}
     if isinstance(value, list):
-        return [_without_paths(v) for v in value]
+        return [_pinned_part(v) for v in value]
     return value
 
 
@@ -27,7 +29,7 @@ def snapshot(model_dir: Path) -> dict:
     out = {}
     for path in sorted(Path(model_dir).iterdir()):
         if path.suffix == ".json" and path.name != "tokenizer.json":
-            out[path.name] = _without_paths(json.loads(path.read_text()))
+            out[path.name] = _pinned_part(json.loads(path.read_text()))
         else:
             out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out

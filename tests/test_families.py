@@ -283,7 +283,8 @@ def test_the_image_processor_comes_from_the_tower(towers, tmp_path):
 @pytest.mark.parametrize("size", [(400, 300), (64, 64), (37, 100)])
 def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
     import numpy as np
-    from transformers import AutoImageProcessor
+    # from its module: transformers 5.17's top-level name is a torchvision-only placeholder without torchvision
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from llava_loop.data.images import fast_path_applies, fast_pixels
 
