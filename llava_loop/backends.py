@@ -5,7 +5,9 @@ chose once from the Accelerator; none of them branches on the backend. A new bac
 is one more class in ``BACKENDS``, not more branches:
 
 * ``configure``: settle backend settings from the run's config, before ``accelerator.prepare``;
-* ``weights_dtype``: the dtype to load weights in (what the backend would cast them to anyway);
+* ``weights_dtype``: the dtype to load weights in (frozen weights stay in it);
+* ``make_optimizer``: AdamW over the parameter groups, the trained weights cast to the dtype this backend
+  trains them in (before ``accelerator.prepare``);
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
 * ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
 * ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
@@ -37,7 +39,12 @@ class PlainBackend:
         self.accelerator.register_save_state_pre_hook(frozen_tensor_filter)
 
     def weights_dtype(self) -> torch.dtype:
-        return torch.float32  # autocast computes in bf16 from fp32 master weights
+        return plain_weights_dtype(self.accelerator.device.type, self.accelerator.mixed_precision)
+
+    def make_optimizer(self, model, groups: list[dict], **adamw) -> torch.optim.Optimizer:
+        """The trained parameters are the optimizer's master weights, so fp32 whatever the frozen ones were loaded
+        in: autocast computes in bf16 from them."""
+        return make_adamw(model, groups, trained_dtype=torch.float32, device_type=self.accelerator.device.type, **adamw)
 
     def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
         """Clip, step, zero. A non-finite norm skips the update entirely."""
@@ -118,6 +125,14 @@ class DeepSpeedBackend:
         """The engine casts the model to bf16 itself; loading in bf16 spares each rank a full fp32 copy in RAM."""
         return torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
 
+    def make_optimizer(self, model, groups: list[dict], **adamw) -> torch.optim.Optimizer:
+        """DeepSpeed wraps the optimizer and keeps fp32 master copies of the trained weights in it, so the model
+        holds them in ``weights_dtype`` like the rest. PEFT makes LoRA adapters fp32 whatever the base's dtype; the
+        engine casts a ZeRO-2 model to bf16 but not a zero.Init (ZeRO-3) one, whose optimizer then fails on
+        the mix of dtypes (an assert in DeepSpeed's defragment)."""
+        return make_adamw(model, groups, trained_dtype=self.weights_dtype(), device_type=self.accelerator.device.type,
+                          **adamw)
+
     def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
         """The engine already clipped and stepped inside the last ``accelerator.backward``; it skips a
         non-finite update itself. Read back what it did."""
@@ -146,6 +161,29 @@ class DeepSpeedBackend:
 
 
 BACKENDS = {backend.name: backend for backend in (PlainBackend, DeepSpeedBackend)}
+
+
+def plain_weights_dtype(device_type: str, mixed_precision: str) -> torch.dtype:
+    """What the plain backend loads weights in. Under bf16 autocast on a GPU, bf16: frozen towers are only ever
+    read, and autocast computes in bf16 anyway, so an fp32 copy of them would hold twice the memory for nothing
+    (``make_optimizer`` casts the trained weights back to fp32). Otherwise fp32, CPU runs included: there bf16
+    autocast is for checking, not for memory, and the run stays as it was."""
+    return torch.bfloat16 if (device_type == "cuda" and mixed_precision == "bf16") else torch.float32
+
+
+def make_adamw(model, groups: list[dict], *, trained_dtype: torch.dtype, device_type: str,
+               **adamw) -> torch.optim.AdamW:
+    """torch's AdamW over ``groups``, once the trained parameters are cast to ``trained_dtype`` (frozen ones keep
+    their load dtype): the one place that sets the trained weights' dtype, LoRA adapters included. A ZeRO-3
+    partition is never cast here: DeepSpeed trains in the dtype it loaded.
+
+    On a GPU, the fused kernel (one launch for all tensors): the weights it steps there are fp32 in both
+    backends (plain: the trained parameters; DeepSpeed: its master copies), which that kernel takes. Elsewhere
+    torch's default (``fused=False`` is not that: it turns foreach off too)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != trained_dtype:
+            param.data = param.data.to(trained_dtype)
+    return torch.optim.AdamW(groups, fused=True if device_type == "cuda" else None, **adamw)
 
 
 def backend_for(accelerator):

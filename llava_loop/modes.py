@@ -145,7 +145,8 @@ def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) 
         if not param.requires_grad:
             continue
         is_projector = part_of(name) == PROJECTOR
-        decay = param.ndim >= 2
+        # matrices decay, biases and norms do not; under ZeRO-3 the tensor is an empty 1-d partition: use ds_shape
+        decay = len(getattr(param, "ds_shape", param.shape)) >= 2
         groups.setdefault((is_projector, decay), []).append(param)
     out = []
     for (is_projector, decay), params in sorted(groups.items()):

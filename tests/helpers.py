@@ -394,3 +394,15 @@ torch.save(results, {str(result)!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     return torch.load(result)
+
+
+class TrainedDtypes:
+    """At the start of training, each rank writes the dtype its trained parameters are held in (under ZeRO-3, its
+    partition's) to trained_dtypes_rank{r}.json."""
+
+    def on_train_start(self, trainer):
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        dtypes = {name: str(getattr(p, "ds_tensor", p).dtype).removeprefix("torch.")
+                  for name, p in model.named_parameters() if p.requires_grad}
+        rank = trainer.accelerator.process_index
+        (Path(trainer.output_dir) / f"trained_dtypes_rank{rank}.json").write_text(json.dumps(dtypes))

@@ -3,6 +3,8 @@ objects (in one process; the multi-process behaviour is tested through launches 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,11 +68,89 @@ def test_deepspeed_bf16_accumulates_in_fp32_and_loads_weights_as_the_engine_will
     assert backend.weights_dtype() == weights
 
 
-def test_plain_backend_keeps_fp32_master_weights_under_bf16_autocast(fresh_accelerate_state):
-    from llava_loop.backends import PlainBackend, backend_for
+@pytest.mark.parametrize("device_type, precision, loaded", [
+    ("cuda", "bf16", torch.bfloat16), ("cuda", "no", torch.float32), ("cpu", "bf16", torch.float32),
+])
+def test_the_plain_backend_loads_bf16_only_under_bf16_on_a_gpu(device_type, precision, loaded):
+    from llava_loop.backends import plain_weights_dtype
 
-    backend = backend_for(_accelerator("bf16", deepspeed=False))
-    assert isinstance(backend, PlainBackend) and backend.weights_dtype() == torch.float32
+    assert plain_weights_dtype(device_type, precision) == loaded
+
+
+def _lora_model(model_dir, dtype):
+    from llava_loop.config import LoraConfig
+    from llava_loop.modes import apply_mode, param_groups
+    from llava_loop.runtime import load_model
+
+    model = apply_mode(load_model(model_dir, dtype=dtype)[0], "lora", LoraConfig(r=4, alpha=8, dropout=0.0))
+    return model, param_groups(model, lr=1e-3, projector_lr=0.0, weight_decay=0.0)
+
+
+def _dtypes(model, trained: bool) -> set:
+    return {p.dtype for p in model.parameters() if p.requires_grad is trained}
+
+
+@pytest.mark.parametrize("deepspeed, trained", [(False, torch.float32), (True, torch.bfloat16)])
+def test_trained_weights_take_the_backends_dtype_and_frozen_ones_keep_the_loaded_one(
+        deepspeed, trained, tiny_model_dir, fresh_accelerate_state):
+    """bf16-loaded LoRA (as the plain backend loads on a GPU under bf16, and DeepSpeed under bf16): PEFT made the
+    adapters fp32. The plain backend trains fp32 master weights (adapters and projector cast up); DeepSpeed keeps
+    its masters in the optimizer, so everything stays bf16 (adapters cast down). The optimizer holds the same
+    parameter objects, and CPU keeps torch's default kernel."""
+    from llava_loop.backends import backend_for
+
+    model, groups = _lora_model(tiny_model_dir, torch.bfloat16)
+    adapters = {p.dtype for n, p in model.named_parameters() if ".lora_" in n}
+    assert adapters == {torch.float32} and _dtypes(model, trained=False) == {torch.bfloat16}
+    optimizer = backend_for(_accelerator("bf16", deepspeed=deepspeed)).make_optimizer(model, groups, lr=1e-3)
+    assert _dtypes(model, trained=True) == {trained} and _dtypes(model, trained=False) == {torch.bfloat16}
+    in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert optimizer.defaults["fused"] is None
+
+
+@pytest.mark.parametrize("device_type, fused", [("cuda", True), ("cpu", None)])
+def test_adamw_is_fused_where_the_weights_it_steps_live_on_a_gpu(device_type, fused, tiny_model_dir):
+    """The choice itself (the fused kernel checks devices at the first step, so a CPU model can be built for it);
+    on CPU torch's default, not fused=False, which would also turn foreach off."""
+    from llava_loop.backends import make_adamw
+
+    model, groups = _lora_model(tiny_model_dir, torch.float32)
+    optimizer = make_adamw(model, groups, trained_dtype=torch.float32, device_type=device_type, lr=1e-3)
+    assert optimizer.defaults["fused"] is fused and optimizer.defaults["foreach"] is None
+
+
+def _trainer(tmp_path, model_dir, shapes_data, precision):
+    from llava_loop.loop import Trainer
+
+    config = helpers.write_config(tmp_path / "run.yaml", model=model_dir, data=shapes_data, output_dir=tmp_path / "run",
+                                  mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                                  train={"max_steps": 2, "precision": precision})
+    return Trainer(load_config(config))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU half; the GPU half is the next test")
+def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(tmp_path, tiny_model_dir, shapes_data,
+                                                                          fresh_accelerate_state):
+    trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert trainer.optimizer.optimizer.defaults["fused"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_bf16_run_on_a_gpu_holds_frozen_towers_in_bf16_and_trains_fp32_weights_with_fused_adamw(
+        tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
+    model = trainer.model
+    assert _dtypes(model, trained=False) == {torch.bfloat16} and _dtypes(model, trained=True) == {torch.float32}
+    assert trainer.optimizer.optimizer.defaults["fused"] is True
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.fit()
+    losses = [m["loss"] for m in helpers.metrics(tmp_path / "run")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], b) for n, b in before.items() if ".lora_B." in n)
 
 
 @pytest.mark.parametrize("pin", [True, False])
