@@ -62,7 +62,8 @@ class Call:
 class ModelConfig:
     path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = opt(
-        "auto", "Attention kernel; auto: sdpa where each tower supports it, else eager (Gemma 2), and with "
+        "auto", "Attention kernel; auto: flash_attention_2 where flash-attn is installed (on a GPU, in bf16), else "
+                "sdpa where each tower supports it, else eager (Gemma 2), and with "
                 "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).")
 
 

@@ -121,9 +121,12 @@ def require_shared_dir(accelerator, path: Path) -> None:
 def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=torch.float32, packed: bool = False):
     """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing.
 
+    ``auto``: flash_attention_2 where flash-attn is installed, a GPU is there and the weights load in bf16/fp16 (its
+    varlen kernel serves packed rows too); else transformers' choice per tower (sdpa, eager for Gemma 2).
     ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
     samples cost their own lengths squared in attention, not the row's."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import is_flash_attn_2_available
 
     from . import attention  # registers sdpa_varlen with transformers
 
@@ -138,8 +141,11 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
         raise UserError(f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'")
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
-    # None: transformers picks per tower; sdpa_varlen is set on the LLM alone, after loading
+    # None: transformers picks per tower (it never picks flash-attention itself); sdpa_varlen is set on the LLM
+    # alone, after loading
     kernel = None if attn_implementation in ("auto", attention.NAME) else attn_implementation
+    if attn_implementation == "auto" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
+        kernel = "flash_attention_2"
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
     if attn_implementation == attention.NAME or (attn_implementation == "auto" and packed):
         if not attention.use_for_llm(model) and attn_implementation == attention.NAME:

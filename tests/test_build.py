@@ -211,3 +211,20 @@ def test_clip_qwen_builds_are_pinned_byte_for_byte(tmp_path):
         sidecar = "llava_loop_build.json"  # llava_loop's own build record may gain keys; the old ones hold
         built[name][sidecar] = {k: v for k, v in built[name][sidecar].items() if k in pinned[name][sidecar]}
         assert built[name] == pinned[name], f"the {name} build changed; see tests/build_snapshot.py"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_auto_attention_is_flash_attention_where_flash_attn_runs_else_sdpa(packed, tiny_model_dir):
+    """``auto`` in bf16: flash_attention_2 on a machine with flash-attn and a GPU (its varlen kernel serves packed
+    rows), else sdpa, and sdpa_varlen on the LLM for packed rows. Each machine checks the branch it has."""
+    from transformers.utils import is_flash_attn_2_available
+
+    from llava_loop.runtime import load_model
+
+    model = load_model(tiny_model_dir, dtype=torch.bfloat16, packed=packed)[0]
+    if is_flash_attn_2_available():
+        expected = ("flash_attention_2", "flash_attention_2")
+    else:
+        expected = ("sdpa", "sdpa_varlen" if packed else "sdpa")
+    config = model.config
+    assert (config.vision_config._attn_implementation, config.text_config._attn_implementation) == expected
