@@ -30,7 +30,7 @@ from .data.collate import supervised_index as supervised_from_labels
 from .data.encode import IGNORE_INDEX
 from .importing import bind
 
-CHUNK_ROWS = 1024  # supervised rows whose (rows x vocabulary) logits exist at once in the default loss
+CHUNK_ROWS = 512  # supervised rows whose (rows x vocabulary) logits exist at once in the default loss
 
 
 def make_loss(call, state):
