@@ -53,7 +53,8 @@ def apply_liger(model, setting: str) -> bool:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # by model type (llava -> its LLM's family); the loss stays ours, so neither of Liger's cross-entropies
-    _apply_liger_kernel_to_instance(model=llava, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
+    # dispatched by model type: llava patches its LLM's family with that family's defaults (RMSNorm, SwiGLU, RoPE;
+    # RoPE module-wide); the loss stays ours, so neither of Liger's cross-entropies (the fused one would replace
+    # the model's forward)
+    _apply_liger_kernel_to_instance(model=llava, cross_entropy=False, fused_linear_cross_entropy=False)
     return True
