@@ -174,3 +174,27 @@ def test_large_parquet_row_groups_warn_naming_the_fix(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(open_records(tmp_path / "small.parquet")) == 1001
+
+
+@pytest.mark.parametrize("second", ["text_only", "images_column"])
+def test_a_parquet_folder_whose_files_have_different_columns_keeps_every_image(second, tmp_path, shapes_data):
+    """Each file is read with its own columns: a last file without an image column (or calling it `images`) must
+    not drop the others' images."""
+    records = json.loads(shapes_data["train"].read_text())
+    (tmp_path / "mixed").mkdir()
+    datasets.Dataset.from_list(_rows(records, shapes_data["train_images"], "bytes")).to_parquet(
+        str(tmp_path / "mixed" / "a.parquet"))
+    text = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": "ok"}]}
+            for i in range(40)]
+    if second == "images_column":
+        data = (shapes_data["train_images"] / records[0]["image"]).read_bytes()
+        text = [{**r, "images": [data]} for r in text]
+        for r in text:
+            r["conversations"] = [{**r["conversations"][0], "value": "<image>\n" + r["conversations"][0]["value"]},
+                                  r["conversations"][1]]
+    datasets.Dataset.from_list(text).to_parquet(str(tmp_path / "mixed" / "b.parquet"))
+    table = open_records(tmp_path / "mixed")
+    assert len(table) == 136
+    assert all(len(table[i].images) == 1 for i in range(96))
+    assert table[0].images[0].data == (shapes_data["train_images"] / records[0]["image"]).read_bytes()
+    assert all(len(table[i].images) == (1 if second == "images_column" else 0) for i in range(96, 136))

@@ -102,11 +102,13 @@ class ParquetRows:
 
         self.files = files
         self._open: dict[int, object] = {}
-        counts, groups = [], []
+        counts, groups, self.columns = [], [], []
         for f, file in enumerate(files):
             parquet = pq.ParquetFile(file, memory_map=True)
             meta, names = parquet.metadata, parquet.schema_arrow.names
             check_columns(names, str(file))
+            # each file's own columns: a folder's files may differ (a text-only part, `images` beside `image`)
+            self.columns.append([c for c in names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)])
             for g in range(meta.num_row_groups):
                 counts.append(meta.row_group(g).num_rows)
                 groups.append((f, g))
@@ -118,7 +120,6 @@ class ParquetRows:
                               "a save_to_disk folder or shards", stacklevel=2)
         self.groups = groups
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self.columns = [c for c in names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)]
         self._cached: tuple[int, object] | None = None
 
     def __len__(self) -> int:
@@ -132,7 +133,7 @@ class ParquetRows:
                 import pyarrow.parquet as pq
 
                 self._open[f] = pq.ParquetFile(self.files[f], memory_map=True)
-            self._cached = group, self._open[f].read_row_group(g, columns=self.columns)
+            self._cached = group, self._open[f].read_row_group(g, columns=self.columns[f])
         return self._cached[1].slice(index - int(self.starts[group]), 1).to_pylist()[0]
 
     def __getstate__(self):  # workers reopen the files themselves
