@@ -160,7 +160,8 @@ class Config:
                      "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).")
     hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.")
     setup: list[Call] = opt([], "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.")
-    trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb].")
+    trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb] (pip install "
+                                      "'llava-loop[trackers]'); a named tracker that is not installed is refused at startup.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -332,6 +333,14 @@ def validate(config: Config) -> None:
         problems.append("resume must be auto, none, overwrite or a checkpoint path")
     if config.canonical_mode == "lora" and (config.lora.r < 1 or not config.lora.targets):
         problems.append("lora.r must be >= 1 and lora.targets non-empty in lora mode")
+    if config.trackers:
+        from accelerate.utils import LoggerType  # only when trackers are named: Accelerate imports torch
+
+        valid = [t.value for t in LoggerType]
+        unknown = [t for t in config.trackers if t not in valid]
+        if unknown:
+            problems.append(f"trackers: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                            f"a tracker; valid trackers: {', '.join(valid)}")
     for call in [config.loss, *config.hooks, *config.setup]:
         if ":" not in call.fn:
             problems.append(f"{call.fn!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")

@@ -1,0 +1,42 @@
+"""Startup refusals (issue 25): what the config names but this run cannot honour fails before the model loads, as a
+UserError naming the fix (exit 2 through the CLI), never as a raw traceback or a run that silently logs nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+import helpers
+from llava_loop.cli import main
+from llava_loop.config import ConfigError, load_config
+from llava_loop.errors import UserError
+
+
+def weighted_ce(model, batch, *, weight: float) -> dict:  # a loss with a required keyword
+    raise AssertionError("never called: the run must fail at startup")
+
+
+def prepare_with(cfg, *, where: str) -> None:  # a setup function with a required keyword
+    raise AssertionError("never called: the run must fail at startup")
+
+
+def _config_file(tmp_path, tiny_model_dir, shapes_data, **sections):
+    return helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
+                                output_dir=tmp_path / "run", **sections)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the run gets as far as loading the model."""
+    from llava_loop import loop
+
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+
+
+def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(tmp_path, tiny_model_dir, shapes_data, capsys):
+    path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["tensorbord"])
+    with pytest.raises(ConfigError, match=r"trackers: 'tensorbord' is not a tracker; valid trackers: .*tensorboard.*wandb"):
+        load_config(path)
+    assert main(["train", "--config", str(path)]) == 2
+    assert "valid trackers:" in capsys.readouterr().err
