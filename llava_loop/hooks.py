@@ -24,7 +24,10 @@ import time
 import uuid
 from pathlib import Path
 
+from .errors import UserError
 from .importing import bind
+
+TRACKER_PACKAGES = ("tensorboard", "wandb")  # the trackers extra's
 
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_save", "on_train_end")
 
@@ -80,6 +83,18 @@ class Trackers:
     down the process group the others may still be using)."""
 
     RUN_FILE = "trackers.json"
+
+    def __init__(self, names: list[str]):
+        """Refuses a named tracker that is not installed (Accelerate would leave it out and log nothing)."""
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(t) for t in get_available_trackers()}
+        missing = [n for n in names if n != "all" and n not in available]
+        if missing:
+            installs = ["pip install 'llava-loop[trackers]'"] if set(missing) & set(TRACKER_PACKAGES) else []
+            installs += [f"pip install {n}" for n in missing if n not in TRACKER_PACKAGES]
+            raise UserError(f"trackers: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed, "
+                            f"so nothing would be logged there: {'; '.join(installs)} (or remove it from trackers)")
 
     def on_train_start(self, trainer):
         step = trainer.state.step
@@ -255,7 +270,7 @@ class LmmsEval:
 def make_hooks(cfg) -> Hooks:
     hooks = [Progress(), MetricsJsonl()]
     if cfg.trackers:
-        hooks.append(Trackers())
+        hooks.append(Trackers(cfg.trackers))
     for call in cfg.hooks:
         hooks.append(bind(call, "hook")())
     return Hooks(hooks)

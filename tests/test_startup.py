@@ -40,3 +40,13 @@ def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(tmp_path, tin
         load_config(path)
     assert main(["train", "--config", str(path)]) == 2
     assert "valid trackers:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
+                                                                          no_model, fresh_accelerate_state, capsys):
+    path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["wandb"])
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "trackers: wandb is not installed" in err and "pip install 'llava-loop[trackers]'" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
