@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import UserError
 from .importing import bind
 
+LMMS_EXTRA = "pip install 'llava-loop[lmms]'"
 TRACKER_PACKAGES = ("tensorboard", "wandb")  # the trackers extra's
 
 EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_save", "on_train_end")
@@ -210,6 +211,10 @@ class LmmsEval:
     def __init__(self, tasks: list[str], every: int = 0, *, data: str | None = None, image_dir: str | None = None,
                  max_samples: int = 0, max_new_tokens: int = 32, limit: int = 0, device: str = "cpu",
                  dtype: str = "float32"):
+        import importlib.util
+
+        if importlib.util.find_spec("lmms_eval") is None:  # at startup, not at the first evaluation hours later
+            raise UserError(f"hook llava_loop.hooks:LmmsEval needs lmms-eval, which is not installed: {LMMS_EXTRA}")
         self.tasks, self.every = list(tasks), every
         self.options = {"data": data, "image_dir": image_dir, "max_samples": max_samples,
                         "max_new_tokens": max_new_tokens, "limit": limit, "device": device, "dtype": dtype}

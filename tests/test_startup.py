@@ -50,3 +50,16 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(tmp_p
     err = capsys.readouterr().err
     assert "trackers: wandb is not installed" in err and "pip install 'llava-loop[trackers]'" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed here")
+def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(tmp_path, tiny_model_dir, shapes_data,
+                                                                        no_model, fresh_accelerate_state, capsys):
+    from llava_loop.hooks import LmmsEval
+
+    with pytest.raises(UserError, match=r"needs lmms-eval, which is not installed: pip install 'llava-loop\[lmms\]'"):
+        LmmsEval(tasks=["mme"])
+    path = _config_file(tmp_path, tiny_model_dir, shapes_data,
+                        hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
+    assert main(["train", "--config", str(path)]) == 2
+    assert "pip install 'llava-loop[lmms]'" in capsys.readouterr().err
