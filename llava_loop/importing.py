@@ -21,15 +21,34 @@ def resolve(spec: str, what: str):
         raise UserError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
+# What the caller passes a config callable besides its ``kwargs``: positional argument names, and keywords it passes
+# where the callable declares them (losses.make_loss passes ``state`` to a loss that takes it).
+CALLED_WITH = {"hook": ((), ()), "loss": (("model", "batch"), ("state",)), "setup": (("cfg",), ())}
+
+
 def bind(call, what: str):
-    """The callable a config ``Call`` names, with its ``kwargs`` bound once; a keyword it does not take fails
-    here, at startup, naming the function and what it accepts."""
+    """The callable a config ``Call`` names, with its ``kwargs`` bound once. A keyword it does not take, or a
+    required argument the config leaves out, fails here, at startup, naming the function and what it takes."""
     target = resolve(call.fn, what)
-    if not call.kwargs:
-        return target
-    signature = inspect.signature(target)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return functools.partial(target, **call.kwargs) if call.kwargs else target
     try:
         signature.bind_partial(**call.kwargs)
     except TypeError as exc:
         raise UserError(f"{what} {call.fn}: {exc} (it takes {signature})") from None
-    return functools.partial(target, **call.kwargs)
+    positional, supplied = CALLED_WITH.get(what, ((), ()))
+    given = {name: None for name in supplied if name in signature.parameters}
+    try:
+        signature.bind(*positional, **given, **call.kwargs)
+    except TypeError as exc:
+        if "missing" not in str(exc):
+            raise UserError(f"{what} {call.fn}: {exc} (it takes {signature}, and is called with "
+                            f"({', '.join(positional)}) plus the config's kwargs)") from None
+        example = ", ".join(f"{p.name}: ..." for p in signature.parameters.values()
+                            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                            and p.name not in positional and p.name not in given and p.name not in call.kwargs)
+        raise UserError(f"{what} {call.fn}: {exc} (it takes {signature}); give it in the config: "
+                        f"{{fn: {call.fn}, kwargs: {{{example}}}}}") from None
+    return functools.partial(target, **call.kwargs) if call.kwargs else target

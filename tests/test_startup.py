@@ -63,3 +63,20 @@ def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(tmp_pat
                         hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
     assert main(["train", "--config", str(path)]) == 2
     assert "pip install 'llava-loop[lmms]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("hooks", ["llava_loop.hooks:LmmsEval"],
+     r"hook llava_loop.hooks:LmmsEval: missing a required argument: 'tasks' .*kwargs: \{tasks: \.\.\.\}"),
+    ("loss", "test_startup:weighted_ce",
+     r"loss test_startup:weighted_ce: missing a required argument: 'weight' .*kwargs: \{weight: \.\.\.\}"),
+    ("setup", ["test_startup:prepare_with"],
+     r"setup test_startup:prepare_with: missing a required argument: 'where' .*kwargs: \{where: \.\.\.\}"),
+])
+def test_a_missing_required_kwarg_is_named_like_a_misspelled_one(section, value, message, tmp_path, tiny_model_dir,
+                                                                 shapes_data, no_model, fresh_accelerate_state, capsys):
+    path = _config_file(tmp_path, tiny_model_dir, shapes_data, **{section: value})
+    with pytest.raises(UserError, match=message):
+        helpers.train_here(path)
+    assert main(["train", "--config", str(path)]) == 2
+    assert "missing a required argument" in capsys.readouterr().err
