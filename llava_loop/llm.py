@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .errors import BuildError
-from .template import BUILTIN_TEMPLATES, TemplateError, chat_template_from, special_tokens, turn_end_token
+from .template import (BUILTIN_TEMPLATES, TemplateError, chat_template_from, check_jinja, special_tokens,
+                       turn_end_token)
 
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
 RESERVED_PATTERN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
@@ -58,6 +59,8 @@ def load_tokenizer(path: Path, chat_template: str | None = None):
                 f"of {', '.join(BUILTIN_TEMPLATES)} (LLaVA-1.5 reproductions use vicuna), or use a chat/instruct "
                 "checkpoint whose tokenizer_config.json or chat_template.jinja carries one"
             )
+        elif isinstance(tokenizer.chat_template, str):
+            check_jinja(tokenizer.chat_template, "its chat template (chat_template.jinja or tokenizer_config.json)")
         turn_end_token(tokenizer)
     except TemplateError as exc:
         raise BuildError(f"--llm {path}: {exc}") from exc

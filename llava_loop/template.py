@@ -180,4 +180,17 @@ def chat_template_from(spec: str, tokenizer) -> str:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise TemplateError(f"--chat-template {spec}: neither a file nor one of {', '.join(BUILTIN_TEMPLATES)}")
-    return path.read_text()
+    text = path.read_text()
+    check_jinja(text, f"--chat-template {path}")
+    return text
+
+
+def check_jinja(text: str, where: str) -> None:
+    """Compile a chat template as transformers will render it; a syntax error names ``where`` and the line."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"{where}: invalid Jinja at line {exc.lineno}: {exc.message}") from None

@@ -228,3 +228,32 @@ def test_auto_attention_is_flash_attention_where_flash_attn_runs_else_sdpa(packe
         expected = ("sdpa", "sdpa_varlen" if packed else "sdpa")
     config = model.config
     assert (config.vision_config._attn_implementation, config.text_config._attn_implementation) == expected
+
+
+def _build_cli(vision, llm, out, *extra) -> str:
+    """``llava-loop build`` in this process: must exit 2 (a user error); returns what it printed on stderr."""
+    import contextlib
+    import io
+
+    from llava_loop.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["build", "--vision", str(vision), "--llm", str(llm), "--out", str(out), *extra])
+    assert code == 2, err.getvalue()
+    return err.getvalue()
+
+
+def test_an_invalid_jinja_chat_template_names_the_file_and_line(hand_made_towers, tmp_path):
+    template = tmp_path / "broken.jinja"
+    template.write_text("{%- for message in messages -%}\n{{ message['role'] }}\n{{ message['content' }}\n{%- endfor -%}\n")
+    err = _build_cli(hand_made_towers / "clip-vision", hand_made_towers / "qwen-tied", tmp_path / "out",
+                     "--chat-template", str(template))
+    assert f"--chat-template {template}: invalid Jinja at line 3" in err, err
+    import shutil
+
+    llm = tmp_path / "own-template"  # the LLM's own template, broken the same way
+    shutil.copytree(hand_made_towers / "qwen-tied", llm)
+    (llm / "chat_template.jinja").write_text(template.read_text())
+    err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out")
+    assert f"--llm {llm}: its chat template (chat_template.jinja or tokenizer_config.json): invalid Jinja at line 3" in err
