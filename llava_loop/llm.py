@@ -25,6 +25,9 @@ RESERVED_PATTERN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
 SHARED_PADS = ("<|endoftext|>",)  # Qwen's pad, for tokenizers that do not name one
 NEW_PAD = "<pad>"
 EMBEDDING_MULTIPLE = 64
+# The files a tokenizer's vocabulary comes from: fast (tokenizer.json), SentencePiece (*.model), BPE/WordPiece
+# (vocab.json + merges.txt, vocab.txt) or tiktoken. Without one, transformers builds an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
 
@@ -46,6 +49,10 @@ def load_tokenizer(path: Path, chat_template: str | None = None):
     """The LLM's tokenizer with a chat template that closes assistant turns with a special token."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any(any(Path(path).glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise BuildError(f"--llm {path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}, beside "
+                         "tokenizer_config.json); copy the LLM's tokenizer files into it (tokenizer.save_pretrained), "
+                         "or pass the checkpoint directory they came with")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:

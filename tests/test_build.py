@@ -257,3 +257,16 @@ def test_an_invalid_jinja_chat_template_names_the_file_and_line(hand_made_towers
     (llm / "chat_template.jinja").write_text(template.read_text())
     err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out")
     assert f"--llm {llm}: its chat template (chat_template.jinja or tokenizer_config.json): invalid Jinja at line 3" in err
+
+
+@pytest.mark.parametrize("template", [[], ["--chat-template", "chatml"]], ids=["own", "chatml"])
+def test_an_llm_without_tokenizer_files_says_so(template, hand_made_towers, tmp_path):
+    import shutil
+
+    llm = tmp_path / "no-tokenizer"
+    shutil.copytree(hand_made_towers / "qwen-tied", llm)
+    for path in llm.iterdir():
+        if path.name not in ("config.json", "generation_config.json", "model.safetensors"):
+            path.unlink()
+    err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out", *template)
+    assert f"--llm {llm}: no tokenizer files" in err and "tokenizer.json" in err and "end-of-turn" not in err, err
