@@ -133,10 +133,30 @@ def iter_checkpoint_tensors(path: Path, flag: str):
                     yield name, f.get_tensor(name)
     elif bins:
         for file in bins:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from load_bin_weights(file, flag).items()
     else:
         raise BuildError(f"{flag} {path}: no *.safetensors or pytorch_model*.bin weight files")
+
+
+def load_bin_weights(file: Path, flag: str) -> dict:
+    """A pickle-based ``.bin`` weight file, tensors only (``weights_only``: nothing else is unpickled). One whose
+    pickle stream names other globals (code that unpickling would run) is refused by name."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        try:
+            unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        except Exception:
+            unsafe = []
+        raise BuildError(f"{flag} {file}: refused to load: its pickle stream references "
+                         f"{unsafe or 'objects other than tensors'}, code that loading it would run, and weight files "
+                         "hold only tensors. Use the checkpoint's .safetensors files, or get the .bin from a source "
+                         "you trust and convert it to safetensors") from None
+    except Exception as exc:
+        raise BuildError(f"{flag} {file}: cannot load it as tensors ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}); fetch it again, or use the checkpoint's .safetensors") from None
 
 
 def llm_name_map(name: str) -> str:

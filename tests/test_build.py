@@ -270,3 +270,25 @@ def test_an_llm_without_tokenizer_files_says_so(template, hand_made_towers, tmp_
             path.unlink()
     err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out", *template)
     assert f"--llm {llm}: no tokenizer files" in err and "tokenizer.json" in err and "end-of-turn" not in err, err
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling calls print: a stand-in for a code payload
+        return print, ("payload ran",)
+
+
+def test_a_bin_weight_file_with_a_pickle_payload_is_refused_by_name(hand_made_towers, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    llm = tmp_path / "qwen-bin"
+    shutil.copytree(hand_made_towers / "qwen-tied", llm)
+    weights = load_file(llm / "model.safetensors")
+    (llm / "model.safetensors").unlink()
+    torch.save({**weights, "extra": _Payload()}, llm / "pytorch_model.bin")
+    err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out")
+    assert f"--llm {llm / 'pytorch_model.bin'}: refused to load" in err and "builtins.print" in err, err
+    assert "weights_only=False" not in err and "payload ran" not in capsys.readouterr().out
+    torch.save(weights, llm / "pytorch_model.bin")  # the same tensors without the payload build
+    build_llava(str(hand_made_towers / "clip-vision"), str(llm))
