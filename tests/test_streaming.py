@@ -255,3 +255,35 @@ def test_two_processes_stream_disjoint_slices_in_lockstep(tmp_path, tiny_model_d
     assert [m["sample_ids"] for m in steps] == [list(a + b) for a, b in zip(*expected)]
     ids = [i for m in steps for i in m["sample_ids"]]
     assert len(ids) == len(set(ids)) == 80
+
+
+def _truncate_mid_member(shard, member_index=3) -> int:
+    """Cut ``shard`` in the middle of one member's data; returns that member's header offset."""
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[member_index]
+    shard.write_bytes(shard.read_bytes()[: member.offset_data + member.size // 2])
+    return member.offset
+
+
+def _cli(*argv) -> tuple[int, str]:
+    import contextlib
+
+    from llava_loop.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(tmp_path, tiny_model_dir, shapes_data,
+                                                                         shards, fresh_accelerate_state):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    (copy / "shards.json").unlink()
+    shard = sorted(copy.glob("*.tar"))[1]
+    offset = _truncate_mid_member(shard)
+    code, err = _cli("data", "check", "--data", str(copy))
+    assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err and "Traceback" not in err, err
+    code, err = _cli("train", "--config", str(_config(tmp_path, tiny_model_dir, shapes_data, copy, "T", 0)))
+    assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err, err

@@ -157,12 +157,23 @@ def sample_key(name: str) -> str | None:
 
 def count_samples(shard: Path) -> int:
     """Samples in a shard from its tar headers alone (tarfile seeks past every member's data)."""
-    keys, last = 0, None
-    with tarfile.open(shard, "r:") as tar:
-        for member in tar:
-            key = sample_key(member.name) if member.isreg() else None
-            if key is not None and key != last:
-                keys, last = keys + 1, key
+    keys, last, member = 0, None, None
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                key = sample_key(member.name) if member.isreg() else None
+                if key is not None and key != last:
+                    keys, last = keys + 1, key
+    except tarfile.TarError as exc:
+        size = shard.stat().st_size
+        if member is not None and member.offset_data + member.size > size:
+            where = (f"byte {member.offset} (member {member.name}: {member.size} bytes of data from byte "
+                     f"{member.offset_data}, but the file ends at byte {size})")
+        else:
+            where = f"byte {member.offset_data + member.size if member else 0} of {size}"
+        raise DataError(f"{shard}: truncated or corrupt at {where}; {exc}, {keys} samples read before it. Copy it "
+                        "again or rewrite the shards (llava-loop data convert shards), or move it out of data.path "
+                        "to go on without it") from None
     return keys
 
 
@@ -198,8 +209,11 @@ def iter_shard(shard: Path, skip: int = 0, seek: tuple[int, list[int]] | None = 
         try:
             yield from islice(group_by_keys(members), skip - jump * every, None)
         except tarfile.TarError as exc:
-            raise DataError(f"{shard} cannot be read from byte {offsets[jump]} ({exc}): the shard is damaged or "
-                            f"{INDEX} beside it is stale (delete {INDEX} to read the shards without it)") from None
+            why = str(exc).split(" @ ")[0]  # webdataset appends the stream's repr
+            raise DataError(f"{shard} cannot be read from byte {offsets[jump]}: {why} at byte {stream.tell()} of "
+                            f"{shard.stat().st_size}. The shard is damaged (copy it again, or rewrite the shards with "
+                            f"llava-loop data convert shards) or {INDEX} beside it is stale (delete {INDEX} to read "
+                            "the shards without it)") from None
 
 
 def sample_record(sample: dict) -> Record:
