@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 
@@ -27,20 +29,68 @@ def machine() -> str:
     return f"{platform.machine()} {cpus} cores ({threads} torch threads), {gpu}, Python {platform.python_version()}"
 
 
-def run_child(cmd: list[str], env: dict | None = None, cwd: Path = ROOT) -> dict:
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path = ROOT, *, check: bool = True,
+              timeout: float | None = None) -> dict:
     """Run ``cmd`` to completion; returns exit code, stdout/stderr text and the child's own peak RSS (MiB,
-    its DataLoader workers included as the largest of them, as wait4 reports)."""
+    its DataLoader workers included as the largest of them, as wait4 reports).
+
+    ``check=False`` returns a failure instead of raising it. ``timeout`` (seconds) runs the child in a process group
+    of its own and stops the whole group when time is up (``timed_out`` is then True), or when this process is
+    interrupted: an ``accelerate launch`` leaves no rank behind holding GPU memory."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True,
+                                start_new_session=timeout is not None)
+        timed_out = False
+        if timeout is None:
+            _, status, usage = os.wait4(proc.pid, 0)
+        else:
+            deadline = time.monotonic() + timeout
+            try:
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        _, status, usage = _stop_group(proc.pid)
+                        break
+                    time.sleep(0.2)
+            except BaseException:
+                _stop_group(proc.pid)
+                raise
+            _kill_stragglers(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         result = {"returncode": proc.returncode, "stdout": out.read(), "stderr": err.read(),
-                  "peak_rss_mib": usage.ru_maxrss / 1024}
-    if result["returncode"] != 0:
+                  "peak_rss_mib": usage.ru_maxrss / 1024, "timed_out": timed_out}
+    if check and result["returncode"] != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{result['stderr'][-4000:]}")
     return result
+
+
+def _stop_group(pid: int):
+    """SIGTERM a child's process group, SIGKILL it 10 s later; returns the child's wait4 result."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:  # already gone; wait4 below reaps it
+        pass
+    for _ in range(100):
+        done = os.wait4(pid, os.WNOHANG)
+        if done[0]:
+            _kill_stragglers(pid)
+            return done
+        time.sleep(0.1)
+    os.killpg(pid, signal.SIGKILL)
+    return os.wait4(pid, 0)
+
+
+def _kill_stragglers(pgid: int) -> None:
+    """Whatever is left in the group once its leader has exited (a rank the launcher did not reap)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def last_json_line(text: str) -> dict:

@@ -14,19 +14,31 @@ Checkpointing's recompute is not counted as useful work in either.
     python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
     python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
     python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
+    python bench/gpu.py --budget-minutes 6 --out results/   # starts no launch the time left cannot fit
     python bench/gpu.py --zero 3 --shapes 7b --modes freeze_vision --micro-batch 8
                                                  # ZeRO-3 (partitioned load, NCCL, bf16) at Qwen2.5-7B's shape
 
 Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
 shape at MFU >= 35% of needed FLOPs (about 225 samples/s); with the 3B shape >= 35 samples/s.
+
+The two target rows run first (0.5B then 3B, `projector`, checkpointing off), then the rest. A launch that fails
+(out of memory, say) is recorded with its reason and the tail of its stderr, and the bench goes on; the table of
+whatever ran is printed at the end, also when the time budget runs out or the bench is stopped with SIGTERM.
+The exit status is 1 when a launch failed. Launched ranks keep the caller's PYTHONPATH (carried wheels on the GPU
+machine: bench/device.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import re
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -38,6 +50,7 @@ import common  # noqa: E402
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0),
                     ("A100", 312.0), ("L40S", 362.0))
 TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
+FIRST = [("0.5b", "projector", "off"), ("3b", "projector", "off")]  # the target rows: measured before anything else
 
 
 def peak_tflops(device_name: str) -> float:
@@ -69,7 +82,8 @@ def tower_configs(shape: str):
 
 
 def build_random_model(out: Path, shape: str) -> None:
-    """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir."""
+    """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir. The
+    weights are drawn on the GPU where there is one (a 3B model takes minutes on the CPU) and freed once saved."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -85,13 +99,18 @@ def build_random_model(out: Path, shape: str) -> None:
     dtype = torch.float32 if shape == "tiny" else torch.bfloat16
     torch.set_default_dtype(dtype)
     try:
-        model = LlavaForConditionalGeneration(compose_config(vision, text, image_id, pad_id))
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlavaForConditionalGeneration(compose_config(vision, text, image_id, pad_id))
     finally:
         torch.set_default_dtype(torch.float32)
     model.config.dtype = dtype
     model.generation_config = generation_config(tokenizer, out, text)
     image_processor, source = load_image_processor(out, CLIP, vision)  # no preprocessor file: CLIP defaults at 336
     save_model_dir(model, make_processor(VisionTower(out, CLIP, vision, image_processor, source), tokenizer), out)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the launches need the memory, not this process
 
 
 def part_sizes(model_dir: Path) -> dict:
@@ -153,8 +172,31 @@ class PeakMemory:
         (Path(trainer.output_dir) / f"peak_memory_{rank}.json").write_text(json.dumps({"peak_gib": peak}))
 
 
-def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, args) -> dict:
-    """One real training launch; returns its measured figures."""
+class LaunchFailed(Exception):
+    """A launch that exited non-zero or ran out of time: a short reason and the tail of its stderr."""
+
+    def __init__(self, reason: str, stderr_tail: str = ""):
+        super().__init__(reason)
+        self.reason, self.stderr_tail = reason, stderr_tail
+
+
+WHY = re.compile(r"\b\w*(Error|Exception)\b:|^error:")
+LAUNCHER = re.compile(r"ChildFailedError|torch[./]distributed[./]elastic")  # the launcher reporting a rank's exit
+
+
+def failure_reason(stderr: str) -> str:
+    """One line that says why a launch failed: out of memory where it was, else a rank's last error line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not LAUNCHER.search(line)]
+    memory = [line for line in lines if "out of memory" in line.lower() or "OutOfMemoryError" in line]
+    if memory:
+        return "out of memory: " + memory[-1][:300]
+    errors = [line for line in lines if WHY.search(line)]
+    return (errors or lines or ["no stderr"])[-1][:300]
+
+
+def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, args,
+           timeout: float) -> dict:
+    """One real training launch; returns its measured figures, or raises LaunchFailed."""
     config = {
         "mode": mode, "output_dir": str(out), "resume": "none", "model": {"path": str(model_dir)},
         "hooks": ["gpu:PeakMemory"],
@@ -171,8 +213,15 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
     cmd = [common.python(), "-m", "accelerate.commands.launch", "--config_file", str(common.ROOT / accelerate_config),
            "--num_processes", str(args.processes), "--main_process_port", str(args.port), "train.py",
            "--config", str(out.parent / f"{out.name}.yaml")]
-    env = {"PYTHONPATH": f"{common.ROOT / 'bench'}:{common.ROOT}", "TOKENIZERS_PARALLELISM": "false"}
-    common.run_child(cmd, env=env)
+    # the caller's PYTHONPATH stays: on the GPU machine it holds the carried wheels (deepspeed, transformers)
+    caller = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    path = [str(common.ROOT / "bench"), str(common.ROOT), *filter(None, caller)]
+    env = {"PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
+    run = common.run_child(cmd, env=env, check=False, timeout=timeout)
+    if run["timed_out"]:
+        raise LaunchFailed(f"stopped after {timeout:.0f} s (time budget or --launch-timeout)", run["stderr"][-4000:])
+    if run["returncode"] != 0:
+        raise LaunchFailed(f"exit {run['returncode']}: {failure_reason(run['stderr'])}", run["stderr"][-4000:])
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
     steady = steps[2:] or steps  # the first steps compile kernels and fill the loader
     seconds = common.median([m["step_time"] for m in steady])
@@ -185,11 +234,34 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
             "tokens_per_sample": tokens / samples, "supervised": supervised, "peak_gib": max(peaks)}
 
 
-def main() -> None:
+def plan(shapes: list[str], modes: list[str], checkpointing: list[str]) -> list[tuple[str, str, str]]:
+    """Every (shape, mode, checkpointing) asked for, the target rows first, the rest in the order given."""
+    rows = [(shape, mode, ckpt) for shape in shapes for mode in modes for ckpt in checkpointing]
+    return sorted(rows, key=lambda row: FIRST.index(row) if row in FIRST else len(FIRST))
+
+
+def table(rows: list[dict]) -> str:
+    def cells(r):
+        if r["status"] != "ok":
+            return ["—"] * 5
+        return [f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}",
+                f"{r['mfu_needed']:.1%}", f"{r['mfu_6n']:.1%}"]
+
+    return common.table(
+        ["shape", "mode", "checkpointing", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed)", "MFU (6N)",
+         "target", "status"],
+        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", *cells(r),
+          TARGETS.get((r["shape"], r["mode"]), ""), "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"]
+         for r in rows])
+
+
+def main() -> int:
+    started = time.monotonic()
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing")
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b", "7b"])
-    parser.add_argument("--modes", nargs="+", default=["projector", "lora"])
+    parser.add_argument("--modes", nargs="+", default=["projector", "lora"],
+                        help="training modes, one launch each (train.py checks the names)")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"],
                         help="default: off and on; with --smoke, on (off is the path every test trains through)")
     parser.add_argument("--steps", type=int, default=12)
@@ -200,8 +272,15 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=2, choices=[2, 3],
                         help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
+    parser.add_argument("--budget-minutes", type=float,
+                        help="wall time for the whole bench: no launch starts that the time left cannot fit (judged by "
+                             "the longest launch so far), and a running one is stopped when it runs out")
+    parser.add_argument("--launch-timeout", type=float, default=1800, help="seconds before one launch is stopped")
+    parser.add_argument("--out", type=Path, help="also write rows.jsonl (each row as it ends) and table.md here")
     args = parser.parse_args()
     args.checkpointing = args.checkpointing or (["on"] if args.smoke else ["off", "on"])
+    # SIGTERM (a timeout around this script) ends it through the finally below, which prints what ran
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(common.ROOT))
     import torch
 
@@ -212,34 +291,68 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("no GPU here; use --smoke to check the script on CPU")
     args.processes = args.processes or torch.cuda.device_count()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "rows.jsonl").write_text("")
     root = Path(tempfile.mkdtemp(prefix="llava-gpu-bench-"))
     write_shapes(root / "data", (args.steps + 1) * args.micro_batch * args.processes, seed=0, size=336)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     peak = args.peak_tflops or peak_tflops(name)
-    rows = []
-    for shape in args.shapes:
-        build_random_model(root / f"model-{shape}", shape)
-        sizes = part_sizes(root / f"model-{shape}")
-        for mode in args.modes:
-            for checkpointing in args.checkpointing:
-                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{checkpointing}", shape,
-                           mode, checkpointing == "on", args)
+    deadline = started + 60 * args.budget_minutes if args.budget_minutes is not None else float("inf")
+    rows, sizes, longest = [], {}, 0.0
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out / "rows.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    try:
+        for shape, mode, ckpt in plan(args.shapes, args.modes, args.checkpointing):
+            row = {"shape": shape, "mode": mode, "checkpointing": ckpt == "on"}
+            left = deadline - time.monotonic()
+            if left <= longest:
+                record({**row, "status": "skipped", "reason": f"time budget ({max(left, 0):.0f} s left, the longest "
+                                                              f"launch took {longest:.0f} s)"})
+                continue
+            t0 = time.monotonic()
+            try:
+                if isinstance(sizes.get(shape), LaunchFailed):  # its model could not be built: said once per row
+                    raise sizes[shape]
+                if shape not in sizes:
+                    try:
+                        build_random_model(root / f"model-{shape}", shape)
+                        sizes[shape] = part_sizes(root / f"model-{shape}")
+                    except Exception as exc:  # noqa: BLE001 - recorded for every row of this shape
+                        sizes[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
+                        raise sizes[shape] from exc
+                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{ckpt}", shape, mode,
+                           ckpt == "on", args, timeout=min(args.launch_timeout, deadline - time.monotonic()))
                 samples = args.micro_batch * args.processes
-                needed, six_n = step_flops(sizes, samples, r["tokens_per_sample"] * samples, r["supervised"], mode)
+                tokens = r["tokens_per_sample"] * samples
+                needed, six_n = step_flops(sizes[shape], samples, tokens, r["supervised"], mode)
                 r["mfu_needed"] = needed / r["seconds"] / 1e12 / args.processes / peak
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    print(common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
-                        f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
-                        "python bench/gpu.py " + " ".join(sys.argv[1:])))
-    print(common.table(
-        ["shape", "mode", "checkpointing", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed)", "MFU (6N)",
-         "target"],
-        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", f"{r['samples_per_s']:.1f}",
-          f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}", f"{r['mfu_needed']:.1%}", f"{r['mfu_6n']:.1%}",
-          TARGETS.get((r["shape"], r["mode"]), "")] for r in rows]))
+                record({**r, "status": "ok", "wall_s": time.monotonic() - t0})
+            except LaunchFailed as exc:
+                record({**row, "status": "failed", "reason": exc.reason, "wall_s": time.monotonic() - t0,
+                        "stderr_tail": exc.stderr_tail})
+            except Exception as exc:  # noqa: BLE001 - a measuring bug in one row must not lose the others
+                record({**row, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300],
+                        "wall_s": time.monotonic() - t0})
+            longest = max(longest, time.monotonic() - t0)
+    finally:
+        report = "\n".join([
+            common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
+                          f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
+                          "python bench/gpu.py " + " ".join(sys.argv[1:])),
+            table(rows), "", f"{time.monotonic() - started:.0f} s in all"])
+        print(report, flush=True)
+        if args.out:
+            (args.out / "table.md").write_text(report + "\n")
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

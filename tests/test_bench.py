@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,18 +11,58 @@ import pytest
 
 import helpers
 
+# Imported at startup by every interpreter that has this folder on its PYTHONPATH: it leaves one file per process.
+MARKER = """import json, os, sys
+with open(os.path.join(os.environ["PYTHONPATH_MARKERS"], f"{os.getpid()}.json"), "w") as f:
+    json.dump(sys.argv, f)
+"""
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| shape | mode | checkpointing | samples/s | tokens/s")
+    return [[cell.strip() for cell in row.split("|")[1:-1]] for row in table[1:]]
+
 
 @pytest.mark.slow
-def test_gpu_benchmark_smoke_runs_the_real_launch_on_cpu():
+@pytest.mark.floor
+def test_gpu_benchmark_smoke_runs_the_real_launch_on_cpu_and_a_failed_launch_does_not_end_it(tmp_path):
     """The GPU script through the path it measures: accelerate launch + DeepSpeed ZeRO-2 + train.py, per mode, with
-    gradient checkpointing (tiny shapes, fp32, one CPU process)."""
-    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--port", str(helpers.free_port())],
-                         cwd=helpers.ROOT, env=helpers.env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| shape | mode | checkpointing | samples/s | tokens/s")
-    rows = [[cell.strip() for cell in row.split("|")[1:4]] for row in table[1:]]
-    assert rows == [["tiny", "projector", "on"], ["tiny", "lora", "on"]]
+    gradient checkpointing (tiny shapes, fp32, one CPU process). A launch that fails (here train.py refuses an
+    unknown mode) is recorded with its reason and stderr, the next launch still runs, and the table shows both. The
+    launched ranks see the caller's PYTHONPATH (on the GPU machine it holds the carried wheels)."""
+    site, markers = tmp_path / "site", tmp_path / "markers"
+    site.mkdir(), markers.mkdir()
+    (site / "sitecustomize.py").write_text(MARKER)
+    env = helpers.env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(site)])
+    env["PYTHONPATH_MARKERS"] = str(markers)
+    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--port", str(helpers.free_port()),
+                          "--modes", "projector", "no-such-mode", "lora", "--out", str(tmp_path / "out")],
+                         cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]  # 1: a launch failed, and the bench went on
+    rows = table_rows(out.stdout)
+    assert [row[:3] for row in rows] == [["tiny", "projector", "on"], ["tiny", "no-such-mode", "on"],
+                                         ["tiny", "lora", "on"]]
+    assert [row[-1].split(":")[0] for row in rows] == ["ok", "failed", "ok"]
+    assert "mode" in rows[1][-1] and rows[1][3] == "—"
     assert "accelerate launch + DeepSpeed ZeRO-2" in out.stdout
-    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert all(r["samples_per_s"] > 0 and r["tokens_per_sample"] > 576 for r in runs)
+    runs = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    ok = [r for r in runs if r["status"] == "ok"]
+    assert len(ok) == 2 and all(r["samples_per_s"] > 0 and r["tokens_per_sample"] > 576 for r in ok)
+    failed = runs[1]
+    assert failed["status"] == "failed" and "no-such-mode" in failed["stderr_tail"], failed
+    assert (tmp_path / "out" / "table.md").read_text().count("| tiny |") == 3
+    launched = [argv for argv in (json.loads(p.read_text()) for p in markers.iterdir()) if argv[0].endswith("train.py")]
+    assert len(launched) == 3, launched  # every launch's rank, the failed one included
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_starts_no_launch_past_its_time_budget():
+    """Out of time before the first launch: every row is listed as skipped, nothing is launched, exit 0."""
+    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--budget-minutes", "0"], cwd=helpers.ROOT,
+                         env=helpers.env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = table_rows(out.stdout)
+    assert [(row[1], row[-1].split(":")[0]) for row in rows] == [("projector", "skipped"), ("lora", "skipped")]
+    assert "time budget" in rows[0][-1] and "accelerate" not in out.stderr

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU bench on the lent machine, first time: install the carried wheels (bench/device_wheels.sh, made here)
+# into a folder on PYTHONPATH, check the imports, show the machine, run bench/gpu.py within a time budget.
+#
+#   bash bench/device.sh OUTDIR                 # on the GPU machine (run's carry: [".device-wheels"])
+#   bash bench/device.sh --smoke OUTDIR         # the CPU smoke path (the rehearsal: docs/BENCHMARKS.md section 5)
+#   bash bench/device.sh [--wheels DIR] [--budget-minutes M] OUTDIR [-- more bench/gpu.py arguments]
+#
+# OUTDIR gets three files: device.log (everything printed), rows.jsonl (one row per launch, failed ones with the
+# tail of their stderr) and table.md. The budget (default 7 minutes) covers the whole script: gpu.py starts no
+# launch the time left cannot fit and still prints the table of what ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+SMOKE=()
+WHEELS=.device-wheels
+BUDGET=7
+OUT=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=(--smoke); shift ;;
+    --wheels) WHEELS=$2; shift 2 ;;
+    --budget-minutes) BUDGET=$2; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) OUT=$1; shift ;;
+  esac
+done
+[ -n "$OUT" ] || { echo "usage: bash bench/device.sh [--smoke] OUTDIR (see --help)" >&2; exit 2; }
+START=$(date +%s)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee "$OUT/device.log") 2>&1
+echo "== bench/device.sh ${SMOKE[*]} $OUT, budget $BUDGET min, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+
+TAG=$(python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+ls "$WHEELS"/*.whl > /dev/null 2>&1 || {
+  echo "no wheels in $WHEELS: run bash bench/device_wheels.sh here first and carry $WHEELS" >&2; exit 1; }
+for wheel in "$WHEELS"/*-cp3*.whl; do
+  [ -e "$wheel" ] || continue
+  case "$wheel" in *"-$TAG-"*) ;; *)
+    echo "$wheel is not for this Python ($TAG): bash bench/device_wheels.sh --python $(python3 -c 'import sys; print(sys.version.split()[0].rsplit(".", 1)[0])') $WHEELS" >&2
+    exit 1 ;;
+  esac
+done
+
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/llava-device-site.XXXXXX")
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset PYTHONDONTWRITEBYTECODE  # wheels went in uncompiled: let the first import cache bytecode for every launch
+export TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
+echo "installed $(ls "$WHEELS"/*.whl | wc -l) wheels into $SITE ($(( $(date +%s) - START )) s)"
+
+SMOKE_FLAG=${SMOKE[*]:-} python3 - <<'EOF'
+import importlib.metadata as md
+import os
+import sys
+
+import torch
+
+site = os.environ["PYTHONPATH"].split(os.pathsep)[0]
+print(f"python {sys.version.split()[0]} at {sys.executable}")
+print(f"torch {torch.__version__}, cuda {torch.version.cuda}, available {torch.cuda.is_available()}, "
+      f"devices {torch.cuda.device_count()}, bf16 {torch.cuda.is_available() and torch.cuda.is_bf16_supported()}")
+carried = {"transformers": "5.24.0", "peft": "0.21.2", "deepspeed": "0.19.8", "pydantic": "2.14.4"}
+import accelerate, deepspeed, liger_kernel, peft, pydantic, transformers  # noqa: E401,F401
+import llava_loop
+from deepspeed.accelerator import get_accelerator
+
+for name in ("transformers", "accelerate", "peft", "deepspeed", "pydantic", "liger_kernel"):
+    module = sys.modules[name]
+    print(f"{name} {md.version(name.replace('_', '-'))} from {os.path.dirname(module.__file__)}")
+print(f"deepspeed accelerator: {get_accelerator()._name}; llava_loop from {os.path.dirname(llava_loop.__file__)}")
+wrong = [f"{n} {md.version(n)} (expected the carried {v})" for n, v in carried.items() if md.version(n) != v]
+wrong += [f"{n} imported from {sys.modules[n].__file__}, not {site}" for n in carried
+          if not sys.modules[n].__file__.startswith(site)]
+if not os.environ["SMOKE_FLAG"]:
+    import liger_kernel.transformers  # noqa: F401 - the model patches, which load Triton kernels
+
+    wrong += [] if torch.cuda.is_available() else ["no CUDA device visible to torch"]
+    wrong += [] if get_accelerator()._name == "cuda" else ["DeepSpeed did not pick its CUDA accelerator"]
+if wrong:
+    sys.exit("import check failed: " + "; ".join(wrong))
+print("import check: ok")
+EOF
+
+nvidia-smi -L || echo "(no nvidia-smi)"
+df -h /dev/shm
+# DataLoader workers hand batches over through /dev/shm (a 32-sample batch at 336 px is 43 MiB, 8 workers x 2 ahead)
+SHM_MIB=$(df -Pm /dev/shm | awk 'NR == 2 {print $4}')
+WORKERS=()
+if [ -z "${SMOKE[*]:-}" ] && [ "${SHM_MIB:-0}" -lt 2048 ]; then
+  WORKERS=(--workers $(( SHM_MIB >= 512 ? 2 : 0 )))
+  echo "/dev/shm has ${SHM_MIB} MiB free: bench/gpu.py ${WORKERS[*]} (8 workers need about 1.4 GiB there)"
+fi
+
+LEFT=$(awk -v b="$BUDGET" -v used=$(( $(date +%s) - START )) 'BEGIN {printf "%.2f", b - used / 60}')
+echo "== bench/gpu.py with $LEFT of $BUDGET minutes left"
+set +e
+# gpu.py keeps to its budget; the timeout (a minute later) only catches a hang outside a launch
+timeout --signal=TERM --kill-after=30 "$(awk -v m="$LEFT" 'BEGIN {printf "%d", m * 60 + 60}')" \
+  python3 bench/gpu.py "${SMOKE[@]}" "${WORKERS[@]}" --budget-minutes "$LEFT" --out "$OUT" "$@"
+rc=$?
+set -e
+echo "== bench/gpu.py exit $rc; $(( $(date +%s) - START )) s in all; in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+exit $rc
