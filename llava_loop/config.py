@@ -89,6 +89,11 @@ class DataConfig:
                                              "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
     shuffle_buffer: int = opt(1000, "Shards: samples each process's worker shuffles together in memory (blocks of this "
                                     "many, in a shard order drawn per epoch).")
+    skip_damaged_shards: bool = opt(False, "Shards: a shard whose size differs from the one shards.json recorded "
+                                           "(truncated, overwritten) is refused at startup, naming it; true: train "
+                                           "without it, leaving each such shard out whole (named, with its sample "
+                                           "count, when the run starts). A run resumed with it on continues its epoch "
+                                           "in the layout without them, saying so.")
     padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
                                     "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).")
 
@@ -354,7 +359,7 @@ def validate(config: Config) -> None:
 RESUMABLE = (
     "output_dir", "resume", "hooks", "setup", "trackers", "loss", "model.attn_implementation",
     "data.image_dir", "data.eval_image_dir", "data.num_workers", "data.pin_memory",
-    "data.persistent_workers", "data.prefetch_factor", "data.max_skip_fraction",
+    "data.persistent_workers", "data.prefetch_factor", "data.max_skip_fraction", "data.skip_damaged_shards",
     "train.max_steps", "train.epochs", "train.lr", "train.projector_lr", "train.warmup_ratio", "train.min_lr_ratio",
     "train.max_grad_norm", "train.gradient_checkpointing", "train.time_limit_minutes", "train.max_consecutive_skips",
     "train.dist_timeout_minutes", "train.log_every", "train.log_sample_ids", "checkpoint.", "eval.every",

@@ -287,3 +287,45 @@ def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(tmp_pa
     assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err and "Traceback" not in err, err
     code, err = _cli("train", "--config", str(_config(tmp_path, tiny_model_dir, shapes_data, copy, "T", 0)))
     assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err, err
+
+
+def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(tmp_path, tiny_model_dir, shapes_data,
+                                                                           shards, monkeypatch, fresh_accelerate_state):
+    """shards.json's sizes are checked before the model loads: every damaged shard is named with both sizes and the
+    way out; data.skip_damaged_shards=true trains without it, fresh or resumed (the change printed)."""
+    from llava_loop import loop
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    path = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
+                                output_dir=tmp_path / "run", train={"micro_batch_size": 2, "max_steps": 2,
+                                                                    "log_sample_ids": True},
+                                checkpoint={"every": 2, "keep_last": 0})
+    tree = yaml.safe_load(path.read_text())
+    tree["data"].update(path=str(copy), image_dir="", shuffle_buffer=6)
+    path.write_text(yaml.safe_dump(tree))
+    helpers.train_here(path)  # two steps on whole shards, checkpointed
+
+    damaged = sorted(copy.glob("*.tar"))[1]
+    lost_ids = {json.loads(s["json"])["id"] for s in iter_shard(damaged)}
+    expected = damaged.stat().st_size
+    _truncate_mid_member(damaged)
+    actual = damaged.stat().st_size
+    with monkeypatch.context() as m:
+        m.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the shards were checked"))
+        code, err = _cli("train", "--config", str(path), "train.max_steps=4")
+    assert code == 2 and f"{damaged} is {actual:,} bytes, shards.json says {expected:,}" in err, err
+    assert "data.skip_damaged_shards=true" in err
+    helpers.reset_accelerate_state()
+
+    code, err = _cli("train", "--config", str(path), "train.max_steps=4", "data.skip_damaged_shards=true")
+    assert code == 0, err
+    assert f"resuming without the damaged shards {damaged.name} ({len(lost_ids)} samples)" in err, err
+    steps = {m["step"]: m for m in helpers.metrics(tmp_path / "run")}
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert not lost_ids & {i for s in (3, 4) for i in steps[s]["sample_ids"]}
+    helpers.reset_accelerate_state()
+
+    code, err = _cli("train", "--config", str(path), "output_dir=" + str(tmp_path / "fresh"),
+                     "data.skip_damaged_shards=true")
+    assert code == 0 and f"training without 1 damaged shards ({len(lost_ids)} samples left out)" in err, err

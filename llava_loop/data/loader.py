@@ -15,7 +15,7 @@ from .dataset import LlavaDataset
 from .encode import SampleEncoder
 from .records import RecordError, Records
 from .sampler import EpochSampler, TokenBudgetBatches
-from .shards import expand
+from .shards import expand, usable_shards
 from .sources import open_records, require_data_extra, source_kind
 from .stream import StreamDataset, make_stream, stream_loader
 from .tables import TableRecords
@@ -32,7 +32,7 @@ def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Rec
         if cfg.eval.holdout:
             raise RecordError(f"eval.holdout cannot split the shard stream {cfg.data.path}; give held-out records in "
                               "data.eval_path (JSON, Parquet or Arrow)")
-        return expand(cfg.data.path), held
+        return usable_shards(expand(cfg.data.path), skip_damaged=cfg.data.skip_damaged_shards), held
     records = open_records(cfg.data.path)
     if held is not None:
         return records, held

@@ -12,6 +12,7 @@ image bytes are read) and read from the top.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tarfile
 from collections import Counter
@@ -190,6 +191,45 @@ def read_index(files: list[Path]) -> tuple[list[int], list[tuple[int, list[int]]
                     [(every, listed[f.name]["offsets"]) if every and listed[f.name].get("offsets") else None
                      for f in files])
     return [count_samples(f) for f in files], [None for _ in files]
+
+
+def damaged_shards(files: list[Path]) -> list[tuple[Path, int, int, int]]:
+    """``(shard, bytes shards.json recorded, bytes on disk, samples it recorded)`` of every shard whose size
+    changed since it was written (truncated by a failed copy, overwritten); none without ``shards.json``."""
+    index_file = files[0].parent / INDEX
+    if not index_file.is_file():
+        return []
+    listed = {s["name"]: s for s in json.loads(index_file.read_text())["shards"]}
+    damaged = []
+    for f in files:
+        entry = listed.get(f.name, {})
+        if entry.get("bytes") is not None and f.stat().st_size != entry["bytes"]:
+            damaged.append((f, entry["bytes"], f.stat().st_size, entry.get("samples", 0)))
+    return damaged
+
+
+def usable_shards(files: list[Path], *, skip_damaged: bool) -> list[Path]:
+    """The shards to stream: all of them, unless some are damaged (``damaged_shards``). Those are refused, all
+    named, before anything is read; with ``data.skip_damaged_shards`` they are left out, each named."""
+    damaged = damaged_shards(files)
+    if not damaged:
+        return files
+    lines = "; ".join(f"{f} is {actual:,} bytes, {INDEX} says {expected:,}" for f, expected, actual, _ in damaged)
+    if not skip_damaged:
+        raise DataError(f"{len(damaged)} of {len(files)} shards are damaged (truncated or overwritten since they "
+                        f"were written): {lines}. Copy them again, or rewrite the shards (llava-loop data convert "
+                        "shards); or set data.skip_damaged_shards=true to train without them (each is left out whole; "
+                        "a resumed run continues its epoch without them)")
+    kept = [f for f in files if f not in {d[0] for d in damaged}]
+    if not kept:
+        raise DataError(f"every shard is damaged: {lines}; copy them again or rewrite them")
+    if os.environ.get("RANK", "0") == "0":  # the main process says it once
+        from ..console import say
+
+        samples = sum(d[3] for d in damaged)
+        say(f"[yellow]warning:[/yellow] data.skip_damaged_shards: training without {len(damaged)} damaged "
+            f"shards ({samples:,} samples left out): {lines}")
+    return kept
 
 
 def shard_counts(files: list[Path]) -> list[int]:

@@ -25,6 +25,7 @@ replaces it. The order depends on the number of processes and workers, so a resu
 
 from __future__ import annotations
 
+import os
 from itertools import islice
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import UserError
 from .dataset import MAX_ATTEMPTS, DataError
 from .encode import SampleEncoder
-from .shards import iter_shard, read_index, sample_record
+from .shards import expand, iter_shard, read_index, sample_record
 from .skips import SkipSample
 
 
@@ -46,6 +47,7 @@ class StreamLayout:
                  micro_batch: int, grad_accum: int, block: int, seeks: list | None = None):
         self.shards, self.counts = shards, np.asarray(counts, dtype=np.int64)
         self.seeks = seeks or [None for _ in shards]  # seek points inside each shard, from shards.json
+        self.dropped: set[str] = set()  # shards data.path names that the stream leaves out (damaged ones)
         self.seed, self.processes, self.workers = seed, processes, max(workers, 1)
         self.micro_batch, self.block = micro_batch, block
         self.total = int(self.counts.sum())
@@ -179,6 +181,8 @@ class StreamPosition:
     def load_state_dict(self, state: dict) -> None:
         saved, now = state["layout"], self.fingerprint()
         changed = [key for key in now if saved.get(key) != now[key]]
+        if changed and self.without_damaged(saved, now, changed):
+            return
         if changed:
             raise UserError(
                 f"the checkpoint's stream was laid out with other {', '.join(changed)} (e.g. {changed[0]}="
@@ -188,6 +192,24 @@ class StreamPosition:
         if state["positions"] != self.positions():
             raise UserError("the checkpoint's stream positions disagree with its progress counters; the checkpoint "
                             "is damaged")
+
+
+    def without_damaged(self, saved: dict, now: dict, changed: list[str]) -> bool:
+        """Whether the only change is damaged shards left out (data.skip_damaged_shards): then the run goes on,
+        saying so. Its epoch continues in the new layout, from the same micro-batch."""
+        removed = [name for name in saved["shards"] if name not in now["shards"]]
+        kept = [(n, c) for n, c in zip(saved["shards"], saved["counts"]) if n not in removed]
+        if not (removed and set(changed) <= {"shards", "counts"} and set(removed) <= self.layout.dropped
+                and kept == list(zip(now["shards"], now["counts"]))):
+            return False
+        if os.environ.get("RANK", "0") == "0":
+            from ..console import say
+
+            lost = sum(c for n, c in zip(saved["shards"], saved["counts"]) if n in removed)
+            say(f"[yellow]warning:[/yellow] resuming without the damaged shards {', '.join(removed)} ({lost:,} "
+                f"samples): the rest of epoch {self.progress.epoch} follows the stream's layout without them, so "
+                "some of its samples may repeat or be missed; later epochs read every remaining sample once")
+        return True
 
 
 def _short(value) -> str:
@@ -205,6 +227,7 @@ def make_stream(cfg, encoder: SampleEncoder, shards: list[Path], *, rank: int, p
     layout = StreamLayout(shards, counts, seed=t.seed, processes=processes, workers=d.num_workers,
                           micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, block=d.shuffle_buffer,
                           seeks=seeks)
+    layout.dropped = {f.name for f in expand(d.path)} - {f.name for f in shards}  # damaged ones left out
     return StreamDataset(layout, encoder, rank=rank, source=str(d.path))
 
 
