@@ -80,7 +80,7 @@ class DataConfig:
     prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).")
     max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
     max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.")
-    allow_absolute_paths: bool = opt(False, "Let records name images by absolute paths or paths that leave `image_dir` (`../`); otherwise such records are skipped as unsafe_path.")
+    allow_absolute_paths: bool = opt(False, "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a file outside); otherwise such records are skipped as unsafe_path.")
     max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default).")
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")

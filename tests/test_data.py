@@ -224,6 +224,10 @@ def _bad_case(case: str, image_dir) -> Record:
     if case == "unsafe_path:absolute":
         (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
         return Record(case, (str(image_dir.parent / "outside.jpg"),), good_turns)
+    if case == "unsafe_path:symlink":  # a link inside the folder to a file outside it: never opened
+        (image_dir.parent / "outside.jpg").write_bytes(_jpeg_bytes())
+        (image_dir / "link.jpg").symlink_to(image_dir.parent / "outside.jpg")
+        return Record(case, ("link.jpg",), good_turns)
     if case == "not_a_file:directory":
         (image_dir / "folder.jpg").mkdir()
         return Record(case, ("folder.jpg",), good_turns)
@@ -235,8 +239,9 @@ def _bad_case(case: str, image_dir) -> Record:
 
 BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "truncated_image", "decompression_bomb",
              "image_token_mismatch", "empty_answer", "unknown_role", "too_long", "unsafe_path:parent",
-             "unsafe_path:absolute", "not_a_file:directory", "not_a_file:symlink_loop"]
+             "unsafe_path:absolute", "unsafe_path:symlink", "not_a_file:directory", "not_a_file:symlink_loop"]
 DETAILS = {"unsafe_path:parent": "is not inside the image folder", "unsafe_path:absolute": "allow_absolute_paths",
+           "unsafe_path:symlink": "is a symbolic link to",
            "not_a_file:directory": "is a directory", "not_a_file:symlink_loop": "broken or looping symbolic link"}
 
 

@@ -329,3 +329,22 @@ def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(tmp_
     code, err = _cli("train", "--config", str(path), "output_dir=" + str(tmp_path / "fresh"),
                      "data.skip_damaged_shards=true")
     assert code == 0 and f"training without 1 damaged shards ({len(lost_ids)} samples left out)" in err, err
+
+
+def test_convert_shards_never_embeds_a_symlink_that_leaves_the_image_folder(tmp_path, shapes_data):
+    records = json.loads(shapes_data["train"].read_text())[:4]
+    images = tmp_path / "real-images"
+    shutil.copytree(shapes_data["train_images"], images)
+    (tmp_path / "secret.jpg").write_bytes((images / records[1]["image"]).read_bytes())
+    (images / records[1]["image"]).unlink()
+    (images / records[1]["image"]).symlink_to(tmp_path / "secret.jpg")  # points out of the folder
+    (images / "inside.jpg").write_bytes((images / records[2]["image"]).read_bytes())
+    (images / records[2]["image"]).unlink()
+    (images / records[2]["image"]).symlink_to(images / "inside.jpg")  # stays inside: fine
+    (tmp_path / "linked").symlink_to(images)  # an image folder that is itself a link: fine
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    report = write_shards(tmp_path / "chat.json", tmp_path / "linked", tmp_path / "out", shard_size=parse_size("1MB"))
+    assert report["samples"] == 3 and report["skipped"] == {"unsafe_path": 1}
+    assert "is a symbolic link to" in report["examples"]["unsafe_path"]
+    embedded = [json.loads(s["json"])["id"] for s in iter_shard(tmp_path / "out" / "000000.tar")]
+    assert records[1]["id"] not in embedded and records[2]["id"] in embedded

@@ -36,15 +36,24 @@ def image_path(image_dir: str | Path, name: str | EmbeddedImage, *,
     """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and
     may not leave it (an absolute path or ``../``): a data file must not make the run read arbitrary files, unless
     ``data.allow_absolute_paths``.
-    Checked on the path as written, so an image folder that is itself a symlink still works."""
+    Checked as written, then resolved: a symlink inside the folder that points out of it is refused too (both sides
+    resolved, so an image folder that is itself a symlink still works)."""
     if isinstance(name, EmbeddedImage):
         return name
+    path = Path(image_dir) / name
     if not allow_absolute:
         normal = os.path.normpath(name)
         if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
             raise SkipSample("unsafe_path", f"{name!r} is not inside the image folder {image_dir} "
                                             "(set data.allow_absolute_paths to allow it)")
-    return Path(image_dir) / name
+        try:
+            target, root = path.resolve(), Path(image_dir).resolve()
+        except (OSError, RuntimeError):  # a symlink loop: open_checked names it
+            return path
+        if not target.is_relative_to(root):
+            raise SkipSample("unsafe_path", f"{name!r} is a symbolic link to {target}, outside the image folder "
+                                            f"{image_dir} (set data.allow_absolute_paths to allow it)")
+    return path
 
 
 def load_image(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
