@@ -222,6 +222,8 @@ def compose_config(vision_config, text_config, image_token_id: int, pad_token_id
     from transformers import LlavaConfig
 
     text_config.pad_token_id = pad_token_id
+    # the LLM's remote-code classes (auto_map) are not in the composed directory, which plain transformers loads
+    text_config.__dict__.pop("auto_map", None)
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,

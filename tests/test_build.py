@@ -292,3 +292,18 @@ def test_a_bin_weight_file_with_a_pickle_payload_is_refused_by_name(hand_made_to
     assert "weights_only=False" not in err and "payload ran" not in capsys.readouterr().out
     torch.save(weights, llm / "pytorch_model.bin")  # the same tensors without the payload build
     build_llava(str(hand_made_towers / "clip-vision"), str(llm))
+
+
+def test_the_composed_text_config_drops_the_llms_auto_map(hand_made_towers, tmp_path):
+    """An LLM shipped with remote code names it in auto_map; the composed model is plain transformers, and a
+    kept auto_map would point loaders at code that is not in the output directory."""
+    import shutil
+
+    llm = tmp_path / "qwen-remote"
+    shutil.copytree(hand_made_towers / "qwen-tied", llm)
+    config = json.loads((llm / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    (llm / "config.json").write_text(json.dumps(config))
+    build_llava(str(hand_made_towers / "clip-vision"), str(llm), tmp_path / "out")
+    composed = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in composed and "auto_map" not in composed["text_config"]
