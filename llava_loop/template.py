@@ -188,9 +188,14 @@ def chat_template_from(spec: str, tokenizer) -> str:
 def check_jinja(text: str, where: str) -> None:
     """Compile a chat template as transformers will render it; a syntax error names ``where`` and the line."""
     from jinja2 import TemplateSyntaxError
-    from transformers.utils.chat_template_utils import _compile_jinja_template
 
+    try:  # transformers' own environment (its extensions, e.g. {% generation %}); private, so with a fallback
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        compile_template = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse
     try:
-        _compile_jinja_template(text)
+        compile_template(text)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"{where}: invalid Jinja at line {exc.lineno}: {exc.message}") from None
