@@ -8,7 +8,8 @@
 #
 # OUTDIR gets three files: device.log (everything printed), rows.jsonl (one row per launch, failed ones with the
 # tail of their stderr) and table.md. The budget (default 7 minutes) covers the whole script: gpu.py starts no
-# launch the time left cannot fit and still prints the table of what ran.
+# launch the time left (less 2 minutes for tests/test_gpu.py, run last) cannot fit and still prints the table of
+# what ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -22,7 +23,7 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS=$2; shift 2 ;;
     --budget-minutes) BUDGET=$2; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac
@@ -46,7 +47,12 @@ for wheel in "$WHEELS"/*-cp3*.whl; do
 done
 
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/llava-device-site.XXXXXX")
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+if python3 -m pip --version > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+else  # a first run must not end here: these wheels unpack to the tree pip would install (scripts aside)
+  echo "no pip for $(command -v python3): unpacking the wheels into $SITE instead"
+  python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$SITE" "$WHEELS"/*.whl
+fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 unset PYTHONDONTWRITEBYTECODE  # wheels went in uncompiled: let the first import cache bytecode for every launch
 export TOKENIZERS_PARALLELISM=false PYTHONFAULTHANDLER=1
@@ -95,13 +101,20 @@ if [ -z "${SMOKE[*]:-}" ] && [ "${SHM_MIB:-0}" -lt 2048 ]; then
   echo "/dev/shm has ${SHM_MIB} MiB free: bench/gpu.py ${WORKERS[*]} (8 workers need about 1.4 GiB there)"
 fi
 
-LEFT=$(awk -v b="$BUDGET" -v used=$(( $(date +%s) - START )) 'BEGIN {printf "%.2f", b - used / 60}')
+# the last 2 minutes are kept for tests/test_gpu.py (the varlen kernel, Liger, compiled bf16 layers)
+LEFT=$(awk -v b="$BUDGET" -v used=$(( $(date +%s) - START )) 'BEGIN {printf "%.2f", b - 2 - used / 60}')
+KERNELS=()
+[ -n "${SMOKE[*]:-}" ] || KERNELS=(--kernels plain liger compile)  # gpu.py runs the target rows first
 echo "== bench/gpu.py with $LEFT of $BUDGET minutes left"
 set +e
 # gpu.py keeps to its budget; the timeout (a minute later) only catches a hang outside a launch
 timeout --signal=TERM --kill-after=30 "$(awk -v m="$LEFT" 'BEGIN {printf "%d", m * 60 + 60}')" \
-  python3 bench/gpu.py "${SMOKE[@]}" "${WORKERS[@]}" --budget-minutes "$LEFT" --out "$OUT" "$@"
+  python3 bench/gpu.py "${SMOKE[@]}" "${WORKERS[@]}" "${KERNELS[@]}" --budget-minutes "$LEFT" --out "$OUT" "$@"
 rc=$?
+echo "== tests/test_gpu.py (they skip without CUDA)"
+timeout --signal=TERM --kill-after=10 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -25
+test_rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] || rc=$test_rc
 set -e
 echo "== bench/gpu.py exit $rc; $(( $(date +%s) - START )) s in all; in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $rc

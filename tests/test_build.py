@@ -199,6 +199,7 @@ def test_real_scale_parameter_counts_on_meta_device():
     assert config.image_seq_length == 576
 
 
+@pytest.mark.floor
 def test_clip_qwen_builds_are_pinned_byte_for_byte(tmp_path):
     """The CLIP + Qwen2/2.5 path composes exactly what it composed before other tower families were added:
     configs, generation config, processor and tokenizer files, and weight bytes (tests/build_snapshot.py)."""
@@ -213,6 +214,7 @@ def test_clip_qwen_builds_are_pinned_byte_for_byte(tmp_path):
         assert built[name] == pinned[name], f"the {name} build changed; see tests/build_snapshot.py"
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("packed", [False, True])
 def test_auto_attention_is_flash_attention_where_flash_attn_runs_else_sdpa(packed, tiny_model_dir):
     """``auto`` in bf16: flash_attention_2 on a machine with flash-attn and a GPU (its varlen kernel serves packed

@@ -102,6 +102,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(workers, batching, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.floor
 def test_resume_under_two_process_deepspeed_matches(tmp_path, tiny_dropout_model_dir, shapes_data):
     hooks = ["helpers:StopAtStep"]
     a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, train={"micro_batch_size": 1})

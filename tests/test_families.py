@@ -280,6 +280,7 @@ def test_the_image_processor_comes_from_the_tower(towers, tmp_path):
         build_llava(str(legacy), str(towers["qwen2"]))
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("size", [(400, 300), (64, 64), (37, 100)])
 def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
     import numpy as np

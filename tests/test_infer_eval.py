@@ -77,6 +77,7 @@ def test_caption_a_folder_and_the_python_api_agree(trained, shapes_data, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.floor
 def test_generation_stops_at_im_end_and_hides_special_tokens(trained, shapes_data):
     from llava_loop.infer import load_for_inference
 
