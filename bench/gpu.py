@@ -4,12 +4,12 @@ over synthetic LLaVA-pretrain-like shapes data at 336 px.
 
 For each shape, mode (`projector`, `lora`) and gradient checkpointing (off, on) one launch, in its own
 processes so memory is freed between them, reports samples/s, tokens/s, peak GPU memory and MFU counted
-two ways from the real token counts:
-* "needed": what the step must compute: the frozen vision tower forward over the layers used; the LLM
-  forward plus the backward to its inputs (and to its weights only where they train); the LM head at
-  supervised positions only;
-* "6N": 6 x non-embedding parameters x tokens, as if every weight trained (comparable with published MFU).
-Checkpointing's recompute is not counted as useful work in either.
+two ways (llava_loop/flops.py):
+* "needed": the FLOPs the step must compute, as the run itself logs them each step (`flops` in metrics.jsonl,
+  from its real token counts): the vision layers used, the LLM forward and its backward to the inputs (to the
+  weights only where they train), LoRA adapters, the LM head at supervised positions only;
+* "6N": 6 x the non-embedding parameters each token passes through (comparable with published MFU).
+Recomputation (checkpointing, the chunked loss) is not counted as useful work in either.
 
     python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
     python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
@@ -19,9 +19,11 @@ Checkpointing's recompute is not counted as useful work in either.
                                                  # ZeRO-3 (partitioned load, NCCL, bf16) at Qwen2.5-7B's shape
 
 Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
-shape at MFU >= 35% of needed FLOPs (about 225 samples/s); with the 3B shape >= 35 samples/s.
+shape at MFU >= 35% of needed FLOPs (about 255 samples/s on an H100/H200 by llava_loop/flops.py at 640 tokens a
+sample); with the 3B shape >= 35 samples/s (35% MFU there would be about 45).
 
-The two target rows run first (0.5B then 3B, `projector`, checkpointing off), then the rest. A launch that fails
+The two target rows run first (0.5B then 3B, `projector`, checkpointing off, plain kernels), then the 0.5B one with
+Liger's kernels and with compiled decoder layers where `--kernels` asks for them, then the rest. A launch that fails
 (out of memory, say) is recorded with its reason and the tail of its stderr, and the bench goes on; the table of
 whatever ran is printed at the end, also when the time budget runs out or the bench is stopped with SIGTERM.
 The exit status is 1 when a launch failed. Launched ranks keep the caller's PYTHONPATH (carried wheels on the GPU
@@ -46,15 +48,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# Dense bf16 peak TFLOP/s by device name, most specific first (vendor datasheets).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0))
 TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
-FIRST = [("0.5b", "projector", "off"), ("3b", "projector", "off")]  # the target rows: measured before anything else
-
-
-def peak_tflops(device_name: str) -> float:
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), float("nan"))
+# the target rows, measured before anything else; then what Liger's kernels and compiled layers do to the first
+FIRST = [("0.5b", "projector", "off", "plain"), ("3b", "projector", "off", "plain"),
+         ("0.5b", "projector", "off", "liger"), ("0.5b", "projector", "off", "compile")]
+KERNELS = {"plain": {"liger": "off", "compile": False}, "liger": {"liger": "on", "compile": False},
+           "compile": {"liger": "off", "compile": True}}  # train.* settings of each --kernels choice
 
 
 def tower_configs(shape: str):
@@ -113,46 +112,17 @@ def build_random_model(out: Path, shape: str) -> None:
         torch.cuda.empty_cache()  # the launches need the memory, not this process
 
 
-def part_sizes(model_dir: Path) -> dict:
-    """Parameters per part that the step touches (vision layers past the feature layer excluded), built on the
-    meta device: no memory, no weights read."""
+def flops_model(model_dir: Path):
+    """The FLOPs model of a composed model dir, built on the meta device (no memory, no weights read); its 6N does
+    not depend on the mode."""
     import torch
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from llava_loop.modes import unused_vision_param_names
-    from llava_loop.parts import LLM, PROJECTOR, VISION, part_of
+    from llava_loop.flops import FlopsModel
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
-    unused = unused_vision_param_names(model)
-    sizes = {VISION: 0, PROJECTOR: 0, LLM: 0, "embedding": 0}
-    for name, p in model.named_parameters():
-        if name not in unused:
-            sizes[part_of(name)] += p.numel()
-            sizes["embedding"] += p.numel() if "embed_tokens" in name else 0
-    return {**sizes, "config": model.config}
-
-
-def step_flops(sizes: dict, samples: int, tokens: int, supervised: int, mode: str) -> tuple[float, float]:
-    """(needed, 6N) FLOPs of one optimizer step from its real token counts (samples of about equal length)."""
-    from llava_loop.parts import LLM, PROJECTOR, VISION
-
-    v, t = sizes["config"].vision_config, sizes["config"].text_config
-    img_tokens = (v.image_size // v.patch_size) ** 2 + 1  # with CLS
-    used_layers = v.num_hidden_layers - 1  # feature layer -2
-    vision_fwd = samples * (2 * sizes[VISION] * img_tokens + 4 * img_tokens**2 * v.hidden_size * used_layers)
-    projector = 6 * sizes[PROJECTOR] * samples * (img_tokens - 1)
-    llm_body = sizes[LLM] - sizes["embedding"]  # the (tied) embedding is a lookup; the head is counted below
-    per_sample = tokens / samples
-    attention = samples * 4 * per_sample**2 * t.hidden_size * t.num_hidden_layers / 2  # causal
-    llm_fwd = 2 * llm_body * tokens + attention
-    head_fwd = 2 * t.hidden_size * t.vocab_size * supervised
-    weight_grads = 2 * llm_body * tokens if mode in ("freeze_vision", "full") else 0
-    if mode == "lora":
-        weight_grads = 0.0  # the adapters' own FLOPs are under 1% at r=64
-    needed = vision_fwd + projector + 2 * (llm_fwd + head_fwd) + weight_grads
-    six_n = 6 * (sizes[VISION] * img_tokens * samples + sizes[PROJECTOR] * samples * (img_tokens - 1) + llm_body * tokens)
-    return needed, six_n
+    return FlopsModel.from_model(model, "projector")
 
 
 class PeakMemory:
@@ -194,7 +164,7 @@ def failure_reason(stderr: str) -> str:
     return (errors or lines or ["no stderr"])[-1][:300]
 
 
-def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, args,
+def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, kernels: str, args,
            timeout: float) -> dict:
     """One real training launch; returns its measured figures, or raises LaunchFailed."""
     config = {
@@ -204,7 +174,8 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
                  "max_length": 1024},
         "train": {"micro_batch_size": args.micro_batch, "grad_accum": 1, "max_steps": args.steps,
                   "lr": 1e-3 if mode == "projector" else 2e-4, "warmup_ratio": 0.03, "log_every": 1,
-                  "gradient_checkpointing": checkpointing, "precision": "fp32" if args.smoke else "bf16"},
+                  "gradient_checkpointing": checkpointing, "precision": "fp32" if args.smoke else "bf16",
+                  **KERNELS[kernels]},
         "lora": {"r": 64, "alpha": 128}, "checkpoint": {"every": 0, "keep_last": 1}, "eval": {"every": 0},
     }
     out.mkdir(parents=True)
@@ -228,15 +199,17 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
     samples = args.micro_batch * args.processes
     tokens = common.median([m["tokens_per_s"] * m["step_time"] for m in steady])
     supervised = common.median([m["label_tokens"] for m in steady])
+    flops = common.median([m["flops"] for m in steady])  # the step's needed FLOPs, as the loop counts them
     peaks = [json.loads(p.read_text())["peak_gib"] for p in sorted(out.glob("peak_memory_*.json"))]
-    return {"shape": shape, "mode": mode, "checkpointing": checkpointing, "seconds": seconds,
+    return {"shape": shape, "mode": mode, "checkpointing": checkpointing, "kernels": kernels, "seconds": seconds,
             "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-            "tokens_per_sample": tokens / samples, "supervised": supervised, "peak_gib": max(peaks)}
+            "tokens_per_sample": tokens / samples, "supervised": supervised, "flops": flops, "peak_gib": max(peaks)}
 
 
-def plan(shapes: list[str], modes: list[str], checkpointing: list[str]) -> list[tuple[str, str, str]]:
-    """Every (shape, mode, checkpointing) asked for, the target rows first, the rest in the order given."""
-    rows = [(shape, mode, ckpt) for shape in shapes for mode in modes for ckpt in checkpointing]
+def plan(shapes: list[str], modes: list[str], checkpointing: list[str],
+         kernels: list[str]) -> list[tuple[str, str, str, str]]:
+    """Every (shape, mode, checkpointing, kernels) asked for, the FIRST rows first, the rest in the order given."""
+    rows = [(shape, mode, ckpt, k) for shape in shapes for mode in modes for ckpt in checkpointing for k in kernels]
     return sorted(rows, key=lambda row: FIRST.index(row) if row in FIRST else len(FIRST))
 
 
@@ -249,8 +222,8 @@ def table(rows: list[dict]) -> str:
 
     return common.table(
         ["shape", "mode", "checkpointing", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed)", "MFU (6N)",
-         "target", "status"],
-        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", *cells(r),
+         "kernels", "target", "status"],
+        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", *cells(r), r["kernels"],
           TARGETS.get((r["shape"], r["mode"]), ""), "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"]
          for r in rows])
 
@@ -264,6 +237,8 @@ def main() -> int:
                         help="training modes, one launch each (train.py checks the names)")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"],
                         help="default: off and on; with --smoke, on (off is the path every test trains through)")
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=["plain"],
+                        help="plain, Liger's (train.liger=on) or compiled decoder layers (train.compile), one launch each")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=8)
@@ -285,6 +260,7 @@ def main() -> int:
     import torch
 
     from llava_loop.demo.shapes import write_shapes
+    from llava_loop.flops import peak_tflops
 
     if args.smoke:
         args.shapes, args.steps, args.micro_batch, args.workers, args.processes = ["tiny"], 3, 2, 0, 1
@@ -297,9 +273,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="llava-gpu-bench-"))
     write_shapes(root / "data", (args.steps + 1) * args.micro_batch * args.processes, seed=0, size=336)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    peak = args.peak_tflops or peak_tflops(name)
+    peak = args.peak_tflops or peak_tflops(name) or float("nan")
     deadline = started + 60 * args.budget_minutes if args.budget_minutes is not None else float("inf")
-    rows, sizes, longest = [], {}, 0.0
+    rows, flops_models, longest = [], {}, 0.0
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -309,8 +285,8 @@ def main() -> int:
                 f.write(json.dumps(row) + "\n")
 
     try:
-        for shape, mode, ckpt in plan(args.shapes, args.modes, args.checkpointing):
-            row = {"shape": shape, "mode": mode, "checkpointing": ckpt == "on"}
+        for shape, mode, ckpt, kernels in plan(args.shapes, args.modes, args.checkpointing, args.kernels):
+            row = {"shape": shape, "mode": mode, "checkpointing": ckpt == "on", "kernels": kernels}
             left = deadline - time.monotonic()
             if left <= longest:
                 record({**row, "status": "skipped", "reason": f"time budget ({max(left, 0):.0f} s left, the longest "
@@ -318,21 +294,21 @@ def main() -> int:
                 continue
             t0 = time.monotonic()
             try:
-                if isinstance(sizes.get(shape), LaunchFailed):  # its model could not be built: said once per row
-                    raise sizes[shape]
-                if shape not in sizes:
+                if isinstance(flops_models.get(shape), LaunchFailed):  # its model could not be built: said once per row
+                    raise flops_models[shape]
+                if shape not in flops_models:
                     try:
                         build_random_model(root / f"model-{shape}", shape)
-                        sizes[shape] = part_sizes(root / f"model-{shape}")
+                        flops_models[shape] = flops_model(root / f"model-{shape}")
                     except Exception as exc:  # noqa: BLE001 - recorded for every row of this shape
-                        sizes[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
-                        raise sizes[shape] from exc
-                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{ckpt}", shape, mode,
-                           ckpt == "on", args, timeout=min(args.launch_timeout, deadline - time.monotonic()))
+                        flops_models[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
+                        raise flops_models[shape] from exc
+                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{ckpt}-{kernels}", shape,
+                           mode, ckpt == "on", kernels, args, timeout=min(args.launch_timeout, deadline - time.monotonic()))
                 samples = args.micro_batch * args.processes
                 tokens = r["tokens_per_sample"] * samples
-                needed, six_n = step_flops(sizes[shape], samples, tokens, r["supervised"], mode)
-                r["mfu_needed"] = needed / r["seconds"] / 1e12 / args.processes / peak
+                six_n = flops_models[shape].step(images=samples, tokens=tokens, attention_pairs=0, supervised=0)[1]
+                r["mfu_needed"] = r["flops"] / r["seconds"] / 1e12 / args.processes / peak
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
                 record({**r, "status": "ok", "wall_s": time.monotonic() - t0})
             except LaunchFailed as exc:
