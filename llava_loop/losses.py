@@ -65,22 +65,17 @@ def unwrapped(model):
 
 @contextlib.contextmanager
 def head_bypassed(model):
-    """While inside, the LM head returns its input: the model's ``logits`` are its final hidden states. The head
-    module keeps its hooks (ZeRO-3 still gathers and releases it); only its computation is skipped."""
-    head = unwrapped(model).get_output_embeddings()
-    own = head.__dict__.get("forward")  # an instance-level forward someone else installed, if any
-    head.forward = _identity
+    """While inside, the model's LM head is an identity: its ``logits`` are its final hidden states. The head is
+    swapped out, not called: under ZeRO-3 even a skipped call would gather the head's weight for nothing."""
+    llava = unwrapped(model)
+    llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+    head = llava.get_output_embeddings()
+    name = next(name for name, child in llava.named_children() if child is head)
+    setattr(llava, name, torch.nn.Identity())
     try:
         yield head
     finally:
-        if own is None:
-            del head.forward  # back to the class's forward
-        else:
-            head.forward = own
-
-
-def _identity(hidden_states):
-    return hidden_states
+        setattr(llava, name, head)
 
 
 def supervised_hidden(model, batch: dict):
