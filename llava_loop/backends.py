@@ -11,7 +11,8 @@ is one more class in ``BACKENDS``, not more branches:
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
 * ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
 * ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
-* ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export.
+* ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export;
+* ``compile_refusal``: why ``train.compile`` cannot run under this backend, or None.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class PlainBackend:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
+
+    def compile_refusal(self) -> str | None:
+        return None
 
     def describe(self) -> str:
         return str(self.accelerator.distributed_type)
@@ -93,6 +97,12 @@ class DeepSpeedBackend:
     @property
     def stage(self) -> int:
         return self.config.get("zero_optimization", {}).get("stage", 0)
+
+    def compile_refusal(self) -> str | None:
+        """ZeRO-3 gathers each layer's parameters in hooks around its forward, which break the compiled graphs."""
+        if self.stage == 3:
+            return "ZeRO-3 gathers every layer's parameters in hooks that break the compiled graphs"
+        return None
 
     def configure(self, cfg) -> None:
         """One source of truth: batch sizes, accumulation and clipping come from ``train.*`` (Accelerate would

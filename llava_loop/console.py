@@ -14,6 +14,15 @@ def say(text: str, *, stderr: bool = True) -> None:
     RichConsole(stderr=stderr).print(text, highlight=False, soft_wrap=True)
 
 
+def say_on_main(text: str) -> None:
+    """``say`` from the main process only, for code that has no run ``Console`` (the data modules); the launcher's
+    ``RANK`` tells which that is (unset outside a launch)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        say(text)
+
+
 def print_table(title: str, rows, headers=("", ""), *, stderr: bool = False) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table

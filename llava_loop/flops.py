@@ -71,8 +71,9 @@ class FlopsModel:
     def from_model(cls, model, mode: str) -> "FlopsModel":
         """Read off a LLaVA model (bare, under PEFT, on the meta device or partitioned by ZeRO-3)."""
         from .modes import deepest_feature_layer
+        from .parts import base_llava
 
-        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        llava = base_llava(model)
         config = llava.config
         v, t = config.vision_config, config.text_config
         tower = llava.model.vision_tower

@@ -15,12 +15,12 @@ import importlib.util
 import torch
 
 from .errors import UserError
+from .parts import base_llava
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The LLM's decoder layers, under PEFT or not."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return llava.model.language_model.layers
+    return base_llava(model).model.language_model.layers
 
 
 def compile_decoder_layers(model) -> int:
@@ -52,7 +52,7 @@ def apply_liger(model, setting: str) -> bool:
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = base_llava(model)
     # dispatched by model type: llava patches its LLM's family with that family's defaults (RMSNorm, SwiGLU, RoPE;
     # RoPE module-wide); the loss stays ours, so neither of Liger's cross-entropies (the fused one would replace
     # the model's forward)

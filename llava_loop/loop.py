@@ -157,9 +157,10 @@ class Trainer:
         if apply_liger(model, t.liger):
             self.console.say("Liger kernels: the LLM's RMSNorm, SwiGLU and RoPE")
         if t.compile:
-            if getattr(self.backend, "stage", 0) == 3:
-                raise UserError("train.compile: not under ZeRO-3, whose per-layer parameter gathering breaks the "
-                                "compiled graphs; use accelerate_config.yaml (ZeRO-2) or train.compile=false")
+            refusal = self.backend.compile_refusal()
+            if refusal:
+                raise UserError(f"train.compile: not under {self.backend.describe()}: {refusal}; use "
+                                "accelerate_config.yaml (ZeRO-2) or train.compile=false")
             self.console.say(f"compiled {compile_decoder_layers(model)} decoder layers (torch.compile, per layer)")
 
     def build_data(self, records):

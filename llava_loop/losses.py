@@ -29,6 +29,7 @@ from .attention import packed_kwargs
 from .data.collate import supervised_index as supervised_from_labels
 from .data.encode import IGNORE_INDEX
 from .importing import bind
+from .parts import base_llava
 
 CHUNK_ROWS = 512  # supervised rows whose (rows x vocabulary) logits exist at once in the default loss
 
@@ -67,8 +68,7 @@ def unwrapped(model):
 def head_bypassed(model):
     """While inside, the model's LM head is an identity: its ``logits`` are its final hidden states. The head is
     swapped out, not called: under ZeRO-3 even a skipped call would gather the head's weight for nothing."""
-    llava = unwrapped(model)
-    llava = llava.get_base_model() if hasattr(llava, "get_base_model") else llava
+    llava = base_llava(unwrapped(model))
     head = llava.get_output_embeddings()
     name = next(name for name, child in llava.named_children() if child is head)
     setattr(llava, name, torch.nn.Identity())

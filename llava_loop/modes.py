@@ -27,7 +27,7 @@ import torch
 
 from .config import LoraConfig
 from .errors import UserError
-from .parts import LLM, PARTS, PROJECTOR, VISION, count_params, part_of
+from .parts import LLM, PARTS, PROJECTOR, VISION, base_llava, count_params, part_of
 
 
 def deepest_feature_layer(config) -> int:
@@ -123,7 +123,7 @@ def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_che
 
 def enable_checkpointing(model, trainable_parts: set[str]) -> None:
     """Non-reentrant activation checkpointing on the LLM, and on the vision tower only if it trains."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = base_llava(model)
     towers = [llava.model.language_model] + ([llava.model.vision_tower] if VISION in trainable_parts else [])
     for tower in towers:
         if hasattr(tower, "activation_checkpointing_enable"):

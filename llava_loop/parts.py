@@ -16,6 +16,11 @@ LLM = "llm"
 PARTS = (VISION, PROJECTOR, LLM)
 
 
+def base_llava(model):
+    """The LlavaForConditionalGeneration itself, under a PEFT wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def part_of(param_name: str) -> str:
     if ".vision_tower." in f".{param_name}":
         return VISION

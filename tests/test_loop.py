@@ -16,7 +16,7 @@ from llava_loop.data.collate import Collator
 from llava_loop.data.loader import make_datasets
 from llava_loop.losses import full_logits_ce, label_only_ce
 from llava_loop.modes import apply_mode, lora_target_regex, param_groups
-from llava_loop.parts import PROJECTOR, VISION, count_params, part_of
+from llava_loop.parts import PROJECTOR, VISION, base_llava, count_params, part_of
 
 
 def _config(tmp_path, tiny_model_dir, shapes_data, name="run", data=None, **sections):
@@ -273,7 +273,7 @@ def _probe_vision_layer(model):
     """Counts runs of the vision tower's first encoder layer, recomputes included (transformers checkpoints the
     layer's ``forward``, so the probe sits on its first sub-module, as a pre-hook because a recompute may stop
     early), and records whether the layer's output carried an autograd graph."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = base_llava(model)
     probe = {"calls": 0, "graph": []}
     layer = llava.model.vision_tower.encoder.layers[0]
     layer.layer_norm1.register_forward_pre_hook(lambda module, args: probe.update(calls=probe["calls"] + 1))

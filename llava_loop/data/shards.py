@@ -12,13 +12,13 @@ image bytes are read) and read from the top.
 from __future__ import annotations
 
 import json
-import os
 import re
 import tarfile
 from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+from ..console import say_on_main
 from ..errors import UserError
 from .dataset import DataError
 from .images import EmbeddedImage, image_path, open_checked
@@ -223,12 +223,9 @@ def usable_shards(files: list[Path], *, skip_damaged: bool) -> list[Path]:
     kept = [f for f in files if f not in {d[0] for d in damaged}]
     if not kept:
         raise DataError(f"every shard is damaged: {lines}; copy them again or rewrite them")
-    if os.environ.get("RANK", "0") == "0":  # the main process says it once
-        from ..console import say
-
-        samples = sum(d[3] for d in damaged)
-        say(f"[yellow]warning:[/yellow] data.skip_damaged_shards: training without {len(damaged)} damaged "
-            f"shards ({samples:,} samples left out): {lines}")
+    samples = sum(d[3] for d in damaged)
+    say_on_main(f"[yellow]warning:[/yellow] data.skip_damaged_shards: training without {len(damaged)} damaged "
+                f"shards ({samples:,} samples left out): {lines}")
     return kept
 
 

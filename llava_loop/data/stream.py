@@ -25,7 +25,6 @@ replaces it. The order depends on the number of processes and workers, so a resu
 
 from __future__ import annotations
 
-import os
 from itertools import islice
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..console import say_on_main
 from ..errors import UserError
 from .dataset import MAX_ATTEMPTS, DataError
 from .encode import SampleEncoder
@@ -193,7 +193,6 @@ class StreamPosition:
             raise UserError("the checkpoint's stream positions disagree with its progress counters; the checkpoint "
                             "is damaged")
 
-
     def without_damaged(self, saved: dict, now: dict, changed: list[str]) -> bool:
         """Whether the only change is damaged shards left out (data.skip_damaged_shards): then the run goes on,
         saying so. Its epoch continues in the new layout, from the same micro-batch."""
@@ -202,13 +201,10 @@ class StreamPosition:
         if not (removed and set(changed) <= {"shards", "counts"} and set(removed) <= self.layout.dropped
                 and kept == list(zip(now["shards"], now["counts"]))):
             return False
-        if os.environ.get("RANK", "0") == "0":
-            from ..console import say
-
-            lost = sum(c for n, c in zip(saved["shards"], saved["counts"]) if n in removed)
-            say(f"[yellow]warning:[/yellow] resuming without the damaged shards {', '.join(removed)} ({lost:,} "
-                f"samples): the rest of epoch {self.progress.epoch} follows the stream's layout without them, so "
-                "some of its samples may repeat or be missed; later epochs read every remaining sample once")
+        lost = sum(c for n, c in zip(saved["shards"], saved["counts"]) if n in removed)
+        say_on_main(f"[yellow]warning:[/yellow] resuming without the damaged shards {', '.join(removed)} ({lost:,} "
+                    f"samples): the rest of epoch {self.progress.epoch} follows the stream's layout without them, so "
+                    "some of its samples may repeat or be missed; later epochs read every remaining sample once")
         return True
 
 
