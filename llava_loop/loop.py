@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import re
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +27,7 @@ from .config import Config
 from .console import Console
 from .data.dataset import DataError
 from .data.encode import IGNORE_INDEX
-from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records
+from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records, worker_death
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
 from .errors import UserError
@@ -253,16 +252,17 @@ class Trainer:
         previous_handlers = self.install_signal_handlers()
         try:
             return self._fit()
-        except RuntimeError as exc:  # raised by PyTorch's SIGCHLD handler, wherever the loop happens to be
-            if not re.search(r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)", str(exc)):
+        except (RuntimeError, OSError, EOFError) as exc:
+            death = worker_death(exc)
+            if death is None:
                 raise  # an error inside a worker (dataset, collator) keeps its traceback
             # the run ends here: the other workers' deaths must not raise the handler's error again on the way out
             # (seen under load, from an exit hook, as a bare traceback)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise DataError(
-                f"a DataLoader worker died ({str(exc).splitlines()[0].strip()}); killed by the system, most often for "
-                f"memory (check `dmesg` for the out-of-memory killer). Lower data.num_workers (now "
-                f"{self.cfg.data.num_workers}) or data.prefetch_factor, then resume with resume=auto"
+                f"a DataLoader worker died ({death}); killed by the system, most often for memory (check `dmesg` "
+                f"for the out-of-memory killer). Lower data.num_workers (now {self.cfg.data.num_workers}) or "
+                "data.prefetch_factor, then resume with resume=auto"
             ) from None
         finally:
             for sig, handler in previous_handlers.items():

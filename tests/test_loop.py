@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 
@@ -823,6 +824,51 @@ def test_a_killed_data_loader_worker_is_reported_not_a_traceback(tmp_path, tiny_
     assert out.returncode == 2, out.stderr[-2000:]
     assert "a DataLoader worker died" in out.stderr and "Lower data.num_workers (now 2)" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _share_then_wait(queue, sent) -> None:
+    queue.put(torch.arange(8.0))  # its storage travels as a file descriptor this process hands out on request
+    queue.close()
+    queue.join_thread()
+    sent.set()
+    sent.wait(600)  # stays alive (holding the descriptor) until killed
+
+
+class _MissingFile(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise FileNotFoundError(f"/data/{i}.jpg")
+
+
+def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_error_is_not():
+    """The race the end-to-end test above loses now and then, made certain: the batch is sent, then its sender is
+    killed before this process fetches the storage. PyTorch re-raises the transfer's OSError as it is."""
+    import multiprocessing
+    import signal
+
+    from llava_loop.data.loader import worker_death
+
+    ctx = torch.multiprocessing.get_context("fork")
+    queue, sent = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_share_then_wait, args=(queue, sent))
+    child.start()
+    assert sent.wait(60)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    with pytest.raises((OSError, EOFError)) as dead:
+        queue.get(timeout=30)
+    assert worker_death(dead.value).startswith(type(dead.value).__name__ + " while receiving a batch it had sent")
+
+    # negative control: a worker's own OSError, re-raised by PyTorch in this process, is the dataset's error
+    loader = torch.utils.data.DataLoader(_MissingFile(), num_workers=1, multiprocessing_context=multiprocessing.get_context("fork"))
+    with pytest.raises(FileNotFoundError) as own:
+        next(iter(loader))
+    assert worker_death(own.value) is None
+    assert worker_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")) == (
+        "DataLoader worker (pid 7) is killed by signal: Killed.")
+    assert worker_death(RuntimeError("CUDA out of memory")) is None
 
 
 def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):

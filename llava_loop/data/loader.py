@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,27 @@ def ignore_stop_signals(worker_id: int) -> None:
     before the save. (A worker whose parent is gone still exits: PyTorch's workers watch their parent.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_DEATH_MESSAGE = re.compile(r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)")
+
+
+def worker_death(exc: BaseException) -> str | None:
+    """What a DataLoader worker's death looks like from the main process, or None for any other error.
+
+    A death reaches the main process three ways: PyTorch's SIGCHLD handler (a RuntimeError, wherever the loop
+    happens to be), its own liveness check after a failed read (another RuntimeError), and, when the worker
+    dies while the main process is still fetching the shared memory of a batch it sent, an OSError or EOFError
+    from that transfer (the worker still looks alive for a moment, so PyTorch re-raises it as it is). An error a
+    worker raised itself (dataset, collator) is re-raised by PyTorch with its own traceback, never through the
+    transfer, so it is not mistaken for a death."""
+    if isinstance(exc, RuntimeError) and _DEATH_MESSAGE.search(str(exc)):
+        return str(exc).splitlines()[0].strip()
+    if isinstance(exc, (OSError, EOFError)):
+        frames = traceback.extract_tb(exc.__traceback__)
+        if any(Path(f.filename).match("*/torch/multiprocessing/reductions.py") for f in frames):
+            return f"{type(exc).__name__} while receiving a batch it had sent: {exc}"
+    return None
 
 
 def _loader_kwargs(cfg: Config) -> dict:
