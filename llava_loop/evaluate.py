@@ -1,7 +1,8 @@
 """Evaluation: held-out loss, and generated answers scored against the references.
 
 * ``eval_loss``: summed label-only cross-entropy / supervised tokens (the loop's in-training number);
-* ``exact_match`` and ``token_f1`` of the first answer generated for each record's first prompt;
+* ``exact_match`` and ``token_f1`` of the answer generated for each record's first question (``n`` of them): every
+  record is asked, text-only, one image or several, its prompt laid out as training lays it out;
 * whatever extra scorers add: each is ``scorer(predictions) -> dict`` (the demo adds shapes attribute accuracy).
 """
 
@@ -19,6 +20,7 @@ from .data.dataset import LlavaDataset
 from .data.encode import SampleEncoder
 from .data.images import image_path
 from .data.records import Records
+from .data.skips import SkipSample
 from .losses import label_only_ce
 
 
@@ -55,12 +57,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def first_exchange(record) -> tuple[str, str]:
-    prompt = next(text for role, text in record.turns if role == "user")
-    answer = next(text for role, text in record.turns if role == "assistant")
-    return prompt, answer.strip()
-
-
 def score(predictions: list[dict], scorers=()) -> dict:
     """Exact match and token F1, plus the metrics of each extra ``scorer(predictions) -> dict``."""
     n = max(len(predictions), 1)
@@ -78,9 +74,10 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
                    max_new_tokens: int = 32, max_samples: int = 0, scorers=(), progress: bool = False
                    ) -> tuple[dict, list[dict], list[dict]]:
     """Held-out loss plus generation metrics (exact match, token F1 and ``scorers``); returns
-    ``(metrics, predictions, left_out)``. A record that cannot be used (a bad image, a bad conversation) is
-    left out of every metric, never replaced, and listed in ``left_out`` with its reason."""
-    from .infer import caption
+    ``(metrics, predictions, left_out)``. A record that cannot be used (a bad image, a bad conversation, no question
+    to ask) is left out of the metrics it cannot take part in, never replaced, counted in ``metrics["left_out"]`` and
+    listed in ``left_out`` with its reason; ``n`` counts the records generated for."""
+    from .infer import answer_all
 
     if max_samples:
         records = records.subset(range(min(max_samples, len(records))))
@@ -90,19 +87,29 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
     loss_sum, tokens, skipped = heldout_loss_sums(model, loader, device=device)
     left_out = {rid: {"id": rid, "reason": reason, "detail": detail} for rid, reason, detail in skipped}
 
-    items = [records[i] for i in range(len(records))]
-    # generation metrics: single-image records (their first exchange); every record counts in the held-out loss
-    with_images = [r for r in items if len(r.images) == 1 and r.id not in left_out]
-    prompts, references = zip(*(first_exchange(r) for r in with_images)) if with_images else ((), ())
-    paths = [image_path(image_dir, r.images[0], allow_absolute=encoder.allow_absolute_paths) for r in with_images]
-    answers, unreadable = caption(model, encoder, paths, list(prompts),
-                                  batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    asked, sequences, images = [], [], []
+    for record in (records[i] for i in range(len(records))):
+        if record.id in left_out:
+            continue
+        try:
+            ids, prompt, reference = encoder.first_question(record)
+            names = record.images[: encoder.images_kept(ids)]  # the images its first question shows
+            paths = [image_path(image_dir, name, allow_absolute=encoder.allow_absolute_paths) for name in names]
+        except SkipSample as skip:
+            left_out[record.id] = {"id": record.id, "reason": skip.reason, "detail": skip.detail}
+            continue
+        asked.append((record.id, names, prompt, reference))
+        sequences.append(ids)
+        images.append(paths)
+    answers, unreadable = answer_all(model, encoder, sequences, images, batch_size=batch_size,
+                                     max_new_tokens=max_new_tokens,
+                                     progress=f"generating for {len(sequences)} records" if progress else "")
     for i, (reason, detail) in unreadable.items():
-        left_out[with_images[i].id] = {"id": with_images[i].id, "reason": reason, "detail": detail}
+        left_out[asked[i][0]] = {"id": asked[i][0], "reason": reason, "detail": detail}
     predictions = [
-        {"id": r.id, "image": str(r.images[0]), "prompt": p, "reference": ref, "prediction": ans,
+        {"id": rid, "images": [str(name) for name in names], "prompt": prompt, "reference": ref, "prediction": ans,
          "exact": normalize(ans) == normalize(ref)}
-        for r, p, ref, ans in zip(with_images, prompts, references, answers) if ans is not None
+        for (rid, names, prompt, ref), ans in zip(asked, answers) if ans is not None
     ]
     metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, "left_out": len(left_out),
                **score(predictions, scorers)}

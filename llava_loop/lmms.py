@@ -6,8 +6,8 @@ only stop llava_hf passes). lmms-eval runs in a subprocess, so its heavy imports
 transformers' default image-processor backend) never enter a training process, and a run that evaluates
 benchmarks in the background keeps training.
 
-Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each single-image
-record's first question, the prompt laid out as training lays it out, scored by exact match and token F1 with
+Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each record's
+first question that shows one image, the prompt laid out as training lays it out, scored by exact match and token F1 with
 ``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
 """
 
@@ -20,12 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .data.encode import place_image_token
+from .data.encode import first_exchange, record_messages
 from .data.images import EmbeddedImage, image_path, load_image, open_checked
 from .data.records import Records
 from .data.skips import SkipSample
 from .errors import UserError
-from .evaluate import first_exchange, normalize, token_f1
+from .evaluate import normalize, token_f1
 from .template import IMAGE_TOKEN
 
 LOCAL_TASK = "llava_loop_heldout"
@@ -142,19 +142,22 @@ TASK_HOOKS = "from llava_loop.lmms import doc_to_text, doc_to_visual, process_re
 def write_local_task(records, image_dir: str | Path, out: str | Path, *, max_samples: int = 0,
                      max_new_tokens: int = 32, allow_absolute_paths: bool = False) -> Path:
     """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
-    questions are the ones ``evaluate_model`` generates for: single-image records, in order; a record whose
-    image cannot be opened is left out and named on stderr, as ``llava-loop eval`` leaves it out."""
+    questions are those ``evaluate_model`` generates for that show one image (llava_hf puts one image before the
+    question), in order; the others are counted on stderr. A record whose image cannot be opened is left out and
+    named on stderr, as ``llava-loop eval`` leaves it out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if max_samples:
         records = records.subset(range(min(max_samples, len(records))))
-    rows = []
+    rows, not_one_image = [], 0
     for i in range(len(records)):
         record = records[i]
-        if len(record.images) != 1:
-            continue
-        prompt, answer = first_exchange(record)
         try:
+            messages = record_messages(record)
+            user, answer = first_exchange(record.id, messages)
+            if len(record.images) != 1 or not messages[user]["content"].startswith(IMAGE_TOKEN):
+                not_one_image += 1
+                continue
             path = image_path(image_dir, record.images[0], allow_absolute=allow_absolute_paths)
             open_checked(path, decode=False)
         except SkipSample as skip:
@@ -164,8 +167,11 @@ def write_local_task(records, image_dir: str | Path, out: str | Path, *, max_sam
             (out / "images").mkdir(exist_ok=True)
             path = out / "images" / f"{len(rows):06d}"
             path.write_bytes(record.images[0].data)
-        question = place_image_token(prompt).removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
+        question = messages[user]["content"].removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
         rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
+    if not_one_image:
+        print(f"{LOCAL_TASK}: {not_one_image} records whose first question does not show exactly one image are not "
+              "asked (llava-loop eval scores them)", file=sys.stderr)
     if not rows:
         raise UserError(f"{records.source}: no single-image record to ask; {LOCAL_TASK} needs some")
     questions = out / "questions.jsonl"

@@ -57,7 +57,7 @@ def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, s
         assert 0.0 <= metrics[key] <= 1.0 and key in printed
     # infer on one of those images agrees with eval's generation for it
     first = results["predictions"][0]
-    single = _cli("infer", *model_args, "--image", str(shapes_data["val_images"] / first["image"]),
+    single = _cli("infer", *model_args, "--image", str(shapes_data["val_images"] / first["images"][0]),
                   "--prompt", first["prompt"], "--device", "cpu").stdout.strip()
     assert single.splitlines()[-1].strip() == first["prediction"]
 
@@ -169,3 +169,60 @@ def test_eval_reads_parquet_with_embedded_images_as_it_reads_json(trained, shape
     from_parquet, parquet_predictions, left_out = evaluate_model(model, encoder, open_records(tmp_path / "val.parquet"), "")
     assert not left_out and from_parquet == from_json
     assert [p["prediction"] for p in parquet_predictions] == [p["prediction"] for p in json_predictions]
+
+
+
+def test_eval_asks_every_record_with_no_image_one_or_several(tiny_model_dir, tmp_path):
+    """One batch mixes one-image records, two-image records (the demo's pair task) and text-only ones, and every
+    record is asked its first question. Each prompt is the training layout's own prefix, and the logits generation
+    starts from are the training forward's at the first answer token, with each image in its own placeholders;
+    swapping a two-image record's images there moves them (the negative control). A record with no question to ask
+    is counted and named."""
+    from llava_loop.data.collate import Collator
+    from llava_loop.data.encode import IGNORE_INDEX
+    from llava_loop.data.records import load_records
+    from llava_loop.demo.shapes import attribute_accuracy, write_shapes
+    from llava_loop.evaluate import evaluate_model
+    from llava_loop.infer import load_for_inference
+
+    path = write_shapes(tmp_path, 8, seed=3, size=64, prefix="m", pair_ratio=0.5)
+    raw = json.loads(path.read_text()) + [
+        {"id": "text", "conversations": [{"from": "human", "value": "What is red?"}, {"from": "gpt", "value": "red ."}]},
+        {"id": "no_question", "conversations": [{"from": "gpt", "value": "red ."}]}]
+    path.write_text(json.dumps(raw))
+    records = load_records(path)
+    asked = [records[i] for i in range(len(raw) - 1)]
+    assert sorted({len(r.images) for r in asked}) == [0, 1, 2]
+    model, _, encoder = load_for_inference(tiny_model_dir, device="cpu")
+    prefills = []  # the last is generation's first forward: every prompt at once, left-padded
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: prefills.append(out.logits[:, -1])
+                                       if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    metrics, predictions, left_out = evaluate_model(model, encoder, records, tmp_path / "images", max_new_tokens=2,
+                                                    scorers=[attribute_accuracy])
+    hook.remove()
+    assert [p["id"] for p in predictions] == [r.id for r in asked] and metrics["n"] == len(asked)
+    assert [p["images"] for p in predictions] == [list(r.images) for r in asked]
+    assert [(x["id"], x["reason"]) for x in left_out] == [("no_question", "no_question")] and metrics["left_out"] == 1
+    assert "no user turn" in left_out[0]["detail"]
+    assert "color_accuracy" in metrics  # over the one-image captions, the pair answers aside
+    generation_starts = prefills[-1]
+    assert generation_starts.shape[0] == len(asked)
+    collate = Collator(encoder.tokenizer.pad_token_id)
+
+    def first_answer_logits(sample):  # the training forward, alone, at the position that predicts the answer
+        labels = sample["labels"].tolist()
+        at = labels.index(next(x for x in labels if x != IGNORE_INDEX)) - 1
+        batch = collate([dict(sample, skipped=[])])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        with torch.no_grad():
+            return model(**inputs).logits[0, at], sample["input_ids"][: at + 1].tolist()
+
+    for row, (record, prediction) in enumerate(zip(asked, predictions)):
+        sample = encoder(record, tmp_path / "images")
+        expected, prompt = first_answer_logits(sample)
+        assert encoder.first_question(record)[0] == prompt, record.id
+        assert (generation_starts[row] - expected).abs().max() < 1e-5, record.id
+        if len(record.images) == 2:
+            swapped, _ = first_answer_logits(dict(sample, pixel_values=sample["pixel_values"].flip(0)))
+            assert (generation_starts[row] - swapped).abs().max() > 1e-3, record.id
+            assert encoder.prompt_ids(prediction["prompt"]) != prompt  # the one-image layout is not training's

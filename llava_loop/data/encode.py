@@ -60,6 +60,18 @@ def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
     return messages
 
 
+def first_exchange(record_id: str, messages: list[dict]) -> tuple[int, str]:
+    """``(index of the first user message, the answer that follows it)``: the question evaluation generates for
+    and its reference. A record with no answer after a user turn has no question to ask (SkipSample)."""
+    user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    answer = None if user is None else next((m["content"] for m in messages[user + 1:] if m["role"] == "assistant"),
+                                            None)
+    if answer is None:
+        raise SkipSample("no_question", f"record {record_id}: no user turn is followed by an answer, so there is no "
+                         "question to generate for (give it a user turn before an assistant turn)")
+    return user, answer
+
+
 def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
     """Token ids, labels, and the token index just past each assistant turn's closing token."""
     text = render(tokenizer, messages)
@@ -137,6 +149,17 @@ class SampleEncoder:
         content = place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt) if with_image else prompt.strip()
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": content})
+        return self.generation_ids(messages)
+
+    def first_question(self, record: Record) -> tuple[list[int], str, str]:
+        """A record's first question as token ids ready for generation, its text, and the reference answer (see
+        ``first_exchange``). The ids are the training layout's own prefix (system prompt, image tags where training
+        puts them), so they stand for the record's first ``images_kept(ids)`` images: none, one or several."""
+        messages = record_messages(record, self.system_prompt)
+        user, answer = first_exchange(record.id, messages)
+        return self.generation_ids(messages[: user + 1]), messages[user]["content"], answer
+
+    def generation_ids(self, messages: list[dict]) -> list[int]:
         text = render(self.tokenizer, messages, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         ids, _, _ = expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), [], self.image_token_id, self.n_image_tokens)

@@ -21,6 +21,7 @@ REASONS = (
     "unknown_role",
     "too_long",
     "malformed_record",  # a row of a table or shard whose structure is broken (JSON files fail at load instead)
+    "no_question",  # evaluation only: no user turn before an answer, so nothing to generate for (it still trains)
 )
 
 

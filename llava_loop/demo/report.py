@@ -99,8 +99,11 @@ def draw_grid(predictions: list[dict], image_dir: Path, columns: int = 4, tile: 
         x, y = (i % columns) * tile, (i // columns) * (picture + caption_h)
         ok = p["exact"]
         colour = GREEN if ok else RED
-        with Image.open(image_dir / p["image"]) as im:
-            grid.paste(im.convert("RGB").resize((picture - 8, picture - 8), Image.NEAREST), (x + (tile - picture) // 2 + 4, y + 4))
+        side = (picture - 8) // max(len(p["images"]), 1)  # a question's images side by side; none for text-only
+        for k, name in enumerate(p["images"]):
+            with Image.open(image_dir / name) as im:
+                grid.paste(im.convert("RGB").resize((side, side), Image.NEAREST),
+                           (x + (tile - picture) // 2 + 4 + k * side, y + 4 + (picture - 8 - side) // 2))
         draw.rectangle([x + (tile - picture) // 2 + 1, y + 1, x + (tile + picture) // 2 - 2, y + picture - 2], outline=colour, width=3)
         lines = [(f"{'ref:' if j == 0 else '    '} {line}", "black") for j, line in enumerate(_fit(draw, p["reference"], font, tile - 50))]
         lines += [(f"{'pred:' if j == 0 else '     '} {line}", colour) for j, line in enumerate(_fit(draw, p["prediction"], font, tile - 50))]

@@ -180,10 +180,12 @@ def tokenizer_corpus() -> list[str]:
 
 
 def attribute_accuracy(predictions: list[dict]) -> dict:
-    """Accuracy per attribute (colour, shape, position) of predicted captions; empty unless every reference
-    is a shapes caption. An extra scorer for ``llava_loop.evaluate.evaluate_model``."""
-    parsed = [(parse_caption(p["reference"]), parse_caption(p["prediction"])) for p in predictions]
-    if not predictions or not all(all(ref.values()) for ref, _ in parsed):
+    """Accuracy per attribute (colour, shape, position) of predicted captions, over the predictions whose reference
+    is a shapes caption (the two-image task's answers are colours, scored by exact match); empty when none is. An
+    extra scorer for ``llava_loop.evaluate.evaluate_model``."""
+    parsed = [(match.groupdict(), parse_caption(p["prediction"])) for p in predictions
+              if (match := _CAPTION_RE.match(p["reference"].strip()))]
+    if not parsed:
         return {}
-    return {f"{attr}_accuracy": sum(ref[attr] == pred[attr] for ref, pred in parsed) / len(predictions)
+    return {f"{attr}_accuracy": sum(ref[attr] == pred[attr] for ref, pred in parsed) / len(parsed)
             for attr in ATTRIBUTES}
