@@ -48,11 +48,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
-    import numpy as np
     from transformers import AutoProcessor
 
     from llava_loop.config import load_config
     from llava_loop.data.encode import SampleEncoder
+    from llava_loop.data.lengths import count_lengths
     from llava_loop.data.records import load_records
     from llava_loop.data.sampler import EpochSampler
     from llava_loop.demo.shapes import write_shapes
@@ -74,10 +74,10 @@ def main() -> None:
     mixed = write_shapes(common.ROOT / "runs" / "bench-mixed", 1024, seed=3, size=32, max_turns=6, prefix="mixed")
     records = load_records(mixed)
     encoder = SampleEncoder(processor, max_length=4096)
-    lengths = np.array([len(encoder.encode_text(records[i])[0]) for i in range(len(records))])
+    lengths = count_lengths(records, encoder)
     micro, group = 8, 8 * 4  # micro-batch 8, accumulation 4, one process
     plain = EpochSampler(len(records), seed=0).order(0)
-    grouped = EpochSampler(len(records), seed=0, lengths=records.length_estimates(encoder.n_image_tokens),
+    grouped = EpochSampler(len(records), seed=0, lengths=lengths,
                            group_size=group).order(0)
     print(f"\nPadding on {len(records)} mixed-length conversations (1-6 turns; {lengths.min()}-{lengths.max()} tokens), "
           f"micro-batch {micro}, global batch {group}:\n")

@@ -27,7 +27,9 @@ from .config import Config
 from .console import Console
 from .data.dataset import DataError
 from .data.encode import IGNORE_INDEX
-from .data.loader import make_datasets, make_eval_loader, make_train_loader, split_records, worker_death
+from .data.loader import (make_datasets, make_eval_loader, make_train_loader, needs_lengths, split_records,
+                          train_lengths, worker_death)
+from .data.sampler import TokenBudgetBatches
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
 from .errors import UserError
@@ -169,7 +171,11 @@ class Trainer:
                                                       processes=acc.num_processes)
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         pad_id = self.processor.tokenizer.pad_token_id
-        loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id)
+        lengths = None
+        if self.stream is None and needs_lengths(cfg):  # counted once, by the main process, for all
+            lengths = main_process_result(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
+        loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id,
+                                                 lengths=lengths)
         encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size; kept on the device
         self.blank_image = {"tokens": encoder.n_image_tokens, "token_id": encoder.image_token_id,
                             "pixels": encoder.pixel_values(Image.new("RGB", (8, 8))).to(acc.device)[None]}
@@ -192,7 +198,7 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(model, optimizer)
             self.loader = loader
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.steps_per_epoch = self.micro_batches_per_epoch() // t.grad_accum
+        self.steps_per_epoch = self.steps_in_epoch(0)
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"{len(self.train_set)} training samples cannot fill one optimizer step of "
@@ -200,7 +206,9 @@ class Trainer:
                 + (" (a stream first cuts them into equal slices per process and DataLoader worker: or lower "
                    "data.num_workers)" if self.stream else "")
             )
-        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        whole, part = int(t.epochs), t.epochs - int(t.epochs)
+        self.total_steps = t.max_steps or (sum(self.steps_in_epoch(e) for e in range(whole))
+                                           + (math.ceil(part * self.steps_in_epoch(whole)) if part else 0))
         self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)
         budget = self.cfg.data.max_tokens_per_micro_batch
         batch = (f"micro-batches of up to {budget} tokens x accumulation {t.grad_accum} x processes {acc.num_processes}"
@@ -334,23 +342,31 @@ class Trainer:
         while self.state.step < self.total_steps:  # a resumed run that already finished trains no more
             skip = self.state.step_in_epoch * ga
             if self.stream is None:
-                self.sampler.set_epoch(self.state.epoch)
+                self.sampler.set_epoch(self.state.epoch)  # Accelerate cannot reach it inside a skipping sampler
                 self.loader.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
                 loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+                # Accelerate's loaders hand the sampler their own epoch count on every iter, and count an epoch
+                # only when iterated to the end, which the loop never does: without this, every epoch is epoch 0
+                loader.set_epoch(self.state.epoch)
             else:  # the stream seeks to its position itself (stream.py); replaying it would read the epoch again
                 self.train_set.start(self.state.epoch, skip)
                 # pinned batches (data.pin_memory on a GPU) copy without blocking the host, as prepared loaders do
                 loader = (send_to_device(batch, self.accelerator.device, non_blocking=self.cfg.data.pin_memory)
                           for batch in self.loader)
-            self.steps_per_epoch = self.micro_batches_per_epoch() // ga  # token budgets: depends on the epoch
+            self.steps_per_epoch = self.steps_in_epoch(self.state.epoch)
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
                 yield [next(batches) for _ in range(ga)]
             self.state.epoch += 1
             self.state.step_in_epoch = 0
 
-    def micro_batches_per_epoch(self) -> int:
-        return self.stream.micro_batches if self.stream is not None else len(self.loader)
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in ``epoch``: the same in every epoch, except under token budgets, whose micro-batches
+        are cut from that epoch's order."""
+        ga = self.cfg.train.grad_accum
+        if isinstance(self.sampler, TokenBudgetBatches):
+            return len(self.sampler.batches(epoch)) // (ga * self.accelerator.num_processes)
+        return (self.stream.micro_batches if self.stream is not None else len(self.loader)) // ga
 
     COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events", "images", "attention_pairs")
 

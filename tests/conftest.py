@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the token-length cache (data/lengths.py) of the tests' runs, launched ones included, stays out of the home folder
+os.environ.setdefault("LLAVA_LOOP_CACHE", tempfile.mkdtemp(prefix="llava-loop-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import helpers
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import DataError, LlavaDataset
 from llava_loop.data.encode import IGNORE_INDEX, SampleEncoder, record_messages, tokenize_messages
@@ -337,14 +338,35 @@ def test_bad_jsonl_line_and_bad_encoding_are_named(tmp_path):
         load_records(latin)
 
 
-def test_records_subset_and_length_estimates(tmp_path):
+def test_records_subset_and_fingerprint(tmp_path):
     records = Records.from_records([Record(str(i), ("x.jpg",) if i % 2 else (), (("user", "a" * (i * 8)), ("assistant", "b")))
                                     for i in range(10)])
     sub = records.subset([7, 2, 9])
     assert [r.id for r in (sub[0], sub[1], sub[2])] == ["7", "2", "9"]
     assert [r.id for r in (sub.subset([2, 0])[0], sub.subset([2, 0])[1])] == ["9", "7"]
-    lengths = records.length_estimates(image_tokens=100)
-    assert lengths[3] == (3 * 8 + 1) // 4 + 100 and lengths[2] == (2 * 8 + 1) // 4
+    same = Records.from_records([records[i] for i in range(10)])
+    assert same.fingerprint() == records.fingerprint() and sub.fingerprint() == same.subset([7, 2, 9]).fingerprint()
+    assert len({records.fingerprint(), sub.fingerprint(), records.subset([2, 7, 9]).fingerprint()}) == 3
+
+
+def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(tmp_path, shapes_data, tiny_processor,
+                                                                              monkeypatch):
+    from llava_loop.data.lengths import token_lengths
+
+    monkeypatch.setenv("LLAVA_LOOP_CACHE", str(tmp_path / "cache"))
+    records = load_records(helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data, 24)["train"])
+    encoder = SampleEncoder(tiny_processor, max_length=256)
+    said = []
+    lengths = token_lengths(records, encoder, workers=2, say=said.append)
+    assert lengths.tolist() == [len(encoder.encode_text(records[i])[0]) for i in range(len(records))]
+    assert lengths.tolist() != [records[i].estimated_tokens(encoder.n_image_tokens) for i in range(len(records))]
+    (cached,) = (tmp_path / "cache" / "token_lengths").glob("*.npy")
+    assert "counted, cached at" in said[-1]
+    np.save(cached, lengths + 1)  # the second run reads the file, whatever it holds
+    assert (token_lengths(records, encoder, say=said.append) == lengths + 1).all() and "from the cache" in said[-1]
+    short = SampleEncoder(tiny_processor, max_length=100)  # negative control: a setting that changes lengths counts again
+    assert token_lengths(records, short, say=said.append).max() <= 100 and "counted" in said[-1]
+    assert token_lengths(records.subset([1, 0]), encoder).tolist() == lengths[[1, 0]].tolist()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -659,6 +659,44 @@ def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path
     assert [m["loss"] for m in runs["2xacc1"]] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
 
 
+def test_each_epoch_trains_in_its_own_order(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    """Epoch 1 follows the sampler's epoch-1 order, not epoch 0's again (Accelerate's loader counts an epoch only
+    when iterated to its end, which the loop never does, and hands the sampler that count)."""
+    from llava_loop.loop import Trainer
+
+    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
+                                  output_dir=tmp_path / "run", mode="projector",
+                                  train={"max_steps": 0, "epochs": 2, "micro_batch_size": 16, "log_sample_ids": True})
+    trainer = Trainer(load_config(config, []))
+    trainer.fit()
+    records = trainer.train_set.records
+    trained = [m["sample_ids"] for m in helpers.metrics(tmp_path / "run")]
+    expected = [[records[i].id for i in trainer.sampler.order(epoch)[k : k + 16]] for epoch in (0, 1) for k in range(0, 96, 16)]
+    assert trained[:6] != trained[6:]
+    assert trained == expected
+
+
+def test_token_budget_epochs_each_count_their_own_steps(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    """Under a token budget each epoch's order cuts its own number of micro-batches: two epochs train the sum of
+    the two counts (not twice the first), every micro-batch of the second epoch included."""
+    from llava_loop.loop import Trainer
+
+    data = _stage2_mix(tmp_path / "mixed", shapes_data)
+    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / "run",
+                                  mode="projector", train={"max_steps": 0, "epochs": 2, "log_sample_ids": True})
+    trainer = Trainer(load_config(config, ["data.padding_free=true", "data.max_length=512",
+                                           "data.max_tokens_per_micro_batch=1200"]))
+    per_epoch = [trainer.steps_in_epoch(epoch) for epoch in (0, 1)]
+    assert per_epoch[0] != per_epoch[1]  # else twice the first epoch's count would pass too
+    assert trainer.total_steps == sum(per_epoch)
+    trainer.fit()
+    rows = helpers.metrics(tmp_path / "run")
+    assert len(rows) == sum(per_epoch)
+    records = trainer.train_set.records
+    second = sorted(records[i].id for batch in trainer.sampler.batches(1) for i in batch)
+    assert sorted(i for m in rows[per_epoch[0]:] for i in m["sample_ids"]) == second
+
+
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model_dir, shapes_data):
     """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""

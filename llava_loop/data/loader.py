@@ -15,6 +15,7 @@ from ..config import Config
 from .collate import Collator
 from .dataset import LlavaDataset
 from .encode import SampleEncoder
+from .lengths import token_lengths
 from .records import RecordError, Records
 from .sampler import EpochSampler, TokenBudgetBatches
 from .shards import expand, usable_shards
@@ -109,18 +110,29 @@ def _loader_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
-def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pad_token_id: int):
+def needs_lengths(cfg: Config) -> bool:
+    return bool(cfg.data.group_by_length or cfg.data.max_tokens_per_micro_batch)
+
+
+def train_lengths(dataset: LlavaDataset, cfg: Config, say=lambda text: None) -> np.ndarray:
+    """The exact token length of every training record (``lengths.token_lengths``), counted by
+    ``data.num_workers`` processes."""
+    return token_lengths(dataset.records, dataset.encoder, workers=cfg.data.num_workers, progress=True, say=say)
+
+
+def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pad_token_id: int,
+                      lengths: np.ndarray | None = None):
     """Unsharded loader over a deterministic sampler; ``accelerator.prepare`` shards it across processes.
 
     The DataLoader gets its own generator so creating an iterator never draws from the global torch RNG
-    (that draw would shift dropout masks after a resume).
+    (that draw would shift dropout masks after a resume). ``lengths`` (``train_lengths``) are counted here
+    when grouping or token budgets need them and the caller has not.
     """
     t, d = cfg.train, cfg.data
     if isinstance(dataset, StreamDataset):  # its order lives in the stream itself (stream.py)
         return stream_loader(dataset, Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg), t.micro_batch_size), None
-    lengths = None
-    if d.group_by_length or d.max_tokens_per_micro_batch:
-        lengths = dataset.records.length_estimates(dataset.encoder.n_image_tokens)
+    if needs_lengths(cfg) and lengths is None:
+        lengths = train_lengths(dataset, cfg)
     sampler = EpochSampler(len(dataset), seed=t.seed, lengths=lengths if d.group_by_length else None,
                            group_size=t.micro_batch_size * t.grad_accum * world_size)
     generator = torch.Generator().manual_seed(t.seed)

@@ -14,6 +14,7 @@ the size of the file itself, and copy-on-write friendly for forked DataLoader wo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +81,13 @@ class Records:
     def nbytes(self) -> int:
         return len(self._blob) + self._offsets.nbytes
 
-    def length_estimates(self, image_tokens: int) -> np.ndarray:
-        """``Record.estimated_tokens`` of every record, for length grouping."""
-        return np.array([self[i].estimated_tokens(image_tokens) for i in range(len(self))], dtype=np.int64)
+    def fingerprint(self) -> str:
+        """A digest of exactly these records (content and order), for caches derived from them."""
+        digest = hashlib.sha256(self._blob)
+        digest.update(self._offsets.tobytes())
+        if self._index is not None:
+            digest.update(self._index.tobytes())
+        return digest.hexdigest()
 
 
 def _encode(record: Record) -> bytes:

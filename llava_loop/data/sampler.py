@@ -1,7 +1,7 @@
 """Deterministic sample order: a function of (seed, epoch) only, so a resumed run sees the same order.
 
-With length grouping, each global batch (the samples of one optimizer step) is sorted by estimated
-length before it is cut into micro-batches: micro-batches pad less, and every optimizer step still
+With length grouping, each global batch (the samples of one optimizer step) is sorted by token length
+(``lengths.token_lengths``) before it is cut into micro-batches: micro-batches pad less, and every optimizer step still
 sees exactly the samples it would have seen without grouping.
 """
 
@@ -50,7 +50,7 @@ class TokenBudgetBatches(Sampler[list[int]]):
     every later sample within a look-ahead ``window`` that still fits (first fit). The batches are a function of
     (seed, epoch), so a resumed run sees the same ones; their count is cut to a multiple of ``multiple``
     (processes x accumulation), so every process runs the same number of micro-batches per step. A sample's cost
-    is its estimated length; a padded micro-batch costs its size times its longest sample, a packed one the sum.
+    is its token length; a padded micro-batch costs its size times its longest sample, a packed one the sum.
     """
 
     def __init__(self, order: EpochSampler, lengths: np.ndarray, max_tokens: int, *, packed: bool, window: int = 64,

@@ -18,6 +18,7 @@ skipped and counted as ``malformed_record``, like any other bad sample; ``llava-
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -85,6 +86,7 @@ class ArrowRows:
                               f"e.g. {path / next(iter(dataset))}")
         check_columns(dataset.column_names, str(path))
         self.table = dataset.with_format("arrow")  # rows as Arrow slices: the Image feature is not decoded
+        self.files = [Path(f["filename"]) for f in dataset.cache_files]
         self.columns = [c for c in dataset.column_names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)]
 
     def __len__(self) -> int:
@@ -141,7 +143,7 @@ class ParquetRows:
 
 
 class TableRecords:
-    """The ``Records`` interface (len, getitem -> Record, subset, length_estimates, source) over table rows."""
+    """The ``Records`` interface (len, getitem -> Record, subset, fingerprint, source) over table rows."""
 
     def __init__(self, rows, source: str, index: np.ndarray | None = None):
         self.rows = rows
@@ -160,15 +162,17 @@ class TableRecords:
         base = np.asarray(indices, dtype=np.int64)
         return TableRecords(self.rows, self.source, base if self._index is None else self._index[base])
 
-    def length_estimates(self, image_tokens: int) -> np.ndarray:
-        """``Record.estimated_tokens`` of every row (a malformed row counts as 0: it will be skipped)."""
-        out = np.zeros(len(self), dtype=np.int64)
-        for i in range(len(self)):
-            try:
-                out[i] = self[i].estimated_tokens(image_tokens)
-            except SkipSample:
-                pass
-        return out
+    def fingerprint(self) -> str:
+        """A digest of these rows' files (path, size, modification time) and of the selection, for caches."""
+        digest = hashlib.sha256("\n".join(file_stamp(f) for f in self.rows.files).encode())
+        if self._index is not None:
+            digest.update(self._index.tobytes())
+        return digest.hexdigest()
+
+
+def file_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def parquet_files(path: Path) -> list[Path]:

@@ -1,0 +1,100 @@
+"""Exact token lengths of every training record, for length grouping and token budgets, cached on disk.
+
+A sample's length is what the encoder makes of it: the chat template rendered, the text tokenized, each
+``<image>`` expanded to the tower's placeholders, later turns dropped past ``data.max_length``. A record the
+encoder would skip keeps the cheap estimate (clipped to ``max_length``): the dataset replaces it with another
+record at load time, whose length no one can know in advance.
+
+Counting 665K records takes minutes of tokenizing, so the result is cached under ``$LLAVA_LOOP_CACHE`` (default
+``~/.cache/llava_loop``), keyed by the records' content, the tokenizer and every encoder setting that changes a
+length: a changed file, tokenizer or ``max_length`` counts again, a second run with the same ones does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .encode import SampleEncoder
+from .skips import SkipSample
+
+VERSION = 1  # bump when the way a length is counted changes
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAVA_LOOP_CACHE") or Path.home() / ".cache" / "llava_loop")
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the fast tokenizer's whole definition
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(records, encoder: SampleEncoder) -> str:
+    tokenizer = encoder.tokenizer
+    settings = {
+        "version": VERSION, "records": records.fingerprint(), "max_length": encoder.max_length,
+        "system_prompt": encoder.system_prompt, "image_tokens": encoder.n_image_tokens,
+        "image_token_id": encoder.image_token_id, "chat_template": tokenizer.chat_template,
+        "vocab": _tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class _Lengths(torch.utils.data.Dataset):
+    """Record ``i``'s length, so a DataLoader's workers can count in parallel."""
+
+    def __init__(self, records, encoder: SampleEncoder):
+        self.records, self.encoder = records, encoder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> int:
+        try:
+            record = self.records[index]
+        except SkipSample:  # a malformed table row: skipped in training too
+            return 0
+        try:
+            return len(self.encoder.encode_text(record)[0])
+        except SkipSample:
+            return min(record.estimated_tokens(self.encoder.n_image_tokens), self.encoder.max_length)
+
+
+def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False) -> np.ndarray:
+    loader = torch.utils.data.DataLoader(_Lengths(records, encoder), batch_size=1024, num_workers=workers,
+                                         collate_fn=list)
+    batches = loader
+    if progress:
+        from rich.progress import track
+
+        batches = track(loader, total=len(loader), description=f"counting the tokens of {len(records)} records")
+    return np.array([n for batch in batches for n in batch], dtype=np.int64)
+
+
+def token_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False,
+                  say=lambda text: None) -> np.ndarray:
+    """Every record's exact length, from the cache when it holds this (records, tokenizer, settings) key."""
+    path = cache_dir() / "token_lengths" / f"{cache_key(records, encoder)}.npy"
+    if path.is_file():
+        lengths = np.load(path)
+        if len(lengths) == len(records):
+            say(f"token lengths of {len(records)} records: from the cache ({path})")
+            return lengths
+    lengths = count_lengths(records, encoder, workers=workers, progress=progress)
+    try:  # written whole, then renamed: a run killed mid-write leaves no half file for the next one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.save(tmp, lengths)
+        os.replace(tmp.name, path)
+        say(f"token lengths of {len(records)} records: counted, cached at {path}")
+    except OSError as exc:  # a read-only home is no reason to stop a run
+        say(f"token lengths of {len(records)} records: counted (not cached: {exc}; set LLAVA_LOOP_CACHE)")
+    return lengths
