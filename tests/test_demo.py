@@ -98,3 +98,69 @@ def test_the_model_learns_to_tell_two_images_apart(tmp_path, tiny_model_dir, fre
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert _first_answer_token_accuracy(model, trainer.processor, records, data["val_images"], swap=False) >= 0.9
     assert _first_answer_token_accuracy(model, trainer.processor, records, data["val_images"], swap=True) <= 0.1
+
+
+def _prepare_config(model, **data):
+    from llava_loop.config import load_config
+
+    return load_config(None, [f"model.path={model}", *(f"data.{key}={value}" for key, value in data.items())])
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.read_bytes() if p.is_file() else None) for p in root.rglob("*"))
+
+
+def test_prepare_leaves_existing_data_paths_alone_and_makes_only_the_missing_ones(tiny_model_dir, tmp_path):
+    """data.path is a Parquet folder and data.eval_path a file: the demo's setup writes into neither (it used to
+    write shapes into the folder's parent and fail on the folder). A missing data.eval_path is made, the negative
+    control: the tree comparison sees what prepare writes."""
+    from llava_loop.demo.fixtures import prepare
+
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    (parquet / "part-0.parquet").write_bytes(b"PAR1")
+    held_out = tmp_path / "val.jsonl"
+    held_out.write_text("{}\n")
+    before = _tree(tmp_path)
+    prepare(_prepare_config(tiny_model_dir, path=parquet, eval_path=held_out), samples=32)
+    assert _tree(tmp_path) == before
+    fresh = tmp_path / "fresh" / "val.json"
+    prepare(_prepare_config(tiny_model_dir, path=parquet, eval_path=fresh, eval_image_dir=fresh.parent / "images"),
+            samples=32)
+    assert fresh.is_file() and len(list((fresh.parent / "images").iterdir())) == 32
+    assert [entry for entry in _tree(tmp_path) if not entry[0].startswith("fresh")] == before
+
+
+def test_prepare_refuses_to_write_into_an_existing_model_towers_or_image_folder(tiny_model_dir, tmp_path):
+    from llava_loop.demo.fixtures import must_be_new, prepare
+    from llava_loop.errors import UserError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    (tmp_path / "other-towers").mkdir()
+    (tmp_path / "other-towers" / "notes.txt").write_text("the user's")
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "images" / "train_000000.jpg").write_bytes(b"the user's")
+    before = _tree(tmp_path)
+    unmade = tmp_path / "unmade.json"  # the model comes first: a refusal there writes no data either
+    cases = [(_prepare_config(mine, path=unmade),
+              r"model\.path .*mine is not a model directory \(no config\.json\); point"),
+             (_prepare_config(tmp_path / "other", path=unmade),
+              r"the tiny towers' folder for model\.path .*other-towers exists"),
+             (_prepare_config(tiny_model_dir, path=tmp_path / "train" / "chat.json",
+                              image_dir=tmp_path / "train" / "images"),
+              r"the image folder for data\.path .*chat\.json .*images exists and is not empty"),
+             (_prepare_config(tiny_model_dir, path=tmp_path / "new" / "chat.json", image_dir=tmp_path / "elsewhere"),
+              r"have their images in .*new/images, but data\.image_dir is .*elsewhere': set data\.image_dir=")]
+    for cfg, message in cases:
+        with pytest.raises(UserError, match=message):
+            prepare(cfg, samples=32)
+    assert _tree(tmp_path) == before
+    # negative control: what does not exist, or an empty folder, may be written
+    (tmp_path / "empty").mkdir()
+    must_be_new(tmp_path / "missing", "x", "")
+    must_be_new(tmp_path / "empty", "x", "")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="dangling"):
+        must_be_new(tmp_path / "dangling", "x", "")

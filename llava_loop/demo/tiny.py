@@ -69,12 +69,17 @@ def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tup
     return vision, llm
 
 
+def towers_beside(out: str | Path) -> Path:
+    """Where ``build_tiny`` puts the towers it composes into ``out`` by default."""
+    return Path(out).parent / f"{Path(out).name}-towers"
+
+
 def build_tiny(out: str | Path, spec: TinySpec | str = "tiny", towers_dir: str | Path | None = None):
     """Tiny towers next to ``out`` (``<out>-towers/``), composed into ``out``. Returns build_llava's result."""
     from ..build import build_llava
 
     spec = PRESETS[spec] if isinstance(spec, str) else spec
     out = Path(out)
-    towers_dir = Path(towers_dir) if towers_dir else out.parent / f"{out.name}-towers"
+    towers_dir = Path(towers_dir) if towers_dir else towers_beside(out)
     vision, llm = make_tiny_towers(towers_dir, spec)
     return build_llava(str(vision), str(llm), out, dtype="float32", seed=spec.seed)
