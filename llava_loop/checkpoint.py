@@ -7,7 +7,9 @@ process, the resolved ``config.yaml``, a ``MANIFEST.json`` (size + sha256 of eve
 
 Saves are atomic: everything is written to ``.tmp-step-000100/``, the manifest and marker go in last,
 and only then is the folder renamed into place. Old checkpoints are pruned only after the new one is
-complete (the reverse of Accelerate's ``total_limit``, which deletes first). Frozen weights are never
+complete (the reverse of Accelerate's ``total_limit``, which deletes first). So is the previous run's
+``checkpoints.replaced-<time>/`` that ``resume=overwrite`` set aside: kept until this run's first checkpoint is
+whole, then deleted by the prune that follows it (unless ``keep_last`` is 0, which keeps all). Frozen weights are never
 saved: projector and LoRA checkpoints hold only what trains.
 """
 
@@ -37,6 +39,7 @@ STATE = "trainer_state.json"
 RNG_FILE = "rng_state_{rank}.pt"  # ours, one per process
 ACCELERATE_RNG_FILE = "random_states_{rank}.pkl"  # Accelerate's save_state writes one per process too
 STEP_RE = re.compile(r"^step-(\d+)$")
+REPLACED = "checkpoints.replaced-"  # + a time: a previous run's checkpoints folder, set aside by resume=overwrite
 # Non-tensor classes that Accelerate's RNG pickles and DeepSpeed's optimizer shards legitimately carry.
 # Any other global in a checkpoint's pickle stream is refused before anything unpickles it.
 ALLOWED_GLOBALS = {
@@ -240,12 +243,13 @@ def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[P
     if resume == "overwrite":
         if existing:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            aside = Path(output_dir) / f"checkpoints.replaced-{stamp}"
+            aside = Path(output_dir) / f"{REPLACED}{stamp}"
             os.rename(checkpoints_dir(output_dir), aside)
             metrics = Path(output_dir) / "metrics.jsonl"
             if metrics.is_file():
                 os.rename(metrics, metrics.with_name(f"metrics.replaced-{stamp}.jsonl"))
-            warn(f"resume=overwrite: moved the previous run's checkpoints to {aside} (and its metrics beside them)")
+            warn(f"resume=overwrite: moved the previous run's checkpoints to {aside} (and its metrics beside them); "
+                 "they are deleted once this run has a complete checkpoint, unless checkpoint.keep_last is 0")
         return []
     if resume != "auto":
         return [Path(resume)]
@@ -257,10 +261,12 @@ def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[P
 
 
 def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints beyond the newest ``keep_last`` (0 keeps all)."""
+    """Delete complete checkpoints beyond the newest ``keep_last``, and the previous runs' checkpoints that
+    ``resume=overwrite`` set aside (0 keeps all). Called only right after a save is sealed: a set-aside copy goes
+    once this run holds a complete checkpoint of its own, never while it is all there is."""
     if keep_last <= 0:
         return []
-    doomed = complete_checkpoints(output_dir)[:-keep_last]
+    doomed = complete_checkpoints(output_dir)[:-keep_last] + sorted(Path(output_dir).glob(f"{REPLACED}*"))
     for path in doomed:
         shutil.rmtree(path)
     return doomed

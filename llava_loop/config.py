@@ -160,7 +160,7 @@ class LoraConfig:
 class Config:
     mode: Literal[MODE_CHOICES] = opt("full", "What trains: projector | lora | freeze_vision | full (alias none).")
     output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.")
-    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first; or a checkpoint path.")
+    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.")
     loss: Call = opt(Call("llava_loop.losses:label_only_ce"),
                      "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).")
     hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.")

@@ -305,12 +305,11 @@ class _Counter:
         self.n = state["n"]
 
 
-def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path, fresh_accelerate_state):
-    """The Checkpointer is handed an accelerator, a backend, a model and stateful parts, and nothing else."""
+def _plain_run():
+    """A real Accelerator and plain backend, and a two-layer model (the first frozen) one optimizer step in."""
     from accelerate import Accelerator
 
     from llava_loop.backends import PlainBackend
-    from llava_loop.checkpoint import Checkpointer
 
     acc = Accelerator(cpu=True)
     backend = PlainBackend(acc)
@@ -321,6 +320,14 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     model, optimizer = acc.prepare(net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.1))
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
+    return acc, backend, model, optimizer
+
+
+def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path, fresh_accelerate_state):
+    """The Checkpointer is handed an accelerator, a backend, a model and stateful parts, and nothing else."""
+    from llava_loop.checkpoint import Checkpointer
+
+    acc, backend, model, optimizer = _plain_run()
     counter = _Counter()
     identity = {"world_size": 1, "backend": "plain", "mode": "full"}
 
@@ -351,6 +358,37 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
     assert all(torch.equal(a, b) for a, b in
                zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]))
+
+
+def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_checkpoint(tmp_path,
+                                                                                      fresh_accelerate_state):
+    """resume=overwrite sets the previous run's checkpoints aside. They survive a save of the new run that never
+    completes (the negative control: the only complete copy stays, intact) and a keep_last=0 run (keep all), and
+    go with the first prune after a complete save; the previous run's metrics stay."""
+    from llava_loop.checkpoint import Checkpointer
+
+    acc, backend, model, _ = _plain_run()
+
+    def checkpointer(keep_last, kind=Checkpointer):
+        return kind(acc, backend, model, tmp_path, states={}, identity={"world_size": 1}, config_yaml="x: 1\n",
+                    keep_last=keep_last, verify="hash")
+
+    class DiesWhileSealing(Checkpointer):
+        def seal(self, tmp, final, files):
+            raise OSError("killed while sealing")
+
+    checkpointer(1).save(4)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert checkpointer(1).find_resume("overwrite") is None
+    (aside,) = tmp_path.glob("checkpoints.replaced-*")
+    with pytest.raises(OSError, match="killed while sealing"):
+        checkpointer(1, DiesWhileSealing).save(1)
+    assert checkpoint.complete_checkpoints(tmp_path) == [] and checkpoint.verify(aside / "step-000004")
+    checkpointer(0).save(1)
+    assert (aside / "step-000004" / "COMPLETE").is_file()
+    checkpointer(1).save(2)
+    assert not aside.exists() and [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-000002"]
+    assert len(list(tmp_path.glob("metrics.replaced-*.jsonl"))) == 1
 
 
 @pytest.mark.slow
