@@ -85,7 +85,7 @@ class DataConfig:
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
     group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
-    max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many (estimated) tokens instead of "
+    max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many tokens (exact, cached) instead of "
                                              "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
     shuffle_buffer: int = opt(1000, "Shards: samples each process's worker shuffles together in memory (blocks of this "
                                     "many, in a shard order drawn per epoch).")
