@@ -145,9 +145,10 @@ def run_lmms_eval(args, records) -> dict:
 
         model_dir = export(model_dir, out / "export")
     device, dtype = inference_device(args.device)
-    scores = lmms.run(model_dir, tasks, out, records=records, image_dir=args.image_dir,
-                      max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                      device=str(device), dtype=str(dtype).removeprefix("torch."))
+    options = lmms.LmmsOptions(tasks, data=args.data, image_dir=args.image_dir, max_samples=args.max_samples,
+                               max_new_tokens=args.max_new_tokens, limit=args.limit, device=str(device),
+                               dtype=str(dtype).removeprefix("torch."))
+    scores = lmms.run(model_dir, options, out, records=records)
     print_table(f"lmms-eval of {args.model}", [(task, metric, f"{value:.4f}") for task, values in scores.items()
                                                for metric, value in values.items()], ("task", "metric", "value"))
     say(f"lmms-eval's results and samples are in {out}", stderr=False)

@@ -12,14 +12,14 @@ A hook is any object with some of these methods (missing ones are skipped):
 ``.optimizer``, ``.state`` and ``.output_dir`` are there to read. List extra hooks in the config as
 ``hooks: [package.module:Class]`` (or ``{fn: package.module:Class, kwargs: {...}}`` to pass arguments);
 they are built once and called on every process (check ``trainer.accelerator.is_main_process`` to act once).
+
+The built-ins here need nothing but the trainer; a hook that needs more lives with what it needs (lmms-eval's,
+``llava_loop.lmms:LmmsEval``, exports checkpoints), so training imports none of it unless a config names it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,29 +27,37 @@ from pathlib import Path
 from .errors import UserError
 from .importing import bind
 
-LMMS_EXTRA = "pip install 'llava-loop[lmms]'"
 TRACKER_PACKAGES = ("tensorboard", "wandb")  # the trackers extra's
-
-EVENTS = ("on_train_start", "on_step_end", "on_eval", "on_save", "on_train_end")
 
 
 class Hooks:
-    """Calls every hook that defines an event, in order."""
+    """Calls each hook that defines an event, in order: one explicit method per event of the protocol above."""
 
     def __init__(self, hooks: list):
         self.hooks = hooks
 
-    def __getattr__(self, event: str):
-        if event not in EVENTS:
-            raise AttributeError(event)
+    def _defining(self, event: str) -> list:
+        return [method for hook in self.hooks if (method := getattr(hook, event, None)) is not None]
 
-        def call(*args, **kwargs):
-            for hook in self.hooks:
-                method = getattr(hook, event, None)
-                if method is not None:
-                    method(*args, **kwargs)
+    def on_train_start(self, trainer) -> None:
+        for method in self._defining("on_train_start"):
+            method(trainer)
 
-        return call
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        for method in self._defining("on_step_end"):
+            method(trainer, metrics)
+
+    def on_eval(self, trainer, metrics: dict) -> None:
+        for method in self._defining("on_eval"):
+            method(trainer, metrics)
+
+    def on_save(self, trainer, path) -> None:
+        for method in self._defining("on_save"):
+            method(trainer, path)
+
+    def on_train_end(self, trainer) -> None:
+        for method in self._defining("on_train_end"):
+            method(trainer)
 
 
 def append_metrics(trainer, kind: str, metrics: dict) -> None:
@@ -188,88 +196,6 @@ class Progress:
     def on_train_end(self, trainer):
         if self.bar is not None:
             self.bar.stop()
-
-
-class LmmsEval:
-    """Standard benchmarks while training, through lmms-eval (``pip install 'llava-loop[lmms]'``)::
-
-        hooks:
-          - fn: llava_loop.hooks:LmmsEval
-            kwargs: {tasks: [mme, pope], every: 2000, device: "cuda:7", dtype: bfloat16}
-
-    Every ``every`` steps (a multiple of ``checkpoint.every``) and at the end, the checkpoint just saved is hard-
-    linked aside (instant; ``keep_last`` may prune the original meanwhile), exported and scored by lmms-eval in a
-    background process on the main process, so training does not wait. It fires on ``on_save`` rather than
-    ``on_eval``: an export needs a complete checkpoint, and one of the step's own is there for free. Files go to
-    ``output_dir/lmms_eval/step-N/``. Scores arrive steps later: they are logged when they do, to metrics.jsonl
-    (kind ``lmms_eval``, with the step of the weights) and to the trackers (``lmms_eval/<task>/<metric>`` at the
-    step training has reached, ``lmms_eval/weights_step`` beside them: trackers need steps to increase). One
-    evaluation runs at a time; a checkpoint due while one runs is skipped with a warning. At the end the run waits
-    for the last one. ``data``/``image_dir`` give the ``llava_loop_heldout`` task its questions. A failed
-    evaluation is a warning naming its log, never the end of the run."""
-
-    def __init__(self, tasks: list[str], every: int = 0, *, data: str | None = None, image_dir: str | None = None,
-                 max_samples: int = 0, max_new_tokens: int = 32, limit: int = 0, device: str = "cpu",
-                 dtype: str = "float32"):
-        import importlib.util
-
-        if importlib.util.find_spec("lmms_eval") is None:  # at startup, not at the first evaluation hours later
-            raise UserError(f"hook llava_loop.hooks:LmmsEval needs lmms-eval, which is not installed: {LMMS_EXTRA}")
-        self.tasks, self.every = list(tasks), every
-        self.options = {"data": data, "image_dir": image_dir, "max_samples": max_samples,
-                        "max_new_tokens": max_new_tokens, "limit": limit, "device": device, "dtype": dtype}
-        self.running = None  # (process, step, folder)
-
-    def on_save(self, trainer, path):
-        step = trainer.state.step
-        final = step >= trainer.total_steps
-        if not trainer.accelerator.is_main_process or not (final or (self.every and step % self.every == 0)):
-            return
-        if self.running is not None:
-            if not final:
-                trainer.console.warn(f"lmms-eval: step {step} skipped, step {self.running[1]}'s evaluation still runs")
-                return
-            self.collect(trainer, wait=True)
-        from . import lmms
-
-        out = Path(trainer.output_dir) / "lmms_eval" / f"step-{step:06d}"
-        shutil.rmtree(out, ignore_errors=True)  # a resumed run redoes an evaluation it did not finish
-        out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "llava_loop.lmms", str(lmms.stage(Path(path), out)), str(out),
-               "--tasks", ",".join(self.tasks)]
-        for key, value in self.options.items():
-            if value:
-                cmd += [f"--{key.replace('_', '-')}", str(value)]
-        with open(out / "job.log", "w") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=lmms.child_env())
-        self.running = (process, step, out)
-
-    def on_step_end(self, trainer, metrics):
-        if self.running is not None:
-            self.collect(trainer, wait=False)
-
-    def on_train_end(self, trainer):
-        if self.running is not None:
-            trainer.console.say(f"waiting for lmms-eval on step {self.running[1]} ({self.running[2]})")
-            self.collect(trainer, wait=True)
-
-    def collect(self, trainer, *, wait: bool) -> None:
-        process, step, out = self.running
-        if process.poll() is None and not wait:
-            return
-        process.wait()
-        self.running = None
-        scores_file = out / "scores.json"
-        if process.returncode != 0 or not scores_file.is_file():
-            trainer.console.warn(f"lmms-eval on step {step} failed (exit {process.returncode}); see {out / 'job.log'}")
-            return
-        scores = json.loads(scores_file.read_text())
-        append_metrics(trainer, "lmms_eval", {"step": step, "logged_at_step": trainer.state.step, "scores": scores})
-        flat = {f"lmms_eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
-        if trainer.cfg.trackers:
-            trainer.accelerator.log({**flat, "lmms_eval/weights_step": step}, step=trainer.state.step)
-        trainer.console.say(f"lmms-eval, step {step}: " + ", ".join(f"{k.removeprefix('lmms_eval/')} {v:.4f}"
-                                                                    for k, v in flat.items()))
 
 
 def make_hooks(cfg) -> Hooks:

@@ -9,7 +9,13 @@ import inspect
 from .errors import UserError
 
 
+# config names that moved, and where to: refused with the new name rather than a bare "no attribute"
+MOVED = {"llava_loop.hooks:LmmsEval": "llava_loop.lmms:LmmsEval"}
+
+
 def resolve(spec: str, what: str):
+    if spec in MOVED:
+        raise UserError(f"{what} {spec!r} has moved: name it {MOVED[spec]}")
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -13,25 +13,66 @@ first question that shows one image, the prompt laid out as training lays it out
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 
 from .data.encode import first_exchange, record_messages
 from .data.images import EmbeddedImage, image_path, load_image, open_checked
 from .data.records import Records
 from .data.skips import SkipSample
+from .data.sources import open_records
 from .errors import UserError
 from .evaluate import normalize, token_f1
+from .hooks import append_metrics
 from .template import IMAGE_TOKEN
 
+LMMS_EXTRA = "pip install 'llava-loop[lmms]'"
 LOCAL_TASK = "llava_loop_heldout"
 # set by torchrun / accelerate launch: a child that inherits them would try to join the training's process group
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+@dataclass
+class LmmsOptions:
+    """What lmms-eval is asked, the same for ``llava-loop eval --lmms-eval``, the ``LmmsEval`` hook's kwargs and the
+    background job the hook starts (``to_argv`` / ``from_argv``)."""
+
+    tasks: list[str]
+    _: KW_ONLY
+    data: str | None = None  # the records the llava_loop_heldout task asks
+    image_dir: str | None = None  # their images' folder
+    max_samples: int = 0  # llava_loop_heldout: at most this many records (0: all)
+    max_new_tokens: int = 32  # llava_loop_heldout's generation length
+    limit: int = 0  # at most this many questions per task (0: all)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def to_argv(self) -> list[str]:
+        """The command-line flags of ``python -m llava_loop.lmms`` for these options (unset ones left out)."""
+        argv = ["--tasks", ",".join(self.tasks)]
+        for f in fields(LmmsOptions)[1:]:
+            if getattr(self, f.name):
+                argv += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return argv
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        """The flags ``to_argv`` writes, on an argparse parser."""
+        parser.add_argument("--tasks", required=True, type=lambda text: [t for t in text.split(",") if t])
+        for f in fields(LmmsOptions)[1:]:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default,
+                                type=str if f.default is None else type(f.default))
+
+    @staticmethod
+    def from_args(args) -> LmmsOptions:
+        return LmmsOptions(**{f.name: getattr(args, f.name) for f in fields(LmmsOptions)})
 
 
 def command(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, include_path: str | Path | None = None,
@@ -89,19 +130,22 @@ def read_results(output_dir: str | Path) -> dict[str, dict[str, float]] | None:
     return scores
 
 
-def run(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, records: Records | None = None,
-        image_dir: str | Path | None = None, max_samples: int = 0, max_new_tokens: int = 32, **options
-        ) -> dict[str, dict[str, float]]:
-    """Run lmms-eval on ``tasks`` and return its scores. ``llava_loop_heldout`` among them is written first from
-    ``records`` (and ``image_dir``); ``options`` go to ``command``."""
+def run(model_dir: str | Path, options: LmmsOptions, output_dir: str | Path, *, records: Records | None = None,
+        force_simple: bool = False) -> dict[str, dict[str, float]]:
+    """Run lmms-eval on ``options.tasks`` and return its scores. ``llava_loop_heldout`` among them is written first
+    from ``records`` (read from ``options.data`` when not given) and ``options.image_dir``."""
     output_dir = Path(output_dir)
-    if LOCAL_TASK in tasks:
+    include_path = None
+    if LOCAL_TASK in options.tasks:
+        if records is None and options.data:
+            records = open_records(options.data)
         if records is None:
             raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data (and --image-dir)")
-        options["include_path"] = write_local_task(records, image_dir or "", output_dir / "tasks",
-                                                   max_samples=max_samples, max_new_tokens=max_new_tokens)
-    process = start(command(model_dir, tasks, output_dir, **options), output_dir)
-    return finish(process, output_dir)
+        include_path = write_local_task(records, options.image_dir or "", output_dir / "tasks",
+                                        max_samples=options.max_samples, max_new_tokens=options.max_new_tokens)
+    cmd = command(model_dir, options.tasks, output_dir, include_path=include_path, limit=options.limit,
+                  device=options.device, dtype=options.dtype, force_simple=force_simple)
+    return finish(start(cmd, output_dir), output_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -210,17 +254,13 @@ def stage(checkpoint: Path, out: Path) -> Path:
     return staged
 
 
-def evaluate_checkpoint(checkpoint: Path, out: Path, tasks: list[str], *, data: str | None = None,
-                        image_dir: str | None = None, **options) -> dict:
+def evaluate_checkpoint(checkpoint: Path, out: Path, options: LmmsOptions) -> dict:
     """Export a (staged) checkpoint, run lmms-eval on it, write ``out/scores.json``; the staged files go either way
     (once the original is pruned, a failed evaluation's hard links would hold a whole checkpoint on disk)."""
-    from .data.sources import open_records
     from .export import export
 
     try:
-        model_dir = export(checkpoint, out / "export")
-        records = open_records(data) if data else None
-        scores = run(model_dir, tasks, out, records=records, image_dir=image_dir, **options)
+        scores = run(export(checkpoint, out / "export"), options, out)
     finally:
         if checkpoint.parent == out:
             shutil.rmtree(checkpoint)
@@ -234,19 +274,84 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_loop.lmms", description=evaluate_checkpoint.__doc__)
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--tasks", required=True)
-    p.add_argument("--data")
-    p.add_argument("--image-dir")
-    p.add_argument("--max-samples", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    LmmsOptions.add_arguments(p)
     a = p.parse_args(argv)
-    evaluate_checkpoint(a.checkpoint, a.out, a.tasks.split(","), data=a.data, image_dir=a.image_dir,
-                        max_samples=a.max_samples, max_new_tokens=a.max_new_tokens, limit=a.limit,
-                        device=a.device, dtype=a.dtype)
+    evaluate_checkpoint(a.checkpoint, a.out, LmmsOptions.from_args(a))
     return 0
+
+
+@dataclass(eq=False)  # a hook is an object, not a value
+class LmmsEval(LmmsOptions):
+    """Standard benchmarks while training, through lmms-eval (``pip install 'llava-loop[lmms]'``)::
+
+        hooks:
+          - fn: llava_loop.lmms:LmmsEval
+            kwargs: {tasks: [mme, pope], every: 2000, device: "cuda:7", dtype: bfloat16}
+
+    Its kwargs are ``LmmsOptions``' fields and ``every``. Every ``every`` steps (a multiple of ``checkpoint.every``)
+    and at the end, the checkpoint just saved is hard-linked aside (instant; ``keep_last`` may prune the original
+    meanwhile), exported and scored by lmms-eval in a background process on the main process, so training does
+    not wait. It fires on ``on_save`` rather than ``on_eval``: an export needs a complete checkpoint, and one of
+    the step's own is there for free. Files go to ``output_dir/lmms_eval/step-N/``. Scores arrive steps later: they
+    are logged when they do, to metrics.jsonl (kind ``lmms_eval``, with the step of the weights) and to the
+    trackers (``lmms_eval/<task>/<metric>`` at the step training has reached, ``lmms_eval/weights_step`` beside
+    them: trackers need steps to increase). One evaluation runs at a time; a checkpoint due while one runs is
+    skipped with a warning. At the end the run waits for the last one. ``data``/``image_dir`` give the
+    ``llava_loop_heldout`` task its questions. A failed evaluation is a warning naming its log, never the end of
+    the run."""
+
+    every: int = 0
+    running: tuple | None = field(default=None, init=False, repr=False)  # (process, step, folder)
+
+    def __post_init__(self):
+        if importlib.util.find_spec("lmms_eval") is None:  # at startup, not at the first evaluation hours later
+            raise UserError(f"hook llava_loop.lmms:LmmsEval needs lmms-eval, which is not installed: {LMMS_EXTRA}")
+        self.tasks = list(self.tasks)
+
+    def on_save(self, trainer, path):
+        step = trainer.state.step
+        final = step >= trainer.total_steps
+        if not trainer.accelerator.is_main_process or not (final or (self.every and step % self.every == 0)):
+            return
+        if self.running is not None:
+            if not final:
+                trainer.console.warn(f"lmms-eval: step {step} skipped, step {self.running[1]}'s evaluation still runs")
+                return
+            self.collect(trainer, wait=True)
+        out = Path(trainer.output_dir) / "lmms_eval" / f"step-{step:06d}"
+        shutil.rmtree(out, ignore_errors=True)  # a resumed run redoes an evaluation it did not finish
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "llava_loop.lmms", str(stage(Path(path), out)), str(out), *self.to_argv()]
+        with open(out / "job.log", "w") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        self.running = (process, step, out)
+
+    def on_step_end(self, trainer, metrics):
+        if self.running is not None:
+            self.collect(trainer, wait=False)
+
+    def on_train_end(self, trainer):
+        if self.running is not None:
+            trainer.console.say(f"waiting for lmms-eval on step {self.running[1]} ({self.running[2]})")
+            self.collect(trainer, wait=True)
+
+    def collect(self, trainer, *, wait: bool) -> None:
+        process, step, out = self.running
+        if process.poll() is None and not wait:
+            return
+        process.wait()
+        self.running = None
+        scores_file = out / "scores.json"
+        if process.returncode != 0 or not scores_file.is_file():
+            trainer.console.warn(f"lmms-eval on step {step} failed (exit {process.returncode}); see {out / 'job.log'}")
+            return
+        scores = json.loads(scores_file.read_text())
+        append_metrics(trainer, "lmms_eval", {"step": step, "logged_at_step": trainer.state.step, "scores": scores})
+        flat = {f"lmms_eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
+        if trainer.cfg.trackers:
+            trainer.accelerator.log({**flat, "lmms_eval/weights_step": step}, step=trainer.state.step)
+        trainer.console.say(f"lmms-eval, step {step}: " + ", ".join(f"{k.removeprefix('lmms_eval/')} {v:.4f}"
+                                                                    for k, v in flat.items()))
 
 
 if __name__ == "__main__":

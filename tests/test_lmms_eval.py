@@ -60,8 +60,8 @@ def test_lmms_eval_scores_an_export_as_llava_loop_eval_does(trained, tmp_path):
 
     for variant, force_simple in (("chat", False), ("simple", True)):
         out = tmp_path / variant
-        scores = lmms.run(trained["export"], [lmms.LOCAL_TASK], out, records=records, image_dir=trained["val_images"],
-                          max_new_tokens=32, force_simple=force_simple)[lmms.LOCAL_TASK]
+        options = lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=trained["val_images"], max_new_tokens=32)
+        scores = lmms.run(trained["export"], options, out, records=records, force_simple=force_simple)[lmms.LOCAL_TASK]
         assert [normalize(p) for p in lmms_predictions(out)] == expected, variant
         assert scores["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12), variant
         assert scores["token_f1"] == pytest.approx(ours["token_f1"], abs=1e-9), variant
@@ -77,8 +77,8 @@ def test_lmms_eval_scores_an_export_as_llava_loop_eval_does(trained, tmp_path):
     assert template.startswith(CONTENT_LIST_PRELUDE)
     (own / "chat_template.jinja").write_text(template.removeprefix(CONTENT_LIST_PRELUDE))
     with pytest.raises(UserError, match="(?s)lmms-eval failed.*lmms_eval.log.*concatenate str"):
-        lmms.run(own, [lmms.LOCAL_TASK], tmp_path / "control", records=records, image_dir=trained["val_images"],
-                 max_new_tokens=32)
+        lmms.run(own, lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=trained["val_images"], max_new_tokens=32),
+                 tmp_path / "control", records=records)
 
 
 def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
@@ -103,7 +103,7 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
     from llava_loop.infer import load_for_inference
 
     out = tmp_path / "run"
-    hook = {"fn": "llava_loop.hooks:LmmsEval", "kwargs": {
+    hook = {"fn": "llava_loop.lmms:LmmsEval", "kwargs": {
         "tasks": ["llava_loop_heldout"], "every": 2, "data": str(trained["val"]), "image_dir": str(trained["val_images"]),
         "max_samples": 8}}
     config = helpers.write_config(tmp_path / "run.yaml", model=trained["export"], data=trained, output_dir=out,

@@ -55,19 +55,43 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(tmp_p
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed here")
 def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(tmp_path, tiny_model_dir, shapes_data,
                                                                         no_model, fresh_accelerate_state, capsys):
-    from llava_loop.hooks import LmmsEval
+    from llava_loop.lmms import LmmsEval
 
     with pytest.raises(UserError, match=r"needs lmms-eval, which is not installed: pip install 'llava-loop\[lmms\]'"):
         LmmsEval(tasks=["mme"])
     path = _config_file(tmp_path, tiny_model_dir, shapes_data,
-                        hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
+                        hooks=[{"fn": "llava_loop.lmms:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
     assert main(["train", "--config", str(path)]) == 2
     assert "pip install 'llava-loop[lmms]'" in capsys.readouterr().err
 
 
+def test_the_lmms_eval_hooks_old_name_is_refused_with_its_new_one(tmp_path, tiny_model_dir, shapes_data, no_model,
+                                                                  fresh_accelerate_state):
+    path = _config_file(tmp_path, tiny_model_dir, shapes_data,
+                        hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
+    with pytest.raises(UserError, match=r"hook 'llava_loop.hooks:LmmsEval' has moved: name it llava_loop.lmms:LmmsEval"):
+        helpers.train_here(path)
+
+
+def test_lmms_options_reach_the_background_job_as_they_were_given():
+    """The hook hands its options to ``python -m llava_loop.lmms`` as flags; that job's parser reads back the same."""
+    import argparse
+
+    from llava_loop.lmms import LmmsOptions
+
+    given = LmmsOptions(["mme", "llava_loop_heldout"], data="val.json", image_dir="imgs", max_samples=8,
+                        max_new_tokens=16, limit=3, device="cuda:7", dtype="bfloat16")
+    parser = argparse.ArgumentParser()
+    LmmsOptions.add_arguments(parser)
+    assert LmmsOptions.from_args(parser.parse_args(given.to_argv())) == given
+    defaults = LmmsOptions(["pope"])
+    assert defaults.to_argv() == ["--tasks", "pope", "--max-new-tokens", "32", "--device", "cpu", "--dtype", "float32"]
+    assert LmmsOptions.from_args(parser.parse_args(defaults.to_argv())) == defaults
+
+
 @pytest.mark.parametrize("section, value, message", [
-    ("hooks", ["llava_loop.hooks:LmmsEval"],
-     r"hook llava_loop.hooks:LmmsEval: missing a required argument: 'tasks' .*kwargs: \{tasks: \.\.\.\}"),
+    ("hooks", ["llava_loop.lmms:LmmsEval"],
+     r"hook llava_loop.lmms:LmmsEval: missing a required argument: 'tasks' .*kwargs: \{tasks: \.\.\.\}"),
     ("loss", "test_startup:weighted_ce",
      r"loss test_startup:weighted_ce: missing a required argument: 'weight' .*kwargs: \{weight: \.\.\.\}"),
     ("setup", ["test_startup:prepare_with"],
