@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_tensor_names, scan_pickles
+from .checkpoint.files import CheckpointError, check_tensor_names, scan_pickles
 
 
 class PlainBackend:

@@ -129,7 +129,7 @@ def run_lmms_eval(args, records) -> dict:
     from pathlib import Path
 
     from . import lmms
-    from .checkpoint import is_checkpoint
+    from .checkpoint.files import is_checkpoint
     from .infer import inference_device
 
     if args.adapter:

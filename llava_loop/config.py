@@ -43,8 +43,12 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9
                               list("-+0123456789"))
 
 
-def opt(default: Any, help: str, **kwargs):
-    """A dataclass field with a default (copied if mutable) and its help text."""
+def opt(default: Any, help: str, *, resume: bool = False):
+    """A dataclass field with a default (copied if mutable) and its help text. ``resume=True``: a resumed run may
+    change it (how long, how fast, what is logged or saved, where files are read from; the run applies it, the
+    schedule rebuilt from the current step). Any other change would be dropped silently by the restored state, or
+    would make the resumed run a different run, so it is refused (``checkpoint.policy.check_resumable``)."""
+    kwargs = {"resume": resume}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
@@ -64,22 +68,22 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = opt(
         "auto", "Attention kernel; auto: flash_attention_2 where flash-attn is installed (on a GPU, in bf16), else "
                 "sdpa where each tower supports it, else eager (Gemma 2), and with "
-                "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).")
+                "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).", resume=True)
 
 
 @dataclass
 class DataConfig:
     path: str = opt("", "Training records: a LLaVA chat.json list, JSONL, or {\"data\": [...]}; a Parquet file or folder; a "
                         "datasets save_to_disk folder; or webdataset shards, streamed (shards/{000000..000127}.tar).")
-    image_dir: str = opt("", "Folder that record `image` paths are relative to.")
+    image_dir: str = opt("", "Folder that record `image` paths are relative to.", resume=True)
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
-    eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).")
-    num_workers: int = opt(2, "DataLoader worker processes; image decode and preprocessing run there.")
-    pin_memory: bool = opt(True, "Pin host memory for faster host-to-GPU copies (ignored without a GPU).")
-    persistent_workers: bool = opt(True, "Keep workers alive between epochs (needs num_workers > 0).")
-    prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).")
+    eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).", resume=True)
+    num_workers: int = opt(2, "DataLoader worker processes; image decode and preprocessing run there.", resume=True)
+    pin_memory: bool = opt(True, "Pin host memory for faster host-to-GPU copies (ignored without a GPU).", resume=True)
+    persistent_workers: bool = opt(True, "Keep workers alive between epochs (needs num_workers > 0).", resume=True)
+    prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).", resume=True)
     max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
-    max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.")
+    max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.", resume=True)
     allow_absolute_paths: bool = opt(False, "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a file outside); otherwise such records are skipped as unsafe_path.")
     max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default).")
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
@@ -93,7 +97,7 @@ class DataConfig:
                                            "(truncated, overwritten) is refused at startup, naming it; true: train "
                                            "without it, leaving each such shard out whole (named, with its sample "
                                            "count, when the run starts). A run resumed with it on continues its epoch "
-                                           "in the layout without them, saying so.")
+                                           "in the layout without them, saying so.", resume=True)
     padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
                                     "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).")
 
@@ -102,46 +106,47 @@ class DataConfig:
 class TrainConfig:
     micro_batch_size: int = opt(4, "Samples per process per forward pass.")
     grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0: run `epochs` epochs).")
-    epochs: float = opt(1.0, "Epochs to run when `max_steps` is 0.")
-    lr: float = opt(2e-5, "Peak learning rate.")
-    projector_lr: float = opt(0.0, "Peak learning rate of the projector (0: same as `lr`).")
-    warmup_ratio: float = opt(0.03, "Fraction of steps spent in linear warmup.")
-    min_lr_ratio: float = opt(0.0, "Cosine decays to this fraction of the peak.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: run `epochs` epochs).", resume=True)
+    epochs: float = opt(1.0, "Epochs to run when `max_steps` is 0.", resume=True)
+    lr: float = opt(2e-5, "Peak learning rate.", resume=True)
+    projector_lr: float = opt(0.0, "Peak learning rate of the projector (0: same as `lr`).", resume=True)
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent in linear warmup.", resume=True)
+    min_lr_ratio: float = opt(0.0, "Cosine decays to this fraction of the peak.", resume=True)
     weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norms).")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.", resume=True)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", resume=True)
     compile: bool = opt(False, "Regional torch.compile: each LLM decoder layer compiled in place (one shared graph), "
                                "fusing its elementwise work; not under ZeRO-3.")
     liger: Literal["auto", "on", "off"] = opt("auto", "Liger's Triton kernels for the LLM's RMSNorm, SwiGLU and RoPE: "
                                                       "auto where installed on a GPU; on: or refuse.")
     seed: int = opt(42, "Seed for weights init, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
-    time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).")
-    max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.")
-    dist_timeout_minutes: float = opt(30.0, "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.")
-    log_every: int = opt(1, "Write metrics every N optimizer steps.")
-    log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).")
+    time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).", resume=True)
+    max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.", resume=True)
+    dist_timeout_minutes: float = opt(30.0, "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.", resume=True)
+    log_every: int = opt(1, "Write metrics every N optimizer steps.", resume=True)
+    log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).", resume=True)
     peak_tflops: float = opt(0.0, "Dense bf16 peak TFLOP/s of one device, for the logged `mfu` (0: known GPUs by name, "
                                   "none elsewhere).")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(0, "Save every N optimizer steps (0: only the final checkpoint).")
-    keep_last: int = opt(2, "Keep the newest N complete checkpoints (0: keep all).")
-    verify: Literal["hash", "size"] = opt("hash", "On resume, check every file against the manifest by sha256 or by size only.")
+    every: int = opt(0, "Save every N optimizer steps (0: only the final checkpoint).", resume=True)
+    keep_last: int = opt(2, "Keep the newest N complete checkpoints (0: keep all).", resume=True)
+    verify: Literal["hash", "size"] = opt("hash", "On resume, check every file against the manifest by sha256 or by size only.", resume=True)
 
 
 @dataclass
 class EvalConfig:
-    every: int = opt(0, "Evaluate held-out loss every N optimizer steps (0: only at the end).")
+    every: int = opt(0, "Evaluate held-out loss every N optimizer steps (0: only at the end).", resume=True)
+    # neither this nor data.eval_path may change on resume: either changes the training set
     holdout: int = opt(0, "Records of `data.path` held out for evaluation when `data.eval_path` is empty.")
-    max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0: all).")
-    micro_batch_size: int = opt(0, "Eval batch size per process (0: train.micro_batch_size).")
+    max_samples: int = opt(0, "Evaluate on at most this many held-out samples (0: all).", resume=True)
+    micro_batch_size: int = opt(0, "Eval batch size per process (0: train.micro_batch_size).", resume=True)
 
 
 @dataclass
@@ -159,14 +164,14 @@ class LoraConfig:
 @dataclass
 class Config:
     mode: Literal[MODE_CHOICES] = opt("full", "What trains: projector | lora | freeze_vision | full (alias none).")
-    output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.")
-    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.")
+    output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.", resume=True)
+    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.", resume=True)
     loss: Call = opt(Call("llava_loop.losses:label_only_ce"),
-                     "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).")
-    hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.")
-    setup: list[Call] = opt([], "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.")
+                     "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).", resume=True)
+    hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.", resume=True)
+    setup: list[Call] = opt([], "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.", resume=True)
     trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb] (pip install "
-                                      "'llava-loop[trackers]'); a named tracker that is not installed is refused at startup.")
+                                      "'llava-loop[trackers]'); a named tracker that is not installed is refused at startup.", resume=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -353,20 +358,6 @@ def validate(config: Config) -> None:
         raise ConfigError("invalid config: " + "; ".join(problems))
 
 
-# Keys a resumed run may change: they steer how long, how fast and what is logged or saved, or where files are
-# read from, and the run applies them (the schedule is rebuilt from the current step). Any other change would
-# be dropped silently by the restored state, or would make the resumed run a different run: it is refused.
-RESUMABLE = (
-    "output_dir", "resume", "hooks", "setup", "trackers", "loss", "model.attn_implementation",
-    "data.image_dir", "data.eval_image_dir", "data.num_workers", "data.pin_memory",
-    "data.persistent_workers", "data.prefetch_factor", "data.max_skip_fraction", "data.skip_damaged_shards",
-    "train.max_steps", "train.epochs", "train.lr", "train.projector_lr", "train.warmup_ratio", "train.min_lr_ratio",
-    "train.max_grad_norm", "train.gradient_checkpointing", "train.time_limit_minutes", "train.max_consecutive_skips",
-    "train.dist_timeout_minutes", "train.log_every", "train.log_sample_ids", "checkpoint.", "eval.every",
-    "eval.max_samples", "eval.micro_batch_size",  # not eval.holdout or data.eval_path: they change the training set
-)
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -377,17 +368,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """``(applied, refused)``: the differences between a checkpoint's config and this run's, as
-    ``key: old -> new`` lines, split by ``RESUMABLE``."""
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any, bool]]:
+    """``(key, old, new, may change on resume)`` for every dotted key whose value differs, sorted by key; a key
+    no field declares (an older config's) may not change."""
     old, new = _flatten(saved), _flatten(current)
-    applied, refused = [], []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            resumable = key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith(".")))
-            (applied if resumable else refused).append(line)
-    return applied, refused
+    resumable = {key for key, f in leaf_fields() if f.metadata["resume"]}
+    return [(key, old.get(key), new.get(key), key in resumable)
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def change_line(key: str, old: Any, new: Any) -> str:
+    return f"{key}: {old!r} -> {new!r}"
 
 
 def find_config_file(path: str | Path) -> Path:
@@ -402,17 +393,25 @@ def find_config_file(path: str | Path) -> Path:
     raise ConfigError(f"config file {path} not found (in {Path.cwd()} or among the shipped configs)")
 
 
-def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` for every field, in declaration order (the rows of docs/CONFIG.md)."""
-    rows = []
+def leaf_fields(cls=Config, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """``(dotted key, field)`` for every setting, sections opened (a ``Call`` is one setting), in declaration order."""
+    leaves = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(hint) and hint is not Call:
-            rows += describe_fields(hint, f"{prefix}{f.name}.")
+            leaves += leaf_fields(hint, f"{prefix}{f.name}.")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = default.fn if isinstance(default, Call) and not default.kwargs else repr(default)
-            rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
+            leaves.append((prefix + f.name, f))
+    return leaves
+
+
+def describe_fields(cls=Config) -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every field, in declaration order (the rows of docs/CONFIG.md)."""
+    rows = []
+    for key, f in leaf_fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = default.fn if isinstance(default, Call) and not default.kwargs else repr(default)
+        rows.append((key, shown, f.metadata.get("help", "")))
     return rows
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .backends import backend_class
 from .build import save_model_dir
-from .checkpoint import check_tensor_names, verify
+from .checkpoint.files import check_tensor_names, verify
 from .config import load_config
 from .model_card import write_model_card
 from .modes import apply_mode

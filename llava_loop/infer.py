@@ -46,7 +46,7 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
     """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint, on
     ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
     flash-attention still loads on a machine without it."""
-    from .checkpoint import is_checkpoint
+    from .checkpoint.files import is_checkpoint
     from .export import EXPORT_INFO
     from .runtime import load_model
 

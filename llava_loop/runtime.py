@@ -1,4 +1,4 @@
-"""Process-level setup: the Accelerator (plain, DDP or DeepSpeed), precision, main-process work, model loading."""
+"""Process-level setup: the Accelerator (plain, DDP or DeepSpeed), precision, the shared-folder check, model loading."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from .config import Config, find_config_file
 from .errors import UserError
+from .ranks import everywhere, on_main
 
 
 def launched() -> bool:
@@ -64,52 +65,30 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def main_process_result(accelerator, fn):
-    """Run ``fn`` on the main process only and return its result everywhere. Whatever it raises is raised on
-    every process (so no process waits forever for one that failed): the main process raises the original,
-    with its traceback; the others a UserError, or a RuntimeError for anything else, carrying its message."""
-    outcome, failure = [None, None], None
-    if accelerator.is_main_process:
-        try:
-            outcome = [fn(), None]
-        except Exception as exc:  # noqa: BLE001 - re-raised below, on every process
-            failure = exc
-            outcome = [None, (isinstance(exc, UserError), f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError)
-                              else str(exc))]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = broadcast_object_list(outcome)
-    if failure is not None:
-        raise failure
-    if outcome[1] is not None:
-        user, message = outcome[1]
-        raise (UserError if user else RuntimeError)(f"on the main process: {message}")
-    return outcome[0]
-
-
 def require_shared_dir(accelerator, path: Path) -> None:
     """Every process writes its shards into one checkpoint folder, so ``path`` must be one folder for all of
     them: the main process leaves a nonce there and every process must read it back. Call after the main
     process has created ``path``."""
     if accelerator.num_processes == 1:
         return
-    from accelerate.utils import broadcast_object_list, gather_object
-
     probe = path / ".llava_loop-shared-check"
-    nonce = [secrets.token_hex(8) if accelerator.is_main_process else None]
-    if accelerator.is_main_process:
-        probe.write_text(nonce[0])
-    nonce = broadcast_object_list(nonce)[0]
-    try:
-        seen = probe.read_text() == nonce
-    except OSError:
-        seen = False
-    blind = [who for ok, who in gather_object([(seen, f"process {accelerator.process_index} on {socket.gethostname()}")])
-             if not ok]
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        probe.unlink()
+
+    def leave_nonce() -> str:
+        nonce = secrets.token_hex(8)
+        probe.write_text(nonce)
+        return nonce
+
+    nonce = on_main(accelerator, leave_nonce)
+
+    def sees_it() -> tuple[bool, str]:
+        try:
+            seen = probe.read_text() == nonce
+        except OSError:
+            seen = False
+        return seen, f"process {accelerator.process_index} on {socket.gethostname()}"
+
+    blind = [who for seen, who in everywhere(accelerator, sees_it) if not seen]
+    on_main(accelerator, probe.unlink)
     if blind:
         raise UserError(
             f"output_dir {path} is not shared: {', '.join(blind)} cannot see the file the main process wrote there. "

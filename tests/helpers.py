@@ -178,6 +178,28 @@ class RecordCalls:
         self._log(trainer, "on_train_end", step=trainer.state.step)
 
 
+class RunningLoss:
+    """A hook with state: the count and running mean of the step losses it has seen, restored with a checkpoint
+    because it has ``state_dict``/``load_state_dict``; written to output_dir/running_loss.json at the end."""
+
+    def __init__(self):
+        self.count, self.mean = 0, 0.0
+
+    def on_step_end(self, trainer, metrics):
+        self.count += 1
+        self.mean += (metrics["loss"] - self.mean) / self.count
+
+    def state_dict(self):
+        return {"count": self.count, "mean": self.mean}
+
+    def load_state_dict(self, state):
+        self.count, self.mean = state["count"], state["mean"]
+
+    def on_train_end(self, trainer):
+        if trainer.accelerator.is_main_process:
+            (Path(trainer.output_dir) / "running_loss.json").write_text(json.dumps(self.state_dict()))
+
+
 class GradCapture:
     """Captures the accumulated gradient of optimizer step 1 from the gradients autograd produces (before any
     reduction), sums micro-batches, averages over processes as DDP/ZeRO do, and saves grads_step1.pt."""

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import helpers
-from llava_loop import checkpoint
-from llava_loop.checkpoint import CheckpointError
+from llava_loop.checkpoint import files as checkpoint
+from llava_loop.checkpoint.files import CheckpointError
 
 N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24 steps per epoch)
 
@@ -325,15 +325,16 @@ def _plain_run():
 
 def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path, fresh_accelerate_state):
     """The Checkpointer is handed an accelerator, a backend, a model and stateful parts, and nothing else."""
-    from llava_loop.checkpoint import Checkpointer
+    from llava_loop.checkpoint.checkpointer import Checkpointer
+    from llava_loop.loop import TrainState
 
     acc, backend, model, optimizer = _plain_run()
     counter = _Counter()
-    identity = {"world_size": 1, "backend": "plain", "mode": "full"}
+    identity = {"world_size": 1, "backend": "plain"}
 
-    def checkpointer(run_identity):
-        return Checkpointer(acc, backend, model, tmp_path, states={"counter": counter}, identity=run_identity,
-                            config_yaml="x: 1\n", keep_last=0, verify="hash")
+    def checkpointer(run_identity, mode="full"):
+        return Checkpointer(acc, backend, model, tmp_path, progress=TrainState(), states={"counter": counter},
+                            run_facts=run_identity, config_yaml=f"mode: {mode}\n", every=0, keep_last=0, verify="hash")
 
     counter.n = 7
     path = checkpointer(identity).save(3)
@@ -352,7 +353,7 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     found = checkpointer(identity).find_resume("auto")
     assert found[0] == path and found[1]["counter"] == {"n": 7} and found[1]["run"] == identity
     with pytest.raises(CheckpointError, match=r"written with mode='full' but this run has mode='lora'"):
-        checkpointer({**identity, "mode": "lora"}).load(*found)  # negative control: a different run is refused
+        checkpointer(identity, mode="lora").load(*found)  # negative control: a different run is refused
     checkpointer(identity).load(*found)
     assert counter.n == 7
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
@@ -360,18 +361,38 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
                zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]))
 
 
+def test_a_hook_with_state_is_restored_on_resume(tmp_path, tiny_model_dir, shapes_data):
+    """A hook with state_dict/load_state_dict (a running mean of the loss) resumes where it stopped, with no edit of
+    the loop: a 2-step run resumed to 3 ends with the mean of all 3 losses. Negative controls: a hook without the
+    methods (RecordCalls) is not saved, and a run that does not resume starts the hook from its initial state."""
+    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 2, "micro_batch_size": 1,
+                     "grad_accum": 1}, data={"num_workers": 0}, hooks=["helpers:RunningLoss", "helpers:RecordCalls"])
+    helpers.train_here(config)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "hook_state_0.pt", weights_only=True)
+    assert list(saved) == ["helpers:RunningLoss"] and saved["helpers:RunningLoss"]["count"] == 2
+    helpers.train_here(config, "train.max_steps=3")
+    count, mean = 0, 0.0
+    for row in helpers.metrics(tmp_path / "run"):
+        count += 1
+        mean += (row["loss"] - mean) / count
+    assert count == 3 and json.loads((tmp_path / "run" / "running_loss.json").read_text()) == {"count": 3, "mean": mean}
+    helpers.train_here(config, "resume=overwrite", "train.max_steps=1")
+    assert json.loads((tmp_path / "run" / "running_loss.json").read_text())["count"] == 1  # from 0, not from 3
+
+
 def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_checkpoint(tmp_path,
                                                                                       fresh_accelerate_state):
     """resume=overwrite sets the previous run's checkpoints aside. They survive a save of the new run that never
     completes (the negative control: the only complete copy stays, intact) and a keep_last=0 run (keep all), and
     go with the first prune after a complete save; the previous run's metrics stay."""
-    from llava_loop.checkpoint import Checkpointer
+    from llava_loop.checkpoint.checkpointer import Checkpointer
+    from llava_loop.loop import TrainState
 
     acc, backend, model, _ = _plain_run()
 
     def checkpointer(keep_last, kind=Checkpointer):
-        return kind(acc, backend, model, tmp_path, states={}, identity={"world_size": 1}, config_yaml="x: 1\n",
-                    keep_last=keep_last, verify="hash")
+        return kind(acc, backend, model, tmp_path, progress=TrainState(), states={}, run_facts={"world_size": 1},
+                    config_yaml="x: 1\n", every=0, keep_last=keep_last, verify="hash")
 
     class DiesWhileSealing(Checkpointer):
         def seal(self, tmp, final, files):
@@ -574,13 +595,13 @@ def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, t
 def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_state):
     from accelerate import Accelerator
 
-    from llava_loop.runtime import main_process_result
+    from llava_loop.ranks import on_main
 
     def broken():
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        main_process_result(Accelerator(cpu=True), broken)
+        on_main(Accelerator(cpu=True), broken)
 
 
 def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shapes_data):

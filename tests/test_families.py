@@ -313,7 +313,7 @@ def _train(tmp_path, model_dir, data, mode, name, steps, lr=3e-3, checkpointing=
 
 
 def _export(tmp_path, name):
-    from llava_loop.checkpoint import complete_checkpoints
+    from llava_loop.checkpoint.files import complete_checkpoints
     from llava_loop.export import export
 
     return export(complete_checkpoints(tmp_path / name)[-1], tmp_path / f"{name}-export")

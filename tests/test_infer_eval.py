@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import helpers
-from llava_loop.checkpoint import complete_checkpoints
+from llava_loop.checkpoint.files import complete_checkpoints
 
 PROMPT = "Describe the image briefly."
 

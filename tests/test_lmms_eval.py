@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.extras, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
     """A tiny model trained on shapes captions to partial accuracy (so a wrong prompt shows), exported."""
-    from llava_loop.checkpoint import complete_checkpoints
+    from llava_loop.checkpoint.files import complete_checkpoints
     from llava_loop.demo.shapes import write_shapes
     from llava_loop.export import export
 

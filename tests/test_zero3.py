@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import helpers
-from llava_loop import checkpoint
+from llava_loop.checkpoint import files as checkpoint
 
 ZERO3 = "accelerate_config_zero3.yaml"
 

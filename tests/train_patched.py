@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 
-from llava_loop.checkpoint import Checkpointer, rng_state, set_rng_state
+from llava_loop.checkpoint.checkpointer import Checkpointer
+from llava_loop.checkpoint.rng import rng_state, set_rng_state
 from llava_loop.config import load_config
 from llava_loop.errors import UserError
 from llava_loop.loop import Trainer

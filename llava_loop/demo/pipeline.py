@@ -34,7 +34,7 @@ ROWS = ("exact_match", "color_accuracy", "shape_accuracy", "position_accuracy", 
 
 def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] = (), preset: str = "") -> dict:
     """``preset``: another tower pair for the demo (``tiny-<vision>-<llm>``), in its own model and run folders."""
-    from ..checkpoint import complete_checkpoints
+    from ..checkpoint.files import complete_checkpoints
     from ..loop import Trainer, run_setup
     from .fixtures import prepare
     from .report import write_report
