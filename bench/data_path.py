@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 
 def loader_throughput(cfg, processor, workers: int, batches: int, fast: bool) -> float:
-    from llava_loop.data.loader import make_datasets, make_train_loader
+    from llava_loop.loaders import make_datasets, make_train_loader
 
     cfg.data.num_workers = workers
     dataset, _ = make_datasets(cfg, processor)

@@ -120,7 +120,7 @@ def child(source: str, path: str, image_dir: str, batches: int, workers: int, mi
     from transformers import AutoProcessor
 
     from llava_loop.config import Config
-    from llava_loop.data.loader import make_datasets, make_train_loader, split_records
+    from llava_loop.loaders import make_datasets, make_train_loader, split_records
 
     cfg = Config()
     cfg.data.path, cfg.data.image_dir, cfg.data.num_workers = path, image_dir if source == "json" else "", workers

@@ -25,7 +25,7 @@ def variant(config: str, name: str, micro: int, repeats: int) -> None:
 
     from llava_loop.config import load_config
     from llava_loop.data.collate import Collator
-    from llava_loop.data.loader import make_datasets
+    from llava_loop.loaders import make_datasets
     from llava_loop.losses import full_logits_ce, label_only_ce
     from llava_loop.runtime import load_model
 

@@ -1,6 +1,6 @@
-"""Evaluation: held-out loss, and generated answers scored against the references.
+"""Evaluation after training: generated answers scored against the references, beside the held-out loss.
 
-* ``eval_loss``: summed label-only cross-entropy / supervised tokens (the loop's in-training number);
+* ``eval_loss``: summed label-only cross-entropy / supervised tokens (``validate.py``'s, the loop's in-training number);
 * ``exact_match`` and ``token_f1`` of the answer generated for each record's first question (``n`` of them): every
   record is asked, text-only, one image or several, its prompt laid out as training lays it out;
 * whatever extra scorers add: each is ``scorer(predictions) -> dict`` (the demo adds shapes attribute accuracy).
@@ -12,7 +12,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from .data.collate import Collator
@@ -21,23 +20,7 @@ from .data.encode import SampleEncoder
 from .data.images import image_path
 from .data.records import Records
 from .data.skips import SkipSample
-from .losses import label_only_ce
-
-
-@torch.no_grad()
-def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int, list]:
-    """(summed loss, supervised tokens, left-out samples' skip events) over a held-out loader; the caller
-    divides (after reducing across processes). The loss is summed on the device and read once."""
-    loss_sum, tokens, left_out = torch.zeros((), dtype=torch.float64, device=device), 0, []
-    for batch in loader:
-        left_out += batch["skipped"]
-        if not batch["ids"]:  # every sample of this batch was left out
-            continue
-        if device is not None:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss_sum += loss_fn(model, batch)["loss"].detach().double()
-        tokens += batch["n_label_tokens"]
-    return float(loss_sum), tokens, left_out
+from .validate import heldout_loss_sums
 
 
 def normalize(text: str) -> str:

@@ -19,30 +19,27 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device, set_seed
-from PIL import Image
 
 from .backends import backend_for
-from .checkpoint.checkpointer import Checkpointer
+from .checkpoint import Checkpointer
 from .config import Config
 from .console import Console
-from .data.dataset import DataError
-from .data.encode import IGNORE_INDEX
-from .data.loader import (make_datasets, make_eval_loader, make_train_loader, needs_lengths, split_records,
-                          train_lengths, worker_death)
+from .data.blank_image import BlankImage
 from .data.sampler import TokenBudgetBatches
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
 from .errors import UserError
-from .evaluate import heldout_loss_sums
 from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
 from .importing import bind
 from .kernels import apply_liger, compile_decoder_layers
+from .loaders import (make_datasets, make_train_loader, needs_lengths, split_records, train_lengths,
+                      worker_deaths_reported)
 from .losses import make_loss
 from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .runlock import RunLock
-from .ranks import on_main
-from .runtime import load_model, make_accelerator, require_shared_dir
+from .runtime import load_model, main_process_result, make_accelerator, require_shared_dir
+from .validate import Validator
 
 
 class NonFiniteError(UserError):
@@ -109,7 +106,7 @@ class Trainer:
         self.started = self.last_step_end = time.monotonic()  # reset when fit starts
 
         self.lock = RunLock(self.output_dir, warn=self.console.warn)  # one run per output_dir
-        self.run_id = on_main(self.accelerator, self.lock.acquire)
+        self.run_id = main_process_result(self.accelerator, self.lock.acquire)
         atexit.register(self.lock.release)
         self.prepare_output_dir()
         records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
@@ -117,11 +114,11 @@ class Trainer:
         loader = self.build_data(records)
         self.build_optimizer(model, loader)
         self.checkpointer = checkpointer_cls(
-            self.accelerator, self.backend, self.model, self.output_dir, progress=self.state,
-            states={"skips": self.skips, "scheduler": self.scheduler,
+            self.accelerator, self.backend, self.model, self.output_dir,
+            states={"progress": self.state, "skips": self.skips, "scheduler": self.scheduler,
                     **({"stream": StreamPosition(self.stream, self.state, cfg.train.grad_accum)} if self.stream else {})},
-            hooks=self.hooks.hooks, run_facts=self.run_facts(), config_yaml=cfg.to_yaml(), every=cfg.checkpoint.every,
-            keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify, warn=self.console.warn,
+            identity=self.identity(), config_yaml=cfg.to_yaml(), keep_last=cfg.checkpoint.keep_last,
+            verify=cfg.checkpoint.verify, warn=self.console.warn,
         )
         self.resume()
 
@@ -132,11 +129,11 @@ class Trainer:
     def prepare_output_dir(self) -> None:
         """Setup functions and the output folder, on the main process before the others read anything; then
         every process proves it sees that same folder."""
-        def setup_and_mkdir():
+        def on_main():
             run_setup(self.cfg)
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        on_main(self.accelerator, setup_and_mkdir)  # the others wait, and fail too if it fails
+        main_process_result(self.accelerator, on_main)  # the others wait, and fail too if it fails
         require_shared_dir(self.accelerator, self.output_dir)
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
@@ -166,7 +163,7 @@ class Trainer:
             self.console.say(f"compiled {compile_decoder_layers(model)} decoder layers (torch.compile, per layer)")
 
     def build_data(self, records):
-        """Datasets, the held-out loader and the (not yet prepared) training loader, which it returns."""
+        """Datasets, the held-out loss's validator and the (not yet prepared) training loader, which it returns."""
         cfg, acc = self.cfg, self.accelerator
         self.train_set, self.eval_set = make_datasets(cfg, self.processor, records, rank=acc.process_index,
                                                       processes=acc.num_processes)
@@ -174,16 +171,13 @@ class Trainer:
         pad_id = self.processor.tokenizer.pad_token_id
         lengths = None
         if self.stream is None and needs_lengths(cfg):  # counted once, by the main process, for all
-            lengths = on_main(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
+            lengths = main_process_result(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id,
                                                  lengths=lengths)
-        encoder = self.train_set.encoder  # the processor resizes the blank to the tower's input size; kept on the device
-        self.blank_image = {"tokens": encoder.n_image_tokens, "token_id": encoder.image_token_id,
-                            "pixels": encoder.pixel_values(Image.new("RGB", (8, 8))).to(acc.device)[None]}
-        self.eval_loader = None
+        self.blank_image = BlankImage(self.train_set.encoder, acc.device)  # for micro-batches without an image
+        self.validator = None
         if self.eval_set is not None:
-            self.eval_loader = make_eval_loader(self.eval_set, cfg, rank=acc.process_index,
-                                                world_size=acc.num_processes, pad_token_id=pad_id)
+            self.validator = Validator(cfg, acc, self.eval_set, self.loss_fn, self.blank_image, warn=self.console.warn)
         return loader
 
     def build_optimizer(self, model, loader) -> None:
@@ -244,11 +238,14 @@ class Trainer:
             group["initial_lr"] = peak
             group["lr"] = peak * factor(scheduler.last_epoch)
 
-    def run_facts(self) -> dict:
-        """What a resumed run must share with the run that wrote its checkpoint and its config cannot say (the
-        config's own fields each declare whether they may change on resume)."""
-        return {"world_size": self.accelerator.num_processes, "backend": self.backend.name,
-                "model_path": str(Path(self.cfg.model.path).resolve())}
+    def identity(self) -> dict:
+        """The settings a resumed run must share with the run that wrote its checkpoint."""
+        c = self.cfg
+        return {
+            "world_size": self.accelerator.num_processes, "backend": self.backend.name, "mode": c.canonical_mode,
+            "model_path": str(Path(c.model.path).resolve()), "lora": asdict(c.lora) if c.canonical_mode == "lora" else None,
+            "micro_batch_size": c.train.micro_batch_size, "grad_accum": c.train.grad_accum, "seed": c.train.seed,
+        }
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -257,19 +254,8 @@ class Trainer:
     def fit(self) -> TrainState:
         previous_handlers = self.install_signal_handlers()
         try:
-            return self._fit()
-        except (RuntimeError, OSError, EOFError) as exc:
-            death = worker_death(exc)
-            if death is None:
-                raise  # an error inside a worker (dataset, collator) keeps its traceback
-            # the run ends here: the other workers' deaths must not raise the handler's error again on the way out
-            # (seen under load, from an exit hook, as a bare traceback)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            raise DataError(
-                f"a DataLoader worker died ({death}); killed by the system, most often for memory (check `dmesg` "
-                f"for the out-of-memory killer). Lower data.num_workers (now {self.cfg.data.num_workers}) or "
-                "data.prefetch_factor, then resume with resume=auto"
-            ) from None
+            with worker_deaths_reported(self.cfg):
+                return self._fit()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -280,19 +266,22 @@ class Trainer:
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
             self.eval_loss()  # the starting point of the eval curve
+        last_saved = self.state.step or None  # a resumed run's current step is saved already
         for window in self.windows():
             metrics = self.train_step(window)
             self.hooks.on_step_end(self, metrics)
             step = self.state.step
             stop = self.stop_agreed()
-            self.save(force=stop)  # when due, or stopping; before evaluating: an evaluation never costs training
+            if self.due(self.cfg.checkpoint.every) or stop:
+                last_saved = self.save()  # before evaluating: an evaluation never costs training
             if self.due(self.cfg.eval.every):
                 self.eval_loss()
             self.last_step_end = time.monotonic()  # eval and save time are not the next step's
             if stop or step >= self.total_steps:
                 break
         if not self.stopped:
-            self.save(force=True)  # the final checkpoint is always written (once), before the final evaluation
+            if last_saved != self.state.step:
+                self.save()  # the final checkpoint is always written, before the final evaluation
             if not self.due(self.cfg.eval.every):
                 self.eval_loss()
         self.hooks.on_train_end(self)
@@ -306,7 +295,7 @@ class Trainer:
         terms = {}
         for batch in window:
             with acc.accumulate(self.model):
-                out = self.loss_fn(self.model, self.with_image_path(batch))
+                out = self.loss_fn(self.model, self.blank_image.add_where_missing(batch))
                 acc.backward(out["loss"] * scale.to(out["loss"].dtype))
             for name, value in out.items():  # summed on the device, read once per step
                 terms[name] = terms.get(name, 0) + value.detach().double()
@@ -381,33 +370,6 @@ class Trainer:
         stats = {name: int(v) for name, v in zip(self.COUNTS, values)}
         return stats, dict(zip(terms, values[len(self.COUNTS):]))
 
-    def with_image_path(self, batch: dict) -> dict:
-        """Every process must produce the same gradients in the same order: ZeRO-2 packs them into its reduce
-        buckets in the order backward makes them, so a rank that skips the vision tower and projector (a micro-
-        batch without images) misaligns every bucket, silently. Such a micro-batch gets one blank image, as
-        LLaVA does: its placeholders go after row 0's last column with attention mask 0 and no labels, so causal
-        attention hides them from every real token, the loss is unchanged, and their gradient is exactly zero. In a
-        packed row they are one more sample, with positions of their own, which no real token attends to."""
-        if "pixel_values" in batch:
-            return batch
-        ids, labels = batch["input_ids"], batch["labels"]
-        n = self.blank_image["tokens"]
-        pixels = self.blank_image["pixels"]
-        if "position_ids" in batch:
-            positions, bounds = batch["position_ids"], [*batch["sample_bounds"], batch["sample_bounds"][-1] + n]
-            return {**batch, "input_ids": torch.cat([ids, ids.new_full((1, n), self.blank_image["token_id"])], 1),
-                    "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
-                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1), "pixel_values": pixels,
-                    "sample_bounds": bounds,
-                    "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])])}
-        mask = batch["attention_mask"]
-        extra_ids = ids.new_full((ids.shape[0], n), self.processor.tokenizer.pad_token_id)
-        extra_ids[0] = self.blank_image["token_id"]
-        return {**batch, "input_ids": torch.cat([ids, extra_ids], 1),
-                "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
-                "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
-                "pixel_values": pixels}
-
     def advance(self, stats: dict, stepped: bool) -> None:
         """Advance the progress counters; abort after too many non-finite steps in a row."""
         s = self.state
@@ -468,60 +430,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def eval_loss(self) -> dict | None:
-        """Held-out loss over this process's share of the eval set, reduced across processes; calls on_eval."""
-        if self.eval_loader is None:
+        """The held-out loss (validate.py), the same on every process; calls on_eval."""
+        if self.validator is None:
             return None
-        self.model.eval()
-        loss_sum, tokens, left_out = heldout_loss_sums(self.model, self.lockstep(self.eval_loader), self.loss_fn,
-                                                       device=self.accelerator.device)
-        self.model.train()
-        total = self.accelerator.reduce(torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64,
-                                                     device=self.accelerator.device), reduction="sum").tolist()
-        metrics = {"step": self.state.step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1]),
-                   "eval_left_out": int(total[2])}
-        if metrics["eval_left_out"]:
-            self.report_left_out(left_out, metrics["eval_left_out"])
+        metrics = self.validator.validate(self.model, self.state.step)
         self.hooks.on_eval(self, metrics)
         return metrics
 
-    def lockstep(self, loader):
-        """Held-out batches such that every process runs the same number of forwards, each through the vision
-        path: under ZeRO-3 each forward gathers weight shards from all ranks, so a rank with one batch fewer
-        (an uneven split), an all-left-out batch or a text-only batch would leave the others waiting. The
-        stand-ins are one padding token plus the blank image, with no labels: they add nothing to the loss."""
-        pad = self.processor.tokenizer.pad_token_id
-        idle = {"input_ids": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE_INDEX]]), "ids": ["(idle)"],
-                "n_label_tokens": 0, "skipped": []}
-        idle.update({"position_ids": torch.tensor([[0]]), "sample_bounds": [0, 1],
-                     "cu_seq_lens": torch.tensor([0, 1], dtype=torch.int32)} if self.cfg.data.padding_free
-                    else {"attention_mask": torch.tensor([[1]])})
-        longest = int(self.accelerator.reduce(torch.tensor(len(loader), device=self.accelerator.device), "max"))
-        batches = iter(loader)
-        for _ in range(longest):
-            batch = next(batches, None)
-            if batch is None or not batch["ids"]:
-                batch = {**idle, "skipped": batch["skipped"] if batch else []}
-            yield self.with_image_path(batch)
-
-    def report_left_out(self, local_events: list, count: int) -> None:
-        """Held-out samples are never replaced: say which were left out, why, and which setting to check."""
-        from collections import Counter
-
-        from accelerate.utils import gather_object
-
-        events = gather_object(local_events)
-        reasons = ", ".join(f"{reason} x{n}" for reason, n in Counter(e[1] for e in events).most_common())
-        d = self.cfg.data
-        setting = (f"data.eval_image_dir={d.eval_image_dir or d.image_dir}" if d.eval_path
-                   else f"data.image_dir={d.image_dir}")
-        self.console.warn(f"held-out loss: {count} of {len(self.eval_set)} samples left out ({reasons}; e.g. "
-                          f"{events[0][0]}: {events[0][2]}); check {setting} and run `llava-loop data check`")
-
-    def save(self, *, force: bool = False) -> None:
-        """A checkpoint when the checkpointer's policy says so (``force``: now, unless this step's exists), then on_save."""
-        path = self.checkpointer.save_if_due(force=force)
-        if path is not None:
-            self.hooks.on_save(self, path)
+    def save(self) -> int:
+        path = self.checkpointer.save(self.state.step)
+        self.hooks.on_save(self, path)
+        return self.state.step
 
     def install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once.

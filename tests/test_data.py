@@ -405,6 +405,38 @@ def test_mixed_image_and_text_batch_runs_through_the_model(tiny_model_dir, tiny_
     assert torch.isfinite(out.logits).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_blank_image_puts_a_text_only_batch_through_the_vision_path_and_changes_nothing_else(packed, tiny_model_dir,
+                                                                                              tmp_path):
+    """Every process must run the vision path on every micro-batch (ZeRO's reduce buckets, ZeRO-3's gathers): a
+    text-only one gets the blank image. Its loss stays what it was, the projector now gets a gradient, and that
+    gradient is exactly zero; a batch that shows an image passes untouched."""
+    from llava_loop.data.blank_image import BlankImage
+    from llava_loop.losses import label_only_ce
+    from llava_loop.parts import PROJECTOR, part_of
+    from llava_loop.runtime import load_model
+
+    model, processor = load_model(tiny_model_dir, packed=packed)
+    encoder = SampleEncoder(processor, max_length=128)
+    records = Records.from_records([Record("a", (), (("user", "Say hi."), ("assistant", "hi ."))),
+                                    Record("b", (), (("user", "A colour?"), ("assistant", "a green one .")))])
+    dataset = LlavaDataset(records, encoder, tmp_path)
+    batch = Collator(processor.tokenizer.pad_token_id, packed)([dataset[0], dataset[1]])
+    blank = BlankImage(encoder, "cpu")
+    filled = blank.add_where_missing(batch)
+    assert "pixel_values" not in batch and blank.add_where_missing(filled) is filled
+    assert filled["input_ids"].shape[1] == batch["input_ids"].shape[1] + encoder.n_image_tokens
+    projector = [p for name, p in model.named_parameters() if part_of(name) == PROJECTOR]
+    losses = []
+    for b in (batch, filled):
+        model.zero_grad(set_to_none=True)
+        loss = label_only_ce(model, b)["loss"]
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert all(p.grad is not None and not p.grad.any() for p in projector)
+
+
 TWO_IMAGES = Record("two", ("red.png", "blue.png"), (
     ("user", "First:\n<image>\nSecond:\n<image>\nWhich one is red?"),
     ("assistant", "the first ."),

@@ -98,7 +98,7 @@ def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, tiny_model_dir, t
     helpers.train_here(config)
     steps = helpers.metrics(tmp_path / "run")
     from llava_loop.config import load_config
-    from llava_loop.data.loader import make_datasets
+    from llava_loop.loaders import make_datasets
 
     train_set, _ = make_datasets(load_config(config), tiny_processor)
     records = {sample["id"]: sample for sample in (train_set[i] for i in range(len(train_set)))}

@@ -14,7 +14,7 @@ import torch
 import helpers
 from llava_loop.config import MODES, LoraConfig, load_config
 from llava_loop.data.collate import Collator
-from llava_loop.data.loader import make_datasets
+from llava_loop.loaders import make_datasets
 from llava_loop.losses import full_logits_ce, label_only_ce
 from llava_loop.modes import apply_mode, lora_target_regex, param_groups
 from llava_loop.parts import PROJECTOR, VISION, base_llava, count_params, part_of
@@ -792,7 +792,7 @@ def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir
                                                           capsys):
     """Every held-out image missing: training completes, the final checkpoint is saved, and the warning names
     data.eval_image_dir, not data.image_dir."""
-    from llava_loop.checkpoint.files import complete_checkpoints
+    from llava_loop.checkpoint import complete_checkpoints
     from llava_loop.loop import train
 
     data = _val_copy(tmp_path, shapes_data, missing=None)
@@ -807,8 +807,8 @@ def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir
 def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, shapes_data, tiny_processor,
                                                      fresh_accelerate_state):
     """1 of 32 held-out images missing: the eval loss is over the 31 others exactly, and says one was left out."""
-    from llava_loop.evaluate import heldout_loss_sums
     from llava_loop.loop import Trainer
+    from llava_loop.validate import heldout_loss_sums
 
     data = _val_copy(tmp_path, shapes_data, missing=1)
     trainer = Trainer(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 1}))
@@ -838,9 +838,9 @@ def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(tmp
 
 
 def test_unusable_output_dirs_and_holdouts_get_clear_errors(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
-    from llava_loop.data.loader import split_records
     from llava_loop.data.records import RecordError
     from llava_loop.errors import UserError
+    from llava_loop.loaders import split_records
     from llava_loop.loop import Trainer
 
     blocker = tmp_path / "a-file"
@@ -886,7 +886,7 @@ def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_erro
     import multiprocessing
     import signal
 
-    from llava_loop.data.loader import worker_death
+    from llava_loop.loaders import worker_death
 
     ctx = torch.multiprocessing.get_context("fork")
     queue, sent = ctx.Queue(), ctx.Event()
@@ -910,7 +910,7 @@ def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_erro
 
 
 def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):
-    from llava_loop.data.loader import split_records
+    from llava_loop.loaders import split_records
 
     cfg = _config(tmp_path, tiny_model_dir, shapes_data, data={"eval_path": ""}, eval={"holdout": 8})
     train, held = split_records(cfg)

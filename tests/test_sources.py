@@ -15,7 +15,7 @@ import helpers
 from llava_loop.config import Config
 from llava_loop.data.dataset import LlavaDataset
 from llava_loop.data.lengths import count_lengths
-from llava_loop.data.loader import make_encoder
+from llava_loop.loaders import make_encoder
 from llava_loop.data.records import RecordError, load_records
 from llava_loop.data.sources import open_records, source_kind
 

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llava_loop"
 DEMO = "llava_loop.demo"
 
 
-def demo_imports(source: str, module: str) -> list[str]:
-    """Every import in ``source`` (module level or inside functions) that lands in llava_loop.demo."""
+def package_imports(source: str, module: str) -> list[str]:
+    """Every name in llava_loop that ``source`` imports (module level or inside functions), relative ones resolved."""
     package = module.rsplit(".", 1)[0] if not module.endswith("__init__") else module.removesuffix(".__init__")
     found = []
     for node in ast.walk(ast.parse(source)):
@@ -31,8 +31,13 @@ def demo_imports(source: str, module: str) -> list[str]:
             targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
-        found += [t for t in targets if t == DEMO or t.startswith(DEMO + ".")]
+        found += [t for t in targets if t == "llava_loop" or t.startswith("llava_loop.")]
     return found
+
+
+def demo_imports(source: str, module: str) -> list[str]:
+    """Every import in ``source`` (module level or inside functions) that lands in llava_loop.demo."""
+    return [t for t in package_imports(source, module) if t == DEMO or t.startswith(DEMO + ".")]
 
 
 def core_modules() -> list[tuple[str, Path]]:
@@ -85,3 +90,43 @@ def test_no_module_branches_on_deepspeed_outside_the_backends():
             names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
                     {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
             assert not {"deepspeed", "uses_deepspeed", "deepspeed_plugin"} & names, name
+
+
+AFTER_TRAINING = ("llava_loop.evaluate", "llava_loop.infer", "llava_loop.export", "llava_loop.lmms")
+
+
+def import_closure(start: str, sources: dict[str, str]) -> set[str]:
+    """The llava_loop modules ``start`` imports, transitively, lazy imports inside functions included (``sources``:
+    module name -> its source). Importing a module imports its packages first, so they count too."""
+    seen, todo = set(), [start]
+    while todo:
+        module = todo.pop()
+        if module in seen or module not in sources:  # not a module: an attribute (a function, a class)
+            continue
+        seen.add(module)
+        parents = [".".join(module.split(".")[:i]) for i in range(2, module.count(".") + 1)]
+        todo += parents + package_imports(sources[module], module + (".__init__" if module in PACKAGES else ""))
+    return seen
+
+
+PACKAGES = {name.removesuffix(".__init__") for name, _ in core_modules() if name.endswith(".__init__")}
+SOURCES = {name.removesuffix(".__init__"): path.read_text() for name, path in core_modules()}
+
+
+def test_training_imports_nothing_of_what_comes_after_it():
+    """The loop stands on the ground floor: export, inference, generation metrics and lmms-eval build on training,
+    never the other way round (a hook that needs them, like lmms-eval's, is named in a config and imported then)."""
+    closure = import_closure("llava_loop.loop", SOURCES)
+    assert {"llava_loop.loop", "llava_loop.hooks", "llava_loop.validate", "llava_loop.data.collate"} <= closure
+    assert not closure & set(AFTER_TRAINING), sorted(closure & set(AFTER_TRAINING))
+
+
+@pytest.mark.parametrize("module, line", [
+    ("llava_loop.hooks", "from . import lmms"),
+    ("llava_loop.data.collate", "def f():\n    from ..export import export"),  # lazy, two floors down
+    ("llava_loop.validate", "import llava_loop.evaluate"),
+    ("llava_loop.data.blank_image", "from llava_loop.infer import generate"),
+])
+def test_the_closure_sees_an_after_training_import_wherever_it_hides(module, line):
+    sources = {**SOURCES, module: SOURCES[module] + "\n" + line + "\n"}  # negative control
+    assert import_closure("llava_loop.loop", sources) & set(AFTER_TRAINING)

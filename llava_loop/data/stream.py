@@ -36,7 +36,7 @@ from ..console import say_on_main
 from ..errors import UserError
 from .dataset import MAX_ATTEMPTS, DataError
 from .encode import SampleEncoder
-from .shards import expand, iter_shard, read_index, sample_record
+from .shards import iter_shard, sample_record
 from .skips import SkipSample
 
 
@@ -211,20 +211,6 @@ class StreamPosition:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) < 80 else text[:77] + "..."
-
-
-def make_stream(cfg, encoder: SampleEncoder, shards: list[Path], *, rank: int, processes: int) -> StreamDataset:
-    d, t = cfg.data, cfg.train
-    if d.group_by_length or d.max_tokens_per_micro_batch:
-        raise UserError("data.group_by_length and data.max_tokens_per_micro_batch need every record's length up "
-                        "front, which a stream of shards does not have; turn them off for shards, or train from "
-                        "Parquet/Arrow")
-    counts, seeks = read_index(shards)
-    layout = StreamLayout(shards, counts, seed=t.seed, processes=processes, workers=d.num_workers,
-                          micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, block=d.shuffle_buffer,
-                          seeks=seeks)
-    layout.dropped = {f.name for f in expand(d.path)} - {f.name for f in shards}  # damaged ones left out
-    return StreamDataset(layout, encoder, rank=rank, source=str(d.path))
 
 
 def stream_loader(dataset: StreamDataset, collate, loader_kwargs: dict, micro_batch: int):

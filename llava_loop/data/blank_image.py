@@ -1,0 +1,45 @@
+"""A blank image for collated micro-batches that have none, so every process runs the vision path on every one."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from .encode import IGNORE_INDEX, SampleEncoder
+
+
+class BlankImage:
+    """Every process must produce the same gradients in the same order: ZeRO-2 packs them into its reduce buckets
+    in the order backward makes them, so a rank that skips the vision tower and projector (a micro-batch without
+    images) misaligns every bucket, silently; under ZeRO-3 a rank that skips them leaves the others waiting for
+    its weight shards. Such a micro-batch gets one blank image, as LLaVA does: its placeholders go after row 0's
+    last column with attention mask 0 and no labels, so causal attention hides them from every real token, the
+    loss is unchanged, and their gradient is exactly zero. In a packed row they are one more sample, with positions
+    of their own, which no real token attends to."""
+
+    def __init__(self, encoder: SampleEncoder, device):
+        self.tokens = encoder.n_image_tokens
+        self.token_id = encoder.image_token_id
+        self.pad_token_id = encoder.tokenizer.pad_token_id
+        # the processor resizes the blank to the tower's input size; made once, kept on the device
+        self.pixels = encoder.pixel_values(Image.new("RGB", (8, 8))).to(device)[None]
+
+    def add_where_missing(self, batch: dict) -> dict:
+        """``batch`` as it is if it shows an image, else with the blank one added."""
+        if "pixel_values" in batch:
+            return batch
+        ids, labels, n = batch["input_ids"], batch["labels"], self.tokens
+        if "position_ids" in batch:
+            positions, bounds = batch["position_ids"], [*batch["sample_bounds"], batch["sample_bounds"][-1] + n]
+            return {**batch, "input_ids": torch.cat([ids, ids.new_full((1, n), self.token_id)], 1),
+                    "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
+                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1),
+                    "pixel_values": self.pixels, "sample_bounds": bounds,
+                    "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])])}
+        mask = batch["attention_mask"]
+        extra_ids = ids.new_full((ids.shape[0], n), self.pad_token_id)
+        extra_ids[0] = self.token_id
+        return {**batch, "input_ids": torch.cat([ids, extra_ids], 1),
+                "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
+                "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
+                "pixel_values": self.pixels}
