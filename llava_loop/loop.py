@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import send_to_device, set_seed
 
 from .backends import backend_for
-from .checkpoint import Checkpointer
+from .checkpoint.checkpointer import Checkpointer
 from .config import Config
 from .console import Console
 from .data.blank_image import BlankImage
@@ -38,7 +38,8 @@ from .loaders import (make_datasets, make_train_loader, needs_lengths, split_rec
 from .losses import make_loss
 from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .runlock import RunLock
-from .runtime import load_model, main_process_result, make_accelerator, require_shared_dir
+from .ranks import on_main
+from .runtime import load_model, make_accelerator, require_shared_dir
 from .validate import Validator
 
 
@@ -106,7 +107,7 @@ class Trainer:
         self.started = self.last_step_end = time.monotonic()  # reset when fit starts
 
         self.lock = RunLock(self.output_dir, warn=self.console.warn)  # one run per output_dir
-        self.run_id = main_process_result(self.accelerator, self.lock.acquire)
+        self.run_id = on_main(self.accelerator, self.lock.acquire)
         atexit.register(self.lock.release)
         self.prepare_output_dir()
         records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
@@ -114,11 +115,11 @@ class Trainer:
         loader = self.build_data(records)
         self.build_optimizer(model, loader)
         self.checkpointer = checkpointer_cls(
-            self.accelerator, self.backend, self.model, self.output_dir,
-            states={"progress": self.state, "skips": self.skips, "scheduler": self.scheduler,
+            self.accelerator, self.backend, self.model, self.output_dir, progress=self.state,
+            states={"skips": self.skips, "scheduler": self.scheduler,
                     **({"stream": StreamPosition(self.stream, self.state, cfg.train.grad_accum)} if self.stream else {})},
-            identity=self.identity(), config_yaml=cfg.to_yaml(), keep_last=cfg.checkpoint.keep_last,
-            verify=cfg.checkpoint.verify, warn=self.console.warn,
+            hooks=self.hooks.hooks, run_facts=self.run_facts(), config_yaml=cfg.to_yaml(), every=cfg.checkpoint.every,
+            keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify, warn=self.console.warn,
         )
         self.resume()
 
@@ -129,11 +130,11 @@ class Trainer:
     def prepare_output_dir(self) -> None:
         """Setup functions and the output folder, on the main process before the others read anything; then
         every process proves it sees that same folder."""
-        def on_main():
+        def setup_and_mkdir():
             run_setup(self.cfg)
             self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        main_process_result(self.accelerator, on_main)  # the others wait, and fail too if it fails
+        on_main(self.accelerator, setup_and_mkdir)  # the others wait, and fail too if it fails
         require_shared_dir(self.accelerator, self.output_dir)
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
@@ -171,7 +172,7 @@ class Trainer:
         pad_id = self.processor.tokenizer.pad_token_id
         lengths = None
         if self.stream is None and needs_lengths(cfg):  # counted once, by the main process, for all
-            lengths = main_process_result(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
+            lengths = on_main(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
         loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id,
                                                  lengths=lengths)
         self.blank_image = BlankImage(self.train_set.encoder, acc.device)  # for micro-batches without an image
@@ -238,14 +239,11 @@ class Trainer:
             group["initial_lr"] = peak
             group["lr"] = peak * factor(scheduler.last_epoch)
 
-    def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote its checkpoint."""
-        c = self.cfg
-        return {
-            "world_size": self.accelerator.num_processes, "backend": self.backend.name, "mode": c.canonical_mode,
-            "model_path": str(Path(c.model.path).resolve()), "lora": asdict(c.lora) if c.canonical_mode == "lora" else None,
-            "micro_batch_size": c.train.micro_batch_size, "grad_accum": c.train.grad_accum, "seed": c.train.seed,
-        }
+    def run_facts(self) -> dict:
+        """What a resumed run must share with the run that wrote its checkpoint and its config cannot say (the
+        config's own fields each declare whether they may change on resume)."""
+        return {"world_size": self.accelerator.num_processes, "backend": self.backend.name,
+                "model_path": str(Path(self.cfg.model.path).resolve())}
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -266,22 +264,19 @@ class Trainer:
         self.hooks.on_train_start(self)
         if self.state.step == 0 and self.cfg.eval.every:
             self.eval_loss()  # the starting point of the eval curve
-        last_saved = self.state.step or None  # a resumed run's current step is saved already
         for window in self.windows():
             metrics = self.train_step(window)
             self.hooks.on_step_end(self, metrics)
             step = self.state.step
             stop = self.stop_agreed()
-            if self.due(self.cfg.checkpoint.every) or stop:
-                last_saved = self.save()  # before evaluating: an evaluation never costs training
+            self.save(force=stop)  # when due, or stopping; before evaluating: an evaluation never costs training
             if self.due(self.cfg.eval.every):
                 self.eval_loss()
             self.last_step_end = time.monotonic()  # eval and save time are not the next step's
             if stop or step >= self.total_steps:
                 break
         if not self.stopped:
-            if last_saved != self.state.step:
-                self.save()  # the final checkpoint is always written, before the final evaluation
+            self.save(force=True)  # the final checkpoint is always written (once), before the final evaluation
             if not self.due(self.cfg.eval.every):
                 self.eval_loss()
         self.hooks.on_train_end(self)
@@ -437,10 +432,11 @@ class Trainer:
         self.hooks.on_eval(self, metrics)
         return metrics
 
-    def save(self) -> int:
-        path = self.checkpointer.save(self.state.step)
-        self.hooks.on_save(self, path)
-        return self.state.step
+    def save(self, *, force: bool = False) -> None:
+        """A checkpoint when the checkpointer's policy says so (``force``: now, unless this step's exists), then on_save."""
+        path = self.checkpointer.save_if_due(force=force)
+        if path is not None:
+            self.hooks.on_save(self, path)
 
     def install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once.

@@ -792,7 +792,7 @@ def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir
                                                           capsys):
     """Every held-out image missing: training completes, the final checkpoint is saved, and the warning names
     data.eval_image_dir, not data.image_dir."""
-    from llava_loop.checkpoint import complete_checkpoints
+    from llava_loop.checkpoint.files import complete_checkpoints
     from llava_loop.loop import train
 
     data = _val_copy(tmp_path, shapes_data, missing=None)
