@@ -126,12 +126,14 @@ def worker_deaths_reported(cfg: Config):
     try:
         yield
     except (RuntimeError, OSError, EOFError) as exc:
+        # first of all: another worker's death must not raise PyTorch's SIGCHLD handler error mid-way
+        handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         death = worker_death(exc)
         if death is None:
+            signal.signal(signal.SIGCHLD, handler)
             raise
-        # the run ends here: the other workers' deaths must not raise the handler's error again on the way out
-        # (seen under load, from an exit hook, as a bare traceback)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # the run ends here, the handler left off: the other workers' deaths must not raise its error again on the
+        # way out (seen under load, from an exit hook, and while the traceback above was examined)
         raise DataError(
             f"a DataLoader worker died ({death}); killed by the system, most often for memory (check `dmesg` "
             f"for the out-of-memory killer). Lower data.num_workers (now {cfg.data.num_workers}) or "

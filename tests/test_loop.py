@@ -908,6 +908,26 @@ def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_erro
         "DataLoader worker (pid 7) is killed by signal: Killed.")
     assert worker_death(RuntimeError("CUDA out of memory")) is None
 
+    # the report turns PyTorch's SIGCHLD handler off before it looks (another worker dying mid-way raised it there,
+    # under load); an error that is not a death gets the handler back
+    from llava_loop.config import Config
+    from llava_loop.data.dataset import DataError
+    from llava_loop.loaders import worker_deaths_reported
+
+    def handler(*_):
+        pass
+
+    previous = signal.signal(signal.SIGCHLD, handler)
+    try:
+        with pytest.raises(FileNotFoundError), worker_deaths_reported(Config()):
+            raise own.value
+        assert signal.getsignal(signal.SIGCHLD) is handler
+        with pytest.raises(DataError, match="a DataLoader worker died"), worker_deaths_reported(Config()):
+            raise dead.value
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
 
 def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):
     from llava_loop.loaders import split_records

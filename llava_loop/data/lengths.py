@@ -69,8 +69,10 @@ class _Lengths(torch.utils.data.Dataset):
 
 
 def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False) -> np.ndarray:
+    # its own generator: an iterator without one draws its seed from the global torch RNG, and a run that counts
+    # would then draw different dropout masks from one that read the cache (a resumed run)
     loader = torch.utils.data.DataLoader(_Lengths(records, encoder), batch_size=1024, num_workers=workers,
-                                         collate_fn=list)
+                                         collate_fn=list, generator=torch.Generator().manual_seed(0))
     batches = loader
     if progress:
         from rich.progress import track
