@@ -42,7 +42,7 @@ LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_R
 @dataclass
 class LmmsOptions:
     """What lmms-eval is asked, the same for ``llava-loop eval --lmms-eval``, the ``LmmsEval`` hook's kwargs and the
-    background job the hook starts (``to_argv`` / ``from_argv``)."""
+    background job the hook starts (``to_argv`` writes its flags, ``add_arguments`` and ``from_args`` read them)."""
 
     tasks: list[str]
     _: KW_ONLY
