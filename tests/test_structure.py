@@ -130,3 +130,13 @@ def test_training_imports_nothing_of_what_comes_after_it():
 def test_the_closure_sees_an_after_training_import_wherever_it_hides(module, line):
     sources = {**SOURCES, module: SOURCES[module] + "\n" + line + "\n"}  # negative control
     assert import_closure("llava_loop.loop", sources) & set(AFTER_TRAINING)
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject lists its packages by hand (configs/ ships as llava_loop.configs): a new subpackage left out of the
+    list works in an editable install and is missing from a built wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(init.parent.relative_to(PACKAGE.parent).parts) for init in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= listed, sorted(on_disk - listed)
