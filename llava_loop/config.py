@@ -405,13 +405,14 @@ def leaf_fields(cls=Config, prefix: str = "") -> list[tuple[str, dataclasses.Fie
     return leaves
 
 
-def describe_fields(cls=Config) -> list[tuple[str, str, str]]:
-    """``(key, default, help)`` for every field, in declaration order (the rows of docs/CONFIG.md)."""
+def describe_fields(cls=Config) -> list[tuple[str, str, bool, str]]:
+    """``(key, default, may change on resume, help)`` for every field, in declaration order (docs/CONFIG.md's
+    rows)."""
     rows = []
     for key, f in leaf_fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = default.fn if isinstance(default, Call) and not default.kwargs else repr(default)
-        rows.append((key, shown, f.metadata.get("help", "")))
+        rows.append((key, shown, f.metadata.get("resume", False), f.metadata.get("help", "")))
     return rows
 
 
@@ -419,10 +420,13 @@ def reference_markdown() -> str:
     """docs/CONFIG.md: every key with its default and help text."""
     lines = ["# Configuration reference", "",
              "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`; a test",
-             "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides.", "",
-             "| key | default | meaning |", "|---|---|---|"]
-    for key, default, help in describe_fields():
-        lines.append(f"| `{key}` | `{default}` | {help.replace('|', '&#124;')} |")
+             "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides. *On resume*:",
+             "whether a resumed run may change the key (applied from the resumed step on) or must keep the",
+             "checkpoint's value (a change is refused, naming the key).", "",
+             "| key | default | on resume | meaning |", "|---|---|---|---|"]
+    for key, default, resumable, help in describe_fields():
+        lines.append(f"| `{key}` | `{default}` | {'may change' if resumable else 'kept'} | "
+                     f"{help.replace('|', '&#124;')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import atexit
 import math
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,23 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_skips: int = 0
 
+    def record_step(self, *, samples: int, tokens: int, stepped: bool) -> None:
+        """One optimizer step taken (or skipped: non-finite), with what it consumed."""
+        self.step += 1
+        self.step_in_epoch += 1
+        self.samples_seen += samples
+        self.tokens_seen += tokens
+        self.skipped_steps += not stepped
+        self.consecutive_skips = 0 if stepped else self.consecutive_skips + 1
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def due(self, every: int) -> bool:
+        """True on every ``every``-th step (never when ``every`` is 0): evaluations and checkpoints."""
+        return every > 0 and self.step % every == 0
+
     def state_dict(self) -> dict:
         return asdict(self)
 
@@ -87,8 +105,8 @@ def run_setup(cfg: Config) -> None:
 
 
 class Trainer:
-    """Construction is a sequence of named steps (output, data, model, optimizer, checkpointer, resume);
-    ``fit`` runs the loop. ``checkpointer_cls`` lets a test inject a fault into one checkpoint step."""
+    """``__init__`` assembles a run from named steps, each returning what it makes; ``fit`` runs the loop.
+    ``checkpointer_cls`` lets a test inject a fault into one checkpoint step."""
 
     def __init__(self, cfg: Config, *, checkpointer_cls=Checkpointer):
         self.cfg = cfg
@@ -111,16 +129,27 @@ class Trainer:
         atexit.register(self.lock.release)
         self.prepare_output_dir()
         records = split_records(cfg)  # before the model: a broken data file fails in seconds, naming the record
-        model = self.build_model()
-        loader = self.build_data(records)
-        self.build_optimizer(model, loader)
-        self.checkpointer = checkpointer_cls(
-            self.accelerator, self.backend, self.model, self.output_dir, progress=self.state,
-            states={"skips": self.skips, "scheduler": self.scheduler,
-                    **({"stream": StreamPosition(self.stream, self.state, cfg.train.grad_accum)} if self.stream else {})},
-            hooks=self.hooks.hooks, run_facts=self.run_facts(), config_yaml=cfg.to_yaml(), every=cfg.checkpoint.every,
-            keep_last=cfg.checkpoint.keep_last, verify=cfg.checkpoint.verify, warn=self.console.warn,
-        )
+
+        model, self.processor = self.build_model()
+        self.flops = FlopsModel.from_model(model, cfg.canonical_mode)
+        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.accelerator)
+
+        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records, rank=self.accelerator.process_index,
+                                                      processes=self.accelerator.num_processes)
+        self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
+        loader, self.sampler = self.build_train_loader()
+        self.blank_image = BlankImage(self.train_set.encoder, self.accelerator.device)  # for batches without an image
+        self.validator = self.build_validator()
+
+        optimizer = self.build_optimizer(model)
+        self.model, self.optimizer, self.loader = self.prepare(model, optimizer, loader)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.steps_per_epoch = self.steps_in_epoch(0)  # of the current epoch: token budgets vary it
+        self.total_steps = self.count_total_steps()
+        self.scheduler = warmup_cosine(optimizer, self.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+        self.describe_batch()
+
+        self.checkpointer = self.build_checkpointer(checkpointer_cls)
         self.resume()
 
     # ------------------------------------------------------------------------------------------
@@ -139,17 +168,16 @@ class Trainer:
         self.console.say(f"[bold]config[/bold]\n{self.cfg.to_yaml()}")
 
     def build_model(self):
+        """The model in its training mode (modes.py), kernels fused, and its processor."""
         cfg = self.cfg
-        model, self.processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                                           dtype=self.backend.weights_dtype(), packed=cfg.data.padding_free)
+        model, processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
+                                      dtype=self.backend.weights_dtype(), packed=cfg.data.padding_free)
         set_seed(cfg.train.seed)  # LoRA's initial weights must not depend on how loading drew (ZeRO-3 init draws)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
         self.fuse_kernels(model)
-        self.flops = FlopsModel.from_model(model, cfg.canonical_mode)
-        self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.accelerator)
         self.console.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
-        return model
+        return model, processor
 
     def fuse_kernels(self, model) -> None:
         """Liger's kernels and regional compilation (kernels.py), as ``train.liger`` and ``train.compile`` say."""
@@ -163,38 +191,41 @@ class Trainer:
                                 "accelerate_config.yaml (ZeRO-2) or train.compile=false")
             self.console.say(f"compiled {compile_decoder_layers(model)} decoder layers (torch.compile, per layer)")
 
-    def build_data(self, records):
-        """Datasets, the held-out loss's validator and the (not yet prepared) training loader, which it returns."""
+    def build_train_loader(self):
+        """The (not yet prepared) training loader and its sampler; exact token lengths first where batching needs
+        them, counted once by the main process for all."""
         cfg, acc = self.cfg, self.accelerator
-        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records, rank=acc.process_index,
-                                                      processes=acc.num_processes)
-        self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
-        pad_id = self.processor.tokenizer.pad_token_id
         lengths = None
-        if self.stream is None and needs_lengths(cfg):  # counted once, by the main process, for all
+        if self.stream is None and needs_lengths(cfg):
             lengths = on_main(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
-        loader, self.sampler = make_train_loader(self.train_set, cfg, world_size=acc.num_processes, pad_token_id=pad_id,
-                                                 lengths=lengths)
-        self.blank_image = BlankImage(self.train_set.encoder, acc.device)  # for micro-batches without an image
-        self.validator = None
-        if self.eval_set is not None:
-            self.validator = Validator(cfg, acc, self.eval_set, self.loss_fn, self.blank_image, warn=self.console.warn)
-        return loader
+        return make_train_loader(self.train_set, cfg, world_size=acc.num_processes,
+                                 pad_token_id=self.processor.tokenizer.pad_token_id, lengths=lengths)
 
-    def build_optimizer(self, model, loader) -> None:
-        """AdamW over the trainable groups, everything prepared by Accelerate, then the schedule."""
-        t, acc = self.cfg.train, self.accelerator
-        optimizer = self.backend.make_optimizer(
+    def build_validator(self) -> Validator | None:
+        """The held-out loss (validate.py), when there is a held-out split."""
+        if self.eval_set is None:
+            return None
+        return Validator(self.cfg, self.accelerator, self.eval_set, self.loss_fn, self.blank_image,
+                         warn=self.console.warn)
+
+    def build_optimizer(self, model):
+        """AdamW (the backend's) over the trainable groups (modes.py), each at its learning rate."""
+        t = self.cfg.train
+        return self.backend.make_optimizer(
             model, param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
         )
+
+    def prepare(self, model, optimizer, loader) -> tuple:
+        """Model, optimizer and loader as Accelerate prepares them (a stream's loader stays as it is: prepared,
+        every process would read every shard and keep its slice)."""
         if self.stream is None:
-            self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
-        else:  # not prepared: Accelerate would have every process read every shard and keep its slice
-            self.model, self.optimizer = acc.prepare(model, optimizer)
-            self.loader = loader
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.steps_per_epoch = self.steps_in_epoch(0)
+            return self.accelerator.prepare(model, optimizer, loader)
+        return (*self.accelerator.prepare(model, optimizer), loader)
+
+    def count_total_steps(self) -> int:
+        """``train.max_steps``, or the steps in ``train.epochs`` (a fraction of one counts its part)."""
+        t = self.cfg.train
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"{len(self.train_set)} training samples cannot fill one optimizer step of "
@@ -203,15 +234,29 @@ class Trainer:
                    "data.num_workers)" if self.stream else "")
             )
         whole, part = int(t.epochs), t.epochs - int(t.epochs)
-        self.total_steps = t.max_steps or (sum(self.steps_in_epoch(e) for e in range(whole))
-                                           + (math.ceil(part * self.steps_in_epoch(whole)) if part else 0))
-        self.scheduler = warmup_cosine(optimizer, self.total_steps, t.warmup_ratio, t.min_lr_ratio)
+        return t.max_steps or (sum(self.steps_in_epoch(e) for e in range(whole))
+                               + (math.ceil(part * self.steps_in_epoch(whole)) if part else 0))
+
+    def describe_batch(self) -> None:
+        t, acc = self.cfg.train, self.accelerator
         budget = self.cfg.data.max_tokens_per_micro_batch
         batch = (f"micro-batches of up to {budget} tokens x accumulation {t.grad_accum} x processes {acc.num_processes}"
                  if budget else f"micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
                                 f"{acc.num_processes} = {self.global_batch} samples/step")
         self.console.say(f"effective batch: {batch}; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps; "
                          f"{self.backend.describe()}")
+
+    def build_checkpointer(self, checkpointer_cls):
+        """The checkpointer, holding every stateful part of the run (checkpoint/checkpointer.py)."""
+        cfg, c = self.cfg, self.cfg.checkpoint
+        states = {"skips": self.skips, "scheduler": self.scheduler}
+        if self.stream:
+            states["stream"] = StreamPosition(self.stream, self.state, cfg.train.grad_accum)
+        return checkpointer_cls(
+            self.accelerator, self.backend, self.model, self.output_dir, progress=self.state, states=states,
+            hooks=self.hooks.hooks, run_facts=self.run_facts(), config_yaml=cfg.to_yaml(), every=c.every,
+            keep_last=c.keep_last, verify=c.verify, warn=self.console.warn,
+        )
 
     def resume(self) -> None:
         """Resume from a checkpoint if there is one, then record this run's config (never before a resume was
@@ -250,37 +295,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainState:
-        previous_handlers = self.install_signal_handlers()
-        try:
-            with worker_deaths_reported(self.cfg):
-                return self._fit()
-        finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-            self.lock.release()
-
-    def _fit(self) -> TrainState:
-        self.started = self.last_step_end = time.monotonic()
-        self.hooks.on_train_start(self)
-        if self.state.step == 0 and self.cfg.eval.every:
-            self.eval_loss()  # the starting point of the eval curve
-        for window in self.windows():
-            metrics = self.train_step(window)
-            self.hooks.on_step_end(self, metrics)
-            step = self.state.step
-            stop = self.stop_agreed()
-            self.save(force=stop)  # when due, or stopping; before evaluating: an evaluation never costs training
-            if self.due(self.cfg.eval.every):
-                self.eval_loss()
-            self.last_step_end = time.monotonic()  # eval and save time are not the next step's
-            if stop or step >= self.total_steps:
-                break
-        if not self.stopped:
-            self.save(force=True)  # the final checkpoint is always written (once), before the final evaluation
-            if not self.due(self.cfg.eval.every):
-                self.eval_loss()
-        self.hooks.on_train_end(self)
-        return self.state
+        """Train to ``total_steps`` or an agreed stop; the lock is released and the signal handlers restored
+        however it ends."""
+        with self.lock.released_at_end(), self.stop_signals_caught(), worker_deaths_reported(self.cfg):
+            self.started = self.last_step_end = time.monotonic()
+            self.hooks.on_train_start(self)
+            if self.state.step == 0 and self.cfg.eval.every:
+                self.eval_loss()  # the starting point of the eval curve
+            for window in self.windows():
+                metrics = self.train_step(window)
+                self.hooks.on_step_end(self, metrics)
+                stop = self.stop_agreed()
+                self.save(force=stop)  # when due, or stopping; before evaluating: an evaluation never costs training
+                if self.state.due(self.cfg.eval.every):
+                    self.eval_loss()
+                self.last_step_end = time.monotonic()  # eval and save time are not the next step's
+                if stop or self.state.step >= self.total_steps:
+                    break
+            if not self.stopped:
+                self.save(force=True)  # the final checkpoint is always written (once), before the final evaluation
+                if not self.state.due(self.cfg.eval.every):
+                    self.eval_loss()
+            self.hooks.on_train_end(self)
+            return self.state
 
     def train_step(self, window: list[dict]) -> dict:
         acc = self.accelerator
@@ -300,7 +337,8 @@ class Trainer:
         if stepped:
             self.scheduler.step()
         stats, sums = self.read_step(counts, terms)
-        self.advance(stats, stepped)
+        self.state.record_step(samples=stats["samples"], tokens=stats["tokens"], stepped=stepped)
+        self.check_skipped_updates(stepped)
         self.record_skips(window, stats)
         now = time.monotonic()  # step time includes waiting for data: throughput as the user sees it
         metrics = self.step_metrics(sums, stats, lrs, grad_norm, stepped, now - self.last_step_end)
@@ -336,8 +374,7 @@ class Trainer:
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
                 yield [next(batches) for _ in range(ga)]
-            self.state.epoch += 1
-            self.state.step_in_epoch = 0
+            self.state.next_epoch()
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Optimizer steps in ``epoch``: the same in every epoch, except under token budgets, whose micro-batches
@@ -365,15 +402,9 @@ class Trainer:
         stats = {name: int(v) for name, v in zip(self.COUNTS, values)}
         return stats, dict(zip(terms, values[len(self.COUNTS):]))
 
-    def advance(self, stats: dict, stepped: bool) -> None:
-        """Advance the progress counters; abort after too many non-finite steps in a row."""
+    def check_skipped_updates(self, stepped: bool) -> None:
+        """Warn of a skipped update; abort after too many non-finite steps in a row."""
         s = self.state
-        s.step += 1
-        s.step_in_epoch += 1
-        s.samples_seen += stats["samples"]
-        s.tokens_seen += stats["tokens"]
-        s.skipped_steps += not stepped
-        s.consecutive_skips = 0 if stepped else s.consecutive_skips + 1
         if not stepped:
             self.console.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped "
                               f"({s.consecutive_skips} in a row)")
@@ -438,9 +469,10 @@ class Trainer:
         if path is not None:
             self.hooks.on_save(self, path)
 
-    def install_signal_handlers(self) -> dict:
-        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once.
-        Returns the previous handlers (restored when fit returns)."""
+    @contextmanager
+    def stop_signals_caught(self):
+        """SIGTERM/SIGINT: finish the current step, save, exit 0. A second SIGINT stops at once. The previous
+        handlers come back when the block ends."""
 
         def request_stop(signum, frame):
             if self.stop_requested and signum == signal.SIGINT:
@@ -448,7 +480,12 @@ class Trainer:
             self.stop_requested = True
             self.console.warn(f"received {signal.Signals(signum).name}: finishing this step, saving, then exiting")
 
-        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from fit (hooks may call this)."""
@@ -465,20 +502,17 @@ class Trainer:
             self.stopped = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return self.stopped
 
-    def due(self, every: int) -> bool:
-        return every > 0 and self.state.step % every == 0
-
     @property
     def global_batch(self) -> int:
         t = self.cfg.train
         return t.micro_batch_size * t.grad_accum * self.accelerator.num_processes
 
 
-def train(cfg: Config) -> TrainState:
-    """A whole run, as `train.py` and `llava-loop train` make it: fit, then end it the way Accelerate asks a
-    script to (trackers finished, process group destroyed), every process together, so none exits while
+def train(cfg: Config, *, checkpointer_cls=Checkpointer) -> TrainState:
+    """A whole run, as `train.py`, `llava-loop train` and the demo make it: fit, then end it the way Accelerate
+    asks a script to (trackers finished, process group destroyed), every process together, so none exits while
     another still talks to it."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, checkpointer_cls=checkpointer_cls)
     state = trainer.fit()
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
@@ -73,6 +74,14 @@ class RunLock:
             self.held = True
             return self.run_id
         raise OutputDirBusy(f"could not take {self.path}: another run keeps taking it")
+
+    @contextmanager
+    def released_at_end(self):
+        """Release the lock when the block ends, however it ends."""
+        try:
+            yield
+        finally:
+            self.release()
 
     def release(self) -> None:
         if self.held and self._holder().get("run_id") == self.run_id:

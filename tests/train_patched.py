@@ -17,7 +17,7 @@ from llava_loop.checkpoint.checkpointer import Checkpointer
 from llava_loop.checkpoint.rng import rng_state, set_rng_state
 from llava_loop.config import load_config
 from llava_loop.errors import UserError
-from llava_loop.loop import Trainer
+from llava_loop.loop import train
 
 
 class NoRngRestore(Checkpointer):
@@ -70,7 +70,7 @@ parser.add_argument("--config", required=True)
 parser.add_argument("overrides", nargs="*")
 args = parser.parse_args(sys.argv[2:])
 try:
-    Trainer(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls).fit()
+    train(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls)
 except UserError as exc:  # as the CLI reports it
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)

@@ -73,14 +73,11 @@ class Checkpointer:
     # When to save
     # ------------------------------------------------------------------------------------------
 
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
     def save_if_due(self, *, force: bool = False) -> Path | None:
         """A checkpoint of the current step when it is due (or ``force``: a stop, the end of training), unless
         that step's is written already; returns it, or None."""
         step = self.progress.step
-        if step == self.last_saved or not (force or self.due(step)):
+        if step == self.last_saved or not (force or self.progress.due(self.every)):
             return None
         return self.save(step)
 

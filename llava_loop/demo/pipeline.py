@@ -35,7 +35,7 @@ ROWS = ("exact_match", "color_accuracy", "shape_accuracy", "position_accuracy", 
 def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] = (), preset: str = "") -> dict:
     """``preset``: another tower pair for the demo (``tiny-<vision>-<llm>``), in its own model and run folders."""
     from ..checkpoint.files import complete_checkpoints
-    from ..loop import Trainer, run_setup
+    from ..loop import run_setup, train
     from .fixtures import prepare
     from .report import write_report
 
@@ -54,7 +54,7 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     before, _, _ = score_model(Path(cfg.model.path), cfg)
     say("[bold]3/4[/bold] training through the real loop")
     started = time.perf_counter()
-    state = Trainer(cfg).fit()
+    state = train(cfg)
     train_seconds = time.perf_counter() - started
     say("[bold]4/4[/bold] scoring the trained model on the held-out split")
     final = complete_checkpoints(out)[-1]
