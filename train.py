@@ -1,7 +1,7 @@
 """Train a LLaVA model with llava_loop.
 
-    python train.py --config configs/demo.yaml [key=value ...]                      # one process, debugger-friendly
-    accelerate launch --config_file accelerate_config.yaml train.py --config ...    # DeepSpeed ZeRO-2, N processes
+python train.py --config configs/demo.yaml [key=value ...]                      # one process, debugger-friendly
+accelerate launch --config_file accelerate_config.yaml train.py --config ...    # DeepSpeed ZeRO-2, N processes
 """
 
 import sys

@@ -36,8 +36,13 @@ import common  # noqa: E402
 WARMUP = 2
 CONFIG = "configs/bench_small.yaml"  # its settings; the model is the bench_stage2 preset
 MODEL = common.ROOT / "runs" / "bench-stage2-model"
-FILLER = ("a red circle in the top left .", "the blue square is in the center .", "which shape is it ?",
-          "a small green cross near the bottom right .", "the picture shows one yellow triangle .")
+FILLER = (
+    "a red circle in the top left .",
+    "the blue square is in the center .",
+    "which shape is it ?",
+    "a small green cross near the bottom right .",
+    "the picture shows one yellow triangle .",
+)
 
 
 def text_of(rng: random.Random, words: int) -> str:
@@ -68,12 +73,29 @@ def write_mix(root: Path, n: int, seed: int = 0) -> Path:
 
 def run(name: str, data: Path, steps: int, micro: int, accum: int, *overrides: str) -> dict:
     out = common.ROOT / "runs" / f"bench-batching-{name}"
-    common.run_child([common.python(), "train.py", "--config", CONFIG, f"output_dir={out}", f"data.path={data}",
-                      f"model.path={MODEL}", "setup=[]",
-                      f"data.image_dir={data.parent / 'images'}", "data.max_length=2048", "data.num_workers=1",
-                      f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", f"train.max_steps={steps}",
-                      "mode=freeze_vision", "train.lr=1e-5", "resume=overwrite", "train.log_sample_ids=true",
-                      *overrides])
+    common.run_child(
+        [
+            common.python(),
+            "train.py",
+            "--config",
+            CONFIG,
+            f"output_dir={out}",
+            f"data.path={data}",
+            f"model.path={MODEL}",
+            "setup=[]",
+            f"data.image_dir={data.parent / 'images'}",
+            "data.max_length=2048",
+            "data.num_workers=1",
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            f"train.max_steps={steps}",
+            "mode=freeze_vision",
+            "train.lr=1e-5",
+            "resume=overwrite",
+            "train.log_sample_ids=true",
+            *overrides,
+        ]
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"steps": [r for r in rows if r["kind"] == "train"]}
 
@@ -86,8 +108,12 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=2, help="fixed micro-batches per step")
     parser.add_argument("--budget", type=int, default=2048, help="tokens per packed micro-batch")
     parser.add_argument("--budget-accum", type=int, default=4, help="token-budget micro-batches per step")
-    parser.add_argument("--skip", default="", help="runs to leave out, by folder: padded is the baseline, so never it "
-                                                   "(grouped, packed-dense, packed, budget)")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="runs to leave out, by folder: padded is the baseline, so never it "
+        "(grouped, packed-dense, packed, budget)",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
     from llava_loop.demo.tiny import build_tiny
@@ -99,14 +125,26 @@ def main() -> None:
     ways = {  # name: (run folder, steps, micro, accum, overrides)
         "padded": ("padded", *fixed, ()),
         "length-grouped": ("grouped", *fixed, ("data.group_by_length=true",)),
-        "padding-free, dense mask": ("packed-dense", *fixed, ("data.padding_free=true", "model.attn_implementation=sdpa")),
+        "padding-free, dense mask": (
+            "packed-dense",
+            *fixed,
+            ("data.padding_free=true", "model.attn_implementation=sdpa"),
+        ),
         "padding-free": ("packed", *fixed, ("data.padding_free=true",)),
-        "padding-free + token budget": ("budget", args.steps, args.micro, args.budget_accum,
-                                        ("data.padding_free=true", f"data.max_tokens_per_micro_batch={args.budget}")),
+        "padding-free + token budget": (
+            "budget",
+            args.steps,
+            args.micro,
+            args.budget_accum,
+            ("data.padding_free=true", f"data.max_tokens_per_micro_batch={args.budget}"),
+        ),
     }
     skip = set(args.skip.split(",")) - {""}
-    runs = {name: run(folder, data, steps, micro, accum, *overrides)
-            for name, (folder, steps, micro, accum, overrides) in ways.items() if folder not in skip}
+    runs = {
+        name: run(folder, data, steps, micro, accum, *overrides)
+        for name, (folder, steps, micro, accum, overrides) in ways.items()
+        if folder not in skip
+    }
     rows, base = [], None
     for name, result in runs.items():
         steps = result["steps"][WARMUP:]
@@ -114,22 +152,44 @@ def main() -> None:
         samples = common.median([s["samples_per_s"] for s in steps])
         pad = sum(s["pad_fraction"] for s in result["steps"]) / len(result["steps"])
         base = base or tokens
-        rows.append([name, f"{pad:.1%}", f"{tokens:,.0f}", f"{samples:.2f}", f"{tokens / base:.2f}x",
-                     f"{common.median([s['samples'] for s in result['steps']]):.0f}",
-                     f"{common.median([s['tokens_per_s'] * s['step_time'] for s in result['steps']]):,.0f}"])
+        rows.append(
+            [
+                name,
+                f"{pad:.1%}",
+                f"{tokens:,.0f}",
+                f"{samples:.2f}",
+                f"{tokens / base:.2f}x",
+                f"{common.median([s['samples'] for s in result['steps']]):.0f}",
+                f"{common.median([s['tokens_per_s'] * s['step_time'] for s in result['steps']]):,.0f}",
+            ]
+        )
     same = [abs(a["loss"] - b["loss"]) for a, b in zip(runs["padded"]["steps"], runs["padding-free"]["steps"])]
-    same_ids = all(a["sample_ids"] == b["sample_ids"] for a, b in zip(runs["padded"]["steps"], runs["padding-free"]["steps"]))
+    same_ids = all(
+        a["sample_ids"] == b["sample_ids"] for a, b in zip(runs["padded"]["steps"], runs["padding-free"]["steps"])
+    )
     pad = sum(s["pad_fraction"] for s in runs["padded"]["steps"]) / len(runs["padded"]["steps"])
-    print(common.header("Batching stage-2 data", f"python bench/batching.py --steps {args.steps} --records "
-                                                 f"{args.records} --micro {args.micro} --accum {args.accum} "
-                                                 f"--budget {args.budget} --budget-accum {args.budget_accum}"
-                                                 + (f" --skip {args.skip}" if args.skip else "")))
-    print(common.table(["batching", "padding", "tokens/s", "samples/s", "tokens/s vs padded", "samples/step",
-                        "tokens/step"], rows))
-    print(f"\npadded vs padding-free on the same micro-batches (same samples: {same_ids}): largest step-loss "
-          f"difference {max(same):.2e}")
-    print(f"GPU projection: the padded run spends {pad:.1%} of its linear-layer FLOPs on padding; without it the "
-          f"same tokens take {1 - pad:.2f} of the compute, {1 / (1 - pad):.2f}x the tokens/s where compute-bound")
+    print(
+        common.header(
+            "Batching stage-2 data",
+            f"python bench/batching.py --steps {args.steps} --records "
+            f"{args.records} --micro {args.micro} --accum {args.accum} "
+            f"--budget {args.budget} --budget-accum {args.budget_accum}"
+            + (f" --skip {args.skip}" if args.skip else ""),
+        )
+    )
+    print(
+        common.table(
+            ["batching", "padding", "tokens/s", "samples/s", "tokens/s vs padded", "samples/step", "tokens/step"], rows
+        )
+    )
+    print(
+        f"\npadded vs padding-free on the same micro-batches (same samples: {same_ids}): largest step-loss "
+        f"difference {max(same):.2e}"
+    )
+    print(
+        f"GPU projection: the padded run spends {pad:.1%} of its linear-layer FLOPs on padding; without it the "
+        f"same tokens take {1 - pad:.2f} of the compute, {1 / (1 - pad):.2f}x the tokens/s where compute-bound"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ def batch_with_answers(vocab: int, rows: int, length: int, supervised: int) -> d
     labels = torch.full_like(ids, -100)
     answer = supervised // rows + 1
     labels[:, -answer:] = ids[:, -answer:]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "supervised": supervised_index(labels)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "supervised": supervised_index(labels),
+    }
 
 
 def variant(config: str, chunk_rows: int, args) -> None:
@@ -56,8 +60,17 @@ def variant(config: str, chunk_rows: int, args) -> None:
         loss.backward()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": common.median(times[1:]), "loss": float(loss), "peak_rss_mib": peak,
-                      "growth_mib": peak - baseline, "supervised": batch["supervised"].shape[1]}))
+    print(
+        json.dumps(
+            {
+                "seconds": common.median(times[1:]),
+                "loss": float(loss),
+                "peak_rss_mib": peak,
+                "growth_mib": peak - baseline,
+                "supervised": batch["supervised"].shape[1],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -78,20 +91,49 @@ def main() -> None:
     run_setup(load_config(common.ROOT / args.config))
     results = {}
     for name, chunk_rows in VARIANTS.items():
-        run = common.run_child([common.python(), __file__, "--config", args.config, "--chunk-rows", str(chunk_rows),
-                                "--supervised", str(args.supervised), "--rows", str(args.rows), "--length",
-                                str(args.length), "--repeats", str(args.repeats)])
+        run = common.run_child(
+            [
+                common.python(),
+                __file__,
+                "--config",
+                args.config,
+                "--chunk-rows",
+                str(chunk_rows),
+                "--supervised",
+                str(args.supervised),
+                "--rows",
+                str(args.rows),
+                "--length",
+                str(args.length),
+                "--repeats",
+                str(args.repeats),
+            ]
+        )
         results[name] = common.last_json_line(run["stdout"])
     before = results["one chunk (before)"]
     for r in results.values():
         assert abs(r["loss"] - before["loss"]) <= 1e-6 * abs(before["loss"]), (r["loss"], before["loss"])
     print(common.header("Chunked loss vs one chunk", "python bench/chunked_loss.py " + " ".join(sys.argv[1:])))
-    print(f"{args.rows} rows x {args.length} tokens, {before['supervised']} supervised, vocabulary 151,936; loss "
-          f"forward + backward, median of {args.repeats}\n")
-    rows = [[name, f"{r['seconds'] * 1e3:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['growth_mib']:.0f}",
-             f"{r['growth_mib'] / before['growth_mib']:.2f}x", f"{r['loss']:.4f}"] for name, r in results.items()]
-    print(common.table(["loss", "fwd+bwd (ms)", "peak RSS (MiB)", "growth (MiB)", "growth vs before", "summed loss"],
-                       rows))
+    print(
+        f"{args.rows} rows x {args.length} tokens, {before['supervised']} supervised, vocabulary 151,936; loss "
+        f"forward + backward, median of {args.repeats}\n"
+    )
+    rows = [
+        [
+            name,
+            f"{r['seconds'] * 1e3:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['growth_mib']:.0f}",
+            f"{r['growth_mib'] / before['growth_mib']:.2f}x",
+            f"{r['loss']:.4f}",
+        ]
+        for name, r in results.items()
+    ]
+    print(
+        common.table(
+            ["loss", "fwd+bwd (ms)", "peak RSS (MiB)", "growth (MiB)", "growth vs before", "summed loss"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

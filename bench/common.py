@@ -29,8 +29,9 @@ def machine() -> str:
     return f"{platform.machine()} {cpus} cores ({threads} torch threads), {gpu}, Python {platform.python_version()}"
 
 
-def run_child(cmd: list[str], env: dict | None = None, cwd: Path = ROOT, *, check: bool = True,
-              timeout: float | None = None) -> dict:
+def run_child(
+    cmd: list[str], env: dict | None = None, cwd: Path = ROOT, *, check: bool = True, timeout: float | None = None
+) -> dict:
     """Run ``cmd`` to completion; returns exit code, stdout/stderr text and the child's own peak RSS (MiB,
     its DataLoader workers included as the largest of them, as wait4 reports).
 
@@ -38,8 +39,15 @@ def run_child(cmd: list[str], env: dict | None = None, cwd: Path = ROOT, *, chec
     of its own and stops the whole group when time is up (``timed_out`` is then True), or when this process is
     interrupted: an ``accelerate launch`` leaves no rank behind holding GPU memory."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True,
-                                start_new_session=timeout is not None)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=timeout is not None,
+        )
         timed_out = False
         if timeout is None:
             _, status, usage = os.wait4(proc.pid, 0)
@@ -62,8 +70,13 @@ def run_child(cmd: list[str], env: dict | None = None, cwd: Path = ROOT, *, chec
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        result = {"returncode": proc.returncode, "stdout": out.read(), "stderr": err.read(),
-                  "peak_rss_mib": usage.ru_maxrss / 1024, "timed_out": timed_out}
+        result = {
+            "returncode": proc.returncode,
+            "stdout": out.read(),
+            "stderr": err.read(),
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "timed_out": timed_out,
+        }
     if check and result["returncode"] != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{result['stderr'][-4000:]}")
     return result

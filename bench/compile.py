@@ -18,8 +18,18 @@ import common  # noqa: E402
 
 
 def run(config: str, compile: bool, steps: int, out: Path) -> list[dict]:
-    common.run_child([common.python(), "train.py", "--config", config, f"train.compile={str(compile).lower()}",
-                      f"train.max_steps={steps}", f"output_dir={out}", "data.num_workers=0"])
+    common.run_child(
+        [
+            common.python(),
+            "train.py",
+            "--config",
+            config,
+            f"train.compile={str(compile).lower()}",
+            f"train.max_steps={steps}",
+            f"output_dir={out}",
+            "data.num_workers=0",
+        ]
+    )
     return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
 
 
@@ -36,15 +46,23 @@ def main() -> None:
     cfg = load_config(common.ROOT / args.config)
     run_setup(cfg)  # model and data exist before anything is timed
     out = Path(cfg.output_dir)
-    runs = {name: run(args.config, name == "compiled", args.steps, out.with_name(f"{out.name}-{name}"))
-            for name in ("eager", "compiled")}
+    runs = {
+        name: run(args.config, name == "compiled", args.steps, out.with_name(f"{out.name}-{name}"))
+        for name in ("eager", "compiled")
+    }
     eager = runs["eager"]
     drift = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(eager, runs["compiled"]))
     rows = []
     for name, steps in runs.items():
-        steady = common.median([m["step_time"] for m in steps[args.warmup:]])
-        rows.append([name, f"{steady:.3f}", f"{common.median([m['step_time'] for m in eager[args.warmup:]]) / steady:.2f}x",
-                     f"{sum(m['step_time'] for m in steps[:args.warmup]):.1f}"])
+        steady = common.median([m["step_time"] for m in steps[args.warmup :]])
+        rows.append(
+            [
+                name,
+                f"{steady:.3f}",
+                f"{common.median([m['step_time'] for m in eager[args.warmup :]]) / steady:.2f}x",
+                f"{sum(m['step_time'] for m in steps[: args.warmup]):.1f}",
+            ]
+        )
     print(common.header("train.compile on CPU", "python bench/compile.py " + " ".join(sys.argv[1:])))
     print(common.table(["run", "median step (s)", "speed vs eager", f"first {args.warmup} steps (s)"], rows))
     print(f"\nlargest relative step-loss difference: {drift:.1e}")

@@ -77,13 +77,20 @@ def main() -> None:
     lengths = count_lengths(records, encoder)
     micro, group = 8, 8 * 4  # micro-batch 8, accumulation 4, one process
     plain = EpochSampler(len(records), seed=0).order(0)
-    grouped = EpochSampler(len(records), seed=0, lengths=lengths,
-                           group_size=group).order(0)
-    print(f"\nPadding on {len(records)} mixed-length conversations (1-6 turns; {lengths.min()}-{lengths.max()} tokens), "
-          f"micro-batch {micro}, global batch {group}:\n")
-    print(common.table(["sampler", "padding fraction"],
-                       [["shuffled", f"{padding_fraction(lengths, plain, micro):.3f}"],
-                        ["group_by_length", f"{padding_fraction(lengths, grouped, micro):.3f}"]]))
+    grouped = EpochSampler(len(records), seed=0, lengths=lengths, group_size=group).order(0)
+    print(
+        f"\nPadding on {len(records)} mixed-length conversations (1-6 turns; {lengths.min()}-{lengths.max()} tokens), "
+        f"micro-batch {micro}, global batch {group}:\n"
+    )
+    print(
+        common.table(
+            ["sampler", "padding fraction"],
+            [
+                ["shuffled", f"{padding_fraction(lengths, plain, micro):.3f}"],
+                ["group_by_length", f"{padding_fraction(lengths, grouped, micro):.3f}"],
+            ],
+        )
+    )
     print(json.dumps({"workers": {r[0]: {"hf": float(r[1]), "fast": float(r[2])} for r in rows}}))
 
 

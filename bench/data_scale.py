@@ -56,8 +56,11 @@ def records(n: int):
         prompt = rng.choice(PROMPTS)
         human = f"{prompt}\n<image>" if rng.random() < 0.5 else f"<image>\n{prompt}"
         caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + " ."
-        yield {"id": f"GCC_train_{i:09d}", "image": f"img_{i % POOL:02d}.jpg",
-               "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]}
+        yield {
+            "id": f"GCC_train_{i:09d}",
+            "image": f"img_{i % POOL:02d}.jpg",
+            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+        }
 
 
 def write_jsonl(path: Path, n: int) -> None:
@@ -71,9 +74,13 @@ def write_arrow(out: Path, n: int, images: list[bytes]) -> None:
     import datasets
     import pyarrow as pa
 
-    features = datasets.Features({
-        "id": datasets.Value("string"), "image": datasets.Image(),
-        "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+        }
+    )
     tmp = out.with_suffix(".tmp.arrow")
     schema = features.arrow_schema
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -97,12 +104,21 @@ def prepare(root: Path, n: int, shard_size: str) -> dict:
     images = pool_images(root)
     paths = {"json": root / "records.jsonl", "arrow": root / "arrow", "shards": root / "shards"}
     timings = {}
-    for name, write in (("json", lambda: write_jsonl(paths["json"], n)),
-                        ("arrow", lambda: write_arrow(paths["arrow"], n, images)),
-                        ("shards", lambda: write_shards(paths["json"], root / "images", paths["shards"],
-                                                        shard_size=parse_size(shard_size)))):
-        done = paths[name] / "state.json" if name == "arrow" else paths[name] / "shards.json" if name == "shards" \
+    for name, write in (
+        ("json", lambda: write_jsonl(paths["json"], n)),
+        ("arrow", lambda: write_arrow(paths["arrow"], n, images)),
+        (
+            "shards",
+            lambda: write_shards(paths["json"], root / "images", paths["shards"], shard_size=parse_size(shard_size)),
+        ),
+    ):
+        done = (
+            paths[name] / "state.json"
+            if name == "arrow"
+            else paths[name] / "shards.json"
+            if name == "shards"
             else paths[name]
+        )
         if not done.exists():
             start = time.perf_counter()
             write()
@@ -147,10 +163,20 @@ def child(source: str, path: str, image_dir: str, batches: int, workers: int, mi
     rate = n / (time.perf_counter() - start)
     main, kids = psutil.Process(), psutil.Process().children()
     memory = [p.memory_full_info() for p in [main, *kids]]
-    print(json.dumps({"open_s": opened, "first_batch_s": first, "samples_per_s": rate, "main_rss_mib": memory[0].rss / 2**20,
-                      "main_uss_mib": memory[0].uss / 2**20,
-                      "worker_rss_mib": [m.rss / 2**20 for m in memory[1:]],
-                      "worker_uss_mib": [m.uss / 2**20 for m in memory[1:]]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "open_s": opened,
+                "first_batch_s": first,
+                "samples_per_s": rate,
+                "main_rss_mib": memory[0].rss / 2**20,
+                "main_uss_mib": memory[0].uss / 2**20,
+                "worker_rss_mib": [m.rss / 2**20 for m in memory[1:]],
+                "worker_uss_mib": [m.uss / 2**20 for m in memory[1:]],
+            }
+        ),
+        flush=True,
+    )
 
 
 def parquet_random_reads(root: Path, row_groups: list[int], reads: int = 2000) -> list[list]:
@@ -185,8 +211,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--shard-size", default="256MB")
     parser.add_argument("--root", default=str(common.ROOT / "runs" / "bench-scale"))
-    parser.add_argument("--parquet-row-groups", type=int, nargs="*", default=[],
-                        help="instead: time random reads of Parquet copies of the Arrow set at these row-group sizes")
+    parser.add_argument(
+        "--parquet-row-groups",
+        type=int,
+        nargs="*",
+        default=[],
+        help="instead: time random reads of Parquet copies of the Arrow set at these row-group sizes",
+    )
     parser.add_argument("--child", nargs=3, metavar=("SOURCE", "PATH", "IMAGE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -194,8 +225,14 @@ def main() -> None:
         return
     sys.path.insert(0, str(common.ROOT))
     if args.parquet_row_groups:
-        rows = [row for n in args.sizes for row in parquet_random_reads(Path(args.root) / str(n), args.parquet_row_groups)]
-        print(common.header("Parquet: random reads by row-group size", "python bench/data_scale.py " + " ".join(sys.argv[1:])))
+        rows = [
+            row for n in args.sizes for row in parquet_random_reads(Path(args.root) / str(n), args.parquet_row_groups)
+        ]
+        print(
+            common.header(
+                "Parquet: random reads by row-group size", "python bench/data_scale.py " + " ".join(sys.argv[1:])
+            )
+        )
         print(common.table(["records", "rows per group", "random read (us/record)"], rows))
         return
     rows = []
@@ -205,22 +242,58 @@ def main() -> None:
         for source in args.sources:
             runs = []
             for _ in range(args.repeats):
-                cmd = [common.python(), __file__, "--child", source, paths[source], str(root / "images"),
-                       "--batches", str(args.batches), "--workers", str(args.workers),
-                       "--micro-batch", str(args.micro_batch)]
+                cmd = [
+                    common.python(),
+                    __file__,
+                    "--child",
+                    source,
+                    paths[source],
+                    str(root / "images"),
+                    "--batches",
+                    str(args.batches),
+                    "--workers",
+                    str(args.workers),
+                    "--micro-batch",
+                    str(args.micro_batch),
+                ]
                 runs.append(common.last_json_line(common.run_child(cmd, env={"OMP_NUM_THREADS": "1"})["stdout"]))
                 print(json.dumps({"records": n, "source": source, **runs[-1]}), file=sys.stderr, flush=True)
-            med = {key: common.median([r[key] for r in runs]) for key in
-                   ("open_s", "first_batch_s", "samples_per_s", "main_rss_mib", "main_uss_mib")}
+            med = {
+                key: common.median([r[key] for r in runs])
+                for key in ("open_s", "first_batch_s", "samples_per_s", "main_rss_mib", "main_uss_mib")
+            }
             workers_rss = [common.median([r["worker_rss_mib"][w] for r in runs]) for w in range(args.workers)]
             workers_uss = [common.median([r["worker_uss_mib"][w] for r in runs]) for w in range(args.workers)]
-            rows.append([f"{n:,}", source, f"{med['open_s']:.1f}", f"{med['first_batch_s']:.1f}", f"{med['main_rss_mib']:.0f} / "
-                         f"{med['main_uss_mib']:.0f}", " ".join(f"{r:.0f}" for r in workers_rss),
-                         " ".join(f"{u:.0f}" for u in workers_uss), f"{med['samples_per_s']:.0f}"])
-    print(common.header("Data at scale: JSON blob, Arrow, shards",
-                        "python bench/data_scale.py " + " ".join(sys.argv[1:])))
-    print(common.table(["records", "source", "open records (s)", "first batch (s)", "main RSS / USS (MiB)", "worker RSS (MiB)",
-                        "worker USS (MiB)", "samples/s"], rows))
+            rows.append(
+                [
+                    f"{n:,}",
+                    source,
+                    f"{med['open_s']:.1f}",
+                    f"{med['first_batch_s']:.1f}",
+                    f"{med['main_rss_mib']:.0f} / {med['main_uss_mib']:.0f}",
+                    " ".join(f"{r:.0f}" for r in workers_rss),
+                    " ".join(f"{u:.0f}" for u in workers_uss),
+                    f"{med['samples_per_s']:.0f}",
+                ]
+            )
+    print(
+        common.header("Data at scale: JSON blob, Arrow, shards", "python bench/data_scale.py " + " ".join(sys.argv[1:]))
+    )
+    print(
+        common.table(
+            [
+                "records",
+                "source",
+                "open records (s)",
+                "first batch (s)",
+                "main RSS / USS (MiB)",
+                "worker RSS (MiB)",
+                "worker USS (MiB)",
+                "samples/s",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

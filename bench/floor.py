@@ -40,7 +40,9 @@ def main() -> None:
     dataset, _ = make_datasets(cfg, processor)
     collate = Collator(processor.tokenizer.pad_token_id)
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
-    windows = [[collate([dataset[(s * ga + m) * mb + i] for i in range(mb)]) for m in range(ga)] for s in range(args.steps)]
+    windows = [
+        [collate([dataset[(s * ga + m) * mb + i] for i in range(mb)]) for m in range(ga)] for s in range(args.steps)
+    ]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
     times = [time.monotonic()]
     for window in windows:

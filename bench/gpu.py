@@ -50,10 +50,17 @@ import common  # noqa: E402
 
 TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
 # the target rows, measured before anything else; then what Liger's kernels and compiled layers do to the first
-FIRST = [("0.5b", "projector", "off", "plain"), ("3b", "projector", "off", "plain"),
-         ("0.5b", "projector", "off", "liger"), ("0.5b", "projector", "off", "compile")]
-KERNELS = {"plain": {"liger": "off", "compile": False}, "liger": {"liger": "on", "compile": False},
-           "compile": {"liger": "off", "compile": True}}  # train.* settings of each --kernels choice
+FIRST = [
+    ("0.5b", "projector", "off", "plain"),
+    ("3b", "projector", "off", "plain"),
+    ("0.5b", "projector", "off", "liger"),
+    ("0.5b", "projector", "off", "compile"),
+]
+KERNELS = {
+    "plain": {"liger": "off", "compile": False},
+    "liger": {"liger": "on", "compile": False},
+    "compile": {"liger": "off", "compile": True},
+}  # train.* settings of each --kernels choice
 
 
 def tower_configs(shape: str):
@@ -61,23 +68,64 @@ def tower_configs(shape: str):
     from transformers import CLIPVisionConfig, Qwen2Config
 
     if shape == "tiny":
-        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=336, patch_size=14, projection_dim=64)
-        return vision, Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+        vision = CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=64,
+        )
+        return vision, Qwen2Config(
+            vocab_size=151_936,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
     llm = {
-        "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, tie_word_embeddings=True),
-        "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                   num_key_value_heads=2, tie_word_embeddings=True),
+        "0.5b": dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        "3b": dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
         # the ZeRO-3 check (--zero 3 --shapes 7b): loaded partitioned, its peak GPU memory against llava_loop.memory
-        "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                   num_key_value_heads=4, tie_word_embeddings=False),
+        "7b": dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
     }[shape]
-    return vision, Qwen2Config(vocab_size=151_936, max_position_embeddings=32768, rope_theta=1_000_000.0,
-                               rms_norm_eps=1e-6, **llm)
+    return vision, Qwen2Config(
+        vocab_size=151_936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, **llm
+    )
 
 
 def build_random_model(out: Path, shape: str) -> None:
@@ -164,26 +212,62 @@ def failure_reason(stderr: str) -> str:
     return (errors or lines or ["no stderr"])[-1][:300]
 
 
-def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkpointing: bool, kernels: str, args,
-           timeout: float) -> dict:
+def launch(
+    model_dir: Path,
+    data: Path,
+    out: Path,
+    shape: str,
+    mode: str,
+    checkpointing: bool,
+    kernels: str,
+    args,
+    timeout: float,
+) -> dict:
     """One real training launch; returns its measured figures, or raises LaunchFailed."""
     config = {
-        "mode": mode, "output_dir": str(out), "resume": "none", "model": {"path": str(model_dir)},
+        "mode": mode,
+        "output_dir": str(out),
+        "resume": "none",
+        "model": {"path": str(model_dir)},
         "hooks": ["gpu:PeakMemory"],
-        "data": {"path": str(data / "chat.json"), "image_dir": str(data / "images"), "num_workers": args.workers,
-                 "max_length": 1024},
-        "train": {"micro_batch_size": args.micro_batch, "grad_accum": 1, "max_steps": args.steps,
-                  "lr": 1e-3 if mode == "projector" else 2e-4, "warmup_ratio": 0.03, "log_every": 1,
-                  "gradient_checkpointing": checkpointing, "precision": "fp32" if args.smoke else "bf16",
-                  **KERNELS[kernels]},
-        "lora": {"r": 64, "alpha": 128}, "checkpoint": {"every": 0, "keep_last": 1}, "eval": {"every": 0},
+        "data": {
+            "path": str(data / "chat.json"),
+            "image_dir": str(data / "images"),
+            "num_workers": args.workers,
+            "max_length": 1024,
+        },
+        "train": {
+            "micro_batch_size": args.micro_batch,
+            "grad_accum": 1,
+            "max_steps": args.steps,
+            "lr": 1e-3 if mode == "projector" else 2e-4,
+            "warmup_ratio": 0.03,
+            "log_every": 1,
+            "gradient_checkpointing": checkpointing,
+            "precision": "fp32" if args.smoke else "bf16",
+            **KERNELS[kernels],
+        },
+        "lora": {"r": 64, "alpha": 128},
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "eval": {"every": 0},
     }
     out.mkdir(parents=True)
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
     accelerate_config = "accelerate_config_zero3.yaml" if args.zero == 3 else "accelerate_config.yaml"
-    cmd = [common.python(), "-m", "accelerate.commands.launch", "--config_file", str(common.ROOT / accelerate_config),
-           "--num_processes", str(args.processes), "--main_process_port", str(args.port), "train.py",
-           "--config", str(out.parent / f"{out.name}.yaml")]
+    cmd = [
+        common.python(),
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(common.ROOT / accelerate_config),
+        "--num_processes",
+        str(args.processes),
+        "--main_process_port",
+        str(args.port),
+        "train.py",
+        "--config",
+        str(out.parent / f"{out.name}.yaml"),
+    ]
     # the caller's PYTHONPATH stays: on the GPU machine it holds the carried wheels (deepspeed, transformers)
     caller = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     path = [str(common.ROOT / "bench"), str(common.ROOT), *filter(None, caller)]
@@ -201,13 +285,24 @@ def launch(model_dir: Path, data: Path, out: Path, shape: str, mode: str, checkp
     supervised = common.median([m["label_tokens"] for m in steady])
     flops = common.median([m["flops"] for m in steady])  # the step's needed FLOPs, as the loop counts them
     peaks = [json.loads(p.read_text())["peak_gib"] for p in sorted(out.glob("peak_memory_*.json"))]
-    return {"shape": shape, "mode": mode, "checkpointing": checkpointing, "kernels": kernels, "seconds": seconds,
-            "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
-            "tokens_per_sample": tokens / samples, "supervised": supervised, "flops": flops, "peak_gib": max(peaks)}
+    return {
+        "shape": shape,
+        "mode": mode,
+        "checkpointing": checkpointing,
+        "kernels": kernels,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_sample": tokens / samples,
+        "supervised": supervised,
+        "flops": flops,
+        "peak_gib": max(peaks),
+    }
 
 
-def plan(shapes: list[str], modes: list[str], checkpointing: list[str],
-         kernels: list[str]) -> list[tuple[str, str, str, str]]:
+def plan(
+    shapes: list[str], modes: list[str], checkpointing: list[str], kernels: list[str]
+) -> list[tuple[str, str, str, str]]:
     """Every (shape, mode, checkpointing, kernels) asked for, the FIRST rows first, the rest in the order given."""
     rows = [(shape, mode, ckpt, k) for shape in shapes for mode in modes for ckpt in checkpointing for k in kernels]
     return sorted(rows, key=lambda row: FIRST.index(row) if row in FIRST else len(FIRST))
@@ -217,39 +312,88 @@ def table(rows: list[dict]) -> str:
     def cells(r):
         if r["status"] != "ok":
             return ["—"] * 5
-        return [f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_gib']:.1f}",
-                f"{r['mfu_needed']:.1%}", f"{r['mfu_6n']:.1%}"]
+        return [
+            f"{r['samples_per_s']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_gib']:.1f}",
+            f"{r['mfu_needed']:.1%}",
+            f"{r['mfu_6n']:.1%}",
+        ]
 
     return common.table(
-        ["shape", "mode", "checkpointing", "samples/s", "tokens/s", "peak GPU memory (GiB)", "MFU (needed)", "MFU (6N)",
-         "kernels", "target", "status"],
-        [[r["shape"], r["mode"], "on" if r["checkpointing"] else "off", *cells(r), r["kernels"],
-          TARGETS.get((r["shape"], r["mode"]), ""), "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"]
-         for r in rows])
+        [
+            "shape",
+            "mode",
+            "checkpointing",
+            "samples/s",
+            "tokens/s",
+            "peak GPU memory (GiB)",
+            "MFU (needed)",
+            "MFU (6N)",
+            "kernels",
+            "target",
+            "status",
+        ],
+        [
+            [
+                r["shape"],
+                r["mode"],
+                "on" if r["checkpointing"] else "off",
+                *cells(r),
+                r["kernels"],
+                TARGETS.get((r["shape"], r["mode"]), ""),
+                "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def main() -> int:
     started = time.monotonic()
     parser = argparse.ArgumentParser()
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing"
+    )
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b", "7b"])
-    parser.add_argument("--modes", nargs="+", default=["projector", "lora"],
-                        help="training modes, one launch each (train.py checks the names)")
-    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"],
-                        help="default: off and on; with --smoke, on (off is the path every test trains through)")
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=["plain"],
-                        help="plain, Liger's (train.liger=on) or compiled decoder layers (train.compile), one launch each")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["projector", "lora"],
+        help="training modes, one launch each (train.py checks the names)",
+    )
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=["off", "on"],
+        help="default: off and on; with --smoke, on (off is the path every test trains through)",
+    )
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=list(KERNELS),
+        default=["plain"],
+        help="plain, Liger's (train.liger=on) or compiled decoder layers (train.compile), one launch each",
+    )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--processes", type=int, default=0, help="GPUs to launch on (default: all visible)")
     parser.add_argument("--port", type=int, default=29531)
-    parser.add_argument("--zero", type=int, default=2, choices=[2, 3],
-                        help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)")
+    parser.add_argument(
+        "--zero",
+        type=int,
+        default=2,
+        choices=[2, 3],
+        help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
-    parser.add_argument("--budget-minutes", type=float,
-                        help="wall time for the whole bench: no launch starts that the time left cannot fit (judged by "
-                             "the longest launch so far), and a running one is stopped when it runs out")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        help="wall time for the whole bench: no launch starts that the time left cannot fit (judged by "
+        "the longest launch so far), and a running one is stopped when it runs out",
+    )
     parser.add_argument("--launch-timeout", type=float, default=1800, help="seconds before one launch is stopped")
     parser.add_argument("--out", type=Path, help="also write rows.jsonl (each row as it ends) and table.md here")
     args = parser.parse_args()
@@ -289,8 +433,13 @@ def main() -> int:
             row = {"shape": shape, "mode": mode, "checkpointing": ckpt == "on", "kernels": kernels}
             left = deadline - time.monotonic()
             if left <= longest:
-                record({**row, "status": "skipped", "reason": f"time budget ({max(left, 0):.0f} s left, the longest "
-                                                              f"launch took {longest:.0f} s)"})
+                record(
+                    {
+                        **row,
+                        "status": "skipped",
+                        "reason": f"time budget ({max(left, 0):.0f} s left, the longest launch took {longest:.0f} s)",
+                    }
+                )
                 continue
             t0 = time.monotonic()
             try:
@@ -301,10 +450,21 @@ def main() -> int:
                         build_random_model(root / f"model-{shape}", shape)
                         flops_models[shape] = flops_model(root / f"model-{shape}")
                     except Exception as exc:  # noqa: BLE001 - recorded for every row of this shape
-                        flops_models[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
+                        flops_models[shape] = LaunchFailed(
+                            f"building the {shape} model: {type(exc).__name__}: {exc}"[:300]
+                        )
                         raise flops_models[shape] from exc
-                r = launch(root / f"model-{shape}", root / "data", root / f"run-{shape}-{mode}-{ckpt}-{kernels}", shape,
-                           mode, ckpt == "on", kernels, args, timeout=min(args.launch_timeout, deadline - time.monotonic()))
+                r = launch(
+                    root / f"model-{shape}",
+                    root / "data",
+                    root / f"run-{shape}-{mode}-{ckpt}-{kernels}",
+                    shape,
+                    mode,
+                    ckpt == "on",
+                    kernels,
+                    args,
+                    timeout=min(args.launch_timeout, deadline - time.monotonic()),
+                )
                 samples = args.micro_batch * args.processes
                 tokens = r["tokens_per_sample"] * samples
                 six_n = flops_models[shape].step(images=samples, tokens=tokens, attention_pairs=0, supervised=0)[1]
@@ -312,18 +472,38 @@ def main() -> int:
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
                 record({**r, "status": "ok", "wall_s": time.monotonic() - t0})
             except LaunchFailed as exc:
-                record({**row, "status": "failed", "reason": exc.reason, "wall_s": time.monotonic() - t0,
-                        "stderr_tail": exc.stderr_tail})
+                record(
+                    {
+                        **row,
+                        "status": "failed",
+                        "reason": exc.reason,
+                        "wall_s": time.monotonic() - t0,
+                        "stderr_tail": exc.stderr_tail,
+                    }
+                )
             except Exception as exc:  # noqa: BLE001 - a measuring bug in one row must not lose the others
-                record({**row, "status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:300],
-                        "wall_s": time.monotonic() - t0})
+                record(
+                    {
+                        **row,
+                        "status": "failed",
+                        "reason": f"{type(exc).__name__}: {exc}"[:300],
+                        "wall_s": time.monotonic() - t0,
+                    }
+                )
             longest = max(longest, time.monotonic() - t0)
     finally:
-        report = "\n".join([
-            common.header(f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
-                          f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
-                          "python bench/gpu.py " + " ".join(sys.argv[1:])),
-            table(rows), "", f"{time.monotonic() - started:.0f} s in all"])
+        report = "\n".join(
+            [
+                common.header(
+                    f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
+                    f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
+                    "python bench/gpu.py " + " ".join(sys.argv[1:]),
+                ),
+                table(rows),
+                "",
+                f"{time.monotonic() - started:.0f} s in all",
+            ]
+        )
         print(report, flush=True)
         if args.out:
             (args.out / "table.md").write_text(report + "\n")

@@ -44,9 +44,18 @@ def variant(config: str, name: str, micro: int, repeats: int) -> None:
         loss.backward()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": common.median(times[1:]), "loss": float(loss), "peak_rss_mib": peak,
-                      "before_mib": baseline, "seq_len": batch["input_ids"].shape[1],
-                      "supervised": int((batch["labels"][:, 1:] != -100).sum())}))
+    print(
+        json.dumps(
+            {
+                "seconds": common.median(times[1:]),
+                "loss": float(loss),
+                "peak_rss_mib": peak,
+                "before_mib": baseline,
+                "seq_len": batch["input_ids"].shape[1],
+                "supervised": int((batch["labels"][:, 1:] != -100).sum()),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -65,19 +74,45 @@ def main() -> None:
     run_setup(load_config(common.ROOT / args.config))
     results = {}
     for name in ("label_only", "full"):
-        run = common.run_child([common.python(), __file__, "--config", args.config, "--variant", name,
-                                "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats)])
+        run = common.run_child(
+            [
+                common.python(),
+                __file__,
+                "--config",
+                args.config,
+                "--variant",
+                name,
+                "--micro-batch",
+                str(args.micro_batch),
+                "--repeats",
+                str(args.repeats),
+            ]
+        )
         results[name] = common.last_json_line(run["stdout"])
     lo, full = results["label_only"], results["full"]
     assert abs(lo["loss"] - full["loss"]) <= 1e-5 * abs(full["loss"]), (lo["loss"], full["loss"])
     print(common.header("Label-only vs full logits", "python bench/logits.py " + " ".join(sys.argv[1:])))
-    print(f"micro-batch {args.micro_batch}, sequence {lo['seq_len']} tokens, {lo['supervised']} supervised positions, "
-          f"vocabulary 151,936; forward + backward, median of {args.repeats}\n")
-    rows = [[name, f"{r['seconds'] * 1e3:.0f}", f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] - r['before_mib']:.0f}",
-             f"{r['loss']:.6f}"] for name, r in results.items()]
-    print(common.table(["logits", "fwd+bwd (ms)", "peak RSS (MiB)", "growth during fwd+bwd (MiB)", "summed loss"], rows))
-    print(f"\nlabel-only is {full['seconds'] / lo['seconds']:.1f}x faster; losses equal to "
-          f"{abs(lo['loss'] - full['loss']) / abs(full['loss']):.1e} relative")
+    print(
+        f"micro-batch {args.micro_batch}, sequence {lo['seq_len']} tokens, {lo['supervised']} supervised positions, "
+        f"vocabulary 151,936; forward + backward, median of {args.repeats}\n"
+    )
+    rows = [
+        [
+            name,
+            f"{r['seconds'] * 1e3:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_rss_mib'] - r['before_mib']:.0f}",
+            f"{r['loss']:.6f}",
+        ]
+        for name, r in results.items()
+    ]
+    print(
+        common.table(["logits", "fwd+bwd (ms)", "peak RSS (MiB)", "growth during fwd+bwd (MiB)", "summed loss"], rows)
+    )
+    print(
+        f"\nlabel-only is {full['seconds'] / lo['seconds']:.1f}x faster; losses equal to "
+        f"{abs(lo['loss'] - full['loss']) / abs(full['loss']):.1e} relative"
+    )
 
 
 if __name__ == "__main__":

@@ -41,29 +41,57 @@ def main() -> None:
     rows = {}
     for workers in args.workers:
         out_dir = common.ROOT / "runs" / f"bench-loop-w{workers}"
-        run = common.run_child([common.python(), "train.py", "--config", args.config, f"output_dir={out_dir}",
-                                f"train.max_steps={args.steps}", f"data.num_workers={workers}", "resume=overwrite"])
+        run = common.run_child(
+            [
+                common.python(),
+                "train.py",
+                "--config",
+                args.config,
+                f"output_dir={out_dir}",
+                f"train.max_steps={args.steps}",
+                f"data.num_workers={workers}",
+                "resume=overwrite",
+            ]
+        )
         steps = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         seconds = [samples_per_step / m["samples_per_s"] for m in steps if m["kind"] == "train"]
         rows[f"llava_loop ({workers} workers)"] = (throughput(seconds, samples_per_step), run["peak_rss_mib"])
         (out_dir / "metrics.jsonl").unlink()
     if not args.skip_seed:
-        run = common.run_child([common.python(), "bench/seed_recipe.py", "--config", args.config, "--steps", str(args.steps)])
+        run = common.run_child(
+            [common.python(), "bench/seed_recipe.py", "--config", args.config, "--steps", str(args.steps)]
+        )
         result = common.last_json_line(run["stdout"])
         rows["seed recipe (HF Trainer)"] = (throughput(result["step_seconds"], samples_per_step), run["peak_rss_mib"])
     run = common.run_child([common.python(), "bench/floor.py", "--config", args.config, "--steps", str(args.steps)])
     result = common.last_json_line(run["stdout"])
-    rows["floor (bare loop, batches in memory)"] = (throughput(result["step_seconds"], samples_per_step), run["peak_rss_mib"])
+    rows["floor (bare loop, batches in memory)"] = (
+        throughput(result["step_seconds"], samples_per_step),
+        run["peak_rss_mib"],
+    )
 
     best_loop = max(v[0] for k, v in rows.items() if k.startswith("llava_loop"))
     floor = rows["floor (bare loop, batches in memory)"][0]
     seed = rows.get("seed recipe (HF Trainer)", (float("nan"),))[0]
-    print(common.header(f"Loop vs seed vs floor ({Path(args.config).name})", "python bench/loop_vs_seed.py " + " ".join(sys.argv[1:])))
-    print(f"micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum}, {args.steps} steps, "
-          f"median of steps {WARMUP + 1}-{args.steps}\n")
-    print(common.table(["run", "samples/s", "peak RSS (MiB)", "vs seed", "vs floor"],
-                       [[name, f"{sps:.2f}", f"{rss:.0f}", f"{sps / seed:.2f}x", f"{sps / floor:.2f}x"]
-                        for name, (sps, rss) in rows.items()]))
+    print(
+        common.header(
+            f"Loop vs seed vs floor ({Path(args.config).name})",
+            "python bench/loop_vs_seed.py " + " ".join(sys.argv[1:]),
+        )
+    )
+    print(
+        f"micro-batch {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum}, {args.steps} steps, "
+        f"median of steps {WARMUP + 1}-{args.steps}\n"
+    )
+    print(
+        common.table(
+            ["run", "samples/s", "peak RSS (MiB)", "vs seed", "vs floor"],
+            [
+                [name, f"{sps:.2f}", f"{rss:.0f}", f"{sps / seed:.2f}x", f"{sps / floor:.2f}x"]
+                for name, (sps, rss) in rows.items()
+            ],
+        )
+    )
     print(f"\nbest llava_loop / seed = {best_loop / seed:.2f}x; best llava_loop / floor = {best_loop / floor:.2f}")
 
 

@@ -45,14 +45,35 @@ def main() -> None:
     for mode in MODES:
         total, trainable = counts(args.config, mode, args.lora_r)
         estimate = (4 * total + 12 * trainable) / 2**20
-        run = common.run_child([common.python(), "train.py", "--config", args.config, f"mode={mode}",
-                                f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}", "data.num_workers=0",
-                                f"train.max_steps={args.steps}", f"output_dir={common.ROOT / 'runs' / f'bench-mem-{mode}'}"])
-        rows.append([mode, f"{trainable:,}", f"{total:,}", f"{estimate:.0f}", f"{run['peak_rss_mib']:.0f}",
-                     f"{run['peak_rss_mib'] - estimate:.0f}"])
+        run = common.run_child(
+            [
+                common.python(),
+                "train.py",
+                "--config",
+                args.config,
+                f"mode={mode}",
+                f"lora.r={args.lora_r}",
+                f"lora.alpha={2 * args.lora_r}",
+                "data.num_workers=0",
+                f"train.max_steps={args.steps}",
+                f"output_dir={common.ROOT / 'runs' / f'bench-mem-{mode}'}",
+            ]
+        )
+        rows.append(
+            [
+                mode,
+                f"{trainable:,}",
+                f"{total:,}",
+                f"{estimate:.0f}",
+                f"{run['peak_rss_mib']:.0f}",
+                f"{run['peak_rss_mib'] - estimate:.0f}",
+            ]
+        )
     print(common.header("Memory per mode", "python bench/memory.py " + " ".join(sys.argv[1:])))
-    print("fp32 on CPU, one process, no workers, micro-batch 4 x accumulation 2; estimate = 4 B x all weights "
-          "+ 12 B x trainable weights (gradient + AdamW m, v)\n")
+    print(
+        "fp32 on CPU, one process, no workers, micro-batch 4 x accumulation 2; estimate = 4 B x all weights "
+        "+ 12 B x trainable weights (gradient + AdamW m, v)\n"
+    )
     print(common.table(["mode", "trainable", "total params", "estimate (MiB)", "peak RSS (MiB)", "rest (MiB)"], rows))
     print(json.dumps({r[0]: {"estimate": float(r[3]), "peak": float(r[4])} for r in rows}))
 

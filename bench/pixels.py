@@ -22,8 +22,10 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-TOWERS = {"CLIP ViT-L/14-336 (shortest edge 336, centre crop)": ("clip", 336, 14),
-          "SigLIP so400m-384 (384x384)": ("siglip", 384, 14)}
+TOWERS = {
+    "CLIP ViT-L/14-336 (shortest edge 336, centre crop)": ("clip", 336, 14),
+    "SigLIP so400m-384 (384x384)": ("siglip", 384, 14),
+}
 SIZES = ((336, 336), (384, 384), (500, 375), (640, 480), (1024, 768), (427, 640))
 
 
@@ -35,8 +37,10 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         x0, y0 = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
-        draw.ellipse((x0, y0, x0 + int(rng.integers(10, width // 3)), y0 + int(rng.integers(10, height // 3))),
-                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.ellipse(
+            (x0, y0, x0 + int(rng.integers(10, width // 3)), y0 + int(rng.integers(10, height // 3))),
+            fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+        )
     return image
 
 
@@ -46,11 +50,15 @@ def main() -> None:
     from llava_loop.demo.families import save_vision
 
     print(f"# Pixels: PIL vs torchvision image-processor backends ({date.today()}, {machine()})\n")
-    print("| tower preprocessing | image size | max gap (grey levels) | mean gap (grey levels) | values > 0.5 level apart |")
+    print(
+        "| tower preprocessing | image size | max gap (grey levels) | mean gap (grey levels) | values > 0.5 level apart |"
+    )
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, size, patch) in TOWERS.items():
-            path = save_vision(Path(tmp) / family, family, image_size=size, patch_size=patch, hidden=32, layers=1, heads=2)
+            path = save_vision(
+                Path(tmp) / family, family, image_size=size, patch_size=patch, hidden=32, layers=1, heads=2
+            )
             pil = AutoImageProcessor.from_pretrained(path, backend="pil")
             vision = AutoImageProcessor.from_pretrained(path, backend="torchvision")
             level = 1 / 255 / np.array(pil.image_std)[:, None, None]

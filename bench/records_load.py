@@ -21,8 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-WORDS = ("the a of and in on with at man woman dog cat city street car tree house red blue green old young small "
-         "large photo view people group water beach snow mountain building sky night light white black table").split()
+WORDS = (
+    "the a of and in on with at man woman dog cat city street car tree house red blue green old young small "
+    "large photo view people group water beach snow mountain building sky night light white black table"
+).split()
 
 
 def write_chat(path: Path, n: int) -> None:
@@ -34,8 +36,13 @@ def write_chat(path: Path, n: int) -> None:
         prompt = rng.choice(PROMPTS)
         human = f"{prompt}\n<image>" if rng.random() < 0.5 else f"<image>\n{prompt}"
         caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + " ."
-        records.append({"id": f"GCC_train_{i:09d}", "image": f"GCC_train_{i:09d}.jpg",
-                        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
+        records.append(
+            {
+                "id": f"GCC_train_{i:09d}",
+                "image": f"GCC_train_{i:09d}.jpg",
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+            }
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
 
@@ -60,10 +67,21 @@ def main() -> None:
     validated = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(common.header("Loading a 595K-record chat.json", "python bench/records_load.py " + " ".join(sys.argv[1:])))
-    print(common.table(
-        ["records", "file (MB)", "load + structure (s)", "+ content checks (s)", "stored (MB)", "peak RSS (MiB)"],
-        [[f"{len(records):,}", f"{path.stat().st_size / 1e6:.0f}", f"{loaded:.1f}", f"{validated:.1f}",
-          f"{records.nbytes() / 1e6:.0f}", f"{max(peak, before):.0f}"]]))
+    print(
+        common.table(
+            ["records", "file (MB)", "load + structure (s)", "+ content checks (s)", "stored (MB)", "peak RSS (MiB)"],
+            [
+                [
+                    f"{len(records):,}",
+                    f"{path.stat().st_size / 1e6:.0f}",
+                    f"{loaded:.1f}",
+                    f"{validated:.1f}",
+                    f"{records.nbytes() / 1e6:.0f}",
+                    f"{max(peak, before):.0f}",
+                ]
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

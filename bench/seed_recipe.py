@@ -37,8 +37,9 @@ class SeedCollator:
             human = next(c["value"] for c in record["conversations"] if c["from"] == "human")
             answer = next(c["value"] for c in record["conversations"] if c["from"] == "gpt")
             image = Image.open(self.image_dir / record["image"]).convert("RGB")
-            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": human}], tokenize=False,
-                                                        add_generation_prompt=True)
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": human}], tokenize=False, add_generation_prompt=True
+            )
             inputs = self.processor(text=prompt, images=image, return_tensors="pt")
             answer_ids = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             prompt_ids = inputs["input_ids"][0]
@@ -49,10 +50,14 @@ class SeedCollator:
         input_ids = torch.full((len(ids), width), eos)
         label_ids = torch.full((len(ids), width), -100)
         for row, (x, y) in enumerate(zip(ids, labels)):  # left padding with EOS
-            input_ids[row, width - len(x):] = x
-            label_ids[row, width - len(y):] = y
-        return {"input_ids": input_ids, "attention_mask": (input_ids != eos).long(), "labels": label_ids,
-                "pixel_values": torch.cat(pixels)}
+            input_ids[row, width - len(x) :] = x
+            label_ids[row, width - len(y) :] = y
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != eos).long(),
+            "labels": label_ids,
+            "pixel_values": torch.cat(pixels),
+        }
 
 
 def main() -> None:
@@ -83,19 +88,40 @@ def main() -> None:
             self.times.append(time.monotonic())
 
     training = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum, max_steps=args.steps, learning_rate=cfg.train.lr,
-        lr_scheduler_type="cosine", warmup_steps=round(cfg.train.warmup_ratio * args.steps), logging_steps=1, save_strategy="no",
-        report_to=[], dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        seed=cfg.train.seed, max_grad_norm=cfg.train.max_grad_norm,
+        output_dir=args.out,
+        per_device_train_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        max_steps=args.steps,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=round(cfg.train.warmup_ratio * args.steps),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.train.seed,
+        max_grad_norm=cfg.train.max_grad_norm,
     )
     callback = StepTimes()
-    trainer = Trainer(model=model, args=training, train_dataset=records,
-                      data_collator=SeedCollator(processor, Path(cfg.data.image_dir)), callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=records,
+        data_collator=SeedCollator(processor, Path(cfg.data.image_dir)),
+        callbacks=[callback],
+    )
     trainer.train()
     times = callback.times
-    print(json.dumps({"step_seconds": [b - a for a, b in zip(times, times[1:])],
-                      "samples_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum}))
+    print(
+        json.dumps(
+            {
+                "step_seconds": [b - a for a, b in zip(times, times[1:])],
+                "samples_per_step": cfg.train.micro_batch_size * cfg.train.grad_accum,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,15 @@ def child() -> None:
     held = held_weight_bytes(model)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    row = {"rank": accelerator.process_index, "held_mib": held / 2**20, "params": total,
-           "anon_mib": int(status["RssAnon"].split()[0]) / 1024, "file_mib": int(status["RssFile"].split()[0]) / 1024,
-           "partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    row = {
+        "rank": accelerator.process_index,
+        "held_mib": held / 2**20,
+        "params": total,
+        "anon_mib": int(status["RssAnon"].split()[0]) / 1024,
+        "file_mib": int(status["RssFile"].split()[0]) / 1024,
+        "partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     rows = gather_object([row])
     if accelerator.is_main_process:
         print(json.dumps({"rows": rows}))
@@ -61,17 +66,50 @@ def main() -> None:
         build_tiny(MODEL, "bench_load")
     table = []
     for name, config in CONFIGS.items():
-        out = common.run_child([common.python(), "-m", "accelerate.commands.launch", "--config_file", config,
-                                "--num_processes", "2", __file__, "--child"])
+        out = common.run_child(
+            [
+                common.python(),
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                config,
+                "--num_processes",
+                "2",
+                __file__,
+                "--child",
+            ]
+        )
         if out["returncode"]:
             raise SystemExit(f"{name} failed:\n{out['stderr'][-3000:]}")
         for row in common.last_json_line(out["stdout"])["rows"]:
-            table.append([name, row["rank"], f"{row['params']:,}", "yes" if row["partitioned"] else "no",
-                          f"{row['held_mib']:,.0f}", f"{row['anon_mib']:,.0f}", f"{row['file_mib']:,.0f}",
-                          f"{row['peak_rss_mib']:,.0f}"])
+            table.append(
+                [
+                    name,
+                    row["rank"],
+                    f"{row['params']:,}",
+                    "yes" if row["partitioned"] else "no",
+                    f"{row['held_mib']:,.0f}",
+                    f"{row['anon_mib']:,.0f}",
+                    f"{row['file_mib']:,.0f}",
+                    f"{row['peak_rss_mib']:,.0f}",
+                ]
+            )
     print(common.header("Loading under ZeRO-2 and ZeRO-3, 2 processes", "python bench/zero3_load.py"))
-    print(common.table(["backend", "rank", "parameters", "partitioned at load", "weights held (MiB)",
-                        "anonymous RSS after load (MiB)", "file-backed RSS (MiB)", "peak RSS (MiB)"], table))
+    print(
+        common.table(
+            [
+                "backend",
+                "rank",
+                "parameters",
+                "partitioned at load",
+                "weights held (MiB)",
+                "anonymous RSS after load (MiB)",
+                "file-backed RSS (MiB)",
+                "peak RSS (MiB)",
+            ],
+            table,
+        )
+    )
 
 
 if __name__ == "__main__":

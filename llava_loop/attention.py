@@ -56,8 +56,16 @@ def _mask(batch_size, q_length, kv_length, *args, attention_mask=None, local_siz
     plain_row = batch_size == 1 and attention_mask is None and local_size is None and not use_vmap
     if plain_row and q_length == kv_length and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0:
         return None  # the kernel below takes the sample boundaries instead
-    return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, local_size=local_size,
-                     use_vmap=use_vmap, **kwargs)
+    return sdpa_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        *args,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        use_vmap=use_vmap,
+        **kwargs,
+    )
 
 
 def sample_bounds(position_ids: torch.Tensor) -> list[int]:
@@ -78,8 +86,9 @@ def varlen_kernel():
     except ImportError:
         flash_attn_varlen_func = None
     if flash_attn_varlen_func is not None:  # takes grouped KV heads as they are
-        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(q, k, v, cu, cu, n, n, softmax_scale=scale,
-                                                                    causal=True)
+        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True
+        )
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -100,9 +109,14 @@ def varlen_kernel():
 def _one_kernel(module, query, key, value, packed: PackedSamples, kwargs) -> torch.Tensor | None:
     """The whole row through the GPU varlen kernel, or None where it cannot run this call exactly."""
     kernel = varlen_kernel()
-    exact = (kernel is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-             and not (module.training and kwargs.get("dropout", 0.0)) and kwargs.get("sliding_window") is None
-             and kwargs.get("softcap") is None)
+    exact = (
+        kernel is not None
+        and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and not (module.training and kwargs.get("dropout", 0.0))
+        and kwargs.get("sliding_window") is None
+        and kwargs.get("softcap") is None
+    )
     if not exact:
         return None
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
@@ -113,9 +127,12 @@ def _one_kernel(module, query, key, value, packed: PackedSamples, kwargs) -> tor
 @torch.compiler.disable  # a loop over this batch's boundaries: compiled, it would recompile for every batch
 def _per_sample(module, query, key, value, bounds: list[int], kwargs) -> torch.Tensor:
     rest = {k: v for k, v in kwargs.items() if k != "is_causal"}
-    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True,
-                                    **rest)[0]
-             for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **rest
+        )[0]
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
     return torch.cat(parts, dim=1)  # sdpa_attention_forward returns (batch, seq, heads, dim)
 
 

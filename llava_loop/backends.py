@@ -70,7 +70,9 @@ class PlainBackend:
 
         with safe_open(path / "model.safetensors", framework="pt") as f:
             saved = set(f.keys())
-        check_tensor_names(saved, {n for n, p in model.named_parameters() if p.requires_grad}, path / "model.safetensors")
+        check_tensor_names(
+            saved, {n for n, p in model.named_parameters() if p.requires_grad}, path / "model.safetensors"
+        )
         self.accelerator.load_state(str(path), strict=False)
 
     @staticmethod
@@ -125,8 +127,11 @@ class DeepSpeedBackend:
 
         hidden = AutoConfig.from_pretrained(model_path).text_config.hidden_size
         zero = self.config["zero_optimization"]
-        recommended = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-                       "stage3_param_persistence_threshold": 10 * hidden}
+        recommended = {
+            "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden,
+        }
         for key, value in recommended.items():
             if zero.get(key) == "auto":
                 zero[key] = value
@@ -140,8 +145,9 @@ class DeepSpeedBackend:
         holds them in ``weights_dtype`` like the rest. PEFT makes LoRA adapters fp32 whatever the base's dtype; the
         engine casts a ZeRO-2 model to bf16 but not a zero.Init (ZeRO-3) one, whose optimizer then fails on
         the mix of dtypes (an assert in DeepSpeed's defragment)."""
-        return make_adamw(model, groups, trained_dtype=self.weights_dtype(), device_type=self.accelerator.device.type,
-                          **adamw)
+        return make_adamw(
+            model, groups, trained_dtype=self.weights_dtype(), device_type=self.accelerator.device.type, **adamw
+        )
 
     def optimizer_step(self, model, optimizer, trainable: list, max_grad_norm: float) -> tuple[float, bool]:
         """The engine already clipped and stepped inside the last ``accelerator.backward``; it skips a
@@ -181,8 +187,9 @@ def plain_weights_dtype(device_type: str, mixed_precision: str) -> torch.dtype:
     return torch.bfloat16 if (device_type == "cuda" and mixed_precision == "bf16") else torch.float32
 
 
-def make_adamw(model, groups: list[dict], *, trained_dtype: torch.dtype, device_type: str,
-               **adamw) -> torch.optim.AdamW:
+def make_adamw(
+    model, groups: list[dict], *, trained_dtype: torch.dtype, device_type: str, **adamw
+) -> torch.optim.AdamW:
     """torch's AdamW over ``groups``, once the trained parameters are cast to ``trained_dtype`` (frozen ones keep
     their load dtype): the one place that sets the trained weights' dtype, LoRA adapters included. A ZeRO-3
     partition is never cast here: DeepSpeed trains in the dtype it loaded.

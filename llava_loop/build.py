@@ -53,8 +53,11 @@ class BuildReport:
 
     def rows(self) -> list[tuple[str, str]]:
         rows = [(f"params: {part}", f"{self.params[part]:,}") for part in PARTS]
-        grown = (f"{self.embedding_rows_before:,} -> {self.vocab_size:,} rows, new rows = mean of the old"
-                 if self.resized_embeddings else "no (spare rows hold the new tokens)")
+        grown = (
+            f"{self.embedding_rows_before:,} -> {self.vocab_size:,} rows, new rows = mean of the old"
+            if self.resized_embeddings
+            else "no (spare rows hold the new tokens)"
+        )
         rows += [
             ("params: total", f"{sum(self.params.values()):,}"),
             ("vision tower", f"{self.vision_family} (feature layer {self.feature_layer})"),
@@ -150,13 +153,17 @@ def load_bin_weights(file: Path, flag: str) -> dict:
             unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
         except Exception:
             unsafe = []
-        raise BuildError(f"{flag} {file}: refused to load: its pickle stream references "
-                         f"{unsafe or 'objects other than tensors'}, code that loading it would run, and weight files "
-                         "hold only tensors. Use the checkpoint's .safetensors files, or get the .bin from a source "
-                         "you trust and convert it to safetensors") from None
+        raise BuildError(
+            f"{flag} {file}: refused to load: its pickle stream references "
+            f"{unsafe or 'objects other than tensors'}, code that loading it would run, and weight files "
+            "hold only tensors. Use the checkpoint's .safetensors files, or get the .bin from a source "
+            "you trust and convert it to safetensors"
+        ) from None
     except Exception as exc:
-        raise BuildError(f"{flag} {file}: cannot load it as tensors ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}); fetch it again, or use the checkpoint's .safetensors") from None
+        raise BuildError(
+            f"{flag} {file}: cannot load it as tensors ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); fetch it again, or use the checkpoint's .safetensors"
+        ) from None
 
 
 def llm_name_map(name: str) -> str:
@@ -216,8 +223,15 @@ def _copy_weights(model, sources) -> tuple[dict[str, int], list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def compose_config(vision_config, text_config, image_token_id: int, pad_token_id: int, *,
-                   family: VisionFamily = CLIP, feature_layer: int = VISION_FEATURE_LAYER):
+def compose_config(
+    vision_config,
+    text_config,
+    image_token_id: int,
+    pad_token_id: int,
+    *,
+    family: VisionFamily = CLIP,
+    feature_layer: int = VISION_FEATURE_LAYER,
+):
     """The LlavaConfig for a vision tower + causal-LM pair (2-layer GELU MLP projector, LLaVA-1.5)."""
     from transformers import LlavaConfig
 
@@ -239,8 +253,10 @@ def compose_config(vision_config, text_config, image_token_id: int, pad_token_id
 def check_feature_layer(layer: int, vision_config) -> int:
     n = vision_config.num_hidden_layers
     if not -(n + 1) <= layer <= n:
-        raise BuildError(f"--feature-layer {layer}: the vision tower has {n} layers, so the layer must lie in "
-                         f"[-{n + 1}, {n}] (hidden states 0..{n}; -2 = the penultimate layer, as LLaVA-1.5)")
+        raise BuildError(
+            f"--feature-layer {layer}: the vision tower has {n} layers, so the layer must lie in "
+            f"[-{n + 1}, {n}] (hidden states 0..{n}; -2 = the penultimate layer, as LLaVA-1.5)"
+        )
     return layer
 
 
@@ -267,7 +283,9 @@ def make_processor(tower: VisionTower, tokenizer):
 def check_image_tokens(model, processor, expected: int) -> int:
     """One ``<image>`` must expand to as many placeholder tokens as the tower yields features."""
     size = model.config.vision_config.image_size
-    prompt = render(processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True)
+    prompt = render(
+        processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True
+    )
     batch = processor(text=[prompt], images=[Image.new("RGB", (size, size), (127, 127, 127))], return_tensors="pt")
     n_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad():
@@ -287,8 +305,14 @@ def _dtype_of(name: str | None, text_config) -> torch.dtype:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[name]
+    return {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }[name]
 
 
 def build_notes(text_config) -> list[str]:
@@ -296,13 +320,23 @@ def build_notes(text_config) -> list[str]:
     notes = []
     softcap = getattr(text_config, "final_logit_softcapping", None)
     if softcap:
-        notes.append(f"the LLM's final_logit_softcapping ({softcap}) is not applied by LlavaForConditionalGeneration; "
-                     "training and inference both see uncapped logits (greedy decoding is unaffected)")
+        notes.append(
+            f"the LLM's final_logit_softcapping ({softcap}) is not applied by LlavaForConditionalGeneration; "
+            "training and inference both see uncapped logits (greedy decoding is unaffected)"
+        )
     return notes
 
 
-def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0,
-                feature_layer: int = VISION_FEATURE_LAYER, chat_template: str | None = None):
+def build_llava(
+    vision: str,
+    llm: str,
+    out: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = None,
+    seed: int = 0,
+    feature_layer: int = VISION_FEATURE_LAYER,
+    chat_template: str | None = None,
+):
     """Compose, check and (if ``out``) save. Returns ``(model, processor, BuildReport)``.
 
     ``chat_template``: a Jinja file or a built-in name (``chatml``, ``llama3``, ``vicuna``) for an LLM whose tokenizer
@@ -320,8 +354,14 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     pad_token, pad_choice = choose_pad_token(tokenizer)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token)
     rows = text_config.vocab_size  # a new <pad> has no row until the embeddings grow: set it after that
-    config = compose_config(tower.config, text_config, image_token_id, pad_id if pad_id < rows else None,
-                            family=tower.family, feature_layer=check_feature_layer(feature_layer, tower.config))
+    config = compose_config(
+        tower.config,
+        text_config,
+        image_token_id,
+        pad_id if pad_id < rows else None,
+        family=tower.family,
+        feature_layer=check_feature_layer(feature_layer, tower.config),
+    )
     torch_dtype = _dtype_of(dtype, text_config)
 
     previous = torch.get_default_dtype()
@@ -377,7 +417,15 @@ def build_llava(vision: str, llm: str, out: str | os.PathLike | None = None, *, 
     if out is not None:
         save_model_dir(model, processor, out)
         (Path(out) / "llava_loop_build.json").write_text(
-            json.dumps({"vision": str(vision), "llm": str(llm), "seed": seed, **{k: v for k, v in report.__dict__.items() if k not in ("out", "dropped")}}, indent=2)
+            json.dumps(
+                {
+                    "vision": str(vision),
+                    "llm": str(llm),
+                    "seed": seed,
+                    **{k: v for k, v in report.__dict__.items() if k not in ("out", "dropped")},
+                },
+                indent=2,
+            )
         )
     return model, processor, report
 

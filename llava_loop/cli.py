@@ -22,13 +22,21 @@ def cmd_build(args) -> int:
 
     if args.preset:
         if args.preset not in args.presets:
-            raise UserError(f"build --preset {args.preset}: unknown preset; available: {', '.join(sorted(args.presets))}")
+            raise UserError(
+                f"build --preset {args.preset}: unknown preset; available: {', '.join(sorted(args.presets))}"
+            )
         _, _, report = args.presets[args.preset](args.out)
     else:
         if not (args.vision and args.llm):
             raise UserError("build: pass --vision DIR and --llm DIR, or --preset NAME")
-        _, _, report = build_llava(args.vision, args.llm, args.out, dtype=args.dtype, feature_layer=args.feature_layer,
-                                   chat_template=args.chat_template)
+        _, _, report = build_llava(
+            args.vision,
+            args.llm,
+            args.out,
+            dtype=args.dtype,
+            feature_layer=args.feature_layer,
+            chat_template=args.chat_template,
+        )
     print_table(f"LLaVA model written to {args.out}", report.rows())
     return 0
 
@@ -54,8 +62,9 @@ def cmd_infer(args) -> int:
 
     from .infer import caption, generate, images_in, load_for_inference
 
-    model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
-                                           attn_implementation=args.attn_implementation)
+    model, _, encoder = load_for_inference(
+        args.model, args.adapter, device=args.device, attn_implementation=args.attn_implementation
+    )
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.image:
         from transformers import TextStreamer
@@ -66,8 +75,9 @@ def cmd_infer(args) -> int:
     if not (args.images_dir and args.out):
         raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
     files = images_in(args.images_dir)
-    answers, unreadable = caption(model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True,
-                                  **options)
+    answers, unreadable = caption(
+        model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options
+    )
     with open(args.out, "w") as f:
         for i, (path, answer) in enumerate(zip(files, answers)):
             row = {"image": path.name, "caption": answer}
@@ -81,8 +91,12 @@ def cmd_infer(args) -> int:
 def report_left_out(left_out: list[dict]) -> int:
     """List what could not be used, and why; the exit status is 1 when anything was left out."""
     if left_out:
-        print_table(f"{len(left_out)} left out", [(x["id"], x["reason"], x["detail"]) for x in left_out],
-                    ("record", "reason", "detail"), stderr=True)
+        print_table(
+            f"{len(left_out)} left out",
+            [(x["id"], x["reason"], x["detail"]) for x in left_out],
+            ("record", "reason", "detail"),
+            stderr=True,
+        )
     return 1 if left_out else 0
 
 
@@ -107,14 +121,25 @@ def cmd_eval(args) -> int:
         from .infer import load_for_inference
 
         records = open_records(args.data)
-        model, _, encoder = load_for_inference(args.model, args.adapter, device=args.device,
-                                               attn_implementation=args.attn_implementation)
-        metrics, predictions, left_out = evaluate_model(model, encoder, records, args.image_dir or "",
-                                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                                        max_samples=args.max_samples, scorers=scorers, progress=True)
+        model, _, encoder = load_for_inference(
+            args.model, args.adapter, device=args.device, attn_implementation=args.attn_implementation
+        )
+        metrics, predictions, left_out = evaluate_model(
+            model,
+            encoder,
+            records,
+            args.image_dir or "",
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            max_samples=args.max_samples,
+            scorers=scorers,
+            progress=True,
+        )
         del model
-        print_table(f"evaluation of {args.model} on {args.data}", [(k, f"{v:.4f}" if isinstance(v, float) else v)
-                                                                   for k, v in metrics.items()])
+        print_table(
+            f"evaluation of {args.model} on {args.data}",
+            [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()],
+        )
         result.update(metrics=metrics, predictions=predictions, left_out=left_out)
     if args.lmms_eval:
         result["lmms_eval"] = run_lmms_eval(args, records)
@@ -133,8 +158,10 @@ def run_lmms_eval(args, records) -> dict:
     from .infer import inference_device
 
     if args.adapter:
-        raise UserError("--lmms-eval takes an exported (merged) model or a checkpoint, not --adapter; "
-                        "`llava-loop export` merges an adapter")
+        raise UserError(
+            "--lmms-eval takes an exported (merged) model or a checkpoint, not --adapter; "
+            "`llava-loop export` merges an adapter"
+        )
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise UserError("--lmms-eval needs --tasks, e.g. --tasks mme,pope,mmbench_en_dev,textvqa_val")
@@ -145,12 +172,22 @@ def run_lmms_eval(args, records) -> dict:
 
         model_dir = export(model_dir, out / "export")
     device, dtype = inference_device(args.device)
-    options = lmms.LmmsOptions(tasks, data=args.data, image_dir=args.image_dir, max_samples=args.max_samples,
-                               max_new_tokens=args.max_new_tokens, limit=args.limit, device=str(device),
-                               dtype=str(dtype).removeprefix("torch."))
+    options = lmms.LmmsOptions(
+        tasks,
+        data=args.data,
+        image_dir=args.image_dir,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
     scores = lmms.run(model_dir, options, out, records=records)
-    print_table(f"lmms-eval of {args.model}", [(task, metric, f"{value:.4f}") for task, values in scores.items()
-                                               for metric, value in values.items()], ("task", "metric", "value"))
+    print_table(
+        f"lmms-eval of {args.model}",
+        [(task, metric, f"{value:.4f}") for task, values in scores.items() for metric, value in values.items()],
+        ("task", "metric", "value"),
+    )
     say(f"lmms-eval's results and samples are in {out}", stderr=False)
     return scores
 
@@ -165,15 +202,26 @@ def cmd_data_check(args) -> int:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(args.model)
-    report = check_dataset(args.data, args.image_dir, decode=args.decode, processor=processor,
-                           max_length=args.max_length, image_tokens=args.image_tokens,
-                           allow_absolute_paths=args.allow_absolute_paths, workers=args.workers)
+    report = check_dataset(
+        args.data,
+        args.image_dir,
+        decode=args.decode,
+        processor=processor,
+        max_length=args.max_length,
+        image_tokens=args.image_tokens,
+        allow_absolute_paths=args.allow_absolute_paths,
+        workers=args.workers,
+    )
     rows = [("records", report["records"]), ("with images", report["with_image"]), ("images", report["images"])]
-    rows += [(f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()]
+    rows += [
+        (f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()
+    ]
     kind = "estimated tokens" if report["token_lengths_estimated"] else "tokens"
     rows += [(f"{kind} {q}", v) for q, v in report["token_lengths"].items()]
-    rows += [(f"image {axis} min/median/max", "/".join(str(v) for v in stats.values()))
-             for axis, stats in report["image_sizes"].items()]
+    rows += [
+        (f"image {axis} min/median/max", "/".join(str(v) for v in stats.values()))
+        for axis, stats in report["image_sizes"].items()
+    ]
     print_table(f"data check: {args.data}", rows)
     if args.json:
         with open(args.json, "w") as f:
@@ -190,7 +238,12 @@ def cmd_data_convert(args) -> int:
         return convert_shards(args)
     options = {}
     if args.kind == "captions":
-        options = {"image_key": args.image_key, "caption_key": args.caption_key, "prompt": args.prompt, "seed": args.seed}
+        options = {
+            "image_key": args.image_key,
+            "caption_key": args.caption_key,
+            "prompt": args.prompt,
+            "seed": args.seed,
+        }
     n = convert(args.kind, args.input, args.out, **options)
     say(f"converted {n} records from {args.input} to {args.out}", stderr=False)
     return 0
@@ -203,10 +256,17 @@ def convert_shards(args) -> int:
     if not args.image_dir:
         raise UserError("data convert shards needs --image-dir: the folder the records' image paths are relative to")
     require_data_extra("shards", args.out)
-    report = write_shards(args.input, args.image_dir, args.out, shard_size=parse_size(args.shard_size),
-                          allow_absolute_paths=args.allow_absolute_paths)
+    report = write_shards(
+        args.input,
+        args.image_dir,
+        args.out,
+        shard_size=parse_size(args.shard_size),
+        allow_absolute_paths=args.allow_absolute_paths,
+    )
     rows = [("shards", report["shards"]), ("samples", report["samples"])]
-    rows += [(f"left out: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["skipped"].items()]
+    rows += [
+        (f"left out: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["skipped"].items()
+    ]
     print_table(f"webdataset shards written to {args.out}", rows)
     return 1 if report["skipped"] else 0
 
@@ -218,17 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compose a LLaVA model from a vision tower (CLIP, SigLIP) and a chat LLM")
     p.add_argument("--vision", help="CLIP or SigLIP checkpoint directory (full or vision-only model), or hub id")
-    p.add_argument("--llm", help="causal-LM directory with its tokenizer (Qwen2.5/3, Llama 3, Mistral, Gemma, "
-                                 "SmolLM, ...), or hub id")
-    p.add_argument("--preset", help="build a registered preset instead (the demo registers tiny, bench_small and "
-                                    "tiny-<vision>-<llm> pairs)")
-    p.add_argument("--feature-layer", type=int, default=-2,
-                   help="vision hidden state the projector reads (-2: penultimate layer, as LLaVA-1.5)")
-    p.add_argument("--chat-template", help="for an LLM without one (or to replace it): a Jinja file, or chatml, "
-                                           "llama3 or vicuna (LLaVA-1.5)")
+    p.add_argument(
+        "--llm",
+        help="causal-LM directory with its tokenizer (Qwen2.5/3, Llama 3, Mistral, Gemma, SmolLM, ...), or hub id",
+    )
+    p.add_argument(
+        "--preset",
+        help="build a registered preset instead (the demo registers tiny, bench_small and tiny-<vision>-<llm> pairs)",
+    )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        default=-2,
+        help="vision hidden state the projector reads (-2: penultimate layer, as LLaVA-1.5)",
+    )
+    p.add_argument(
+        "--chat-template",
+        help="for an LLM without one (or to replace it): a Jinja file, or chatml, llama3 or vicuna (LLaVA-1.5)",
+    )
     p.add_argument("--out", required=True, help="output directory (model + processor)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype of the composed model (auto: the LLM's)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype of the composed model (auto: the LLM's)",
+    )
     p.set_defaults(func=cmd_build, presets=presets)
 
     p = sub.add_parser("train", help="train (same as `python train.py`); works under `accelerate launch`")
@@ -242,13 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     def model_args(p):
-        p.add_argument("--model", required=True, help="exported model dir, base model dir (with --adapter), or a checkpoint")
+        p.add_argument(
+            "--model", required=True, help="exported model dir, base model dir (with --adapter), or a checkpoint"
+        )
         p.add_argument("--adapter", help="PEFT adapter dir to apply on top of --model")
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--device", default="auto", help="auto (the GPU in bf16 if there is one, else CPU), cpu, cuda, cuda:N")
-        p.add_argument("--attn-implementation", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"],
-                       help="auto: sdpa where each tower supports it, else eager (Gemma 2)")
+        p.add_argument(
+            "--device", default="auto", help="auto (the GPU in bf16 if there is one, else CPU), cpu, cuda, cuda:N"
+        )
+        p.add_argument(
+            "--attn-implementation",
+            default="auto",
+            choices=["auto", "sdpa", "eager", "flash_attention_2"],
+            help="auto: sdpa where each tower supports it, else eager (Gemma 2)",
+        )
 
     p = sub.add_parser("infer", help="generate for one image (streamed) or caption a folder")
     model_args(p)
@@ -260,20 +342,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("eval", help="held-out loss, exact match, token F1 and any extra --scorer; standard "
-                                     "benchmarks through lmms-eval with --lmms-eval --tasks")
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss, exact match, token F1 and any extra --scorer; standard "
+        "benchmarks through lmms-eval with --lmms-eval --tasks",
+    )
     model_args(p)
     p.add_argument("--data", help="records: chat.json / .jsonl, Parquet, or a save_to_disk folder")
     p.add_argument("--image-dir", help="the folder image paths are relative to (embedded images need none)")
     p.add_argument("--max-samples", type=int, default=0, help="0: all")
-    p.add_argument("--scorer", action="append", default=[], metavar="module:function",
-                   help="extra scorer(predictions) -> dict of metrics; repeatable "
-                        "(e.g. llava_loop.demo.shapes:attribute_accuracy)")
-    p.add_argument("--out", default="eval_results.json", help="our metrics, and lmms-eval's scores (its own files "
-                                                               "go to <out stem>_lmms/)")
+    p.add_argument(
+        "--scorer",
+        action="append",
+        default=[],
+        metavar="module:function",
+        help="extra scorer(predictions) -> dict of metrics; repeatable "
+        "(e.g. llava_loop.demo.shapes:attribute_accuracy)",
+    )
+    p.add_argument(
+        "--out",
+        default="eval_results.json",
+        help="our metrics, and lmms-eval's scores (its own files go to <out stem>_lmms/)",
+    )
     p.add_argument("--lmms-eval", action="store_true", help="also run lmms-eval (pip install 'llava-loop[lmms]')")
-    p.add_argument("--tasks", default="", help="lmms-eval tasks, comma-separated (mme,pope,mmbench_en_dev,textvqa_val"
-                                               "...); llava_loop_heldout asks --data's questions")
+    p.add_argument(
+        "--tasks",
+        default="",
+        help="lmms-eval tasks, comma-separated (mme,pope,mmbench_en_dev,textvqa_val"
+        "...); llava_loop_heldout asks --data's questions",
+    )
     p.add_argument("--limit", type=int, default=0, help="lmms-eval: at most this many questions per task (0: all)")
     p.set_defaults(func=cmd_eval)
 
@@ -283,24 +380,39 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_arguments(p)
     p.set_defaults(func=memory.run)
 
-    data = sub.add_parser("data", help="dataset tools: check, convert, and those plugins add (the demo: synth)").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser(
+        "data", help="dataset tools: check, convert, and those plugins add (the demo: synth)"
+    ).add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True, help="chat.json / .jsonl, Parquet, a save_to_disk folder, or shards")
-    p.add_argument("--image-dir", default="", help="the folder image paths are relative to (not needed when every "
-                                                   "image is embedded)")
+    p.add_argument(
+        "--image-dir",
+        default="",
+        help="the folder image paths are relative to (not needed when every image is embedded)",
+    )
     p.add_argument("--decode", action="store_true", help="fully decode every image (slow, thorough)")
     p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--image-tokens", type=int, default=576,
-                   help="placeholders per image in the length estimate without --model "
-                        "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)")
-    p.add_argument("--allow-absolute-paths", action="store_true",
-                   help="accept image paths outside --image-dir (as data.allow_absolute_paths does in training)")
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=576,
+        help="placeholders per image in the length estimate without --model "
+        "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)",
+    )
+    p.add_argument(
+        "--allow-absolute-paths",
+        action="store_true",
+        help="accept image paths outside --image-dir (as data.allow_absolute_paths does in training)",
+    )
     p.add_argument("--workers", type=int, default=0, help="processes for image checks")
     p.add_argument("--json", help="also write the report as JSON")
     p.set_defaults(func=cmd_data_check)
-    p = data.add_parser("convert", help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json; "
-                                        "LLaVA records + images -> webdataset shards")
+    p = data.add_parser(
+        "convert",
+        help="captions table or ShareGPT/OpenAI conversations -> LLaVA chat.json; "
+        "LLaVA records + images -> webdataset shards",
+    )
     p.add_argument("kind", choices=["captions", "conversations", "shards"])
     p.add_argument("--input", required=True, help="CSV / JSON / JSONL / Parquet (shards: a chat.json or .jsonl)")
     p.add_argument("--out", required=True, help="output chat.json (shards: an empty output folder)")

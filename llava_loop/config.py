@@ -39,8 +39,9 @@ class _Loader(yaml.SafeLoader):
     """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1 reads it as a string), also inside ``kwargs``."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def opt(default: Any, help: str, *, resume: bool = False):
@@ -64,17 +65,26 @@ class Call:
 
 @dataclass
 class ModelConfig:
-    path: str = opt("runs/tiny-model", "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).")
+    path: str = opt(
+        "runs/tiny-model",
+        "Composed LLaVA directory (from `llava-loop build`, or any HF LLaVA dir with a LlavaProcessor).",
+    )
     attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2"] = opt(
-        "auto", "Attention kernel; auto: flash_attention_2 where flash-attn is installed (on a GPU, in bf16), else "
-                "sdpa where each tower supports it, else eager (Gemma 2), and with "
-                "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).", resume=True)
+        "auto",
+        "Attention kernel; auto: flash_attention_2 where flash-attn is installed (on a GPU, in bf16), else "
+        "sdpa where each tower supports it, else eager (Gemma 2), and with "
+        "data.padding_free the LLM's sdpa becomes sdpa_varlen (sdpa per packed sample, llava_loop/attention.py).",
+        resume=True,
+    )
 
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "Training records: a LLaVA chat.json list, JSONL, or {\"data\": [...]}; a Parquet file or folder; a "
-                        "datasets save_to_disk folder; or webdataset shards, streamed (shards/{000000..000127}.tar).")
+    path: str = opt(
+        "",
+        'Training records: a LLaVA chat.json list, JSONL, or {"data": [...]}; a Parquet file or folder; a '
+        "datasets save_to_disk folder; or webdataset shards, streamed (shards/{000000..000127}.tar).",
+    )
     image_dir: str = opt("", "Folder that record `image` paths are relative to.", resume=True)
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
     eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).", resume=True)
@@ -84,22 +94,44 @@ class DataConfig:
     prefetch_factor: int = opt(2, "Batches each worker loads ahead (needs num_workers > 0).", resume=True)
     max_length: int = opt(2048, "Token budget per sample; later turns are dropped at turn boundaries to fit.")
     max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.", resume=True)
-    allow_absolute_paths: bool = opt(False, "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a file outside); otherwise such records are skipped as unsafe_path.")
-    max_image_pixels: int = opt(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default).")
+    allow_absolute_paths: bool = opt(
+        False,
+        "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a file outside); otherwise such records are skipped as unsafe_path.",
+    )
+    max_image_pixels: int = opt(
+        MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default)."
+    )
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
-    image_aspect_ratio: Literal["resize", "pad"] = opt("resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5).")
-    group_by_length: bool = opt(False, "Sort each global batch by length so micro-batches pad less (same samples per step).")
-    max_tokens_per_micro_batch: int = opt(0, "Fill each micro-batch up to this many tokens (exact, cached) instead of "
-                                             "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.")
-    shuffle_buffer: int = opt(1000, "Shards: samples each process's worker shuffles together in memory (blocks of this "
-                                    "many, in a shard order drawn per epoch).")
-    skip_damaged_shards: bool = opt(False, "Shards: a shard whose size differs from the one shards.json recorded "
-                                           "(truncated, overwritten) is refused at startup, naming it; true: train "
-                                           "without it, leaving each such shard out whole (named, with its sample "
-                                           "count, when the run starts). A run resumed with it on continues its epoch "
-                                           "in the layout without them, saying so.", resume=True)
-    padding_free: bool = opt(False, "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
-                                    "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).")
+    image_aspect_ratio: Literal["resize", "pad"] = opt(
+        "resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5)."
+    )
+    group_by_length: bool = opt(
+        False, "Sort each global batch by length so micro-batches pad less (same samples per step)."
+    )
+    max_tokens_per_micro_batch: int = opt(
+        0,
+        "Fill each micro-batch up to this many tokens (exact, cached) instead of "
+        "train.micro_batch_size samples (padded: size x longest; packed: sum); 0: off.",
+    )
+    shuffle_buffer: int = opt(
+        1000,
+        "Shards: samples each process's worker shuffles together in memory (blocks of this "
+        "many, in a shard order drawn per epoch).",
+    )
+    skip_damaged_shards: bool = opt(
+        False,
+        "Shards: a shard whose size differs from the one shards.json recorded "
+        "(truncated, overwritten) is refused at startup, naming it; true: train "
+        "without it, leaving each such shard out whole (named, with its sample "
+        "count, when the run starts). A run resumed with it on continues its epoch "
+        "in the layout without them, saying so.",
+        resume=True,
+    )
+    padding_free: bool = opt(
+        False,
+        "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
+        "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).",
+    )
 
 
 @dataclass
@@ -116,28 +148,50 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.", resume=True)
+    max_grad_norm: float = opt(
+        1.0,
+        "Clip the global gradient norm to this (0: no clipping). Also sets DeepSpeed's gradient_clipping.",
+        resume=True,
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.", resume=True)
-    compile: bool = opt(False, "Regional torch.compile: each LLM decoder layer compiled in place (one shared graph), "
-                               "fusing its elementwise work; not under ZeRO-3.")
-    liger: Literal["auto", "on", "off"] = opt("auto", "Liger's Triton kernels for the LLM's RMSNorm, SwiGLU and RoPE: "
-                                                      "auto where installed on a GPU; on: or refuse.")
+    compile: bool = opt(
+        False,
+        "Regional torch.compile: each LLM decoder layer compiled in place (one shared graph), "
+        "fusing its elementwise work; not under ZeRO-3.",
+    )
+    liger: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "Liger's Triton kernels for the LLM's RMSNorm, SwiGLU and RoPE: auto where installed on a GPU; on: or refuse.",
+    )
     seed: int = opt(42, "Seed for weights init, data order and dropout.")
     precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 on GPU, fp32 on CPU.")
-    time_limit_minutes: float = opt(0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).", resume=True)
-    max_consecutive_skips: int = opt(5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.", resume=True)
-    dist_timeout_minutes: float = opt(30.0, "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.", resume=True)
+    time_limit_minutes: float = opt(
+        0.0, "Stop cleanly (finish the step, save, exit 0) after this much training time (0: none).", resume=True
+    )
+    max_consecutive_skips: int = opt(
+        5, "Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient.", resume=True
+    )
+    dist_timeout_minutes: float = opt(
+        30.0,
+        "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.",
+        resume=True,
+    )
     log_every: int = opt(1, "Write metrics every N optimizer steps.", resume=True)
-    log_sample_ids: bool = opt(False, "Also log the ids of the samples each step consumed (all processes).", resume=True)
-    peak_tflops: float = opt(0.0, "Dense bf16 peak TFLOP/s of one device, for the logged `mfu` (0: known GPUs by name, "
-                                  "none elsewhere).")
+    log_sample_ids: bool = opt(
+        False, "Also log the ids of the samples each step consumed (all processes).", resume=True
+    )
+    peak_tflops: float = opt(
+        0.0, "Dense bf16 peak TFLOP/s of one device, for the logged `mfu` (0: known GPUs by name, none elsewhere)."
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every: int = opt(0, "Save every N optimizer steps (0: only the final checkpoint).", resume=True)
     keep_last: int = opt(2, "Keep the newest N complete checkpoints (0: keep all).", resume=True)
-    verify: Literal["hash", "size"] = opt("hash", "On resume, check every file against the manifest by sha256 or by size only.", resume=True)
+    verify: Literal["hash", "size"] = opt(
+        "hash", "On resume, check every file against the manifest by sha256 or by size only.", resume=True
+    )
 
 
 @dataclass
@@ -165,13 +219,32 @@ class LoraConfig:
 class Config:
     mode: Literal[MODE_CHOICES] = opt("full", "What trains: projector | lora | freeze_vision | full (alias none).")
     output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.", resume=True)
-    resume: str = opt("auto", "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.", resume=True)
-    loss: Call = opt(Call("llava_loop.losses:label_only_ce"),
-                     "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).", resume=True)
-    hooks: list[Call] = opt([], "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.", resume=True)
-    setup: list[Call] = opt([], "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.", resume=True)
-    trackers: list[str] = opt([], "Accelerate trackers to log to, e.g. [tensorboard] or [wandb] (pip install "
-                                      "'llava-loop[trackers]'); a named tracker that is not installed is refused at startup.", resume=True)
+    resume: str = opt(
+        "auto",
+        "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.",
+        resume=True,
+    )
+    loss: Call = opt(
+        Call("llava_loop.losses:label_only_ce"),
+        "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).",
+        resume=True,
+    )
+    hooks: list[Call] = opt(
+        [],
+        "Extra hooks `module:Class` (or {fn, kwargs}), called on train start, step end, eval, save, train end.",
+        resume=True,
+    )
+    setup: list[Call] = opt(
+        [],
+        "Functions `module:function(cfg)` (or {fn, kwargs}) run once on the main process before the data loads.",
+        resume=True,
+    )
+    trackers: list[str] = opt(
+        [],
+        "Accelerate trackers to log to, e.g. [tensorboard] or [wandb] (pip install "
+        "'llava-loop[trackers]'); a named tracker that is not installed is refused at startup.",
+        resume=True,
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -229,7 +302,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
+        ):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:
@@ -308,20 +383,31 @@ def _numbers(node, prefix: str = ""):
 
 def validate(config: Config) -> None:
     t, d = config.train, config.data
-    problems = [f"{key} must be a finite number (got {value})" for key, value in _numbers(config)
-                if not math.isfinite(value)]
+    problems = [
+        f"{key} must be a finite number (got {value})" for key, value in _numbers(config) if not math.isfinite(value)
+    ]
     if not config.output_dir.strip():
         problems.append("output_dir is required (checkpoints and metrics.jsonl go there)")
-    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
-                       ("data.max_length", d.max_length), ("data.prefetch_factor", d.prefetch_factor),
-                       ("data.shuffle_buffer", d.shuffle_buffer)):
+    for key, value in (
+        ("train.micro_batch_size", t.micro_batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("data.max_length", d.max_length),
+        ("data.prefetch_factor", d.prefetch_factor),
+        ("data.shuffle_buffer", d.shuffle_buffer),
+    ):
         if value < 1:
             problems.append(f"{key} must be >= 1 (got {value})")
-    for key, value in (("train.max_steps", t.max_steps), ("data.num_workers", d.num_workers),
-                       ("checkpoint.every", config.checkpoint.every), ("checkpoint.keep_last", config.checkpoint.keep_last),
-                       ("eval.every", config.eval.every), ("eval.holdout", config.eval.holdout),
-                       ("train.max_grad_norm", t.max_grad_norm), ("train.weight_decay", t.weight_decay),
-                       ("train.projector_lr", t.projector_lr)):
+    for key, value in (
+        ("train.max_steps", t.max_steps),
+        ("data.num_workers", d.num_workers),
+        ("checkpoint.every", config.checkpoint.every),
+        ("checkpoint.keep_last", config.checkpoint.keep_last),
+        ("eval.every", config.eval.every),
+        ("eval.holdout", config.eval.holdout),
+        ("train.max_grad_norm", t.max_grad_norm),
+        ("train.weight_decay", t.weight_decay),
+        ("train.projector_lr", t.projector_lr),
+    ):
         if value < 0:
             problems.append(f"{key} must be >= 0 (got {value})")
     if t.max_steps == 0 and t.epochs <= 0:
@@ -333,8 +419,10 @@ def validate(config: Config) -> None:
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     if 0 < d.max_tokens_per_micro_batch < d.max_length or d.max_tokens_per_micro_batch < 0:
-        problems.append(f"data.max_tokens_per_micro_batch must be 0 (off) or >= data.max_length={d.max_length}, so "
-                        f"every sample fits (got {d.max_tokens_per_micro_batch})")
+        problems.append(
+            f"data.max_tokens_per_micro_batch must be 0 (off) or >= data.max_length={d.max_length}, so "
+            f"every sample fits (got {d.max_tokens_per_micro_batch})"
+        )
     if not 0 <= d.max_skip_fraction <= 1:
         problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")
     if not d.path:
@@ -349,8 +437,10 @@ def validate(config: Config) -> None:
         valid = [t.value for t in LoggerType]
         unknown = [t for t in config.trackers if t not in valid]
         if unknown:
-            problems.append(f"trackers: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
-                            f"a tracker; valid trackers: {', '.join(valid)}")
+            problems.append(
+                f"trackers: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                f"a tracker; valid trackers: {', '.join(valid)}"
+            )
     for call in [config.loss, *config.hooks, *config.setup]:
         if ":" not in call.fn:
             problems.append(f"{call.fn!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")
@@ -373,8 +463,11 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any, 
     no field declares (an older config's) may not change."""
     old, new = _flatten(saved), _flatten(current)
     resumable = {key for key, f in leaf_fields() if f.metadata["resume"]}
-    return [(key, old.get(key), new.get(key), key in resumable)
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return [
+        (key, old.get(key), new.get(key), key in resumable)
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def change_line(key: str, old: Any, new: Any) -> str:
@@ -418,15 +511,21 @@ def describe_fields(cls=Config) -> list[tuple[str, str, bool, str]]:
 
 def reference_markdown() -> str:
     """docs/CONFIG.md: every key with its default and help text."""
-    lines = ["# Configuration reference", "",
-             "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`; a test",
-             "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides. *On resume*:",
-             "whether a resumed run may change the key (applied from the resumed step on) or must keep the",
-             "checkpoint's value (a change is refused, naming the key).", "",
-             "| key | default | on resume | meaning |", "|---|---|---|---|"]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`; a test",
+        "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides. *On resume*:",
+        "whether a resumed run may change the key (applied from the resumed step on) or must keep the",
+        "checkpoint's value (a change is refused, naming the key).",
+        "",
+        "| key | default | on resume | meaning |",
+        "|---|---|---|---|",
+    ]
     for key, default, resumable, help in describe_fields():
-        lines.append(f"| `{key}` | `{default}` | {'may change' if resumable else 'kept'} | "
-                     f"{help.replace('|', '&#124;')} |")
+        lines.append(
+            f"| `{key}` | `{default}` | {'may change' if resumable else 'kept'} | {help.replace('|', '&#124;')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

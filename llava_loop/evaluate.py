@@ -53,9 +53,18 @@ def score(predictions: list[dict], scorers=()) -> dict:
     return metrics
 
 
-def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: str | Path, *, batch_size: int = 16,
-                   max_new_tokens: int = 32, max_samples: int = 0, scorers=(), progress: bool = False
-                   ) -> tuple[dict, list[dict], list[dict]]:
+def evaluate_model(
+    model,
+    encoder: SampleEncoder,
+    records: Records,
+    image_dir: str | Path,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    max_samples: int = 0,
+    scorers=(),
+    progress: bool = False,
+) -> tuple[dict, list[dict], list[dict]]:
     """Held-out loss plus generation metrics (exact match, token F1 and ``scorers``); returns
     ``(metrics, predictions, left_out)``. A record that cannot be used (a bad image, a bad conversation, no question
     to ask) is left out of the metrics it cannot take part in, never replaced, counted in ``metrics["left_out"]`` and
@@ -84,16 +93,33 @@ def evaluate_model(model, encoder: SampleEncoder, records: Records, image_dir: s
         asked.append((record.id, names, prompt, reference))
         sequences.append(ids)
         images.append(paths)
-    answers, unreadable = answer_all(model, encoder, sequences, images, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens,
-                                     progress=f"generating for {len(sequences)} records" if progress else "")
+    answers, unreadable = answer_all(
+        model,
+        encoder,
+        sequences,
+        images,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=f"generating for {len(sequences)} records" if progress else "",
+    )
     for i, (reason, detail) in unreadable.items():
         left_out[asked[i][0]] = {"id": asked[i][0], "reason": reason, "detail": detail}
     predictions = [
-        {"id": rid, "images": [str(name) for name in names], "prompt": prompt, "reference": ref, "prediction": ans,
-         "exact": normalize(ans) == normalize(ref)}
-        for (rid, names, prompt, ref), ans in zip(asked, answers) if ans is not None
+        {
+            "id": rid,
+            "images": [str(name) for name in names],
+            "prompt": prompt,
+            "reference": ref,
+            "prediction": ans,
+            "exact": normalize(ans) == normalize(ref),
+        }
+        for (rid, names, prompt, ref), ans in zip(asked, answers)
+        if ans is not None
     ]
-    metrics = {"eval_loss": loss_sum / max(tokens, 1), "eval_tokens": tokens, "left_out": len(left_out),
-               **score(predictions, scorers)}
+    metrics = {
+        "eval_loss": loss_sum / max(tokens, 1),
+        "eval_tokens": tokens,
+        "left_out": len(left_out),
+        **score(predictions, scorers),
+    }
     return metrics, predictions, list(left_out.values())

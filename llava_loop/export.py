@@ -55,9 +55,18 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
     save_model_dir(model, processor, out)
     write_model_card(out, cfg, state, checkpoint_dir)
-    (out / EXPORT_INFO).write_text(json.dumps({
-        "checkpoint": str(checkpoint_dir.resolve()), "step": state["progress"]["step"], "mode": cfg.canonical_mode,
-        "base_model": state["run"]["model_path"], "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
-        "image_aspect_ratio": cfg.data.image_aspect_ratio, "system_prompt": cfg.data.system_prompt,
-    }, indent=2))
+    (out / EXPORT_INFO).write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint_dir.resolve()),
+                "step": state["progress"]["step"],
+                "mode": cfg.canonical_mode,
+                "base_model": state["run"]["model_path"],
+                "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
+                "image_aspect_ratio": cfg.data.image_aspect_ratio,
+                "system_prompt": cfg.data.system_prompt,
+            },
+            indent=2,
+        )
+    )
     return out

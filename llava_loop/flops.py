@@ -23,8 +23,17 @@ from dataclasses import dataclass
 import torch
 
 # Dense bf16 peak TFLOP/s by device name, most specific first (vendor datasheets).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+)
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -88,11 +97,16 @@ class FlopsModel:
         llm_base, adapters = _linear_weights(llava.model.language_model)
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         return cls(
-            mode=mode, vision_weights=vision, vision_attention=used * v.hidden_size,
-            vision_tokens=patches + cls_token, image_features=patches,
+            mode=mode,
+            vision_weights=vision,
+            vision_attention=used * v.hidden_size,
+            vision_tokens=patches + cls_token,
+            image_features=patches,
             projector_weights=_linear_weights(llava.model.multi_modal_projector)[0],
-            llm_weights=llm_base, llm_attention=t.num_hidden_layers * t.num_attention_heads * head_dim,
-            adapter_weights=adapters if mode == "lora" else 0, head_weights=t.hidden_size * t.vocab_size,
+            llm_weights=llm_base,
+            llm_attention=t.num_hidden_layers * t.num_attention_heads * head_dim,
+            adapter_weights=adapters if mode == "lora" else 0,
+            head_weights=t.hidden_size * t.vocab_size,
         )
 
     def step(self, *, images: int, tokens: int, attention_pairs: int, supervised: int) -> tuple[float, float]:
@@ -100,7 +114,7 @@ class FlopsModel:
         image-placeholder token) through the LLM, ``attention_pairs`` = the sum over samples of length^2, and
         ``supervised`` positions through the LM head; all summed over micro-batches and processes."""
         vision_tokens, features = images * self.vision_tokens, images * self.image_features
-        vision = 2 * self.vision_weights * vision_tokens + 4 * self.vision_attention * images * self.vision_tokens ** 2
+        vision = 2 * self.vision_weights * vision_tokens + 4 * self.vision_attention * images * self.vision_tokens**2
         projector = 2 * self.projector_weights * features
         llm = 2 * self.llm_weights * tokens
         attention = 2 * self.llm_attention * attention_pairs  # QK^T and AV, causal: half of 4 L^2 d
@@ -115,5 +129,7 @@ class FlopsModel:
             + adapters * 3
             + head * (3 if trains_llm else 2)
         )
-        six_n = 6 * (self.vision_weights * vision_tokens + self.projector_weights * features + self.llm_weights * tokens)
+        six_n = 6 * (
+            self.vision_weights * vision_tokens + self.projector_weights * features + self.llm_weights * tokens
+        )
         return float(needed), float(six_n)

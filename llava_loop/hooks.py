@@ -102,13 +102,17 @@ class Trackers:
         if missing:
             installs = ["pip install 'llava-loop[trackers]'"] if set(missing) & set(TRACKER_PACKAGES) else []
             installs += [f"pip install {n}" for n in missing if n not in TRACKER_PACKAGES]
-            raise UserError(f"trackers: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed, "
-                            f"so nothing would be logged there: {'; '.join(installs)} (or remove it from trackers)")
+            raise UserError(
+                f"trackers: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed, "
+                f"so nothing would be logged there: {'; '.join(installs)} (or remove it from trackers)"
+            )
 
     def on_train_start(self, trainer):
         step = trainer.state.step
-        init = {"wandb": {"id": self.run_id(trainer), "resume": "allow", "dir": str(trainer.output_dir)},
-                "tensorboard": {"purge_step": step + 1 if step else 0}}
+        init = {
+            "wandb": {"id": self.run_id(trainer), "resume": "allow", "dir": str(trainer.output_dir)},
+            "tensorboard": {"purge_step": step + 1 if step else 0},
+        }
         trainer.accelerator.init_trackers("llava_loop", config=_flat(trainer.cfg.to_dict()), init_kwargs=init)
 
     def run_id(self, trainer) -> str | None:
@@ -123,12 +127,14 @@ class Trackers:
         return run_id
 
     def on_step_end(self, trainer, metrics):
-        trainer.accelerator.log({f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                step=metrics["step"])
+        trainer.accelerator.log(
+            {f"train/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"]
+        )
 
     def on_eval(self, trainer, metrics):
-        trainer.accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                step=metrics["step"])
+        trainer.accelerator.log(
+            {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"]
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -163,18 +169,26 @@ class Progress:
         from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.task = self.bar.add_task("train", total=trainer.total_steps, completed=trainer.state.step, stats="")
         self.bar.start()
 
     @staticmethod
     def _stats(m: dict) -> str:
-        return (f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
-                f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s"
-                + (f" MFU {m['mfu']:.1%}" if "mfu" in m else ""))
+        return (
+            f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
+            f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s"
+            + (f" MFU {m['mfu']:.1%}" if "mfu" in m else "")
+        )
 
     def on_step_end(self, trainer, metrics):
         if not self.enabled:
@@ -185,13 +199,19 @@ class Progress:
             done = metrics["step"] - self.first_step
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (trainer.total_steps - metrics["step"])
-            self.console.print(f"step {metrics['step']}/{trainer.total_steps} {self._stats(metrics)} ETA {eta:.0f}s",
-                               highlight=False, soft_wrap=True)
+            self.console.print(
+                f"step {metrics['step']}/{trainer.total_steps} {self._stats(metrics)} ETA {eta:.0f}s",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def on_eval(self, trainer, metrics):
         if self.enabled:
-            self.console.print(f"eval step {metrics['step']}: loss {metrics['eval_loss']:.4f} "
-                               f"({metrics['eval_tokens']} tokens)", highlight=False, soft_wrap=True)
+            self.console.print(
+                f"eval step {metrics['step']}: loss {metrics['eval_loss']:.4f} ({metrics['eval_tokens']} tokens)",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def on_train_end(self, trainer):
         if self.bar is not None:

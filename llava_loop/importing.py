@@ -50,11 +50,21 @@ def bind(call, what: str):
         signature.bind(*positional, **given, **call.kwargs)
     except TypeError as exc:
         if "missing" not in str(exc):
-            raise UserError(f"{what} {call.fn}: {exc} (it takes {signature}, and is called with "
-                            f"({', '.join(positional)}) plus the config's kwargs)") from None
-        example = ", ".join(f"{p.name}: ..." for p in signature.parameters.values()
-                            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                            and p.name not in positional and p.name not in given and p.name not in call.kwargs)
-        raise UserError(f"{what} {call.fn}: {exc} (it takes {signature}); give it in the config: "
-                        f"{{fn: {call.fn}, kwargs: {{{example}}}}}") from None
+            raise UserError(
+                f"{what} {call.fn}: {exc} (it takes {signature}, and is called with "
+                f"({', '.join(positional)}) plus the config's kwargs)"
+            ) from None
+        example = ", ".join(
+            f"{p.name}: ..."
+            for p in signature.parameters.values()
+            if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in positional
+            and p.name not in given
+            and p.name not in call.kwargs
+        )
+        raise UserError(
+            f"{what} {call.fn}: {exc} (it takes {signature}); give it in the config: "
+            f"{{fn: {call.fn}, kwargs: {{{example}}}}}"
+        ) from None
     return functools.partial(target, **call.kwargs) if call.kwargs else target

@@ -41,8 +41,15 @@ def inference_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
     return target, torch.bfloat16 if target.type == "cuda" else torch.float32
 
 
-def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, image_aspect_ratio: str | None = None,
-                       system_prompt: str | None = None, device: str = "auto", attn_implementation: str = "auto"):
+def load_for_inference(
+    model: str | Path,
+    adapter: str | Path | None = None,
+    *,
+    image_aspect_ratio: str | None = None,
+    system_prompt: str | None = None,
+    device: str = "auto",
+    attn_implementation: str = "auto",
+):
     """``(model, processor, encoder)`` from an exported dir, base + adapter, or a training checkpoint, on
     ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
     flash-attention still loads on a machine without it."""
@@ -70,8 +77,13 @@ def load_for_inference(model: str | Path, adapter: str | Path | None = None, *, 
             from peft import PeftModel
 
             net = PeftModel.from_pretrained(net, str(adapter))
-    settings.update({k: v for k, v in (("image_aspect_ratio", image_aspect_ratio), ("system_prompt", system_prompt))
-                     if v is not None})
+    settings.update(
+        {
+            k: v
+            for k, v in (("image_aspect_ratio", image_aspect_ratio), ("system_prompt", system_prompt))
+            if v is not None
+        }
+    )
     encoder = SampleEncoder(processor, max_length=1 << 30, **settings)
     target, dtype = inference_device(device)
     return net.to(device=target, dtype=dtype).eval(), processor, encoder
@@ -96,14 +108,28 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
     """One batch: prompts (one, or one per image) each with its image -> decoded answers; ``options`` as in
     ``generate_ids``. An unreadable image raises a UserError that names it."""
     prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
-    return generate_ids(model, encoder, [encoder.prompt_ids(p, with_image=True) for p in prompts],
-                        [[read_image(image, encoder.max_image_pixels)] for image in images], **options)
+    return generate_ids(
+        model,
+        encoder,
+        [encoder.prompt_ids(p, with_image=True) for p in prompts],
+        [[read_image(image, encoder.max_image_pixels)] for image in images],
+        **options,
+    )
 
 
 @torch.no_grad()
-def generate_ids(model, encoder: SampleEncoder, sequences: list[list[int]], images: list[list[Image.Image]], *,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, streamer=None,
-                 **generate_kwargs) -> list[str]:
+def generate_ids(
+    model,
+    encoder: SampleEncoder,
+    sequences: list[list[int]],
+    images: list[list[Image.Image]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer=None,
+    **generate_kwargs,
+) -> list[str]:
     """One batch: prompts as token ids, left-padded, each with the RGB images its placeholders stand for (none, one
     or several, in tag order) -> decoded answers. Under multi-process ZeRO-3 transformers sets ``synced_gpus``, so a
     rank that finishes first keeps joining the others' forwards."""
@@ -112,24 +138,39 @@ def generate_ids(model, encoder: SampleEncoder, sequences: list[list[int]], imag
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, seq in enumerate(sequences):  # left padding, so every prompt ends where generation starts
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention_mask[row, width - len(seq):] = 1
+        input_ids[row, width - len(seq) :] = torch.tensor(seq)
+        attention_mask[row, width - len(seq) :] = 1
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     # every prompt's images in row and tag order, as the collator lays them out: the model fills placeholders in turn
     pixels = [encoder.pixel_values(image) for row in images for image in row]
     # a text-only batch passes no pixel_values at all: transformers encodes even pixel_values=None
     inputs = {"pixel_values": torch.stack(pixels).to(device, dtype=dtype)} if pixels else {}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **inputs,
-        max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling,
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
         **generate_kwargs,
     )
-    return [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    return [tokenizer.decode(row[input_ids.shape[1] :], skip_special_tokens=True).strip() for row in out]
 
 
-def answer_all(model, encoder: SampleEncoder, sequences: list[list[int]], images: list[list], *, batch_size: int = 16,
-               progress: str = "", **generate_kwargs) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
+def answer_all(
+    model,
+    encoder: SampleEncoder,
+    sequences: list[list[int]],
+    images: list[list],
+    *,
+    batch_size: int = 16,
+    progress: str = "",
+    **generate_kwargs,
+) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
     """Generate for many prompts in batches: token ids, each with its images (paths, embedded or PIL images; none,
     one or several). Returns the answers in input order, None for a prompt one of whose images could not be read,
     and ``{position: (reason, detail)}`` for those. ``progress``: a progress bar's description."""
@@ -148,22 +189,37 @@ def answer_all(model, encoder: SampleEncoder, sequences: list[list[int]], images
             except SkipSample as skip:
                 unreadable[i] = (skip.reason, skip.detail)
         if readable:
-            said = generate_ids(model, encoder, [sequences[i] for i, _ in readable], [row for _, row in readable],
-                                **generate_kwargs)
+            said = generate_ids(
+                model, encoder, [sequences[i] for i, _ in readable], [row for _, row in readable], **generate_kwargs
+            )
             for (i, _), answer in zip(readable, said):
                 answers[i] = answer
     return answers, unreadable
 
 
-def caption(model, encoder: SampleEncoder, images: list, prompt: str | list[str], *, batch_size: int = 16,
-            progress: bool = False, **generate_kwargs) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
+def caption(
+    model,
+    encoder: SampleEncoder,
+    images: list,
+    prompt: str | list[str],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    **generate_kwargs,
+) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
     """Caption many images in batches (the Python API behind ``llava-loop infer --images-dir``). Returns the
     answers in input order, None for an image that could not be read, and ``{position: (reason, detail)}``
     for those."""
     prompts = [prompt] * len(images) if isinstance(prompt, str) else prompt
-    return answer_all(model, encoder, [encoder.prompt_ids(p, with_image=True) for p in prompts],
-                      [[image] for image in images], batch_size=batch_size,
-                      progress=f"captioning {len(images)} images" if progress else "", **generate_kwargs)
+    return answer_all(
+        model,
+        encoder,
+        [encoder.prompt_ids(p, with_image=True) for p in prompts],
+        [[image] for image in images],
+        batch_size=batch_size,
+        progress=f"captioning {len(images)} images" if progress else "",
+        **generate_kwargs,
+    )
 
 
 def images_in(folder: str | Path) -> list[Path]:

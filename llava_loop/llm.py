@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BuildError
-from .template import (BUILTIN_TEMPLATES, TemplateError, chat_template_from, check_jinja, special_tokens,
-                       turn_end_token)
+from .template import BUILTIN_TEMPLATES, TemplateError, chat_template_from, check_jinja, special_tokens, turn_end_token
 
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
 RESERVED_PATTERN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
@@ -30,14 +29,16 @@ EMBEDDING_MULTIPLE = 64
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
-
 def load_text_config(path: Path, config):
     """The LLM's config, if LLaVA can hold it: a ``*ForCausalLM`` whose base model transformers can build alone."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     archs = config.architectures or []
-    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type not in MODEL_MAPPING_NAMES
-            or (archs and not any(a.endswith("ForCausalLM") for a in archs))):
+    if (
+        config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or config.model_type not in MODEL_MAPPING_NAMES
+        or (archs and not any(a.endswith("ForCausalLM") for a in archs))
+    ):
         raise BuildError(
             f"--llm {path}: model_type {config.model_type!r} (architectures {archs}) is not a text-only causal LM; "
             "expected a *ForCausalLM checkpoint such as Qwen2.5/Qwen3, Llama 3, Mistral, Gemma 2/3 or SmolLM"
@@ -50,9 +51,11 @@ def load_tokenizer(path: Path, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     if Path(path).is_dir() and not any(any(Path(path).glob(pattern)) for pattern in TOKENIZER_FILES):
-        raise BuildError(f"--llm {path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}, beside "
-                         "tokenizer_config.json); copy the LLM's tokenizer files into it (tokenizer.save_pretrained), "
-                         "or pass the checkpoint directory they came with")
+        raise BuildError(
+            f"--llm {path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}, beside "
+            "tokenizer_config.json); copy the LLM's tokenizer files into it (tokenizer.save_pretrained), "
+            "or pass the checkpoint directory they came with"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:

@@ -35,8 +35,19 @@ from .template import IMAGE_TOKEN
 LMMS_EXTRA = "pip install 'llava-loop[lmms]'"
 LOCAL_TASK = "llava_loop_heldout"
 # set by torchrun / accelerate launch: a child that inherits them would try to join the training's process group
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+LAUNCHER_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
 @dataclass
@@ -67,25 +78,48 @@ class LmmsOptions:
         """The flags ``to_argv`` writes, on an argparse parser."""
         parser.add_argument("--tasks", required=True, type=lambda text: [t for t in text.split(",") if t])
         for f in fields(LmmsOptions)[1:]:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default,
-                                type=str if f.default is None else type(f.default))
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", default=f.default, type=str if f.default is None else type(f.default)
+            )
 
     @staticmethod
     def from_args(args) -> LmmsOptions:
         return LmmsOptions(**{f.name: getattr(args, f.name) for f in fields(LmmsOptions)})
 
 
-def command(model_dir: str | Path, tasks: list[str], output_dir: str | Path, *, include_path: str | Path | None = None,
-            limit: int = 0, device: str = "cpu", dtype: str = "float32", batch_size: int = 1,
-            force_simple: bool = False) -> list[str]:
+def command(
+    model_dir: str | Path,
+    tasks: list[str],
+    output_dir: str | Path,
+    *,
+    include_path: str | Path | None = None,
+    limit: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 1,
+    force_simple: bool = False,
+) -> list[str]:
     """The ``python -m lmms_eval`` command line for an exported model directory. lmms-eval runs ``llava_hf``'s chat
     variant (HF content lists through the processor's template) unless ``force_simple`` (``<image>\n`` strings
     through the tokenizer's); the export renders both in the training layout."""
     # device_map too: llava_hf's default ("") is no device map transformers 5 accepts
     model_args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device},dtype={dtype}"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", model_args,
-           "--tasks", ",".join(tasks), "--batch_size", str(batch_size), "--output_path", str(output_dir),
-           "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(tasks),
+        "--batch_size",
+        str(batch_size),
+        "--output_path",
+        str(output_dir),
+        "--log_samples",
+    ]
     if include_path:
         cmd += ["--include_path", str(include_path)]
     if limit:
@@ -125,13 +159,22 @@ def read_results(output_dir: str | Path) -> dict[str, dict[str, float]] | None:
         return None
     scores = {}
     for task, values in json.loads(files[-1].read_text())["results"].items():
-        scores[task] = {key.split(",")[0]: value for key, value in values.items()
-                        if isinstance(value, (int, float)) and "_stderr" not in key}
+        scores[task] = {
+            key.split(",")[0]: value
+            for key, value in values.items()
+            if isinstance(value, (int, float)) and "_stderr" not in key
+        }
     return scores
 
 
-def run(model_dir: str | Path, options: LmmsOptions, output_dir: str | Path, *, records: Records | None = None,
-        force_simple: bool = False) -> dict[str, dict[str, float]]:
+def run(
+    model_dir: str | Path,
+    options: LmmsOptions,
+    output_dir: str | Path,
+    *,
+    records: Records | None = None,
+    force_simple: bool = False,
+) -> dict[str, dict[str, float]]:
     """Run lmms-eval on ``options.tasks`` and return its scores. ``llava_loop_heldout`` among them is written first
     from ``records`` (read from ``options.data`` when not given) and ``options.image_dir``."""
     output_dir = Path(output_dir)
@@ -141,10 +184,23 @@ def run(model_dir: str | Path, options: LmmsOptions, output_dir: str | Path, *, 
             records = open_records(options.data)
         if records is None:
             raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data (and --image-dir)")
-        include_path = write_local_task(records, options.image_dir or "", output_dir / "tasks",
-                                        max_samples=options.max_samples, max_new_tokens=options.max_new_tokens)
-    cmd = command(model_dir, options.tasks, output_dir, include_path=include_path, limit=options.limit,
-                  device=options.device, dtype=options.dtype, force_simple=force_simple)
+        include_path = write_local_task(
+            records,
+            options.image_dir or "",
+            output_dir / "tasks",
+            max_samples=options.max_samples,
+            max_new_tokens=options.max_new_tokens,
+        )
+    cmd = command(
+        model_dir,
+        options.tasks,
+        output_dir,
+        include_path=include_path,
+        limit=options.limit,
+        device=options.device,
+        dtype=options.dtype,
+        force_simple=force_simple,
+    )
     return finish(start(cmd, output_dir), output_dir)
 
 
@@ -183,8 +239,15 @@ metadata:
 TASK_HOOKS = "from llava_loop.lmms import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
 
 
-def write_local_task(records, image_dir: str | Path, out: str | Path, *, max_samples: int = 0,
-                     max_new_tokens: int = 32, allow_absolute_paths: bool = False) -> Path:
+def write_local_task(
+    records,
+    image_dir: str | Path,
+    out: str | Path,
+    *,
+    max_samples: int = 0,
+    max_new_tokens: int = 32,
+    allow_absolute_paths: bool = False,
+) -> Path:
     """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
     questions are those ``evaluate_model`` generates for that show one image (llava_hf puts one image before the
     question), in order; the others are counted on stderr. A record whose image cannot be opened is left out and
@@ -214,14 +277,18 @@ def write_local_task(records, image_dir: str | Path, out: str | Path, *, max_sam
         question = messages[user]["content"].removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
         rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
     if not_one_image:
-        print(f"{LOCAL_TASK}: {not_one_image} records whose first question does not show exactly one image are not "
-              "asked (llava-loop eval scores them)", file=sys.stderr)
+        print(
+            f"{LOCAL_TASK}: {not_one_image} records whose first question does not show exactly one image are not "
+            "asked (llava-loop eval scores them)",
+            file=sys.stderr,
+        )
     if not rows:
         raise UserError(f"{records.source}: no single-image record to ask; {LOCAL_TASK} needs some")
     questions = out / "questions.jsonl"
     questions.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    (out / f"{LOCAL_TASK}.yaml").write_text(TASK_YAML.format(questions=json.dumps(str(questions.resolve())),
-                                                             max_new_tokens=max_new_tokens))
+    (out / f"{LOCAL_TASK}.yaml").write_text(
+        TASK_YAML.format(questions=json.dumps(str(questions.resolve())), max_new_tokens=max_new_tokens)
+    )
     (out / "task_hooks.py").write_text(TASK_HOOKS)
     return out
 
@@ -238,13 +305,16 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     prediction = results[0]
-    return {"exact_match": float(normalize(prediction) == normalize(doc["answer"])),
-            "token_f1": token_f1(prediction, doc["answer"])}
+    return {
+        "exact_match": float(normalize(prediction) == normalize(doc["answer"])),
+        "token_f1": token_f1(prediction, doc["answer"]),
+    }
 
 
 # ------------------------------------------------------------------------------------------
 # A checkpoint, in the background (the LmmsEval hook's job)
 # ------------------------------------------------------------------------------------------
+
 
 def stage(checkpoint: Path, out: Path) -> Path:
     """Hard links to a complete checkpoint's files in ``out/checkpoint``: instant, no second copy on disk, and
@@ -347,11 +417,14 @@ class LmmsEval(LmmsOptions):
             return
         scores = json.loads(scores_file.read_text())
         append_metrics(trainer, "lmms_eval", {"step": step, "logged_at_step": trainer.state.step, "scores": scores})
-        flat = {f"lmms_eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()}
+        flat = {
+            f"lmms_eval/{task}/{metric}": value for task, values in scores.items() for metric, value in values.items()
+        }
         if trainer.cfg.trackers:
             trainer.accelerator.log({**flat, "lmms_eval/weights_step": step}, step=trainer.state.step)
-        trainer.console.say(f"lmms-eval, step {step}: " + ", ".join(f"{k.removeprefix('lmms_eval/')} {v:.4f}"
-                                                                    for k, v in flat.items()))
+        trainer.console.say(
+            f"lmms-eval, step {step}: " + ", ".join(f"{k.removeprefix('lmms_eval/')} {v:.4f}" for k, v in flat.items())
+        )
 
 
 if __name__ == "__main__":

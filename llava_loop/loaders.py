@@ -36,16 +36,20 @@ def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Rec
     held = open_records(cfg.data.eval_path) if cfg.data.eval_path else None
     if kind == "shards":
         if cfg.eval.holdout:
-            raise RecordError(f"eval.holdout cannot split the shard stream {cfg.data.path}; give held-out records in "
-                              "data.eval_path (JSON, Parquet or Arrow)")
+            raise RecordError(
+                f"eval.holdout cannot split the shard stream {cfg.data.path}; give held-out records in "
+                "data.eval_path (JSON, Parquet or Arrow)"
+            )
         return usable_shards(expand(cfg.data.path), skip_damaged=cfg.data.skip_damaged_shards), held
     records = open_records(cfg.data.path)
     if held is not None:
         return records, held
     if cfg.eval.holdout:
         if cfg.eval.holdout >= len(records):
-            raise RecordError(f"eval.holdout={cfg.eval.holdout} leaves no training records: {cfg.data.path} holds "
-                              f"{len(records)}; lower eval.holdout or give held-out records in data.eval_path")
+            raise RecordError(
+                f"eval.holdout={cfg.eval.holdout} leaves no training records: {cfg.data.path} holds "
+                f"{len(records)}; lower eval.holdout or give held-out records in data.eval_path"
+            )
         order = np.random.default_rng(cfg.train.seed).permutation(len(records))
         held = np.sort(order[: cfg.eval.holdout])
         return records.subset(np.sort(order[cfg.eval.holdout :])), records.subset(held)
@@ -54,13 +58,19 @@ def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Rec
 
 def make_encoder(cfg: Config, processor) -> SampleEncoder:
     d = cfg.data
-    return SampleEncoder(processor, max_length=d.max_length, system_prompt=d.system_prompt,
-                         image_aspect_ratio=d.image_aspect_ratio, max_image_pixels=d.max_image_pixels,
-                         allow_absolute_paths=d.allow_absolute_paths)
+    return SampleEncoder(
+        processor,
+        max_length=d.max_length,
+        system_prompt=d.system_prompt,
+        image_aspect_ratio=d.image_aspect_ratio,
+        max_image_pixels=d.max_image_pixels,
+        allow_absolute_paths=d.allow_absolute_paths,
+    )
 
 
-def make_datasets(cfg: Config, processor, records: tuple | None = None, *, rank: int = 0, processes: int = 1
-                  ) -> tuple[LlavaDataset | StreamDataset, LlavaDataset | None]:
+def make_datasets(
+    cfg: Config, processor, records: tuple | None = None, *, rank: int = 0, processes: int = 1
+) -> tuple[LlavaDataset | StreamDataset, LlavaDataset | None]:
     """Datasets over ``records`` (from ``split_records``, read here when not given); shards give this process's
     stream (``rank`` of ``processes``)."""
     encoder = make_encoder(cfg, processor)
@@ -75,17 +85,26 @@ def make_datasets(cfg: Config, processor, records: tuple | None = None, *, rank:
     return train_ds, eval_ds
 
 
-def make_stream(cfg: Config, encoder: SampleEncoder, shards: list[Path], *, rank: int, processes: int
-                ) -> StreamDataset:
+def make_stream(cfg: Config, encoder: SampleEncoder, shards: list[Path], *, rank: int, processes: int) -> StreamDataset:
     d, t = cfg.data, cfg.train
     if d.group_by_length or d.max_tokens_per_micro_batch:
-        raise UserError("data.group_by_length and data.max_tokens_per_micro_batch need every record's length up "
-                        "front, which a stream of shards does not have; turn them off for shards, or train from "
-                        "Parquet/Arrow")
+        raise UserError(
+            "data.group_by_length and data.max_tokens_per_micro_batch need every record's length up "
+            "front, which a stream of shards does not have; turn them off for shards, or train from "
+            "Parquet/Arrow"
+        )
     counts, seeks = read_index(shards)
-    layout = StreamLayout(shards, counts, seed=t.seed, processes=processes, workers=d.num_workers,
-                          micro_batch=t.micro_batch_size, grad_accum=t.grad_accum, block=d.shuffle_buffer,
-                          seeks=seeks)
+    layout = StreamLayout(
+        shards,
+        counts,
+        seed=t.seed,
+        processes=processes,
+        workers=d.num_workers,
+        micro_batch=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        block=d.shuffle_buffer,
+        seeks=seeks,
+    )
     layout.dropped = {f.name for f in expand(d.path)} - {f.name for f in shards}  # damaged ones left out
     return StreamDataset(layout, encoder, rank=rank, source=str(d.path))
 
@@ -145,8 +164,11 @@ def _loader_kwargs(cfg: Config) -> dict:
     d = cfg.data
     kwargs = {"num_workers": d.num_workers, "pin_memory": d.pin_memory and torch.cuda.is_available()}
     if d.num_workers > 0:
-        kwargs.update(persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
-                      worker_init_fn=ignore_stop_signals)
+        kwargs.update(
+            persistent_workers=d.persistent_workers,
+            prefetch_factor=d.prefetch_factor,
+            worker_init_fn=ignore_stop_signals,
+        )
     return kwargs
 
 
@@ -160,8 +182,9 @@ def train_lengths(dataset: LlavaDataset, cfg: Config, say=lambda text: None) -> 
     return token_lengths(dataset.records, dataset.encoder, workers=cfg.data.num_workers, progress=True, say=say)
 
 
-def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pad_token_id: int,
-                      lengths: np.ndarray | None = None):
+def make_train_loader(
+    dataset: LlavaDataset, cfg: Config, *, world_size: int, pad_token_id: int, lengths: np.ndarray | None = None
+):
     """Unsharded loader over a deterministic sampler; ``accelerator.prepare`` shards it across processes.
 
     The DataLoader gets its own generator so creating an iterator never draws from the global torch RNG
@@ -170,20 +193,34 @@ def make_train_loader(dataset: LlavaDataset, cfg: Config, *, world_size: int, pa
     """
     t, d = cfg.train, cfg.data
     if isinstance(dataset, StreamDataset):  # its order lives in the stream itself (stream.py)
-        return stream_loader(dataset, Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg), t.micro_batch_size), None
+        return stream_loader(
+            dataset, Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg), t.micro_batch_size
+        ), None
     if needs_lengths(cfg) and lengths is None:
         lengths = train_lengths(dataset, cfg)
-    sampler = EpochSampler(len(dataset), seed=t.seed, lengths=lengths if d.group_by_length else None,
-                           group_size=t.micro_batch_size * t.grad_accum * world_size)
+    sampler = EpochSampler(
+        len(dataset),
+        seed=t.seed,
+        lengths=lengths if d.group_by_length else None,
+        group_size=t.micro_batch_size * t.grad_accum * world_size,
+    )
     generator = torch.Generator().manual_seed(t.seed)
     collate, kwargs = Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg)
     if d.max_tokens_per_micro_batch:
-        sampler = TokenBudgetBatches(sampler, lengths, d.max_tokens_per_micro_batch, packed=d.padding_free,
-                                     multiple=t.grad_accum * world_size)
+        sampler = TokenBudgetBatches(
+            sampler, lengths, d.max_tokens_per_micro_batch, packed=d.padding_free, multiple=t.grad_accum * world_size
+        )
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator, **kwargs)
     else:
-        loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
-                            collate_fn=collate, generator=generator, **kwargs)
+        loader = DataLoader(
+            dataset,
+            batch_size=t.micro_batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=collate,
+            generator=generator,
+            **kwargs,
+        )
     return loader, sampler
 
 
@@ -195,8 +232,10 @@ def make_eval_loader(dataset: LlavaDataset, cfg: Config, *, rank: int, world_siz
     kwargs["persistent_workers"] = False
     # its own generator: starting an evaluation must not draw from the global torch RNG, which a checkpoint
     # saved just before it has captured (a resumed run would otherwise see different dropout masks)
-    return DataLoader(torch.utils.data.Subset(dataset, indices),
-                      batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
-                      collate_fn=Collator(pad_token_id, cfg.data.padding_free),
-                      generator=torch.Generator().manual_seed(cfg.train.seed),
-                      **kwargs)
+    return DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=cfg.eval.micro_batch_size or cfg.train.micro_batch_size,
+        collate_fn=Collator(pad_token_id, cfg.data.padding_free),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        **kwargs,
+    )

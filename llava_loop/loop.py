@@ -34,8 +34,14 @@ from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
 from .importing import bind
 from .kernels import apply_liger, compile_decoder_layers
-from .loaders import (make_datasets, make_train_loader, needs_lengths, split_records, train_lengths,
-                      worker_deaths_reported)
+from .loaders import (
+    make_datasets,
+    make_train_loader,
+    needs_lengths,
+    split_records,
+    train_lengths,
+    worker_deaths_reported,
+)
 from .losses import make_loss
 from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .runlock import RunLock
@@ -134,8 +140,9 @@ class Trainer:
         self.flops = FlopsModel.from_model(model, cfg.canonical_mode)
         self.peak_tflops = cfg.train.peak_tflops or device_peak_tflops(self.accelerator)
 
-        self.train_set, self.eval_set = make_datasets(cfg, self.processor, records, rank=self.accelerator.process_index,
-                                                      processes=self.accelerator.num_processes)
+        self.train_set, self.eval_set = make_datasets(
+            cfg, self.processor, records, rank=self.accelerator.process_index, processes=self.accelerator.num_processes
+        )
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         loader, self.sampler = self.build_train_loader()
         self.blank_image = BlankImage(self.train_set.encoder, self.accelerator.device)  # for batches without an image
@@ -159,6 +166,7 @@ class Trainer:
     def prepare_output_dir(self) -> None:
         """Setup functions and the output folder, on the main process before the others read anything; then
         every process proves it sees that same folder."""
+
         def setup_and_mkdir():
             run_setup(self.cfg)
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +178,12 @@ class Trainer:
     def build_model(self):
         """The model in its training mode (modes.py), kernels fused, and its processor."""
         cfg = self.cfg
-        model, processor = load_model(cfg.model.path, attn_implementation=cfg.model.attn_implementation,
-                                      dtype=self.backend.weights_dtype(), packed=cfg.data.padding_free)
+        model, processor = load_model(
+            cfg.model.path,
+            attn_implementation=cfg.model.attn_implementation,
+            dtype=self.backend.weights_dtype(),
+            packed=cfg.data.padding_free,
+        )
         set_seed(cfg.train.seed)  # LoRA's initial weights must not depend on how loading drew (ZeRO-3 init draws)
         model = apply_mode(model, cfg.canonical_mode, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: dropout would silently stay off
@@ -187,8 +199,10 @@ class Trainer:
         if t.compile:
             refusal = self.backend.compile_refusal()
             if refusal:
-                raise UserError(f"train.compile: not under {self.backend.describe()}: {refusal}; use "
-                                "accelerate_config.yaml (ZeRO-2) or train.compile=false")
+                raise UserError(
+                    f"train.compile: not under {self.backend.describe()}: {refusal}; use "
+                    "accelerate_config.yaml (ZeRO-2) or train.compile=false"
+                )
             self.console.say(f"compiled {compile_decoder_layers(model)} decoder layers (torch.compile, per layer)")
 
     def build_train_loader(self):
@@ -198,22 +212,31 @@ class Trainer:
         lengths = None
         if self.stream is None and needs_lengths(cfg):
             lengths = on_main(acc, lambda: train_lengths(self.train_set, cfg, say=self.console.say))
-        return make_train_loader(self.train_set, cfg, world_size=acc.num_processes,
-                                 pad_token_id=self.processor.tokenizer.pad_token_id, lengths=lengths)
+        return make_train_loader(
+            self.train_set,
+            cfg,
+            world_size=acc.num_processes,
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+            lengths=lengths,
+        )
 
     def build_validator(self) -> Validator | None:
         """The held-out loss (validate.py), when there is a held-out split."""
         if self.eval_set is None:
             return None
-        return Validator(self.cfg, self.accelerator, self.eval_set, self.loss_fn, self.blank_image,
-                         warn=self.console.warn)
+        return Validator(
+            self.cfg, self.accelerator, self.eval_set, self.loss_fn, self.blank_image, warn=self.console.warn
+        )
 
     def build_optimizer(self, model):
         """AdamW (the backend's) over the trainable groups (modes.py), each at its learning rate."""
         t = self.cfg.train
         return self.backend.make_optimizer(
-            model, param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
-            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+            model,
+            param_groups(model, lr=t.lr, projector_lr=t.projector_lr, weight_decay=t.weight_decay),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
         )
 
     def prepare(self, model, optimizer, loader) -> tuple:
@@ -230,21 +253,32 @@ class Trainer:
             raise UserError(
                 f"{len(self.train_set)} training samples cannot fill one optimizer step of "
                 f"{self.global_batch} samples; lower train.micro_batch_size or train.grad_accum"
-                + (" (a stream first cuts them into equal slices per process and DataLoader worker: or lower "
-                   "data.num_workers)" if self.stream else "")
+                + (
+                    " (a stream first cuts them into equal slices per process and DataLoader worker: or lower "
+                    "data.num_workers)"
+                    if self.stream
+                    else ""
+                )
             )
         whole, part = int(t.epochs), t.epochs - int(t.epochs)
-        return t.max_steps or (sum(self.steps_in_epoch(e) for e in range(whole))
-                               + (math.ceil(part * self.steps_in_epoch(whole)) if part else 0))
+        return t.max_steps or (
+            sum(self.steps_in_epoch(e) for e in range(whole))
+            + (math.ceil(part * self.steps_in_epoch(whole)) if part else 0)
+        )
 
     def describe_batch(self) -> None:
         t, acc = self.cfg.train, self.accelerator
         budget = self.cfg.data.max_tokens_per_micro_batch
-        batch = (f"micro-batches of up to {budget} tokens x accumulation {t.grad_accum} x processes {acc.num_processes}"
-                 if budget else f"micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
-                                f"{acc.num_processes} = {self.global_batch} samples/step")
-        self.console.say(f"effective batch: {batch}; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps; "
-                         f"{self.backend.describe()}")
+        batch = (
+            f"micro-batches of up to {budget} tokens x accumulation {t.grad_accum} x processes {acc.num_processes}"
+            if budget
+            else f"micro-batch {t.micro_batch_size} x accumulation {t.grad_accum} x processes "
+            f"{acc.num_processes} = {self.global_batch} samples/step"
+        )
+        self.console.say(
+            f"effective batch: {batch}; {self.steps_per_epoch} steps/epoch; {self.total_steps} steps; "
+            f"{self.backend.describe()}"
+        )
 
     def build_checkpointer(self, checkpointer_cls):
         """The checkpointer, holding every stateful part of the run (checkpoint/checkpointer.py)."""
@@ -253,9 +287,19 @@ class Trainer:
         if self.stream:
             states["stream"] = StreamPosition(self.stream, self.state, cfg.train.grad_accum)
         return checkpointer_cls(
-            self.accelerator, self.backend, self.model, self.output_dir, progress=self.state, states=states,
-            hooks=self.hooks.hooks, run_facts=self.run_facts(), config_yaml=cfg.to_yaml(), every=c.every,
-            keep_last=c.keep_last, verify=c.verify, warn=self.console.warn,
+            self.accelerator,
+            self.backend,
+            self.model,
+            self.output_dir,
+            progress=self.state,
+            states=states,
+            hooks=self.hooks.hooks,
+            run_facts=self.run_facts(),
+            config_yaml=cfg.to_yaml(),
+            every=c.every,
+            keep_last=c.keep_last,
+            verify=c.verify,
+            warn=self.console.warn,
         )
 
     def resume(self) -> None:
@@ -287,8 +331,11 @@ class Trainer:
     def run_facts(self) -> dict:
         """What a resumed run must share with the run that wrote its checkpoint and its config cannot say (the
         config's own fields each declare whether they may change on resume)."""
-        return {"world_size": self.accelerator.num_processes, "backend": self.backend.name,
-                "model_path": str(Path(self.cfg.model.path).resolve())}
+        return {
+            "world_size": self.accelerator.num_processes,
+            "backend": self.backend.name,
+            "model_path": str(Path(self.cfg.model.path).resolve()),
+        }
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -332,8 +379,9 @@ class Trainer:
             for name, value in out.items():  # summed on the device, read once per step
                 terms[name] = terms.get(name, 0) + value.detach().double()
         assert acc.sync_gradients, "a window must end on an accumulation boundary"
-        grad_norm, stepped = self.backend.optimizer_step(self.model, self.optimizer, self.trainable,
-                                                         self.cfg.train.max_grad_norm)
+        grad_norm, stepped = self.backend.optimizer_step(
+            self.model, self.optimizer, self.trainable, self.cfg.train.max_grad_norm
+        )
         if stepped:
             self.scheduler.step()
         stats, sums = self.read_step(counts, terms)
@@ -368,8 +416,10 @@ class Trainer:
             else:  # the stream seeks to its position itself (stream.py); replaying it would read the epoch again
                 self.train_set.start(self.state.epoch, skip)
                 # pinned batches (data.pin_memory on a GPU) copy without blocking the host, as prepared loaders do
-                loader = (send_to_device(batch, self.accelerator.device, non_blocking=self.cfg.data.pin_memory)
-                          for batch in self.loader)
+                loader = (
+                    send_to_device(batch, self.accelerator.device, non_blocking=self.cfg.data.pin_memory)
+                    for batch in self.loader
+                )
             self.steps_per_epoch = self.steps_in_epoch(self.state.epoch)
             batches = iter(loader)
             while self.state.step_in_epoch < self.steps_per_epoch:
@@ -388,11 +438,19 @@ class Trainer:
 
     def global_window_counts(self, window: list[dict]) -> torch.Tensor:
         """One all-reduce of the window's ``COUNTS`` (from the collator's Python ints); left on the device."""
-        local = torch.tensor([
-            sum(b["n_label_tokens"] for b in window), sum(len(b["ids"]) for b in window),
-            sum(b["n_tokens"] for b in window), sum(b["n_slots"] for b in window), sum(len(b["skipped"]) for b in window),
-            sum(b["n_images"] for b in window), sum(b["n_attention_pairs"] for b in window),
-        ], dtype=torch.float64, device=self.accelerator.device)
+        local = torch.tensor(
+            [
+                sum(b["n_label_tokens"] for b in window),
+                sum(len(b["ids"]) for b in window),
+                sum(b["n_tokens"] for b in window),
+                sum(b["n_slots"] for b in window),
+                sum(len(b["skipped"]) for b in window),
+                sum(b["n_images"] for b in window),
+                sum(b["n_attention_pairs"] for b in window),
+            ],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
         return self.accelerator.reduce(local, reduction="sum")
 
     def read_step(self, counts: torch.Tensor, terms: dict) -> tuple[dict, dict]:
@@ -400,14 +458,15 @@ class Trainer:
         sums = self.accelerator.reduce(torch.stack(list(terms.values())), reduction="sum")
         values = torch.cat([counts, sums]).tolist()
         stats = {name: int(v) for name, v in zip(self.COUNTS, values)}
-        return stats, dict(zip(terms, values[len(self.COUNTS):]))
+        return stats, dict(zip(terms, values[len(self.COUNTS) :]))
 
     def check_skipped_updates(self, stepped: bool) -> None:
         """Warn of a skipped update; abort after too many non-finite steps in a row."""
         s = self.state
         if not stepped:
-            self.console.warn(f"step {s.step}: non-finite loss or gradient norm; update skipped "
-                              f"({s.consecutive_skips} in a row)")
+            self.console.warn(
+                f"step {s.step}: non-finite loss or gradient norm; update skipped ({s.consecutive_skips} in a row)"
+            )
         if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
             raise NonFiniteError(
                 f"{s.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient norm "
@@ -430,11 +489,19 @@ class Trainer:
         n = max(stats["label_tokens"], 1)
         metrics = {name: value / n for name, value in sums.items()}
         metrics.update(
-            step=self.state.step, epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
-            lr=next(iter(lrs.values())), grad_norm=grad_norm, stepped=stepped, label_tokens=stats["label_tokens"],
-            samples=stats["samples"], samples_per_s=stats["samples"] / seconds, tokens_per_s=stats["tokens"] / seconds,
-            step_time=seconds, pad_fraction=1 - stats["tokens"] / max(stats["padded_slots"], 1),
-            skipped_samples=sum(self.skips.counts.values()), bad_records=len(self.skips.bad_ids),
+            step=self.state.step,
+            epoch=self.state.epoch + self.state.step_in_epoch / self.steps_per_epoch,
+            lr=next(iter(lrs.values())),
+            grad_norm=grad_norm,
+            stepped=stepped,
+            label_tokens=stats["label_tokens"],
+            samples=stats["samples"],
+            samples_per_s=stats["samples"] / seconds,
+            tokens_per_s=stats["tokens"] / seconds,
+            step_time=seconds,
+            pad_fraction=1 - stats["tokens"] / max(stats["padded_slots"], 1),
+            skipped_samples=sum(self.skips.counts.values()),
+            bad_records=len(self.skips.bad_ids),
         )
         metrics.update(self.throughput(stats, seconds))
         metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
@@ -445,11 +512,18 @@ class Trainer:
         """``flops``: what the step needed (flops.py, all processes); ``model_tflops_per_s``: that per second per
         process; ``mfu``: that over one device's dense bf16 peak, where it is known (``train.peak_tflops``, or the
         GPU's name)."""
-        needed, _ = self.flops.step(images=stats["images"], tokens=stats["tokens"],
-                                    attention_pairs=stats["attention_pairs"], supervised=stats["label_tokens"])
+        needed, _ = self.flops.step(
+            images=stats["images"],
+            tokens=stats["tokens"],
+            attention_pairs=stats["attention_pairs"],
+            supervised=stats["label_tokens"],
+        )
         tflops = needed / seconds / 1e12 / self.accelerator.num_processes
-        return {"flops": needed, "model_tflops_per_s": tflops,
-                **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
+        return {
+            "flops": needed,
+            "model_tflops_per_s": tflops,
+            **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
+        }
 
     # ------------------------------------------------------------------------------------------
     # Held-out loss, checkpoints, signals

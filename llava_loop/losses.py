@@ -108,8 +108,10 @@ def chunked_ce(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: in
     gradient. One chunk (stage 1's few caption tokens) is computed as is, with nothing recomputed."""
     if hidden.shape[0] <= chunk_rows or not torch.is_grad_enabled():  # no row: the head still joins the graph
         return sum(_chunk_ce(head, h, t) for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)))
-    return sum(checkpoint(_chunk_ce, head, h, t, use_reentrant=False, preserve_rng_state=False)
-               for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows)))
+    return sum(
+        checkpoint(_chunk_ce, head, h, t, use_reentrant=False, preserve_rng_state=False)
+        for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))
+    )
 
 
 def label_only_ce(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> dict:
@@ -124,8 +126,11 @@ def full_logits_ce(model, batch: dict) -> dict:
     out = model(**model_inputs(batch), use_cache=False)
     logits = out.logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    return {"loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum")}
+    return {
+        "loss": F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    }
 
 
 def ce_with_z_loss(model, batch: dict, z_weight: float = 1e-4) -> dict:

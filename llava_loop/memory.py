@@ -35,12 +35,15 @@ class LLMShape:
 
 
 # public configs: Qwen2.5-7B, Vicuna/Llama-2-13B, Yi-34B, Qwen2.5-72B
-LLMS = {s.name: s for s in (
-    LLMShape("7B", 7_615_616_512, 3584, 28, 18944, 512),
-    LLMShape("13B", 13_015_864_320, 5120, 40, 13824, 5120),
-    LLMShape("34B", 34_388_917_248, 7168, 60, 20480, 1024),
-    LLMShape("72B", 72_706_203_648, 8192, 80, 29568, 1024),
-)}
+LLMS = {
+    s.name: s
+    for s in (
+        LLMShape("7B", 7_615_616_512, 3584, 28, 18944, 512),
+        LLMShape("13B", 13_015_864_320, 5120, 40, 13824, 5120),
+        LLMShape("34B", 34_388_917_248, 7168, 60, 20480, 1024),
+        LLMShape("72B", 72_706_203_648, 8192, 80, 29568, 1024),
+    )
+}
 SETTINGS = ("zero2", "zero3", "zero3+offload")
 
 
@@ -58,16 +61,32 @@ def lora_params(llm: LLMShape, rank: int) -> int:
 
 def trainable_params(llm: LLMShape, mode: str, lora_rank: int = 128, vision: int = CLIP_L_336) -> int:
     projector = projector_params(llm)
-    return {"projector": projector, "lora": projector + lora_params(llm, lora_rank),
-            "freeze_vision": projector + llm.params, "full": projector + llm.params + vision}[mode]
+    return {
+        "projector": projector,
+        "lora": projector + lora_params(llm, lora_rank),
+        "freeze_vision": projector + llm.params,
+        "full": projector + llm.params + vision,
+    }[mode]
 
 
-def model_state_bytes(total: int, trainable: int, setting: str, gpus: int, *, weight_bytes: int = 2,
-                      grad_bytes: int = 2, optimizer_bytes: int = 12) -> dict[str, float]:
+def model_state_bytes(
+    total: int,
+    trainable: int,
+    setting: str,
+    gpus: int,
+    *,
+    weight_bytes: int = 2,
+    grad_bytes: int = 2,
+    optimizer_bytes: int = 12,
+) -> dict[str, float]:
     """Bytes per GPU for weights, gradients and optimizer states (and host bytes for offloaded states)."""
     shards = gpus if setting.startswith("zero3") else 1
-    out = {"weights": weight_bytes * total / shards, "gradients": grad_bytes * trainable / gpus,
-           "optimizer": optimizer_bytes * trainable / gpus, "host_optimizer": 0.0}
+    out = {
+        "weights": weight_bytes * total / shards,
+        "gradients": grad_bytes * trainable / gpus,
+        "optimizer": optimizer_bytes * trainable / gpus,
+        "host_optimizer": 0.0,
+    }
     if setting == "zero3+offload":
         out["host_optimizer"], out["optimizer"] = out["optimizer"], 0.0
     return out
@@ -88,8 +107,16 @@ def activation_bytes(llm: LLMShape, micro_batch: int, seq_len: int, setting: str
     return kept + one_layer + gathered
 
 
-def estimate(llm: LLMShape, mode: str, setting: str, gpus: int = 8, *, micro_batch: int = 16, seq_len: int = 2048,
-             lora_rank: int = 128) -> dict[str, float]:
+def estimate(
+    llm: LLMShape,
+    mode: str,
+    setting: str,
+    gpus: int = 8,
+    *,
+    micro_batch: int = 16,
+    seq_len: int = 2048,
+    lora_rank: int = 128,
+) -> dict[str, float]:
     """GiB per GPU, by term, and the total."""
     total = llm.params + CLIP_L_336 + projector_params(llm)
     states = model_state_bytes(total, trainable_params(llm, mode, lora_rank), setting, gpus)
@@ -110,8 +137,10 @@ def table(gpus: int = 8, **kwargs) -> str:
     for llm in LLMS.values():
         for mode in MODES:
             cells = [estimate(llm, mode, s, gpus, **kwargs) for s in SETTINGS]
-            rows.append(f"| {llm.name} | {mode} | {cells[0]['total']:.1f} | {cells[1]['total']:.1f} | "
-                        f"{cells[2]['total']:.1f} ({cells[2]['host_optimizer']:.1f}) |")
+            rows.append(
+                f"| {llm.name} | {mode} | {cells[0]['total']:.1f} | {cells[1]['total']:.1f} | "
+                f"{cells[2]['total']:.1f} ({cells[2]['host_optimizer']:.1f}) |"
+            )
     return "\n".join(rows)
 
 
@@ -128,8 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     shape = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "lora_rank": args.lora_rank}
     if not args.llm:
-        print(f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {args.seq_len} tokens, bf16, "
-              "gradient checkpointing")
+        print(
+            f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {args.seq_len} tokens, bf16, "
+            "gradient checkpointing"
+        )
         print(table(args.gpus, **shape))
         return 0
     llm = LLMS[args.llm]
@@ -138,8 +169,10 @@ def run(args) -> int:
         detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total" and v)
         print(f"{setting:14s} {parts['total']:7.1f} GiB per GPU  ({detail})")
     fit = smallest_fit(llm, args.mode, args.gpus, args.gpu_gib, **shape)
-    print(f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB: "
-          + (fit or "none; add GPUs, lower --micro-batch, or use lora"))
+    print(
+        f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB: "
+        + (fit or "none; add GPUs, lower --micro-batch, or use lora")
+    )
     return 0 if fit else 1
 
 

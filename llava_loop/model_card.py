@@ -43,8 +43,11 @@ def model_card(cfg, state: dict, base_dir: Path, metrics: dict) -> str:
     build = json.loads((base_dir / BUILD_INFO).read_text()) if (base_dir / BUILD_INFO).is_file() else {}
     bases = [_source_name(build[k]) for k in ("vision", "llm") if build.get(k)]
     data = [Path(p).parent.name or Path(p).name for p in (cfg.data.path,) if p]
-    front = {"library_name": "transformers", "pipeline_tag": "image-text-to-text",
-             "tags": ["llava", "llava_loop", "vision-language", cfg.canonical_mode]}
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["llava", "llava_loop", "vision-language", cfg.canonical_mode],
+    }
     if bases:
         front["base_model"] = bases
     if data:
@@ -57,7 +60,7 @@ def model_card(cfg, state: dict, base_dir: Path, metrics: dict) -> str:
 
 # LLaVA model trained with llava_loop
 
-A `LlavaForConditionalGeneration` ({' + '.join(bases) or 'see llava_loop_build.json'}), trained in mode
+A `LlavaForConditionalGeneration` ({" + ".join(bases) or "see llava_loop_build.json"}), trained in mode
 `{cfg.canonical_mode}` for {step} optimizer steps with llava_loop {_llava_loop_version()}.
 
 ## How to prompt it
@@ -89,7 +92,9 @@ print(captioner(text=messages, max_new_tokens=64, return_full_text=False)[0]["ge
 
 def write_model_card(out: Path, cfg, state: dict, checkpoint_dir: Path) -> Path:
     """``out/README.md`` for the export of ``checkpoint_dir`` (its run folder holds ``metrics.jsonl``)."""
-    card = model_card(cfg, state, Path(state["run"]["model_path"]), last_eval(checkpoint_dir.parent.parent / "metrics.jsonl"))
+    card = model_card(
+        cfg, state, Path(state["run"]["model_path"]), last_eval(checkpoint_dir.parent.parent / "metrics.jsonl")
+    )
     path = out / "README.md"
     path.write_text(card)
     return path

@@ -34,7 +34,9 @@ def deepest_feature_layer(config) -> int:
     """How many vision encoder layers the selected features pass through (``hidden_states[k]`` is the output
     of layer ``k - 1``; ``hidden_states[0]`` the embeddings)."""
     n_layers = config.vision_config.num_hidden_layers
-    layers = config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
+    layers = (
+        config.vision_feature_layer if isinstance(config.vision_feature_layer, list) else [config.vision_feature_layer]
+    )
     return max(layer % (n_layers + 1) for layer in layers)
 
 
@@ -74,15 +76,18 @@ def lora_target_regex(model, targets: list[str]) -> str:
     """A PEFT ``target_modules`` regex for the language model's linear layers: all of them (``all-linear``), or
     those with the given names, each of which must name a linear layer of this LLM."""
     llm = model.model.language_model
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in llm.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
+    linear = sorted(
+        {name.rsplit(".", 1)[-1] for name, module in llm.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
     if targets == [ALL_LINEAR]:
         names = linear
     else:
         unknown = sorted(set(targets) - set(linear))
         if unknown:
-            raise UserError(f"lora.targets: {unknown} are not linear layers of this {model.config.text_config.model_type} "
-                            f"LLM; its linear layers are {linear} (or use [{ALL_LINEAR}])")
+            raise UserError(
+                f"lora.targets: {unknown} are not linear layers of this {model.config.text_config.model_type} "
+                f"LLM; its linear layers are {linear} (or use [{ALL_LINEAR}])"
+            )
         names = targets
     return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(map(re.escape, names))})$"
 
@@ -151,8 +156,14 @@ def param_groups(model, *, lr: float, projector_lr: float, weight_decay: float) 
     out = []
     for (is_projector, decay), params in sorted(groups.items()):
         name = f"{'projector' if is_projector else 'model'}/{'decay' if decay else 'no_decay'}"
-        out.append({"name": name, "params": params, "lr": group_lr(name, lr=lr, projector_lr=projector_lr),
-                    "weight_decay": weight_decay if decay else 0.0})
+        out.append(
+            {
+                "name": name,
+                "params": params,
+                "lr": group_lr(name, lr=lr, projector_lr=projector_lr),
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        )
     return out
 
 

@@ -43,8 +43,11 @@ def _attempt(fn, rank: int, describe) -> tuple:
         return fn(), None, None
     except Exception as exc:  # noqa: BLE001 - raised again below, on every process
         where = "the main process" if rank == 0 else f"process {rank}"
-        copy = exc if isinstance(exc, UserError) else (
-            describe(exc) if describe else RuntimeError(f"on {where}: {type(exc).__name__}: {exc}"))
+        copy = (
+            exc
+            if isinstance(exc, UserError)
+            else (describe(exc) if describe else RuntimeError(f"on {where}: {type(exc).__name__}: {exc}"))
+        )
         kind = type(copy)
         try:  # the class travels by reference and is rebuilt from the message alone
             pickle.loads(pickle.dumps(kind))

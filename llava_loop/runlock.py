@@ -52,10 +52,16 @@ class RunLock:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise UserError(f"output_dir {self.path.parent} is not writable ({exc.strerror or exc}); choose a folder "
-                            "this user can write to") from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "run_id": self.run_id}
+            raise UserError(
+                f"output_dir {self.path.parent} is not writable ({exc.strerror or exc}); choose a folder "
+                "this user can write to"
+            ) from None
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "run_id": self.run_id,
+        }
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -105,5 +111,9 @@ class RunLock:
 
     @staticmethod
     def _describe(holder: dict) -> str:
-        return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
-                f"run {holder.get('run_id')}" if holder else "an unreadable lock file")
+        return (
+            f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
+            f"run {holder.get('run_id')}"
+            if holder
+            else "an unreadable lock file"
+        )

@@ -35,8 +35,10 @@ def _resolve_deepspeed_config_file() -> None:
         try:
             os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(find_config_file(name))
         except UserError:
-            raise UserError(f"DeepSpeed config {name} not found (from {Path.cwd()}); give deepspeed_config_file as an "
-                            "absolute path in the accelerate config") from None
+            raise UserError(
+                f"DeepSpeed config {name} not found (from {Path.cwd()}); give deepspeed_config_file as an "
+                "absolute path in the accelerate config"
+            ) from None
 
 
 def make_accelerator(cfg: Config):
@@ -54,7 +56,9 @@ def make_accelerator(cfg: Config):
         mixed_precision=resolve_precision(cfg.train.precision),
         # The loop hands accumulate() whole windows of grad_accum micro-batches, so it never needs the
         # dataloader's end to force a sync (that would fire early, since windows are drawn ahead).
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False
+        ),
         step_scheduler_with_optimizer=False,
         # copies from pinned host memory need not block the host (the loader pins only on a GPU machine)
         dataloader_config=DataLoaderConfiguration(non_blocking=cfg.data.pin_memory),
@@ -128,8 +132,10 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
     if attn_implementation == attention.NAME or (attn_implementation == "auto" and packed):
         if not attention.use_for_llm(model) and attn_implementation == attention.NAME:
-            raise UserError(f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
-                            f"(it runs {model.config.text_config._attn_implementation}); use auto or eager")
+            raise UserError(
+                f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
+                f"(it runs {model.config.text_config._attn_implementation}); use auto or eager"
+            )
     # PIL, as the fast pixel path computes: with torchvision installed (lmms-eval pulls it) transformers would pick
     # its torchvision backend, whose resizes differ by up to one grey level (docs/BENCHMARKS.md, "Pixels")
     processor = AutoProcessor.from_pretrained(path, backend="pil")

@@ -100,7 +100,9 @@ def turn_end_token(tokenizer) -> str:
 def special_tokens(tokenizer) -> set[str]:
     """The tokenizer's named special tokens and every added token marked special (reserved ones included)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return set(tokenizer.all_special_tokens) | {tok.content for tok in decoder.values() if getattr(tok, "special", False)}
+    return set(tokenizer.all_special_tokens) | {
+        tok.content for tok in decoder.values() if getattr(tok, "special", False)
+    }
 
 
 def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
@@ -174,8 +176,10 @@ def chat_template_from(spec: str, tokenizer) -> str:
         if spec == "vicuna" and not tokenizer.eos_token:
             missing.append("eos token (Vicuna closes answers with it)")
         if missing:
-            raise TemplateError(f"--chat-template {spec}: the tokenizer has no {', '.join(missing)}; this template "
-                                "needs them as single tokens (pick the template of the LLM's family, or pass a file)")
+            raise TemplateError(
+                f"--chat-template {spec}: the tokenizer has no {', '.join(missing)}; this template "
+                "needs them as single tokens (pick the template of the LLM's family, or pass a file)"
+            )
         return BUILTIN_TEMPLATES[spec]
     path = Path(spec).expanduser()
     if not path.is_file():

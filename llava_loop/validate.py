@@ -38,8 +38,13 @@ class Validator:
     def __init__(self, cfg: Config, accelerator, eval_set: LlavaDataset, loss_fn, blank_image: BlankImage, *, warn):
         self.cfg, self.accelerator, self.eval_set = cfg, accelerator, eval_set
         self.loss_fn, self.blank_image, self.warn = loss_fn, blank_image, warn
-        self.loader = make_eval_loader(eval_set, cfg, rank=accelerator.process_index,
-                                       world_size=accelerator.num_processes, pad_token_id=blank_image.pad_token_id)
+        self.loader = make_eval_loader(
+            eval_set,
+            cfg,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pad_token_id=blank_image.pad_token_id,
+        )
 
     def validate(self, model, step: int) -> dict:
         """``{step, eval_loss, eval_tokens, eval_left_out}``, the same on every process."""
@@ -47,10 +52,15 @@ class Validator:
         model.eval()
         loss_sum, tokens, left_out = heldout_loss_sums(model, self.lockstep(), self.loss_fn, device=acc.device)
         model.train()
-        total = acc.reduce(torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64, device=acc.device),
-                           reduction="sum").tolist()
-        metrics = {"step": step, "eval_loss": total[0] / max(total[1], 1), "eval_tokens": int(total[1]),
-                   "eval_left_out": int(total[2])}
+        total = acc.reduce(
+            torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64, device=acc.device), reduction="sum"
+        ).tolist()
+        metrics = {
+            "step": step,
+            "eval_loss": total[0] / max(total[1], 1),
+            "eval_tokens": int(total[1]),
+            "eval_left_out": int(total[2]),
+        }
         if metrics["eval_left_out"]:
             self.report_left_out(left_out, metrics["eval_left_out"])
         return metrics
@@ -61,11 +71,22 @@ class Validator:
         (an uneven split), an all-left-out batch or a text-only batch would leave the others waiting. The
         stand-ins are one padding token plus the blank image, with no labels: they add nothing to the loss."""
         pad = self.blank_image.pad_token_id
-        idle = {"input_ids": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE_INDEX]]), "ids": ["(idle)"],
-                "n_label_tokens": 0, "skipped": []}
-        idle.update({"position_ids": torch.tensor([[0]]), "sample_bounds": [0, 1],
-                     "cu_seq_lens": torch.tensor([0, 1], dtype=torch.int32)} if self.cfg.data.padding_free
-                    else {"attention_mask": torch.tensor([[1]])})
+        idle = {
+            "input_ids": torch.tensor([[pad]]),
+            "labels": torch.tensor([[IGNORE_INDEX]]),
+            "ids": ["(idle)"],
+            "n_label_tokens": 0,
+            "skipped": [],
+        }
+        idle.update(
+            {
+                "position_ids": torch.tensor([[0]]),
+                "sample_bounds": [0, 1],
+                "cu_seq_lens": torch.tensor([0, 1], dtype=torch.int32),
+            }
+            if self.cfg.data.padding_free
+            else {"attention_mask": torch.tensor([[1]])}
+        )
         longest = int(self.accelerator.reduce(torch.tensor(len(self.loader), device=self.accelerator.device), "max"))
         batches = iter(self.loader)
         for _ in range(longest):
@@ -79,7 +100,10 @@ class Validator:
         events = gather_object(local_events)
         reasons = ", ".join(f"{reason} x{n}" for reason, n in Counter(e[1] for e in events).most_common())
         d = self.cfg.data
-        setting = (f"data.eval_image_dir={d.eval_image_dir or d.image_dir}" if d.eval_path
-                   else f"data.image_dir={d.image_dir}")
-        self.warn(f"held-out loss: {count} of {len(self.eval_set)} samples left out ({reasons}; e.g. "
-                  f"{events[0][0]}: {events[0][2]}); check {setting} and run `llava-loop data check`")
+        setting = (
+            f"data.eval_image_dir={d.eval_image_dir or d.image_dir}" if d.eval_path else f"data.image_dir={d.image_dir}"
+        )
+        self.warn(
+            f"held-out loss: {count} of {len(self.eval_set)} samples left out ({reasons}; e.g. "
+            f"{events[0][0]}: {events[0][2]}); check {setting} and run `llava-loop data check`"
+        )

@@ -21,7 +21,6 @@ from .data.images import processed_size
 from .errors import BuildError
 
 
-
 @dataclass(frozen=True)
 class VisionFamily:
     name: str
@@ -39,11 +38,24 @@ class VisionFamily:
 
 
 FAMILIES = (
-    VisionFamily("clip", "clip", "clip_vision_model", ("text_model.", "text_projection.", "logit_scale"),
-                 ("visual_projection.",), has_cls=True),
+    VisionFamily(
+        "clip",
+        "clip",
+        "clip_vision_model",
+        ("text_model.", "text_projection.", "logit_scale"),
+        ("visual_projection.",),
+        has_cls=True,
+    ),
     # LLaVA-OneVision style: the attention-pooling head is dropped from the config, so it is neither stored nor run
-    VisionFamily("siglip", "siglip", "siglip_vision_model", ("text_model.", "logit_scale", "logit_bias"),
-                 ("head.",), has_cls=False, config_overrides={"vision_use_head": False}),
+    VisionFamily(
+        "siglip",
+        "siglip",
+        "siglip_vision_model",
+        ("text_model.", "logit_scale", "logit_bias"),
+        ("head.",),
+        has_cls=False,
+        config_overrides={"vision_use_head": False},
+    ),
 )
 CLIP, SIGLIP = FAMILIES
 NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
@@ -98,6 +110,7 @@ def load_image_processor(path: Path, family: VisionFamily, vision_config) -> tup
     """The tower's own image processor (``preprocessor_config.json``, legacy feature-extractor files included),
     else its family's processor class with that class's defaults at the tower's resolution."""
     from transformers import CLIPImageProcessor, SiglipImageProcessor
+
     # from its module: transformers 5.17's top-level AutoImageProcessor is a torchvision-only placeholder where
     # torchvision is missing (fixed by 5.24), and the GPU machine has no torchvision
     from transformers.models.auto.image_processing_auto import AutoImageProcessor

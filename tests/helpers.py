@@ -24,10 +24,15 @@ def write_config(path: Path, *, model: Path, data: dict, output_dir: Path, **sec
         "mode": "full",
         "output_dir": str(output_dir),
         "model": {"path": str(model)},
-        "data": {"path": str(data["train"]), "image_dir": str(data["train_images"]), "eval_path": str(data["val"]),
-                 "eval_image_dir": str(data["val_images"]), "num_workers": 0, "max_length": 256},
-        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0,
-                  "seed": 1},
+        "data": {
+            "path": str(data["train"]),
+            "image_dir": str(data["train_images"]),
+            "eval_path": str(data["val"]),
+            "eval_image_dir": str(data["val_images"]),
+            "num_workers": 0,
+            "max_length": 256,
+        },
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0, "seed": 1},
         "checkpoint": {"every": 0, "keep_last": 0},
         "eval": {"every": 0},
     }
@@ -56,8 +61,10 @@ def failure(what: str, out: subprocess.CompletedProcess) -> AssertionError:
     """A failed launch, with the lines that say why last: CI shows the head and tail of a long log, and a rank's
     abort message sits between the config echo and the launcher's traceback."""
     why = [line for line in out.stderr.splitlines() if WHY.search(line)][-40:]
-    return AssertionError(f"{what} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}\n"
-                          "--- the lines that say why ---\n" + "\n".join(why))
+    return AssertionError(
+        f"{what} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}\n"
+        "--- the lines that say why ---\n" + "\n".join(why)
+    )
 
 
 def free_port() -> int:
@@ -66,16 +73,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: Path, *overrides: str, processes: int = 0, timeout: int = 300, check: bool = True,
-           extra_env: dict | None = None, fault: str = "",
-           accelerate_config: str = "accelerate_config.yaml") -> subprocess.CompletedProcess:
+def launch(
+    config: Path,
+    *overrides: str,
+    processes: int = 0,
+    timeout: int = 300,
+    check: bool = True,
+    extra_env: dict | None = None,
+    fault: str = "",
+    accelerate_config: str = "accelerate_config.yaml",
+) -> subprocess.CompletedProcess:
     """``python train.py`` (processes=0) or ``accelerate launch --config_file accelerate_config.yaml`` (N processes;
     ``accelerate_config_zero3.yaml`` for ZeRO-3). ``fault`` runs tests/train_patched.py with that deliberate fault
     instead of train.py."""
     script = [str(TESTS / "train_patched.py"), fault] if fault else [str(ROOT / "train.py")]
     if processes:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / accelerate_config),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / accelerate_config),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+            *script,
+        ]
     else:
         cmd = [sys.executable, *script]
     cmd += ["--config", str(config), *overrides]
@@ -107,18 +131,43 @@ def train_here(config: Path, *overrides: str):
         reset_accelerate_state()
 
 
-def launch_two_nodes(config: Path, *overrides: str, timeout: int = 300, check: bool = True,
-                     per_node: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> list[subprocess.CompletedProcess]:
+def launch_two_nodes(
+    config: Path,
+    *overrides: str,
+    timeout: int = 300,
+    check: bool = True,
+    per_node: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+) -> list[subprocess.CompletedProcess]:
     """Two ``accelerate launch`` invocations (machine_rank 0 and 1, one process each) on loopback: a 2-node run.
     ``per_node`` adds overrides to one node only (e.g. a node-local output_dir)."""
     port = free_port()
     procs = []
     for rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               str(ROOT / "train.py"), "--config", str(config), *overrides, *per_node[rank]]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "accelerate_config.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            str(ROOT / "train.py"),
+            "--config",
+            str(config),
+            *overrides,
+            *per_node[rank],
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -295,7 +344,9 @@ class Snapshots:
     @staticmethod
     def _take(trainer):
         params = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
-        moments = [v.detach().clone() for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        moments = [
+            v.detach().clone() for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+        ]
         return {"params": params, "moments": moments, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
@@ -365,10 +416,18 @@ class GenerateOnEveryRank:
         forwards = []
         llava = next(m for m in model.modules() if type(m).__name__ == "LlavaForConditionalGeneration")  # under PEFT
         handle = llava.register_forward_hook(lambda *args: forwards.append(1))
-        generate(model, trainer.eval_set.encoder, [trainer.eval_set.image_dir / sample.images[0]], "Describe the image.",
-                 max_new_tokens=n, min_new_tokens=n)
+        generate(
+            model,
+            trainer.eval_set.encoder,
+            [trainer.eval_set.image_dir / sample.images[0]],
+            "Describe the image.",
+            max_new_tokens=n,
+            min_new_tokens=n,
+        )
         handle.remove()
-        (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(json.dumps({"n": n, "forwards": len(forwards)}))
+        (Path(trainer.output_dir) / f"generated_rank{rank}.json").write_text(
+            json.dumps({"n": n, "forwards": len(forwards)})
+        )
 
 
 class ModelStateBytes:
@@ -384,31 +443,38 @@ class ModelStateBytes:
         weights = held_weight_bytes(model)
         zero = trainer.optimizer.optimizer  # Accelerate's wrapper -> DeepSpeed's ZeRO optimizer
         masters = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
-        moments = [t for state in zero.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+        moments = [
+            t for state in zero.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim()
+        ]
         optimizer = sum(t.numel() * t.element_size() for t in [*masters, *moments])
         rank = trainer.accelerator.process_index
         (Path(trainer.output_dir) / f"model_state_bytes_rank{rank}.json").write_text(
-            json.dumps({"weights": weights, "optimizer": optimizer}))
+            json.dumps({"weights": weights, "optimizer": optimizer})
+        )
 
 
 def export_and_rerun_logits(checkpoint_dir: Path, run_dir: Path, out: Path, adapter_base: Path | None = None) -> dict:
     """``llava-loop export`` a checkpoint to ``out``, then, in a fresh interpreter that never imports llava_loop,
     run plain transformers on the inputs FinalLogits saved in ``run_dir``: {"merged": logits}, plus
     {"adapter": logits} of PEFT's adapter on ``adapter_base`` when given."""
-    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(checkpoint_dir), "--out",
-                    str(out)], check=True, env=env(), capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(checkpoint_dir), "--out", str(out)],
+        check=True,
+        env=env(),
+        capture_output=True,
+    )
     result = out.parent / f"{out.name}_logits.pt"
     script = f"""
 import sys, torch
 from transformers import LlavaForConditionalGeneration
-ref = torch.load({str(run_dir / 'final_logits.pt')!r})
+ref = torch.load({str(run_dir / "final_logits.pt")!r})
 model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
 with torch.no_grad():
     results = {{"merged": model(**ref["inputs"]).logits}}
 if {adapter_base is not None!r}:
     from peft import PeftModel
     base = LlavaForConditionalGeneration.from_pretrained({str(adapter_base)!r})
-    peft_model = PeftModel.from_pretrained(base, {str(out / 'adapter')!r}).eval()
+    peft_model = PeftModel.from_pretrained(base, {str(out / "adapter")!r}).eval()
     with torch.no_grad():
         results["adapter"] = peft_model(**ref["inputs"]).logits
 assert "llava_loop" not in sys.modules
@@ -424,7 +490,10 @@ class TrainedDtypes:
 
     def on_train_start(self, trainer):
         model = trainer.accelerator.unwrap_model(trainer.model)
-        dtypes = {name: str(getattr(p, "ds_tensor", p).dtype).removeprefix("torch.")
-                  for name, p in model.named_parameters() if p.requires_grad}
+        dtypes = {
+            name: str(getattr(p, "ds_tensor", p).dtype).removeprefix("torch.")
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
         rank = trainer.accelerator.process_index
         (Path(trainer.output_dir) / f"trained_dtypes_rank{rank}.json").write_text(json.dumps(dtypes))

@@ -44,18 +44,29 @@ def test_zero3_auto_buckets_are_sized_from_the_llm_hidden_size(tiny_model_dir, f
     zero["stage3_max_live_parameters"] = 12345
     backend.configure(load_config(None, ["data.path=x", f"model.path={tiny_model_dir}"]))
     h = AutoConfig.from_pretrained(tiny_model_dir).text_config.hidden_size
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
-        == (h * h, int(0.9 * h * h), 10 * h)
+    assert (
+        zero["reduce_bucket_size"],
+        zero["stage3_prefetch_bucket_size"],
+        zero["stage3_param_persistence_threshold"],
+    ) == (h * h, int(0.9 * h * h), 10 * h)
     assert zero["stage3_max_live_parameters"] == 12345
-    assert backend.rank_files() == ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-                                    "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    assert backend.rank_files() == (
+        "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+        "pytorch_model/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+    )
 
 
-@pytest.mark.parametrize("precision, accum, fp32_accumulation, weights", [
-    ("bf16", 4, True, torch.bfloat16), ("bf16", 1, False, torch.bfloat16), ("no", 4, False, torch.float32),
-])
+@pytest.mark.parametrize(
+    "precision, accum, fp32_accumulation, weights",
+    [
+        ("bf16", 4, True, torch.bfloat16),
+        ("bf16", 1, False, torch.bfloat16),
+        ("no", 4, False, torch.float32),
+    ],
+)
 def test_deepspeed_bf16_accumulates_in_fp32_and_loads_weights_as_the_engine_will_cast_them(
-        precision, accum, fp32_accumulation, weights, fresh_accelerate_state):
+    precision, accum, fp32_accumulation, weights, fresh_accelerate_state
+):
     from llava_loop.backends import DeepSpeedBackend, backend_for
 
     acc = _accelerator(precision, deepspeed=True)
@@ -68,9 +79,14 @@ def test_deepspeed_bf16_accumulates_in_fp32_and_loads_weights_as_the_engine_will
     assert backend.weights_dtype() == weights
 
 
-@pytest.mark.parametrize("device_type, precision, loaded", [
-    ("cuda", "bf16", torch.bfloat16), ("cuda", "no", torch.float32), ("cpu", "bf16", torch.float32),
-])
+@pytest.mark.parametrize(
+    "device_type, precision, loaded",
+    [
+        ("cuda", "bf16", torch.bfloat16),
+        ("cuda", "no", torch.float32),
+        ("cpu", "bf16", torch.float32),
+    ],
+)
 def test_the_plain_backend_loads_bf16_only_under_bf16_on_a_gpu(device_type, precision, loaded):
     from llava_loop.backends import plain_weights_dtype
 
@@ -92,7 +108,8 @@ def _dtypes(model, trained: bool) -> set:
 
 @pytest.mark.parametrize("deepspeed, trained", [(False, torch.float32), (True, torch.bfloat16)])
 def test_trained_weights_take_the_backends_dtype_and_frozen_ones_keep_the_loaded_one(
-        deepspeed, trained, tiny_model_dir, fresh_accelerate_state):
+    deepspeed, trained, tiny_model_dir, fresh_accelerate_state
+):
     """bf16-loaded LoRA (as the plain backend loads on a GPU under bf16, and DeepSpeed under bf16): PEFT made the
     adapters fp32. The plain backend trains fp32 master weights (adapters and projector cast up); DeepSpeed keeps
     its masters in the optimizer, so everything stays bf16 (adapters cast down). The optimizer holds the same
@@ -123,15 +140,22 @@ def test_adamw_is_fused_where_the_weights_it_steps_live_on_a_gpu(device_type, fu
 def _trainer(tmp_path, model_dir, shapes_data, precision):
     from llava_loop.loop import Trainer
 
-    config = helpers.write_config(tmp_path / "run.yaml", model=model_dir, data=shapes_data, output_dir=tmp_path / "run",
-                                  mode="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                                  train={"max_steps": 2, "precision": precision})
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "run",
+        mode="lora",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"max_steps": 2, "precision": precision},
+    )
     return Trainer(load_config(config))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU half; the GPU half is the next test")
-def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(tmp_path, tiny_model_dir, shapes_data,
-                                                                          fresh_accelerate_state):
+def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+):
     trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
     assert trainer.accelerator.mixed_precision == "bf16"
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
@@ -140,7 +164,8 @@ def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_bf16_run_on_a_gpu_holds_frozen_towers_in_bf16_and_trains_fp32_weights_with_fused_adamw(
-        tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+):
     trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
     model = trainer.model
     assert _dtypes(model, trained=False) == {torch.bfloat16} and _dtypes(model, trained=True) == {torch.float32}

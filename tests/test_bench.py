@@ -37,13 +37,33 @@ def test_gpu_benchmark_smoke_runs_the_real_launch_on_cpu_and_a_failed_launch_doe
     env = helpers.env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(site)])
     env["PYTHONPATH_MARKERS"] = str(markers)
-    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--port", str(helpers.free_port()),
-                          "--modes", "projector", "no-such-mode", "lora", "--out", str(tmp_path / "out")],
-                         cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu.py",
+            "--smoke",
+            "--port",
+            str(helpers.free_port()),
+            "--modes",
+            "projector",
+            "no-such-mode",
+            "lora",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=helpers.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1, out.stderr[-3000:]  # 1: a launch failed, and the bench went on
     rows = table_rows(out.stdout)
-    assert [row[:3] for row in rows] == [["tiny", "projector", "on"], ["tiny", "no-such-mode", "on"],
-                                         ["tiny", "lora", "on"]]
+    assert [row[:3] for row in rows] == [
+        ["tiny", "projector", "on"],
+        ["tiny", "no-such-mode", "on"],
+        ["tiny", "lora", "on"],
+    ]
     assert [row[-1].split(":")[0] for row in rows] == ["ok", "failed", "ok"]
     assert "mode" in rows[1][-1] and rows[1][3] == "—"
     assert "accelerate launch + DeepSpeed ZeRO-2" in out.stdout
@@ -60,8 +80,14 @@ def test_gpu_benchmark_smoke_runs_the_real_launch_on_cpu_and_a_failed_launch_doe
 @pytest.mark.slow
 def test_gpu_benchmark_starts_no_launch_past_its_time_budget():
     """Out of time before the first launch: every row is listed as skipped, nothing is launched, exit 0."""
-    out = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--budget-minutes", "0"], cwd=helpers.ROOT,
-                         env=helpers.env(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--smoke", "--budget-minutes", "0"],
+        cwd=helpers.ROOT,
+        env=helpers.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = table_rows(out.stdout)
     assert [(row[1], row[-1].split(":")[0]) for row in rows] == [("projector", "skipped"), ("lora", "skipped")]

@@ -17,8 +17,15 @@ from llava_loop.parts import count_params
 def _clip_configs():
     from transformers import CLIPConfig, CLIPVisionConfig
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                  image_size=28, patch_size=14, projection_dim=16)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+    )
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
     return CLIPVisionConfig(**vision), CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
 
@@ -36,8 +43,15 @@ def hand_made_towers(tmp_path_factory, qwen3_tokenizer_dir):
     CLIPVisionModel(vision_config).save_pretrained(root / "clip-vision")
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     for name, rows, tied in (("qwen-tied", 151936, True), ("qwen-exact", len(tokenizer), False)):
-        config = Qwen2Config(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+        config = Qwen2Config(
+            vocab_size=rows,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=tied,
+        )
         Qwen2ForCausalLM(config).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root
@@ -126,10 +140,18 @@ def test_tiny_model_loads_with_plain_transformers(tiny_model_dir):
 def test_cli_build_tiny_prints_report(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "llava_loop.cli", "build", "--preset", "tiny", "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    for needle in ("params: vision_tower", "params: projector", "params: llm", "<image> token id", "pad token id",
-                   "image tokens per image"):
+    for needle in (
+        "params: vision_tower",
+        "params: projector",
+        "params: llm",
+        "<image> token id",
+        "pad token id",
+        "image tokens per image",
+    ):
         assert needle in out.stdout
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert (tmp_path / "m" / "processor_config.json").is_file()
@@ -172,9 +194,20 @@ def test_bad_inputs_get_clear_errors(hand_made_towers, tmp_path):
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "build", "--vision", str(tmp_path / "x"), "--llm", str(tmp_path),
-         "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "build",
+            "--vision",
+            str(tmp_path / "x"),
+            "--llm",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "error: --vision" in out.stderr and "Traceback" not in out.stderr
@@ -184,11 +217,28 @@ def test_real_scale_parameter_counts_on_meta_device():
     """clip-vit-large-patch14-336 + Qwen2.5-3B-Instruct, from their published configs, no weights."""
     from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
-                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
     config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
@@ -248,9 +298,16 @@ def _build_cli(vision, llm, out, *extra) -> str:
 
 def test_an_invalid_jinja_chat_template_names_the_file_and_line(hand_made_towers, tmp_path):
     template = tmp_path / "broken.jinja"
-    template.write_text("{%- for message in messages -%}\n{{ message['role'] }}\n{{ message['content' }}\n{%- endfor -%}\n")
-    err = _build_cli(hand_made_towers / "clip-vision", hand_made_towers / "qwen-tied", tmp_path / "out",
-                     "--chat-template", str(template))
+    template.write_text(
+        "{%- for message in messages -%}\n{{ message['role'] }}\n{{ message['content' }}\n{%- endfor -%}\n"
+    )
+    err = _build_cli(
+        hand_made_towers / "clip-vision",
+        hand_made_towers / "qwen-tied",
+        tmp_path / "out",
+        "--chat-template",
+        str(template),
+    )
     assert f"--chat-template {template}: invalid Jinja at line 3" in err, err
     import shutil
 
@@ -258,7 +315,9 @@ def test_an_invalid_jinja_chat_template_names_the_file_and_line(hand_made_towers
     shutil.copytree(hand_made_towers / "qwen-tied", llm)
     (llm / "chat_template.jinja").write_text(template.read_text())
     err = _build_cli(hand_made_towers / "clip-vision", llm, tmp_path / "out")
-    assert f"--llm {llm}: its chat template (chat_template.jinja or tokenizer_config.json): invalid Jinja at line 3" in err
+    assert (
+        f"--llm {llm}: its chat template (chat_template.jinja or tokenizer_config.json): invalid Jinja at line 3" in err
+    )
 
 
 @pytest.mark.parametrize("template", [[], ["--chat-template", "chatml"]], ids=["own", "chatml"])
@@ -304,7 +363,10 @@ def test_the_composed_text_config_drops_the_llms_auto_map(hand_made_towers, tmp_
     llm = tmp_path / "qwen-remote"
     shutil.copytree(hand_made_towers / "qwen-tied", llm)
     config = json.loads((llm / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    }
     (llm / "config.json").write_text(json.dumps(config))
     build_llava(str(hand_made_towers / "clip-vision"), str(llm), tmp_path / "out")
     composed = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -20,13 +20,23 @@ N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24
 
 
 def _config(tmp_path, model_dir, shapes, name, **sections):
-    base = {"train": {"micro_batch_size": 2, "grad_accum": 2, "max_steps": N, "lr": 2e-3, "warmup_ratio": 0.34,
-                      "log_sample_ids": True},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
+    base = {
+        "train": {
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "max_steps": N,
+            "lr": 2e-3,
+            "warmup_ratio": 0.34,
+            "log_sample_ids": True,
+        },
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     data = base.pop("data", {})
-    path = helpers.write_config(tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name, **base)
+    path = helpers.write_config(
+        tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name, **base
+    )
     if data:  # extra data.* keys on top of the shapes paths
         import yaml
 
@@ -41,7 +51,10 @@ def _steps(output_dir):
 
 
 def _trajectory(steps, first, last):
-    return [(steps[s]["loss"], steps[s]["grad_norm"], steps[s]["lr"], steps[s]["sample_ids"]) for s in range(first, last + 1)]
+    return [
+        (steps[s]["loss"], steps[s]["grad_norm"], steps[s]["lr"], steps[s]["sample_ids"])
+        for s in range(first, last + 1)
+    ]
 
 
 def _final(output_dir):
@@ -62,8 +75,9 @@ def _bitwise_equal(a, b) -> bool:
 # each worker count and each batching once: the position is the sampler's (main process), the same with or
 # without workers, so (0, tokens) and (2, fixed) added nothing these two miss; the data-position control runs in both
 @pytest.mark.parametrize("workers, batching", [(0, "fixed"), (2, "tokens")])
-def test_interrupted_and_resumed_run_is_bitwise_identical(workers, batching, tmp_path, tiny_dropout_model_dir,
-                                                          shapes_data):
+def test_interrupted_and_resumed_run_is_bitwise_identical(
+    workers, batching, tmp_path, tiny_dropout_model_dir, shapes_data
+):
     """Fixed micro-batches, and packed micro-batches filled to a token budget (their size varies)."""
     hooks = ["helpers:FinalState", "helpers:StopAtStep"]
     stop = {"LLAVA_TEST_STOP_AT": str(K)}
@@ -147,11 +161,13 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, 
 def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(workers, target, tmp_path, tiny_model_dir, shapes_data):
     """SIGTERM to the main process, or to its whole process group as Slurm and Kubernetes send it (DataLoader
     workers included): finish the step, save, exit 0."""
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400},
-                     data={"num_workers": workers})
+    config = _config(
+        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400}, data={"num_workers": workers}
+    )
     cmd = [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
     metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
@@ -197,15 +213,18 @@ def _damaged_copy(finished_run, tmp_path):
     return target, config
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", r"file optimizer.bin listed in MANIFEST.json is missing"),
-    ("corrupt", r"file model.safetensors does not match its sha256"),
-    ("truncated", r"file optimizer.bin has \d+ bytes, expected \d+"),
-    ("incomplete", r"is incomplete \(no COMPLETE marker\)"),
-    ("manifest", r"MANIFEST.json is unreadable"),
-    ("world_size", r"written with world_size=4 but this run has world_size=1.*llava-loop export"),
-    ("mode", r"written with mode='full' but this run has mode='projector'"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", r"file optimizer.bin listed in MANIFEST.json is missing"),
+        ("corrupt", r"file model.safetensors does not match its sha256"),
+        ("truncated", r"file optimizer.bin has \d+ bytes, expected \d+"),
+        ("incomplete", r"is incomplete \(no COMPLETE marker\)"),
+        ("manifest", r"MANIFEST.json is unreadable"),
+        ("world_size", r"written with world_size=4 but this run has world_size=1.*llava-loop export"),
+        ("mode", r"written with mode='full' but this run has mode='projector'"),
+    ],
+)
 def test_bad_checkpoints_get_clear_errors(damage, message, finished_run, tmp_path, fresh_accelerate_state):
     from llava_loop.config import load_config
     from llava_loop.loop import Trainer
@@ -273,12 +292,20 @@ def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data):
 @pytest.mark.parametrize("mode, processes", [("full", 0), ("lora", 2)])  # merged and adapter; 1 and 2 processes
 def test_export_matches_the_trained_model(mode, processes, tmp_path, tiny_dropout_model_dir, shapes_data):
     """Exported logits equal the in-training model's; the adapter loads with plain PEFT on the base."""
-    config = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "run", mode=mode, hooks=["helpers:FinalLogits"],
-                     train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1})
+    config = _config(
+        tmp_path,
+        tiny_dropout_model_dir,
+        shapes_data,
+        "run",
+        mode=mode,
+        hooks=["helpers:FinalLogits"],
+        train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1},
+    )
     helpers.launch(config, processes=processes)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
-    exported = helpers.export_and_rerun_logits(ckpt, tmp_path / "run", tmp_path / "export",
-                                               adapter_base=tiny_dropout_model_dir if mode == "lora" else None)
+    exported = helpers.export_and_rerun_logits(
+        ckpt, tmp_path / "run", tmp_path / "export", adapter_base=tiny_dropout_model_dir if mode == "lora" else None
+    )
     reference = torch.load(tmp_path / "run" / "final_logits.pt")
     assert set(exported) == ({"merged", "adapter"} if mode == "lora" else {"merged"})
     for logits in exported.values():
@@ -333,8 +360,19 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     identity = {"world_size": 1, "backend": "plain"}
 
     def checkpointer(run_identity, mode="full"):
-        return Checkpointer(acc, backend, model, tmp_path, progress=TrainState(), states={"counter": counter},
-                            run_facts=run_identity, config_yaml=f"mode: {mode}\n", every=0, keep_last=0, verify="hash")
+        return Checkpointer(
+            acc,
+            backend,
+            model,
+            tmp_path,
+            progress=TrainState(),
+            states={"counter": counter},
+            run_facts=run_identity,
+            config_yaml=f"mode: {mode}\n",
+            every=0,
+            keep_last=0,
+            verify="hash",
+        )
 
     counter.n = 7
     path = checkpointer(identity).save(3)
@@ -357,16 +395,25 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     checkpointer(identity).load(*found)
     assert counter.n == 7
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
-    assert all(torch.equal(a, b) for a, b in
-               zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(moments, [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+    )
 
 
 def test_a_hook_with_state_is_restored_on_resume(tmp_path, tiny_model_dir, shapes_data):
     """A hook with state_dict/load_state_dict (a running mean of the loss) resumes where it stopped, with no edit of
     the loop: a 2-step run resumed to 3 ends with the mean of all 3 losses. Negative controls: a hook without the
     methods (RecordCalls) is not saved, and a run that does not resume starts the hook from its initial state."""
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 2, "micro_batch_size": 1,
-                     "grad_accum": 1}, data={"num_workers": 0}, hooks=["helpers:RunningLoss", "helpers:RecordCalls"])
+    config = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        "run",
+        train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": 1},
+        data={"num_workers": 0},
+        hooks=["helpers:RunningLoss", "helpers:RecordCalls"],
+    )
     helpers.train_here(config)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "hook_state_0.pt", weights_only=True)
     assert list(saved) == ["helpers:RunningLoss"] and saved["helpers:RunningLoss"]["count"] == 2
@@ -380,8 +427,7 @@ def test_a_hook_with_state_is_restored_on_resume(tmp_path, tiny_model_dir, shape
     assert json.loads((tmp_path / "run" / "running_loss.json").read_text())["count"] == 1  # from 0, not from 3
 
 
-def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_checkpoint(tmp_path,
-                                                                                      fresh_accelerate_state):
+def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_checkpoint(tmp_path, fresh_accelerate_state):
     """resume=overwrite sets the previous run's checkpoints aside. They survive a save of the new run that never
     completes (the negative control: the only complete copy stays, intact) and a keep_last=0 run (keep all), and
     go with the first prune after a complete save; the previous run's metrics stay."""
@@ -391,8 +437,19 @@ def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_check
     acc, backend, model, _ = _plain_run()
 
     def checkpointer(keep_last, kind=Checkpointer):
-        return kind(acc, backend, model, tmp_path, progress=TrainState(), states={}, run_facts={"world_size": 1},
-                    config_yaml="x: 1\n", every=0, keep_last=keep_last, verify="hash")
+        return kind(
+            acc,
+            backend,
+            model,
+            tmp_path,
+            progress=TrainState(),
+            states={},
+            run_facts={"world_size": 1},
+            config_yaml="x: 1\n",
+            every=0,
+            keep_last=keep_last,
+            verify="hash",
+        )
 
     class DiesWhileSealing(Checkpointer):
         def seal(self, tmp, final, files):
@@ -413,9 +470,17 @@ def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_check
 
 
 @pytest.mark.slow
-def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_files(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"micro_batch_size": 1, "max_steps": 2},
-                     hooks=["helpers:ProcessGroupTimeout"])
+def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_files(
+    tmp_path, tiny_model_dir, shapes_data
+):
+    config = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        "run",
+        train={"micro_batch_size": 1, "max_steps": 2},
+        hooks=["helpers:ProcessGroupTimeout"],
+    )
     helpers.launch(config, "train.dist_timeout_minutes=7", processes=2)
     assert float((tmp_path / "run" / "pg_timeout.txt").read_text()) == 7 * 60  # the setting reached the process group
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
@@ -432,10 +497,25 @@ def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_f
     (damaged / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     del manifest["files"]["pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     (damaged / checkpoint.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"no pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt from process 1 of 2"):
+    with pytest.raises(
+        CheckpointError, match=r"no pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt from process 1 of 2"
+    ):
         checkpoint.verify(damaged)
-    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(damaged), "--out",
-                          str(tmp_path / "export")], env=helpers.env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "export",
+            "--checkpoint",
+            str(damaged),
+            "--out",
+            str(tmp_path / "export"),
+        ],
+        env=helpers.env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "from process 1 of 2" in out.stderr
 
 
@@ -462,8 +542,21 @@ def test_a_flash_attention_checkpoint_exports_and_infers_without_flash_attention
     tree["model"]["attn_implementation"] = "flash_attention_2"
     (ckpt / "config.yaml").write_text(yaml.safe_dump(tree))
     _rewrite_manifest(ckpt)
-    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
-                          str(tmp_path / "export")], env=helpers.env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "export"),
+        ],
+        env=helpers.env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     from llava_loop.infer import load_for_inference
 
@@ -492,8 +585,9 @@ def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path,
 
 @pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
-                     checkpoint={"every": 2, "keep_last": 0})
+    config = _config(
+        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}
+    )
     helpers.train_here(config)
     broken = tmp_path / "run" / "checkpoints" / "step-000004"
     (broken / "optimizer.bin").write_bytes(b"garbage")
@@ -538,8 +632,13 @@ def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, tiny_mod
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_path, tiny_model_dir, shapes_data):
     config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400})
-    first = subprocess.Popen([sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)], cwd=helpers.ROOT,
-                             env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)],
+        cwd=helpers.ROOT,
+        env=helpers.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not metrics_file.exists():
@@ -560,29 +659,37 @@ def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_p
 
 @pytest.mark.slow
 def test_a_full_disk_names_the_problem_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
-                     checkpoint={"every": 2, "keep_last": 1})
+    config = _config(
+        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 1}
+    )
     out = helpers.launch(config, fault="disk-full:4", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "no space left on device while saving step 4 to" in out.stderr
     assert "GB free there); the previous checkpoint (step-000002) is intact" in out.stderr
     assert "Traceback" not in out.stderr and "basic_ios" not in out.stderr
     saved = checkpoint.complete_checkpoints(tmp_path / "run")
-    assert [p.name for p in saved] == ["step-000002"] and not (tmp_path / "run" / "checkpoints" / ".tmp-step-000004").exists()
+    assert [p.name for p in saved] == ["step-000002"] and not (
+        tmp_path / "run" / "checkpoints" / ".tmp-step-000004"
+    ).exists()
     checkpoint.verify(saved[0])
 
 
 def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(tmp_path), "--out",
-                          str(tmp_path / "x")], env=helpers.env(), capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")],
+        env=helpers.env(),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "not a checkpoint directory (expected output_dir/checkpoints/step-N)" in out.stderr
     assert "resume=" not in out.stderr
 
 
 @pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4},
-                     checkpoint={"every": 2, "keep_last": 0})
+    config = _config(
+        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}
+    )
     helpers.train_here(config)
     root = tmp_path / "run" / "checkpoints"
     out = helpers.launch(config, f"resume={root / 'step-000002'}")
@@ -612,12 +719,26 @@ def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shap
     import yaml
     from huggingface_hub import ModelCard
 
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", mode="lora", train={"max_steps": 2},
-                     eval={"every": 2})
+    config = _config(
+        tmp_path, tiny_model_dir, shapes_data, "run", mode="lora", train={"max_steps": 2}, eval={"every": 2}
+    )
     helpers.train_here(config)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
-    subprocess.run([sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(ckpt), "--out",
-                    str(tmp_path / "export")], check=True, env=helpers.env(), capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "export"),
+        ],
+        check=True,
+        env=helpers.env(),
+        capture_output=True,
+    )
     card = ModelCard.load(tmp_path / "export" / "README.md")
     build = json.loads((tiny_model_dir / "llava_loop_build.json").read_text())
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"

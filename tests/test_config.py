@@ -32,8 +32,17 @@ def test_shipped_configs_cover_the_modes_and_recipes():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["data.path=/x.json", "train.lr=1e-4", "train.grad_accum=4", "mode=none",
-                             "hooks=a.b:C,d.e:F", "train.gradient_checkpointing=true"])
+    cfg = load_config(
+        None,
+        [
+            "data.path=/x.json",
+            "train.lr=1e-4",
+            "train.grad_accum=4",
+            "mode=none",
+            "hooks=a.b:C,d.e:F",
+            "train.gradient_checkpointing=true",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.grad_accum == 4
     assert cfg.canonical_mode == "full"
@@ -81,18 +90,50 @@ def test_every_field_is_documented():
     rows = describe_fields()
     assert rows and all(help_text for *_, help_text in rows)
     keys = {k for k, *_ in rows}
-    fixed = {"mode", "output_dir", "resume", "loss", "hooks", "model.path", "data.path", "data.image_dir",
-             "data.num_workers", "data.max_length", "data.max_skip_fraction", "train.micro_batch_size",
-             "train.grad_accum", "train.max_steps", "train.epochs", "train.lr", "train.projector_lr",
-             "train.warmup_ratio", "train.weight_decay", "train.max_grad_norm", "train.gradient_checkpointing",
-             "train.seed", "checkpoint.every", "checkpoint.keep_last", "eval.every", "lora.r", "lora.alpha",
-             "lora.dropout", "lora.targets"}
+    fixed = {
+        "mode",
+        "output_dir",
+        "resume",
+        "loss",
+        "hooks",
+        "model.path",
+        "data.path",
+        "data.image_dir",
+        "data.num_workers",
+        "data.max_length",
+        "data.max_skip_fraction",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.max_steps",
+        "train.epochs",
+        "train.lr",
+        "train.projector_lr",
+        "train.warmup_ratio",
+        "train.weight_decay",
+        "train.max_grad_norm",
+        "train.gradient_checkpointing",
+        "train.seed",
+        "checkpoint.every",
+        "checkpoint.keep_last",
+        "eval.every",
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.targets",
+    }
     assert fixed <= keys
 
 
 def test_a_call_takes_a_string_or_fn_with_kwargs_and_overrides_reach_the_kwargs():
-    cfg = load_config(None, ["data.path=x", "loss=llava_loop.losses:ce_with_z_loss", "loss.kwargs.z_weight=1e-3",
-                             "setup=[{fn: a.b:c, kwargs: {n: 3}}]"])
+    cfg = load_config(
+        None,
+        [
+            "data.path=x",
+            "loss=llava_loop.losses:ce_with_z_loss",
+            "loss.kwargs.z_weight=1e-3",
+            "setup=[{fn: a.b:c, kwargs: {n: 3}}]",
+        ],
+    )
     assert cfg.loss == Call("llava_loop.losses:ce_with_z_loss", {"z_weight": 1e-3})
     assert cfg.setup == [Call("a.b:c", {"n": 3})]
     assert load_config(None, ["data.path=x"]).loss == Call("llava_loop.losses:label_only_ce", {})
@@ -108,14 +149,29 @@ def test_resume_may_change_cadence_and_schedule_but_not_what_trains_on_what():
     from llava_loop.config import change_line, config_differences
 
     saved = load_config(None, ["data.path=x"]).to_dict()
-    changed = load_config(None, ["data.path=x", "train.max_steps=9", "eval.every=5", "hooks=a:B",
-                                 "eval.holdout=10", "data.eval_path=y.json", "train.weight_decay=0.1",
-                                 "lora.r=8"]).to_dict()
+    changed = load_config(
+        None,
+        [
+            "data.path=x",
+            "train.max_steps=9",
+            "eval.every=5",
+            "hooks=a:B",
+            "eval.holdout=10",
+            "data.eval_path=y.json",
+            "train.weight_decay=0.1",
+            "lora.r=8",
+        ],
+    ).to_dict()
     differences = config_differences(saved, changed)
     applied = [change_line(key, old, new) for key, old, new, may_change in differences if may_change]
     refused = [change_line(key, old, new) for key, old, new, may_change in differences if not may_change]
     assert [line.split(":")[0] for line in applied] == ["eval.every", "hooks", "train.max_steps"]
-    assert [line.split(":")[0] for line in refused] == ["data.eval_path", "eval.holdout", "lora.r", "train.weight_decay"]
+    assert [line.split(":")[0] for line in refused] == [
+        "data.eval_path",
+        "eval.holdout",
+        "lora.r",
+        "train.weight_decay",
+    ]
 
 
 def test_the_modes_table_covers_exactly_the_config_modes():
@@ -130,8 +186,11 @@ def test_docs_config_reference_is_current():
     assert doc.read_text() == reference_markdown()
     for key, *_ in describe_fields():
         assert f"`{key}`" in doc.read_text()
-    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")[2] for line in doc.read_text().splitlines()
-            if line.startswith("| `")}
+    rows = {
+        line.split(" | ")[0].strip("| `"): line.split(" | ")[2]
+        for line in doc.read_text().splitlines()
+        if line.startswith("| `")
+    }
     assert rows["train.lr"] == "may change" and rows["train.seed"] == "kept"  # the column says what policy enforces
 
 

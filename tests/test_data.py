@@ -20,15 +20,19 @@ from llava_loop.data.records import Record, RecordError, Records, load_records
 from llava_loop.data.sampler import EpochSampler
 from llava_loop.data.skips import SkipSample, SkipTally, TooManySkips
 
-MULTI_TURN = Record("mt", ("img.jpg",), (
-    ("system", "You describe pictures."),
-    ("user", "What is this?\n<image>"),
-    ("assistant", "a red circle in the top left ."),
-    ("user", "And its colour?"),
-    ("assistant", "red, like a (ripe) tomato: 100% red!"),
-    ("user", "Shape?"),
-    ("assistant", "circle ."),
-))
+MULTI_TURN = Record(
+    "mt",
+    ("img.jpg",),
+    (
+        ("system", "You describe pictures."),
+        ("user", "What is this?\n<image>"),
+        ("assistant", "a red circle in the top left ."),
+        ("user", "And its colour?"),
+        ("assistant", "red, like a (ripe) tomato: 100% red!"),
+        ("user", "Shape?"),
+        ("assistant", "circle ."),
+    ),
+)
 
 
 def supervised_runs(ids, labels):
@@ -62,8 +66,11 @@ def qwen3_tokenizer(qwen3_tokenizer_dir):
 
 
 @pytest.mark.parametrize("which", ["tiny", "qwen3"])
-@pytest.mark.parametrize("record", [MULTI_TURN, Record("st", (), (("user", "Say hi."), ("assistant", "hi there .")))],
-                         ids=["multi_turn", "single_turn"])
+@pytest.mark.parametrize(
+    "record",
+    [MULTI_TURN, Record("st", (), (("user", "Say hi."), ("assistant", "hi there .")))],
+    ids=["multi_turn", "single_turn"],
+)
 def test_supervised_tokens_decode_to_exactly_the_answers(which, record, tiny_processor, qwen3_tokenizer):
     tokenizer = tiny_processor.tokenizer if which == "tiny" else qwen3_tokenizer
     ids, labels, turn_ends = tokenize_messages(tokenizer, record_messages(record))
@@ -122,7 +129,9 @@ def test_truncation_drops_later_turns_whole_and_never_splits_the_image_block(tin
         assert len(ids) <= max_length
         assert ids.count(image_id) == 64  # the block is whole or the sample is skipped
         runs = supervised_runs(ids, labels)
-        assert [tiny_processor.tokenizer.decode(r) for r in runs] == [a + "<|im_end|>" for a in answers(MULTI_TURN)[: len(runs)]]
+        assert [tiny_processor.tokenizer.decode(r) for r in runs] == [
+            a + "<|im_end|>" for a in answers(MULTI_TURN)[: len(runs)]
+        ]
         assert ids == full[0][: len(ids)]  # a prefix cut at a turn boundary
         seen_turn_counts.add(len(runs))
     assert seen_turn_counts == set(range(1, n_answers + 1))
@@ -238,12 +247,29 @@ def _bad_case(case: str, image_dir) -> Record:
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing_image", "empty_image", "corrupt_image", "truncated_image", "decompression_bomb",
-             "image_token_mismatch", "empty_answer", "unknown_role", "too_long", "unsafe_path:parent",
-             "unsafe_path:absolute", "unsafe_path:symlink", "not_a_file:directory", "not_a_file:symlink_loop"]
-DETAILS = {"unsafe_path:parent": "is not inside the image folder", "unsafe_path:absolute": "allow_absolute_paths",
-           "unsafe_path:symlink": "is a symbolic link to",
-           "not_a_file:directory": "is a directory", "not_a_file:symlink_loop": "broken or looping symbolic link"}
+BAD_CASES = [
+    "missing_image",
+    "empty_image",
+    "corrupt_image",
+    "truncated_image",
+    "decompression_bomb",
+    "image_token_mismatch",
+    "empty_answer",
+    "unknown_role",
+    "too_long",
+    "unsafe_path:parent",
+    "unsafe_path:absolute",
+    "unsafe_path:symlink",
+    "not_a_file:directory",
+    "not_a_file:symlink_loop",
+]
+DETAILS = {
+    "unsafe_path:parent": "is not inside the image folder",
+    "unsafe_path:absolute": "allow_absolute_paths",
+    "unsafe_path:symlink": "is a symbolic link to",
+    "not_a_file:directory": "is a directory",
+    "not_a_file:symlink_loop": "broken or looping symbolic link",
+}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -251,7 +277,10 @@ def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_proce
     tmp_path = tmp_path / "images"
     tmp_path.mkdir()
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
-    good = [Record(f"good{i}", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square ."))) for i in range(7)]
+    good = [
+        Record(f"good{i}", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square .")))
+        for i in range(7)
+    ]
     records = Records.from_records(good[:3] + [_bad_case(case, tmp_path)] + good[3:])
     encoder = SampleEncoder(tiny_processor, max_length=160, max_image_pixels=1_000_000)
     dataset = LlavaDataset(records, encoder, tmp_path, seed=0)
@@ -265,7 +294,9 @@ def test_bad_sample_is_skipped_counted_and_the_batch_stays_full(case, tiny_proce
     assert tally.counts == Counter({case.split(":")[0]: 1}) and tally.bad_ids == {case}
     assert DETAILS.get(case, "") in events[0][2]
     # the replacement is deterministic: a second pass picks the same samples
-    assert [b["ids"] for b in DataLoader(dataset, batch_size=4, collate_fn=loader.collate_fn)] == [b["ids"] for b in batches]
+    assert [b["ids"] for b in DataLoader(dataset, batch_size=4, collate_fn=loader.collate_fn)] == [
+        b["ids"] for b in batches
+    ]
 
 
 def test_skip_budget_stops_the_run_with_a_clear_error():
@@ -273,12 +304,16 @@ def test_skip_budget_stops_the_run_with_a_clear_error():
     tally.add([("r1", "missing_image", "x/1.jpg does not exist")])
     tally.check(dataset_size=200, max_fraction=0.01, source="chat.json")  # 1 of 200 is within 1%
     tally.add([("r2", "corrupt_image", "bad"), ("r3", "missing_image", "x/3.jpg does not exist")])
-    with pytest.raises(TooManySkips, match=r"3 of 200 records in chat.json were skipped.*missing_image=2.*max_skip_fraction"):
+    with pytest.raises(
+        TooManySkips, match=r"3 of 200 records in chat.json were skipped.*missing_image=2.*max_skip_fraction"
+    ):
         tally.check(dataset_size=200, max_fraction=0.01, source="chat.json")
 
 
 def test_a_dataset_of_only_bad_records_fails_fast_naming_the_image_dir(tiny_processor, tmp_path):
-    records = Records.from_records([Record(f"r{i}", (f"{i}.jpg",), (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)])
+    records = Records.from_records(
+        [Record(f"r{i}", (f"{i}.jpg",), (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)]
+    )
     dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path / "wrong-dir")
     with pytest.raises(DataError, match="check data.image_dir"):
         dataset[0]
@@ -288,16 +323,24 @@ def test_a_dataset_of_only_bad_records_fails_fast_naming_the_image_dir(tiny_proc
 # Records files
 # ---------------------------------------------------------------------------------------------
 
-LLAVA_RECORD = {"id": "GCC_1", "image": "GCC_1.jpg",
-                "conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "a dog ."}]}
+LLAVA_RECORD = {
+    "id": "GCC_1",
+    "image": "GCC_1.jpg",
+    "conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "a dog ."}],
+}
 
 
 @pytest.mark.parametrize("layout", ["list", "jsonl", "data_wrapper", "role_content", "jsonl_in_json"])
 def test_record_file_layouts(layout, tmp_path):
     records = [LLAVA_RECORD, {**LLAVA_RECORD, "id": "GCC_2"}]
     if layout == "role_content":
-        records = [{"id": "m", "image": "m.jpg", "messages": [{"role": "user", "content": "<image>\nHi"},
-                                                             {"role": "assistant", "content": "hello ."}]}]
+        records = [
+            {
+                "id": "m",
+                "image": "m.jpg",
+                "messages": [{"role": "user", "content": "<image>\nHi"}, {"role": "assistant", "content": "hello ."}],
+            }
+        ]
     path = tmp_path / ("data.jsonl" if layout == "jsonl" else "data.json")
     if layout in ("jsonl", "jsonl_in_json"):
         path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -312,14 +355,20 @@ def test_record_file_layouts(layout, tmp_path):
     assert first.images[0].endswith(".jpg") and len(first.images) == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    ('[{"id": 1, "conversations": [}]', r"data.json: malformed JSON at line 1 column \d+"),
-    ('[{"id": "a", "image": "a.jpg"}]', r"data.json: record 0 \(id 'a'\): no 'conversations' list"),
-    ('[{"id": "a", "conversations": [{"from": "human"}]}]', r"record 0 \(id 'a'\): message 0 needs 'from'\+'value'"),
-    ('[{"id": "a", "conversations": [{"from": "human", "value": [1]}]}]', r"content is list, expected a string"),
-    ('[{"id": "a", "conversations": []}]', r"'conversations' must be a non-empty list"),
-    ('{"x": 1}', r"expected a JSON list of records"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"id": 1, "conversations": [}]', r"data.json: malformed JSON at line 1 column \d+"),
+        ('[{"id": "a", "image": "a.jpg"}]', r"data.json: record 0 \(id 'a'\): no 'conversations' list"),
+        (
+            '[{"id": "a", "conversations": [{"from": "human"}]}]',
+            r"record 0 \(id 'a'\): message 0 needs 'from'\+'value'",
+        ),
+        ('[{"id": "a", "conversations": [{"from": "human", "value": [1]}]}]', r"content is list, expected a string"),
+        ('[{"id": "a", "conversations": []}]', r"'conversations' must be a non-empty list"),
+        ('{"x": 1}', r"expected a JSON list of records"),
+    ],
+)
 def test_structural_errors_fail_at_startup_naming_file_and_record(tmp_path, content, message):
     path = tmp_path / "data.json"
     path.write_text(content)
@@ -339,8 +388,9 @@ def test_bad_jsonl_line_and_bad_encoding_are_named(tmp_path):
 
 
 def test_records_subset_and_fingerprint(tmp_path):
-    records = Records.from_records([Record(str(i), ("x.jpg",) if i % 2 else (), (("user", "a" * (i * 8)), ("assistant", "b")))
-                                    for i in range(10)])
+    records = Records.from_records(
+        [Record(str(i), ("x.jpg",) if i % 2 else (), (("user", "a" * (i * 8)), ("assistant", "b"))) for i in range(10)]
+    )
     sub = records.subset([7, 2, 9])
     assert [r.id for r in (sub[0], sub[1], sub[2])] == ["7", "2", "9"]
     assert [r.id for r in (sub.subset([2, 0])[0], sub.subset([2, 0])[1])] == ["9", "7"]
@@ -349,8 +399,9 @@ def test_records_subset_and_fingerprint(tmp_path):
     assert len({records.fingerprint(), sub.fingerprint(), records.subset([2, 7, 9]).fingerprint()}) == 3
 
 
-def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(tmp_path, shapes_data, tiny_processor,
-                                                                              monkeypatch):
+def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(
+    tmp_path, shapes_data, tiny_processor, monkeypatch
+):
     from llava_loop.data.lengths import token_lengths
 
     monkeypatch.setenv("LLAVA_LOOP_CACHE", str(tmp_path / "cache"))
@@ -364,7 +415,9 @@ def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(tm
     assert "counted, cached at" in said[-1]
     np.save(cached, lengths + 1)  # the second run reads the file, whatever it holds
     assert (token_lengths(records, encoder, say=said.append) == lengths + 1).all() and "from the cache" in said[-1]
-    short = SampleEncoder(tiny_processor, max_length=100)  # negative control: a setting that changes lengths counts again
+    short = SampleEncoder(
+        tiny_processor, max_length=100
+    )  # negative control: a setting that changes lengths counts again
     assert token_lengths(records, short, say=said.append).max() <= 100 and "counted" in said[-1]
     assert token_lengths(records.subset([1, 0]), encoder).tolist() == lengths[[1, 0]].tolist()
 
@@ -377,10 +430,20 @@ def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(tm
 def test_collator_masks_from_lengths_even_when_pad_is_a_real_token(tiny_processor):
     pad = tiny_processor.tokenizer.pad_token_id
     samples = [
-        {"id": "a", "input_ids": torch.tensor([5, pad, 6, pad]), "labels": torch.tensor([-100, pad, 6, pad]),
-         "pixel_values": torch.zeros(1, 3, 64, 64), "skipped": []},
-        {"id": "b", "input_ids": torch.tensor([7, 8]), "labels": torch.tensor([-100, 8]), "pixel_values": None,
-         "skipped": [("z", "missing_image", "")]},
+        {
+            "id": "a",
+            "input_ids": torch.tensor([5, pad, 6, pad]),
+            "labels": torch.tensor([-100, pad, 6, pad]),
+            "pixel_values": torch.zeros(1, 3, 64, 64),
+            "skipped": [],
+        },
+        {
+            "id": "b",
+            "input_ids": torch.tensor([7, 8]),
+            "labels": torch.tensor([-100, 8]),
+            "pixel_values": None,
+            "skipped": [("z", "missing_image", "")],
+        },
     ]
     batch = Collator(pad)(samples)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # real pad tokens stay visible
@@ -394,20 +457,25 @@ def test_mixed_image_and_text_batch_runs_through_the_model(tiny_model_dir, tiny_
     from transformers import LlavaForConditionalGeneration
 
     (tmp_path / "good.jpg").write_bytes(_jpeg_bytes())
-    records = Records.from_records([
-        Record("img", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square ."))),
-        Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
-    ])
+    records = Records.from_records(
+        [
+            Record("img", ("good.jpg",), (("user", "<image>\nDescribe."), ("assistant", "a green square ."))),
+            Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
+        ]
+    )
     dataset = LlavaDataset(records, SampleEncoder(tiny_processor, max_length=128), tmp_path)
     batch = Collator(tiny_processor.tokenizer.pad_token_id)([dataset[0], dataset[1]])
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    )
     assert torch.isfinite(out.logits).all()
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_a_blank_image_puts_a_text_only_batch_through_the_vision_path_and_changes_nothing_else(packed, tiny_model_dir,
-                                                                                              tmp_path):
+def test_a_blank_image_puts_a_text_only_batch_through_the_vision_path_and_changes_nothing_else(
+    packed, tiny_model_dir, tmp_path
+):
     """Every process must run the vision path on every micro-batch (ZeRO's reduce buckets, ZeRO-3's gathers): a
     text-only one gets the blank image. Its loss stays what it was, the projector now gets a gradient, and that
     gradient is exactly zero; a batch that shows an image passes untouched."""
@@ -418,8 +486,12 @@ def test_a_blank_image_puts_a_text_only_batch_through_the_vision_path_and_change
 
     model, processor = load_model(tiny_model_dir, packed=packed)
     encoder = SampleEncoder(processor, max_length=128)
-    records = Records.from_records([Record("a", (), (("user", "Say hi."), ("assistant", "hi ."))),
-                                    Record("b", (), (("user", "A colour?"), ("assistant", "a green one .")))])
+    records = Records.from_records(
+        [
+            Record("a", (), (("user", "Say hi."), ("assistant", "hi ."))),
+            Record("b", (), (("user", "A colour?"), ("assistant", "a green one ."))),
+        ]
+    )
     dataset = LlavaDataset(records, encoder, tmp_path)
     batch = Collator(processor.tokenizer.pad_token_id, packed)([dataset[0], dataset[1]])
     blank = BlankImage(encoder, "cpu")
@@ -437,12 +509,16 @@ def test_a_blank_image_puts_a_text_only_batch_through_the_vision_path_and_change
     assert all(p.grad is not None and not p.grad.any() for p in projector)
 
 
-TWO_IMAGES = Record("two", ("red.png", "blue.png"), (
-    ("user", "First:\n<image>\nSecond:\n<image>\nWhich one is red?"),
-    ("assistant", "the first ."),
-    ("user", "And now?\n<image>"),
-    ("assistant", "blue ."),
-))
+TWO_IMAGES = Record(
+    "two",
+    ("red.png", "blue.png"),
+    (
+        ("user", "First:\n<image>\nSecond:\n<image>\nWhich one is red?"),
+        ("assistant", "the first ."),
+        ("user", "And now?\n<image>"),
+        ("assistant", "blue ."),
+    ),
+)
 
 
 def _solid_images(folder, colours):
@@ -487,15 +563,18 @@ def test_truncating_a_multi_image_record_drops_the_images_of_dropped_turns(tiny_
 
 
 def test_a_batch_of_text_one_and_two_image_samples_fills_each_placeholder_with_its_image(
-        tiny_model_dir, tiny_processor, tmp_path):
+    tiny_model_dir, tiny_processor, tmp_path
+):
     """Rows of one batch give the logits each sample gives alone: pixels are stacked in row and tag order. Swapping
     the two images of the two-image sample (the negative control) changes its logits."""
     from transformers import LlavaForConditionalGeneration
 
     _solid_images(tmp_path, {"red.png": (220, 30, 30), "blue.png": (30, 30, 220), "green.png": (30, 200, 30)})
-    records = [Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
-               Record("two", ("red.png", "blue.png"), TWO_IMAGES.turns[:2]),
-               Record("one", ("green.png",), (("user", "<image>\nDescribe."), ("assistant", "green .")))]
+    records = [
+        Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
+        Record("two", ("red.png", "blue.png"), TWO_IMAGES.turns[:2]),
+        Record("one", ("green.png",), (("user", "<image>\nDescribe."), ("assistant", "green ."))),
+    ]
     dataset = LlavaDataset(Records.from_records(records), SampleEncoder(tiny_processor, max_length=512), tmp_path)
     samples = [dataset[i] for i in range(len(records))]
     collate = Collator(tiny_processor.tokenizer.pad_token_id)
@@ -534,8 +613,9 @@ def test_token_budget_batches_fit_the_budget_and_are_a_function_of_seed_and_epoc
     lengths = np.random.default_rng(0).integers(40, 700, 500)
 
     def batches(seed, epoch, window=64):
-        return TokenBudgetBatches(EpochSampler(500, seed=seed), lengths, 2048, packed=packed, window=window,
-                                  multiple=4).batches(epoch)
+        return TokenBudgetBatches(
+            EpochSampler(500, seed=seed), lengths, 2048, packed=packed, window=window, multiple=4
+        ).batches(epoch)
 
     first = batches(1, 0)
     cost = (lambda b: sum(lengths[b])) if packed else (lambda b: len(b) * max(lengths[b]))
@@ -579,8 +659,20 @@ def _cli(*args):
 
 
 def test_data_synth_writes_the_llava_cc3m_layout(tmp_path):
-    out = _cli("data", "synth", "--out", str(tmp_path / "shapes"), "--n", "12", "--seed", "3", "--size", "96",
-               "--max-turns", "2")
+    out = _cli(
+        "data",
+        "synth",
+        "--out",
+        str(tmp_path / "shapes"),
+        "--n",
+        "12",
+        "--seed",
+        "3",
+        "--size",
+        "96",
+        "--max-turns",
+        "2",
+    )
     assert out.returncode == 0, out.stderr
     records = json.loads((tmp_path / "shapes" / "chat.json").read_text())
     assert len(records) == 12
@@ -610,8 +702,17 @@ def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
     records[2]["conversations"][1]["value"] = ""
     (tmp_path / "d" / "images" / records[3]["image"]).write_bytes(b"garbage")
     path.write_text(json.dumps(records))
-    out = _cli("data", "check", "--data", str(path), "--image-dir", str(tmp_path / "d" / "images"), "--decode",
-               "--json", str(tmp_path / "report.json"))
+    out = _cli(
+        "data",
+        "check",
+        "--data",
+        str(path),
+        "--image-dir",
+        str(tmp_path / "d" / "images"),
+        "--decode",
+        "--json",
+        str(tmp_path / "report.json"),
+    )
     assert out.returncode == 1
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problems"] == {"missing_image": 1, "empty_answer": 1, "corrupt_image": 1}
@@ -643,43 +744,87 @@ def test_convert_caption_tables(tmp_path):
     assert out.returncode == 0, out.stderr
     records = load_records(tmp_path / "c.json")
     assert [(r.images[0], r.turns[-1]) for r in (records[0], records[1])] == [
-        ("a.jpg", ("assistant", "A sign that reads OPEN.")), ("b.jpg", ("assistant", "Two cats."))]
+        ("a.jpg", ("assistant", "A sign that reads OPEN.")),
+        ("b.jpg", ("assistant", "Two cats.")),
+    ]
     assert all("<image>" in records[i].turns[0][1] for i in range(2))
     (tmp_path / "t.jsonl").write_text(json.dumps({"img_file": "x.png", "text": "hi"}) + "\n")
     bad = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "d.json"))
     assert bad.returncode == 2 and "row 0: no image column" in bad.stderr and "--image-key" in bad.stderr
-    ok = _cli("data", "convert", "captions", "--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "d.json"),
-              "--image-key", "img_file", "--prompt", "Read the text.")
+    ok = _cli(
+        "data",
+        "convert",
+        "captions",
+        "--input",
+        str(tmp_path / "t.jsonl"),
+        "--out",
+        str(tmp_path / "d.json"),
+        "--image-key",
+        "img_file",
+        "--prompt",
+        "Read the text.",
+    )
     assert ok.returncode == 0
     assert load_records(tmp_path / "d.json")[0].turns[0][1] in ("<image>\nRead the text.", "Read the text.\n<image>")
 
 
 def test_convert_sharegpt_and_openai_style_conversations(tmp_path):
     rows = [
-        {"id": "s1", "image": "s1.jpg", "conversations": [{"from": "human", "value": "What is shown?"},
-                                                           {"from": "gpt", "value": "A bridge."},
-                                                           {"from": "human", "value": "Where?"},
-                                                           {"from": "gpt", "value": "Over a river."}]},
-        {"id": "o1", "images": ["o1.png"], "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "A red bus."}]}]},
+        {
+            "id": "s1",
+            "image": "s1.jpg",
+            "conversations": [
+                {"from": "human", "value": "What is shown?"},
+                {"from": "gpt", "value": "A bridge."},
+                {"from": "human", "value": "Where?"},
+                {"from": "gpt", "value": "Over a river."},
+            ],
+        },
+        {
+            "id": "o1",
+            "images": ["o1.png"],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red bus."}]},
+            ],
+        },
     ]
     rows += [  # ShareGPT-4o style with two images beside the text, and interleaved OpenAI-style parts
-        {"id": "m1", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "Which is red?"},
-                                                                    {"from": "gpt", "value": "The first."}]},
-        {"id": "m2", "images": ["c.png", "d.png"], "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Left:"}, {"type": "image"},
-                                         {"type": "text", "text": "Right:"}, {"type": "image"},
-                                         {"type": "text", "text": "Same?"}]},
-            {"role": "assistant", "content": "No."}]},
+        {
+            "id": "m1",
+            "image": ["a.jpg", "b.jpg"],
+            "conversations": [{"from": "human", "value": "Which is red?"}, {"from": "gpt", "value": "The first."}],
+        },
+        {
+            "id": "m2",
+            "images": ["c.png", "d.png"],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Left:"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Right:"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Same?"},
+                    ],
+                },
+                {"role": "assistant", "content": "No."},
+            ],
+        },
     ]
     (tmp_path / "in.json").write_text(json.dumps(rows))
-    out = _cli("data", "convert", "conversations", "--input", str(tmp_path / "in.json"), "--out", str(tmp_path / "o.json"))
+    out = _cli(
+        "data", "convert", "conversations", "--input", str(tmp_path / "in.json"), "--out", str(tmp_path / "o.json")
+    )
     assert out.returncode == 0, out.stderr
     records = load_records(tmp_path / "o.json")
     first, second, two, interleaved = (records[i] for i in range(4))
     assert first.turns[0] == ("user", "<image>\nWhat is shown?") and len(first.turns) == 4
-    assert second.images == ("o1.png",) and second.turns == (("user", "<image>\nDescribe it."), ("assistant", "A red bus."))
+    assert second.images == ("o1.png",) and second.turns == (
+        ("user", "<image>\nDescribe it."),
+        ("assistant", "A red bus."),
+    )
     assert two.images == ("a.jpg", "b.jpg") and two.turns[0] == ("user", "<image>\n<image>\nWhich is red?")
     assert interleaved.images == ("c.png", "d.png")
     assert interleaved.turns[0] == ("user", "Left:\n<image>\nRight:\n<image>\nSame?")
@@ -687,7 +832,9 @@ def test_convert_sharegpt_and_openai_style_conversations(tmp_path):
         record_messages(record)
     rows[3]["messages"][0]["content"].pop(1)  # one image part for two images
     (tmp_path / "bad.json").write_text(json.dumps(rows))
-    bad = _cli("data", "convert", "conversations", "--input", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.json"))
+    bad = _cli(
+        "data", "convert", "conversations", "--input", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b.json")
+    )
     assert bad.returncode == 2 and "record 3: 1 <image> tags or image parts for 2 images" in bad.stderr
 
 

@@ -22,11 +22,18 @@ def _overrides(inputs, tmp_path):
     """The demo config with a smaller data set: one epoch of 200 steps, about a minute here. No time limit: the
     demo's own would make the result depend on how busy the machine is (it stopped a loaded run at step 60)."""
     return [
-        f"model.path={inputs / 'tiny'}", f"output_dir={tmp_path / 'demo'}",
-        f"data.path={inputs / 'data/train/chat.json'}", f"data.image_dir={inputs / 'data/train/images'}",
-        f"data.eval_path={inputs / 'data/val/chat.json'}", f"data.eval_image_dir={inputs / 'data/val/images'}",
-        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 3200}}]", "data.num_workers=0", "train.epochs=1", "train.time_limit_minutes=0",
-        "eval.every=50", "eval.max_samples=160",
+        f"model.path={inputs / 'tiny'}",
+        f"output_dir={tmp_path / 'demo'}",
+        f"data.path={inputs / 'data/train/chat.json'}",
+        f"data.image_dir={inputs / 'data/train/images'}",
+        f"data.eval_path={inputs / 'data/val/chat.json'}",
+        f"data.eval_image_dir={inputs / 'data/val/images'}",
+        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 3200}}]",
+        "data.num_workers=0",
+        "train.epochs=1",
+        "train.time_limit_minutes=0",
+        "eval.every=50",
+        "eval.max_samples=160",
     ]
 
 
@@ -49,7 +56,6 @@ def test_with_pixels_zeroed_the_demo_stays_at_chance(demo_inputs, tmp_path, monk
     assert results["after"]["color_accuracy"] < 0.4
 
 
-
 def _first_answer_token_accuracy(model, processor, records: list[dict], image_dir, *, swap: bool) -> float:
     """Teacher-forced accuracy of each answer's first token (the colour word: greedy decoding's first choice),
     with each record's two images in their order or swapped."""
@@ -61,8 +67,11 @@ def _first_answer_token_accuracy(model, processor, records: list[dict], image_di
     from llava_loop.losses import supervised_logits
 
     swapped = [{**r, "image": r["image"][::-1] if swap else r["image"]} for r in records]
-    dataset = LlavaDataset(Records.from_records([normalize_record(r, Path("pairs"), i) for i, r in enumerate(swapped)]),
-                           SampleEncoder(processor, max_length=256), image_dir)
+    dataset = LlavaDataset(
+        Records.from_records([normalize_record(r, Path("pairs"), i) for i, r in enumerate(swapped)]),
+        SampleEncoder(processor, max_length=256),
+        image_dir,
+    )
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     model.eval()
     with torch.no_grad():
@@ -86,13 +95,19 @@ def test_the_model_learns_to_tell_two_images_apart(tmp_path, tiny_model_dir, fre
     from llava_loop.demo.shapes import write_shapes
     from llava_loop.loop import Trainer
 
-    data = {"train": write_shapes(tmp_path / "train", 3000, seed=0, size=64, pair_ratio=1.0, prefix="t"),
-            "train_images": tmp_path / "train" / "images",
-            "val": write_shapes(tmp_path / "val", 100, seed=1, size=64, pair_ratio=1.0, prefix="v"),
-            "val_images": tmp_path / "val" / "images"}
-    config = helpers.write_config(tmp_path / "pairs.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / "run",
-                                  train={"max_steps": 700, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05,
-                                         "weight_decay": 0.0})
+    data = {
+        "train": write_shapes(tmp_path / "train", 3000, seed=0, size=64, pair_ratio=1.0, prefix="t"),
+        "train_images": tmp_path / "train" / "images",
+        "val": write_shapes(tmp_path / "val", 100, seed=1, size=64, pair_ratio=1.0, prefix="v"),
+        "val_images": tmp_path / "val" / "images",
+    }
+    config = helpers.write_config(
+        tmp_path / "pairs.yaml",
+        model=tiny_model_dir,
+        data=data,
+        output_dir=tmp_path / "run",
+        train={"max_steps": 700, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05, "weight_decay": 0.0},
+    )
     trainer = Trainer(load_config(config, []))
     trainer.fit()
     records = json.loads(data["val"].read_text())
@@ -126,8 +141,10 @@ def test_prepare_leaves_existing_data_paths_alone_and_makes_only_the_missing_one
     prepare(_prepare_config(tiny_model_dir, path=parquet, eval_path=held_out), samples=32)
     assert _tree(tmp_path) == before
     fresh = tmp_path / "fresh" / "val.json"
-    prepare(_prepare_config(tiny_model_dir, path=parquet, eval_path=fresh, eval_image_dir=fresh.parent / "images"),
-            samples=32)
+    prepare(
+        _prepare_config(tiny_model_dir, path=parquet, eval_path=fresh, eval_image_dir=fresh.parent / "images"),
+        samples=32,
+    )
     assert fresh.is_file() and len(list((fresh.parent / "images").iterdir())) == 32
     assert [entry for entry in _tree(tmp_path) if not entry[0].startswith("fresh")] == before
 
@@ -145,15 +162,23 @@ def test_prepare_refuses_to_write_into_an_existing_model_towers_or_image_folder(
     (tmp_path / "train" / "images" / "train_000000.jpg").write_bytes(b"the user's")
     before = _tree(tmp_path)
     unmade = tmp_path / "unmade.json"  # the model comes first: a refusal there writes no data either
-    cases = [(_prepare_config(mine, path=unmade),
-              r"model\.path .*mine is not a model directory \(no config\.json\); point"),
-             (_prepare_config(tmp_path / "other", path=unmade),
-              r"the tiny towers' folder for model\.path .*other-towers exists"),
-             (_prepare_config(tiny_model_dir, path=tmp_path / "train" / "chat.json",
-                              image_dir=tmp_path / "train" / "images"),
-              r"the image folder for data\.path .*chat\.json .*images exists and is not empty"),
-             (_prepare_config(tiny_model_dir, path=tmp_path / "new" / "chat.json", image_dir=tmp_path / "elsewhere"),
-              r"have their images in .*new/images, but data\.image_dir is .*elsewhere': set data\.image_dir=")]
+    cases = [
+        (_prepare_config(mine, path=unmade), r"model\.path .*mine is not a model directory \(no config\.json\); point"),
+        (
+            _prepare_config(tmp_path / "other", path=unmade),
+            r"the tiny towers' folder for model\.path .*other-towers exists",
+        ),
+        (
+            _prepare_config(
+                tiny_model_dir, path=tmp_path / "train" / "chat.json", image_dir=tmp_path / "train" / "images"
+            ),
+            r"the image folder for data\.path .*chat\.json .*images exists and is not empty",
+        ),
+        (
+            _prepare_config(tiny_model_dir, path=tmp_path / "new" / "chat.json", image_dir=tmp_path / "elsewhere"),
+            r"have their images in .*new/images, but data\.image_dir is .*elsewhere': set data\.image_dir=",
+        ),
+    ]
     for cfg, message in cases:
         with pytest.raises(UserError, match=message):
             prepare(cfg, samples=32)

@@ -22,16 +22,25 @@ from llava_loop.template import render, turn_end_token
 
 SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2)
 ANSWER = "a red circle ."
-END_OF_TURN = {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "llama": "<|eot_id|>", "mistral": "</s>",
-               "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "smollm2": "<|im_end|>", "smollm3": "<|im_end|>"}
+END_OF_TURN = {
+    "qwen2": "<|im_end|>",
+    "qwen3": "<|im_end|>",
+    "llama": "<|eot_id|>",
+    "mistral": "</s>",
+    "gemma2": "<end_of_turn>",
+    "gemma3": "<end_of_turn>",
+    "smollm2": "<|im_end|>",
+    "smollm3": "<|im_end|>",
+}
 PAIRS = [(vision, llm) for vision in VISION_FAMILIES for llm in LLM_FAMILIES]
 
 
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory):
     root = tmp_path_factory.mktemp("family-towers")
-    paths = {v: save_vision(root / v, v, image_size=64, patch_size=8, hidden=32, layers=3, heads=2)
-             for v in VISION_FAMILIES}
+    paths = {
+        v: save_vision(root / v, v, image_size=64, patch_size=8, hidden=32, layers=3, heads=2) for v in VISION_FAMILIES
+    }
     paths.update({llm: save_llm(root / llm, llm, **SIZES) for llm in LLM_FAMILIES})
     return paths
 
@@ -44,11 +53,23 @@ def answer_data(tmp_path_factory):
     records = []
     for i in range(8):
         Image.new("RGB", (64, 64), (200 + i, 30, 30)).save(root / "images" / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": ANSWER}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": ANSWER},
+                ],
+            }
+        )
     (root / "chat.json").write_text(json.dumps(records))
-    return {"train": root / "chat.json", "train_images": root / "images", "val": root / "chat.json",
-            "val_images": root / "images"}
+    return {
+        "train": root / "chat.json",
+        "train_images": root / "images",
+        "val": root / "chat.json",
+        "val_images": root / "images",
+    }
 
 
 def _source_tensors(path):
@@ -87,8 +108,9 @@ def test_every_pair_composes_into_a_model_plain_transformers_loads(vision, llm, 
     # token geometry: CLIP drops its CLS feature, SigLIP has none; 64 px / 8 px patches = 64 either way
     assert loaded.config.vision_feature_select_strategy == ("default" if vision == "clip" else "full")
     assert processor.num_additional_image_tokens == (1 if vision == "clip" else 0)
-    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat is shown?"}],
-                                                     tokenize=False, add_generation_prompt=True)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat is shown?"}], tokenize=False, add_generation_prompt=True
+    )
     batch = processor(text=[prompt], images=[Image.new("RGB", (90, 70), (9, 99, 199))], return_tensors="pt")
     with torch.no_grad():
         features = loaded.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output[0]
@@ -98,17 +120,31 @@ def test_every_pair_composes_into_a_model_plain_transformers_loads(vision, llm, 
 
     # HF chat-format content lists (pipelines, lmms-eval) render the training layout: one image at the start of
     # its turn, wherever the list put it. The LLM's own template cannot (negative control): it fails or differs.
-    trained = render(processor.tokenizer, [{"role": "user", "content": "<image>\nWhat is shown?"}],
-                     add_generation_prompt=True)
-    lists = ([{"type": "image"}, {"type": "text", "text": "What is shown?"}],
-             [{"type": "text", "text": "What is shown? "}, {"type": "image"}])
+    trained = render(
+        processor.tokenizer, [{"role": "user", "content": "<image>\nWhat is shown?"}], add_generation_prompt=True
+    )
+    lists = (
+        [{"type": "image"}, {"type": "text", "text": "What is shown?"}],
+        [{"type": "text", "text": "What is shown? "}, {"type": "image"}],
+    )
     for content in lists:
-        assert processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             enable_thinking=False) == trained
+        assert (
+            processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, enable_thinking=False
+            )
+            == trained
+        )
     own = AutoTokenizer.from_pretrained(towers[llm])
     try:
-        assert own.apply_chat_template([{"role": "user", "content": lists[1]}], tokenize=False,
-                                       add_generation_prompt=True, enable_thinking=False) != trained
+        assert (
+            own.apply_chat_template(
+                [{"role": "user", "content": lists[1]}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
+            != trained
+        )
     except TypeError:  # str + list in the template
         pass
 
@@ -170,8 +206,12 @@ def test_the_pad_is_never_a_token_the_model_must_emit(towers, tmp_path):
 
 
 def _two_turns():
-    return [{"role": "user", "content": "<image>\nWhat is shown?"}, {"role": "assistant", "content": ANSWER},
-            {"role": "user", "content": "Which colour?"}, {"role": "assistant", "content": "red ."}]
+    return [
+        {"role": "user", "content": "<image>\nWhat is shown?"},
+        {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": "Which colour?"},
+        {"role": "assistant", "content": "red ."},
+    ]
 
 
 @pytest.mark.parametrize("llm", list(LLM_FAMILIES))
@@ -194,8 +234,10 @@ def test_real_qwen3_tokenizer_labels_skip_the_think_block(qwen3_tokenizer_dir):
     assert "<think>" in tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("template, family, end", [("vicuna", "mistral", "</s>"), ("llama3", "llama", "<|eot_id|>"),
-                                                   ("chatml", "qwen2", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "template, family, end",
+    [("vicuna", "mistral", "</s>"), ("llama3", "llama", "<|eot_id|>"), ("chatml", "qwen2", "<|im_end|>")],
+)
 def test_base_llms_take_a_built_in_chat_template(template, family, end, towers, tmp_path):
     import shutil
 
@@ -216,11 +258,15 @@ def test_base_llms_take_a_built_in_chat_template(template, family, end, towers, 
 def test_chat_template_errors_name_the_fix(towers, tmp_path):
     with pytest.raises(BuildError, match=r"--chat-template chatml: the tokenizer has no <\|im_start\|>, <\|im_end\|>"):
         build_llava(str(towers["clip"]), str(towers["mistral"]), chat_template="chatml")
-    with pytest.raises(BuildError, match="--chat-template nope.jinja: neither a file nor one of chatml, llama3, vicuna"):
+    with pytest.raises(
+        BuildError, match="--chat-template nope.jinja: neither a file nor one of chatml, llama3, vicuna"
+    ):
         build_llava(str(towers["clip"]), str(towers["mistral"]), chat_template="nope.jinja")
     custom = tmp_path / "t.jinja"  # a file works: here Gemma's layout for a Mistral tokenizer, closed by </s>
-    custom.write_text("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                      "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    custom.write_text(
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
     _, processor, _ = build_llava(str(towers["clip"]), str(towers["mistral"]), chat_template=str(custom))
     assert processor.tokenizer.chat_template == custom.read_text()
 
@@ -246,8 +292,9 @@ def test_feature_layer_is_chosen_and_checked(towers):
 def test_naflex_and_unknown_towers_are_refused_with_the_reason(towers, tmp_path):
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                           num_attention_heads=2)).save_pretrained(tmp_path / "naflex")
+    Siglip2VisionModel(
+        Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "naflex")
     with pytest.raises(BuildError, match="SigLIP2 NaFlex.*fixed-resolution SigLIP2 checkpoint"):
         build_llava(str(tmp_path / "naflex"), str(towers["qwen2"]))
     with pytest.raises(BuildError, match="'qwen2' is not a supported vision tower"):
@@ -266,16 +313,28 @@ def test_the_image_processor_comes_from_the_tower(towers, tmp_path):
 
     legacy = tmp_path / "legacy"
     shutil.copytree(towers["clip"], legacy)
-    (legacy / "preprocessor_config.json").write_text(json.dumps({
-        "feature_extractor_type": "CLIPFeatureExtractor", "size": 64, "crop_size": 64, "do_center_crop": True,
-        "do_normalize": True, "do_resize": True, "resample": 2, "image_mean": [0.1, 0.2, 0.3],
-        "image_std": [0.4, 0.5, 0.6]}))
+    (legacy / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "feature_extractor_type": "CLIPFeatureExtractor",
+                "size": 64,
+                "crop_size": 64,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "resample": 2,
+                "image_mean": [0.1, 0.2, 0.3],
+                "image_std": [0.4, 0.5, 0.6],
+            }
+        )
+    )
     _, processor, _ = build_llava(str(legacy), str(towers["qwen2"]))
     ip = processor.image_processor
     assert list(ip.image_mean) == [0.1, 0.2, 0.3] and ip.resample == 2 and dict(ip.crop_size)["height"] == 64
 
-    (legacy / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "size": {"height": 96, "width": 96}}))
+    (legacy / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "SiglipImageProcessor", "size": {"height": 96, "width": 96}})
+    )
     with pytest.raises(BuildError, match="produces 96x96 images but the tower expects 64x64"):
         build_llava(str(legacy), str(towers["qwen2"]))
 
@@ -284,6 +343,7 @@ def test_the_image_processor_comes_from_the_tower(towers, tmp_path):
 @pytest.mark.parametrize("size", [(400, 300), (64, 64), (37, 100)])
 def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
     import numpy as np
+
     # from its module: transformers 5.17's top-level name is a torchvision-only placeholder without torchvision
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -303,11 +363,22 @@ def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
 
 
 def _train(tmp_path, model_dir, data, mode, name, steps, lr=3e-3, checkpointing=False):
-    path = helpers.write_config(tmp_path / f"{name}.yaml", model=model_dir, data=data, output_dir=tmp_path / name,
-                                mode=mode, train={"max_steps": steps, "lr": lr, "micro_batch_size": 4,
-                                                  "min_lr_ratio": 1.0, "gradient_checkpointing": checkpointing},
-                                checkpoint={"every": steps, "keep_last": 1},
-                                lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    path = helpers.write_config(
+        tmp_path / f"{name}.yaml",
+        model=model_dir,
+        data=data,
+        output_dir=tmp_path / name,
+        mode=mode,
+        train={
+            "max_steps": steps,
+            "lr": lr,
+            "micro_batch_size": 4,
+            "min_lr_ratio": 1.0,
+            "gradient_checkpointing": checkpointing,
+        },
+        checkpoint={"every": steps, "keep_last": 1},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+    )
     helpers.train_here(path)
     return helpers.metrics(tmp_path / name)
 
@@ -325,19 +396,24 @@ def _generate(model_dir, eos=None, max_new_tokens=12):
 
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat is shown?"}],
-                                                     tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    prompt = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat is shown?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
+    )
     batch = processor(text=[prompt], images=[Image.new("RGB", (64, 64), (203, 30, 30))], return_tensors="pt")
     options = {"eos_token_id": eos} if eos is not None else {}
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **options)
-    return out[0, batch["input_ids"].shape[1]:].tolist(), processor.tokenizer
+    return out[0, batch["input_ids"].shape[1] :].tolist(), processor.tokenizer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vision, llm", PAIRS)
-def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(vision, llm, towers, answer_data, tmp_path,
-                                                                      fresh_accelerate_state):
+def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(
+    vision, llm, towers, answer_data, tmp_path, fresh_accelerate_state
+):
     build_llava(str(towers[vision]), str(towers[llm]), tmp_path / "m", dtype="float32")
     lora = _train(tmp_path, tmp_path / "m", answer_data, "lora", "lora", 2)
     assert len(lora) == 2 and all(m["loss"] == m["loss"] for m in lora)  # LoRA found this LLM's linears
@@ -354,8 +430,15 @@ def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(vision, llm, tow
     from transformers import pipeline  # the HF pipeline, given chat-format content with the image after the text
 
     captioner = pipeline("image-text-to-text", model=str(tmp_path / "full-export"))
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What is shown?"},
-                                             {"type": "image", "image": Image.new("RGB", (64, 64), (203, 30, 30))}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is shown?"},
+                {"type": "image", "image": Image.new("RGB", (64, 64), (203, 30, 30))},
+            ],
+        }
+    ]
     said = captioner(text=messages, max_new_tokens=12, return_full_text=False, generate_kwargs={"do_sample": False})
     assert said[0]["generated_text"].strip() == ANSWER, said
 
@@ -364,8 +447,9 @@ def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(vision, llm, tow
     from llava_loop.infer import load_for_inference
 
     model, _, encoder = load_for_inference(tmp_path / "full-export")
-    metrics, predictions, left_out = evaluate_model(model, encoder, load_records(answer_data["val"]),
-                                                    answer_data["val_images"], max_new_tokens=12)
+    metrics, predictions, left_out = evaluate_model(
+        model, encoder, load_records(answer_data["val"]), answer_data["val_images"], max_new_tokens=12
+    )
     assert metrics["exact_match"] == 1.0 and not left_out, predictions[:2]
 
 
@@ -378,18 +462,29 @@ def _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-                     ).save_pretrained(tmp_path / "qwen3")
+    Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(tmp_path / "qwen3")
     tokenizer.save_pretrained(tmp_path / "qwen3")
     return build_llava(str(towers["clip"]), str(tmp_path / "qwen3"), tmp_path / "m", dtype="float32")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["siglip-llama", "clip-qwen3-real-tokenizer"])
-def test_done_when_pairs_train_in_every_mode_export_and_generate(pair, towers, answer_data, tmp_path,
-                                                                qwen3_tokenizer_dir, fresh_accelerate_state):
+def test_done_when_pairs_train_in_every_mode_export_and_generate(
+    pair, towers, answer_data, tmp_path, qwen3_tokenizer_dir, fresh_accelerate_state
+):
     _, processor, report = _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir)
     if pair == "siglip-llama":
         assert report.resized_embeddings and report.pad_token == "<|finetune_right_pad_id|>"
@@ -426,17 +521,37 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(pair, towers, a
 @pytest.mark.slow
 def test_cli_builds_any_pair_with_its_choices_in_the_table(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "llava_loop.cli", "build", *args], capture_output=True,
-                              text=True, check=True, env={**helpers.env(), "COLUMNS": "200"}).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "llava_loop.cli", "build", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**helpers.env(), "COLUMNS": "200"},
+        ).stdout
 
     out = cli("--preset", "tiny-siglip-llama", "--out", str(tmp_path / "m"))
-    for needle in ("siglip (feature layer -2)", "<|finetune_right_pad_id|>", "a reserved special token",
-                   "<|eot_id|> <|end_of_text|> <|eom_id|>", "411 -> 448 rows, new rows = mean of the old"):
+    for needle in (
+        "siglip (feature layer -2)",
+        "<|finetune_right_pad_id|>",
+        "a reserved special token",
+        "<|eot_id|> <|end_of_text|> <|eom_id|>",
+        "411 -> 448 rows, new rows = mean of the old",
+    ):
         assert needle in out, needle
     towers = tmp_path / "m-towers"
     (towers / "llama" / "chat_template.jinja").unlink()  # a base LLM
-    out = cli("--vision", str(towers / "siglip-vision"), "--llm", str(towers / "llama"), "--out", str(tmp_path / "b"),
-              "--feature-layer", "-1", "--chat-template", "llama3")
+    out = cli(
+        "--vision",
+        str(towers / "siglip-vision"),
+        "--llm",
+        str(towers / "llama"),
+        "--out",
+        str(tmp_path / "b"),
+        "--feature-layer",
+        "-1",
+        "--chat-template",
+        "llama3",
+    )
     assert "siglip (feature layer -1)" in out
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["vision_feature_layer"] == -1 and config["vision_feature_select_strategy"] == "full"
@@ -448,12 +563,22 @@ def test_the_demo_runs_with_another_tower_pair(tmp_path, fresh_accelerate_state)
 
     from llava_loop.demo.pipeline import run_demo
 
-    results = run_demo(preset="tiny-siglip-gemma3", overrides=[
-        f"model.path={tmp_path / 'model'}", f"output_dir={tmp_path / 'demo'}",
-        f"data.path={tmp_path / 'data/train/chat.json'}", f"data.image_dir={tmp_path / 'data/train/images'}",
-        f"data.eval_path={tmp_path / 'data/val/chat.json'}", f"data.eval_image_dir={tmp_path / 'data/val/images'}",
-        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 64}}]",  # the pair replaces tiny
-        "data.num_workers=0", "train.max_steps=3", "eval.every=0", "eval.max_samples=8"])
+    results = run_demo(
+        preset="tiny-siglip-gemma3",
+        overrides=[
+            f"model.path={tmp_path / 'model'}",
+            f"output_dir={tmp_path / 'demo'}",
+            f"data.path={tmp_path / 'data/train/chat.json'}",
+            f"data.image_dir={tmp_path / 'data/train/images'}",
+            f"data.eval_path={tmp_path / 'data/val/chat.json'}",
+            f"data.eval_image_dir={tmp_path / 'data/val/images'}",
+            "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 64}}]",  # the pair replaces tiny
+            "data.num_workers=0",
+            "train.max_steps=3",
+            "eval.every=0",
+            "eval.max_samples=8",
+        ],
+    )
     config = AutoConfig.from_pretrained(tmp_path / "model")
     assert (config.vision_config.model_type, config.text_config.model_type) == ("siglip_vision_model", "gemma3_text")
     assert results["steps"] == 3 and results["after"]["n"] == 8

@@ -21,7 +21,7 @@ def test_one_varlen_kernel_equals_sdpa_per_sample():
     k, v = (torch.randn(1, 2, 201, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 
     class Module(torch.nn.Module):
-        num_key_value_groups, scaling, is_causal, training = 4, 64 ** -0.5, True, False
+        num_key_value_groups, scaling, is_causal, training = 4, 64**-0.5, True, False
 
     module = Module()
     packed = attention.PackedSamples(bounds, torch.tensor(bounds, dtype=torch.int32, device="cuda"), 130)
@@ -40,9 +40,14 @@ def test_one_varlen_kernel_equals_sdpa_per_sample():
 def _losses(tmp_path, tiny_model_dir, shapes_data, name, **train):
     import helpers
 
-    config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
-                                  output_dir=tmp_path / name, mode="full",
-                                  train={"max_steps": 3, "precision": "bf16", **train})
+    config = helpers.write_config(
+        tmp_path / f"{name}.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / name,
+        mode="full",
+        train={"max_steps": 3, "precision": "bf16", **train},
+    )
     helpers.train_here(config)
     return [m["loss"] for m in helpers.metrics(tmp_path / name)]
 

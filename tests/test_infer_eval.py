@@ -16,7 +16,9 @@ PROMPT = "Describe the image briefly."
 
 
 def _cli(*args):
-    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", *args], capture_output=True, text=True, env=helpers.env())
+    out = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", *args], capture_output=True, text=True, env=helpers.env()
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -27,14 +29,24 @@ def trained(tmp_path_factory, tiny_model_dir, shapes_data):
     root = tmp_path_factory.mktemp("trained")
     runs = {}
     for mode, lr in (("full", 2e-3), ("lora", 5e-3)):
-        config = helpers.write_config(root / f"{mode}.yaml", model=tiny_model_dir, data=shapes_data, output_dir=root / mode,
-                                      mode=mode, train={"max_steps": 60, "micro_batch_size": 8, "lr": lr, "warmup_ratio": 0.1},
-                                      lora={"r": 8, "alpha": 16, "dropout": 0.0})
+        config = helpers.write_config(
+            root / f"{mode}.yaml",
+            model=tiny_model_dir,
+            data=shapes_data,
+            output_dir=root / mode,
+            mode=mode,
+            train={"max_steps": 60, "micro_batch_size": 8, "lr": lr, "warmup_ratio": 0.1},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        )
         helpers.train_here(config)
         checkpoint = complete_checkpoints(root / mode)[-1]
         _cli("export", "--checkpoint", str(checkpoint), "--out", str(root / f"{mode}-export"))
-        runs[mode] = {"checkpoint": checkpoint, "export": root / f"{mode}-export", "output_dir": root / mode,
-                      "in_loop_eval": helpers.metrics(root / mode, "eval")[-1]["eval_loss"]}
+        runs[mode] = {
+            "checkpoint": checkpoint,
+            "export": root / f"{mode}-export",
+            "output_dir": root / mode,
+            "in_loop_eval": helpers.metrics(root / mode, "eval")[-1]["eval_loss"],
+        }
     return runs
 
 
@@ -43,12 +55,24 @@ def trained(tmp_path_factory, tiny_model_dir, shapes_data):
 def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, shapes_data, tmp_path):
     mode = "full" if how == "export" else "lora"
     run = trained[mode]
-    model_args = {"export": ["--model", str(run["export"])],
-                  "base+adapter": ["--model", str(tiny_model_dir), "--adapter", str(trained["lora"]["export"] / "adapter")],
-                  "checkpoint": ["--model", str(run["checkpoint"])]}[how]
+    model_args = {
+        "export": ["--model", str(run["export"])],
+        "base+adapter": ["--model", str(tiny_model_dir), "--adapter", str(trained["lora"]["export"] / "adapter")],
+        "checkpoint": ["--model", str(run["checkpoint"])],
+    }[how]
     out = tmp_path / "results.json"
-    printed = _cli("eval", *model_args, "--data", str(shapes_data["val"]), "--image-dir", str(shapes_data["val_images"]),
-                   "--scorer", "llava_loop.demo.shapes:attribute_accuracy", "--out", str(out)).stdout
+    printed = _cli(
+        "eval",
+        *model_args,
+        "--data",
+        str(shapes_data["val"]),
+        "--image-dir",
+        str(shapes_data["val_images"]),
+        "--scorer",
+        "llava_loop.demo.shapes:attribute_accuracy",
+        "--out",
+        str(out),
+    ).stdout
     results = json.loads(out.read_text())
     metrics = results["metrics"]
     assert metrics["eval_loss"] == pytest.approx(run["in_loop_eval"], rel=1e-5)  # same images, same number
@@ -57,8 +81,16 @@ def test_eval_agrees_with_the_in_loop_evaluation(how, trained, tiny_model_dir, s
         assert 0.0 <= metrics[key] <= 1.0 and key in printed
     # infer on one of those images agrees with eval's generation for it
     first = results["predictions"][0]
-    single = _cli("infer", *model_args, "--image", str(shapes_data["val_images"] / first["images"][0]),
-                  "--prompt", first["prompt"], "--device", "cpu").stdout.strip()
+    single = _cli(
+        "infer",
+        *model_args,
+        "--image",
+        str(shapes_data["val_images"] / first["images"][0]),
+        "--prompt",
+        first["prompt"],
+        "--device",
+        "cpu",
+    ).stdout.strip()
     assert single.splitlines()[-1].strip() == first["prediction"]
 
 
@@ -67,8 +99,19 @@ def test_caption_a_folder_and_the_python_api_agree(trained, shapes_data, tmp_pat
     from llava_loop.infer import caption, images_in, load_for_inference
 
     out = tmp_path / "captions.jsonl"
-    _cli("infer", "--model", str(trained["full"]["export"]), "--images-dir", str(shapes_data["val_images"]),
-         "--out", str(out), "--prompt", PROMPT, "--batch-size", "5")
+    _cli(
+        "infer",
+        "--model",
+        str(trained["full"]["export"]),
+        "--images-dir",
+        str(shapes_data["val_images"]),
+        "--out",
+        str(out),
+        "--prompt",
+        PROMPT,
+        "--batch-size",
+        "5",
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     files = images_in(shapes_data["val_images"])
     assert [line["image"] for line in lines] == [f.name for f in files]
@@ -90,8 +133,10 @@ def test_generation_stops_at_im_end_and_hides_special_tokens(trained, shapes_dat
 
     pixels = encoder.pixel_values(load_image(image, encoder.max_image_pixels))[None]
     with torch.no_grad():
-        stopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40)[0, ids.shape[1]:]
-        unstopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40, eos_token_id=None)[0, ids.shape[1]:]
+        stopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40)[0, ids.shape[1] :]
+        unstopped = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=40, eos_token_id=None)[
+            0, ids.shape[1] :
+        ]
     assert stopped[-1] == im_end and len(stopped) < 40  # ended its turn
     assert len(unstopped) == 40  # negative control: without the stop token it talks on
     assert torch.equal(unstopped[: len(stopped)], stopped)
@@ -126,23 +171,60 @@ def test_a_bad_image_never_stops_infer_or_eval_and_is_listed(trained, shapes_dat
     files[2].unlink()  # missing (eval only: infer captions what is in the folder)
     model = str(trained["full"]["export"])
     out = tmp_path / "captions.jsonl"
-    run = subprocess.run([sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--images-dir", str(images),
-                          "--out", str(out), "--prompt", PROMPT], capture_output=True, text=True, env=helpers.env())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "infer",
+            "--model",
+            model,
+            "--images-dir",
+            str(images),
+            "--out",
+            str(out),
+            "--prompt",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert run.returncode == 1  # some failed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 31 and [r["image"] for r in rows if "error" in r] == [files[1].name]
     assert all(r["caption"] for r in rows if "error" not in r) and rows[1]["error"] == "corrupt_image"
     assert "1 left out" in run.stderr and files[1].name in run.stderr
     results = tmp_path / "results.json"
-    run = subprocess.run([sys.executable, "-m", "llava_loop.cli", "eval", "--model", model, "--data", str(shapes_data["val"]),
-                          "--image-dir", str(images), "--out", str(results)], capture_output=True, text=True,
-                         env=helpers.env())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "eval",
+            "--model",
+            model,
+            "--data",
+            str(shapes_data["val"]),
+            "--image-dir",
+            str(images),
+            "--out",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert run.returncode == 1
     report = json.loads(results.read_text())
     assert report["metrics"]["n"] == 30 and report["metrics"]["left_out"] == 2
     assert sorted(x["reason"] for x in report["left_out"]) == ["corrupt_image", "missing_image"]
-    single = subprocess.run([sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--image", str(files[1])],
-                            capture_output=True, text=True, env=helpers.env())
+    single = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--image", str(files[1])],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert single.returncode == 2 and "cannot be used as an image (corrupt_image" in single.stderr
     assert "Traceback" not in single.stderr
 
@@ -159,17 +241,24 @@ def test_eval_reads_parquet_with_embedded_images_as_it_reads_json(trained, shape
     from llava_loop.infer import load_for_inference
 
     records = json.loads(shapes_data["val"].read_text())
-    rows = [{"id": r["id"], "conversations": r["conversations"],
-             "image": {"bytes": (shapes_data["val_images"] / r["image"]).read_bytes(), "path": r["image"]}}
-            for r in records]
+    rows = [
+        {
+            "id": r["id"],
+            "conversations": r["conversations"],
+            "image": {"bytes": (shapes_data["val_images"] / r["image"]).read_bytes(), "path": r["image"]},
+        }
+        for r in records
+    ]
     datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "val.parquet"))
     model, _, encoder = load_for_inference(trained["full"]["export"], device="cpu")
-    from_json, json_predictions, _ = evaluate_model(model, encoder, load_records(shapes_data["val"]),
-                                                    shapes_data["val_images"])
-    from_parquet, parquet_predictions, left_out = evaluate_model(model, encoder, open_records(tmp_path / "val.parquet"), "")
+    from_json, json_predictions, _ = evaluate_model(
+        model, encoder, load_records(shapes_data["val"]), shapes_data["val_images"]
+    )
+    from_parquet, parquet_predictions, left_out = evaluate_model(
+        model, encoder, open_records(tmp_path / "val.parquet"), ""
+    )
     assert not left_out and from_parquet == from_json
     assert [p["prediction"] for p in parquet_predictions] == [p["prediction"] for p in json_predictions]
-
 
 
 def test_eval_asks_every_record_with_no_image_one_or_several(tiny_model_dir, tmp_path):
@@ -187,18 +276,25 @@ def test_eval_asks_every_record_with_no_image_one_or_several(tiny_model_dir, tmp
 
     path = write_shapes(tmp_path, 8, seed=3, size=64, prefix="m", pair_ratio=0.5)
     raw = json.loads(path.read_text()) + [
-        {"id": "text", "conversations": [{"from": "human", "value": "What is red?"}, {"from": "gpt", "value": "red ."}]},
-        {"id": "no_question", "conversations": [{"from": "gpt", "value": "red ."}]}]
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "What is red?"}, {"from": "gpt", "value": "red ."}],
+        },
+        {"id": "no_question", "conversations": [{"from": "gpt", "value": "red ."}]},
+    ]
     path.write_text(json.dumps(raw))
     records = load_records(path)
     asked = [records[i] for i in range(len(raw) - 1)]
     assert sorted({len(r.images) for r in asked}) == [0, 1, 2]
     model, _, encoder = load_for_inference(tiny_model_dir, device="cpu")
     prefills = []  # the last is generation's first forward: every prompt at once, left-padded
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: prefills.append(out.logits[:, -1])
-                                       if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
-    metrics, predictions, left_out = evaluate_model(model, encoder, records, tmp_path / "images", max_new_tokens=2,
-                                                    scorers=[attribute_accuracy])
+    hook = model.register_forward_hook(
+        lambda m, args, kwargs, out: prefills.append(out.logits[:, -1]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    metrics, predictions, left_out = evaluate_model(
+        model, encoder, records, tmp_path / "images", max_new_tokens=2, scorers=[attribute_accuracy]
+    )
     hook.remove()
     assert [p["id"] for p in predictions] == [r.id for r in asked] and metrics["n"] == len(asked)
     assert [p["images"] for p in predictions] == [list(r.images) for r in asked]

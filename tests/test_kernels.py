@@ -10,8 +10,14 @@ from llava_loop.errors import UserError
 
 
 def _run(tmp_path, model, data, name, **train):
-    config = helpers.write_config(tmp_path / f"{name}.yaml", model=model, data=data, output_dir=tmp_path / name,
-                                  mode="full", train={"max_steps": 2, **train})
+    config = helpers.write_config(
+        tmp_path / f"{name}.yaml",
+        model=model,
+        data=data,
+        output_dir=tmp_path / name,
+        mode="full",
+        train={"max_steps": 2, **train},
+    )
     helpers.train_here(config)
     return [m["loss"] for m in helpers.metrics(tmp_path / name)]
 

@@ -26,12 +26,27 @@ def trained(tmp_path_factory, tiny_model_dir):
     from llava_loop.export import export
 
     root = tmp_path_factory.mktemp("lmms")
-    data = {"train": write_shapes(root / "train", 1600, seed=0, size=64, prefix="train"),
-            "train_images": root / "train" / "images",
-            "val": write_shapes(root / "val", 40, seed=1, size=64, prefix="val"), "val_images": root / "val" / "images"}
-    config = helpers.write_config(root / "run.yaml", model=tiny_model_dir, data=data, output_dir=root / "run",
-                                  train={"max_steps": 400, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05,
-                                         "weight_decay": 0.0, "seed": 0}, checkpoint={"every": 0, "keep_last": 1})
+    data = {
+        "train": write_shapes(root / "train", 1600, seed=0, size=64, prefix="train"),
+        "train_images": root / "train" / "images",
+        "val": write_shapes(root / "val", 40, seed=1, size=64, prefix="val"),
+        "val_images": root / "val" / "images",
+    }
+    config = helpers.write_config(
+        root / "run.yaml",
+        model=tiny_model_dir,
+        data=data,
+        output_dir=root / "run",
+        train={
+            "max_steps": 400,
+            "micro_batch_size": 16,
+            "lr": 1e-3,
+            "warmup_ratio": 0.05,
+            "weight_decay": 0.0,
+            "seed": 0,
+        },
+        checkpoint={"every": 0, "keep_last": 1},
+    )
     helpers.train_here(config)
     export(complete_checkpoints(root / "run")[-1], root / "export")
     return {**data, "export": root / "export"}
@@ -77,17 +92,43 @@ def test_lmms_eval_scores_an_export_as_llava_loop_eval_does(trained, tmp_path):
     assert template.startswith(CONTENT_LIST_PRELUDE)
     (own / "chat_template.jinja").write_text(template.removeprefix(CONTENT_LIST_PRELUDE))
     with pytest.raises(UserError, match="(?s)lmms-eval failed.*lmms_eval.log.*concatenate str"):
-        lmms.run(own, lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=trained["val_images"], max_new_tokens=32),
-                 tmp_path / "control", records=records)
+        lmms.run(
+            own,
+            lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=trained["val_images"], max_new_tokens=32),
+            tmp_path / "control",
+            records=records,
+        )
 
 
 def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
     from llava_loop.cli import main
 
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(trained["export"]), "--data", str(trained["val"]), "--image-dir",
-                 str(trained["val_images"]), "--device", "cpu", "--max-samples", "8", "--max-new-tokens", "32",
-                 "--lmms-eval", "--tasks", "llava_loop_heldout", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(trained["export"]),
+                "--data",
+                str(trained["val"]),
+                "--image-dir",
+                str(trained["val_images"]),
+                "--device",
+                "cpu",
+                "--max-samples",
+                "8",
+                "--max-new-tokens",
+                "32",
+                "--lmms-eval",
+                "--tasks",
+                "llava_loop_heldout",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     ours, theirs = result["metrics"], result["lmms_eval"]["llava_loop_heldout"]
     assert ours["n"] == 8 and theirs["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
@@ -103,13 +144,26 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
     from llava_loop.infer import load_for_inference
 
     out = tmp_path / "run"
-    hook = {"fn": "llava_loop.lmms:LmmsEval", "kwargs": {
-        "tasks": ["llava_loop_heldout"], "every": 2, "data": str(trained["val"]), "image_dir": str(trained["val_images"]),
-        "max_samples": 8}}
-    config = helpers.write_config(tmp_path / "run.yaml", model=trained["export"], data=trained, output_dir=out,
-                                  hooks=[hook], trackers=["tensorboard"],
-                                  train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},
-                                  checkpoint={"every": 2, "keep_last": 1})
+    hook = {
+        "fn": "llava_loop.lmms:LmmsEval",
+        "kwargs": {
+            "tasks": ["llava_loop_heldout"],
+            "every": 2,
+            "data": str(trained["val"]),
+            "image_dir": str(trained["val_images"]),
+            "max_samples": 8,
+        },
+    }
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=trained["export"],
+        data=trained,
+        output_dir=out,
+        hooks=[hook],
+        trackers=["tensorboard"],
+        train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},
+        checkpoint={"every": 2, "keep_last": 1},
+    )
     run = helpers.launch(config, processes=2)
     rows = {row["step"]: row for row in helpers.metrics(out, "lmms_eval")}
     assert 2 in rows and 6 in rows and set(rows) <= {2, 4, 6}
@@ -158,4 +212,6 @@ def test_pixels_of_the_two_image_processor_backends(tower, tiny_model_dir, tmp_p
     # llava_loop's own loading takes the PIL backend even with torchvision installed
     _, processor = load_model(tiny_model_dir)
     assert type(processor.image_processor).__name__.endswith("Pil")
-    assert torch.is_tensor(processor.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"])
+    assert torch.is_tensor(
+        processor.image_processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+    )

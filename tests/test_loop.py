@@ -21,8 +21,9 @@ from llava_loop.parts import PROJECTOR, VISION, base_llava, count_params, part_o
 
 
 def _config(tmp_path, tiny_model_dir, shapes_data, name="run", data=None, **sections):
-    path = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
-                                output_dir=tmp_path / name, **sections)
+    path = helpers.write_config(
+        tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / name, **sections
+    )
     return load_config(path, [f"data.{k}={v}" for k, v in (data or {}).items()])
 
 
@@ -65,8 +66,9 @@ def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_di
     assert torch.linalg.norm(grads[0] - grads[1]) / torch.linalg.norm(grads[1]) < 1e-5
 
 
-def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(tmp_path, tiny_model_dir, shapes_data,
-                                                                     tiny_processor):
+def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(
+    tmp_path, tiny_model_dir, shapes_data, tiny_processor
+):
     """label_only_ce in chunks of 7 supervised rows equals the one-chunk loss and gradients to 1e-6; each chunk's
     LM head runs once forward and once more in backward (its logits were not kept); one chunk recomputes nothing."""
     batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
@@ -82,8 +84,12 @@ def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(tmp_path, t
         loss = label_only_ce(model, batch, chunk_rows=chunk_rows)["loss"]
         forward_calls = len(head_calls)
         loss.backward()
-        results[chunk_rows] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                               forward_calls, len(head_calls))
+        results[chunk_rows] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            forward_calls,
+            len(head_calls),
+        )
     chunked, whole = results[7], results[10**6]
     assert torch.isclose(chunked[0], whole[0], rtol=1e-6, atol=0), (chunked[0], whole[0])
     assert chunked[1].keys() == whole[1].keys() and len(whole[1]) > 10  # full mode: the head trains too
@@ -121,8 +127,7 @@ def test_the_loss_adds_no_host_read_to_the_models_own(padding_free, tmp_path, ti
     from llava_loop.runtime import load_model
 
     model = load_model(tiny_model_dir, packed=padding_free)[0]  # packed: the LLM runs sdpa_varlen
-    own = _host_syncs(lambda: model(**model_inputs(batch), logits_to_keep=1, use_cache=False).logits.sum()
-                      .backward())
+    own = _host_syncs(lambda: model(**model_inputs(batch), logits_to_keep=1, use_cache=False).logits.sum().backward())
     assert _host_syncs(lambda: label_only_ce(model, batch)["loss"].backward()) == own
     unindexed = {k: v for k, v in batch.items() if k != "supervised"}
     assert _host_syncs(lambda: label_only_ce(model, unindexed)["loss"].backward()) == own + 1
@@ -135,7 +140,6 @@ def test_the_loss_adds_no_host_read_to_the_models_own(padding_free, tmp_path, ti
 # ---------------------------------------------------------------------------------------------
 # Modes
 # ---------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -214,10 +218,24 @@ def test_real_scale_trainable_counts_on_meta_device():
 
     from llava_loop.build import compose_config
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
     projector = 1024 * 2048 + 2048 + 2048 * 2048 + 2048
     llm = 3_085_938_688  # Qwen2.5-3B with tied embeddings
@@ -258,8 +276,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode, tmp_path, tiny_mo
     batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
     grads = {}
     for checkpointing in (False, True):
-        model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0),
-                           gradient_checkpointing=checkpointing)
+        model = apply_mode(
+            _model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=checkpointing
+        )
         model.train()
         torch.manual_seed(0)
         label_only_ce(model, batch)["loss"].backward()
@@ -279,13 +298,15 @@ def _probe_vision_layer(model):
     layer = llava.model.vision_tower.encoder.layers[0]
     layer.layer_norm1.register_forward_pre_hook(lambda module, args: probe.update(calls=probe["calls"] + 1))
     layer.register_forward_hook(
-        lambda module, args, out: probe["graph"].append((out[0] if isinstance(out, tuple) else out).requires_grad))
+        lambda module, args, out: probe["graph"].append((out[0] if isinstance(out, tuple) else out).requires_grad)
+    )
     return probe
 
 
 @pytest.mark.parametrize("mode", ["projector", "lora", "freeze_vision", "full"])
-def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(mode, tmp_path, tiny_model_dir,
-                                                                               shapes_data, tiny_processor):
+def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(
+    mode, tmp_path, tiny_model_dir, shapes_data, tiny_processor
+):
     batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
     model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
     model.train()
@@ -305,7 +326,9 @@ def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(
         old.train()
         old_probe = _probe_vision_layer(old)
         label_only_ce(old, batch)["loss"].backward()
-        assert old_probe["calls"] == 2 and old_probe["graph"][0]  # recomputed and backpropagated: what the probe catches
+        assert (
+            old_probe["calls"] == 2 and old_probe["graph"][0]
+        )  # recomputed and backpropagated: what the probe catches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,12 +349,26 @@ def _mixed_samples(tmp_path, processor):
     records = [
         Record("txt", (), (("user", "Say hi."), ("assistant", "hi ."))),
         Record("one", ("g.png",), (("user", "<image>\nDescribe."), ("assistant", "a green circle in the center ."))),
-        Record("two", ("r.png", "b.png"), (("user", "First:\n<image>\nSecond:\n<image>\nWhich is red?"),
-                                           ("assistant", "the first ."))),
-        Record("long", (), (("user", "Count: " + "one two three " * 6), ("assistant", "three ."),
-                            ("user", "Again?"), ("assistant", "yes, three ."))),
-        Record("turns", ("b.png",), (("user", "<image>\nColour?"), ("assistant", "blue ."), ("user", "Shape?"),
-                                     ("assistant", "square ."))),
+        Record(
+            "two",
+            ("r.png", "b.png"),
+            (("user", "First:\n<image>\nSecond:\n<image>\nWhich is red?"), ("assistant", "the first .")),
+        ),
+        Record(
+            "long",
+            (),
+            (
+                ("user", "Count: " + "one two three " * 6),
+                ("assistant", "three ."),
+                ("user", "Again?"),
+                ("assistant", "yes, three ."),
+            ),
+        ),
+        Record(
+            "turns",
+            ("b.png",),
+            (("user", "<image>\nColour?"), ("assistant", "blue ."), ("user", "Shape?"), ("assistant", "square .")),
+        ),
     ]
     dataset = LlavaDataset(Records.from_records(records), SampleEncoder(processor, max_length=512), tmp_path)
     return [dataset[i] for i in range(len(records))]
@@ -355,8 +392,9 @@ def _token_losses_and_grads(tiny_model_dir, mode, batch, kernel="auto"):
 
 @pytest.mark.parametrize("kernel", ["sdpa", "sdpa_varlen"])  # dense block-diagonal mask; sdpa per packed sample
 @pytest.mark.parametrize("mode", MODES)
-def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel, tmp_path, tiny_model_dir,
-                                                                     tiny_processor):
+def test_padding_free_packing_gives_the_padded_losses_and_gradients(
+    mode, kernel, tmp_path, tiny_model_dir, tiny_processor
+):
     samples = _mixed_samples(tmp_path, tiny_processor)
     pad = tiny_processor.tokenizer.pad_token_id
     padded, packed = Collator(pad)(samples), Collator(pad, padding_free=True)(samples)
@@ -371,7 +409,9 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel
     unbounded = {k: v for k, v in packed.items() if k not in ("sample_bounds", "cu_seq_lens")}
     for batch in (packed, unbounded):
         losses, grads = _token_losses_and_grads(tiny_model_dir, mode, batch, kernel)
-        assert losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5  # every token of every sample
+        assert (
+            losses.shape == reference.shape and (losses - reference).abs().max() < 1e-5
+        )  # every token of every sample
         assert grads.keys() == reference_grads.keys() and len(grads) > 0
         for name, grad in grads.items():
             assert (grad - reference_grads[name]).abs().max() < 1e-5, name
@@ -396,9 +436,15 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(mode, kernel
 def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
     from llava_loop.loop import Trainer
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, mode=mode,
-                  train={"max_steps": 12, "lr": 3e-3 if mode != "full" else 1e-3}, eval={"every": 12},
-                  lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        mode=mode,
+        train={"max_steps": 12, "lr": 3e-3 if mode != "full" else 1e-3},
+        eval={"every": 12},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    )
     Trainer(cfg).fit()
     evals = helpers.metrics(cfg.output_dir, "eval")
     assert [m["step"] for m in evals] == [0, 12]
@@ -409,10 +455,16 @@ def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, s
 def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
     from llava_loop.loop import train
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
-                  loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_weight": 0.01}},
-                  hooks=["helpers:RecordCalls"], train={"max_steps": 4}, eval={"every": 2},
-                  checkpoint={"every": 2, "keep_last": 0})
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_weight": 0.01}},
+        hooks=["helpers:RecordCalls"],
+        train={"max_steps": 4},
+        eval={"every": 2},
+        checkpoint={"every": 2, "keep_last": 0},
+    )
     train(cfg)
     steps = helpers.metrics(cfg.output_dir)
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -423,16 +475,34 @@ def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data,
     calls = [json.loads(line) for line in open(f"{cfg.output_dir}/hook_calls.jsonl")]
     events = [(c["event"], c["step"]) for c in calls]
     # each save comes before the evaluation of its step: an evaluation never costs training
-    assert events == [("on_train_start", 0), ("on_eval", 0), ("on_step_end", 1), ("on_step_end", 2), ("on_save", 2), ("on_eval", 2),
-                      ("on_step_end", 3), ("on_step_end", 4), ("on_save", 4), ("on_eval", 4), ("on_train_end", 4)]
+    assert events == [
+        ("on_train_start", 0),
+        ("on_eval", 0),
+        ("on_step_end", 1),
+        ("on_step_end", 2),
+        ("on_save", 2),
+        ("on_eval", 2),
+        ("on_step_end", 3),
+        ("on_step_end", 4),
+        ("on_save", 4),
+        ("on_eval", 4),
+        ("on_train_end", 4),
+    ]
 
 
-def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_path, tiny_model_dir, shapes_data,
-                                                                            fresh_accelerate_state):
+def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+):
     from llava_loop.loop import Trainer
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [3]}},
-                  hooks=["helpers:Snapshots"], train={"max_steps": 5, "warmup_ratio": 0.5})
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [3]}},
+        hooks=["helpers:Snapshots"],
+        train={"max_steps": 5, "warmup_ratio": 0.5},
+    )
     trainer = Trainer(cfg)
     trainer.fit()
     logged = {m["step"]: m for m in helpers.metrics(cfg.output_dir)}
@@ -446,12 +516,18 @@ def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(tmp_
     assert not all(torch.equal(a, b) for a, b in zip(after["params"], trainer.snapshots[4]["params"]))
 
 
-def test_run_aborts_after_too_many_non_finite_steps_in_a_row(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_run_aborts_after_too_many_non_finite_steps_in_a_row(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+):
     from llava_loop.loop import NonFiniteError, train
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
-                  loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [2, 3, 4, 5]}},
-                  train={"max_steps": 8, "max_consecutive_skips": 3})
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [2, 3, 4, 5]}},
+        train={"max_steps": 8, "max_consecutive_skips": 3},
+    )
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*max_consecutive_skips=3"):
         train(cfg)
 
@@ -487,15 +563,22 @@ class _ReadsPerStep:
 
 
 @pytest.mark.parametrize("accum", [1, 4])
-def test_at_most_three_host_reads_per_optimizer_step(accum, tmp_path, tiny_model_dir, shapes_data, monkeypatch,
-                                                    fresh_accelerate_state):
+def test_at_most_three_host_reads_per_optimizer_step(
+    accum, tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+):
     from llava_loop.loop import Trainer
 
     reads = _read_counter(monkeypatch)
     per_step = {}
     for loss in ("llava_loop.losses:label_only_ce", "helpers:label_only_ce_read_each_micro_batch"):
-        cfg = _config(tmp_path, tiny_model_dir, shapes_data, name=loss.split(":")[1], loss=loss,
-                      train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4})
+        cfg = _config(
+            tmp_path,
+            tiny_model_dir,
+            shapes_data,
+            name=loss.split(":")[1],
+            loss=loss,
+            train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4},
+        )
         trainer = Trainer(cfg)
         probe = _ReadsPerStep(reads)
         trainer.hooks.hooks.append(probe)
@@ -505,8 +588,12 @@ def test_at_most_three_host_reads_per_optimizer_step(accum, tmp_path, tiny_model
     assert len(per_step["llava_loop.losses:label_only_ce"]) == 3
     assert max(per_step["llava_loop.losses:label_only_ce"]) <= 3, reads[-12:]
     # negative control: a loss that reads its value back on every micro-batch is counted once per micro-batch more
-    assert [b - a for a, b in zip(per_step["llava_loop.losses:label_only_ce"],
-                                  per_step["helpers:label_only_ce_read_each_micro_batch"])] == [accum] * 3
+    assert [
+        b - a
+        for a, b in zip(
+            per_step["llava_loop.losses:label_only_ce"], per_step["helpers:label_only_ce_read_each_micro_batch"]
+        )
+    ] == [accum] * 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,10 +605,17 @@ def test_at_most_three_host_reads_per_optimizer_step(accum, tmp_path, tiny_model
 def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
     """python train.py, and accelerate launch with the repo's DeepSpeed ZeRO-2 config on 1 and 2 processes."""
     demo = helpers.ROOT / "configs" / "demo.yaml"
-    common = [f"model.path={tmp_path / 'tiny'}", f"data.path={tmp_path / 'data/train/chat.json'}",
-              f"data.image_dir={tmp_path / 'data/train/images'}", f"data.eval_path={tmp_path / 'data/val/chat.json'}",
-              f"data.eval_image_dir={tmp_path / 'data/val/images'}", "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 160}}]",
-              "train.max_steps=3", "eval.every=0", "data.num_workers=0"]
+    common = [
+        f"model.path={tmp_path / 'tiny'}",
+        f"data.path={tmp_path / 'data/train/chat.json'}",
+        f"data.image_dir={tmp_path / 'data/train/images'}",
+        f"data.eval_path={tmp_path / 'data/val/chat.json'}",
+        f"data.eval_image_dir={tmp_path / 'data/val/images'}",
+        "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 160}}]",
+        "train.max_steps=3",
+        "eval.every=0",
+        "data.num_workers=0",
+    ]
     runs = {"python": 0, "deepspeed-1": 1, "deepspeed-2": 2}
     for name, processes in runs.items():
         out = helpers.launch(demo, *common, f"output_dir={tmp_path / name}", processes=processes)
@@ -541,15 +635,28 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
     Multi-turn records give samples different numbers of supervised tokens, so normalisation matters."""
     from llava_loop.demo.shapes import write_shapes
 
-    data = dict(shapes_data, train=write_shapes(tmp_path / "mt", 48, seed=6, size=64, max_turns=3),
-                train_images=tmp_path / "mt" / "images")
+    data = dict(
+        shapes_data,
+        train=write_shapes(tmp_path / "mt", 48, seed=6, size=64, max_turns=3),
+        train_images=tmp_path / "mt" / "images",
+    )
     layouts = {"1x4x1": (0, 4, 1), "1x2x2": (0, 2, 2), "2x1x2": (2, 1, 2)}
     losses, grads = {}, {}
     for name, (processes, micro, accum) in layouts.items():
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
-                                      output_dir=tmp_path / name, hooks=["helpers:GradCapture"],
-                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3,
-                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0})
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=data,
+            output_dir=tmp_path / name,
+            hooks=["helpers:GradCapture"],
+            train={
+                "micro_batch_size": micro,
+                "grad_accum": accum,
+                "max_steps": 3,
+                "max_grad_norm": 0.0,
+                "warmup_ratio": 0.0,
+            },
+        )
         helpers.launch(config, processes=processes)
         losses[name] = [m["loss"] for m in helpers.metrics(tmp_path / name)]
         grads[name] = torch.load(tmp_path / name / "grads_step1.pt")
@@ -559,7 +666,9 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
         for a, b in zip(losses[name], reference):
             assert abs(a - b) <= 1e-5 * abs(b), (name, losses[name], reference)
         assert grads[name]["names"] == grads["1x4x1"]["names"]
-        diff = torch.linalg.norm(grads[name]["flat"] - grads["1x4x1"]["flat"]) / torch.linalg.norm(grads["1x4x1"]["flat"])
+        diff = torch.linalg.norm(grads[name]["flat"] - grads["1x4x1"]["flat"]) / torch.linalg.norm(
+            grads["1x4x1"]["flat"]
+        )
         assert diff < 1e-5, (name, float(diff))
     # negative control: the common bug, averaging per-micro-batch means, gives a gradient far outside that tolerance
     from llava_loop.data.sampler import EpochSampler
@@ -589,15 +698,30 @@ def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode,
     data = helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
     losses = {}
     for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "2x1x2": (2, 1, 2)}.items():
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / name,
-                                      mode=mode, lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4,
-                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True})
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=data,
+            output_dir=tmp_path / name,
+            mode=mode,
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
+            train={
+                "micro_batch_size": micro,
+                "grad_accum": accum,
+                "max_steps": 4,
+                "max_grad_norm": 0.0,
+                "warmup_ratio": 0.0,
+                "log_sample_ids": True,
+            },
+        )
         helpers.launch(config, processes=processes)
         losses[name] = helpers.metrics(tmp_path / name)
     # the run really mixed: some accumulation slot had an image on one rank and none on the other
-    mixed_slots = [ids for ids in (m["sample_ids"] for m in losses["2x1x2"])
-                   if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))]
+    mixed_slots = [
+        ids
+        for ids in (m["sample_ids"] for m in losses["2x1x2"])
+        if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))
+    ]
     assert mixed_slots, [m["sample_ids"] for m in losses["2x1x2"]]
     reference = [m["loss"] for m in losses["1x4x1"]]
     got = [m["loss"] for m in losses["2x1x2"]]
@@ -609,8 +733,9 @@ def _stage2_mix(root, shapes_data, n=48):
     from llava_loop.demo.shapes import write_shapes
 
     data = helpers.mixed_text_and_image_data(root, shapes_data, n)
-    pairs = json.loads(write_shapes(root, n // 4, seed=8, size=64, pair_ratio=1.0, prefix="pair",
-                                    json_name="pairs.json").read_text())  # images beside the others
+    pairs = json.loads(
+        write_shapes(root, n // 4, seed=8, size=64, pair_ratio=1.0, prefix="pair", json_name="pairs.json").read_text()
+    )  # images beside the others
     records = json.loads(data["train"].read_text()) + pairs
     random.Random(0).shuffle(records)
     data["train"].write_text(json.dumps(records))
@@ -623,12 +748,26 @@ def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_pa
     x mb1 x acc2 log the same losses; padding-free spends no slot on padding."""
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
     runs = {}
-    for name, (processes, micro, accum, packed) in {"padded": (0, 4, 1, False), "packed": (0, 4, 1, True),
-                                                    "packed-2x1x2": (2, 1, 2, True)}.items():
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
-                                      output_dir=tmp_path / name, mode="freeze_vision",
-                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 4,
-                                             "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True})
+    for name, (processes, micro, accum, packed) in {
+        "padded": (0, 4, 1, False),
+        "packed": (0, 4, 1, True),
+        "packed-2x1x2": (2, 1, 2, True),
+    }.items():
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=data,
+            output_dir=tmp_path / name,
+            mode="freeze_vision",
+            train={
+                "micro_batch_size": micro,
+                "grad_accum": accum,
+                "max_steps": 4,
+                "max_grad_norm": 0.0,
+                "warmup_ratio": 0.0,
+                "log_sample_ids": True,
+            },
+        )
         helpers.launch(config, f"data.padding_free={str(packed).lower()}", "data.max_length=512", processes=processes)
         runs[name] = helpers.metrics(tmp_path / name)
     ids = [i for m in runs["padded"] for i in m["sample_ids"]]
@@ -646,12 +785,27 @@ def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
     runs = {}
     for name, (processes, accum) in {"1xacc2": (0, 2), "2xacc1": (2, 1)}.items():
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data,
-                                      output_dir=tmp_path / name, mode="freeze_vision",
-                                      train={"grad_accum": accum, "max_steps": 4, "max_grad_norm": 0.0,
-                                             "warmup_ratio": 0.0, "log_sample_ids": True})
-        helpers.launch(config, "data.padding_free=true", "data.max_length=512",
-                       "data.max_tokens_per_micro_batch=600", processes=processes)
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=data,
+            output_dir=tmp_path / name,
+            mode="freeze_vision",
+            train={
+                "grad_accum": accum,
+                "max_steps": 4,
+                "max_grad_norm": 0.0,
+                "warmup_ratio": 0.0,
+                "log_sample_ids": True,
+            },
+        )
+        helpers.launch(
+            config,
+            "data.padding_free=true",
+            "data.max_length=512",
+            "data.max_tokens_per_micro_batch=600",
+            processes=processes,
+        )
         runs[name] = helpers.metrics(tmp_path / name)
     reference = runs["1xacc2"]
     assert len({m["samples"] for m in reference}) > 1
@@ -664,14 +818,21 @@ def test_each_epoch_trains_in_its_own_order(tmp_path, tiny_model_dir, shapes_dat
     when iterated to its end, which the loop never does, and hands the sampler that count)."""
     from llava_loop.loop import Trainer
 
-    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
-                                  output_dir=tmp_path / "run", mode="projector",
-                                  train={"max_steps": 0, "epochs": 2, "micro_batch_size": 16, "log_sample_ids": True})
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "run",
+        mode="projector",
+        train={"max_steps": 0, "epochs": 2, "micro_batch_size": 16, "log_sample_ids": True},
+    )
     trainer = Trainer(load_config(config, []))
     trainer.fit()
     records = trainer.train_set.records
     trained = [m["sample_ids"] for m in helpers.metrics(tmp_path / "run")]
-    expected = [[records[i].id for i in trainer.sampler.order(epoch)[k : k + 16]] for epoch in (0, 1) for k in range(0, 96, 16)]
+    expected = [
+        [records[i].id for i in trainer.sampler.order(epoch)[k : k + 16]] for epoch in (0, 1) for k in range(0, 96, 16)
+    ]
     assert trained[:6] != trained[6:]
     assert trained == expected
 
@@ -682,10 +843,17 @@ def test_token_budget_epochs_each_count_their_own_steps(tmp_path, tiny_model_dir
     from llava_loop.loop import Trainer
 
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
-    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / "run",
-                                  mode="projector", train={"max_steps": 0, "epochs": 2, "log_sample_ids": True})
-    trainer = Trainer(load_config(config, ["data.padding_free=true", "data.max_length=512",
-                                           "data.max_tokens_per_micro_batch=1200"]))
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=data,
+        output_dir=tmp_path / "run",
+        mode="projector",
+        train={"max_steps": 0, "epochs": 2, "log_sample_ids": True},
+    )
+    trainer = Trainer(
+        load_config(config, ["data.padding_free=true", "data.max_length=512", "data.max_tokens_per_micro_batch=1200"])
+    )
     per_epoch = [trainer.steps_in_epoch(epoch) for epoch in (0, 1)]
     assert per_epoch[0] != per_epoch[1]  # else twice the first epoch's count would pass too
     assert trainer.total_steps == sum(per_epoch)
@@ -694,7 +862,7 @@ def test_token_budget_epochs_each_count_their_own_steps(tmp_path, tiny_model_dir
     assert len(rows) == sum(per_epoch)
     records = trainer.train_set.records
     second = sorted(records[i].id for batch in trainer.sampler.batches(1) for i in batch)
-    assert sorted(i for m in rows[per_epoch[0]:] for i in m["sample_ids"]) == second
+    assert sorted(i for m in rows[per_epoch[0] :] for i in m["sample_ids"]) == second
 
 
 @pytest.mark.slow
@@ -702,8 +870,13 @@ def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model
     """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""
     runs = {}
     for name in ("two-nodes", "one-node"):
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
-                                      output_dir=tmp_path / name, train={"micro_batch_size": 2, "max_steps": 3})
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=shapes_data,
+            output_dir=tmp_path / name,
+            train={"micro_batch_size": 2, "max_steps": 3},
+        )
         if name == "two-nodes":
             node0, _ = helpers.launch_two_nodes(config)
             assert "x processes 2 " in node0.stderr and "DeepSpeed ZeRO-2" in node0.stderr
@@ -727,8 +900,9 @@ def _data_with_bad_records(tmp_path, shapes_data, n=24):
     return dict(shapes_data, train=root / "chat.json", train_images=root / "images")
 
 
-def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(tmp_path, tiny_model_dir, shapes_data,
-                                                                          fresh_accelerate_state, capsys):
+def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state, capsys
+):
     from llava_loop.data.skips import TooManySkips
     from llava_loop.loop import train
 
@@ -737,23 +911,30 @@ def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(tmp_pa
     train(cfg)  # 24 records, 4 per step: one epoch meets both bad records
     last = helpers.metrics(cfg.output_dir)[-1]
     assert last["bad_records"] == 2  # distinct bad records: what the budget counts
-    assert last["skipped/missing_image"] >= 1 and last["skipped/empty_answer"] >= 1  # events (a replacement can retry one)
+    assert (
+        last["skipped/missing_image"] >= 1 and last["skipped/empty_answer"] >= 1
+    )  # events (a replacement can retry one)
     assert all(m["samples_per_s"] > 0 for m in helpers.metrics(cfg.output_dir))
     err = capsys.readouterr().err
     assert "skipping bad sample train_000005 (missing_image" in err and "train_000017 (empty_answer" in err
 
-    strict = _config(tmp_path, tiny_model_dir, data, name="strict", train={"max_steps": 6}, data={"max_skip_fraction": 0.05})
+    strict = _config(
+        tmp_path, tiny_model_dir, data, name="strict", train={"max_steps": 6}, data={"max_skip_fraction": 0.05}
+    )
     with pytest.raises(TooManySkips, match=r"2 of 24 records .* were skipped.*max_skip_fraction=0.05"):
         train(strict)
 
 
-def test_a_broken_data_file_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data, monkeypatch,
-                                                         fresh_accelerate_state):
+def test_a_broken_data_file_fails_before_the_model_loads(
+    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+):
     from llava_loop import loop
     from llava_loop.data.records import RecordError
 
     broken = tmp_path / "broken.json"
-    broken.write_text('[{"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}]},\n{"id": "b"}]')
+    broken.write_text(
+        '[{"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}]},\n{"id": "b"}]'
+    )
     cfg = _config(tmp_path, tiny_model_dir, dict(shapes_data, train=broken))
 
     def must_not_load(*args, **kwargs):
@@ -764,15 +945,22 @@ def test_a_broken_data_file_fails_before_the_model_loads(tmp_path, tiny_model_di
         loop.Trainer(cfg)
 
 
-def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
-                                                                      monkeypatch, fresh_accelerate_state):
+def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(
+    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+):
     from llava_loop import loop
     from llava_loop.errors import UserError
 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the loss was bound"))
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data,
-                  loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}})
-    with pytest.raises(UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*'z_wieght'.*\(it takes \(model, batch.*z_weight"):
+    cfg = _config(
+        tmp_path,
+        tiny_model_dir,
+        shapes_data,
+        loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}},
+    )
+    with pytest.raises(
+        UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*'z_wieght'.*\(it takes \(model, batch.*z_weight"
+    ):
         loop.Trainer(cfg)
 
 
@@ -788,8 +976,9 @@ def _val_copy(tmp_path, shapes_data, missing: int | None):
     return dict(shapes_data, val_images=images)
 
 
-def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state,
-                                                          capsys):
+def test_a_broken_held_out_set_never_costs_the_training(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state, capsys
+):
     """Every held-out image missing: training completes, the final checkpoint is saved, and the warning names
     data.eval_image_dir, not data.image_dir."""
     from llava_loop.checkpoint.files import complete_checkpoints
@@ -804,8 +993,9 @@ def test_a_broken_held_out_set_never_costs_the_training(tmp_path, tiny_model_dir
     assert "32 of 32 samples left out (missing_image x32" in err and f"data.eval_image_dir={data['val_images']}" in err
 
 
-def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, shapes_data, tiny_processor,
-                                                     fresh_accelerate_state):
+def test_held_out_samples_are_left_out_never_replaced(
+    tmp_path, tiny_model_dir, shapes_data, tiny_processor, fresh_accelerate_state
+):
     """1 of 32 held-out images missing: the eval loss is over the 31 others exactly, and says one was left out."""
     from llava_loop.loop import Trainer
     from llava_loop.validate import heldout_loss_sums
@@ -825,19 +1015,26 @@ def test_held_out_samples_are_left_out_never_replaced(tmp_path, tiny_model_dir, 
     assert metrics["eval_loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
 
 
-def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
-                                                                             monkeypatch, fresh_accelerate_state):
+def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(
+    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+):
     from llava_loop import loop
     from llava_loop.errors import UserError
 
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the config was checked"))
+    monkeypatch.setattr(
+        loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the config was checked")
+    )
     with pytest.raises(UserError, match=r"hook 'no_such_pkg.hooks:Hook': cannot import module 'no_such_pkg.hooks'"):
         loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, hooks=["no_such_pkg.hooks:Hook"]))
-    with pytest.raises(UserError, match=r"loss 'llava_loop.losses:no_such_loss': module 'llava_loop.losses' has no attribute"):
+    with pytest.raises(
+        UserError, match=r"loss 'llava_loop.losses:no_such_loss': module 'llava_loop.losses' has no attribute"
+    ):
         loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, name="run2", loss="llava_loop.losses:no_such_loss"))
 
 
-def test_unusable_output_dirs_and_holdouts_get_clear_errors(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_unusable_output_dirs_and_holdouts_get_clear_errors(
+    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+):
     from llava_loop.data.records import RecordError
     from llava_loop.errors import UserError
     from llava_loop.loaders import split_records
@@ -856,8 +1053,14 @@ def test_unusable_output_dirs_and_holdouts_get_clear_errors(tmp_path, tiny_model
 
 @pytest.mark.slow
 def test_a_killed_data_loader_worker_is_reported_not_a_traceback(tmp_path, tiny_model_dir, shapes_data):
-    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / "run",
-                                  hooks=["helpers:KillWorkersAtStep2"], train={"max_steps": 40, "micro_batch_size": 2})
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "run",
+        hooks=["helpers:KillWorkersAtStep2"],
+        train={"max_steps": 40, "micro_batch_size": 2},
+    )
     out = helpers.launch(config, "data.num_workers=2", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "a DataLoader worker died" in out.stderr and "Lower data.num_workers (now 2)" in out.stderr
@@ -900,12 +1103,15 @@ def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_erro
     assert worker_death(dead.value).startswith(type(dead.value).__name__ + " while receiving a batch it had sent")
 
     # negative control: a worker's own OSError, re-raised by PyTorch in this process, is the dataset's error
-    loader = torch.utils.data.DataLoader(_MissingFile(), num_workers=1, multiprocessing_context=multiprocessing.get_context("fork"))
+    loader = torch.utils.data.DataLoader(
+        _MissingFile(), num_workers=1, multiprocessing_context=multiprocessing.get_context("fork")
+    )
     with pytest.raises(FileNotFoundError) as own:
         next(iter(loader))
     assert worker_death(own.value) is None
     assert worker_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")) == (
-        "DataLoader worker (pid 7) is killed by signal: Killed.")
+        "DataLoader worker (pid 7) is killed by signal: Killed."
+    )
     assert worker_death(RuntimeError("CUDA out of memory")) is None
 
     # the report turns PyTorch's SIGCHLD handler off before it looks (another worker dying mid-way raised it there,

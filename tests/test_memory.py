@@ -21,9 +21,16 @@ def test_model_state_terms_match_what_deepspeed_holds(setting, mode, tmp_path, t
     from llava_loop.config import LoraConfig
     from llava_loop.modes import apply_mode
 
-    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / "run",
-                                  mode=mode, hooks=["helpers:ModelStateBytes"], lora={"r": 4, "alpha": 8},
-                                  train={"micro_batch_size": 1, "max_steps": 1})
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "run",
+        mode=mode,
+        hooks=["helpers:ModelStateBytes"],
+        lora={"r": 4, "alpha": 8},
+        train={"micro_batch_size": 1, "max_steps": 1},
+    )
     accelerate_config = "accelerate_config_zero3.yaml" if setting == "zero3" else "accelerate_config.yaml"
     helpers.launch(config, processes=2, accelerate_config=accelerate_config)
     held = [json.loads((tmp_path / "run" / f"model_state_bytes_rank{r}.json").read_text()) for r in (0, 1)]
@@ -35,14 +42,18 @@ def test_model_state_terms_match_what_deepspeed_holds(setting, mode, tmp_path, t
         assert rank["weights"] == pytest.approx(expected["weights"], rel=0.01), (rank, expected)
         assert rank["optimizer"] == pytest.approx(expected["optimizer"], rel=0.01), (rank, expected)
     if setting == "zero3":  # and the negative control: ZeRO-2's accounting would be 2x off for ZeRO-3's weights
-        assert held[0]["weights"] < 0.6 * memory.model_state_bytes(total, trainable, "zero2", 2, weight_bytes=4)["weights"]
+        assert (
+            held[0]["weights"] < 0.6 * memory.model_state_bytes(total, trainable, "zero2", 2, weight_bytes=4)["weights"]
+        )
 
 
 def test_estimates_at_real_sizes_pick_the_smallest_setting_that_fits():
     llm7, llm72 = memory.LLMS["7B"], memory.LLMS["72B"]
     # Qwen2.5-7B + CLIP-L + projector is about 7.9B parameters: 14.8 GiB of bf16 weights on every ZeRO-2 GPU
     full7 = memory.estimate(llm7, "full", "zero2", gpus=8)
-    assert full7["weights"] == pytest.approx(2 * (llm7.params + memory.CLIP_L_336 + memory.projector_params(llm7)) / memory.GIB)
+    assert full7["weights"] == pytest.approx(
+        2 * (llm7.params + memory.CLIP_L_336 + memory.projector_params(llm7)) / memory.GIB
+    )
     assert memory.smallest_fit(llm7, "full", 8, 80) == "zero2"
     assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 80) == "zero2"  # ZeRO-2's limit, as LLaVA found
     assert memory.smallest_fit(memory.LLMS["34B"], "full", 8, 80) == "zero3+offload"
@@ -60,9 +71,17 @@ def test_the_cli_names_the_smallest_setting_and_fails_when_none_fits():
     import subprocess
     import sys
 
-    fits = subprocess.run([sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "34B", "--mode", "full"],
-                          capture_output=True, text=True, env=helpers.env())
+    fits = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "34B", "--mode", "full"],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert fits.returncode == 0 and "smallest setting that fits 8 x 80 GiB: zero3+offload" in fits.stdout
-    too_big = subprocess.run([sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "72B", "--gpus", "8"],
-                             capture_output=True, text=True, env=helpers.env())
+    too_big = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "72B", "--gpus", "8"],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert too_big.returncode == 1 and "none; add GPUs" in too_big.stdout

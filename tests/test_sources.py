@@ -48,7 +48,9 @@ def tables(tmp_path_factory, shapes_data):
     raw = datasets.Dataset.from_list(_rows(records, images, "bytes"))
     raw.select(range(50)).to_parquet(str(root / "bytes" / "part-0.parquet"))
     raw.select(range(50, 96)).to_parquet(str(root / "bytes" / "part-1.parquet"))
-    out.update(paths=root / "paths.parquet", structs=root / "structs.parquet", arrow=root / "arrow", bytes=root / "bytes")
+    out.update(
+        paths=root / "paths.parquet", structs=root / "structs.parquet", arrow=root / "arrow", bytes=root / "bytes"
+    )
     return out
 
 
@@ -121,8 +123,23 @@ def test_bad_rows_are_skipped_counted_and_replaced(tmp_path, shapes_data, tiny_p
 
 def test_data_check_reads_tables(tmp_path, shapes_data):
     path = _broken_table(tmp_path, shapes_data)
-    out = subprocess.run([sys.executable, "-m", "llava_loop.cli", "data", "check", "--data", str(path), "--decode",
-                          "--json", str(tmp_path / "report.json")], capture_output=True, text=True, env=helpers.env())
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "data",
+            "check",
+            "--data",
+            str(path),
+            "--decode",
+            "--json",
+            str(tmp_path / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert out.returncode == 1, out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["problems"] == {"corrupt_image": 1, "malformed_record": 1}
@@ -131,7 +148,9 @@ def test_data_check_reads_tables(tmp_path, shapes_data):
 
 def test_a_table_without_conversations_or_with_splits_names_the_fix(tmp_path):
     datasets.Dataset.from_list([{"text": "hi"}]).to_parquet(str(tmp_path / "t.parquet"))
-    with pytest.raises(RecordError, match=r"t.parquet: no 'conversations' or 'messages' column \(columns: \['text'\]\)"):
+    with pytest.raises(
+        RecordError, match=r"t.parquet: no 'conversations' or 'messages' column \(columns: \['text'\]\)"
+    ):
         open_records(tmp_path / "t.parquet")
     ds = datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "a"}]}])
     datasets.DatasetDict(train=ds, test=ds).save_to_disk(str(tmp_path / "dd"))
@@ -144,8 +163,13 @@ def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tab
     """One skip, encode and collate path: the same records give the same run, with workers (forked readers)."""
     losses = {}
     for name in ("json", "structs", "arrow"):
-        path = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data,
-                                    output_dir=tmp_path / name, train={"log_sample_ids": True})
+        path = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=shapes_data,
+            output_dir=tmp_path / name,
+            train={"log_sample_ids": True},
+        )
         tree = yaml.safe_load(path.read_text())
         tree["data"].update(path=str(tables[name]), num_workers=2)
         tree["data"]["image_dir"] = str(shapes_data["train_images"]) if name == "json" else ""
@@ -185,15 +209,20 @@ def test_a_parquet_folder_whose_files_have_different_columns_keeps_every_image(s
     records = json.loads(shapes_data["train"].read_text())
     (tmp_path / "mixed").mkdir()
     datasets.Dataset.from_list(_rows(records, shapes_data["train_images"], "bytes")).to_parquet(
-        str(tmp_path / "mixed" / "a.parquet"))
-    text = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": "ok"}]}
-            for i in range(40)]
+        str(tmp_path / "mixed" / "a.parquet")
+    )
+    text = [
+        {"id": f"text-{i}", "conversations": [{"from": "human", "value": f"say {i}"}, {"from": "gpt", "value": "ok"}]}
+        for i in range(40)
+    ]
     if second == "images_column":
         data = (shapes_data["train_images"] / records[0]["image"]).read_bytes()
         text = [{**r, "images": [data]} for r in text]
         for r in text:
-            r["conversations"] = [{**r["conversations"][0], "value": "<image>\n" + r["conversations"][0]["value"]},
-                                  r["conversations"][1]]
+            r["conversations"] = [
+                {**r["conversations"][0], "value": "<image>\n" + r["conversations"][0]["value"]},
+                r["conversations"][1],
+            ]
     datasets.Dataset.from_list(text).to_parquet(str(tmp_path / "mixed" / "b.parquet"))
     table = open_records(tmp_path / "mixed")
     assert len(table) == 136

@@ -22,8 +22,9 @@ def prepare_with(cfg, *, where: str) -> None:  # a setup function with a require
 
 
 def _config_file(tmp_path, tiny_model_dir, shapes_data, **sections):
-    return helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
-                                output_dir=tmp_path / "run", **sections)
+    return helpers.write_config(
+        tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / "run", **sections
+    )
 
 
 @pytest.fixture
@@ -36,15 +37,18 @@ def no_model(monkeypatch):
 
 def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(tmp_path, tiny_model_dir, shapes_data, capsys):
     path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["tensorbord"])
-    with pytest.raises(ConfigError, match=r"trackers: 'tensorbord' is not a tracker; valid trackers: .*tensorboard.*wandb"):
+    with pytest.raises(
+        ConfigError, match=r"trackers: 'tensorbord' is not a tracker; valid trackers: .*tensorboard.*wandb"
+    ):
         load_config(path)
     assert main(["train", "--config", str(path)]) == 2
     assert "valid trackers:" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
-def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, shapes_data,
-                                                                          no_model, fresh_accelerate_state, capsys):
+def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(
+    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+):
     path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["wandb"])
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
@@ -53,23 +57,29 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(tmp_p
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed here")
-def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(tmp_path, tiny_model_dir, shapes_data,
-                                                                        no_model, fresh_accelerate_state, capsys):
+def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(
+    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+):
     from llava_loop.lmms import LmmsEval
 
     with pytest.raises(UserError, match=r"needs lmms-eval, which is not installed: pip install 'llava-loop\[lmms\]'"):
         LmmsEval(tasks=["mme"])
-    path = _config_file(tmp_path, tiny_model_dir, shapes_data,
-                        hooks=[{"fn": "llava_loop.lmms:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
+    path = _config_file(
+        tmp_path, tiny_model_dir, shapes_data, hooks=[{"fn": "llava_loop.lmms:LmmsEval", "kwargs": {"tasks": ["mme"]}}]
+    )
     assert main(["train", "--config", str(path)]) == 2
     assert "pip install 'llava-loop[lmms]'" in capsys.readouterr().err
 
 
-def test_the_lmms_eval_hooks_old_name_is_refused_with_its_new_one(tmp_path, tiny_model_dir, shapes_data, no_model,
-                                                                  fresh_accelerate_state):
-    path = _config_file(tmp_path, tiny_model_dir, shapes_data,
-                        hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
-    with pytest.raises(UserError, match=r"hook 'llava_loop.hooks:LmmsEval' has moved: name it llava_loop.lmms:LmmsEval"):
+def test_the_lmms_eval_hooks_old_name_is_refused_with_its_new_one(
+    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state
+):
+    path = _config_file(
+        tmp_path, tiny_model_dir, shapes_data, hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}]
+    )
+    with pytest.raises(
+        UserError, match=r"hook 'llava_loop.hooks:LmmsEval' has moved: name it llava_loop.lmms:LmmsEval"
+    ):
         helpers.train_here(path)
 
 
@@ -79,8 +89,16 @@ def test_lmms_options_reach_the_background_job_as_they_were_given():
 
     from llava_loop.lmms import LmmsOptions
 
-    given = LmmsOptions(["mme", "llava_loop_heldout"], data="val.json", image_dir="imgs", max_samples=8,
-                        max_new_tokens=16, limit=3, device="cuda:7", dtype="bfloat16")
+    given = LmmsOptions(
+        ["mme", "llava_loop_heldout"],
+        data="val.json",
+        image_dir="imgs",
+        max_samples=8,
+        max_new_tokens=16,
+        limit=3,
+        device="cuda:7",
+        dtype="bfloat16",
+    )
     parser = argparse.ArgumentParser()
     LmmsOptions.add_arguments(parser)
     assert LmmsOptions.from_args(parser.parse_args(given.to_argv())) == given
@@ -89,16 +107,29 @@ def test_lmms_options_reach_the_background_job_as_they_were_given():
     assert LmmsOptions.from_args(parser.parse_args(defaults.to_argv())) == defaults
 
 
-@pytest.mark.parametrize("section, value, message", [
-    ("hooks", ["llava_loop.lmms:LmmsEval"],
-     r"hook llava_loop.lmms:LmmsEval: missing a required argument: 'tasks' .*kwargs: \{tasks: \.\.\.\}"),
-    ("loss", "test_startup:weighted_ce",
-     r"loss test_startup:weighted_ce: missing a required argument: 'weight' .*kwargs: \{weight: \.\.\.\}"),
-    ("setup", ["test_startup:prepare_with"],
-     r"setup test_startup:prepare_with: missing a required argument: 'where' .*kwargs: \{where: \.\.\.\}"),
-])
-def test_a_missing_required_kwarg_is_named_like_a_misspelled_one(section, value, message, tmp_path, tiny_model_dir,
-                                                                 shapes_data, no_model, fresh_accelerate_state, capsys):
+@pytest.mark.parametrize(
+    "section, value, message",
+    [
+        (
+            "hooks",
+            ["llava_loop.lmms:LmmsEval"],
+            r"hook llava_loop.lmms:LmmsEval: missing a required argument: 'tasks' .*kwargs: \{tasks: \.\.\.\}",
+        ),
+        (
+            "loss",
+            "test_startup:weighted_ce",
+            r"loss test_startup:weighted_ce: missing a required argument: 'weight' .*kwargs: \{weight: \.\.\.\}",
+        ),
+        (
+            "setup",
+            ["test_startup:prepare_with"],
+            r"setup test_startup:prepare_with: missing a required argument: 'where' .*kwargs: \{where: \.\.\.\}",
+        ),
+    ],
+)
+def test_a_missing_required_kwarg_is_named_like_a_misspelled_one(
+    section, value, message, tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+):
     path = _config_file(tmp_path, tiny_model_dir, shapes_data, **{section: value})
     with pytest.raises(UserError, match=message):
         helpers.train_here(path)

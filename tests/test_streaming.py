@@ -29,8 +29,9 @@ def shards(tmp_path_factory, shapes_data):
     """The 96 shapes training records as uneven shards of at most 30 KB (the last one short), with a seek point
     every 4 samples."""
     out = tmp_path_factory.mktemp("shards") / "shards"
-    report = write_shards(shapes_data["train"], shapes_data["train_images"], out, shard_size=parse_size("30KB"),
-                          seek_every=4)
+    report = write_shards(
+        shapes_data["train"], shapes_data["train_images"], out, shard_size=parse_size("30KB"), seek_every=4
+    )
     assert report["samples"] == 96 and report["skipped"] == {}
     return out
 
@@ -48,9 +49,26 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
 
     out = tmp_path / "shards"
     cli = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "data", "convert", "shards", "--input", str(shapes_data["train"]),
-         "--image-dir", str(shapes_data["train_images"]), "--out", str(out), "--shard-size", "30KB"],
-        capture_output=True, text=True, env=helpers.env())
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "data",
+            "convert",
+            "shards",
+            "--input",
+            str(shapes_data["train"]),
+            "--image-dir",
+            str(shapes_data["train_images"]),
+            "--out",
+            str(out),
+            "--shard-size",
+            "30KB",
+        ],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert cli.returncode == 0, cli.stderr
     files = sorted(out.glob("*.tar"))
     assert [f.name for f in files[:2]] == ["000000.tar", "000001.tar"] and len(files) > 3
@@ -70,9 +88,24 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
     broken[1]["image"] = "nope.jpg"
     (tmp_path / "broken.json").write_text(json.dumps(broken))
     cli = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "data", "convert", "shards", "--input", str(tmp_path / "broken.json"),
-         "--image-dir", str(shapes_data["train_images"]), "--out", str(tmp_path / "b")], capture_output=True, text=True,
-        env=helpers.env())
+        [
+            sys.executable,
+            "-m",
+            "llava_loop.cli",
+            "data",
+            "convert",
+            "shards",
+            "--input",
+            str(tmp_path / "broken.json"),
+            "--image-dir",
+            str(shapes_data["train_images"]),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        env=helpers.env(),
+    )
     assert cli.returncode == 1 and "missing_image" in cli.stdout
     assert shard_counts(expand(tmp_path / "b")) == [3]
 
@@ -80,8 +113,17 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
 def _layout(shards, processes=1, workers=0, micro_batch=2, grad_accum=2, block=8, counts=None, seed=3):
     files = expand(shards)
     found, seeks = read_index(files)
-    return StreamLayout(files, counts or found, seed=seed, processes=processes, workers=workers,
-                        micro_batch=micro_batch, grad_accum=grad_accum, block=block, seeks=seeks)
+    return StreamLayout(
+        files,
+        counts or found,
+        seed=seed,
+        processes=processes,
+        workers=workers,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        block=block,
+        seeks=seeks,
+    )
 
 
 def test_a_shard_read_from_a_seek_point_equals_one_read_from_the_top(shards):
@@ -95,7 +137,7 @@ def test_a_shard_read_from_a_seek_point_equals_one_read_from_the_top(shards):
     for skip in (0, 3, 4, last):
         assert [s["__key__"] for s in iter_shard(files[0], skip, seeks[0])] == keys[skip:]
     # negative controls: seek points that all say 0 jump back to the top; ones off by a header are named
-    assert [s["__key__"] for s in iter_shard(files[0], last, (4, [0] * len(seeks[0][1])))] == keys[last % 4:]
+    assert [s["__key__"] for s in iter_shard(files[0], last, (4, [0] * len(seeks[0][1])))] == keys[last % 4 :]
     with pytest.raises(DataError, match=f"{files[0].name} cannot be read from byte .*delete shards.json"):
         list(iter_shard(files[0], last, (4, [o + 512 for o in seeks[0][1]])))
 
@@ -182,10 +224,20 @@ def test_a_truncated_shard_and_a_bad_sample_are_named_and_counted(tmp_path, shar
 
 def _config(tmp_path, model_dir, shapes, shards, name, workers):
     path = helpers.write_config(
-        tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name,
+        tmp_path / f"{name}.yaml",
+        model=model_dir,
+        data=shapes,
+        output_dir=tmp_path / name,
         hooks=["helpers:FinalState", "helpers:StopAtStep"],
-        train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "lr": 2e-3, "warmup_ratio": 0.34,
-               "log_sample_ids": True})
+        train={
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "max_steps": 6,
+            "lr": 2e-3,
+            "warmup_ratio": 0.34,
+            "log_sample_ids": True,
+        },
+    )
     tree = yaml.safe_load(path.read_text())
     tree["data"].update(path=str(shards), image_dir="", num_workers=workers, shuffle_buffer=6)
     path.write_text(yaml.safe_dump(tree))
@@ -193,8 +245,9 @@ def _config(tmp_path, model_dir, shapes, shards, name, workers):
 
 
 @pytest.mark.slow
-def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(tmp_path, tiny_dropout_model_dir, shapes_data,
-                                                                    shards):
+def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(
+    tmp_path, tiny_dropout_model_dir, shapes_data, shards
+):
     """Two workers, each with its own position (one worker's positions: the in-process tests above)."""
     from test_checkpoint import K, N, _bitwise_equal, _final, _steps, _trajectory
 
@@ -218,15 +271,18 @@ def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(tmp_path, ti
     helpers.launch(control, extra_env=never, fault="no-data-position")
     steps_c = _steps(tmp_path / "C")
     assert _trajectory(steps_a, K + 1, N) != _trajectory(steps_c, K + 1, N)
-    assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)]
+    assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [
+        steps_a[s]["sample_ids"] for s in range(1, N - K + 1)
+    ]
     assert not _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "C"))
     # the stream's layout is part of its position: other workers are refused, naming the setting
     out = helpers.launch(b, "train.max_steps=8", "data.num_workers=1", check=False)
     assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
 
 
-def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_model_dir, shapes_data, shards,
-                                                            tiny_processor):
+def test_streams_refuse_what_needs_every_length_or_a_holdout(
+    tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor
+):
     from llava_loop.config import load_config
     from llava_loop.loaders import make_datasets, split_records
     from llava_loop.data.records import RecordError
@@ -239,12 +295,21 @@ def test_streams_refuse_what_needs_every_length_or_a_holdout(tmp_path, tiny_mode
 
 
 @pytest.mark.slow
-def test_two_processes_stream_disjoint_slices_in_lockstep(tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor):
+def test_two_processes_stream_disjoint_slices_in_lockstep(
+    tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor
+):
     """2 processes x 2 workers under accelerate launch + DeepSpeed: one epoch of uneven shards, the same steps on
     both ranks, each rank's micro-batches exactly its own slice of the stream."""
     path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "P", 2)
-    helpers.launch(path, "train.micro_batch_size=5", "train.grad_accum=1", "train.max_steps=0", "train.epochs=1",
-                   processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
+    helpers.launch(
+        path,
+        "train.micro_batch_size=5",
+        "train.grad_accum=1",
+        "train.max_steps=0",
+        "train.epochs=1",
+        processes=2,
+        extra_env={"LLAVA_TEST_STOP_AT": "-1"},
+    )
     steps = helpers.metrics(tmp_path / "P")
     layout = _layout(shards, processes=2, workers=2, micro_batch=5, grad_accum=1, block=6, seed=1)  # the run's
     assert len(steps) == layout.micro_batches == 8  # 96 samples: 4 micro-batches of 5 per consumer, 16 dropped
@@ -276,8 +341,9 @@ def _cli(*argv) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(tmp_path, tiny_model_dir, shapes_data,
-                                                                         shards, fresh_accelerate_state):
+def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(
+    tmp_path, tiny_model_dir, shapes_data, shards, fresh_accelerate_state
+):
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     (copy / "shards.json").unlink()
@@ -289,18 +355,23 @@ def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(tmp_pa
     assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err, err
 
 
-def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(tmp_path, tiny_model_dir, shapes_data,
-                                                                           shards, monkeypatch, fresh_accelerate_state):
+def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(
+    tmp_path, tiny_model_dir, shapes_data, shards, monkeypatch, fresh_accelerate_state
+):
     """shards.json's sizes are checked before the model loads: every damaged shard is named with both sizes and the
     way out; data.skip_damaged_shards=true trains without it, fresh or resumed (the change printed)."""
     from llava_loop import loop
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    path = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data,
-                                output_dir=tmp_path / "run", train={"micro_batch_size": 2, "max_steps": 2,
-                                                                    "log_sample_ids": True},
-                                checkpoint={"every": 2, "keep_last": 0})
+    path = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "run",
+        train={"micro_batch_size": 2, "max_steps": 2, "log_sample_ids": True},
+        checkpoint={"every": 2, "keep_last": 0},
+    )
     tree = yaml.safe_load(path.read_text())
     tree["data"].update(path=str(copy), image_dir="", shuffle_buffer=6)
     path.write_text(yaml.safe_dump(tree))
@@ -326,8 +397,9 @@ def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(tmp_
     assert not lost_ids & {i for s in (3, 4) for i in steps[s]["sample_ids"]}
     helpers.reset_accelerate_state()
 
-    code, err = _cli("train", "--config", str(path), "output_dir=" + str(tmp_path / "fresh"),
-                     "data.skip_damaged_shards=true")
+    code, err = _cli(
+        "train", "--config", str(path), "output_dir=" + str(tmp_path / "fresh"), "data.skip_damaged_shards=true"
+    )
     assert code == 0 and f"training without 1 damaged shards ({len(lost_ids)} samples left out)" in err, err
 
 

@@ -55,12 +55,15 @@ def test_the_core_never_imports_the_demo():
     assert len(core_modules()) > 20  # the walk saw the package
 
 
-@pytest.mark.parametrize("source, module", [
-    ("from .demo.tiny import build_tiny", "llava_loop.loop"),
-    ("def f():\n    from ..demo import shapes", "llava_loop.data.check"),
-    ("import llava_loop.demo.pipeline", "llava_loop.cli"),
-    ("from llava_loop import demo", "llava_loop.cli"),
-])
+@pytest.mark.parametrize(
+    "source, module",
+    [
+        ("from .demo.tiny import build_tiny", "llava_loop.loop"),
+        ("def f():\n    from ..demo import shapes", "llava_loop.data.check"),
+        ("import llava_loop.demo.pipeline", "llava_loop.cli"),
+        ("from llava_loop import demo", "llava_loop.cli"),
+    ],
+)
 def test_the_import_walker_catches_each_form_of_import(source, module):
     assert demo_imports(source, module)  # negative control: each way of reaching the demo is seen
 
@@ -87,8 +90,9 @@ def test_no_module_branches_on_deepspeed_outside_the_backends():
     for name, path in core_modules():
         if name != "llava_loop.backends":
             tree = ast.parse(path.read_text())
-            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
-                    {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+                n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            }
             assert not {"deepspeed", "uses_deepspeed", "deepspeed_plugin"} & names, name
 
 
@@ -121,12 +125,15 @@ def test_training_imports_nothing_of_what_comes_after_it():
     assert not closure & set(AFTER_TRAINING), sorted(closure & set(AFTER_TRAINING))
 
 
-@pytest.mark.parametrize("module, line", [
-    ("llava_loop.hooks", "from . import lmms"),
-    ("llava_loop.data.collate", "def f():\n    from ..export import export"),  # lazy, two floors down
-    ("llava_loop.validate", "import llava_loop.evaluate"),
-    ("llava_loop.data.blank_image", "from llava_loop.infer import generate"),
-])
+@pytest.mark.parametrize(
+    "module, line",
+    [
+        ("llava_loop.hooks", "from . import lmms"),
+        ("llava_loop.data.collate", "def f():\n    from ..export import export"),  # lazy, two floors down
+        ("llava_loop.validate", "import llava_loop.evaluate"),
+        ("llava_loop.data.blank_image", "from llava_loop.infer import generate"),
+    ],
+)
 def test_the_closure_sees_an_after_training_import_wherever_it_hides(module, line):
     sources = {**SOURCES, module: SOURCES[module] + "\n" + line + "\n"}  # negative control
     assert import_closure("llava_loop.loop", sources) & set(AFTER_TRAINING)

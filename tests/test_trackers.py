@@ -62,11 +62,19 @@ def expected(output_dir: Path) -> dict[tuple[str, int], float]:
 
 @pytest.mark.slow
 def test_tensorboard_and_wandb_offline_hold_the_metrics_and_a_resumed_run_continues_them(
-        tmp_path, tiny_model_dir, shapes_data):
+    tmp_path, tiny_model_dir, shapes_data
+):
     out = tmp_path / "run"
-    config = helpers.write_config(tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=out,
-                                  trackers=["tensorboard", "wandb"], train={"micro_batch_size": 2, "max_steps": 3},
-                                  eval={"every": 2, "max_samples": 8}, checkpoint={"every": 3, "keep_last": 1})
+    config = helpers.write_config(
+        tmp_path / "run.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=out,
+        trackers=["tensorboard", "wandb"],
+        train={"micro_batch_size": 2, "max_steps": 3},
+        eval={"every": 2, "max_samples": 8},
+        checkpoint={"every": 3, "keep_last": 1},
+    )
     helpers.launch(config, processes=2, extra_env=WANDB_ENV)
     run_id = json.loads((out / "trackers.json").read_text())["run_id"]
     helpers.launch(config, "train.max_steps=5", processes=2, extra_env=WANDB_ENV)  # resumes at step 3

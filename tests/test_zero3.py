@@ -34,20 +34,36 @@ def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, s
     data = helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
     runs, tables = {}, {}
     for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "zero3-2x1x2": (2, 1, 2)}.items():
-        config = helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_model_dir, data=data, output_dir=tmp_path / name,
-                                      mode=mode, lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                                      train={"micro_batch_size": micro, "grad_accum": accum, "max_steps": 3,
-                                             "max_grad_norm": 1.0, "warmup_ratio": 0.0, "log_sample_ids": True,
-                                             "lr": 1e-3, "weight_decay": 100.0},
-                                      eval={"every": 3, "max_samples": 7})
+        config = helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir,
+            data=data,
+            output_dir=tmp_path / name,
+            mode=mode,
+            lora={"r": 4, "alpha": 8, "dropout": 0.0},
+            train={
+                "micro_batch_size": micro,
+                "grad_accum": accum,
+                "max_steps": 3,
+                "max_grad_norm": 1.0,
+                "warmup_ratio": 0.0,
+                "log_sample_ids": True,
+                "lr": 1e-3,
+                "weight_decay": 100.0,
+            },
+            eval={"every": 3, "max_samples": 7},
+        )
         out = helpers.launch(config, processes=processes, accelerate_config=ZERO3)
         printed = out.stdout + out.stderr
         runs[name], tables[name] = helpers.metrics(tmp_path / name), _parameter_table(printed)
         if processes:
             assert "DeepSpeed ZeRO-3" in printed
     zero3, reference = runs["zero3-2x1x2"], runs["1x4x1"]
-    mixed_slots = [ids for ids in (m["sample_ids"] for m in zero3)
-                   if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))]
+    mixed_slots = [
+        ids
+        for ids in (m["sample_ids"] for m in zero3)
+        if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))
+    ]
     assert mixed_slots  # some accumulation slot had an image on one rank and none on the other
     assert [m["loss"] for m in zero3] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
     assert [m["grad_norm"] for m in zero3] == pytest.approx([m["grad_norm"] for m in reference], rel=1e-4)
@@ -69,10 +85,16 @@ def test_zero3_bf16_lora_holds_the_adapters_in_bf16_and_trains_them(tmp_path, ti
     Held in bf16 like every weight (DeepSpeed keeps the fp32 masters), on every rank; every adapter trains (each
     lora_B, zero at start, is not in the consolidated checkpoint); the losses are a 1-process fp32 run's within
     bf16's rounding (2^-8: a bound, not parity)."""
-    config = helpers.write_config(tmp_path / "bf16.yaml", model=tiny_model_dir, data=shapes_data,
-                                  output_dir=tmp_path / "bf16", mode="lora", hooks=["helpers:TrainedDtypes"],
-                                  lora={"r": 4, "alpha": 8, "dropout": 0.0},
-                                  train={"micro_batch_size": 1, "max_steps": 2, "precision": "bf16"})
+    config = helpers.write_config(
+        tmp_path / "bf16.yaml",
+        model=tiny_model_dir,
+        data=shapes_data,
+        output_dir=tmp_path / "bf16",
+        mode="lora",
+        hooks=["helpers:TrainedDtypes"],
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"micro_batch_size": 1, "max_steps": 2, "precision": "bf16"},
+    )
     helpers.launch(config, processes=2, accelerate_config=ZERO3)
     for rank in (0, 1):
         dtypes = json.loads((tmp_path / "bf16" / f"trained_dtypes_rank{rank}.json").read_text())
@@ -83,10 +105,11 @@ def test_zero3_bf16_lora_holds_the_adapters_in_bf16_and_trains_them(tmp_path, ti
     trained = DeepSpeedBackend.trained_tensors(checkpoint.complete_checkpoints(tmp_path / "bf16")[-1])
     lora_b = {n: t for n, t in trained.items() if ".lora_B." in n}
     assert lora_b and all(t.abs().max() > 0 for t in lora_b.values())
-    helpers.train_here(config, "train.precision=fp32", "train.micro_batch_size=2", "hooks=[]",
-                       f"output_dir={tmp_path / 'fp32'}")
+    helpers.train_here(
+        config, "train.precision=fp32", "train.micro_batch_size=2", "hooks=[]", f"output_dir={tmp_path / 'fp32'}"
+    )
     bf16, fp32 = helpers.metrics(tmp_path / "bf16"), helpers.metrics(tmp_path / "fp32")
-    assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in fp32], rel=2 ** -8)
+    assert [m["loss"] for m in bf16] == pytest.approx([m["loss"] for m in fp32], rel=2**-8)
 
 
 @pytest.mark.slow
@@ -98,12 +121,23 @@ def test_zero3_resumes_exactly_generates_in_lockstep_and_exports(tmp_path, tiny_
     steps, stop = 4, 2
     hooks = ["helpers:StopAtStep", "helpers:FinalLogits", "helpers:GenerateOnEveryRank"]
     for name in ("A", "B"):
-        helpers.write_config(tmp_path / f"{name}.yaml", model=tiny_dropout_model_dir, data=shapes_data,
-                             output_dir=tmp_path / name, mode="lora", hooks=hooks,
-                             lora={"r": 4, "alpha": 8, "dropout": 0.1},
-                             train={"micro_batch_size": 1, "grad_accum": 2, "max_steps": steps, "warmup_ratio": 0.0,
-                                    "log_sample_ids": True},
-                             checkpoint={"every": stop, "keep_last": 2})
+        helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_dropout_model_dir,
+            data=shapes_data,
+            output_dir=tmp_path / name,
+            mode="lora",
+            hooks=hooks,
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},
+            train={
+                "micro_batch_size": 1,
+                "grad_accum": 2,
+                "max_steps": steps,
+                "warmup_ratio": 0.0,
+                "log_sample_ids": True,
+            },
+            checkpoint={"every": stop, "keep_last": 2},
+        )
     never, at_stop = {"LLAVA_TEST_STOP_AT": "-1"}, {"LLAVA_TEST_STOP_AT": str(stop)}
     helpers.launch(tmp_path / "A.yaml", processes=2, accelerate_config=ZERO3, extra_env=never)
     helpers.launch(tmp_path / "B.yaml", processes=2, accelerate_config=ZERO3, extra_env=at_stop)

@@ -37,7 +37,9 @@ def kill_in_save(target: int):
     class KillInSave(Checkpointer):
         def seal(self, tmp, final, files):
             if final.name == f"step-{target:06d}":
-                os.kill(os.getpid(), signal.SIGKILL)  # model, optimizer and RNG files are written; no manifest, no marker
+                os.kill(
+                    os.getpid(), signal.SIGKILL
+                )  # model, optimizer and RNG files are written; no manifest, no marker
             super().seal(tmp, final, files)
 
     return KillInSave

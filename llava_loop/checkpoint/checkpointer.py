@@ -12,9 +12,22 @@ import torch
 import yaml
 
 from ..ranks import everywhere, on_main
-from .files import (COMPLETE, STATE, CheckpointError, check_files, complete_checkpoints, fsync_dir,
-                    hash_share, read_manifest, read_state, safe_torch_load, scan_pickles, step_dir, write_durable,
-                    write_manifest)
+from .files import (
+    COMPLETE,
+    STATE,
+    CheckpointError,
+    check_files,
+    complete_checkpoints,
+    fsync_dir,
+    hash_share,
+    read_manifest,
+    read_state,
+    safe_torch_load,
+    scan_pickles,
+    step_dir,
+    write_durable,
+    write_manifest,
+)
 from .policy import check_resumable, prune, resume_candidates, set_aside, set_aside_newer
 from .rng import ACCELERATE_RNG_FILE, RNG_FILE, rng_state, set_rng_state
 
@@ -38,7 +51,8 @@ def disk_full(exc: Exception) -> bool:
     """A full disk surfaces as ENOSPC, or from torch's C++ writer as "unexpected pos" / "basic_ios::clear" /
     "file write failed"."""
     return getattr(exc, "errno", None) == errno.ENOSPC or any(
-        sign in f"{exc}" for sign in ("No space left", "unexpected pos", "basic_ios::clear", "file write failed"))
+        sign in f"{exc}" for sign in ("No space left", "unexpected pos", "basic_ios::clear", "file write failed")
+    )
 
 
 class Checkpointer:
@@ -52,8 +66,23 @@ class Checkpointer:
     it and override one step (``write``, ``seal``, ``load``).
     """
 
-    def __init__(self, accelerator, backend, model, output_dir: str | Path, *, progress, states: dict, hooks=(),
-                 run_facts: dict, config_yaml: str, every: int, keep_last: int, verify: str, warn=print):
+    def __init__(
+        self,
+        accelerator,
+        backend,
+        model,
+        output_dir: str | Path,
+        *,
+        progress,
+        states: dict,
+        hooks=(),
+        run_facts: dict,
+        config_yaml: str,
+        every: int,
+        keep_last: int,
+        verify: str,
+        warn=print,
+    ):
         self.accelerator = accelerator
         self.backend = backend
         self.model = model
@@ -90,8 +119,10 @@ class Checkpointer:
         acc = self.accelerator
         final = step_dir(self.output_dir, step)
         if on_main(acc, final.is_dir):  # decided once: ranks must not disagree over a network filesystem
-            raise CheckpointError(f"{final} already exists; a save never replaces a checkpoint (resume=auto "
-                                  "quarantines a damaged one, resume=overwrite moves a previous run's aside)")
+            raise CheckpointError(
+                f"{final} already exists; a save never replaces a checkpoint (resume=auto "
+                "quarantines a damaged one, resume=overwrite moves a previous run's aside)"
+            )
         tmp = final.parent / f".tmp-{final.name}"
 
         def fresh_tmp():
@@ -112,6 +143,7 @@ class Checkpointer:
         """``work`` on every process (``ranks.everywhere``); a failure anywhere removes the folder being written. A
         full disk is one clear CheckpointError on every process; any other failure is raised as itself where it
         happened, and as a CheckpointError saying what failed on the others."""
+
         def work_or_full_disk():
             try:
                 return work()
@@ -121,8 +153,11 @@ class Checkpointer:
                 raise
 
         try:
-            return everywhere(self.accelerator, work_or_full_disk,
-                              describe=lambda exc: CheckpointError(self.write_failure(exc, step, tmp)))
+            return everywhere(
+                self.accelerator,
+                work_or_full_disk,
+                describe=lambda exc: CheckpointError(self.write_failure(exc, step, tmp)),
+            )
         except Exception:
             if self.accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -135,8 +170,10 @@ class Checkpointer:
         acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
         torch.save(rng_state(), tmp / RNG_FILE.format(rank=acc.process_index))
         if self.hooks:
-            torch.save({name: hook.state_dict() for name, hook in self.hooks.items()},
-                       tmp / HOOK_FILE.format(rank=acc.process_index))
+            torch.save(
+                {name: hook.state_dict() for name, hook in self.hooks.items()},
+                tmp / HOOK_FILE.format(rank=acc.process_index),
+            )
         if acc.is_main_process:
             state = {"run": self.run_facts, **{name: part.state_dict() for name, part in self.states.items()}}
             (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -148,13 +185,20 @@ class Checkpointer:
         if not disk_full(exc):
             return f"could not write checkpoint step {step} to {tmp.parent}: {text[:300]}"
         previous = complete_checkpoints(self.output_dir)
-        needs = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else \
-            sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        needs = (
+            sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file())
+            if previous
+            else sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        )
         free = shutil.disk_usage(tmp.parent).free
-        intact = f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
-        return (f"no space left on device while saving step {step} to {tmp.parent} (needs about {needs / 1e9:.2f} GB"
-                f"{'' if previous else ' at least'}, {free / 1e9:.2f} GB free there); {intact}. Free space or move "
-                "output_dir, then resume with resume=auto")
+        intact = (
+            f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
+        )
+        return (
+            f"no space left on device while saving step {step} to {tmp.parent} (needs about {needs / 1e9:.2f} GB"
+            f"{'' if previous else ' at least'}, {free / 1e9:.2f} GB free there); {intact}. Free space or move "
+            "output_dir, then resume with resume=auto"
+        )
 
     def seal(self, tmp: Path, final: Path, files: dict) -> None:
         """Main process: manifest, marker, rename into place, then prune (never before the new one is whole)."""
@@ -190,7 +234,7 @@ class Checkpointer:
         """``verify`` as a team: structure on the main process, hashing shared; raises on every process alike."""
         acc = self.accelerator
         manifest = on_main(acc, lambda: read_manifest(path))
-        share = dict(sorted(manifest["files"].items())[acc.process_index::acc.num_processes])
+        share = dict(sorted(manifest["files"].items())[acc.process_index :: acc.num_processes])
 
         def check_share():
             try:
@@ -205,8 +249,13 @@ class Checkpointer:
         """Restore weights, optimizer, every stateful part and hook and this process's RNG from a verified
         checkpoint. Returns the config changes since the checkpoint, which the run applies; any other change is
         refused."""
-        applied = check_resumable(path, state["run"], self.run_facts, yaml.safe_load((path / "config.yaml").read_text()),
-                                  yaml.safe_load(self.config_yaml))
+        applied = check_resumable(
+            path,
+            state["run"],
+            self.run_facts,
+            yaml.safe_load((path / "config.yaml").read_text()),
+            yaml.safe_load(self.config_yaml),
+        )
         rng_file = path / RNG_FILE.format(rank=self.accelerator.process_index)
         if not rng_file.is_file():
             raise CheckpointError(f"{path}: no {rng_file.name}; the checkpoint is damaged")

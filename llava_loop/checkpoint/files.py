@@ -20,9 +20,13 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 # Non-tensor classes that Accelerate's RNG pickles and DeepSpeed's optimizer shards legitimately carry.
 # Any other global in a checkpoint's pickle stream is refused before anything unpickles it.
 ALLOWED_GLOBALS = {
-    "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
     "numpy.dtypes.UInt32DType",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 }
 
@@ -75,7 +79,9 @@ def scan_pickle(path: Path) -> None:
     try:
         found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint file ({exc}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint file ({exc}); the checkpoint is corrupt"
+        ) from None
     unexpected = sorted(found - ALLOWED_GLOBALS)
     if unexpected:
         raise CheckpointError(
@@ -105,16 +111,21 @@ def _files(root: Path) -> list[Path]:
 def hash_share(root: Path, rank: int = 0, world_size: int = 1) -> dict:
     """Size and sha256 of every ``world_size``-th file under ``root``, starting at ``rank``: each process
     hashes its share of a checkpoint, so no process works alone while the others wait in a barrier."""
-    return {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p), "rank": rank}
-            for p in _files(root)[rank::world_size]}
+    return {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p), "rank": rank}
+        for p in _files(root)[rank::world_size]
+    }
 
 
-def write_manifest(root: Path, files: dict | None = None, *, world_size: int = 1, per_rank: tuple[str, ...] = ()) -> None:
+def write_manifest(
+    root: Path, files: dict | None = None, *, world_size: int = 1, per_rank: tuple[str, ...] = ()
+) -> None:
     """MANIFEST.json: every file's size and hash (``files``, from ``hash_share``; hashed here when None), the
     world size, and the file patterns each rank must have written (``{rank}`` filled in) for completeness."""
     files = hash_share(root) if files is None else files
-    write_durable(root / MANIFEST, json.dumps({"world_size": world_size, "per_rank": list(per_rank), "files": files},
-                                               indent=1))
+    write_durable(
+        root / MANIFEST, json.dumps({"world_size": world_size, "per_rank": list(per_rank), "files": files}, indent=1)
+    )
 
 
 def write_durable(path: Path, text: str) -> None:
@@ -153,7 +164,8 @@ def read_manifest(path: Path) -> dict:
             if pattern.format(rank=rank) not in files:
                 raise CheckpointError(
                     f"{path}: no {pattern.format(rank=rank)} from process {rank} of {manifest['world_size']}; the "
-                    "checkpoint is incomplete (was output_dir on a filesystem every node shares?)")
+                    "checkpoint is incomplete (was output_dir on a filesystem every node shares?)"
+                )
     extra = sorted(str(p.relative_to(path)) for p in _files(path) if str(p.relative_to(path)) not in files)
     if extra:
         raise CheckpointError(f"{path}: files not in {MANIFEST}: {extra[:5]}; the checkpoint was modified")
@@ -167,11 +179,14 @@ def check_files(path: Path, files: dict, level: str) -> None:
         if not file.is_file():
             raise CheckpointError(f"{path}: file {rel} listed in {MANIFEST} is missing; the checkpoint is damaged")
         if file.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{path}: file {rel} has {file.stat().st_size} bytes, expected {meta['size']}; "
-                                  "the checkpoint is corrupt")
+            raise CheckpointError(
+                f"{path}: file {rel} has {file.stat().st_size} bytes, expected {meta['size']}; "
+                "the checkpoint is corrupt"
+            )
         if level == "hash" and _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{path}: file {rel} does not match its sha256 in {MANIFEST}; the checkpoint is "
-                                  "corrupt or was modified")
+            raise CheckpointError(
+                f"{path}: file {rel} does not match its sha256 in {MANIFEST}; the checkpoint is corrupt or was modified"
+            )
 
 
 def read_state(path: Path) -> dict:

@@ -43,13 +43,17 @@ def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[P
             metrics = Path(output_dir) / "metrics.jsonl"
             if metrics.is_file():
                 os.rename(metrics, metrics.with_name(f"metrics.replaced-{stamp}.jsonl"))
-            warn(f"resume=overwrite: moved the previous run's checkpoints to {aside} (and its metrics beside them); "
-                 "they are deleted once this run has a complete checkpoint, unless checkpoint.keep_last is 0")
+            warn(
+                f"resume=overwrite: moved the previous run's checkpoints to {aside} (and its metrics beside them); "
+                "they are deleted once this run has a complete checkpoint, unless checkpoint.keep_last is 0"
+            )
         return []
     if resume != "auto":
         return [Path(resume)]
     root = checkpoints_dir(output_dir)
-    partial = sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()) if root.is_dir() else []
+    partial = (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()) if root.is_dir() else []
+    )
     if partial:
         warn(f"ignoring incomplete checkpoint folders in {root}: {', '.join(partial)} (interrupted saves)")
     return list(reversed(complete_checkpoints(output_dir)))
@@ -69,8 +73,10 @@ def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
 
 def start_anew(path: Path) -> str:
     """The way out when a checkpoint cannot be resumed as this run is configured."""
-    return (f"export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and start a new run from "
-            "it with model.path=DIR in a new output_dir")
+    return (
+        f"export the checkpoint (`llava-loop export --checkpoint {path} --out DIR`) and start a new run from "
+        "it with model.path=DIR in a new output_dir"
+    )
 
 
 def set_aside_newer(output_dir: str | Path, resumed: Path, warn=print) -> None:
@@ -94,7 +100,11 @@ def check_resumable(path: Path, saved_run: dict, run: dict, saved_config: dict, 
     refused += [(key, old, new) for key, old, new, may_change in changes if not may_change]
     if refused:
         key, old, new = refused[0]
-        hint = " (resume with the same number of processes)" if saved_run.get("world_size") != run.get("world_size") else ""
+        hint = (
+            " (resume with the same number of processes)"
+            if saved_run.get("world_size") != run.get("world_size")
+            else ""
+        )
         raise CheckpointError(
             f"{path} was written with {key}={old!r} but this run has {key}={new!r}; settings that cannot change on "
             f"resume: {'; '.join(change_line(*change) for change in refused)}. Set them back{hint}, or "

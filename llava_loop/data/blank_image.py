@@ -31,15 +31,22 @@ class BlankImage:
         ids, labels, n = batch["input_ids"], batch["labels"], self.tokens
         if "position_ids" in batch:
             positions, bounds = batch["position_ids"], [*batch["sample_bounds"], batch["sample_bounds"][-1] + n]
-            return {**batch, "input_ids": torch.cat([ids, ids.new_full((1, n), self.token_id)], 1),
-                    "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
-                    "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1),
-                    "pixel_values": self.pixels, "sample_bounds": bounds,
-                    "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])])}
+            return {
+                **batch,
+                "input_ids": torch.cat([ids, ids.new_full((1, n), self.token_id)], 1),
+                "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
+                "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1),
+                "pixel_values": self.pixels,
+                "sample_bounds": bounds,
+                "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])]),
+            }
         mask = batch["attention_mask"]
         extra_ids = ids.new_full((ids.shape[0], n), self.pad_token_id)
         extra_ids[0] = self.token_id
-        return {**batch, "input_ids": torch.cat([ids, extra_ids], 1),
-                "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
-                "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
-                "pixel_values": self.pixels}
+        return {
+            **batch,
+            "input_ids": torch.cat([ids, extra_ids], 1),
+            "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
+            "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
+            "pixel_values": self.pixels,
+        }

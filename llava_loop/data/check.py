@@ -62,9 +62,19 @@ def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
     return None, "", result.size if decode else result
 
 
-def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = False, processor=None,
-                  max_length: int = 2048, image_tokens: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                  allow_absolute_paths: bool = False, workers: int = 0, progress: bool = True) -> dict:
+def check_dataset(
+    data: str | Path,
+    image_dir: str | Path,
+    *,
+    decode: bool = False,
+    processor=None,
+    max_length: int = 2048,
+    image_tokens: int = 0,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    allow_absolute_paths: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
     count, records = source_records(data)
@@ -133,7 +143,9 @@ def check_dataset(data: str | Path, image_dir: str | Path, *, decode: bool = Fal
         "token_lengths_estimated": encoder is None,
         "image_sizes": {
             "width": {k: int(f(sizes_arr[:, 0])) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))},
-            "height": {k: int(f(sizes_arr[:, 1])) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))},
+            "height": {
+                k: int(f(sizes_arr[:, 1])) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))
+            },
         },
         "decoded": decode,
     }

@@ -34,8 +34,15 @@ class Collator:
         events = [event for s in samples for event in s["skipped"]]
         samples = [s for s in samples if s["input_ids"] is not None]  # left-out held-out samples (dataset.py)
         if not samples:
-            return {"ids": [], "skipped": events, "n_label_tokens": 0, "n_tokens": 0, "n_slots": 0, "n_images": 0,
-                    "n_attention_pairs": 0}
+            return {
+                "ids": [],
+                "skipped": events,
+                "n_label_tokens": 0,
+                "n_tokens": 0,
+                "n_slots": 0,
+                "n_images": 0,
+                "n_attention_pairs": 0,
+            }
         batch = self.packed(samples) if self.padding_free else self.padded(samples)
         batch["supervised"] = supervised_index(batch["labels"])
         batch["n_label_tokens"] = batch["supervised"].shape[1]
@@ -73,10 +80,13 @@ class Collator:
         bounds = [0]
         for sample in samples:
             bounds.append(bounds[-1] + len(sample["input_ids"]))
-        return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
-                "labels": torch.cat(labels)[None],
-                "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
-                "sample_bounds": bounds, "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32)}
+        return {
+            "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
+            "sample_bounds": bounds,
+            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+        }
 
 
 def supervised_index(labels: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,14 @@ def _image_paths(value) -> list[str]:
     return [_image_path(v) for v in value] if isinstance(value, list) else [_image_path(value)]
 
 
-def from_captions(path: Path, *, image_key: str | None = None, caption_key: str | None = None,
-                  prompt: str | None = None, seed: int = 0) -> list[dict]:
+def from_captions(
+    path: Path,
+    *,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    prompt: str | None = None,
+    seed: int = 0,
+) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for i, row in enumerate(read_rows(path)):
@@ -94,8 +100,13 @@ def from_captions(path: Path, *, image_key: str | None = None, caption_key: str 
         caption = str(_pick(row, CAPTION_KEYS, caption_key, "caption", where)).strip()
         instruction = prompt or rng.choice(CAPTION_PROMPTS)
         human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
-        out.append({"id": str(row.get("id", Path(image).stem)), "image": image,
-                    "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}]})
+        out.append(
+            {
+                "id": str(row.get("id", Path(image).stem)),
+                "image": image,
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+            }
+        )
     return out
 
 
@@ -142,8 +153,9 @@ def from_conversations(path: Path) -> list[dict]:
                 first = next(c for c in conversations if c["from"] == "human")
                 first["value"] = f"{IMAGE_TOKEN}\n" * len(paths) + first["value"]
             elif tags != len(paths):
-                raise ConvertError(f"{where}: {tags} <image> tags or image parts for {len(paths)} images; "
-                                   "each image needs exactly one")
+                raise ConvertError(
+                    f"{where}: {tags} <image> tags or image parts for {len(paths)} images; each image needs exactly one"
+                )
         out.append(record)
     return out
 

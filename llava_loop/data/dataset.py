@@ -32,8 +32,9 @@ class LlavaDataset(Dataset):
     a left-out marker (``input_ids`` None, the reason in ``skipped``) that the collator drops and counts, so an
     evaluation scores exactly the samples it says it scored."""
 
-    def __init__(self, records: Records, encoder: SampleEncoder, image_dir: str | Path, *, seed: int = 0,
-                 substitute: bool = True):
+    def __init__(
+        self, records: Records, encoder: SampleEncoder, image_dir: str | Path, *, seed: int = 0, substitute: bool = True
+    ):
         self.records = records
         self.encoder = encoder
         self.image_dir = Path(image_dir)

@@ -12,8 +12,15 @@ from pathlib import Path
 import torch
 
 from ..template import IMAGE_TOKEN, assistant_spans, render
-from .images import (MAX_IMAGE_PIXELS, expand_to_square, fast_path_applies, fast_pixels, image_path, load_image,
-                     processed_size)
+from .images import (
+    MAX_IMAGE_PIXELS,
+    expand_to_square,
+    fast_path_applies,
+    fast_pixels,
+    image_path,
+    load_image,
+    processed_size,
+)
 from .records import Record
 from .skips import SkipSample
 
@@ -44,8 +51,10 @@ def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
     n_tags = sum(text.count(IMAGE_TOKEN) for _, text in record.turns)
     expected = len(record.images)
     if n_tags != expected or any(IMAGE_TOKEN in text for role, text in record.turns if role != "user"):
-        raise SkipSample("image_token_mismatch", f"record {record.id}: {n_tags} <image> tags for {expected} image(s)"
-                         " (tags go in user turns)")
+        raise SkipSample(
+            "image_token_mismatch",
+            f"record {record.id}: {n_tags} <image> tags for {expected} image(s) (tags go in user turns)",
+        )
     messages = []
     if system_prompt and not any(role == "system" for role, _ in record.turns):
         messages.append({"role": "system", "content": system_prompt})
@@ -64,11 +73,15 @@ def first_exchange(record_id: str, messages: list[dict]) -> tuple[int, str]:
     """``(index of the first user message, the answer that follows it)``: the question evaluation generates for
     and its reference. A record with no answer after a user turn has no question to ask (SkipSample)."""
     user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-    answer = None if user is None else next((m["content"] for m in messages[user + 1:] if m["role"] == "assistant"),
-                                            None)
+    answer = (
+        None if user is None else next((m["content"] for m in messages[user + 1 :] if m["role"] == "assistant"), None)
+    )
     if answer is None:
-        raise SkipSample("no_question", f"record {record_id}: no user turn is followed by an answer, so there is no "
-                         "question to generate for (give it a user turn before an assistant turn)")
+        raise SkipSample(
+            "no_question",
+            f"record {record_id}: no user turn is followed by an answer, so there is no "
+            "question to generate for (give it a user turn before an assistant turn)",
+        )
     return user, answer
 
 
@@ -113,8 +126,16 @@ def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, n: int):
 class SampleEncoder:
     """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample."""
 
-    def __init__(self, processor, *, max_length: int, system_prompt: str = "", image_aspect_ratio: str = "resize",
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False):
+    def __init__(
+        self,
+        processor,
+        *,
+        max_length: int,
+        system_prompt: str = "",
+        image_aspect_ratio: str = "resize",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        allow_absolute_paths: bool = False,
+    ):
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -131,22 +152,32 @@ class SampleEncoder:
         """Token ids and labels; later turns are dropped whole when too long, so an image block is never cut (the
         images of dropped turns go with them: see ``images_kept``)."""
         if len(record.images) * self.n_image_tokens > self.max_length:
-            raise SkipSample("too_long", f"record {record.id}: its {len(record.images)} images alone take "
-                             f"{len(record.images) * self.n_image_tokens} tokens > data.max_length={self.max_length}")
+            raise SkipSample(
+                "too_long",
+                f"record {record.id}: its {len(record.images)} images alone take "
+                f"{len(record.images) * self.n_image_tokens} tokens > data.max_length={self.max_length}",
+            )
         messages = record_messages(record, self.system_prompt)
         ids, labels, turn_ends = tokenize_messages(self.tokenizer, messages)
         ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, self.n_image_tokens)
         if len(ids) > self.max_length:
             fitting = [end for end in turn_ends if end <= self.max_length]
             if not fitting:  # the image block plus the first answer does not fit
-                raise SkipSample("too_long", f"record {record.id}: {len(ids)} tokens, first answer ends at "
-                                 f"{turn_ends[0]} > data.max_length={self.max_length}")
+                raise SkipSample(
+                    "too_long",
+                    f"record {record.id}: {len(ids)} tokens, first answer ends at "
+                    f"{turn_ends[0]} > data.max_length={self.max_length}",
+                )
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
         return ids, labels
 
     def prompt_ids(self, prompt: str, with_image: bool = True) -> list[int]:
         """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out."""
-        content = place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt) if with_image else prompt.strip()
+        content = (
+            place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt)
+            if with_image
+            else prompt.strip()
+        )
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": content})
         return self.generation_ids(messages)
@@ -185,8 +216,9 @@ class SampleEncoder:
         names = record.images[: self.images_kept(ids)]  # every image the kept turns refer to, in tag order
         pixel_values = None
         if names:  # (n_images, 3, H, W)
-            pixel_values = torch.stack([self.pixels(image_path(image_dir, name, allow_absolute=self.allow_absolute_paths))
-                                        for name in names])
+            pixel_values = torch.stack(
+                [self.pixels(image_path(image_dir, name, allow_absolute=self.allow_absolute_paths)) for name in names]
+            )
         return {
             "id": record.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),

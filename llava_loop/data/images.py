@@ -31,8 +31,9 @@ class EmbeddedImage:
         return self.where
 
 
-def image_path(image_dir: str | Path, name: str | EmbeddedImage, *,
-               allow_absolute: bool = False) -> Path | EmbeddedImage:
+def image_path(
+    image_dir: str | Path, name: str | EmbeddedImage, *, allow_absolute: bool = False
+) -> Path | EmbeddedImage:
     """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and
     may not leave it (an absolute path or ``../``): a data file must not make the run read arbitrary files, unless
     ``data.allow_absolute_paths``.
@@ -44,15 +45,20 @@ def image_path(image_dir: str | Path, name: str | EmbeddedImage, *,
     if not allow_absolute:
         normal = os.path.normpath(name)
         if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
-            raise SkipSample("unsafe_path", f"{name!r} is not inside the image folder {image_dir} "
-                                            "(set data.allow_absolute_paths to allow it)")
+            raise SkipSample(
+                "unsafe_path",
+                f"{name!r} is not inside the image folder {image_dir} (set data.allow_absolute_paths to allow it)",
+            )
         try:
             target, root = path.resolve(), Path(image_dir).resolve()
         except (OSError, RuntimeError):  # a symlink loop: open_checked names it
             return path
         if not target.is_relative_to(root):
-            raise SkipSample("unsafe_path", f"{name!r} is a symbolic link to {target}, outside the image folder "
-                                            f"{image_dir} (set data.allow_absolute_paths to allow it)")
+            raise SkipSample(
+                "unsafe_path",
+                f"{name!r} is a symbolic link to {target}, outside the image folder "
+                f"{image_dir} (set data.allow_absolute_paths to allow it)",
+            )
     return path
 
 
@@ -61,8 +67,9 @@ def load_image(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS) -
     return open_checked(path, max_pixels, decode=True)
 
 
-def open_checked(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS, *,
-                 decode: bool) -> Image.Image | tuple[int, int]:
+def open_checked(
+    path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
+) -> Image.Image | tuple[int, int]:
     """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
     only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
     if isinstance(path, EmbeddedImage):
@@ -141,8 +148,10 @@ def processed_size(image_processor, where: str = "the image processor") -> tuple
         return crop["height"], crop["width"]
     if "height" in size and "width" in size:
         return size["height"], size["width"]
-    raise UserError(f"{where}: images are resized to {size} with no centre crop, so their size varies; "
-                    "set crop_size (and do_center_crop) or a fixed size {height, width}")
+    raise UserError(
+        f"{where}: images are resized to {size} with no centre crop, so their size varies; "
+        "set crop_size (and do_center_crop) or a fixed size {height, width}"
+    )
 
 
 def fast_path_applies(image_processor) -> bool:
@@ -152,8 +161,11 @@ def fast_path_applies(image_processor) -> bool:
     size = {k for k, v in dict(getattr(ip, "size", None) or {}).items() if v}
     crop = dict(getattr(ip, "crop_size", None) or {})
     cropped = bool(getattr(ip, "do_center_crop", False))
-    if not (type(ip).__name__.startswith(("CLIPImageProcessor", "SiglipImageProcessor")) and ip.do_resize
-            and not getattr(ip, "do_pad", False)):
+    if not (
+        type(ip).__name__.startswith(("CLIPImageProcessor", "SiglipImageProcessor"))
+        and ip.do_resize
+        and not getattr(ip, "do_pad", False)
+    ):
         return False
     if size == {"shortest_edge"}:
         return cropped and max(crop.get("height", 1 << 30), crop.get("width", 1 << 30)) <= ip.size["shortest_edge"]
@@ -166,7 +178,9 @@ def fast_pixels(image: Image.Image, image_processor) -> torch.Tensor:
     normalise. Only for processors where ``fast_path_applies``."""
     ip = image_processor
     width, height = image.size
-    if dict(ip.size).get("shortest_edge"):  # the short side becomes `short`, the long side is truncated as transformers does
+    if dict(ip.size).get(
+        "shortest_edge"
+    ):  # the short side becomes `short`, the long side is truncated as transformers does
         short = ip.size["shortest_edge"]
         target = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
     else:

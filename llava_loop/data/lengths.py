@@ -40,9 +40,13 @@ def _tokenizer_digest(tokenizer) -> str:
 def cache_key(records, encoder: SampleEncoder) -> str:
     tokenizer = encoder.tokenizer
     settings = {
-        "version": VERSION, "records": records.fingerprint(), "max_length": encoder.max_length,
-        "system_prompt": encoder.system_prompt, "image_tokens": encoder.n_image_tokens,
-        "image_token_id": encoder.image_token_id, "chat_template": tokenizer.chat_template,
+        "version": VERSION,
+        "records": records.fingerprint(),
+        "max_length": encoder.max_length,
+        "system_prompt": encoder.system_prompt,
+        "image_tokens": encoder.n_image_tokens,
+        "image_token_id": encoder.image_token_id,
+        "chat_template": tokenizer.chat_template,
         "vocab": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
@@ -71,8 +75,13 @@ class _Lengths(torch.utils.data.Dataset):
 def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False) -> np.ndarray:
     # its own generator: an iterator without one draws its seed from the global torch RNG, and a run that counts
     # would then draw different dropout masks from one that read the cache (a resumed run)
-    loader = torch.utils.data.DataLoader(_Lengths(records, encoder), batch_size=1024, num_workers=workers,
-                                         collate_fn=list, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        _Lengths(records, encoder),
+        batch_size=1024,
+        num_workers=workers,
+        collate_fn=list,
+        generator=torch.Generator().manual_seed(0),
+    )
     batches = loader
     if progress:
         from rich.progress import track
@@ -81,8 +90,9 @@ def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress
     return np.array([n for batch in batches for n in batch], dtype=np.int64)
 
 
-def token_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False,
-                  say=lambda text: None) -> np.ndarray:
+def token_lengths(
+    records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False, say=lambda text: None
+) -> np.ndarray:
     """Every record's exact length, from the cache when it holds this (records, tokenizer, settings) key."""
     path = cache_dir() / "token_lengths" / f"{cache_key(records, encoder)}.npy"
     if path.is_file():

@@ -168,7 +168,7 @@ def _iter_raw(path: Path):
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise RecordError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}}), got {type(data).__name__}")
+        raise RecordError(f'{path}: expected a JSON list of records (or {{"data": [...]}}), got {type(data).__name__}')
     yield from enumerate(data)
 
 

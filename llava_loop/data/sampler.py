@@ -14,8 +14,9 @@ from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, size: int, *, seed: int, shuffle: bool = True, lengths: np.ndarray | None = None,
-                 group_size: int = 0):
+    def __init__(
+        self, size: int, *, seed: int, shuffle: bool = True, lengths: np.ndarray | None = None, group_size: int = 0
+    ):
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
@@ -53,8 +54,16 @@ class TokenBudgetBatches(Sampler[list[int]]):
     is its token length; a padded micro-batch costs its size times its longest sample, a packed one the sum.
     """
 
-    def __init__(self, order: EpochSampler, lengths: np.ndarray, max_tokens: int, *, packed: bool, window: int = 64,
-                 multiple: int = 1):
+    def __init__(
+        self,
+        order: EpochSampler,
+        lengths: np.ndarray,
+        max_tokens: int,
+        *,
+        packed: bool,
+        window: int = 64,
+        multiple: int = 1,
+    ):
         self.order, self.lengths, self.max_tokens = order, lengths, max_tokens
         self.packed, self.window, self.multiple = packed, window, multiple
         self._cache: tuple[int, list[list[int]]] | None = None

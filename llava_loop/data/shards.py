@@ -28,8 +28,18 @@ from .skips import SkipSample
 INDEX = "shards.json"
 TAR_BLOCK, TAR_RECORD = 512, 10240
 SEEK_EVERY = 1000  # shards.json keeps the byte offset of every 1000th sample: a resume reads at most that many
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-         "GIB": 2**30, "TIB": 2**40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -43,8 +53,15 @@ def parse_size(text: str) -> int:
     return size
 
 
-def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Path, *, shard_size: int,
-                 allow_absolute_paths: bool = False, seek_every: int = SEEK_EVERY) -> dict:
+def write_shards(
+    records_path: str | Path,
+    image_dir: str | Path,
+    out: str | Path,
+    *,
+    shard_size: int,
+    allow_absolute_paths: bool = False,
+    seek_every: int = SEEK_EVERY,
+) -> dict:
     """Write ``out/000000.tar, 000001.tar, ...`` of at most ``shard_size`` bytes each (``ShardSink``) and
     ``out/shards.json``. Records whose images cannot be read are left out and counted by
     reason (as training would skip them); returns ``{"shards", "samples", "skipped", "examples"}``."""
@@ -71,8 +88,10 @@ def write_shards(records_path: str | Path, image_dir: str | Path, out: str | Pat
                 continue
             sink.write(sample)
     counts = sink.counts
-    shards = [{"name": name, "samples": n, "bytes": (out / name).stat().st_size, "offsets": sink.offsets[name]}
-              for name, n in sorted(counts.items())]
+    shards = [
+        {"name": name, "samples": n, "bytes": (out / name).stat().st_size, "offsets": sink.offsets[name]}
+        for name, n in sorted(counts.items())
+    ]
     (out / INDEX).write_text(json.dumps({"source": str(records_path), "seek_every": seek_every, "shards": shards}))
     return {"shards": len(shards), "samples": sum(counts.values()), "skipped": dict(skipped), "examples": examples}
 
@@ -144,9 +163,11 @@ def expand(pattern: str | Path) -> list[Path]:
         files = [Path(p) for p in braceexpand.braceexpand(text)]
     missing = [f for f in files if not f.is_file()]
     if missing or not files:
-        raise RecordError(f"data.path={text}: {len(missing)} of {len(files)} shards not found (e.g. "
-                          f"{missing[0] if missing else text}); check the pattern and that the shared filesystem is "
-                          "mounted")
+        raise RecordError(
+            f"data.path={text}: {len(missing)} of {len(files)} shards not found (e.g. "
+            f"{missing[0] if missing else text}); check the pattern and that the shared filesystem is "
+            "mounted"
+        )
     return files
 
 
@@ -168,13 +189,17 @@ def count_samples(shard: Path) -> int:
     except tarfile.TarError as exc:
         size = shard.stat().st_size
         if member is not None and member.offset_data + member.size > size:
-            where = (f"byte {member.offset} (member {member.name}: {member.size} bytes of data from byte "
-                     f"{member.offset_data}, but the file ends at byte {size})")
+            where = (
+                f"byte {member.offset} (member {member.name}: {member.size} bytes of data from byte "
+                f"{member.offset_data}, but the file ends at byte {size})"
+            )
         else:
             where = f"byte {member.offset_data + member.size if member else 0} of {size}"
-        raise DataError(f"{shard}: truncated or corrupt at {where}; {exc}, {keys} samples read before it. Copy it "
-                        "again or rewrite the shards (llava-loop data convert shards), or move it out of data.path "
-                        "to go on without it") from None
+        raise DataError(
+            f"{shard}: truncated or corrupt at {where}; {exc}, {keys} samples read before it. Copy it "
+            "again or rewrite the shards (llava-loop data convert shards), or move it out of data.path "
+            "to go on without it"
+        ) from None
     return keys
 
 
@@ -187,9 +212,13 @@ def read_index(files: list[Path]) -> tuple[list[int], list[tuple[int, list[int]]
         listed = {s["name"]: s for s in index["shards"]}
         if all(f.name in listed for f in files):
             every = index.get("seek_every")
-            return ([listed[f.name]["samples"] for f in files],
-                    [(every, listed[f.name]["offsets"]) if every and listed[f.name].get("offsets") else None
-                     for f in files])
+            return (
+                [listed[f.name]["samples"] for f in files],
+                [
+                    (every, listed[f.name]["offsets"]) if every and listed[f.name].get("offsets") else None
+                    for f in files
+                ],
+            )
     return [count_samples(f) for f in files], [None for _ in files]
 
 
@@ -216,16 +245,20 @@ def usable_shards(files: list[Path], *, skip_damaged: bool) -> list[Path]:
         return files
     lines = "; ".join(f"{f} is {actual:,} bytes, {INDEX} says {expected:,}" for f, expected, actual, _ in damaged)
     if not skip_damaged:
-        raise DataError(f"{len(damaged)} of {len(files)} shards are damaged (truncated or overwritten since they "
-                        f"were written): {lines}. Copy them again, or rewrite the shards (llava-loop data convert "
-                        "shards); or set data.skip_damaged_shards=true to train without them (each is left out whole; "
-                        "a resumed run continues its epoch without them)")
+        raise DataError(
+            f"{len(damaged)} of {len(files)} shards are damaged (truncated or overwritten since they "
+            f"were written): {lines}. Copy them again, or rewrite the shards (llava-loop data convert "
+            "shards); or set data.skip_damaged_shards=true to train without them (each is left out whole; "
+            "a resumed run continues its epoch without them)"
+        )
     kept = [f for f in files if f not in {d[0] for d in damaged}]
     if not kept:
         raise DataError(f"every shard is damaged: {lines}; copy them again or rewrite them")
     samples = sum(d[3] for d in damaged)
-    say_on_main(f"[yellow]warning:[/yellow] data.skip_damaged_shards: training without {len(damaged)} damaged "
-                f"shards ({samples:,} samples left out): {lines}")
+    say_on_main(
+        f"[yellow]warning:[/yellow] data.skip_damaged_shards: training without {len(damaged)} damaged "
+        f"shards ({samples:,} samples left out): {lines}"
+    )
     return kept
 
 
@@ -247,10 +280,12 @@ def iter_shard(shard: Path, skip: int = 0, seek: tuple[int, list[int]] | None = 
             yield from islice(group_by_keys(members), skip - jump * every, None)
         except tarfile.TarError as exc:
             why = str(exc).split(" @ ")[0]  # webdataset appends the stream's repr
-            raise DataError(f"{shard} cannot be read from byte {offsets[jump]}: {why} at byte {stream.tell()} of "
-                            f"{shard.stat().st_size}. The shard is damaged (copy it again, or rewrite the shards with "
-                            f"llava-loop data convert shards) or {INDEX} beside it is stale (delete {INDEX} to read "
-                            "the shards without it)") from None
+            raise DataError(
+                f"{shard} cannot be read from byte {offsets[jump]}: {why} at byte {stream.tell()} of "
+                f"{shard.stat().st_size}. The shard is damaged (copy it again, or rewrite the shards with "
+                f"llava-loop data convert shards) or {INDEX} beside it is stale (delete {INDEX} to read "
+                "the shards without it)"
+            ) from None
 
 
 def sample_record(sample: dict) -> Record:

@@ -31,8 +31,10 @@ def source_kind(path: str | Path) -> str:
             return "shards"
         if any(p.rglob("*.parquet")):
             return "parquet"
-        raise RecordError(f"{p} is a folder with no .parquet files, no .tar shards and no datasets save_to_disk "
-                          "files; set data.path to a chat.json/.jsonl file, Parquet, a save_to_disk folder or shards")
+        raise RecordError(
+            f"{p} is a folder with no .parquet files, no .tar shards and no datasets save_to_disk "
+            "files; set data.path to a chat.json/.jsonl file, Parquet, a save_to_disk folder or shards"
+        )
     if p.suffix == ".parquet":
         return "parquet"
     return "json"
@@ -57,8 +59,10 @@ def open_records(path: str | Path):
     if kind == "json":
         return load_records(path)
     if kind == "shards":
-        raise RecordError(f"{path} is webdataset shards, which are streamed; they cannot serve as held-out records "
-                          "(data.eval_path) or be split by eval.holdout: give held-out records as JSON, Parquet or Arrow")
+        raise RecordError(
+            f"{path} is webdataset shards, which are streamed; they cannot serve as held-out records "
+            "(data.eval_path) or be split by eval.holdout: give held-out records as JSON, Parquet or Arrow"
+        )
     require_data_extra(kind, path)
     from .tables import load_table_records
 

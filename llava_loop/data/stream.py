@@ -43,8 +43,19 @@ from .skips import SkipSample
 class StreamLayout:
     """Where every consumer's samples come from, per epoch: pure arithmetic over the shard counts."""
 
-    def __init__(self, shards: list[Path], counts: list[int], *, seed: int, processes: int, workers: int,
-                 micro_batch: int, grad_accum: int, block: int, seeks: list | None = None):
+    def __init__(
+        self,
+        shards: list[Path],
+        counts: list[int],
+        *,
+        seed: int,
+        processes: int,
+        workers: int,
+        micro_batch: int,
+        grad_accum: int,
+        block: int,
+        seeks: list | None = None,
+    ):
         self.shards, self.counts = shards, np.asarray(counts, dtype=np.int64)
         self.seeks = seeks or [None for _ in shards]  # seek points inside each shard, from shards.json
         self.dropped: set[str] = set()  # shards data.path names that the stream leaves out (damaged ones)
@@ -79,9 +90,15 @@ class StreamLayout:
         start = self.consumer(rank, logical) * self.slice
         block_start = done // self.block * self.block
         k, offset = self.locate(epoch, start + done) if done < self.slice else (len(self.shards), 0)
-        return {"rank": rank, "worker": logical, "epoch": epoch, "samples": done, "block_start": block_start,
-                "shard": self.shards[self.order(epoch)[k]].name if k < len(self.shards) else None,
-                "offset": offset}
+        return {
+            "rank": rank,
+            "worker": logical,
+            "epoch": epoch,
+            "samples": done,
+            "block_start": block_start,
+            "shard": self.shards[self.order(epoch)[k]].name if k < len(self.shards) else None,
+            "offset": offset,
+        }
 
     def raw_samples(self, epoch: int, start: int, stop: int):
         """Global samples ``start`` to ``stop`` of the epoch's sequence: whole shards before ``start`` are never
@@ -100,8 +117,10 @@ class StreamLayout:
                 if needed == 0:
                     return
             if offset + got < expected:
-                raise DataError(f"{shard} holds {offset + got} samples but its count says {expected}; the shard is "
-                                f"truncated or shards.json is stale (delete shards.json beside the shards to recount)")
+                raise DataError(
+                    f"{shard} holds {offset + got} samples but its count says {expected}; the shard is "
+                    f"truncated or shards.json is stale (delete shards.json beside the shards to recount)"
+                )
             k, offset = k + 1, 0
 
     def consumer_samples(self, epoch: int, consumer: int, done: int):
@@ -112,7 +131,9 @@ class StreamLayout:
         reader = self.raw_samples(epoch, start + first, start + self.slice)
         for block_start in range(first, self.slice, self.block):
             block = list(islice(reader, min(self.block, self.slice - block_start)))
-            order = np.random.default_rng([self.seed, epoch, consumer, block_start // self.block]).permutation(len(block))
+            order = np.random.default_rng([self.seed, epoch, consumer, block_start // self.block]).permutation(
+                len(block)
+            )
             skip = done - block_start if block_start == first else 0
             for i in order[skip:]:
                 yield block, int(i)
@@ -154,8 +175,10 @@ class StreamDataset(IterableDataset):
             sample["skipped"] = skipped
             return sample
         reasons = "; ".join(f"{rid}: {reason} ({detail})" for rid, reason, detail in skipped[-3:])
-        raise DataError(f"{len(skipped)} samples in a row from {self.source} could not be used (last: {reasons}); "
-                        "run `llava-loop data check` on the shards")
+        raise DataError(
+            f"{len(skipped)} samples in a row from {self.source} could not be used (last: {reasons}); "
+            "run `llava-loop data check` on the shards"
+        )
 
 
 class StreamPosition:
@@ -167,13 +190,22 @@ class StreamPosition:
 
     def positions(self) -> list[dict]:
         k = self.progress.step_in_epoch * self.grad_accum
-        return [self.layout.position(self.progress.epoch, rank, logical, k)
-                for rank in range(self.layout.processes) for logical in range(self.layout.workers)]
+        return [
+            self.layout.position(self.progress.epoch, rank, logical, k)
+            for rank in range(self.layout.processes)
+            for logical in range(self.layout.workers)
+        ]
 
     def fingerprint(self) -> dict:
         lay = self.layout
-        return {"shards": [s.name for s in lay.shards], "counts": lay.counts.tolist(), "processes": lay.processes,
-                "workers": lay.workers, "micro_batch": lay.micro_batch, "shuffle_buffer": lay.block}
+        return {
+            "shards": [s.name for s in lay.shards],
+            "counts": lay.counts.tolist(),
+            "processes": lay.processes,
+            "workers": lay.workers,
+            "micro_batch": lay.micro_batch,
+            "shuffle_buffer": lay.block,
+        }
 
     def state_dict(self) -> dict:
         return {"layout": self.fingerprint(), "positions": self.positions()}
@@ -188,23 +220,31 @@ class StreamPosition:
                 f"the checkpoint's stream was laid out with other {', '.join(changed)} (e.g. {changed[0]}="
                 f"{_short(saved.get(changed[0]))}, now {_short(now[changed[0]])}); its position means nothing in this "
                 "layout. Resume with the same shards, processes, data.num_workers, micro-batch size and "
-                "data.shuffle_buffer, or start a new run")
+                "data.shuffle_buffer, or start a new run"
+            )
         if state["positions"] != self.positions():
-            raise UserError("the checkpoint's stream positions disagree with its progress counters; the checkpoint "
-                            "is damaged")
+            raise UserError(
+                "the checkpoint's stream positions disagree with its progress counters; the checkpoint is damaged"
+            )
 
     def without_damaged(self, saved: dict, now: dict, changed: list[str]) -> bool:
         """Whether the only change is damaged shards left out (data.skip_damaged_shards): then the run goes on,
         saying so. Its epoch continues in the new layout, from the same micro-batch."""
         removed = [name for name in saved["shards"] if name not in now["shards"]]
         kept = [(n, c) for n, c in zip(saved["shards"], saved["counts"]) if n not in removed]
-        if not (removed and set(changed) <= {"shards", "counts"} and set(removed) <= self.layout.dropped
-                and kept == list(zip(now["shards"], now["counts"]))):
+        if not (
+            removed
+            and set(changed) <= {"shards", "counts"}
+            and set(removed) <= self.layout.dropped
+            and kept == list(zip(now["shards"], now["counts"]))
+        ):
             return False
         lost = sum(c for n, c in zip(saved["shards"], saved["counts"]) if n in removed)
-        say_on_main(f"[yellow]warning:[/yellow] resuming without the damaged shards {', '.join(removed)} ({lost:,} "
-                    f"samples): the rest of epoch {self.progress.epoch} follows the stream's layout without them, so "
-                    "some of its samples may repeat or be missed; later epochs read every remaining sample once")
+        say_on_main(
+            f"[yellow]warning:[/yellow] resuming without the damaged shards {', '.join(removed)} ({lost:,} "
+            f"samples): the rest of epoch {self.progress.epoch} follows the stream's layout without them, so "
+            "some of its samples may repeat or be missed; later epochs read every remaining sample once"
+        )
         return True
 
 
@@ -218,5 +258,6 @@ def stream_loader(dataset: StreamDataset, collate, loader_kwargs: dict, micro_ba
     from torch.utils.data import DataLoader
 
     kwargs = {**loader_kwargs, "persistent_workers": False}
-    return DataLoader(dataset, batch_size=micro_batch, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(0), **kwargs)
+    return DataLoader(
+        dataset, batch_size=micro_batch, collate_fn=collate, generator=torch.Generator().manual_seed(0), **kwargs
+    )

@@ -57,8 +57,10 @@ def clean_messages(messages):
 def row_record(row: dict, source: str, index: int) -> Record:
     """One table row -> Record; a structurally broken row becomes ``SkipSample("malformed_record")``."""
     where = f"{source} row {index}"
-    raw = {"id": row.get("id") if row.get("id") is not None else index,
-           "conversations": clean_messages(row.get("conversations", row.get("messages")))}
+    raw = {
+        "id": row.get("id") if row.get("id") is not None else index,
+        "conversations": clean_messages(row.get("conversations", row.get("messages"))),
+    }
     image = row.get("image", row.get("images"))
     if image is not None:
         raw["image"] = image_refs(image, where)
@@ -70,8 +72,10 @@ def row_record(row: dict, source: str, index: int) -> Record:
 
 def check_columns(names, source: str) -> None:
     if not any(c in names for c in TEXT_COLUMNS):
-        raise RecordError(f"{source}: no 'conversations' or 'messages' column (columns: {sorted(names)}); each row "
-                          "needs conversations=[{from, value}, ...], with the image in an 'image' column")
+        raise RecordError(
+            f"{source}: no 'conversations' or 'messages' column (columns: {sorted(names)}); each row "
+            "needs conversations=[{from, value}, ...], with the image in an 'image' column"
+        )
 
 
 class ArrowRows:
@@ -82,8 +86,10 @@ class ArrowRows:
 
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
-            raise RecordError(f"{path} holds several splits ({', '.join(dataset)}); set data.path to one of them, "
-                              f"e.g. {path / next(iter(dataset))}")
+            raise RecordError(
+                f"{path} holds several splits ({', '.join(dataset)}); set data.path to one of them, "
+                f"e.g. {path / next(iter(dataset))}"
+            )
         check_columns(dataset.column_names, str(path))
         self.table = dataset.with_format("arrow")  # rows as Arrow slices: the Image feature is not decoded
         self.files = [Path(f["filename"]) for f in dataset.cache_files]
@@ -116,10 +122,13 @@ class ParquetRows:
                 groups.append((f, g))
             largest = max((meta.row_group(g).num_rows for g in range(meta.num_row_groups)), default=0)
             if largest > LARGE_ROW_GROUP:
-                warnings.warn(f"{file}: row groups of up to {largest} rows, and every random read decodes a whole "
-                              "group, so training will read it slowly; rewrite it with row groups of about 100 rows "
-                              "(datasets: ds.to_parquet(path, batch_size=100); pyarrow: row_group_size=100), or use "
-                              "a save_to_disk folder or shards", stacklevel=2)
+                warnings.warn(
+                    f"{file}: row groups of up to {largest} rows, and every random read decodes a whole "
+                    "group, so training will read it slowly; rewrite it with row groups of about 100 rows "
+                    "(datasets: ds.to_parquet(path, batch_size=100); pyarrow: row_group_size=100), or use "
+                    "a save_to_disk folder or shards",
+                    stacklevel=2,
+                )
         self.groups = groups
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._cached: tuple[int, object] | None = None

@@ -99,39 +99,109 @@ class LLMFamily:
     config_kwargs: dict = field(default_factory=dict)
 
 
-LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
 GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 
 LLM_FAMILIES = {
-    "qwen2": LLMFamily("Qwen2ForCausalLM", "Qwen2Config", CHATML_TEMPLATE,
-                       ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>",
-                       generation_eos=("<|im_end|>", "<|endoftext|>"), spare_rows=True),
-    "qwen3": LLMFamily("Qwen3ForCausalLM", "Qwen3Config", QWEN3_TEMPLATE,
-                       ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", pad="<|endoftext|>",
-                       added=("<think>", "</think>"), generation_eos=("<|im_end|>", "<|endoftext|>"), spare_rows=True),
+    "qwen2": LLMFamily(
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        CHATML_TEMPLATE,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        generation_eos=("<|im_end|>", "<|endoftext|>"),
+        spare_rows=True,
+    ),
+    "qwen3": LLMFamily(
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        QWEN3_TEMPLATE,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        added=("<think>", "</think>"),
+        generation_eos=("<|im_end|>", "<|endoftext|>"),
+        spare_rows=True,
+    ),
     # Llama 3.1 8B Instruct: no pad token, no spare rows, an untied head
-    "llama": LLMFamily("LlamaForCausalLM", "LlamaConfig", LLAMA3_TEMPLATE, LLAMA3_SPECIALS, eos="<|eot_id|>",
-                       bos="<|begin_of_text|>", generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-                       tied=False),
-    "mistral": LLMFamily("MistralForCausalLM", "MistralConfig", MISTRAL_TEMPLATE,
-                         ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"), eos="</s>", bos="<s>", unk="<unk>",
-                         generation_eos=("</s>",), tied=False),
-    "gemma2": LLMFamily("Gemma2ForCausalLM", "Gemma2Config", GEMMA_TEMPLATE, GEMMA_SPECIALS, eos="<eos>",
-                        bos="<bos>", pad="<pad>", unk="<unk>", generation_eos=("<eos>", "<end_of_turn>"),
-                        config_kwargs={"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
-    "gemma3": LLMFamily("Gemma3ForCausalLM", "Gemma3TextConfig", GEMMA_TEMPLATE, GEMMA_SPECIALS, eos="<eos>",
-                        bos="<bos>", pad="<pad>", unk="<unk>", generation_eos=("<eos>", "<end_of_turn>")),
+    "llama": LLMFamily(
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        LLAMA3_TEMPLATE,
+        LLAMA3_SPECIALS,
+        eos="<|eot_id|>",
+        bos="<|begin_of_text|>",
+        generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+        tied=False,
+    ),
+    "mistral": LLMFamily(
+        "MistralForCausalLM",
+        "MistralConfig",
+        MISTRAL_TEMPLATE,
+        ("<unk>", "<s>", "</s>", "[INST]", "[/INST]"),
+        eos="</s>",
+        bos="<s>",
+        unk="<unk>",
+        generation_eos=("</s>",),
+        tied=False,
+    ),
+    "gemma2": LLMFamily(
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        GEMMA_TEMPLATE,
+        GEMMA_SPECIALS,
+        eos="<eos>",
+        bos="<bos>",
+        pad="<pad>",
+        unk="<unk>",
+        generation_eos=("<eos>", "<end_of_turn>"),
+        config_kwargs={"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    ),
+    "gemma3": LLMFamily(
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        GEMMA_TEMPLATE,
+        GEMMA_SPECIALS,
+        eos="<eos>",
+        bos="<bos>",
+        pad="<pad>",
+        unk="<unk>",
+        generation_eos=("<eos>", "<end_of_turn>"),
+    ),
     # SmolLM2 Instruct pads with <|im_end|>, the token it must learn to emit: build picks another
-    "smollm2": LLMFamily("LlamaForCausalLM", "LlamaConfig",
-                         _chatml_with_system("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
-                         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), eos="<|im_end|>", bos="<|im_start|>",
-                         pad="<|im_end|>", unk="<|endoftext|>", generation_eos=("<|im_end|>",)),
-    "smollm3": LLMFamily("SmolLM3ForCausalLM", "SmolLM3Config",
-                         _chatml_with_system("You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
-                         ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|im_start|>",
-                          "<|im_end|>"), eos="<|im_end|>", pad="<|im_end|>", generation_eos=("<|im_end|>",)),
+    "smollm2": LLMFamily(
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        _chatml_with_system("You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        bos="<|im_start|>",
+        pad="<|im_end|>",
+        unk="<|endoftext|>",
+        generation_eos=("<|im_end|>",),
+    ),
+    "smollm3": LLMFamily(
+        "SmolLM3ForCausalLM",
+        "SmolLM3Config",
+        _chatml_with_system("You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|im_start|>", "<|im_end|>"),
+        eos="<|im_end|>",
+        pad="<|im_end|>",
+        generation_eos=("<|im_end|>",),
+    ),
 }
 VISION_FAMILIES = ("clip", "siglip")
 
@@ -165,20 +235,34 @@ def make_tokenizer(family: LLMFamily, vocab_size: int = 400):
     if family.model_class.startswith("Qwen"):
         model = json.loads(bpe.to_str())["model"]
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, **roles,
-                                   additional_special_tokens=list(family.specials[1:]))
+        tokenizer = Qwen2Tokenizer(
+            vocab=model["vocab"], merges=merges, **roles, additional_special_tokens=list(family.specials[1:])
+        )
     else:
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **roles)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(family.specials)}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": list(family.specials)}, replace_extra_special_tokens=False
+    )
     if family.added:
         tokenizer.add_tokens(list(family.added))
     tokenizer.chat_template = family.template
     return tokenizer
 
 
-def save_llm(out: Path, family: str | LLMFamily, *, hidden: int, layers: int, heads: int, kv_heads: int,
-             vocab_size: int = 400, embedding_rows: int = 0, tied: bool | None = None, dropout: float = 0.0,
-             seed: int = 1) -> Path:
+def save_llm(
+    out: Path,
+    family: str | LLMFamily,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab_size: int = 400,
+    embedding_rows: int = 0,
+    tied: bool | None = None,
+    dropout: float = 0.0,
+    seed: int = 1,
+) -> Path:
     """A tiny hub-shaped checkpoint of an LLM family (a name in ``LLM_FAMILIES``, or a variant of one)."""
     import transformers
     from transformers import GenerationConfig
@@ -186,12 +270,21 @@ def save_llm(out: Path, family: str | LLMFamily, *, hidden: int, layers: int, he
     family = LLM_FAMILIES[family] if isinstance(family, str) else family
     tokenizer = make_tokenizer(family, vocab_size)
     rows = embedding_rows or ((len(tokenizer) // 64 + 1) * 64 if family.spare_rows else len(tokenizer))
-    ids = {role: tokenizer.convert_tokens_to_ids(t) if t else None
-           for role, t in (("bos_token_id", family.bos), ("eos_token_id", family.eos), ("pad_token_id", family.pad))}
+    ids = {
+        role: tokenizer.convert_tokens_to_ids(t) if t else None
+        for role, t in (("bos_token_id", family.bos), ("eos_token_id", family.eos), ("pad_token_id", family.pad))
+    }
     config = getattr(transformers, family.config_class)(
-        vocab_size=rows, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
-        tie_word_embeddings=family.tied if tied is None else tied, attention_dropout=dropout, **ids,
+        vocab_size=rows,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=family.tied if tied is None else tied,
+        attention_dropout=dropout,
+        **ids,
         **family.config_kwargs,
     )
     if getattr(config, "head_dim", None) not in (None, hidden // heads):  # Gemma's and Qwen3's defaults are real-size
@@ -199,33 +292,68 @@ def save_llm(out: Path, family: str | LLMFamily, *, hidden: int, layers: int, he
     torch.manual_seed(seed)
     model = getattr(transformers, family.model_class)(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token_id"], pad_token_id=ids["pad_token_id"],
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos])
+        bos_token_id=ids["bos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos],
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def save_vision(out: Path, family: str, *, image_size: int, patch_size: int, hidden: int, layers: int, heads: int,
-                dropout: float = 0.0, seed: int = 0) -> Path:
+def save_vision(
+    out: Path,
+    family: str,
+    *,
+    image_size: int,
+    patch_size: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Path:
     """A tiny vision tower with its preprocessor config: a vision-only CLIP, or a full SigLIP (vision and text
     encoders, as google/siglip-so400m-patch14-384 ships) whose text half and pooling head ``build`` drops."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipConfig,
-                              SiglipImageProcessor, SiglipModel)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+    )
 
     torch.manual_seed(seed)
-    sizes = dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads,
-                 attention_dropout=dropout)
+    sizes = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        attention_dropout=dropout,
+    )
     if family == "clip":
-        CLIPVisionModel(CLIPVisionConfig(**sizes, image_size=image_size, patch_size=patch_size, projection_dim=hidden)
-                        ).save_pretrained(out)
-        processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                       crop_size={"height": image_size, "width": image_size})
+        CLIPVisionModel(
+            CLIPVisionConfig(**sizes, image_size=image_size, patch_size=patch_size, projection_dim=hidden)
+        ).save_pretrained(out)
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
     elif family == "siglip":
-        text = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1, num_attention_heads=heads,
-                    vocab_size=64, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        SiglipModel(SiglipConfig(vision_config={**sizes, "image_size": image_size, "patch_size": patch_size},
-                                 text_config=text)).save_pretrained(out)
+        text = dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            vocab_size=64,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        SiglipModel(
+            SiglipConfig(vision_config={**sizes, "image_size": image_size, "patch_size": patch_size}, text_config=text)
+        ).save_pretrained(out)
         processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     else:
         raise ValueError(f"unknown vision family {family!r}; expected one of {VISION_FAMILIES}")

@@ -28,9 +28,12 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
     if preset and not (model / "config.json").is_file():
         fix = "point model.path at a model directory, or at a path that does not exist to build one there"
         must_be_new(model, "model.path", f"is not a model directory (no config.json); {fix}")
-        must_be_new(towers_beside(model), f"the tiny towers' folder for model.path {model}",
-                    "exists (left by an interrupted build?); move or delete it to build the tiny model there, or point "
-                    "model.path elsewhere")
+        must_be_new(
+            towers_beside(model),
+            f"the tiny towers' folder for model.path {model}",
+            "exists (left by an interrupted build?); move or delete it to build the tiny model there, or point "
+            "model.path elsewhere",
+        )
         build_tiny(model, preset)
     if not samples:
         return
@@ -38,21 +41,35 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
 
     size = AutoConfig.from_pretrained(model).vision_config.image_size  # images at the tower's resolution
     eval_images = cfg.data.eval_image_dir or cfg.data.image_dir
-    splits = [("data.path", cfg.data.path, "data.image_dir", cfg.data.image_dir, samples, cfg.train.seed, "train"),
-              ("data.eval_path", cfg.data.eval_path, "data.eval_image_dir", eval_images, max(samples // 10, 32),
-               cfg.train.seed + 1, "val")]
+    splits = [
+        ("data.path", cfg.data.path, "data.image_dir", cfg.data.image_dir, samples, cfg.train.seed, "train"),
+        (
+            "data.eval_path",
+            cfg.data.eval_path,
+            "data.eval_image_dir",
+            eval_images,
+            max(samples // 10, 32),
+            cfg.train.seed + 1,
+            "val",
+        ),
+    ]
     for key, json_path, image_key, image_dir, count, seed, prefix in splits:
         if not json_path or os.path.lexists(json_path):  # the user's data, or what an earlier run made
             continue
         path = Path(json_path)
         images = path.parent / "images"  # where write_shapes puts them
         if not image_dir or Path(image_dir).resolve() != images.resolve():
-            raise UserError(f"{WHO}: {key} {path} does not exist, and the synthetic shapes made there have their "
-                            f"images in {images}, but {image_key} is {image_dir!r}: set {image_key}={images}, or "
-                            f"point {key} at existing data")
-        must_be_new(images, f"the image folder for {key} {path}",
-                    f"exists and is not empty (left by an interrupted run?); move or delete it, or point {key} at "
-                    "existing data")
+            raise UserError(
+                f"{WHO}: {key} {path} does not exist, and the synthetic shapes made there have their "
+                f"images in {images}, but {image_key} is {image_dir!r}: set {image_key}={images}, or "
+                f"point {key} at existing data"
+            )
+        must_be_new(
+            images,
+            f"the image folder for {key} {path}",
+            f"exists and is not empty (left by an interrupted run?); move or delete it, or point {key} at "
+            "existing data",
+        )
         write_shapes(path.parent, count, seed=seed, size=size, prefix=prefix, json_name=path.name)
 
 

@@ -22,11 +22,19 @@ def score_model(model_path: Path, cfg: Config) -> tuple[dict, list[dict], list[d
     from ..evaluate import evaluate_model
     from ..infer import load_for_inference
 
-    model, _, encoder = load_for_inference(model_path, image_aspect_ratio=cfg.data.image_aspect_ratio,
-                                           system_prompt=cfg.data.system_prompt)
+    model, _, encoder = load_for_inference(
+        model_path, image_aspect_ratio=cfg.data.image_aspect_ratio, system_prompt=cfg.data.system_prompt
+    )
     records = load_records(cfg.data.eval_path)
-    return evaluate_model(model, encoder, records, cfg.data.eval_image_dir or cfg.data.image_dir,
-                          max_samples=cfg.eval.max_samples, scorers=[attribute_accuracy], progress=True)
+    return evaluate_model(
+        model,
+        encoder,
+        records,
+        cfg.data.eval_image_dir or cfg.data.image_dir,
+        max_samples=cfg.eval.max_samples,
+        scorers=[attribute_accuracy],
+        progress=True,
+    )
 
 
 ROWS = ("exact_match", "color_accuracy", "shape_accuracy", "position_accuracy", "token_f1", "eval_loss")
@@ -60,20 +68,36 @@ def run_demo(config: str = DEMO_CONFIG, overrides: list[str] | tuple[str, ...] =
     final = complete_checkpoints(out)[-1]
     after, predictions, _ = score_model(final, cfg)
 
-    print_table(f"held-out: {after['n']} unseen images",
-                [(key, f"{before.get(key, float('nan')):.3f}", f"{after[key]:.3f}") for key in ROWS if key in after],
-                ("metric", "untrained", "trained"))
+    print_table(
+        f"held-out: {after['n']} unseen images",
+        [(key, f"{before.get(key, float('nan')):.3f}", f"{after[key]:.3f}") for key in ROWS if key in after],
+        ("metric", "untrained", "trained"),
+    )
     summary = [
         f"trained {state.step} steps ({state.samples_seen} samples) in {train_seconds:.0f} s; "
         f"held-out exact caption match {before['exact_match']:.1%} -> {after['exact_match']:.1%}",
         "attribute accuracy (colour / shape / position): "
         + " / ".join(f"{after.get(f'{a}_accuracy', float('nan')):.1%}" for a in ("color", "shape", "position")),
     ]
-    report = write_report(out / "report.png", out / "metrics.jsonl", predictions[:16],
-                          Path(cfg.data.eval_image_dir or cfg.data.image_dir), "llava_loop demo: loss", summary)
-    results = {"before": before, "after": after, "train_seconds": train_seconds, "steps": state.step,
-               "checkpoint": str(final), "report": str(report)}
+    report = write_report(
+        out / "report.png",
+        out / "metrics.jsonl",
+        predictions[:16],
+        Path(cfg.data.eval_image_dir or cfg.data.image_dir),
+        "llava_loop demo: loss",
+        summary,
+    )
+    results = {
+        "before": before,
+        "after": after,
+        "train_seconds": train_seconds,
+        "steps": state.step,
+        "checkpoint": str(final),
+        "report": str(report),
+    }
     (out / "demo_results.json").write_text(json.dumps({**results, "predictions": predictions}, indent=1))
-    say(f"report: {report}\nmodel checkpoint: {final}  (export it with `llava-loop export "
-                  f"--checkpoint {final} --out runs/demo-export`)")
+    say(
+        f"report: {report}\nmodel checkpoint: {final}  (export it with `llava-loop export "
+        f"--checkpoint {final} --out runs/demo-export`)"
+    )
     return results

@@ -102,19 +102,32 @@ def draw_grid(predictions: list[dict], image_dir: Path, columns: int = 4, tile: 
         side = (picture - 8) // max(len(p["images"]), 1)  # a question's images side by side; none for text-only
         for k, name in enumerate(p["images"]):
             with Image.open(image_dir / name) as im:
-                grid.paste(im.convert("RGB").resize((side, side), Image.NEAREST),
-                           (x + (tile - picture) // 2 + 4 + k * side, y + 4 + (picture - 8 - side) // 2))
-        draw.rectangle([x + (tile - picture) // 2 + 1, y + 1, x + (tile + picture) // 2 - 2, y + picture - 2], outline=colour, width=3)
-        lines = [(f"{'ref:' if j == 0 else '    '} {line}", "black") for j, line in enumerate(_fit(draw, p["reference"], font, tile - 50))]
-        lines += [(f"{'pred:' if j == 0 else '     '} {line}", colour) for j, line in enumerate(_fit(draw, p["prediction"], font, tile - 50))]
+                grid.paste(
+                    im.convert("RGB").resize((side, side), Image.NEAREST),
+                    (x + (tile - picture) // 2 + 4 + k * side, y + 4 + (picture - 8 - side) // 2),
+                )
+        draw.rectangle(
+            [x + (tile - picture) // 2 + 1, y + 1, x + (tile + picture) // 2 - 2, y + picture - 2],
+            outline=colour,
+            width=3,
+        )
+        lines = [
+            (f"{'ref:' if j == 0 else '    '} {line}", "black")
+            for j, line in enumerate(_fit(draw, p["reference"], font, tile - 50))
+        ]
+        lines += [
+            (f"{'pred:' if j == 0 else '     '} {line}", colour)
+            for j, line in enumerate(_fit(draw, p["prediction"], font, tile - 50))
+        ]
         lines.append(("correct" if ok else "wrong", colour))
         for j, (text, fill) in enumerate(lines[:6]):
             draw.text((x + 8, y + picture + 2 + 17 * j), text, fill=fill, font=font)
     return grid
 
 
-def write_report(out: Path, metrics_file: Path, predictions: list[dict], image_dir: Path, title: str,
-                 summary: list[str] = ()) -> Path:
+def write_report(
+    out: Path, metrics_file: Path, predictions: list[dict], image_dir: Path, title: str, summary: list[str] = ()
+) -> Path:
     """Compose curves, a summary block and the caption grid into ``out`` (a PNG)."""
     grid = draw_grid(predictions, Path(image_dir))
     curves = draw_curves(*read_metrics(metrics_file), grid.width, 300, title)

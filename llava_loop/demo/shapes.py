@@ -94,7 +94,9 @@ def draw_shape(size: int, color: str, shape: str, position: str, rng: random.Ran
         r = radius * 0.9
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "triangle":
-        pts = [(cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        pts = [
+            (cx + radius * math.cos(a), cy + radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
         draw.polygon(pts, fill=fill)
     elif shape == "cross":
         t = radius * 0.35
@@ -110,9 +112,14 @@ def make_record(index: int, rng: random.Random, *, prefix: str, max_turns: int) 
     conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": caption(color, shape, position)}]
     attrs = {"color": color, "shape": shape, "position": position}
     k = rng.randint(0, max_turns - 1)
-    questions = rng.sample(list(FOLLOW_UPS), k=k) if k <= len(FOLLOW_UPS) else [rng.choice(list(FOLLOW_UPS)) for _ in range(k)]
+    questions = (
+        rng.sample(list(FOLLOW_UPS), k=k) if k <= len(FOLLOW_UPS) else [rng.choice(list(FOLLOW_UPS)) for _ in range(k)]
+    )
     for question in questions:
-        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": f"{attrs[FOLLOW_UPS[question]]} ."}]
+        conversations += [
+            {"from": "human", "value": question},
+            {"from": "gpt", "value": f"{attrs[FOLLOW_UPS[question]]} ."},
+        ]
     name = f"{prefix}_{index:06d}"
     return {"id": name, "image": f"{name}.jpg", "conversations": conversations}, (color, shape, position)
 
@@ -128,17 +135,30 @@ def make_pair_record(index: int, rng: random.Random, *, prefix: str) -> tuple[di
     colors = rng.sample(list(COLORS), 2)
     drawn = [(color, shape, rng.choice(list(POSITIONS))) for color in colors]
     target = rng.randrange(2)
-    human = (f"First:\n{IMAGE_TOKEN}\nSecond:\n{IMAGE_TOKEN}\n"
-             f"What colour is the {shape} in the {ORDINALS[target]} image?")
+    human = (
+        f"First:\n{IMAGE_TOKEN}\nSecond:\n{IMAGE_TOKEN}\nWhat colour is the {shape} in the {ORDINALS[target]} image?"
+    )
     name = f"{prefix}_{index:06d}"
-    record = {"id": name, "image": [f"{name}_a.jpg", f"{name}_b.jpg"],
-              "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": f"{colors[target]} ."}]}
+    record = {
+        "id": name,
+        "image": [f"{name}_a.jpg", f"{name}_b.jpg"],
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": f"{colors[target]} ."}],
+    }
     return record, drawn
 
 
-def write_shapes(out: str | Path, n: int, *, seed: int = 0, size: int = 336, max_turns: int = 1,
-                 prefix: str = "shapes", progress: bool = False, json_name: str = "chat.json",
-                 pair_ratio: float = 0.0) -> Path:
+def write_shapes(
+    out: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    size: int = 336,
+    max_turns: int = 1,
+    prefix: str = "shapes",
+    progress: bool = False,
+    json_name: str = "chat.json",
+    pair_ratio: float = 0.0,
+) -> Path:
     """Write ``out/chat.json`` (or ``json_name``) and ``out/images/*.jpg``; returns the JSON path. A ``pair_ratio``
     share of the records is the two-image task."""
     out = Path(out)
@@ -171,7 +191,10 @@ def tokenizer_corpus() -> list[str]:
     lines = [caption(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
     lines += list(PROMPTS) + list(FOLLOW_UPS) + [f"{v} ." for v in (*COLORS, *SHAPES, *POSITIONS)]
     lines += [
-        "system", "user", "assistant", "You are a helpful assistant.",
+        "system",
+        "user",
+        "assistant",
+        "You are a helpful assistant.",
         "The quick brown fox jumps over the lazy dog while a picture shows the scene in the photo.",
         "Question: what is in the image? Answer: a small object with a color and a shape.",
         "0 1 2 3 4 5 6 7 8 9 10 100 1000",
@@ -183,9 +206,13 @@ def attribute_accuracy(predictions: list[dict]) -> dict:
     """Accuracy per attribute (colour, shape, position) of predicted captions, over the predictions whose reference
     is a shapes caption (the two-image task's answers are colours, scored by exact match); empty when none is. An
     extra scorer for ``llava_loop.evaluate.evaluate_model``."""
-    parsed = [(match.groupdict(), parse_caption(p["prediction"])) for p in predictions
-              if (match := _CAPTION_RE.match(p["reference"].strip()))]
+    parsed = [
+        (match.groupdict(), parse_caption(p["prediction"]))
+        for p in predictions
+        if (match := _CAPTION_RE.match(p["reference"].strip()))
+    ]
     if not parsed:
         return {}
-    return {f"{attr}_accuracy": sum(ref[attr] == pred[attr] for ref, pred in parsed) / len(parsed)
-            for attr in ATTRIBUTES}
+    return {
+        f"{attr}_accuracy": sum(ref[attr] == pred[attr] for ref, pred in parsed) / len(parsed) for attr in ATTRIBUTES
+    }

@@ -41,16 +41,41 @@ PRESETS = {
     "tiny": TinySpec(),
     # benchmarks at real sequence geometry: 336 px / 14 px patches = 576 image tokens, and Qwen2.5's
     # 151,936-row vocabulary, with towers small enough for a 2-core CPU
-    "bench_small": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=128,
-                            text_layers=2, embedding_rows=151_936),
+    "bench_small": TinySpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        text_hidden=128,
+        text_layers=2,
+        embedding_rows=151_936,
+    ),
     # bench/batching.py: the same geometry with an LLM wide enough that, as in real LLMs, its linear layers and
     # not its attention dominate a 2,048-token sequence (hidden 512, MLP 1,536)
     # bench/zero3_load.py: a Qwen2.5-0.5B-sized LLM (about 0.45B parameters with Qwen's vocabulary), big enough
     # that its weights dominate a process's memory
-    "bench_load": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=1024,
-                           text_heads=16, text_kv_heads=2, text_layers=24, embedding_rows=151_936),
-    "bench_stage2": TinySpec(image_size=336, patch_size=14, vision_hidden=64, vision_layers=3, text_hidden=512,
-                             text_heads=8, text_kv_heads=2, text_layers=4, embedding_rows=151_936),
+    "bench_load": TinySpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        text_hidden=1024,
+        text_heads=16,
+        text_kv_heads=2,
+        text_layers=24,
+        embedding_rows=151_936,
+    ),
+    "bench_stage2": TinySpec(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=3,
+        text_hidden=512,
+        text_heads=8,
+        text_kv_heads=2,
+        text_layers=4,
+        embedding_rows=151_936,
+    ),
     # every vision family with every LLM family, e.g. tiny-siglip-llama, tiny-clip-qwen3
     **{f"tiny-{vision}-{llm}": TinySpec(vision=vision, llm=llm) for vision in VISION_FAMILIES for llm in LLM_FAMILIES},
 }
@@ -58,13 +83,30 @@ PRESETS = {
 
 def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tuple[Path, Path]:
     towers_dir = Path(towers_dir)
-    vision = save_vision(towers_dir / f"{spec.vision}-vision", spec.vision, image_size=spec.image_size,
-                         patch_size=spec.patch_size, hidden=spec.vision_hidden, layers=spec.vision_layers,
-                         heads=spec.vision_heads, dropout=spec.dropout, seed=spec.seed)
-    llm = save_llm(towers_dir / spec.llm, spec.llm, hidden=spec.text_hidden, layers=spec.text_layers,
-                   heads=spec.text_heads, kv_heads=spec.text_kv_heads, vocab_size=spec.tokenizer_vocab,
-                   embedding_rows=spec.embedding_rows, tied=spec.tie_word_embeddings, dropout=spec.dropout,
-                   seed=spec.seed + 1)
+    vision = save_vision(
+        towers_dir / f"{spec.vision}-vision",
+        spec.vision,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden=spec.vision_hidden,
+        layers=spec.vision_layers,
+        heads=spec.vision_heads,
+        dropout=spec.dropout,
+        seed=spec.seed,
+    )
+    llm = save_llm(
+        towers_dir / spec.llm,
+        spec.llm,
+        hidden=spec.text_hidden,
+        layers=spec.text_layers,
+        heads=spec.text_heads,
+        kv_heads=spec.text_kv_heads,
+        vocab_size=spec.tokenizer_vocab,
+        embedding_rows=spec.embedding_rows,
+        tied=spec.tie_word_embeddings,
+        dropout=spec.dropout,
+        seed=spec.seed + 1,
+    )
     (towers_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return vision, llm
 
