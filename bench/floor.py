@@ -23,9 +23,9 @@ def main() -> None:
     from llava_loop.config import load_config
     from llava_loop.data.collate import Collator
     from llava_loop.loaders import make_datasets
+    from llava_loop.loop import run_setup
     from llava_loop.losses import label_only_ce
     from llava_loop.modes import apply_mode
-    from llava_loop.loop import run_setup
     from llava_loop.runtime import load_model
 
     parser = argparse.ArgumentParser()

@@ -51,7 +51,8 @@ def main() -> None:
 
     print(f"# Pixels: PIL vs torchvision image-processor backends ({date.today()}, {machine()})\n")
     print(
-        "| tower preprocessing | image size | max gap (grey levels) | mean gap (grey levels) | values > 0.5 level apart |"
+        "| tower preprocessing | image size | max gap (grey levels) | mean gap (grey levels) "
+        "| values > 0.5 level apart |"
     )
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -96,7 +96,8 @@ class DataConfig:
     max_skip_fraction: float = opt(0.01, "Abort once bad records exceed this fraction of the dataset.", resume=True)
     allow_absolute_paths: bool = opt(
         False,
-        "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a file outside); otherwise such records are skipped as unsafe_path.",
+        "Let records name images by absolute paths or paths that leave `image_dir` (`../`, or a symlink in it to a "
+        "file outside); otherwise such records are skipped as unsafe_path.",
     )
     max_image_pixels: int = opt(
         MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default)."
@@ -173,7 +174,8 @@ class TrainConfig:
     )
     dist_timeout_minutes: float = opt(
         30.0,
-        "Process-group timeout: how long a collective may wait for the slowest process before every process is stopped.",
+        "Process-group timeout: how long a collective may wait for the slowest process before every process is "
+        "stopped.",
         resume=True,
     )
     log_every: int = opt(1, "Write metrics every N optimizer steps.", resume=True)
@@ -221,7 +223,9 @@ class Config:
     output_dir: str = opt("runs/demo", "Where checkpoints, metrics.jsonl and config.yaml go.", resume=True)
     resume: str = opt(
         "auto",
-        "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.",
+        "auto: newest complete checkpoint in output_dir (damaged ones are moved to .bad-step-N); none: start fresh, "
+        "refused if output_dir holds checkpoints; overwrite: move those aside first (to checkpoints.replaced-<time>/, "
+        "deleted once this run has a complete checkpoint unless checkpoint.keep_last is 0); or a checkpoint path.",
         resume=True,
     )
     loss: Call = opt(
@@ -286,7 +290,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
-    if origin in (list, typing.List):
+    if origin in (list, list):
         (item,) = typing.get_args(hint)
         if isinstance(value, str):  # `hooks=a:B,c:D` on the command line
             value = [v for v in value.split(",") if v]

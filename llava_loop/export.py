@@ -27,8 +27,8 @@ EXPORT_INFO = "llava_loop_export.json"  # beside the weights: how the model was 
 
 def load_trained(checkpoint_dir: str | Path, *, attn_implementation: str = "auto"):
     """Rebuild the model exactly as it was trained (mode applied, LoRA wrapped) with the checkpoint's weights.
-    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU. Attention is transformers' choice, not the
-    training run's kernel: the weights do not depend on it, and flash-attention may not be installed here."""
+    Returns ``(model, processor, cfg, state)``; the model is in eval mode on CPU. Attention is transformers' choice,
+    not the training run's kernel: the weights do not depend on it, and flash-attention may not be installed here."""
     checkpoint_dir = Path(checkpoint_dir)
     state = verify(checkpoint_dir, "hash")
     cfg = load_config(checkpoint_dir / "config.yaml")

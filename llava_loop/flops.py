@@ -77,7 +77,7 @@ class FlopsModel:
     head_weights: int  # hidden x vocabulary, per supervised token
 
     @classmethod
-    def from_model(cls, model, mode: str) -> "FlopsModel":
+    def from_model(cls, model, mode: str) -> FlopsModel:
         """Read off a LLaVA model (bare, under PEFT, on the meta device or partitioned by ZeRO-3)."""
         from .modes import deepest_feature_layer
         from .parts import base_llava

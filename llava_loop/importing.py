@@ -8,7 +8,6 @@ import inspect
 
 from .errors import UserError
 
-
 # config names that moved, and where to: refused with the new name rather than a bare "no attribute"
 MOVED = {"llava_loop.hooks:LmmsEval": "llava_loop.lmms:LmmsEval"}
 

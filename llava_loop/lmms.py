@@ -7,8 +7,8 @@ transformers' default image-processor backend) never enter a training process, a
 benchmarks in the background keeps training.
 
 Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each record's
-first question that shows one image, the prompt laid out as training lays it out, scored by exact match and token F1 with
-``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
+first question that shows one image, the prompt laid out as training lays it out, scored by exact match and token
+F1 with ``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
 """
 
 from __future__ import annotations

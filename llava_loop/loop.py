@@ -44,8 +44,8 @@ from .loaders import (
 )
 from .losses import make_loss
 from .modes import apply_mode, group_lr, param_groups, trainable_table
-from .runlock import RunLock
 from .ranks import on_main
+from .runlock import RunLock
 from .runtime import load_model, make_accelerator, require_shared_dir
 from .validate import Validator
 
@@ -538,7 +538,7 @@ class Trainer:
         return metrics
 
     def save(self, *, force: bool = False) -> None:
-        """A checkpoint when the checkpointer's policy says so (``force``: now, unless this step's exists), then on_save."""
+        """A checkpoint when the checkpointer's policy says so (``force``: now, unless this step's exists); on_save."""
         path = self.checkpointer.save_if_due(force=force)
         if path is not None:
             self.hooks.on_save(self, path)

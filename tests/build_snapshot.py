@@ -1,8 +1,9 @@
 """A content snapshot of a composed model directory, for pinning a build byte for byte.
 
 Small JSON files (configs) are kept as parsed content, with machine-specific paths and the writing transformers
-version removed so the snapshot holds anywhere; weights, ``tokenizer.json`` and every other file are kept as their SHA-256. ``python -m tests.build_snapshot`` rewrites the pinned snapshots in
-``tests/data/`` from the current code: only do that when a change to the composed model is intended.
+version removed so the snapshot holds anywhere; weights, ``tokenizer.json`` and every other file are kept as their
+SHA-256. ``python -m tests.build_snapshot`` rewrites the pinned snapshots in ``tests/data/`` from the current code:
+only do that when a change to the composed model is intended.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def pinned_builds(tmp: Path) -> dict:
     """The builds the pin covers: the tiny preset (tiny CLIP + Qwen2 with its ChatML tokenizer) and a hand-made
     CLIP + Qwen2 pair with Qwen's real tokenizer and spare embedding rows, as Qwen2.5 ships."""
     import torch
-    from transformers import AutoTokenizer, CLIPModel, CLIPConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Qwen2Config, Qwen2ForCausalLM
 
     from llava_loop.build import build_llava
     from llava_loop.demo.tiny import build_tiny

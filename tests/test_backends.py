@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-import helpers
 from llava_loop.config import load_config
+
+import helpers
 
 
 @pytest.fixture(autouse=True)

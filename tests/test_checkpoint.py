@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-import helpers
 from llava_loop.checkpoint import files as checkpoint
 from llava_loop.checkpoint.files import CheckpointError
+
+import helpers
 
 N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24 steps per epoch)
 

@@ -181,7 +181,7 @@ def test_the_modes_table_covers_exactly_the_config_modes():
 
 
 def test_docs_config_reference_is_current():
-    """docs/CONFIG.md is generated from the dataclasses; regenerate with `python -m llava_loop.config > docs/CONFIG.md`."""
+    """docs/CONFIG.md is generated from the dataclasses (`python -m llava_loop.config > docs/CONFIG.md`)."""
     doc = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
     assert doc.read_text() == reference_markdown()
     for key, *_ in describe_fields():

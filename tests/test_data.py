@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import helpers
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import DataError, LlavaDataset
 from llava_loop.data.encode import IGNORE_INDEX, SampleEncoder, record_messages, tokenize_messages
 from llava_loop.data.records import Record, RecordError, Records, load_records
 from llava_loop.data.sampler import EpochSampler
 from llava_loop.data.skips import SkipSample, SkipTally, TooManySkips
+
+import helpers
 
 MULTI_TURN = Record(
     "mt",

@@ -90,10 +90,11 @@ def test_the_model_learns_to_tell_two_images_apart(tmp_path, tiny_model_dir, fre
     close to the bar; 800 steps measured 1.0 / 0.0."""
     import json
 
-    import helpers
     from llava_loop.config import load_config
     from llava_loop.demo.shapes import write_shapes
     from llava_loop.loop import Trainer
+
+    import helpers
 
     data = {
         "train": write_shapes(tmp_path / "train", 3000, seed=0, size=64, pair_ratio=1.0, prefix="t"),

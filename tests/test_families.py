@@ -12,13 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-import helpers
 from llava_loop.build import BuildError, build_llava
 from llava_loop.config import MODES
 from llava_loop.data.encode import IGNORE_INDEX, tokenize_messages
 from llava_loop.demo.families import LLM_FAMILIES, VISION_FAMILIES, make_tokenizer, save_llm, save_vision
 from llava_loop.llm import emitted_tokens
 from llava_loop.template import render, turn_end_token
+
+import helpers
 
 SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2)
 ANSWER = "a red circle ."
@@ -572,7 +573,8 @@ def test_the_demo_runs_with_another_tower_pair(tmp_path, fresh_accelerate_state)
             f"data.image_dir={tmp_path / 'data/train/images'}",
             f"data.eval_path={tmp_path / 'data/val/chat.json'}",
             f"data.eval_image_dir={tmp_path / 'data/val/images'}",
-            "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 64}}]",  # the pair replaces tiny
+            # the pair replaces tiny
+            "setup=[{fn: llava_loop.demo.fixtures:prepare, kwargs: {preset: tiny, samples: 64}}]",
             "data.num_workers=0",
             "train.max_steps=3",
             "eval.every=0",

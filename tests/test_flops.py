@@ -121,9 +121,10 @@ def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, tiny_model_dir, t
     """A run's metrics.jsonl: each step's ``flops`` equals the FLOPs model over the samples that step consumed
     (re-encoded here from their ids), ``model_tflops_per_s`` is that over the step time, and ``mfu`` is that over
     ``train.peak_tflops``."""
-    import helpers
     from llava_loop.data.collate import Collator
     from llava_loop.runtime import load_model
+
+    import helpers
 
     config = helpers.write_config(
         tmp_path / "run.yaml",

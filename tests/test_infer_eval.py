@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-import helpers
 from llava_loop.checkpoint.files import complete_checkpoints
+
+import helpers
 
 PROMPT = "Describe the image briefly."
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-import helpers
 from llava_loop.errors import UserError
+
+import helpers
 
 
 def _run(tmp_path, model, data, name, **train):

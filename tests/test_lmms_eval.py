@@ -139,8 +139,8 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
     """Two processes continue training the exported model; the hook (main process only) evaluates step 2 in the
     background while the steps after it run, and the final step after the last save; scores reach metrics.jsonl
     and equal llava-loop's own evaluation of the same checkpoint."""
-    from llava_loop.evaluate import evaluate_model
     from llava_loop.data.records import load_records
+    from llava_loop.evaluate import evaluate_model
     from llava_loop.infer import load_for_inference
 
     out = tmp_path / "run"

@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 
-import helpers
 from llava_loop.config import MODES, LoraConfig, load_config
 from llava_loop.data.collate import Collator
 from llava_loop.loaders import make_datasets
 from llava_loop.losses import full_logits_ce, label_only_ce
 from llava_loop.modes import apply_mode, lora_target_regex, param_groups
 from llava_loop.parts import PROJECTOR, VISION, base_llava, count_params, part_of
+
+import helpers
 
 
 def _config(tmp_path, tiny_model_dir, shapes_data, name="run", data=None, **sections):
@@ -117,7 +118,8 @@ def _host_syncs(fn) -> int:
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_the_loss_adds_no_host_read_to_the_models_own(padding_free, tmp_path, tiny_processor, tiny_model_dir):
     """With the collator's supervised index and sample boundaries, the default loss (forward + backward) makes no
-    host read beyond those the model's own forward and backward make (Llava's placeholder check, the packed-row detection).
+    host read beyond those the model's own forward and backward make (Llava's placeholder check, the packed-row
+    detection).
     Negative controls: the same batch without the index reads once more (its label mask), and a packed batch
     without the boundaries once more per attention layer (read from position_ids)."""
     from llava_loop.losses import model_inputs

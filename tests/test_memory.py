@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-import helpers
 from llava_loop import memory
 from llava_loop.parts import count_params
+
+import helpers
 
 
 @pytest.mark.slow

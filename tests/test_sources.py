@@ -11,13 +11,14 @@ import pytest
 import torch
 import yaml
 
-import helpers
 from llava_loop.config import Config
 from llava_loop.data.dataset import LlavaDataset
 from llava_loop.data.lengths import count_lengths
-from llava_loop.loaders import make_encoder
 from llava_loop.data.records import RecordError, load_records
 from llava_loop.data.sources import open_records, source_kind
+from llava_loop.loaders import make_encoder
+
+import helpers
 
 datasets = pytest.importorskip("datasets")
 

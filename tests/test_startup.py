@@ -7,10 +7,11 @@ import importlib.util
 
 import pytest
 
-import helpers
 from llava_loop.cli import main
 from llava_loop.config import ConfigError, load_config
 from llava_loop.errors import UserError
+
+import helpers
 
 
 def weighted_ce(model, batch, *, weight: float) -> dict:  # a loss with a required keyword

@@ -12,14 +12,15 @@ import tarfile
 import pytest
 import yaml
 
-import helpers
 from llava_loop.data.check import check_dataset
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import DataError
-from llava_loop.loaders import make_encoder
 from llava_loop.data.shards import count_samples, expand, iter_shard, parse_size, read_index, shard_counts, write_shards
 from llava_loop.data.stream import StreamDataset, StreamLayout, StreamPosition, stream_loader
 from llava_loop.errors import UserError
+from llava_loop.loaders import make_encoder
+
+import helpers
 
 pytest.importorskip("webdataset")
 
@@ -284,8 +285,8 @@ def test_streams_refuse_what_needs_every_length_or_a_holdout(
     tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor
 ):
     from llava_loop.config import load_config
-    from llava_loop.loaders import make_datasets, split_records
     from llava_loop.data.records import RecordError
+    from llava_loop.loaders import make_datasets, split_records
 
     path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "R", 0)
     with pytest.raises(RecordError, match="eval.holdout cannot split the shard stream .* data.eval_path"):

@@ -11,8 +11,9 @@ import re
 import pytest
 import torch
 
-import helpers
 from llava_loop.checkpoint import files as checkpoint
+
+import helpers
 
 ZERO3 = "accelerate_config_zero3.yaml"
 

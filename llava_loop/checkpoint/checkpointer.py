@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,6 @@ from .files import (
 )
 from .policy import check_resumable, prune, resume_candidates, set_aside, set_aside_newer
 from .rng import ACCELERATE_RNG_FILE, RNG_FILE, rng_state, set_rng_state
-
 
 HOOK_FILE = "hook_state_{rank}.pt"  # every process's stateful hooks (a hook's state may differ per process)
 
@@ -221,12 +221,12 @@ class Checkpointer:
         for path in candidates:
             try:
                 found = path, self.verify(path)
-                on_main(acc, lambda: set_aside_newer(self.output_dir, path, self.warn))
+                on_main(acc, partial(set_aside_newer, self.output_dir, path, self.warn))
                 return found
             except CheckpointError as exc:
                 if resume != "auto":
                     raise
-                moved = on_main(acc, lambda: set_aside(path, "bad"))
+                moved = on_main(acc, partial(set_aside, path, "bad"))
                 self.warn(f"skipping damaged checkpoint, moved to {moved.name}: {exc}")
         return None
 

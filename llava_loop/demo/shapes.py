@@ -55,8 +55,8 @@ FOLLOW_UPS = {  # question -> attribute whose value answers it
 }
 
 _CAPTION_RE = re.compile(
-    r"^a (?P<color>%s) (?P<shape>%s) in the (?P<position>%s) \.$"
-    % ("|".join(COLORS), "|".join(SHAPES), "|".join(map(re.escape, POSITIONS)))
+    rf"^a (?P<color>{'|'.join(COLORS)}) (?P<shape>{'|'.join(SHAPES)}) "
+    rf"in the (?P<position>{'|'.join(map(re.escape, POSITIONS))}) \.$"
 )
 
 
