@@ -196,6 +196,7 @@ def cmd_data_check(args) -> int:
     import json
 
     from .data.check import check_dataset
+    from .data.images import MAX_IMAGE_PIXELS
 
     processor = None
     if args.model:
@@ -209,6 +210,7 @@ def cmd_data_check(args) -> int:
         processor=processor,
         max_length=args.max_length,
         image_tokens=args.image_tokens,
+        max_image_pixels=args.max_image_pixels or MAX_IMAGE_PIXELS,
         allow_absolute_paths=args.allow_absolute_paths,
         workers=args.workers,
     )
@@ -404,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-absolute-paths",
         action="store_true",
         help="accept image paths outside --image-dir (as data.allow_absolute_paths does in training)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="images with more pixels count as decompression bombs (as data.max_image_pixels; default: PIL's limit)",
     )
     p.add_argument("--workers", type=int, default=0, help="processes for image checks")
     p.add_argument("--json", help="also write the report as JSON")

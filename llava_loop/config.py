@@ -1,7 +1,7 @@
 """Typed run configuration: a dataclass tree loaded from YAML with dotted ``key=value`` overrides.
 
 Every field carries its help text in ``metadata["help"]``; ``docs/CONFIG.md`` is generated from it
-(``python -m llava_loop.config > docs/CONFIG.md``, and a test keeps it current). Unknown keys and bad
+(``python -m llava_loop.config > docs/CONFIG.md`` after changing a field). Unknown keys and bad
 values fail here, before any model is loaded, with the valid keys or choices in the message.
 
 Functions named in the config (``loss``, ``hooks``, ``setup``) are ``Call``s: a ``module:attribute``
@@ -518,8 +518,8 @@ def reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`; a test",
-        "checks it is current. Set keys in a YAML file or as dotted `key=value` overrides. *On resume*:",
+        "Generated from `llava_loop/config.py` by `python -m llava_loop.config > docs/CONFIG.md`: regenerate it",
+        "after changing a field. Set keys in a YAML file or as dotted `key=value` overrides. *On resume*:",
         "whether a resumed run may change the key (applied from the resumed step on) or must keep the",
         "checkpoint's value (a change is refused, naming the key).",
         "",

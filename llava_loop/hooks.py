@@ -9,7 +9,9 @@ A hook is any object with some of these methods (missing ones are skipped):
     on_train_end(trainer)
 
 ``trainer`` is the running ``loop.Trainer``: ``trainer.cfg``, ``.accelerator``, ``.model``,
-``.optimizer``, ``.state`` and ``.output_dir`` are there to read. List extra hooks in the config as
+``.optimizer``, ``.state`` and ``.output_dir`` are there to read, and ``trainer.request_stop()`` ends the run
+cleanly after this step (saved; on every process once any asks). A hook with ``state_dict()`` and
+``load_state_dict()`` is saved with each checkpoint and restored on resume. List extra hooks in the config as
 ``hooks: [package.module:Class]`` (or ``{fn: package.module:Class, kwargs: {...}}`` to pass arguments);
 they are built once and called on every process (check ``trainer.accelerator.is_main_process`` to act once).
 

@@ -246,7 +246,6 @@ def write_local_task(
     *,
     max_samples: int = 0,
     max_new_tokens: int = 32,
-    allow_absolute_paths: bool = False,
 ) -> Path:
     """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
     questions are those ``evaluate_model`` generates for that show one image (llava_hf puts one image before the
@@ -265,7 +264,7 @@ def write_local_task(
             if len(record.images) != 1 or not messages[user]["content"].startswith(IMAGE_TOKEN):
                 not_one_image += 1
                 continue
-            path = image_path(image_dir, record.images[0], allow_absolute=allow_absolute_paths)
+            path = image_path(image_dir, record.images[0])
             open_checked(path, decode=False)
         except SkipSample as skip:
             print(f"{LOCAL_TASK}: left out record {record.id}: {skip.reason} ({skip.detail})", file=sys.stderr)

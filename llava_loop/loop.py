@@ -112,7 +112,7 @@ def run_setup(cfg: Config) -> None:
 
 class Trainer:
     """``__init__`` assembles a run from named steps, each returning what it makes; ``fit`` runs the loop.
-    ``checkpointer_cls`` lets a test inject a fault into one checkpoint step."""
+    ``checkpointer_cls``: the Checkpointer (sub)class to build (a subclass may replace one of its steps)."""
 
     def __init__(self, cfg: Config, *, checkpointer_cls=Checkpointer):
         self.cfg = cfg

@@ -5,7 +5,7 @@ Model states follow the ZeRO paper's accounting, per trainable parameter: bf16 w
 weight on every GPU and splits gradients and optimizer states N ways; ZeRO-3 splits the weights too (plus the
 layers gathered for the current forward); optimizer offload moves the 12 bytes to host memory. Activations
 assume gradient checkpointing (each layer's input kept, one layer recomputed at a time) and label-only logits.
-``tests/test_memory.py`` checks the per-rank model-state terms against the tensors DeepSpeed really holds.
+``held_weight_bytes`` measures what a process really holds, to hold the per-rank terms against DeepSpeed's.
 
     python -m llava_loop.memory                      # the table in docs/BENCHMARKS.md
     llava-loop memory --llm 34B --mode full --gpus 8 --gpu-gib 80

@@ -726,6 +726,11 @@ def test_data_check_counts_problems_and_exits_nonzero(tmp_path):
     path.write_text(json.dumps(records))
     good = _cli("data", "check", "--data", str(path), "--image-dir", str(tmp_path / "d" / "images"))
     assert good.returncode == 0 and "no problems found" in good.stdout
+    # the same images against a limit below their 48 x 48 pixels, as data.max_image_pixels=2000 would train
+    args = ("data", "check", "--data", str(path), "--image-dir", str(tmp_path / "d" / "images"))
+    small = _cli(*args, "--max-image-pixels", "2000", "--json", str(tmp_path / "small.json"))
+    assert small.returncode == 1
+    assert json.loads((tmp_path / "small.json").read_text())["problems"] == {"decompression_bomb": 10}
 
 
 def test_data_check_with_the_model_tokenizer_reports_exact_lengths(tmp_path, tiny_processor):

@@ -62,8 +62,8 @@ class Checkpointer:
     ``progress`` (whose ``step`` the policy reads), each of ``states`` and each stateful hook has ``state_dict()``
     and ``load_state_dict()``; the parts' dicts go into ``trainer_state.json``, the hooks' into each process's
     ``hook_state_<rank>.pt``. ``run_facts`` are what a resumed run must share that its config cannot say
-    (``policy.check_resumable``). Every process calls ``save``, ``find_resume`` and ``load``. Fault tests subclass
-    it and override one step (``write``, ``seal``, ``load``).
+    (``policy.check_resumable``). Every process calls ``save``, ``find_resume`` and ``load``. A subclass may
+    replace one step (``write``, ``seal``, ``load``); ``train(cfg, checkpointer_cls=...)`` builds it.
     """
 
     def __init__(

@@ -14,12 +14,9 @@ from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(
-        self, size: int, *, seed: int, shuffle: bool = True, lengths: np.ndarray | None = None, group_size: int = 0
-    ):
+    def __init__(self, size: int, *, seed: int, lengths: np.ndarray | None = None, group_size: int = 0):
         self.size = size
         self.seed = seed
-        self.shuffle = shuffle
         self.lengths = lengths
         self.group_size = group_size
         self.epoch = 0
@@ -28,10 +25,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            order = np.arange(self.size)
-        else:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         if self.lengths is not None and self.group_size > 1:
             groups = [order[i : i + self.group_size] for i in range(0, self.size, self.group_size)]
             order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")] for g in groups])

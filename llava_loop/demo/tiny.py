@@ -16,7 +16,7 @@ from .families import LLM_FAMILIES, VISION_FAMILIES, save_llm, save_vision
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny towers; the defaults are what the demo and the tests use."""
+    """Sizes of the tiny towers; the defaults are the ``tiny`` preset's (the demo's)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -30,14 +30,14 @@ class TinySpec:
     tokenizer_vocab: int = 400
     embedding_rows: int = 0  # 0: the family's (Qwen: rounded up past the tokenizer, as Qwen2.5's 151,936; else exact)
     tie_word_embeddings: bool | None = None  # None: the family's (Llama 3 and Mistral untied, the others tied)
-    dropout: float = 0.0  # attention dropout in both towers (resume tests need dropout > 0)
+    dropout: float = 0.0  # attention dropout in both towers (> 0: dropout masks, which a resume must restore exactly)
     seed: int = 0
     vision: str = "clip"  # a vision family: clip | siglip
     llm: str = "qwen2"  # an LLM family of families.LLM_FAMILIES
 
 
 PRESETS = {
-    # the demo and the tests: 64 px images in 8 px patches (64 image tokens), a 2-layer Qwen2
+    # the demo's: 64 px images in 8 px patches (64 image tokens), a 2-layer Qwen2
     "tiny": TinySpec(),
     # benchmarks at real sequence geometry: 336 px / 14 px patches = 576 image tokens, and Qwen2.5's
     # 151,936-row vocabulary, with towers small enough for a 2-core CPU
@@ -112,16 +112,15 @@ def make_tiny_towers(towers_dir: str | Path, spec: TinySpec = TinySpec()) -> tup
 
 
 def towers_beside(out: str | Path) -> Path:
-    """Where ``build_tiny`` puts the towers it composes into ``out`` by default."""
+    """Where ``build_tiny`` puts the towers it composes into ``out``."""
     return Path(out).parent / f"{Path(out).name}-towers"
 
 
-def build_tiny(out: str | Path, spec: TinySpec | str = "tiny", towers_dir: str | Path | None = None):
+def build_tiny(out: str | Path, spec: TinySpec | str = "tiny"):
     """Tiny towers next to ``out`` (``<out>-towers/``), composed into ``out``. Returns build_llava's result."""
     from ..build import build_llava
 
     spec = PRESETS[spec] if isinstance(spec, str) else spec
     out = Path(out)
-    towers_dir = Path(towers_dir) if towers_dir else towers_beside(out)
-    vision, llm = make_tiny_towers(towers_dir, spec)
+    vision, llm = make_tiny_towers(towers_beside(out), spec)
     return build_llava(str(vision), str(llm), out, dtype="float32", seed=spec.seed)
