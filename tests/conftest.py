@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny towers and a composed tiny model, built once per test session."""
+"""Shared fixtures: tiny towers, a composed tiny model and the shapes data, built once per test session, and
+``run_config``, which writes a run config on them into the test's folder. Puts tests/ on sys.path, so that test
+modules import ``helpers`` (run helpers) and a run in this process imports what a config names in ``plugins``."""
 
 from __future__ import annotations
 
@@ -57,6 +59,26 @@ def shapes_data(tmp_path_factory) -> dict:
         "val": val,
         "val_images": root / "val" / "images",
     }
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, shapes_data):
+    """``run_config(name="run", *, model=None, shapes=None, **sections) -> Path``: writes ``tmp_path/{name}.yaml``
+    with ``helpers.write_config``, output_dir ``tmp_path/{name}``, on ``model`` (default: the ``tiny_model_dir``
+    fixture) and ``shapes`` (a dict of data paths; default: the ``shapes_data`` fixture); ``sections`` (``data=``
+    included) are merged over the small run's defaults."""
+    import helpers
+
+    def make(name: str = "run", *, model: Path | None = None, shapes: dict | None = None, **sections) -> Path:
+        return helpers.write_config(
+            tmp_path / f"{name}.yaml",
+            model=tiny_model_dir if model is None else model,
+            shapes=shapes_data if shapes is None else shapes,
+            output_dir=tmp_path / name,
+            **sections,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -138,14 +138,10 @@ def test_adamw_is_fused_where_the_weights_it_steps_live_on_a_gpu(device_type, fu
     assert optimizer.defaults["fused"] is fused and optimizer.defaults["foreach"] is None
 
 
-def _trainer(tmp_path, model_dir, shapes_data, precision):
+def _trainer(run_config, precision):
     from llava_loop.loop import Trainer
 
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
+    config = run_config(
         mode="lora",
         lora={"r": 4, "alpha": 8, "dropout": 0.0},
         train={"max_steps": 2, "precision": precision},
@@ -154,10 +150,8 @@ def _trainer(tmp_path, model_dir, shapes_data, precision):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU half; the GPU half is the next test")
-def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
-):
-    trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
+def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(run_config, fresh_accelerate_state):
+    trainer = _trainer(run_config, "bf16")
     assert trainer.accelerator.mixed_precision == "bf16"
     assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     assert trainer.optimizer.optimizer.defaults["fused"] is None
@@ -165,9 +159,9 @@ def test_a_bf16_run_on_cpu_keeps_every_weight_fp32_and_the_default_adamw(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_bf16_run_on_a_gpu_holds_frozen_towers_in_bf16_and_trains_fp32_weights_with_fused_adamw(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
+    tmp_path, run_config, fresh_accelerate_state
 ):
-    trainer = _trainer(tmp_path, tiny_model_dir, shapes_data, "bf16")
+    trainer = _trainer(run_config, "bf16")
     model = trainer.model
     assert _dtypes(model, trained=False) == {torch.bfloat16} and _dtypes(model, trained=True) == {torch.float32}
     assert trainer.optimizer.optimizer.defaults["fused"] is True

@@ -16,60 +16,29 @@ from llava_loop.checkpoint import files as checkpoint
 from llava_loop.checkpoint.files import CheckpointError
 
 import helpers
+from helpers import K, N, bitwise_equal, final_state, steps_by_number, trajectory
 
-N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24 steps per epoch)
+# this module's runs: N steps of 2 x 2 samples with warmup, logging their sample ids; LoRA's where mode=lora
+RUN = {
+    "train": {
+        "micro_batch_size": 2,
+        "grad_accum": 2,
+        "max_steps": N,
+        "lr": 2e-3,
+        "warmup_ratio": 0.34,
+        "log_sample_ids": True,
+    },
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+}
 
 
-def _config(tmp_path, model_dir, shapes, name, **sections):
-    base = {
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum": 2,
-            "max_steps": N,
-            "lr": 2e-3,
-            "warmup_ratio": 0.34,
-            "log_sample_ids": True,
-        },
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+def _defaults(**sections) -> dict:
+    """``run_config``'s sections for this module: RUN, each of ``sections`` merged over RUN's (a dict updates it,
+    anything else replaces it)."""
+    return {
+        key: {**RUN.get(key, {}), **value} if isinstance(value, dict) else value
+        for key, value in {**RUN, **sections}.items()
     }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    data = base.pop("data", {})
-    path = helpers.write_config(
-        tmp_path / f"{name}.yaml", model=model_dir, data=shapes, output_dir=tmp_path / name, **base
-    )
-    if data:  # extra data.* keys on top of the shapes paths
-        import yaml
-
-        tree = yaml.safe_load(path.read_text())
-        tree["data"].update(data)
-        path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def _steps(output_dir):
-    return {m["step"]: m for m in helpers.metrics(output_dir)}
-
-
-def _trajectory(steps, first, last):
-    return [
-        (steps[s]["loss"], steps[s]["grad_norm"], steps[s]["lr"], steps[s]["sample_ids"])
-        for s in range(first, last + 1)
-    ]
-
-
-def _final(output_dir):
-    return torch.load(output_dir / "final_state.pt", weights_only=False)
-
-
-def _bitwise_equal(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_bitwise_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_bitwise_equal(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    return a == b
 
 
 @pytest.mark.slow
@@ -77,26 +46,26 @@ def _bitwise_equal(a, b) -> bool:
 # without workers, so (0, tokens) and (2, fixed) added nothing these two miss; the data-position control runs in both
 @pytest.mark.parametrize("workers, batching", [(0, "fixed"), (2, "tokens")])
 def test_interrupted_and_resumed_run_is_bitwise_identical(
-    workers, batching, tmp_path, tiny_dropout_model_dir, shapes_data
+    workers, batching, tmp_path, run_config, tiny_dropout_model_dir
 ):
     """Fixed micro-batches, and packed micro-batches filled to a token budget (their size varies)."""
-    hooks = ["helpers:FinalState", "helpers:StopAtStep"]
+    hooks = ["plugins:FinalState", "plugins:StopAtStep"]
     stop = {"LLAVA_TEST_STOP_AT": str(K)}
     never = {"LLAVA_TEST_STOP_AT": "-1"}
     data = {"num_workers": workers}
     if batching == "tokens":
         data.update(max_tokens_per_micro_batch=360, padding_free=True)  # 1 to 3 samples of 117-132 tokens
-    a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, data=data)
+    a = run_config("A", model=tiny_dropout_model_dir, **_defaults(hooks=hooks, data=data))
     helpers.launch(a, extra_env=never)
-    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "B", hooks=hooks, data=data)
+    b = run_config("B", model=tiny_dropout_model_dir, **_defaults(hooks=hooks, data=data))
     helpers.launch(b, extra_env=stop)  # stops after step K with a checkpoint, exit code 0
     assert sorted(p.name for p in (tmp_path / "B" / "checkpoints").iterdir()) == [f"step-{K:06d}"]
     helpers.launch(b, extra_env=never)  # run C: resume=auto in B's output dir, in a fresh process
 
-    steps_a, steps_bc = _steps(tmp_path / "A"), _steps(tmp_path / "B")
+    steps_a, steps_bc = steps_by_number(tmp_path / "A"), steps_by_number(tmp_path / "B")
     assert sorted(steps_bc) == list(range(1, N + 1))
-    assert _trajectory(steps_a, 1, N) == _trajectory(steps_bc, 1, N)  # loss, grad norm, lr, sample ids: exact
-    assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))  # params, AdamW moments, next draws
+    assert trajectory(steps_a, 1, N) == trajectory(steps_bc, 1, N)  # loss, grad norm, lr, sample ids: exact
+    assert bitwise_equal(final_state(tmp_path / "A"), final_state(tmp_path / "B"))  # params, AdamW moments, next draws
 
     if batching == "tokens":
         assert len({len(m["sample_ids"]) for m in steps_a.values()}) > 1  # micro-batch sizes really varied
@@ -104,13 +73,13 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(
     faults = (("no-rng-restore", "dropout masks"), ("no-data-position", "sample order"))
     for fault, broken in faults if batching == "fixed" else faults[1:]:
         control = tmp_path / f"B-{fault}"
-        config = _config(tmp_path, tiny_dropout_model_dir, shapes_data, f"B-{fault}", hooks=hooks, data=data)
+        config = run_config(f"B-{fault}", model=tiny_dropout_model_dir, **_defaults(hooks=hooks, data=data))
         helpers.launch(config, extra_env=stop)
         helpers.launch(config, extra_env=never, fault=fault)
-        after = _steps(control)
-        assert _trajectory(steps_a, 1, K) == _trajectory(after, 1, K)
-        assert _trajectory(steps_a, K + 1, N) != _trajectory(after, K + 1, N), broken
-        assert not _bitwise_equal(_final(tmp_path / "A"), _final(control)), broken
+        after = steps_by_number(control)
+        assert trajectory(steps_a, 1, K) == trajectory(after, 1, K)
+        assert trajectory(steps_a, K + 1, N) != trajectory(after, K + 1, N), broken
+        assert not bitwise_equal(final_state(tmp_path / "A"), final_state(control)), broken
     ids_a = [steps_a[s]["sample_ids"] for s in range(K + 1, N + 1)]
     ids_replayed = [after[s]["sample_ids"] for s in range(K + 1, N + 1)]
     assert ids_replayed == [steps_a[s]["sample_ids"] for s in range(1, N - K + 1)] and ids_replayed != ids_a
@@ -118,15 +87,15 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(
 
 @pytest.mark.slow
 @pytest.mark.floor
-def test_resume_under_two_process_deepspeed_matches(tmp_path, tiny_dropout_model_dir, shapes_data):
-    hooks = ["helpers:StopAtStep"]
-    a = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "A", hooks=hooks, train={"micro_batch_size": 1})
+def test_resume_under_two_process_deepspeed_matches(tmp_path, run_config, tiny_dropout_model_dir):
+    hooks = ["plugins:StopAtStep"]
+    a = run_config("A", model=tiny_dropout_model_dir, **_defaults(hooks=hooks, train={"micro_batch_size": 1}))
     helpers.launch(a, processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
-    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, "B", hooks=hooks, train={"micro_batch_size": 1})
+    b = run_config("B", model=tiny_dropout_model_dir, **_defaults(hooks=hooks, train={"micro_batch_size": 1}))
     helpers.launch(b, processes=2, extra_env={"LLAVA_TEST_STOP_AT": str(K)})
     assert (tmp_path / "B" / "checkpoints" / f"step-{K:06d}" / "pytorch_model").is_dir()  # DeepSpeed engine files
     helpers.launch(b, processes=2, extra_env={"LLAVA_TEST_STOP_AT": "-1"})
-    steps_a, steps_bc = _steps(tmp_path / "A"), _steps(tmp_path / "B")
+    steps_a, steps_bc = steps_by_number(tmp_path / "A"), steps_by_number(tmp_path / "B")
     assert sorted(steps_bc) == list(range(1, N + 1))
     for s in range(1, N + 1):
         assert abs(steps_a[s]["loss"] - steps_bc[s]["loss"]) <= 1e-6 * abs(steps_a[s]["loss"]), s
@@ -138,8 +107,8 @@ def test_resume_under_two_process_deepspeed_matches(tmp_path, tiny_dropout_model
 
 
 @pytest.mark.slow
-def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", checkpoint={"every": 1, "keep_last": 2})
+def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, run_config):
+    config = run_config(**_defaults(checkpoint={"every": 1, "keep_last": 2}))
     out = helpers.launch(config, fault="kill-in-save:4", check=False)
     assert out.returncode == -signal.SIGKILL
     root = tmp_path / "run" / "checkpoints"
@@ -159,12 +128,10 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_retention(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, target", [(0, "process"), (2, "process group")])
-def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(workers, target, tmp_path, tiny_model_dir, shapes_data):
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(workers, target, tmp_path, run_config):
     """SIGTERM to the main process, or to its whole process group as Slurm and Kubernetes send it (DataLoader
     workers included): finish the step, save, exit 0."""
-    config = _config(
-        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400}, data={"num_workers": workers}
-    )
+    config = run_config(**_defaults(train={"max_steps": 400}, data={"num_workers": workers}))
     cmd = [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)]
     proc = subprocess.Popen(
         cmd, cwd=helpers.ROOT, env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -200,7 +167,13 @@ def _rewrite_manifest(path):
 def finished_run(tmp_path_factory, tiny_model_dir, shapes_data):
     """A short full-mode run with a final checkpoint, copied fresh for each test that damages it."""
     tmp = tmp_path_factory.mktemp("finished")
-    config = _config(tmp, tiny_model_dir, shapes_data, "run", train={"max_steps": 2})
+    config = helpers.write_config(
+        tmp / "run.yaml",
+        model=tiny_model_dir,
+        shapes=shapes_data,
+        output_dir=tmp / "run",
+        **_defaults(train={"max_steps": 2}),
+    )
     helpers.train_here(config)
     return tmp / "run" / "checkpoints" / "step-000002", config
 
@@ -278,10 +251,10 @@ def test_a_pickled_code_payload_is_refused(finished_run, tmp_path, fresh_acceler
 
 
 @pytest.mark.slow
-def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data):
+def test_frozen_weights_are_not_saved(tmp_path, run_config):
     sizes = {}
     for mode in ("full", "projector", "lora"):
-        config = _config(tmp_path, tiny_model_dir, shapes_data, mode, mode=mode, train={"max_steps": 1})
+        config = run_config(mode, **_defaults(mode=mode, train={"max_steps": 1}))
         helpers.train_here(config)
         ckpt = tmp_path / mode / "checkpoints" / "step-000001"
         sizes[mode] = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
@@ -291,16 +264,15 @@ def test_frozen_weights_are_not_saved(tmp_path, tiny_model_dir, shapes_data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, processes", [("full", 0), ("lora", 2)])  # merged and adapter; 1 and 2 processes
-def test_export_matches_the_trained_model(mode, processes, tmp_path, tiny_dropout_model_dir, shapes_data):
+def test_export_matches_the_trained_model(mode, processes, tmp_path, run_config, tiny_dropout_model_dir):
     """Exported logits equal the in-training model's; the adapter loads with plain PEFT on the base."""
-    config = _config(
-        tmp_path,
-        tiny_dropout_model_dir,
-        shapes_data,
-        "run",
-        mode=mode,
-        hooks=["helpers:FinalLogits"],
-        train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1},
+    config = run_config(
+        model=tiny_dropout_model_dir,
+        **_defaults(
+            mode=mode,
+            hooks=["plugins:FinalLogits"],
+            train={"max_steps": 3, "micro_batch_size": 2 if not processes else 1},
+        ),
     )
     helpers.launch(config, processes=processes)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
@@ -402,22 +374,20 @@ def test_the_checkpointer_round_trips_stateful_parts_without_a_trainer(tmp_path,
     )
 
 
-def test_a_hook_with_state_is_restored_on_resume(tmp_path, tiny_model_dir, shapes_data):
+def test_a_hook_with_state_is_restored_on_resume(tmp_path, run_config):
     """A hook with state_dict/load_state_dict (a running mean of the loss) resumes where it stopped, with no edit of
     the loop: a 2-step run resumed to 3 ends with the mean of all 3 losses. Negative controls: a hook without the
     methods (RecordCalls) is not saved, and a run that does not resume starts the hook from its initial state."""
-    config = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        "run",
-        train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": 1},
-        data={"num_workers": 0},
-        hooks=["helpers:RunningLoss", "helpers:RecordCalls"],
+    config = run_config(
+        **_defaults(
+            train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": 1},
+            data={"num_workers": 0},
+            hooks=["plugins:RunningLoss", "plugins:RecordCalls"],
+        )
     )
     helpers.train_here(config)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "hook_state_0.pt", weights_only=True)
-    assert list(saved) == ["helpers:RunningLoss"] and saved["helpers:RunningLoss"]["count"] == 2
+    assert list(saved) == ["plugins:RunningLoss"] and saved["plugins:RunningLoss"]["count"] == 2
     helpers.train_here(config, "train.max_steps=3")
     count, mean = 0, 0.0
     for row in helpers.metrics(tmp_path / "run"):
@@ -471,16 +441,9 @@ def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_check
 
 
 @pytest.mark.slow
-def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_files(
-    tmp_path, tiny_model_dir, shapes_data
-):
-    config = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        "run",
-        train={"micro_batch_size": 1, "max_steps": 2},
-        hooks=["helpers:ProcessGroupTimeout"],
+def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_files(tmp_path, run_config):
+    config = run_config(
+        **_defaults(train={"micro_batch_size": 1, "max_steps": 2}, hooks=["plugins:ProcessGroupTimeout"])
     )
     helpers.launch(config, "train.dist_timeout_minutes=7", processes=2)
     assert float((tmp_path / "run" / "pg_timeout.txt").read_text()) == 7 * 60  # the setting reached the process group
@@ -521,9 +484,9 @@ def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_f
 
 
 @pytest.mark.slow
-def test_a_node_local_output_dir_is_refused_at_startup(tmp_path, tiny_model_dir, shapes_data):
+def test_a_node_local_output_dir_is_refused_at_startup(tmp_path, run_config):
     """Two nodes whose output_dir is not the same folder (node-local disks): stop before training, naming the fix."""
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"micro_batch_size": 1, "max_steps": 2})
+    config = run_config(**_defaults(train={"micro_batch_size": 1, "max_steps": 2}))
     nodes = helpers.launch_two_nodes(config, check=False, per_node=((), (f"output_dir={tmp_path / 'node1-local'}",)))
     for node in nodes:
         assert node.returncode != 0
@@ -566,10 +529,10 @@ def test_a_flash_attention_checkpoint_exports_and_infers_without_flash_attention
 
 
 @pytest.mark.slow
-def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path, tiny_model_dir, shapes_data):
+def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path, run_config):
     """resume=none into a used output_dir is refused; resume=overwrite moves the old run aside; the new run's
     step-4 is its own (before: the save was skipped and the first run's step-4 stayed, silently)."""
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4})
+    config = run_config(**_defaults(train={"max_steps": 4}))
     helpers.train_here(config)
     first = json.loads((tmp_path / "run" / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     refused = helpers.launch(config, "resume=none", "train.lr=1e-4", check=False)
@@ -585,10 +548,8 @@ def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path,
 
 
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(
-        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}
-    )
+def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp_path, run_config):
+    config = run_config(**_defaults(train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}))
     helpers.train_here(config)
     broken = tmp_path / "run" / "checkpoints" / "step-000004"
     (broken / "optimizer.bin").write_bytes(b"garbage")
@@ -604,10 +565,10 @@ def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp
 
 
 @pytest.mark.slow
-def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, tiny_model_dir, shapes_data):
+def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, run_config):
     from llava_loop.loop import warmup_cosine
 
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4})
+    config = run_config(**_defaults(train={"max_steps": 4}))
     helpers.train_here(config)
     recorded = (tmp_path / "run" / "config.yaml").read_text()
     refused = helpers.launch(config, "train.max_steps=8", "data.max_length=128", check=False)
@@ -617,7 +578,7 @@ def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, tiny_mod
     assert (tmp_path / "run" / "config.yaml").read_text() == recorded  # a refused resume changes nothing
     resumed = helpers.launch(config, "train.max_steps=8", "train.lr=1e-3")
     assert "train.lr: 0.002 -> 0.001" in resumed.stderr and "train.max_steps: 4 -> 8" in resumed.stderr
-    steps = _steps(tmp_path / "run")
+    steps = steps_by_number(tmp_path / "run")
     assert sorted(steps) == list(range(1, 9))
     # from step 5 on, the rate follows the new peak and the new total (before: step 5 ran at the old final rate, 0)
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
@@ -631,8 +592,8 @@ def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 400})
+def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_path, run_config):
+    config = run_config(**_defaults(train={"max_steps": 400}))
     first = subprocess.Popen(
         [sys.executable, str(helpers.ROOT / "train.py"), "--config", str(config)],
         cwd=helpers.ROOT,
@@ -659,10 +620,8 @@ def test_a_second_run_on_a_busy_output_dir_stops_at_once_naming_the_holder(tmp_p
 
 
 @pytest.mark.slow
-def test_a_full_disk_names_the_problem_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(
-        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 1}
-    )
+def test_a_full_disk_names_the_problem_and_keeps_the_previous_checkpoint(tmp_path, run_config):
+    config = run_config(**_defaults(train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 1}))
     out = helpers.launch(config, fault="disk-full:4", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "no space left on device while saving step 4 to" in out.stderr
@@ -687,10 +646,8 @@ def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, tiny_model_dir, shapes_data):
-    config = _config(
-        tmp_path, tiny_model_dir, shapes_data, "run", train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}
-    )
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, run_config):
+    config = run_config(**_defaults(train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}))
     helpers.train_here(config)
     root = tmp_path / "run" / "checkpoints"
     out = helpers.launch(config, f"resume={root / 'step-000002'}")
@@ -712,7 +669,7 @@ def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_stat
         on_main(Accelerator(cpu=True), broken)
 
 
-def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shapes_data):
+def test_export_writes_a_model_card_the_hub_reads(tmp_path, run_config, tiny_model_dir, shapes_data):
     """README.md with front matter huggingface_hub parses: towers, library, pipeline tag, data, mode; the body
     holds the run's last held-out metrics, its config and the prompt layout."""
     from pathlib import Path
@@ -720,9 +677,7 @@ def test_export_writes_a_model_card_the_hub_reads(tmp_path, tiny_model_dir, shap
     import yaml
     from huggingface_hub import ModelCard
 
-    config = _config(
-        tmp_path, tiny_model_dir, shapes_data, "run", mode="lora", train={"max_steps": 2}, eval={"every": 2}
-    )
+    config = run_config(**_defaults(mode="lora", train={"max_steps": 2}, eval={"every": 2}))
     helpers.train_here(config)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
     subprocess.run(

@@ -82,7 +82,7 @@ def _first_answer_token_accuracy(model, processor, records: list[dict], image_di
 
 
 @pytest.mark.slow
-def test_the_model_learns_to_tell_two_images_apart(tmp_path, tiny_model_dir, fresh_accelerate_state):
+def test_the_model_learns_to_tell_two_images_apart(tmp_path, run_config, fresh_accelerate_state):
     """Two images of one shape in two colours; the question asks the colour of the first or the second. After
     training, the answer is right, and with the two images swapped it names the other image's colour (the
     negative control: a model that blurred the images together, or read one of them, could not do both). 700
@@ -94,19 +94,14 @@ def test_the_model_learns_to_tell_two_images_apart(tmp_path, tiny_model_dir, fre
     from llava_loop.demo.shapes import write_shapes
     from llava_loop.loop import Trainer
 
-    import helpers
-
     data = {
         "train": write_shapes(tmp_path / "train", 3000, seed=0, size=64, pair_ratio=1.0, prefix="t"),
         "train_images": tmp_path / "train" / "images",
         "val": write_shapes(tmp_path / "val", 100, seed=1, size=64, pair_ratio=1.0, prefix="v"),
         "val_images": tmp_path / "val" / "images",
     }
-    config = helpers.write_config(
-        tmp_path / "pairs.yaml",
-        model=tiny_model_dir,
-        data=data,
-        output_dir=tmp_path / "run",
+    config = run_config(
+        shapes=data,
         train={"max_steps": 700, "micro_batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05, "weight_decay": 0.0},
     )
     trainer = Trainer(load_config(config, []))

@@ -363,12 +363,11 @@ def test_fast_siglip_pixels_equal_the_hugging_face_processor(size, towers):
 # ---------------------------------------------------------------------------------------------
 
 
-def _train(tmp_path, model_dir, data, mode, name, steps, lr=3e-3, checkpointing=False):
-    path = helpers.write_config(
-        tmp_path / f"{name}.yaml",
+def _train(tmp_path, run_config, model_dir, data, mode, name, steps, lr=3e-3, checkpointing=False):
+    path = run_config(
+        name,
         model=model_dir,
-        data=data,
-        output_dir=tmp_path / name,
+        shapes=data,
         mode=mode,
         train={
             "max_steps": steps,
@@ -413,12 +412,12 @@ def _generate(model_dir, eos=None, max_new_tokens=12):
 @pytest.mark.slow
 @pytest.mark.parametrize("vision, llm", PAIRS)
 def test_every_pair_trains_exports_and_stops_at_its_end_of_turn(
-    vision, llm, towers, answer_data, tmp_path, fresh_accelerate_state
+    vision, llm, towers, answer_data, tmp_path, run_config, fresh_accelerate_state
 ):
     build_llava(str(towers[vision]), str(towers[llm]), tmp_path / "m", dtype="float32")
-    lora = _train(tmp_path, tmp_path / "m", answer_data, "lora", "lora", 2)
+    lora = _train(tmp_path, run_config, tmp_path / "m", answer_data, "lora", "lora", 2)
     assert len(lora) == 2 and all(m["loss"] == m["loss"] for m in lora)  # LoRA found this LLM's linears
-    full = _train(tmp_path, tmp_path / "m", answer_data, "full", "full", 40, lr=3e-3)
+    full = _train(tmp_path, run_config, tmp_path / "m", answer_data, "full", "full", 40, lr=3e-3)
     assert full[-1]["loss"] < 0.1 * full[0]["loss"]
 
     new, tokenizer = _generate(_export(tmp_path, "full"))
@@ -484,7 +483,7 @@ def _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["siglip-llama", "clip-qwen3-real-tokenizer"])
 def test_done_when_pairs_train_in_every_mode_export_and_generate(
-    pair, towers, answer_data, tmp_path, qwen3_tokenizer_dir, fresh_accelerate_state
+    pair, towers, answer_data, tmp_path, run_config, qwen3_tokenizer_dir, fresh_accelerate_state
 ):
     _, processor, report = _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir)
     if pair == "siglip-llama":
@@ -493,7 +492,7 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(
         assert not report.resized_embeddings and report.vocab_size == 151936  # Qwen3's spare rows
     exports = []
     for mode in MODES:
-        metrics = _train(tmp_path, tmp_path / "m", answer_data, mode, mode, 2, checkpointing=True)
+        metrics = _train(tmp_path, run_config, tmp_path / "m", answer_data, mode, mode, 2, checkpointing=True)
         assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics), mode
         exports.append(str(_export(tmp_path, mode)))
     script = (  # one fresh interpreter for all four exports: plain transformers, llava_loop never imported
@@ -513,7 +512,7 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(
     run = subprocess.run([sys.executable, "-c", script, *exports], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == [word for path in exports for word in ("ok", path)]
-    _train(tmp_path, tmp_path / "m", answer_data, "full", "learn", 60, lr=5e-3)
+    _train(tmp_path, run_config, tmp_path / "m", answer_data, "full", "learn", 60, lr=5e-3)
     new, tokenizer = _generate(_export(tmp_path, "learn"))
     assert tokenizer.decode(new[:-1], skip_special_tokens=True).strip() == ANSWER
     assert tokenizer.convert_ids_to_tokens(new[-1]) == ("<|eot_id|>" if pair == "siglip-llama" else "<|im_end|>")

@@ -117,7 +117,7 @@ def test_peak_flops_by_device_name():
     assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("cpu") is None
 
 
-def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, tiny_model_dir, tiny_processor, shapes_data):
+def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, run_config, tiny_model_dir, tiny_processor):
     """A run's metrics.jsonl: each step's ``flops`` equals the FLOPs model over the samples that step consumed
     (re-encoded here from their ids), ``model_tflops_per_s`` is that over the step time, and ``mfu`` is that over
     ``train.peak_tflops``."""
@@ -126,11 +126,7 @@ def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, tiny_model_dir, t
 
     import helpers
 
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
+    config = run_config(
         mode="lora",
         lora={"r": 4, "alpha": 8},
         train={"micro_batch_size": 2, "grad_accum": 2, "max_steps": 2, "log_sample_ids": True, "peak_tflops": 0.5},

@@ -37,14 +37,11 @@ def test_one_varlen_kernel_equals_sdpa_per_sample():
     assert (attention._one_kernel(module, q, k, v, whole, {}).float() - reference.float()).abs().max() > 0.1
 
 
-def _losses(tmp_path, tiny_model_dir, shapes_data, name, **train):
+def _losses(tmp_path, run_config, name, **train):
     import helpers
 
-    config = helpers.write_config(
-        tmp_path / f"{name}.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / name,
+    config = run_config(
+        name,
         mode="full",
         train={"max_steps": 3, "precision": "bf16", **train},
     )
@@ -52,10 +49,10 @@ def _losses(tmp_path, tiny_model_dir, shapes_data, name, **train):
     return [m["loss"] for m in helpers.metrics(tmp_path / name)]
 
 
-def test_liger_and_compiled_bf16_runs_train_like_the_plain_one(tmp_path, tiny_model_dir, shapes_data):
+def test_liger_and_compiled_bf16_runs_train_like_the_plain_one(tmp_path, run_config):
     """bf16 on the GPU: Liger's kernels and compiled decoder layers give the plain run's step losses within bf16's
     precision."""
-    plain = _losses(tmp_path, tiny_model_dir, shapes_data, "plain", liger="off")
-    liger = _losses(tmp_path, tiny_model_dir, shapes_data, "liger", liger="on")
-    compiled = _losses(tmp_path, tiny_model_dir, shapes_data, "compiled", liger="off", compile=True)
+    plain = _losses(tmp_path, run_config, "plain", liger="off")
+    liger = _losses(tmp_path, run_config, "liger", liger="on")
+    compiled = _losses(tmp_path, run_config, "compiled", liger="off", compile=True)
     assert liger == pytest.approx(plain, rel=2e-2) and compiled == pytest.approx(plain, rel=2e-2)

@@ -33,7 +33,7 @@ def trained(tmp_path_factory, tiny_model_dir, shapes_data):
         config = helpers.write_config(
             root / f"{mode}.yaml",
             model=tiny_model_dir,
-            data=shapes_data,
+            shapes=shapes_data,
             output_dir=root / mode,
             mode=mode,
             train={"max_steps": 60, "micro_batch_size": 8, "lr": lr, "warmup_ratio": 0.1},

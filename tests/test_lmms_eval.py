@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     config = helpers.write_config(
         root / "run.yaml",
         model=tiny_model_dir,
-        data=data,
+        shapes=data,
         output_dir=root / "run",
         train={
             "max_steps": 400,
@@ -135,7 +135,7 @@ def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
     assert (tmp_path / "eval_lmms" / "lmms_eval.log").is_file()
 
 
-def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, tmp_path):
+def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, tmp_path, run_config):
     """Two processes continue training the exported model; the hook (main process only) evaluates step 2 in the
     background while the steps after it run, and the final step after the last save; scores reach metrics.jsonl
     and equal llava-loop's own evaluation of the same checkpoint."""
@@ -154,11 +154,9 @@ def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, t
             "max_samples": 8,
         },
     }
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
+    config = run_config(
         model=trained["export"],
-        data=trained,
-        output_dir=out,
+        shapes=trained,
         hooks=[hook],
         trackers=["tensorboard"],
         train={"max_steps": 6, "micro_batch_size": 4, "lr": 1e-4},

@@ -21,13 +21,6 @@ from llava_loop.parts import PROJECTOR, VISION, base_llava, count_params, part_o
 import helpers
 
 
-def _config(tmp_path, tiny_model_dir, shapes_data, name="run", data=None, **sections):
-    path = helpers.write_config(
-        tmp_path / f"{name}.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / name, **sections
-    )
-    return load_config(path, [f"data.{k}={v}" for k, v in (data or {}).items()])
-
-
 def _model(tiny_model_dir):
     from transformers import LlavaForConditionalGeneration
 
@@ -40,8 +33,8 @@ def _processor(tiny_model_dir):
     return AutoProcessor.from_pretrained(tiny_model_dir)
 
 
-def _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor, n=4):
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data)
+def _batch(run_config, tiny_processor, n=4):
+    cfg = load_config(run_config())
     train, _ = make_datasets(cfg, tiny_processor)
     return Collator(tiny_processor.tokenizer.pad_token_id)([train[i] for i in range(n)])
 
@@ -51,8 +44,8 @@ def _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor, n=4):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_dir, shapes_data, tiny_processor):
-    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+def test_label_only_loss_equals_full_logit_cross_entropy(run_config, tiny_model_dir, tiny_processor):
+    batch = _batch(run_config, tiny_processor)
     model = _model(tiny_model_dir).eval()
     with torch.no_grad():
         label_only = label_only_ce(model, batch)["loss"]
@@ -67,12 +60,10 @@ def test_label_only_loss_equals_full_logit_cross_entropy(tmp_path, tiny_model_di
     assert torch.linalg.norm(grads[0] - grads[1]) / torch.linalg.norm(grads[1]) < 1e-5
 
 
-def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(
-    tmp_path, tiny_model_dir, shapes_data, tiny_processor
-):
+def test_chunked_loss_is_exact_and_recomputes_each_chunk_in_backward(run_config, tiny_model_dir, tiny_processor):
     """label_only_ce in chunks of 7 supervised rows equals the one-chunk loss and gradients to 1e-6; each chunk's
     LM head runs once forward and once more in backward (its logits were not kept); one chunk recomputes nothing."""
-    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    batch = _batch(run_config, tiny_processor)
     rows = batch["n_label_tokens"]
     assert rows > 3 * 7
     model = _model(tiny_model_dir)
@@ -274,8 +265,8 @@ def test_param_groups_skip_decay_on_biases_and_norms_and_set_projector_lr(tiny_m
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_gradient_checkpointing_gives_the_same_gradients(mode, tmp_path, tiny_model_dir, shapes_data, tiny_processor):
-    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+def test_gradient_checkpointing_gives_the_same_gradients(mode, run_config, tiny_model_dir, tiny_processor):
+    batch = _batch(run_config, tiny_processor)
     grads = {}
     for checkpointing in (False, True):
         model = apply_mode(
@@ -307,9 +298,9 @@ def _probe_vision_layer(model):
 
 @pytest.mark.parametrize("mode", ["projector", "lora", "freeze_vision", "full"])
 def test_checkpointing_never_recomputes_or_backpropagates_a_frozen_vision_tower(
-    mode, tmp_path, tiny_model_dir, shapes_data, tiny_processor
+    mode, run_config, tiny_model_dir, tiny_processor
 ):
-    batch = _batch(tmp_path, tiny_model_dir, shapes_data, tiny_processor)
+    batch = _batch(run_config, tiny_processor)
     model = apply_mode(_model(tiny_model_dir), mode, LoraConfig(r=4, alpha=8, dropout=0.0), gradient_checkpointing=True)
     model.train()
     probe = _probe_vision_layer(model)
@@ -435,17 +426,16 @@ def test_padding_free_packing_gives_the_padded_losses_and_gradients(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_held_out_loss_decreases_in_every_mode(mode, run_config, fresh_accelerate_state):
     from llava_loop.loop import Trainer
 
-    cfg = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        mode=mode,
-        train={"max_steps": 12, "lr": 3e-3 if mode != "full" else 1e-3},
-        eval={"every": 12},
-        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    cfg = load_config(
+        run_config(
+            mode=mode,
+            train={"max_steps": 12, "lr": 3e-3 if mode != "full" else 1e-3},
+            eval={"every": 12},
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        )
     )
     Trainer(cfg).fit()
     evals = helpers.metrics(cfg.output_dir, "eval")
@@ -454,18 +444,17 @@ def test_held_out_loss_decreases_in_every_mode(mode, tmp_path, tiny_model_dir, s
     assert after < before - 0.1, (mode, before, after)
 
 
-def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_custom_loss_terms_and_user_hooks(run_config, fresh_accelerate_state):
     from llava_loop.loop import train
 
-    cfg = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_weight": 0.01}},
-        hooks=["helpers:RecordCalls"],
-        train={"max_steps": 4},
-        eval={"every": 2},
-        checkpoint={"every": 2, "keep_last": 0},
+    cfg = load_config(
+        run_config(
+            loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_weight": 0.01}},
+            hooks=["plugins:RecordCalls"],
+            train={"max_steps": 4},
+            eval={"every": 2},
+            checkpoint={"every": 2, "keep_last": 0},
+        )
     )
     train(cfg)
     steps = helpers.metrics(cfg.output_dir)
@@ -492,18 +481,15 @@ def test_custom_loss_terms_and_user_hooks(tmp_path, tiny_model_dir, shapes_data,
     ]
 
 
-def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
-):
+def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(run_config, fresh_accelerate_state):
     from llava_loop.loop import Trainer
 
-    cfg = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [3]}},
-        hooks=["helpers:Snapshots"],
-        train={"max_steps": 5, "warmup_ratio": 0.5},
+    cfg = load_config(
+        run_config(
+            loss={"fn": "plugins:nan_on_poisoned_steps", "kwargs": {"steps": [3]}},
+            hooks=["plugins:Snapshots"],
+            train={"max_steps": 5, "warmup_ratio": 0.5},
+        )
     )
     trainer = Trainer(cfg)
     trainer.fit()
@@ -518,17 +504,14 @@ def test_non_finite_step_is_skipped_leaving_weights_and_optimizer_untouched(
     assert not all(torch.equal(a, b) for a, b in zip(after["params"], trainer.snapshots[4]["params"]))
 
 
-def test_run_aborts_after_too_many_non_finite_steps_in_a_row(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
-):
+def test_run_aborts_after_too_many_non_finite_steps_in_a_row(run_config, fresh_accelerate_state):
     from llava_loop.loop import NonFiniteError, train
 
-    cfg = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        loss={"fn": "helpers:nan_on_poisoned_steps", "kwargs": {"steps": [2, 3, 4, 5]}},
-        train={"max_steps": 8, "max_consecutive_skips": 3},
+    cfg = load_config(
+        run_config(
+            loss={"fn": "plugins:nan_on_poisoned_steps", "kwargs": {"steps": [2, 3, 4, 5]}},
+            train={"max_steps": 8, "max_consecutive_skips": 3},
+        )
     )
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*max_consecutive_skips=3"):
         train(cfg)
@@ -545,7 +528,7 @@ def _read_counter(monkeypatch):
 
         def counted(self, *args, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith(("llava_loop", "accelerate", "helpers")):
+            if caller.startswith(("llava_loop", "accelerate", "plugins")):
                 reads.append((name, caller))
             return original(self, *args, **kwargs)
 
@@ -565,21 +548,16 @@ class _ReadsPerStep:
 
 
 @pytest.mark.parametrize("accum", [1, 4])
-def test_at_most_three_host_reads_per_optimizer_step(
-    accum, tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
-):
+def test_at_most_three_host_reads_per_optimizer_step(accum, run_config, monkeypatch, fresh_accelerate_state):
     from llava_loop.loop import Trainer
 
     reads = _read_counter(monkeypatch)
     per_step = {}
-    for loss in ("llava_loop.losses:label_only_ce", "helpers:label_only_ce_read_each_micro_batch"):
-        cfg = _config(
-            tmp_path,
-            tiny_model_dir,
-            shapes_data,
-            name=loss.split(":")[1],
-            loss=loss,
-            train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4},
+    for loss in ("llava_loop.losses:label_only_ce", "plugins:label_only_ce_read_each_micro_batch"):
+        cfg = load_config(
+            run_config(
+                loss.split(":")[1], loss=loss, train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4}
+            )
         )
         trainer = Trainer(cfg)
         probe = _ReadsPerStep(reads)
@@ -593,7 +571,7 @@ def test_at_most_three_host_reads_per_optimizer_step(
     assert [
         b - a
         for a, b in zip(
-            per_step["llava_loop.losses:label_only_ce"], per_step["helpers:label_only_ce_read_each_micro_batch"]
+            per_step["llava_loop.losses:label_only_ce"], per_step["plugins:label_only_ce_read_each_micro_batch"]
         )
     ] == [accum] * 3
 
@@ -632,7 +610,9 @@ def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
 
 
 @pytest.mark.slow
-def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp_path, tiny_model_dir, shapes_data):
+def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(
+    tmp_path, run_config, tiny_model_dir, shapes_data
+):
     """1 process x mb4 x acc1, 1 process x mb2 x acc2, and 2 DeepSpeed ZeRO-2 processes x mb1 x acc2.
     Multi-turn records give samples different numbers of supervised tokens, so normalisation matters."""
     from llava_loop.demo.shapes import write_shapes
@@ -645,12 +625,10 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
     layouts = {"1x4x1": (0, 4, 1), "1x2x2": (0, 2, 2), "2x1x2": (2, 1, 2)}
     losses, grads = {}, {}
     for name, (processes, micro, accum) in layouts.items():
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=data,
-            output_dir=tmp_path / name,
-            hooks=["helpers:GradCapture"],
+        config = run_config(
+            name,
+            shapes=data,
+            hooks=["plugins:GradCapture"],
             train={
                 "micro_batch_size": micro,
                 "grad_accum": accum,
@@ -694,17 +672,15 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["projector", "lora"])  # the projector alone; the projector beside PEFT's adapters
-def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
+def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, run_config, shapes_data):
     """A rank whose micro-batch has no image must still produce projector gradients, or ZeRO-2's reduce breaks
     (gloo: a size mismatch; NCCL: a hang). 2 processes x mb1 x acc2 against 1 process x mb4."""
     data = helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
     losses = {}
     for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "2x1x2": (2, 1, 2)}.items():
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=data,
-            output_dir=tmp_path / name,
+        config = run_config(
+            name,
+            shapes=data,
             mode=mode,
             lora={"r": 4, "alpha": 8, "dropout": 0.0},
             train={
@@ -745,7 +721,7 @@ def _stage2_mix(root, shapes_data, n=48):
 
 
 @pytest.mark.slow
-def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_path, tiny_model_dir, shapes_data):
+def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_path, run_config, shapes_data):
     """On a stage-2 mix, padded 1 process x mb4, padding-free 1 process x mb4 and padding-free 2-process ZeRO-2
     x mb1 x acc2 log the same losses; padding-free spends no slot on padding."""
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
@@ -755,11 +731,9 @@ def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_pa
         "packed": (0, 4, 1, True),
         "packed-2x1x2": (2, 1, 2, True),
     }.items():
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=data,
-            output_dir=tmp_path / name,
+        config = run_config(
+            name,
+            shapes=data,
             mode="freeze_vision",
             train={
                 "micro_batch_size": micro,
@@ -781,17 +755,15 @@ def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_pa
 
 
 @pytest.mark.slow
-def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path, tiny_model_dir, shapes_data):
+def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path, run_config, shapes_data):
     """Packed micro-batches filled to a token budget: 2 processes x acc 1 run the micro-batches 1 process x acc 2
     runs, as many on each rank, and log the same losses; the samples per step vary."""
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
     runs = {}
     for name, (processes, accum) in {"1xacc2": (0, 2), "2xacc1": (2, 1)}.items():
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=data,
-            output_dir=tmp_path / name,
+        config = run_config(
+            name,
+            shapes=data,
             mode="freeze_vision",
             train={
                 "grad_accum": accum,
@@ -815,18 +787,13 @@ def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path
     assert [m["loss"] for m in runs["2xacc1"]] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
 
 
-def test_each_epoch_trains_in_its_own_order(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_each_epoch_trains_in_its_own_order(tmp_path, run_config, fresh_accelerate_state):
     """Epoch 1 follows the sampler's epoch-1 order, not epoch 0's again (Accelerate's loader counts an epoch only
     when iterated to its end, which the loop never does, and hands the sampler that count)."""
     from llava_loop.loop import Trainer
 
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
-        mode="projector",
-        train={"max_steps": 0, "epochs": 2, "micro_batch_size": 16, "log_sample_ids": True},
+    config = run_config(
+        mode="projector", train={"max_steps": 0, "epochs": 2, "micro_batch_size": 16, "log_sample_ids": True}
     )
     trainer = Trainer(load_config(config, []))
     trainer.fit()
@@ -839,20 +806,13 @@ def test_each_epoch_trains_in_its_own_order(tmp_path, tiny_model_dir, shapes_dat
     assert trained == expected
 
 
-def test_token_budget_epochs_each_count_their_own_steps(tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state):
+def test_token_budget_epochs_each_count_their_own_steps(tmp_path, run_config, shapes_data, fresh_accelerate_state):
     """Under a token budget each epoch's order cuts its own number of micro-batches: two epochs train the sum of
     the two counts (not twice the first), every micro-batch of the second epoch included."""
     from llava_loop.loop import Trainer
 
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=data,
-        output_dir=tmp_path / "run",
-        mode="projector",
-        train={"max_steps": 0, "epochs": 2, "log_sample_ids": True},
-    )
+    config = run_config(shapes=data, mode="projector", train={"max_steps": 0, "epochs": 2, "log_sample_ids": True})
     trainer = Trainer(
         load_config(config, ["data.padding_free=true", "data.max_length=512", "data.max_tokens_per_micro_batch=1200"])
     )
@@ -868,17 +828,11 @@ def test_token_budget_epochs_each_count_their_own_steps(tmp_path, tiny_model_dir
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, tiny_model_dir, shapes_data):
+def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, run_config):
     """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""
     runs = {}
     for name in ("two-nodes", "one-node"):
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=shapes_data,
-            output_dir=tmp_path / name,
-            train={"micro_batch_size": 2, "max_steps": 3},
-        )
+        config = run_config(name, train={"micro_batch_size": 2, "max_steps": 3})
         if name == "two-nodes":
             node0, _ = helpers.launch_two_nodes(config)
             assert "x processes 2 " in node0.stderr and "DeepSpeed ZeRO-2" in node0.stderr
@@ -903,13 +857,13 @@ def _data_with_bad_records(tmp_path, shapes_data, n=24):
 
 
 def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state, capsys
+    tmp_path, run_config, shapes_data, fresh_accelerate_state, capsys
 ):
     from llava_loop.data.skips import TooManySkips
     from llava_loop.loop import train
 
     data = _data_with_bad_records(tmp_path, shapes_data)
-    cfg = _config(tmp_path, tiny_model_dir, data, train={"max_steps": 6}, data={"max_skip_fraction": 0.1})
+    cfg = load_config(run_config(shapes=data, train={"max_steps": 6}, data={"max_skip_fraction": 0.1}))
     train(cfg)  # 24 records, 4 per step: one epoch meets both bad records
     last = helpers.metrics(cfg.output_dir)[-1]
     assert last["bad_records"] == 2  # distinct bad records: what the budget counts
@@ -920,15 +874,13 @@ def test_bad_samples_are_counted_in_the_logs_and_the_budget_stops_the_run(
     err = capsys.readouterr().err
     assert "skipping bad sample train_000005 (missing_image" in err and "train_000017 (empty_answer" in err
 
-    strict = _config(
-        tmp_path, tiny_model_dir, data, name="strict", train={"max_steps": 6}, data={"max_skip_fraction": 0.05}
-    )
+    strict = load_config(run_config("strict", shapes=data, train={"max_steps": 6}, data={"max_skip_fraction": 0.05}))
     with pytest.raises(TooManySkips, match=r"2 of 24 records .* were skipped.*max_skip_fraction=0.05"):
         train(strict)
 
 
 def test_a_broken_data_file_fails_before_the_model_loads(
-    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+    tmp_path, run_config, shapes_data, monkeypatch, fresh_accelerate_state
 ):
     from llava_loop import loop
     from llava_loop.data.records import RecordError
@@ -937,7 +889,7 @@ def test_a_broken_data_file_fails_before_the_model_loads(
     broken.write_text(
         '[{"id": "a", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}]},\n{"id": "b"}]'
     )
-    cfg = _config(tmp_path, tiny_model_dir, dict(shapes_data, train=broken))
+    cfg = load_config(run_config(shapes=dict(shapes_data, train=broken)))
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was validated")
@@ -947,19 +899,12 @@ def test_a_broken_data_file_fails_before_the_model_loads(
         loop.Trainer(cfg)
 
 
-def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(
-    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
-):
+def test_a_loss_keyword_it_does_not_take_fails_before_the_model_loads(run_config, monkeypatch, fresh_accelerate_state):
     from llava_loop import loop
     from llava_loop.errors import UserError
 
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the loss was bound"))
-    cfg = _config(
-        tmp_path,
-        tiny_model_dir,
-        shapes_data,
-        loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}},
-    )
+    cfg = load_config(run_config(loss={"fn": "llava_loop.losses:ce_with_z_loss", "kwargs": {"z_wieght": 0.1}}))
     with pytest.raises(
         UserError, match=r"loss llava_loop.losses:ce_with_z_loss: .*'z_wieght'.*\(it takes \(model, batch.*z_weight"
     ):
@@ -979,7 +924,7 @@ def _val_copy(tmp_path, shapes_data, missing: int | None):
 
 
 def test_a_broken_held_out_set_never_costs_the_training(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state, capsys
+    tmp_path, run_config, shapes_data, fresh_accelerate_state, capsys
 ):
     """Every held-out image missing: training completes, the final checkpoint is saved, and the warning names
     data.eval_image_dir, not data.image_dir."""
@@ -987,7 +932,7 @@ def test_a_broken_held_out_set_never_costs_the_training(
     from llava_loop.loop import train
 
     data = _val_copy(tmp_path, shapes_data, missing=None)
-    train(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 2}))
+    train(load_config(run_config(shapes=data, train={"max_steps": 2})))
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-000002"]
     evals = helpers.metrics(tmp_path / "run", "eval")
     assert evals[-1]["eval_left_out"] == 32 and evals[-1]["eval_tokens"] == 0
@@ -996,14 +941,14 @@ def test_a_broken_held_out_set_never_costs_the_training(
 
 
 def test_held_out_samples_are_left_out_never_replaced(
-    tmp_path, tiny_model_dir, shapes_data, tiny_processor, fresh_accelerate_state
+    tmp_path, run_config, shapes_data, tiny_processor, fresh_accelerate_state
 ):
     """1 of 32 held-out images missing: the eval loss is over the 31 others exactly, and says one was left out."""
     from llava_loop.loop import Trainer
     from llava_loop.validate import heldout_loss_sums
 
     data = _val_copy(tmp_path, shapes_data, missing=1)
-    trainer = Trainer(_config(tmp_path, tiny_model_dir, data, train={"max_steps": 1}))
+    trainer = Trainer(load_config(run_config(shapes=data, train={"max_steps": 1})))
     rng = torch.get_rng_state()
     metrics = trainer.eval_loss()
     assert torch.equal(rng, torch.get_rng_state())  # evaluating draws nothing from the training RNG
@@ -1018,7 +963,7 @@ def test_held_out_samples_are_left_out_never_replaced(
 
 
 def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(
-    tmp_path, tiny_model_dir, shapes_data, monkeypatch, fresh_accelerate_state
+    run_config, monkeypatch, fresh_accelerate_state
 ):
     from llava_loop import loop
     from llava_loop.errors import UserError
@@ -1027,16 +972,14 @@ def test_a_hook_or_loss_that_cannot_be_imported_fails_before_the_model_loads(
         loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the config was checked")
     )
     with pytest.raises(UserError, match=r"hook 'no_such_pkg.hooks:Hook': cannot import module 'no_such_pkg.hooks'"):
-        loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, hooks=["no_such_pkg.hooks:Hook"]))
+        loop.Trainer(load_config(run_config(hooks=["no_such_pkg.hooks:Hook"])))
     with pytest.raises(
         UserError, match=r"loss 'llava_loop.losses:no_such_loss': module 'llava_loop.losses' has no attribute"
     ):
-        loop.Trainer(_config(tmp_path, tiny_model_dir, shapes_data, name="run2", loss="llava_loop.losses:no_such_loss"))
+        loop.Trainer(load_config(run_config("run2", loss="llava_loop.losses:no_such_loss")))
 
 
-def test_unusable_output_dirs_and_holdouts_get_clear_errors(
-    tmp_path, tiny_model_dir, shapes_data, fresh_accelerate_state
-):
+def test_unusable_output_dirs_and_holdouts_get_clear_errors(tmp_path, run_config, fresh_accelerate_state):
     from llava_loop.data.records import RecordError
     from llava_loop.errors import UserError
     from llava_loop.loaders import split_records
@@ -1044,25 +987,18 @@ def test_unusable_output_dirs_and_holdouts_get_clear_errors(
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data)
+    cfg = load_config(run_config())
     cfg.output_dir = str(blocker / "run")  # below a file: cannot be created (root ignores permission bits)
     with pytest.raises(UserError, match=r"output_dir .*a-file/run is not writable"):
         Trainer(cfg)
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, name="run2", data={"eval_path": ""}, eval={"holdout": 96})
+    cfg = load_config(run_config("run2", data={"eval_path": ""}, eval={"holdout": 96}))
     with pytest.raises(RecordError, match=r"eval.holdout=96 leaves no training records: .* holds 96"):
         split_records(cfg)
 
 
 @pytest.mark.slow
-def test_a_killed_data_loader_worker_is_reported_not_a_traceback(tmp_path, tiny_model_dir, shapes_data):
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
-        hooks=["helpers:KillWorkersAtStep2"],
-        train={"max_steps": 40, "micro_batch_size": 2},
-    )
+def test_a_killed_data_loader_worker_is_reported_not_a_traceback(run_config):
+    config = run_config(hooks=["plugins:KillWorkersAtStep2"], train={"max_steps": 40, "micro_batch_size": 2})
     out = helpers.launch(config, "data.num_workers=2", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "a DataLoader worker died" in out.stderr and "Lower data.num_workers (now 2)" in out.stderr
@@ -1137,10 +1073,10 @@ def test_a_worker_dying_mid_transfer_is_a_worker_death_and_a_workers_own_os_erro
         signal.signal(signal.SIGCHLD, previous)
 
 
-def test_eval_holdout_splits_the_training_records_deterministically(tmp_path, tiny_model_dir, shapes_data):
+def test_eval_holdout_splits_the_training_records_deterministically(run_config):
     from llava_loop.loaders import split_records
 
-    cfg = _config(tmp_path, tiny_model_dir, shapes_data, data={"eval_path": ""}, eval={"holdout": 8})
+    cfg = load_config(run_config(data={"eval_path": ""}, eval={"holdout": 8}))
     train, held = split_records(cfg)
     train_ids = {train[i].id for i in range(len(train))}
     held_ids = {held[i].id for i in range(len(held))}

@@ -16,19 +16,15 @@ import helpers
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("setting", ["zero2", "zero3"])
-def test_model_state_terms_match_what_deepspeed_holds(setting, mode, tmp_path, tiny_model_dir, shapes_data):
+def test_model_state_terms_match_what_deepspeed_holds(setting, mode, tmp_path, run_config, tiny_model_dir):
     from transformers import LlavaForConditionalGeneration
 
     from llava_loop.config import LoraConfig
     from llava_loop.modes import apply_mode
 
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
+    config = run_config(
         mode=mode,
-        hooks=["helpers:ModelStateBytes"],
+        hooks=["plugins:ModelStateBytes"],
         lora={"r": 4, "alpha": 8},
         train={"micro_batch_size": 1, "max_steps": 1},
     )

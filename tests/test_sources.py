@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-import yaml
 
 from llava_loop.config import Config
 from llava_loop.data.dataset import LlavaDataset
@@ -160,21 +159,19 @@ def test_a_table_without_conversations_or_with_splits_names_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, tables, tiny_model_dir, shapes_data):
+def test_training_from_parquet_and_arrow_equals_training_from_json(tmp_path, run_config, tables, shapes_data):
     """One skip, encode and collate path: the same records give the same run, with workers (forked readers)."""
     losses = {}
     for name in ("json", "structs", "arrow"):
-        path = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=shapes_data,
-            output_dir=tmp_path / name,
+        path = run_config(
+            name,
             train={"log_sample_ids": True},
+            data={
+                "path": str(tables[name]),
+                "num_workers": 2,
+                "image_dir": str(shapes_data["train_images"]) if name == "json" else "",
+            },
         )
-        tree = yaml.safe_load(path.read_text())
-        tree["data"].update(path=str(tables[name]), num_workers=2)
-        tree["data"]["image_dir"] = str(shapes_data["train_images"]) if name == "json" else ""
-        path.write_text(yaml.safe_dump(tree))
         helpers.train_here(path)
         losses[name] = [(m["loss"], m["sample_ids"]) for m in helpers.metrics(tmp_path / name)]
     assert losses["json"] == losses["structs"] == losses["arrow"] and len(losses["json"]) == 4

@@ -22,12 +22,6 @@ def prepare_with(cfg, *, where: str) -> None:  # a setup function with a require
     raise AssertionError("never called: the run must fail at startup")
 
 
-def _config_file(tmp_path, tiny_model_dir, shapes_data, **sections):
-    return helpers.write_config(
-        tmp_path / "run.yaml", model=tiny_model_dir, data=shapes_data, output_dir=tmp_path / "run", **sections
-    )
-
-
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the run gets as far as loading the model."""
@@ -36,8 +30,8 @@ def no_model(monkeypatch):
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
 
 
-def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(tmp_path, tiny_model_dir, shapes_data, capsys):
-    path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["tensorbord"])
+def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(run_config, capsys):
+    path = run_config(trackers=["tensorbord"])
     with pytest.raises(
         ConfigError, match=r"trackers: 'tensorbord' is not a tracker; valid trackers: .*tensorboard.*wandb"
     ):
@@ -48,9 +42,9 @@ def test_an_unknown_tracker_name_is_refused_listing_the_valid_ones(tmp_path, tin
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(
-    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+    tmp_path, run_config, no_model, fresh_accelerate_state, capsys
 ):
-    path = _config_file(tmp_path, tiny_model_dir, shapes_data, trackers=["wandb"])
+    path = run_config(trackers=["wandb"])
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "trackers: wandb is not installed" in err and "pip install 'llava-loop[trackers]'" in err
@@ -59,25 +53,19 @@ def test_a_tracker_that_is_not_installed_is_refused_before_the_model_loads(
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is not None, reason="lmms-eval is installed here")
 def test_the_lmms_eval_hook_without_lmms_eval_is_refused_at_construction(
-    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+    run_config, no_model, fresh_accelerate_state, capsys
 ):
     from llava_loop.lmms import LmmsEval
 
     with pytest.raises(UserError, match=r"needs lmms-eval, which is not installed: pip install 'llava-loop\[lmms\]'"):
         LmmsEval(tasks=["mme"])
-    path = _config_file(
-        tmp_path, tiny_model_dir, shapes_data, hooks=[{"fn": "llava_loop.lmms:LmmsEval", "kwargs": {"tasks": ["mme"]}}]
-    )
+    path = run_config(hooks=[{"fn": "llava_loop.lmms:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
     assert main(["train", "--config", str(path)]) == 2
     assert "pip install 'llava-loop[lmms]'" in capsys.readouterr().err
 
 
-def test_the_lmms_eval_hooks_old_name_is_refused_with_its_new_one(
-    tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state
-):
-    path = _config_file(
-        tmp_path, tiny_model_dir, shapes_data, hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}]
-    )
+def test_the_lmms_eval_hooks_old_name_is_refused_with_its_new_one(run_config, no_model, fresh_accelerate_state):
+    path = run_config(hooks=[{"fn": "llava_loop.hooks:LmmsEval", "kwargs": {"tasks": ["mme"]}}])
     with pytest.raises(
         UserError, match=r"hook 'llava_loop.hooks:LmmsEval' has moved: name it llava_loop.lmms:LmmsEval"
     ):
@@ -129,9 +117,9 @@ def test_lmms_options_reach_the_background_job_as_they_were_given():
     ],
 )
 def test_a_missing_required_kwarg_is_named_like_a_misspelled_one(
-    section, value, message, tmp_path, tiny_model_dir, shapes_data, no_model, fresh_accelerate_state, capsys
+    section, value, message, run_config, no_model, fresh_accelerate_state, capsys
 ):
-    path = _config_file(tmp_path, tiny_model_dir, shapes_data, **{section: value})
+    path = run_config(**{section: value})
     with pytest.raises(UserError, match=message):
         helpers.train_here(path)
     assert main(["train", "--config", str(path)]) == 2

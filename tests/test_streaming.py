@@ -10,7 +10,6 @@ import sys
 import tarfile
 
 import pytest
-import yaml
 
 from llava_loop.data.check import check_dataset
 from llava_loop.data.collate import Collator
@@ -21,6 +20,7 @@ from llava_loop.errors import UserError
 from llava_loop.loaders import make_encoder
 
 import helpers
+from helpers import K, N, bitwise_equal, final_state, steps_by_number, trajectory
 
 pytest.importorskip("webdataset")
 
@@ -223,40 +223,33 @@ def test_a_truncated_shard_and_a_bad_sample_are_named_and_counted(tmp_path, shar
         list(_loader(dataset, 0))
 
 
-def _config(tmp_path, model_dir, shapes, shards, name, workers):
-    path = helpers.write_config(
-        tmp_path / f"{name}.yaml",
-        model=model_dir,
-        data=shapes,
-        output_dir=tmp_path / name,
-        hooks=["helpers:FinalState", "helpers:StopAtStep"],
-        train={
+def _stream_run(shards, workers) -> dict:
+    """``run_config``'s sections for a resumable run on ``shards`` (N steps of 2 x 2 samples with warmup, logging
+    their sample ids), streamed by ``workers`` workers through a shuffle buffer of 6."""
+    return {
+        "hooks": ["plugins:FinalState", "plugins:StopAtStep"],
+        "train": {
             "micro_batch_size": 2,
             "grad_accum": 2,
-            "max_steps": 6,
+            "max_steps": N,
             "lr": 2e-3,
             "warmup_ratio": 0.34,
             "log_sample_ids": True,
         },
-    )
-    tree = yaml.safe_load(path.read_text())
-    tree["data"].update(path=str(shards), image_dir="", num_workers=workers, shuffle_buffer=6)
-    path.write_text(yaml.safe_dump(tree))
-    return path
+        "data": {"path": str(shards), "image_dir": "", "num_workers": workers, "shuffle_buffer": 6},
+    }
 
 
 @pytest.mark.slow
 def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(
-    tmp_path, tiny_dropout_model_dir, shapes_data, shards
+    tmp_path, run_config, tiny_dropout_model_dir, shards
 ):
     """Two workers, each with its own position (one worker's positions: the in-process tests above)."""
-    from test_checkpoint import K, N, _bitwise_equal, _final, _steps, _trajectory
-
     workers = 2
 
     never, stop = {"LLAVA_TEST_STOP_AT": "-1"}, {"LLAVA_TEST_STOP_AT": str(K)}
-    helpers.launch(_config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "A", workers), extra_env=never)
-    b = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "B", workers)
+    helpers.launch(run_config("A", model=tiny_dropout_model_dir, **_stream_run(shards, workers)), extra_env=never)
+    b = run_config("B", model=tiny_dropout_model_dir, **_stream_run(shards, workers))
     helpers.launch(b, extra_env=stop)
     saved = json.loads((tmp_path / "B" / "checkpoints" / f"step-{K:06d}" / "trainer_state.json").read_text())["stream"]
     assert [(p["worker"], p["samples"]) for p in saved["positions"]] == [(0, K * 2), (1, K * 2)]  # K steps x 2 x 2
@@ -264,31 +257,29 @@ def test_an_interrupted_and_resumed_stream_run_is_bitwise_identical(
     shutil.copytree(tmp_path / "B", tmp_path / "C")  # the negative control's first K steps
     helpers.launch(b, extra_env=never)  # resumes mid-epoch, mid-block (6 samples a block)
 
-    steps_a, steps_b = _steps(tmp_path / "A"), _steps(tmp_path / "B")
-    assert _trajectory(steps_a, 1, N) == _trajectory(steps_b, 1, N)
-    assert _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "B"))
+    steps_a, steps_b = steps_by_number(tmp_path / "A"), steps_by_number(tmp_path / "B")
+    assert trajectory(steps_a, 1, N) == trajectory(steps_b, 1, N)
+    assert bitwise_equal(final_state(tmp_path / "A"), final_state(tmp_path / "B"))
     # negative control: a resume that loses the data position replays the epoch's start
-    control = _config(tmp_path, tiny_dropout_model_dir, shapes_data, shards, "C", workers)
+    control = run_config("C", model=tiny_dropout_model_dir, **_stream_run(shards, workers))
     helpers.launch(control, extra_env=never, fault="no-data-position")
-    steps_c = _steps(tmp_path / "C")
-    assert _trajectory(steps_a, K + 1, N) != _trajectory(steps_c, K + 1, N)
+    steps_c = steps_by_number(tmp_path / "C")
+    assert trajectory(steps_a, K + 1, N) != trajectory(steps_c, K + 1, N)
     assert [steps_c[s]["sample_ids"] for s in range(K + 1, N + 1)] == [
         steps_a[s]["sample_ids"] for s in range(1, N - K + 1)
     ]
-    assert not _bitwise_equal(_final(tmp_path / "A"), _final(tmp_path / "C"))
+    assert not bitwise_equal(final_state(tmp_path / "A"), final_state(tmp_path / "C"))
     # the stream's layout is part of its position: other workers are refused, naming the setting
     out = helpers.launch(b, "train.max_steps=8", "data.num_workers=1", check=False)
     assert out.returncode == 2 and "workers" in out.stderr and "data.num_workers" in out.stderr
 
 
-def test_streams_refuse_what_needs_every_length_or_a_holdout(
-    tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor
-):
+def test_streams_refuse_what_needs_every_length_or_a_holdout(run_config, shards, tiny_processor):
     from llava_loop.config import load_config
     from llava_loop.data.records import RecordError
     from llava_loop.loaders import make_datasets, split_records
 
-    path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "R", 0)
+    path = run_config("R", **_stream_run(shards, 0))
     with pytest.raises(RecordError, match="eval.holdout cannot split the shard stream .* data.eval_path"):
         split_records(load_config(path, ["eval.holdout=4", "data.eval_path="]))
     with pytest.raises(UserError, match="max_tokens_per_micro_batch .* turn them off for shards"):
@@ -296,12 +287,10 @@ def test_streams_refuse_what_needs_every_length_or_a_holdout(
 
 
 @pytest.mark.slow
-def test_two_processes_stream_disjoint_slices_in_lockstep(
-    tmp_path, tiny_model_dir, shapes_data, shards, tiny_processor
-):
+def test_two_processes_stream_disjoint_slices_in_lockstep(tmp_path, run_config, shards, tiny_processor):
     """2 processes x 2 workers under accelerate launch + DeepSpeed: one epoch of uneven shards, the same steps on
     both ranks, each rank's micro-batches exactly its own slice of the stream."""
-    path = _config(tmp_path, tiny_model_dir, shapes_data, shards, "P", 2)
+    path = run_config("P", **_stream_run(shards, 2))
     helpers.launch(
         path,
         "train.micro_batch_size=5",
@@ -343,7 +332,7 @@ def _cli(*argv) -> tuple[int, str]:
 
 
 def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(
-    tmp_path, tiny_model_dir, shapes_data, shards, fresh_accelerate_state
+    tmp_path, run_config, shards, fresh_accelerate_state
 ):
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
@@ -352,12 +341,12 @@ def test_a_truncated_shard_without_an_index_is_named_with_its_byte_offset(
     offset = _truncate_mid_member(shard)
     code, err = _cli("data", "check", "--data", str(copy))
     assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err and "Traceback" not in err, err
-    code, err = _cli("train", "--config", str(_config(tmp_path, tiny_model_dir, shapes_data, copy, "T", 0)))
+    code, err = _cli("train", "--config", str(run_config("T", **_stream_run(copy, 0))))
     assert code == 2 and f"{shard}: truncated or corrupt at byte {offset}" in err, err
 
 
 def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(
-    tmp_path, tiny_model_dir, shapes_data, shards, monkeypatch, fresh_accelerate_state
+    tmp_path, run_config, shards, monkeypatch, fresh_accelerate_state
 ):
     """shards.json's sizes are checked before the model loads: every damaged shard is named with both sizes and the
     way out; data.skip_damaged_shards=true trains without it, fresh or resumed (the change printed)."""
@@ -365,17 +354,11 @@ def test_a_damaged_shard_is_named_at_startup_and_a_run_can_go_on_without_it(
 
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
-    path = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "run",
+    path = run_config(
         train={"micro_batch_size": 2, "max_steps": 2, "log_sample_ids": True},
         checkpoint={"every": 2, "keep_last": 0},
+        data={"path": str(copy), "image_dir": "", "shuffle_buffer": 6},
     )
-    tree = yaml.safe_load(path.read_text())
-    tree["data"].update(path=str(copy), image_dir="", shuffle_buffer=6)
-    path.write_text(yaml.safe_dump(tree))
     helpers.train_here(path)  # two steps on whole shards, checkpointed
 
     damaged = sorted(copy.glob("*.tar"))[1]

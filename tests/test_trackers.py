@@ -61,15 +61,9 @@ def expected(output_dir: Path) -> dict[tuple[str, int], float]:
 
 
 @pytest.mark.slow
-def test_tensorboard_and_wandb_offline_hold_the_metrics_and_a_resumed_run_continues_them(
-    tmp_path, tiny_model_dir, shapes_data
-):
+def test_tensorboard_and_wandb_offline_hold_the_metrics_and_a_resumed_run_continues_them(tmp_path, run_config):
     out = tmp_path / "run"
-    config = helpers.write_config(
-        tmp_path / "run.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=out,
+    config = run_config(
         trackers=["tensorboard", "wandb"],
         train={"micro_batch_size": 2, "max_steps": 3},
         eval={"every": 2, "max_samples": 8},

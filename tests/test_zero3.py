@@ -25,7 +25,7 @@ def _parameter_table(stdout: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["projector", "lora", "full"])  # freeze_vision: between projector and full
-def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, shapes_data):
+def test_two_process_zero3_matches_one_process(mode, tmp_path, run_config, shapes_data):
     """2 processes x mb1 x acc2 under ZeRO-3 against 1 process x mb4, on a mix with text-only records (so some
     micro-batch has no image on one rank): the same step losses, the same held-out loss over 7 samples (4 on
     one rank, 3 on the other), and the same parameter table (counted with ds_numel, not the shard's numel).
@@ -35,11 +35,9 @@ def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, s
     data = helpers.mixed_text_and_image_data(tmp_path / "mixed", shapes_data)
     runs, tables = {}, {}
     for name, (processes, micro, accum) in {"1x4x1": (0, 4, 1), "zero3-2x1x2": (2, 1, 2)}.items():
-        config = helpers.write_config(
-            tmp_path / f"{name}.yaml",
-            model=tiny_model_dir,
-            data=data,
-            output_dir=tmp_path / name,
+        config = run_config(
+            name,
+            shapes=data,
             mode=mode,
             lora={"r": 4, "alpha": 8, "dropout": 0.0},
             train={
@@ -80,19 +78,16 @@ def test_two_process_zero3_matches_one_process(mode, tmp_path, tiny_model_dir, s
 
 
 @pytest.mark.slow
-def test_zero3_bf16_lora_holds_the_adapters_in_bf16_and_trains_them(tmp_path, tiny_model_dir, shapes_data):
+def test_zero3_bf16_lora_holds_the_adapters_in_bf16_and_trains_them(tmp_path, run_config):
     """bf16 LoRA under 2-process ZeRO-3 (zero.Init): PEFT makes the adapters fp32, and the engine casts no zero.Init
     model, so ZeRO-3's optimizer met fp32 adapters beside bf16 weights and failed (an assert in its defragment).
     Held in bf16 like every weight (DeepSpeed keeps the fp32 masters), on every rank; every adapter trains (each
     lora_B, zero at start, is not in the consolidated checkpoint); the losses are a 1-process fp32 run's within
     bf16's rounding (2^-8: a bound, not parity)."""
-    config = helpers.write_config(
-        tmp_path / "bf16.yaml",
-        model=tiny_model_dir,
-        data=shapes_data,
-        output_dir=tmp_path / "bf16",
+    config = run_config(
+        "bf16",
         mode="lora",
-        hooks=["helpers:TrainedDtypes"],
+        hooks=["plugins:TrainedDtypes"],
         lora={"r": 4, "alpha": 8, "dropout": 0.0},
         train={"micro_batch_size": 1, "max_steps": 2, "precision": "bf16"},
     )
@@ -114,19 +109,17 @@ def test_zero3_bf16_lora_holds_the_adapters_in_bf16_and_trains_them(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_zero3_resumes_exactly_generates_in_lockstep_and_exports(tmp_path, tiny_dropout_model_dir, shapes_data):
+def test_zero3_resumes_exactly_generates_in_lockstep_and_exports(tmp_path, run_config, tiny_dropout_model_dir):
     """LoRA under 2-process ZeRO-3 with dropout: a run stopped after step 2 and resumed logs the uninterrupted
     run's losses within 1e-6; each rank saved its weight shards; a 1-process resume is refused naming export;
     ranks generating 2 and 12 tokens both finish; the consolidated export (LoRA merged) gives the trained
     model's logits within 1e-5 in plain transformers."""
     steps, stop = 4, 2
-    hooks = ["helpers:StopAtStep", "helpers:FinalLogits", "helpers:GenerateOnEveryRank"]
+    hooks = ["plugins:StopAtStep", "plugins:FinalLogits", "plugins:GenerateOnEveryRank"]
     for name in ("A", "B"):
-        helpers.write_config(
-            tmp_path / f"{name}.yaml",
+        run_config(
+            name,
             model=tiny_dropout_model_dir,
-            data=shapes_data,
-            output_dir=tmp_path / name,
             mode="lora",
             hooks=hooks,
             lora={"r": 4, "alpha": 8, "dropout": 0.1},
