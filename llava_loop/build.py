@@ -3,6 +3,9 @@
 The result is one directory that plain ``transformers`` loads: ``LlavaForConditionalGeneration``
 weights (safetensors), a ``LlavaProcessor`` (the LLM's tokenizer and chat template plus the tower's own
 image processor) and a generation config that stops at the LLM's end-of-turn and end-of-sequence tokens.
+``arch="llava-next"`` / ``"llava-onevision"`` write ``LlavaNextForConditionalGeneration`` /
+``LlavaOnevisionForConditionalGeneration`` with their processors instead: the same towers, images tiled
+(``anyres.py``).
 What each tower family implies lives in ``vision_tower.py``; the LLM's tokens in ``llm.py``.
 
 Weights are copied tensor by tensor with an explicit name map; any source tensor with no home, or any
@@ -20,9 +23,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .anyres import Tiling, tiling_for
+from .data.images import processed_size
 from .errors import BuildError
 from .llm import choose_pad_token, fit_embeddings, generation_config, load_text_config, load_tokenizer
-from .parts import PARTS, count_params
+from .parts import PARTS, PROJECTOR, count_params, part_of
 from .template import IMAGE_TOKEN, processor_chat_template, render, turn_end_token
 from .vision_tower import CLIP, VisionFamily, VisionTower, load_vision_tower
 
@@ -206,7 +211,7 @@ def _copy_weights(model, sources) -> tuple[dict[str, int], list[str]]:
             raise BuildError(
                 f"{flag} {path}: {len(unexpected)} tensors have no place in the LLaVA model, e.g. {unexpected[:5]}"
             )
-    expected_fresh = {k for k in target if ".multi_modal_projector." in f".{k}"}
+    expected_fresh = {k for k in target if part_of(k) == PROJECTOR}  # the projector (and image_newline) start fresh
     if tied:
         expected_fresh.add("lm_head.weight")
     missing = sorted(set(target) - written - expected_fresh)
@@ -231,13 +236,38 @@ def compose_config(
     *,
     family: VisionFamily = CLIP,
     feature_layer: int = VISION_FEATURE_LAYER,
+    tiling: Tiling | None = None,
+    video_token_id: int | None = None,
 ):
-    """The LlavaConfig for a vision tower + causal-LM pair (2-layer GELU MLP projector, LLaVA-1.5)."""
-    from transformers import LlavaConfig
+    """The LlavaConfig for a vision tower + causal-LM pair (2-layer GELU MLP projector, LLaVA-1.5); with a
+    ``tiling``, the LlavaNextConfig or LlavaOnevisionConfig of the same pair."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
     text_config.pad_token_id = pad_token_id
     # the LLM's remote-code classes (auto_map) are not in the composed directory, which plain transformers loads
     text_config.__dict__.pop("auto_map", None)
+    shared = dict(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=family.select_strategy,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    if tiling is not None and tiling.arch == "llava-next":
+        return LlavaNextConfig(
+            **shared,
+            image_grid_pinpoints=tiling.pinpoints,
+            image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        )
+    if tiling is not None:
+        return LlavaOnevisionConfig(
+            **shared,
+            image_grid_pinpoints=tiling.pinpoints,
+            vision_aspect_ratio=tiling.vision_aspect_ratio,
+            video_token_index=video_token_id,
+        )
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -260,16 +290,66 @@ def check_feature_layer(layer: int, vision_config) -> int:
     return layer
 
 
-def add_image_token(tokenizer) -> int:
-    """Add ``<image>`` as an additional special token (once) and return its id."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+VIDEO_TOKEN = "<video>"  # OneVision's processor and config name it; llava_loop trains no video
 
 
-def make_processor(tower: VisionTower, tokenizer):
-    from transformers import LlavaProcessor
+def add_image_token(tokenizer, token: str = IMAGE_TOKEN) -> int:
+    """Add ``<image>`` (or OneVision's ``<video>``) as an additional special token (once) and return its id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(token)
 
+
+TILED_IMAGE_PROCESSOR_KEYS = (
+    "size", "crop_size", "do_center_crop", "resample", "do_resize", "do_rescale", "rescale_factor", "do_normalize",
+    "image_mean", "image_std", "do_convert_rgb",
+)  # fmt: skip
+
+
+def tiled_image_processor(tower: VisionTower, tiling: Tiling):
+    """LLaVA-NeXT's / OneVision's image processor, preprocessing each tile as the tower's own processor does."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    own = tower.image_processor
+    kwargs = {key: getattr(own, key) for key in TILED_IMAGE_PROCESSOR_KEYS if getattr(own, key, None) is not None}
+    kwargs = {key: dict(value) if hasattr(value, "keys") else value for key, value in kwargs.items()}
+    # the tile side is crop_size's, cropped or not (else transformers' 224 px default), and nothing else crops
+    kwargs.update(
+        do_center_crop=bool(kwargs.get("do_center_crop")), crop_size={"height": tiling.side, "width": tiling.side}
+    )
+    cls = LlavaNextImageProcessorPil if tiling.arch == "llava-next" else LlavaOnevisionImageProcessorPil
+    return cls(**kwargs, image_grid_pinpoints=tiling.pinpoints, do_pad=True)
+
+
+def make_processor(tower: VisionTower, tokenizer, tiling: Tiling | None = None):
+    from transformers import LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor
+
+    if tiling is not None and tiling.arch == "llava-next":
+        return LlavaNextProcessor(
+            image_processor=tiled_image_processor(tower, tiling),
+            tokenizer=tokenizer,
+            patch_size=tower.config.patch_size,
+            vision_feature_select_strategy=tower.family.select_strategy,
+            num_additional_image_tokens=int(tower.family.has_cls),
+            chat_template=tokenizer.chat_template,
+        )
+    if tiling is not None:
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor,
+        )
+
+        return LlavaOnevisionProcessor(
+            image_processor=tiled_image_processor(tower, tiling),
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(),  # the processor requires one; llava_loop trains no video
+            num_image_tokens=tower.features_per_image,
+            vision_feature_select_strategy=tower.family.select_strategy,
+            chat_template=tokenizer.chat_template,
+            vision_aspect_ratio=tiling.vision_aspect_ratio,
+        )
     return LlavaProcessor(
         image_processor=tower.image_processor,
         tokenizer=tokenizer,
@@ -280,23 +360,32 @@ def make_processor(tower: VisionTower, tokenizer):
     )
 
 
-def check_image_tokens(model, processor, expected: int) -> int:
-    """One ``<image>`` must expand to as many placeholder tokens as the tower yields features."""
+def check_image_tokens(model, processor, expected: int, tiling: Tiling | None = None) -> int:
+    """One ``<image>`` must expand to as many placeholder tokens as the tower yields features: its patch grid, or,
+    tiled, more (checked on an image twice as wide as tall: a base view, two tiles, padding removed, row ends).
+    Returns the base view's count."""
     size = model.config.vision_config.image_size
     prompt = render(
         processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True
     )
-    batch = processor(text=[prompt], images=[Image.new("RGB", (size, size), (127, 127, 127))], return_tensors="pt")
+    image = Image.new("RGB", (2 * size if tiling else size, size), (127, 127, 127))
+    batch = processor(text=[prompt], images=[image], return_tensors="pt")
     n_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad():
         pixels = batch["pixel_values"].to(model.dtype)
-        n_features = model.model.get_image_features(pixel_values=pixels).pooler_output[0].shape[0]
-    if not n_tokens == n_features == expected:
+        sizes = {"image_sizes": batch["image_sizes"]} if tiling else {}
+        n_features = model.model.get_image_features(pixel_values=pixels, **sizes).pooler_output[0].shape[0]
+    if tiling and not n_tokens == n_features > expected:
+        raise BuildError(
+            f"a {2 * size}x{size} image expands to {n_tokens} tokens and the model yields {n_features} features for "
+            f"it, expected equal counts above the base view's {expected}; check the image processor's tile size"
+        )
+    if not tiling and not n_tokens == n_features == expected:
         raise BuildError(
             f"one <image> expands to {n_tokens} tokens, the vision tower yields {n_features} features, "
             f"expected its patch grid, {expected}; check patch_size and the image processor's size"
         )
-    return n_tokens
+    return n_tokens if not tiling else expected
 
 
 def _dtype_of(name: str | None, text_config) -> torch.dtype:
@@ -336,12 +425,14 @@ def build_llava(
     seed: int = 0,
     feature_layer: int = VISION_FEATURE_LAYER,
     chat_template: str | None = None,
+    arch: str = "llava",
+    grid_pinpoints: str | None = None,
+    max_tiles: int = 0,
 ):
     """Compose, check and (if ``out``) save. Returns ``(model, processor, BuildReport)``.
 
     ``chat_template``: a Jinja file or a built-in name (``chatml``, ``llama3``, ``vicuna``) for an LLM whose tokenizer
-    has none, or to replace the one it has."""
-    from transformers import LlavaForConditionalGeneration
+    has none, or to replace the one it has. ``arch``, ``grid_pinpoints``, ``max_tiles``: see ``anyres.tiling_for``."""
     from transformers.initialization import no_init_weights
 
     vision_path = resolve_checkpoint(vision, "--vision")
@@ -349,8 +440,12 @@ def build_llava(
     tower = load_vision_tower(vision_path, _load_config(vision_path, "--vision"))
     text_config = load_text_config(llm_path, _load_config(llm_path, "--llm"))
     tokenizer = load_tokenizer(llm_path, chat_template)
+    tiling = tiling_for(arch, processed_size(tower.image_processor)[0], grids=grid_pinpoints, max_tiles=max_tiles)
+    if arch == "llava-onevision":
+        require_video_processors()
 
     image_token_id = add_image_token(tokenizer)
+    video_token_id = add_image_token(tokenizer, VIDEO_TOKEN) if arch == "llava-onevision" else None
     pad_token, pad_choice = choose_pad_token(tokenizer)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token)
     rows = text_config.vocab_size  # a new <pad> has no row until the embeddings grow: set it after that
@@ -361,6 +456,8 @@ def build_llava(
         pad_id if pad_id < rows else None,
         family=tower.family,
         feature_layer=check_feature_layer(feature_layer, tower.config),
+        tiling=tiling,
+        video_token_id=video_token_id,
     )
     torch_dtype = _dtype_of(dtype, text_config)
 
@@ -368,7 +465,7 @@ def build_llava(
     torch.set_default_dtype(torch_dtype)
     try:
         with no_init_weights():
-            model = LlavaForConditionalGeneration(config)
+            model = model_class(arch)(config)
     finally:
         torch.set_default_dtype(previous)
 
@@ -383,6 +480,7 @@ def build_llava(
     for module in model.model.multi_modal_projector.modules():
         if isinstance(module, torch.nn.Linear):
             module.reset_parameters()  # nn.Linear's default init, as LLaVA's projector uses
+    init_image_newline(model)
     model.tie_weights()
 
     rows_before, rows_after = fit_embeddings(model, len(tokenizer))
@@ -391,8 +489,9 @@ def build_llava(
     model.config.dtype = torch_dtype
     model.eval()
 
-    processor = make_processor(tower, tokenizer)
-    n_image_tokens = check_image_tokens(model, processor, tower.features_per_image)
+    processor = make_processor(tower, tokenizer, tiling)
+    check_image_tokens(model, processor, tower.features_per_image, tiling)
+    n_image_tokens = tower.features_per_image
     report = BuildReport(
         out=Path(out) if out else None,
         params=dict(count_params(model)),
@@ -412,22 +511,144 @@ def build_llava(
         pad_choice=pad_choice,
         stop_tokens=tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id),
         embedding_rows_before=rows_before,
-        notes=build_notes(text_config),
+        notes=build_notes(text_config) + tiling_notes(tiling),
     )
     if out is not None:
         save_model_dir(model, processor, out)
-        (Path(out) / "llava_loop_build.json").write_text(
-            json.dumps(
-                {
-                    "vision": str(vision),
-                    "llm": str(llm),
-                    "seed": seed,
-                    **{k: v for k, v in report.__dict__.items() if k not in ("out", "dropped")},
-                },
-                indent=2,
-            )
-        )
+        write_build_record(out, report, {"vision": str(vision), "llm": str(llm), "seed": seed}, tiling)
     return model, processor, report
+
+
+def upgrade_llava(
+    stage1: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    arch: str = "llava-next",
+    grid_pinpoints: str | None = None,
+    max_tiles: int = 0,
+    seed: int = 0,
+):
+    """A trained base-resolution model (a composed or exported ``llava`` directory) as a tiled one, the LLaVA-NeXT
+    recipe: stage 1 at base resolution, stage 2 with tiles. Towers, projector, tokenizer and generation config are
+    kept exactly; ``image_newline`` starts fresh from ``seed``. Returns ``(model, processor, BuildReport)``."""
+    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    from .vision_tower import family_of
+
+    path = Path(stage1)
+    if not (path / "config.json").is_file():
+        raise BuildError(f"--from {path}: no config.json; pass a directory from `llava-loop build` or `export`")
+    if arch == "llava":
+        raise BuildError(f"--from {path}: it is a llava model already; choose --arch llava-next or llava-onevision")
+    base = LlavaForConditionalGeneration.from_pretrained(path)  # a non-llava config is refused here, by transformers
+    old = AutoProcessor.from_pretrained(path)
+    family, vision_config = family_of(base.config.vision_config, path)
+    tower = VisionTower(path, family, vision_config, old.image_processor, "--from " + str(path))
+    tiling = tiling_for(arch, processed_size(tower.image_processor)[0], grids=grid_pinpoints, max_tiles=max_tiles)
+    if arch == "llava-onevision":
+        require_video_processors()
+    tokenizer = old.tokenizer
+    video_token_id = add_image_token(tokenizer, VIDEO_TOKEN) if arch == "llava-onevision" else None
+    text_config = base.config.text_config
+    config = compose_config(
+        vision_config,
+        text_config,
+        base.config.image_token_id,
+        text_config.pad_token_id,
+        family=family,
+        feature_layer=base.config.vision_feature_layer,
+        tiling=tiling,
+        video_token_id=video_token_id,
+    )
+    with no_init_weights():
+        model = model_class(arch)(config).to(base.dtype)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or set(missing) - {"model.image_newline"}:
+        raise BuildError(f"--from {path}: weights do not map onto {arch}: missing {missing}, unexpected {unexpected}")
+    torch.manual_seed(seed)
+    init_image_newline(model)
+    model.tie_weights()
+    rows_before, rows_after = fit_embeddings(model, len(tokenizer))
+    model.generation_config = GenerationConfig.from_model_config(base.config)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.config.dtype = base.dtype
+    model.eval()
+    processor = make_processor(tower, tokenizer, tiling)
+    check_image_tokens(model, processor, tower.features_per_image, tiling)
+    report = BuildReport(
+        out=Path(out) if out else None,
+        params=dict(count_params(model)),
+        vocab_size=rows_after,
+        tokenizer_size=len(tokenizer),
+        image_token_id=base.config.image_token_id,
+        pad_token_id=text_config.pad_token_id,
+        image_tokens_per_image=tower.features_per_image,
+        resized_embeddings=rows_after != rows_before,
+        vision_family=family.name,
+        llm_model_type=text_config.model_type,
+        feature_layer=base.config.vision_feature_layer,
+        image_processor=f"{type(old.image_processor).__name__} of {path}, tiled",
+        stop_tokens=tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id),
+        embedding_rows_before=rows_before,
+        notes=[f"upgraded from {path}: towers and projector kept"] + tiling_notes(tiling),
+    )
+    if out is not None:
+        save_model_dir(model, processor, out)
+        write_build_record(out, report, {"from": str(path), "seed": seed}, tiling)
+    return model, processor, report
+
+
+def write_build_record(out, report: BuildReport, sources: dict, tiling: Tiling | None) -> None:
+    """``llava_loop_build.json``: what the build was made from and its report (a plain llava build's keys are
+    exactly as before tiling existed: its bytes are pinned)."""
+    record = {**sources, **{k: v for k, v in report.__dict__.items() if k not in ("out", "dropped")}}
+    if tiling is not None:
+        record.update(arch=tiling.arch, grid_pinpoints=tiling.pinpoints, max_tiles=tiling.max_tiles)
+    (Path(out) / "llava_loop_build.json").write_text(json.dumps(record, indent=2))
+
+
+def require_video_processors() -> None:
+    """transformers' OneVision processor cannot be built, saved or loaded without its video processor, which needs
+    torchvision (without it transformers fails deep inside with an AttributeError)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise BuildError(
+            "--arch llava-onevision: transformers' OneVision processor needs torchvision (for its video processor), "
+            "which is not installed; install the torchvision that matches your torch (pip install torchvision), or "
+            "use --arch llava-next"
+        )
+
+
+def model_class(arch: str):
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    return {
+        "llava": LlavaForConditionalGeneration,
+        "llava-next": LlavaNextForConditionalGeneration,
+        "llava-onevision": LlavaOnevisionForConditionalGeneration,
+    }[arch]
+
+
+def init_image_newline(model) -> None:
+    """The row-end feature of tiled images, drawn as transformers' own init draws it, from the build's seed (its
+    constructor drew it from whatever the global generator held)."""
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        with torch.no_grad():
+            newline.normal_(0.0, 1 / model.config.text_config.hidden_size**0.5)
+
+
+def tiling_notes(tiling: Tiling | None) -> list[str]:
+    if tiling is None:
+        return []
+    return [f"{tiling.arch}: {tiling.describe()}; image tokens per image vary with its size"]
 
 
 def save_model_dir(model, processor, out: str | os.PathLike) -> None:

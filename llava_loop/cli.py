@@ -18,9 +18,16 @@ PLUGIN_GROUP = "llava_loop.cli"
 
 
 def cmd_build(args) -> int:
-    from .build import build_llava
+    from .build import build_llava, upgrade_llava
 
-    if args.preset:
+    tiling = {"arch": args.arch, "grid_pinpoints": args.grid_pinpoints, "max_tiles": args.max_tiles}
+    if args.from_dir:
+        if args.vision or args.llm or args.preset:
+            raise UserError("build --from: the towers come from that model; leave out --vision, --llm and --preset")
+        _, _, report = upgrade_llava(args.from_dir, args.out, **{**tiling, "arch": args.arch or "llava-next"})
+    elif args.preset:
+        if args.arch not in (None, "llava") or args.grid_pinpoints or args.max_tiles:
+            raise UserError("build --preset builds llava models; build the towers with --vision/--llm to tile")
         if args.preset not in args.presets:
             raise UserError(
                 f"build --preset {args.preset}: unknown preset; available: {', '.join(sorted(args.presets))}"
@@ -36,6 +43,7 @@ def cmd_build(args) -> int:
             dtype=args.dtype,
             feature_layer=args.feature_layer,
             chat_template=args.chat_template,
+            **{**tiling, "arch": args.arch or "llava"},
         )
     print_table(f"LLaVA model written to {args.out}", report.rows())
     return 0
@@ -299,6 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="for an LLM without one (or to replace it): a Jinja file, or chatml, llama3 or vicuna (LLaVA-1.5)",
     )
     p.add_argument("--out", required=True, help="output directory (model + processor)")
+    p.add_argument(
+        "--arch",
+        choices=["llava", "llava-next", "llava-onevision"],
+        help="llava (default: every image at the tower's size), or llava-next / llava-onevision: images tiled "
+        "(AnyRes), for detail such as text; with --from the default is llava-next",
+    )
+    p.add_argument(
+        "--grid-pinpoints",
+        help="tiled archs: tile grids, rows x columns of the tower's size (default llava-next: 1x2,2x1,2x2,3x1,1x3; "
+        "llava-onevision: every grid up to 6x6)",
+    )
+    p.add_argument(
+        "--max-tiles",
+        type=int,
+        default=0,
+        help="tiled archs: llava-next leaves out grids of more tiles; llava-onevision pools past this many "
+        "(anyres_max_N, default 9)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_dir",
+        help="upgrade a trained llava model (build or export dir) to --arch, keeping its towers and projector",
+    )
     p.add_argument(
         "--dtype",
         default="auto",

@@ -121,6 +121,9 @@ def apply_mode(model, mode: str, lora: LoraConfig | None = None, *, gradient_che
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)  # before checkpointing, or PEFT hooks the inputs to require grad
+        for name, param in model.named_parameters():  # a tiled build's image_newline trains with the projector:
+            if name.endswith(".image_newline"):  # a bare parameter, which modules_to_save cannot name
+                param.requires_grad_(True)
     if gradient_checkpointing:
         enable_checkpointing(model, trainable_parts)
     return model

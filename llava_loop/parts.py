@@ -1,4 +1,4 @@
-"""The three parts of a LLaVA model, told apart by parameter name.
+"""The three parts of a LLaVA model (LLaVA-NeXT and OneVision alike), told apart by parameter name.
 
 Names are matched by substring, so the same rule works on the bare model, under a PEFT wrapper
 (``base_model.model.model.vision_tower...``) and under a DeepSpeed engine (``module.model...``).
@@ -24,8 +24,8 @@ def base_llava(model):
 def part_of(param_name: str) -> str:
     if ".vision_tower." in f".{param_name}":
         return VISION
-    if ".multi_modal_projector." in f".{param_name}":
-        return PROJECTOR
+    if ".multi_modal_projector." in f".{param_name}" or f".{param_name}".endswith(".image_newline"):
+        return PROJECTOR  # image_newline (tiled builds) joins the features the projector makes: it trains with it
     return LLM
 
 

@@ -121,7 +121,15 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
         )
     config = AutoConfig.from_pretrained(path)
     if config.model_type != "llava":
-        raise UserError(f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'")
+        raise UserError(
+            f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'"
+            + (
+                "; training tiled (llava_next, llava_onevision) builds is not wired yet: train at base resolution and "
+                "upgrade after (`llava-loop build --from`)"
+                if config.model_type in ("llava_next", "llava_onevision")
+                else ""
+            )
+        )
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
     # None: transformers picks per tower (it never picks flash-attention itself); sdpa_varlen is set on the LLM
