@@ -345,7 +345,8 @@ def make_processor(tower: VisionTower, tokenizer, tiling: Tiling | None = None):
             image_processor=tiled_image_processor(tower, tiling),
             tokenizer=tokenizer,
             video_processor=LlavaOnevisionVideoProcessor(),  # the processor requires one; llava_loop trains no video
-            num_image_tokens=tower.features_per_image,
+            # counted with CLIP's CLS, which the processor subtracts again under "default" (as LlavaProcessor)
+            num_image_tokens=tower.features_per_image + int(tower.family.has_cls),
             vision_feature_select_strategy=tower.family.select_strategy,
             chat_template=tokenizer.chat_template,
             vision_aspect_ratio=tiling.vision_aspect_ratio,
