@@ -255,28 +255,16 @@ def compose_config(
         vision_feature_select_strategy=family.select_strategy,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
-    if tiling is not None and tiling.arch == "llava-next":
-        return LlavaNextConfig(
-            **shared,
-            image_grid_pinpoints=tiling.pinpoints,
-            image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        )
-    if tiling is not None:
-        return LlavaOnevisionConfig(
-            **shared,
-            image_grid_pinpoints=tiling.pinpoints,
-            vision_aspect_ratio=tiling.vision_aspect_ratio,
-            video_token_index=video_token_id,
-        )
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=image_token_id,
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=family.select_strategy,
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    base_view_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    if tiling is None:
+        return LlavaConfig(**shared, image_seq_length=base_view_tokens)
+    if tiling.arch == "llava-next":
+        return LlavaNextConfig(**shared, image_grid_pinpoints=tiling.pinpoints, image_seq_length=base_view_tokens)
+    return LlavaOnevisionConfig(
+        **shared,
+        image_grid_pinpoints=tiling.pinpoints,
+        vision_aspect_ratio=tiling.vision_aspect_ratio,
+        video_token_index=video_token_id,
     )
 
 
@@ -361,10 +349,10 @@ def make_processor(tower: VisionTower, tokenizer, tiling: Tiling | None = None):
     )
 
 
-def check_image_tokens(model, processor, expected: int, tiling: Tiling | None = None) -> int:
-    """One ``<image>`` must expand to as many placeholder tokens as the tower yields features: its patch grid, or,
-    tiled, more (checked on an image twice as wide as tall: a base view, two tiles, padding removed, row ends).
-    Returns the base view's count."""
+def check_image_tokens(model, processor, expected: int, tiling: Tiling | None = None) -> None:
+    """One ``<image>`` must expand to as many placeholder tokens as the tower yields features: its patch grid
+    (``expected``), or, tiled, more (checked on an image twice as wide as tall: a base view, two tiles, padding
+    removed, row ends)."""
     size = model.config.vision_config.image_size
     prompt = render(
         processor.tokenizer, [{"role": "user", "content": IMAGE_TOKEN + "\nDescribe."}], add_generation_prompt=True
@@ -386,7 +374,6 @@ def check_image_tokens(model, processor, expected: int, tiling: Tiling | None = 
             f"one <image> expands to {n_tokens} tokens, the vision tower yields {n_features} features, "
             f"expected its patch grid, {expected}; check patch_size and the image processor's size"
         )
-    return n_tokens if not tiling else expected
 
 
 def _dtype_of(name: str | None, text_config) -> torch.dtype:
@@ -441,12 +428,9 @@ def build_llava(
     tower = load_vision_tower(vision_path, _load_config(vision_path, "--vision"))
     text_config = load_text_config(llm_path, _load_config(llm_path, "--llm"))
     tokenizer = load_tokenizer(llm_path, chat_template)
-    tiling = tiling_for(arch, processed_size(tower.image_processor)[0], grids=grid_pinpoints, max_tiles=max_tiles)
-    if arch == "llava-onevision":
-        require_video_processors()
 
     image_token_id = add_image_token(tokenizer)
-    video_token_id = add_image_token(tokenizer, VIDEO_TOKEN) if arch == "llava-onevision" else None
+    tiling, video_token_id = prepare_tiling(arch, tower, tokenizer, grid_pinpoints, max_tiles)
     pad_token, pad_choice = choose_pad_token(tokenizer)
     pad_id = tokenizer.convert_tokens_to_ids(pad_token)
     rows = text_config.vocab_size  # a new <pad> has no row until the embeddings grow: set it after that
@@ -532,7 +516,7 @@ def upgrade_llava(
     """A trained base-resolution model (a composed or exported ``llava`` directory) as a tiled one, the LLaVA-NeXT
     recipe: stage 1 at base resolution, stage 2 with tiles. Towers, projector, tokenizer and generation config are
     kept exactly; ``image_newline`` starts fresh from ``seed``. Returns ``(model, processor, BuildReport)``."""
-    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     from .vision_tower import family_of
@@ -546,11 +530,8 @@ def upgrade_llava(
     old = AutoProcessor.from_pretrained(path)
     family, vision_config = family_of(base.config.vision_config, path)
     tower = VisionTower(path, family, vision_config, old.image_processor, "--from " + str(path))
-    tiling = tiling_for(arch, processed_size(tower.image_processor)[0], grids=grid_pinpoints, max_tiles=max_tiles)
-    if arch == "llava-onevision":
-        require_video_processors()
     tokenizer = old.tokenizer
-    video_token_id = add_image_token(tokenizer, VIDEO_TOKEN) if arch == "llava-onevision" else None
+    tiling, video_token_id = prepare_tiling(arch, tower, tokenizer, grid_pinpoints, max_tiles)
     text_config = base.config.text_config
     config = compose_config(
         vision_config,
@@ -571,9 +552,7 @@ def upgrade_llava(
     init_image_newline(model)
     model.tie_weights()
     rows_before, rows_after = fit_embeddings(model, len(tokenizer))
-    model.generation_config = GenerationConfig.from_model_config(base.config)
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.generation_config = base.generation_config  # from_pretrained read generation_config.json
     model.config.dtype = base.dtype
     model.eval()
     processor = make_processor(tower, tokenizer, tiling)
@@ -608,6 +587,16 @@ def write_build_record(out, report: BuildReport, sources: dict, tiling: Tiling |
     if tiling is not None:
         record.update(arch=tiling.arch, grid_pinpoints=tiling.pinpoints, max_tiles=tiling.max_tiles)
     (Path(out) / "llava_loop_build.json").write_text(json.dumps(record, indent=2))
+
+
+def prepare_tiling(arch: str, tower: VisionTower, tokenizer, grids: str | None, max_tiles: int):
+    """``(tiling, video token id)`` for ``arch`` at the tower's input size (both None for llava); OneVision's
+    processor needs torchvision, and its config and processor name a ``<video>`` token, added here."""
+    tiling = tiling_for(arch, processed_size(tower.image_processor)[0], grids=grids, max_tiles=max_tiles)
+    if arch != "llava-onevision":
+        return tiling, None
+    require_video_processors()
+    return tiling, add_image_token(tokenizer, VIDEO_TOKEN)
 
 
 def require_video_processors() -> None:
