@@ -41,13 +41,16 @@ def write_config(path: Path, *, model: Path, shapes: dict, output_dir: Path, **s
         "checkpoint": {"every": 0, "keep_last": 0},
         "eval": {"every": 0},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            config.setdefault(key, {}).update(value)
-        else:
-            config[key] = value
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(merged(config, sections)))
     return path
+
+
+def merged(base: dict, sections: dict) -> dict:
+    """``base`` with each of ``sections`` merged over it: a dict updates that section, anything else replaces it."""
+    return {
+        key: {**base.get(key, {}), **value} if isinstance(value, dict) else value
+        for key, value in {**base, **sections}.items()
+    }
 
 
 def env() -> dict:
@@ -208,6 +211,9 @@ def tensorboard_scalars(log_dir: Path) -> dict[tuple[str, int], float]:
 # ---------------------------------------------------------------------------------------------
 
 N, K = 6, 3  # run A takes N optimizer steps; run B stops after K (mid-epoch: 24 steps per epoch)
+# their train section: N steps of 2 x 2 samples with warmup, logging the sample ids each step consumed
+RESUMED_TRAIN = {"micro_batch_size": 2, "grad_accum": 2, "max_steps": N, "lr": 2e-3, "warmup_ratio": 0.34,
+                 "log_sample_ids": True}  # fmt: skip
 
 
 def steps_by_number(output_dir) -> dict[int, dict]:

@@ -18,27 +18,14 @@ from llava_loop.checkpoint.files import CheckpointError
 import helpers
 from helpers import K, N, bitwise_equal, final_state, steps_by_number, trajectory
 
-# this module's runs: N steps of 2 x 2 samples with warmup, logging their sample ids; LoRA's where mode=lora
-RUN = {
-    "train": {
-        "micro_batch_size": 2,
-        "grad_accum": 2,
-        "max_steps": N,
-        "lr": 2e-3,
-        "warmup_ratio": 0.34,
-        "log_sample_ids": True,
-    },
-    "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
-}
+# this module's runs: helpers.RESUMED_TRAIN, and LoRA's settings where mode=lora
+RUN = {"train": helpers.RESUMED_TRAIN, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}
 
 
 def _defaults(**sections) -> dict:
     """``run_config``'s sections for this module: RUN, each of ``sections`` merged over RUN's (a dict updates it,
     anything else replaces it)."""
-    return {
-        key: {**RUN.get(key, {}), **value} if isinstance(value, dict) else value
-        for key, value in {**RUN, **sections}.items()
-    }
+    return helpers.merged(RUN, sections)
 
 
 @pytest.mark.slow

@@ -224,18 +224,11 @@ def test_a_truncated_shard_and_a_bad_sample_are_named_and_counted(tmp_path, shar
 
 
 def _stream_run(shards, workers) -> dict:
-    """``run_config``'s sections for a resumable run on ``shards`` (N steps of 2 x 2 samples with warmup, logging
-    their sample ids), streamed by ``workers`` workers through a shuffle buffer of 6."""
+    """``run_config``'s sections for a resumable run on ``shards`` (``helpers.RESUMED_TRAIN``), streamed by
+    ``workers`` workers through a shuffle buffer of 6."""
     return {
         "hooks": ["plugins:FinalState", "plugins:StopAtStep"],
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum": 2,
-            "max_steps": N,
-            "lr": 2e-3,
-            "warmup_ratio": 0.34,
-            "log_sample_ids": True,
-        },
+        "train": helpers.RESUMED_TRAIN,
         "data": {"path": str(shards), "image_dir": "", "num_workers": workers, "shuffle_buffer": 6},
     }
 
