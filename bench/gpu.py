@@ -467,7 +467,7 @@ def main() -> int:
                 )
                 samples = args.micro_batch * args.processes
                 tokens = r["tokens_per_sample"] * samples
-                six_n = flops_models[shape].step(images=samples, tokens=tokens, attention_pairs=0, supervised=0)[1]
+                six_n = flops_models[shape].step(views=samples, tokens=tokens, attention_pairs=0, supervised=0)[1]
                 r["mfu_needed"] = r["flops"] / r["seconds"] / 1e12 / args.processes / peak
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
                 record({**r, "status": "ok", "wall_s": time.monotonic() - t0})

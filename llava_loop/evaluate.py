@@ -85,7 +85,7 @@ def evaluate_model(
             continue
         try:
             ids, prompt, reference = encoder.first_question(record)
-            names = record.images[: encoder.images_kept(ids)]  # the images its first question shows
+            names = record.images[: ids.count(encoder.image_token_id)]  # the images its first question shows
             paths = [image_path(image_dir, name, allow_absolute=encoder.allow_absolute_paths) for name in names]
         except SkipSample as skip:
             left_out[record.id] = {"id": record.id, "reason": skip.reason, "detail": skip.detail}

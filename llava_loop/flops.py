@@ -68,8 +68,8 @@ class FlopsModel:
     mode: str
     vision_weights: int  # the used vision layers' linears (+ the patch embedding), per vision token
     vision_attention: int  # sum over the used vision layers of their attention width
-    vision_tokens: int  # tokens per image in the vision tower (patches, + CLS where there is one)
-    image_features: int  # projector outputs per image (what fills the <image> placeholders)
+    vision_tokens: int  # tokens per view in the vision tower (patches, + CLS where there is one)
+    image_features: int  # projector outputs per view (a tiled model unpads them before they fill placeholders)
     projector_weights: int
     llm_weights: int  # the decoder layers' linears, per text token
     llm_attention: int  # sum over decoder layers of their query width (heads x head_dim)
@@ -109,12 +109,13 @@ class FlopsModel:
             head_weights=t.hidden_size * t.vocab_size,
         )
 
-    def step(self, *, images: int, tokens: int, attention_pairs: int, supervised: int) -> tuple[float, float]:
-        """(needed, 6N) FLOPs of one optimizer step: ``images`` through the vision tower, ``tokens`` (every text and
+    def step(self, *, views: int, tokens: int, attention_pairs: int, supervised: int) -> tuple[float, float]:
+        """(needed, 6N) FLOPs of one optimizer step: ``views`` through the vision tower (images, or a
+        tiled image's base view and each tile), ``tokens`` (every text and
         image-placeholder token) through the LLM, ``attention_pairs`` = the sum over samples of length^2, and
         ``supervised`` positions through the LM head; all summed over micro-batches and processes."""
-        vision_tokens, features = images * self.vision_tokens, images * self.image_features
-        vision = 2 * self.vision_weights * vision_tokens + 4 * self.vision_attention * images * self.vision_tokens**2
+        vision_tokens, features = views * self.vision_tokens, views * self.image_features
+        vision = 2 * self.vision_weights * vision_tokens + 4 * self.vision_attention * views * self.vision_tokens**2
         projector = 2 * self.projector_weights * features
         llm = 2 * self.llm_weights * tokens
         attention = 2 * self.llm_attention * attention_pairs  # QK^T and AV, causal: half of 4 L^2 d

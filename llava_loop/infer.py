@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .data.collate import merge_image_inputs
 from .data.encode import SampleEncoder
 from .data.images import EmbeddedImage, load_image, to_rgb
 from .data.skips import SkipSample
@@ -111,7 +112,7 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
     return generate_ids(
         model,
         encoder,
-        [encoder.prompt_ids(p, with_image=True) for p in prompts],
+        [encoder.question_ids(p, with_image=True) for p in prompts],
         [[read_image(image, encoder.max_image_pixels)] for image in images],
         **options,
     )
@@ -130,10 +131,13 @@ def generate_ids(
     streamer=None,
     **generate_kwargs,
 ) -> list[str]:
-    """One batch: prompts as token ids, left-padded, each with the RGB images its placeholders stand for (none, one
-    or several, in tag order) -> decoded answers. Under multi-process ZeRO-3 transformers sets ``synced_gpus``, so a
-    rank that finishes first keeps joining the others' forwards."""
+    """One batch: prompts as token ids with one ``<image>`` id per image (``SampleEncoder.question_ids``),
+    left-padded, each with the RGB images those ids stand for (none, one or several, in tag order) -> decoded
+    answers. Under multi-process ZeRO-3 transformers sets ``synced_gpus``, so a rank that finishes first keeps
+    joining the others' forwards."""
     tokenizer = encoder.tokenizer
+    # each image's placeholders as its size makes them (a tiled model's count follows it)
+    sequences = [encoder.expand(seq, [(im.height, im.width) for im in row]) for seq, row in zip(sequences, images)]
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -141,10 +145,10 @@ def generate_ids(
         input_ids[row, width - len(seq) :] = torch.tensor(seq)
         attention_mask[row, width - len(seq) :] = 1
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    # every prompt's images in row and tag order, as the collator lays them out: the model fills placeholders in turn
-    pixels = [encoder.pixel_values(image) for row in images for image in row]
-    # a text-only batch passes no pixel_values at all: transformers encodes even pixel_values=None
-    inputs = {"pixel_values": torch.stack(pixels).to(device, dtype=dtype)} if pixels else {}
+    # every prompt's images in row and tag order, as the collator lays them out: the model fills placeholders in
+    # turn; a text-only batch passes no pixel_values at all (transformers encodes even pixel_values=None)
+    inputs = merge_image_inputs([encoder.image_inputs(row) for row in images])
+    inputs = {k: v.to(device, dtype=dtype if k == "pixel_values" else v.dtype) for k, v in inputs.items()}
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
@@ -214,7 +218,7 @@ def caption(
     return answer_all(
         model,
         encoder,
-        [encoder.prompt_ids(p, with_image=True) for p in prompts],
+        [encoder.question_ids(p, with_image=True) for p in prompts],
         [[image] for image in images],
         batch_size=batch_size,
         progress=f"captioning {len(images)} images" if progress else "",

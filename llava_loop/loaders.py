@@ -179,7 +179,9 @@ def needs_lengths(cfg: Config) -> bool:
 def train_lengths(dataset: LlavaDataset, cfg: Config, say=lambda text: None) -> np.ndarray:
     """The exact token length of every training record (``lengths.token_lengths``), counted by
     ``data.num_workers`` processes."""
-    return token_lengths(dataset.records, dataset.encoder, workers=cfg.data.num_workers, progress=True, say=say)
+    return token_lengths(
+        dataset.records, dataset.encoder, dataset.image_dir, workers=cfg.data.num_workers, progress=True, say=say
+    )
 
 
 def make_train_loader(

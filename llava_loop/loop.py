@@ -434,7 +434,7 @@ class Trainer:
             return len(self.sampler.batches(epoch)) // (ga * self.accelerator.num_processes)
         return (self.stream.micro_batches if self.stream is not None else len(self.loader)) // ga
 
-    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events", "images", "attention_pairs")
+    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events", "views", "attention_pairs")
 
     def global_window_counts(self, window: list[dict]) -> torch.Tensor:
         """One all-reduce of the window's ``COUNTS`` (from the collator's Python ints); left on the device."""
@@ -445,7 +445,7 @@ class Trainer:
                 sum(b["n_tokens"] for b in window),
                 sum(b["n_slots"] for b in window),
                 sum(len(b["skipped"]) for b in window),
-                sum(b["n_images"] for b in window),
+                sum(b["n_views"] for b in window),
                 sum(b["n_attention_pairs"] for b in window),
             ],
             dtype=torch.float64,
@@ -513,7 +513,7 @@ class Trainer:
         process; ``mfu``: that over one device's dense bf16 peak, where it is known (``train.peak_tflops``, or the
         GPU's name)."""
         needed, _ = self.flops.step(
-            images=stats["images"],
+            views=stats["views"],
             tokens=stats["tokens"],
             attention_pairs=stats["attention_pairs"],
             supervised=stats["label_tokens"],

@@ -17,7 +17,8 @@ PARTS = (VISION, PROJECTOR, LLM)
 
 
 def base_llava(model):
-    """The LlavaForConditionalGeneration itself, under a PEFT wrapper or not."""
+    """The LLaVA model itself (Llava, LlavaNext or LlavaOnevision ForConditionalGeneration), under a PEFT wrapper
+    or not."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

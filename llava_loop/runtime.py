@@ -101,6 +101,14 @@ def require_shared_dir(accelerator, path: Path) -> None:
         )
 
 
+# what `llava-loop build --arch` writes: fixed-size llava, and the two tiled (AnyRes) architectures
+MODEL_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+
+
 def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=torch.float32, packed: bool = False):
     """A composed LLaVA directory -> (model, processor); errors name the directory and what is missing.
 
@@ -108,7 +116,8 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     varlen kernel serves packed rows too); else transformers' choice per tower (sdpa, eager for Gemma 2).
     ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
     samples cost their own lengths squared in attention, not the row's."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
     from transformers.utils import is_flash_attn_2_available
 
     from . import attention  # registers sdpa_varlen with transformers
@@ -120,15 +129,10 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
             f"--out {path}` (or `--preset tiny`)"
         )
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "llava":
+    if config.model_type not in MODEL_CLASSES:
         raise UserError(
-            f"model.path {path}: model_type is {config.model_type!r}, expected 'llava'"
-            + (
-                "; training tiled (llava_next, llava_onevision) builds is not wired yet: train at base resolution and "
-                "upgrade after (`llava-loop build --from`)"
-                if config.model_type in ("llava_next", "llava_onevision")
-                else ""
-            )
+            f"model.path {path}: model_type is {config.model_type!r}, expected one of {sorted(MODEL_CLASSES)} "
+            "(a directory `llava-loop build` writes)"
         )
     if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
         raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
@@ -137,7 +141,8 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     kernel = None if attn_implementation in ("auto", attention.NAME) else attn_implementation
     if attn_implementation == "auto" and dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
         kernel = "flash_attention_2"
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
+    model_class = getattr(transformers, MODEL_CLASSES[config.model_type])
+    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=kernel)
     if attn_implementation == attention.NAME or (attn_implementation == "auto" and packed):
         if not attention.use_for_llm(model) and attn_implementation == attention.NAME:
             raise UserError(

@@ -47,12 +47,12 @@ def _model():
         return LlavaForConditionalGeneration(config)
 
 
-COUNTS = {"images": 3, "tokens": 2000, "attention_pairs": 1_500_000, "supervised": 50}
+COUNTS = {"views": 3, "tokens": 2000, "attention_pairs": 1_500_000, "supervised": 50}
 
 
 def _by_hand(mode: str) -> tuple[float, float]:
     vision_tokens, features = 3 * 577, 3 * 576
-    vision = 2 * VISION * vision_tokens + 3 * 4 * (2 * 64) * 577**2  # 3 images: QK^T and AV, not causal, 2 layers
+    vision = 2 * VISION * vision_tokens + 3 * 4 * (2 * 64) * 577**2  # 3 views: QK^T and AV, not causal, 2 layers
     projector = 2 * PROJECTOR * features
     llm = 2 * LLM * 2000
     attention = 2 * (2 * 4 * 16) * 1_500_000  # causal: half of 4 L^2 d, summed over the 2 layers
@@ -143,11 +143,11 @@ def test_every_logged_step_carries_its_flops_and_mfu(tmp_path, run_config, tiny_
     for m in steps:
         batch = Collator(tiny_processor.tokenizer.pad_token_id)([records[i] for i in m["sample_ids"]])
         needed, _ = flops.step(
-            images=batch["n_images"],
+            views=batch["n_views"],
             tokens=batch["n_tokens"],
             attention_pairs=batch["n_attention_pairs"],
             supervised=batch["n_label_tokens"],
         )
-        assert m["flops"] == pytest.approx(needed, rel=1e-12) and batch["n_images"] == 4
+        assert m["flops"] == pytest.approx(needed, rel=1e-12) and batch["n_views"] == 4
         assert m["model_tflops_per_s"] == pytest.approx(needed / m["step_time"] / 1e12, rel=1e-9)
         assert m["mfu"] == pytest.approx(m["model_tflops_per_s"] / 0.5, rel=1e-12)

@@ -18,11 +18,12 @@ class BlankImage:
     of their own, which no real token attends to."""
 
     def __init__(self, encoder: SampleEncoder, device):
-        self.tokens = encoder.n_image_tokens
+        blank = Image.new("RGB", (8, 8))
+        (self.tokens,) = encoder.placeholder_counts([(blank.height, blank.width)])
         self.token_id = encoder.image_token_id
         self.pad_token_id = encoder.tokenizer.pad_token_id
-        # the processor resizes the blank to the tower's input size; made once, kept on the device
-        self.pixels = encoder.pixel_values(Image.new("RGB", (8, 8))).to(device)[None]
+        # the processor resizes (or tiles) the blank to the tower's input size; made once, kept on the device
+        self.inputs = {key: value.to(device) for key, value in encoder.image_inputs([blank]).items()}
 
     def add_where_missing(self, batch: dict) -> dict:
         """``batch`` as it is if it shows an image, else with the blank one added."""
@@ -36,7 +37,7 @@ class BlankImage:
                 "input_ids": torch.cat([ids, ids.new_full((1, n), self.token_id)], 1),
                 "position_ids": torch.cat([positions, torch.arange(n, device=ids.device)[None]], 1),
                 "labels": torch.cat([labels, labels.new_full((1, n), IGNORE_INDEX)], 1),
-                "pixel_values": self.pixels,
+                **self.inputs,
                 "sample_bounds": bounds,
                 "cu_seq_lens": torch.cat([batch["cu_seq_lens"], batch["cu_seq_lens"].new_tensor([bounds[-1]])]),
             }
@@ -48,5 +49,5 @@ class BlankImage:
             "input_ids": torch.cat([ids, extra_ids], 1),
             "attention_mask": torch.cat([mask, mask.new_zeros(extra_ids.shape)], 1),
             "labels": torch.cat([labels, labels.new_full(extra_ids.shape, IGNORE_INDEX)], 1),
-            "pixel_values": self.pixels,
+            **self.inputs,
         }

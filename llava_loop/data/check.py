@@ -85,7 +85,12 @@ def check_dataset(
     if processor is not None:
         from .encode import SampleEncoder
 
-        encoder = SampleEncoder(processor, max_length=max_length, max_image_pixels=max_image_pixels)
+        encoder = SampleEncoder(
+            processor,
+            max_length=max_length,
+            max_image_pixels=max_image_pixels,
+            allow_absolute_paths=allow_absolute_paths,
+        )
     if progress:
         from rich.progress import track
 
@@ -98,7 +103,7 @@ def check_dataset(
         try:
             paths = [image_path(image_dir, name, allow_absolute=allow_absolute_paths) for name in record.images]
             if encoder is not None:
-                ids, _ = encoder.encode_text(record)
+                ids, _ = encoder.encode_text(record, image_dir)  # a tiled model's counts read the headers
                 lengths.append(len(ids))
             else:
                 record_messages(record)

@@ -10,7 +10,8 @@ token attends across samples, every sample sees the positions it would see alone
 
 The batch also carries, computed here on the host so that nothing is read back from the device:
 
-* its counts as Python ints (supervised tokens, real tokens, slots, images, and the sum of squared sample lengths
+* its counts as Python ints (supervised tokens, real tokens, slots, views the vision tower encodes (an image, or a
+  tiled image's base view and each tile), and the sum of squared sample lengths
   that attention costs), for the loop's loss normalisation and its FLOPs count;
 * ``supervised``: a (3, N) tensor of the (row, column, next token) of every position whose next token is
   supervised, which the loss indexes the hidden states with (``losses.supervised_index``);
@@ -40,7 +41,7 @@ class Collator:
                 "n_label_tokens": 0,
                 "n_tokens": 0,
                 "n_slots": 0,
-                "n_images": 0,
+                "n_views": 0,
                 "n_attention_pairs": 0,
             }
         batch = self.packed(samples) if self.padding_free else self.padded(samples)
@@ -50,10 +51,8 @@ class Collator:
         batch["n_tokens"] = sum(lengths)
         batch["n_attention_pairs"] = sum(n * n for n in lengths)
         batch["n_slots"] = batch["input_ids"].numel()
-        pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        if pixels:  # every sample's images, in row and tag order: the model fills the <image> placeholders in turn
-            batch["pixel_values"] = torch.cat(pixels)
-        batch["n_images"] = sum(len(p) for p in pixels)
+        batch.update(merge_image_inputs(samples))
+        batch["n_views"] = len(batch["pixel_values"]) if "pixel_values" in batch else 0
         batch["ids"] = [s["id"] for s in samples]
         batch["skipped"] = events
         return batch
@@ -87,6 +86,17 @@ class Collator:
             "sample_bounds": bounds,
             "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
         }
+
+
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
+
+
+def merge_image_inputs(samples: list[dict]) -> dict:
+    """The image inputs of several samples (``SampleEncoder.image_inputs``) as one batch's: every sample's images
+    (a tiled model's tiles, sizes and image counts too) concatenated in row and tag order, the order the model
+    fills the ``<image>`` placeholders in. None of them when no sample has an image."""
+    shown = [s for s in samples if s["pixel_values"] is not None]
+    return {key: torch.cat([s[key] for s in shown]) for key in IMAGE_INPUTS if shown and key in shown[0]}
 
 
 def supervised_index(labels: torch.Tensor) -> torch.Tensor:

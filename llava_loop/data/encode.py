@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..template import IMAGE_TOKEN, assistant_spans, render
 from .images import (
     MAX_IMAGE_PIXELS,
@@ -19,17 +20,23 @@ from .images import (
     fast_pixels,
     image_path,
     load_image,
+    open_checked,
     processed_size,
 )
 from .records import Record
 from .skips import SkipSample
+from .tiles import Tiler
 
 IGNORE_INDEX = -100
 KNOWN_ROLES = ("system", "user", "assistant")
 
 
 def image_tokens_per_image(processor) -> int:
-    """Placeholders one ``<image>`` expands to, computed the way LlavaProcessor does."""
+    """Placeholders one ``<image>`` expands to, computed the way LlavaProcessor does (a tiled processor: an image
+    of the tower's own size, alone in its sample)."""
+    tiler = Tiler.of(processor)
+    if tiler is not None:
+        return tiler.tokens(tiler.side, tiler.side, 1)
     height, width = processed_size(processor.image_processor)
     n = (height // processor.patch_size) * (width // processor.patch_size)
     n += processor.num_additional_image_tokens
@@ -108,12 +115,14 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return ids, labels, turn_ends
 
 
-def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, n: int):
-    """Replace each ``<image>`` id by ``n`` placeholders (labels -100), shifting turn ends to match."""
+def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, counts: list[int]):
+    """Replace the i-th ``<image>`` id by ``counts[i]`` placeholders (labels -100), shifting turn ends to match."""
     out_ids, out_labels, new_index = [], [], []
+    counts = iter(counts)
     for token, label in zip(ids, labels):
         new_index.append(len(out_ids))
         if token == image_token_id:
+            n = next(counts)
             out_ids += [image_token_id] * n
             out_labels += [IGNORE_INDEX] * n
         else:
@@ -123,8 +132,23 @@ def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, n: int):
     return out_ids, out_labels, [new_index[e] for e in turn_ends]
 
 
+def blocks_held(n_placeholders: int, counts: list[int]) -> int:
+    """How many leading image blocks of ``counts`` placeholders ``n_placeholders`` make up (truncation keeps or drops
+    a block whole)."""
+    held = 0
+    for count in counts:
+        if count > n_placeholders:
+            break
+        n_placeholders -= count
+        held += 1
+    return held
+
+
 class SampleEncoder:
-    """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample."""
+    """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample.
+
+    A tiled model's samples also carry ``image_sizes`` (height, width per image; its placeholder counts follow them)
+    and, for OneVision, ``batch_num_images``; their ``pixel_values`` are every image's tiles, concatenated."""
 
     def __init__(
         self,
@@ -139,6 +163,12 @@ class SampleEncoder:
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.tiler = Tiler.of(processor)
+        if self.tiler is not None and image_aspect_ratio == "pad":
+            raise UserError(
+                "data.image_aspect_ratio=pad squares every image, but this model tiles images at their own aspect "
+                f"ratio ({self.tiler.describe()}); use data.image_aspect_ratio=resize"
+            )
         self.n_image_tokens = image_tokens_per_image(processor)
         self.max_length = max_length
         self.system_prompt = system_prompt
@@ -148,18 +178,53 @@ class SampleEncoder:
         self.pad_fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
         self.fast_pixels = fast_path_applies(self.image_processor)
 
-    def encode_text(self, record: Record) -> tuple[list[int], list[int]]:
+    def placeholder_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """Placeholders each image of one sample fills, from the images' (height, width)."""
+        if self.tiler is None:
+            return [self.n_image_tokens] * len(sizes)
+        return [self.tiler.tokens(height, width, len(sizes)) for height, width in sizes]
+
+    def image_sizes(self, record: Record, image_dir: str | Path | None) -> list[tuple[int, int]]:
+        """Each image's (height, width): read from the file headers for a tiled model, whose placeholder counts
+        follow them (a fixed-size model needs none and opens nothing)."""
+        if self.tiler is None:
+            return [(0, 0)] * len(record.images)
+        if image_dir is None:
+            raise ValueError("a tiled model's token counts need the images: pass image_dir")
+        sizes = []
+        for name in record.images:
+            where = image_path(image_dir, name, allow_absolute=self.allow_absolute_paths)
+            width, height = open_checked(where, self.max_image_pixels, decode=False)
+            sizes.append((height, width))
+        return sizes
+
+    def encode_text(self, record: Record, image_dir: str | Path | None = None) -> tuple[list[int], list[int]]:
         """Token ids and labels; later turns are dropped whole when too long, so an image block is never cut (the
-        images of dropped turns go with them: see ``images_kept``)."""
-        if len(record.images) * self.n_image_tokens > self.max_length:
+        images of dropped turns go with them). ``image_dir``: where a tiled model's images are (their sizes count)."""
+        ids, labels, _ = self.encode_kept(record, self.image_sizes(record, image_dir))
+        return ids, labels
+
+    def encode_kept(self, record: Record, sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+        """``encode_text`` given the images' sizes, and how many of the record's images the kept turns show."""
+        counts = self.placeholder_counts(sizes)
+        if sum(counts) > self.max_length:
             raise SkipSample(
                 "too_long",
                 f"record {record.id}: its {len(record.images)} images alone take "
-                f"{len(record.images) * self.n_image_tokens} tokens > data.max_length={self.max_length}",
+                f"{sum(counts)} tokens > data.max_length={self.max_length}",
             )
         messages = record_messages(record, self.system_prompt)
-        ids, labels, turn_ends = tokenize_messages(self.tokenizer, messages)
-        ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, self.n_image_tokens)
+        text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
+        ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
+        if kept != len(sizes) and self.placeholder_counts(sizes[:kept]) != counts[:kept]:
+            # the kept images are laid out as their own count says (OneVision tiles a lone image), and fit again
+            counts = self.placeholder_counts(sizes[:kept]) + counts[kept:]
+            ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
+        return ids, labels, kept
+
+    def fit(self, record: Record, ids, labels, turn_ends, counts: list[int]) -> tuple[list[int], list[int], int]:
+        """Images expanded to ``counts`` placeholders, then later turns dropped whole past ``max_length``."""
+        ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, counts)
         if len(ids) > self.max_length:
             fitting = [end for end in turn_ends if end <= self.max_length]
             if not fitting:  # the image block plus the first answer does not fit
@@ -169,10 +234,11 @@ class SampleEncoder:
                     f"{turn_ends[0]} > data.max_length={self.max_length}",
                 )
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
-        return ids, labels
+        return ids, labels, blocks_held(ids.count(self.image_token_id), counts)
 
-    def prompt_ids(self, prompt: str, with_image: bool = True) -> list[int]:
-        """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out."""
+    def question_ids(self, prompt: str, with_image: bool = True) -> list[int]:
+        """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out, with one
+        ``<image>`` id where its image goes (``expand`` fills it in)."""
         content = (
             place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt)
             if with_image
@@ -182,46 +248,65 @@ class SampleEncoder:
         messages.append({"role": "user", "content": content})
         return self.generation_ids(messages)
 
+    def prompt_ids(self, prompt: str, with_image: bool = True, size: tuple[int, int] = (0, 0)) -> list[int]:
+        """``question_ids`` with the image's placeholders in place (``size``: its (height, width), which a tiled
+        model's count follows)."""
+        return self.expand(self.question_ids(prompt, with_image), [size] if with_image else [])
+
     def first_question(self, record: Record) -> tuple[list[int], str, str]:
         """A record's first question as token ids ready for generation, its text, and the reference answer (see
         ``first_exchange``). The ids are the training layout's own prefix (system prompt, image tags where training
-        puts them), so they stand for the record's first ``images_kept(ids)`` images: none, one or several."""
+        puts them) with one ``<image>`` id per image it shows, the record's first ``ids.count(image_token_id)``."""
         messages = record_messages(record, self.system_prompt)
         user, answer = first_exchange(record.id, messages)
         return self.generation_ids(messages[: user + 1]), messages[user]["content"], answer
 
     def generation_ids(self, messages: list[dict]) -> list[int]:
         text = render(self.tokenizer, messages, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids, _, _ = expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), [], self.image_token_id, self.n_image_tokens)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def expand(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+        """Generation ids with each ``<image>`` id replaced by its image's placeholders."""
+        ids, _, _ = expand_image_tokens(
+            ids, [IGNORE_INDEX] * len(ids), [], self.image_token_id, self.placeholder_counts(sizes)
+        )
         return ids
 
     def pixels(self, path: Path) -> torch.Tensor:
         return self.pixel_values(load_image(path, self.max_image_pixels))
 
     def pixel_values(self, image) -> torch.Tensor:
-        """An RGB PIL image -> normalised (3, H, W) pixels, padded to square first in ``pad`` mode."""
+        """An RGB PIL image -> normalised (3, H, W) pixels, padded to square first in ``pad`` mode (fixed-size
+        models; a tiled one's come from ``image_inputs``)."""
         if self.image_aspect_ratio == "pad":
             image = expand_to_square(image, self.pad_fill)
         if self.fast_pixels:  # same pixels as the CLIP / SigLIP processor, ~6x cheaper at 336 px (docs/BENCHMARKS.md)
             return fast_pixels(image, self.image_processor)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def images_kept(self, ids: list[int]) -> int:
-        """How many of a record's images its (possibly truncated) token ids still hold."""
-        return ids.count(self.image_token_id) // self.n_image_tokens
+    def image_inputs(self, images: list) -> dict:
+        """One sample's RGB images -> the model's image inputs: ``pixel_values`` (n, 3, H, W); for a tiled model
+        every image's tiles concatenated, with ``image_sizes`` (and OneVision's ``batch_num_images``)."""
+        if not images:
+            return {"pixel_values": None}
+        if self.tiler is None:
+            return {"pixel_values": torch.stack([self.pixel_values(image) for image in images])}
+        inputs = {
+            "pixel_values": torch.cat([self.tiler.tiles(image, len(images)) for image in images]),
+            "image_sizes": torch.tensor([[image.height, image.width] for image in images], dtype=torch.long),
+        }
+        if self.tiler.onevision:
+            inputs["batch_num_images"] = torch.tensor([len(images)], dtype=torch.long)
+        return inputs
 
     def __call__(self, record: Record, image_dir: str | Path) -> dict:
-        ids, labels = self.encode_text(record)  # text first: cheap checks before image decode
-        names = record.images[: self.images_kept(ids)]  # every image the kept turns refer to, in tag order
-        pixel_values = None
-        if names:  # (n_images, 3, H, W)
-            pixel_values = torch.stack(
-                [self.pixels(image_path(image_dir, name, allow_absolute=self.allow_absolute_paths)) for name in names]
-            )
+        # text first (with only the headers of a tiled model's images read): cheap checks before image decode
+        ids, labels, kept = self.encode_kept(record, self.image_sizes(record, image_dir))
+        names = record.images[:kept]  # every image the kept turns refer to, in tag order
+        where = [image_path(image_dir, name, allow_absolute=self.allow_absolute_paths) for name in names]
         return {
             "id": record.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": pixel_values,
+            **self.image_inputs([load_image(path, self.max_image_pixels) for path in where]),
         }

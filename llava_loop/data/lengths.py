@@ -1,13 +1,16 @@
 """Exact token lengths of every training record, for length grouping and token budgets, cached on disk.
 
 A sample's length is what the encoder makes of it: the chat template rendered, the text tokenized, each
-``<image>`` expanded to the tower's placeholders, later turns dropped past ``data.max_length``. A record the
+``<image>`` expanded to its placeholders (a tiled model's follow the image's size, read from its header), later turns
+dropped past ``data.max_length``. A record the
 encoder would skip keeps the cheap estimate (clipped to ``max_length``): the dataset replaces it with another
 record at load time, whose length no one can know in advance.
 
 Counting 665K records takes minutes of tokenizing, so the result is cached under ``$LLAVA_LOOP_CACHE`` (default
 ``~/.cache/llava_loop``), keyed by the records' content, the tokenizer and every encoder setting that changes a
-length: a changed file, tokenizer or ``max_length`` counts again, a second run with the same ones does not.
+length: a changed file, tokenizer or ``max_length`` counts again, a second run with the same ones does not. A
+tiled model's key also holds its tiling and the image folder's path, not the images' sizes: replacing images in
+place with others of other sizes needs ``LLAVA_LOOP_CACHE`` pointed elsewhere (or the cache file deleted).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from .encode import SampleEncoder
 from .skips import SkipSample
 
-VERSION = 1  # bump when the way a length is counted changes
+VERSION = 2  # bump when the way a length is counted changes
 
 
 def cache_dir() -> Path:
@@ -37,7 +40,7 @@ def _tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_key(records, encoder: SampleEncoder) -> str:
+def cache_key(records, encoder: SampleEncoder, image_dir) -> str:
     tokenizer = encoder.tokenizer
     settings = {
         "version": VERSION,
@@ -45,6 +48,9 @@ def cache_key(records, encoder: SampleEncoder) -> str:
         "max_length": encoder.max_length,
         "system_prompt": encoder.system_prompt,
         "image_tokens": encoder.n_image_tokens,
+        "tiling": None
+        if encoder.tiler is None
+        else [encoder.tiler.describe(), encoder.tiler.image_processor.image_grid_pinpoints, str(image_dir)],
         "image_token_id": encoder.image_token_id,
         "chat_template": tokenizer.chat_template,
         "vocab": _tokenizer_digest(tokenizer),
@@ -55,8 +61,8 @@ def cache_key(records, encoder: SampleEncoder) -> str:
 class _Lengths(torch.utils.data.Dataset):
     """Record ``i``'s length, so a DataLoader's workers can count in parallel."""
 
-    def __init__(self, records, encoder: SampleEncoder):
-        self.records, self.encoder = records, encoder
+    def __init__(self, records, encoder: SampleEncoder, image_dir):
+        self.records, self.encoder, self.image_dir = records, encoder, image_dir
 
     def __len__(self) -> int:
         return len(self.records)
@@ -67,16 +73,16 @@ class _Lengths(torch.utils.data.Dataset):
         except SkipSample:  # a malformed table row: skipped in training too
             return 0
         try:
-            return len(self.encoder.encode_text(record)[0])
+            return len(self.encoder.encode_text(record, self.image_dir)[0])
         except SkipSample:
             return min(record.estimated_tokens(self.encoder.n_image_tokens), self.encoder.max_length)
 
 
-def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False) -> np.ndarray:
+def count_lengths(records, encoder: SampleEncoder, image_dir, *, workers: int = 0, progress: bool = False):
     # its own generator: an iterator without one draws its seed from the global torch RNG, and a run that counts
     # would then draw different dropout masks from one that read the cache (a resumed run)
     loader = torch.utils.data.DataLoader(
-        _Lengths(records, encoder),
+        _Lengths(records, encoder, image_dir),
         batch_size=1024,
         num_workers=workers,
         collate_fn=list,
@@ -91,16 +97,23 @@ def count_lengths(records, encoder: SampleEncoder, *, workers: int = 0, progress
 
 
 def token_lengths(
-    records, encoder: SampleEncoder, *, workers: int = 0, progress: bool = False, say=lambda text: None
+    records,
+    encoder: SampleEncoder,
+    image_dir=None,
+    *,
+    workers: int = 0,
+    progress: bool = False,
+    say=lambda text: None,
 ) -> np.ndarray:
-    """Every record's exact length, from the cache when it holds this (records, tokenizer, settings) key."""
-    path = cache_dir() / "token_lengths" / f"{cache_key(records, encoder)}.npy"
+    """Every record's exact length, from the cache when it holds this (records, tokenizer, settings) key.
+    ``image_dir``: where the records' images are, which a tiled model's lengths read the sizes of."""
+    path = cache_dir() / "token_lengths" / f"{cache_key(records, encoder, image_dir)}.npy"
     if path.is_file():
         lengths = np.load(path)
         if len(lengths) == len(records):
             say(f"token lengths of {len(records)} records: from the cache ({path})")
             return lengths
-    lengths = count_lengths(records, encoder, workers=workers, progress=progress)
+    lengths = count_lengths(records, encoder, image_dir, workers=workers, progress=progress)
     try:  # written whole, then renamed: a run killed mid-write leaves no half file for the next one
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
