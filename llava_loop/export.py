@@ -1,9 +1,11 @@
 """Turn a training checkpoint into a plain Hugging Face model directory.
 
 * ZeRO-2/3 partitions are consolidated into fp32 weights (DeepSpeed's own zero_to_fp32 logic).
-* LoRA runs also get ``out/adapter/``: a PEFT adapter (LoRA weights + the trained projector) that loads with
+* LoRA runs also get ``out/adapter/``: a PEFT adapter (LoRA weights + the trained projector, and a tiled build's
+  ``image_newline``) that loads with
   ``PeftModel.from_pretrained(base, out/adapter)``; ``out/`` itself holds the merged full model.
-* ``out/`` loads with ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor`` alone, and its
+* ``out/`` loads with ``AutoModelForImageTextToText.from_pretrained`` (the Llava, LlavaNext or LlavaOnevision class
+  it was built as) and ``AutoProcessor`` alone, and its
   ``README.md`` is a model card (model_card.py).
 """
 
@@ -45,12 +47,25 @@ def load_trained(checkpoint_dir: str | Path, *, attn_implementation: str = "auto
     return model.eval(), processor, cfg, state
 
 
+def save_adapter(model, out: Path) -> None:
+    """PEFT's adapter directory, plus the trained ``image_newline`` of a tiled build: a bare parameter, which
+    ``modules_to_save`` cannot name and ``save_pretrained`` leaves out. Stored under its PEFT name, it loads with
+    ``PeftModel.from_pretrained`` like the rest (PEFT loads the adapter file's tensors by name)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(out)
+    extra = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n.endswith(".image_newline")}
+    if extra:
+        weights = out / "adapter_model.safetensors"
+        save_file({**load_file(weights), **extra}, weights, metadata={"format": "pt"})
+
+
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     model, processor, cfg, state = load_trained(checkpoint_dir)
     if cfg.canonical_mode == "lora":
         model.peft_config["default"].base_model_name_or_path = state["run"]["model_path"]
-        model.save_pretrained(out / "adapter")
+        save_adapter(model, out / "adapter")
         model = model.merge_and_unload()
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
     save_model_dir(model, processor, out)

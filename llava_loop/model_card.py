@@ -53,6 +53,7 @@ def model_card(cfg, state: dict, base_dir: Path, metrics: dict) -> str:
     if data:
         front["datasets"] = data
     step = state["progress"]["step"]
+    model_class = json.loads((base_dir / "config.json").read_text())["architectures"][0]
     score = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
@@ -60,7 +61,7 @@ def model_card(cfg, state: dict, base_dir: Path, metrics: dict) -> str:
 
 # LLaVA model trained with llava_loop
 
-A `LlavaForConditionalGeneration` ({" + ".join(bases) or "see llava_loop_build.json"}), trained in mode
+A `{model_class}` ({" + ".join(bases) or "see llava_loop_build.json"}), trained in mode
 `{cfg.canonical_mode}` for {step} optimizer steps with llava_loop {_llava_loop_version()}.
 
 ## How to prompt it

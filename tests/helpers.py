@@ -273,14 +273,14 @@ def export_and_rerun_logits(checkpoint_dir: Path, run_dir: Path, out: Path, adap
     result = out.parent / f"{out.name}_logits.pt"
     script = f"""
 import sys, torch
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 ref = torch.load({str(run_dir / "final_logits.pt")!r})
-model = LlavaForConditionalGeneration.from_pretrained({str(out)!r}).eval()
+model = AutoModelForImageTextToText.from_pretrained({str(out)!r}).eval()
 with torch.no_grad():
     results = {{"merged": model(**ref["inputs"]).logits}}
 if {adapter_base is not None!r}:
     from peft import PeftModel
-    base = LlavaForConditionalGeneration.from_pretrained({str(adapter_base)!r})
+    base = AutoModelForImageTextToText.from_pretrained({str(adapter_base)!r})
     peft_model = PeftModel.from_pretrained(base, {str(out / "adapter")!r}).eval()
     with torch.no_grad():
         results["adapter"] = peft_model(**ref["inputs"]).logits

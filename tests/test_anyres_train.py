@@ -226,3 +226,72 @@ def test_tiled_runs_match_across_packing_token_budgets_and_two_process_zero2_and
     assert len({m["samples"] for m in one}) > 1  # the budget packs as many samples as their tiles allow
     assert [sorted(m["sample_ids"]) for m in two] == [sorted(m["sample_ids"]) for m in one]
     assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_tiled_lora_run_resumes_bitwise_and_its_export_infers_and_evaluates_at_any_aspect_ratio(
+    tmp_path, run_config, next_dir, aspect_mix
+):
+    """LoRA (dropout on) on the mixed-aspect mix: stopped at step K and resumed in a fresh process, the run
+    matches an uninterrupted one to the bit (the control: a resume that forgets the data position). Its export,
+    merged and as a PEFT adapter on the base (image_newline included), gives the trained model's logits; llava_loop's
+    generation and transformers' pipeline say the same for a wide and a tall image; evaluation takes them all."""
+    from llava_loop.checkpoint import files as checkpoint
+    from llava_loop.evaluate import evaluate_model
+    from llava_loop.infer import caption, load_for_inference
+
+    hooks = ["plugins:FinalState", "plugins:StopAtStep", "plugins:FinalLogits"]
+    sections = {"train": helpers.RESUMED_TRAIN, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "hooks": hooks}
+    sections["data"] = {"max_length": 1024}  # two tiled images take 400 placeholders
+    stop, never = {"LLAVA_TEST_STOP_AT": str(helpers.K)}, {"LLAVA_TEST_STOP_AT": "-1"}
+    configs = {name: run_config(name, model=next_dir, shapes=aspect_mix, mode="lora", **sections) for name in "ABC"}
+    helpers.launch(configs["A"], extra_env=never)
+    for name, fault in (("B", ""), ("C", "no-data-position")):
+        helpers.launch(configs[name], extra_env=stop)
+        helpers.launch(configs[name], extra_env=never, fault=fault)
+    a, b, c = (helpers.steps_by_number(tmp_path / name) for name in "ABC")
+    n, k = helpers.N, helpers.K
+    assert helpers.trajectory(a, 1, n) == helpers.trajectory(b, 1, n)
+    assert helpers.bitwise_equal(helpers.final_state(tmp_path / "A"), helpers.final_state(tmp_path / "B"))
+    assert helpers.trajectory(a, k + 1, n) != helpers.trajectory(c, k + 1, n)
+
+    ckpt = checkpoint.complete_checkpoints(tmp_path / "B")[-1]
+    export = tmp_path / "export"
+    exported = helpers.export_and_rerun_logits(ckpt, tmp_path / "B", export, adapter_base=next_dir)
+    reference = torch.load(tmp_path / "B" / "final_logits.pt")
+    assert set(exported) == {"merged", "adapter"}
+    for logits in exported.values():
+        assert (logits - reference["logits"]).abs().max() < 1e-5
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    newline = load_file(export / "adapter" / "adapter_model.safetensors")["base_model.model.model.image_newline"]
+    untrained = AutoModelForImageTextToText.from_pretrained(next_dir).model.image_newline
+    assert not torch.equal(newline, untrained)  # it trained, and the adapter carries it
+
+    model, processor, encoder = load_for_inference(export)
+    images = [Image.new("RGB", (192, 64), (200, 40, 40)), Image.new("RGB", (64, 128), (40, 40, 200))]
+    greedy = {"max_new_tokens": 6, "min_new_tokens": 6}
+    ours, unreadable = caption(model, encoder, images, "What is shown?", **greedy)
+    assert not unreadable
+    from transformers import pipeline
+
+    captioner = pipeline("image-text-to-text", model=str(export))
+    for image, answer in zip(images, ours):
+        content = [{"type": "image", "image": image}, {"type": "text", "text": "What is shown?"}]
+        messages = [{"role": "user", "content": content}]
+        # the prompt transformers' processor makes from the exported chat template is llava_loop's, tiles and all
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        theirs = processor(text=[text], images=[image], return_tensors="pt")
+        ids = encoder.expand(encoder.question_ids("What is shown?"), [(image.height, image.width)])
+        assert theirs["input_ids"][0].tolist() == ids
+        ours_in = encoder.image_inputs([image])
+        assert torch.equal(theirs["image_sizes"], ours_in["image_sizes"])
+        assert torch.equal(theirs["pixel_values"][0], ours_in["pixel_values"])  # one image: (tiles, 3, side, side)
+        said = captioner(text=messages, return_full_text=False, generate_kwargs={"do_sample": False, **greedy})
+        assert said[0]["generated_text"].strip() == answer
+    records = load_records(aspect_mix["train"]).subset(range(12))
+    metrics, predictions, left_out = evaluate_model(
+        model, encoder, records, aspect_mix["train_images"], max_new_tokens=4
+    )
+    assert not left_out and metrics["n"] == len(predictions) == 12 and metrics["eval_tokens"] > 0
