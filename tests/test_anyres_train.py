@@ -220,7 +220,7 @@ def test_tiled_runs_match_across_packing_token_budgets_and_two_process_zero2_and
             train={**train, "grad_accum": accum},
             data={"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024},
         )
-        helpers.launch(config, processes=processes)
+        helpers.launch(config, processes=processes) if processes else helpers.train_here(config)
         budgets[name] = helpers.metrics(tmp_path / name)
     one, two = budgets["budget-1xacc2"], budgets["budget-2xacc1"]
     assert len({m["samples"] for m in one}) > 1  # the budget packs as many samples as their tiles allow

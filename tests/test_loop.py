@@ -583,7 +583,8 @@ def test_at_most_three_host_reads_per_optimizer_step(accum, run_config, monkeypa
 
 @pytest.mark.slow
 def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
-    """python train.py, and accelerate launch with the repo's DeepSpeed ZeRO-2 config on 1 and 2 processes."""
+    """python train.py, and accelerate launch with the repo's DeepSpeed ZeRO-2 config on 2 processes (1 process
+    under DeepSpeed was a third launch that no other path depends on: dropped for CI time)."""
     demo = helpers.ROOT / "configs" / "demo.yaml"
     common = [
         f"model.path={tmp_path / 'tiny'}",
@@ -596,7 +597,7 @@ def test_demo_config_runs_through_all_three_launch_paths(tmp_path):
         "eval.every=0",
         "data.num_workers=0",
     ]
-    runs = {"python": 0, "deepspeed-1": 1, "deepspeed-2": 2}
+    runs = {"python": 0, "deepspeed-2": 2}
     for name, processes in runs.items():
         out = helpers.launch(demo, *common, f"output_dir={tmp_path / name}", processes=processes)
         logged = helpers.metrics(tmp_path / name)
