@@ -78,7 +78,7 @@ class _Lengths(torch.utils.data.Dataset):
             return min(record.estimated_tokens(self.encoder.n_image_tokens), self.encoder.max_length)
 
 
-def count_lengths(records, encoder: SampleEncoder, image_dir, *, workers: int = 0, progress: bool = False):
+def count_lengths(records, encoder: SampleEncoder, image_dir=None, *, workers: int = 0, progress: bool = False):
     # its own generator: an iterator without one draws its seed from the global torch RNG, and a run that counts
     # would then draw different dropout masks from one that read the cache (a resumed run)
     loader = torch.utils.data.DataLoader(
