@@ -1,6 +1,8 @@
 """Benchmark 5, the GPU checks: the real launch (`accelerate launch` + DeepSpeed ZeRO-2 + bf16, `train.py`) on
 random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded),
-over synthetic LLaVA-pretrain-like shapes data at 336 px.
+over synthetic LLaVA-pretrain-like shapes data at 336 px. The `anyres` shape is a LLaVA-NeXT build of the 0.5B
+pair (the default pinpoints) over the same data stretched to 672x336 and 1008x336, mixed: a base view plus 2 or 3
+tiles, 1,752 or 2,328 image tokens a sample.
 
 For each shape, mode (`projector`, `lora`) and gradient checkpointing (off, on) one launch, in its own
 processes so memory is freed between them, reports samples/s, tokens/s, peak GPU memory and MFU counted
@@ -13,6 +15,7 @@ Recomputation (checkpointing, the chunked loss) is not counted as useful work in
 
     python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
     python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
+    python bench/gpu.py --shapes anyres --modes projector --checkpointing off   # the tiled row alone
     python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
     python bench/gpu.py --budget-minutes 6 --out results/   # starts no launch the time left cannot fit
     python bench/gpu.py --zero 3 --shapes 7b --modes freeze_vision --micro-batch 8
@@ -22,10 +25,11 @@ Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 
 shape at MFU >= 35% of needed FLOPs (about 255 samples/s on an H100/H200 by llava_loop/flops.py at 640 tokens a
 sample); with the 3B shape >= 35 samples/s (35% MFU there would be about 45).
 
-The two target rows run first (0.5B then 3B, `projector`, checkpointing off, plain kernels), then the 0.5B one with
-Liger's kernels and with compiled decoder layers where `--kernels` asks for them, then the rest. A launch that fails
-(out of memory, say) is recorded with its reason and the tail of its stderr, and the bench goes on; the table of
-whatever ran is printed at the end, also when the time budget runs out or the bench is stopped with SIGTERM.
+The two target rows run first (0.5B then 3B, `projector`, checkpointing off, plain kernels), then the anyres one at
+the same settings, then the 0.5B one with Liger's kernels and with compiled decoder layers where `--kernels` asks for
+them, then the rest. A launch that fails (out of memory, say) is recorded with its reason and the tail of its
+stderr, and the bench goes on; the table of whatever ran is printed at the end, also when the time budget runs out
+or the bench is stopped with SIGTERM.
 The exit status is 1 when a launch failed. Launched ranks keep the caller's PYTHONPATH (carried wheels on the GPU
 machine: bench/device.sh).
 """
@@ -49,10 +53,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
-# the target rows, measured before anything else; then what Liger's kernels and compiled layers do to the first
+# --shapes: (the LLM shape tower_configs builds, the architecture); --smoke swaps in the tiny twin of each arch
+SHAPES = {
+    "0.5b": ("0.5b", "llava"),
+    "3b": ("3b", "llava"),
+    "7b": ("7b", "llava"),
+    "anyres": ("0.5b", "llava-next"),
+    "tiny": ("tiny", "llava"),
+    "tiny-anyres": ("tiny", "llava-next"),
+}
+SMOKE_TWINS = {"llava": "tiny", "llava-next": "tiny-anyres"}
+WIDE = ((672, 336), (1008, 336))  # the anyres images, alternating: LLaVA-NeXT's 1x2 and 1x3 grids
+# the target rows, measured before anything else; then the tiled row; then what Liger's kernels and compiled
+# layers do to the first
 FIRST = [
     ("0.5b", "projector", "off", "plain"),
     ("3b", "projector", "off", "plain"),
+    ("anyres", "projector", "off", "plain"),
     ("0.5b", "projector", "off", "liger"),
     ("0.5b", "projector", "off", "compile"),
 ]
@@ -66,6 +83,8 @@ KERNELS = {
 def tower_configs(shape: str):
     """CLIP-L/14-336 and a Qwen2.5-shaped LLM (published sizes), or tiny towers at the same geometry for --smoke."""
     from transformers import CLIPVisionConfig, Qwen2Config
+
+    from llava_loop.memory import clip_l_336
 
     if shape == "tiny":
         vision = CLIPVisionConfig(
@@ -86,16 +105,7 @@ def tower_configs(shape: str):
             num_key_value_heads=2,
             tie_word_embeddings=True,
         )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
+    vision = clip_l_336()
     llm = {
         "0.5b": dict(
             hidden_size=896,
@@ -129,31 +139,35 @@ def tower_configs(shape: str):
 
 
 def build_random_model(out: Path, shape: str) -> None:
-    """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir. The
-    weights are drawn on the GPU where there is one (a 3B model takes minutes on the CPU) and freed once saved."""
+    """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir (a
+    LLaVA-NeXT one for anyres, tiled as `llava-loop build --arch llava-next` tiles). The weights are drawn on the GPU
+    where there is one (a 3B model takes minutes on the CPU) and freed once saved."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
-    from llava_loop.build import add_image_token, compose_config, make_processor, save_model_dir
+    from llava_loop.anyres import tiling_for
+    from llava_loop.build import add_image_token, compose_config, make_processor, model_class, save_model_dir
     from llava_loop.demo.families import LLM_FAMILIES, make_tokenizer
     from llava_loop.llm import generation_config
     from llava_loop.vision_tower import CLIP, VisionTower, load_image_processor
 
-    vision, text = tower_configs(shape)
+    llm, arch = SHAPES[shape]
+    vision, text = tower_configs(llm)
+    tiling = tiling_for(arch, vision.image_size)
     tokenizer = make_tokenizer(LLM_FAMILIES["qwen2"])
     image_id, pad_id = add_image_token(tokenizer), tokenizer.pad_token_id
     torch.manual_seed(0)
-    dtype = torch.float32 if shape == "tiny" else torch.bfloat16
+    dtype = torch.float32 if llm == "tiny" else torch.bfloat16
     torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = LlavaForConditionalGeneration(compose_config(vision, text, image_id, pad_id))
+            model = model_class(arch)(compose_config(vision, text, image_id, pad_id, tiling=tiling))
     finally:
         torch.set_default_dtype(torch.float32)
     model.config.dtype = dtype
     model.generation_config = generation_config(tokenizer, out, text)
     image_processor, source = load_image_processor(out, CLIP, vision)  # no preprocessor file: CLIP defaults at 336
-    save_model_dir(model, make_processor(VisionTower(out, CLIP, vision, image_processor, source), tokenizer), out)
+    tower = VisionTower(out, CLIP, vision, image_processor, source)
+    save_model_dir(model, make_processor(tower, tokenizer, tiling), out)
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -164,13 +178,48 @@ def flops_model(model_dir: Path):
     """The FLOPs model of a composed model dir, built on the meta device (no memory, no weights read); its 6N does
     not depend on the mode."""
     import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from llava_loop.flops import FlopsModel
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
     return FlopsModel.from_model(model, "projector")
+
+
+def write_data(out: Path, n: int, arch: str) -> Path:
+    """`n` shapes records at 336 px; for a tiled arch each image stretched to the next of WIDE."""
+    from PIL import Image
+
+    from llava_loop.demo.shapes import write_shapes
+
+    write_shapes(out, n, seed=0, size=336)
+    if arch != "llava":
+        for i, path in enumerate(sorted((out / "images").iterdir())):
+            Image.open(path).resize(WIDE[i % len(WIDE)]).save(path, quality=92)
+    return out
+
+
+def views_per_sample(model_dir: Path, data: Path) -> float:
+    """The tower views a sample costs on average, by the model's own processor over the images written (one per
+    record): the run's metrics log no view counts, and the 6N count needs them."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llava_loop.data.tiles import Tiler
+
+    tiler = Tiler.of(AutoProcessor.from_pretrained(model_dir))
+    if tiler is None:
+        return 1.0
+    sizes = [Image.open(path).size for path in (data / "images").iterdir()]
+    views = {size: len(tiler.tiles(Image.new("RGB", size), 1)) for size in set(sizes)}
+    return sum(views[size] for size in sizes) / len(sizes)
+
+
+def micro_batch(arch: str, args) -> int:
+    """A tiled sample here holds about 3x a base-resolution one's tokens: half the micro-batch keeps a step's
+    activations within 2x of the target row's."""
+    return args.micro_batch if arch == "llava" else max(1, args.micro_batch // 2)
 
 
 class PeakMemory:
@@ -224,6 +273,7 @@ def launch(
     timeout: float,
 ) -> dict:
     """One real training launch; returns its measured figures, or raises LaunchFailed."""
+    arch = SHAPES[shape][1]
     config = {
         "mode": mode,
         "output_dir": str(out),
@@ -234,10 +284,10 @@ def launch(
             "path": str(data / "chat.json"),
             "image_dir": str(data / "images"),
             "num_workers": args.workers,
-            "max_length": 1024,
+            "max_length": 1024 if arch == "llava" else 4096,  # LLaVA-NeXT trains at 4096
         },
         "train": {
-            "micro_batch_size": args.micro_batch,
+            "micro_batch_size": micro_batch(arch, args),
             "grad_accum": 1,
             "max_steps": args.steps,
             "lr": 1e-3 if mode == "projector" else 2e-4,
@@ -280,7 +330,7 @@ def launch(
     steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
     steady = steps[2:] or steps  # the first steps compile kernels and fill the loader
     seconds = common.median([m["step_time"] for m in steady])
-    samples = args.micro_batch * args.processes
+    samples = micro_batch(arch, args) * args.processes
     tokens = common.median([m["tokens_per_s"] * m["step_time"] for m in steady])
     supervised = common.median([m["label_tokens"] for m in steady])
     flops = common.median([m["flops"] for m in steady])  # the step's needed FLOPs, as the loop counts them
@@ -311,10 +361,11 @@ def plan(
 def table(rows: list[dict]) -> str:
     def cells(r):
         if r["status"] != "ok":
-            return ["—"] * 5
+            return ["—"] * 6
         return [
             f"{r['samples_per_s']:.1f}",
             f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_sample']:.0f}",
             f"{r['peak_gib']:.1f}",
             f"{r['mfu_needed']:.1%}",
             f"{r['mfu_6n']:.1%}",
@@ -327,6 +378,7 @@ def table(rows: list[dict]) -> str:
             "checkpointing",
             "samples/s",
             "tokens/s",
+            "tokens/sample",
             "peak GPU memory (GiB)",
             "MFU (needed)",
             "MFU (6N)",
@@ -355,7 +407,13 @@ def main() -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing"
     )
-    parser.add_argument("--shapes", nargs="+", default=["0.5b", "3b"], choices=["0.5b", "3b", "7b"])
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["0.5b", "3b", "anyres"],
+        choices=[shape for shape in SHAPES if not shape.startswith("tiny")],
+        help="LLM shapes with CLIP-L; anyres: LLaVA-NeXT tiles at the 0.5B shape",
+    )
     parser.add_argument(
         "--modes",
         nargs="+",
@@ -403,11 +461,11 @@ def main() -> int:
     sys.path.insert(0, str(common.ROOT))
     import torch
 
-    from llava_loop.demo.shapes import write_shapes
     from llava_loop.flops import peak_tflops
 
     if args.smoke:
-        args.shapes, args.steps, args.micro_batch, args.workers, args.processes = ["tiny"], 3, 2, 0, 1
+        args.shapes = list(dict.fromkeys(SMOKE_TWINS[SHAPES[shape][1]] for shape in args.shapes))
+        args.steps, args.micro_batch, args.workers, args.processes = 3, 2, 0, 1
     elif not torch.cuda.is_available():
         raise SystemExit("no GPU here; use --smoke to check the script on CPU")
     args.processes = args.processes or torch.cuda.device_count()
@@ -415,11 +473,14 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rows.jsonl").write_text("")
     root = Path(tempfile.mkdtemp(prefix="llava-gpu-bench-"))
-    write_shapes(root / "data", (args.steps + 1) * args.micro_batch * args.processes, seed=0, size=336)
+    data = {
+        arch: write_data(root / f"data-{arch}", (args.steps + 1) * micro_batch(arch, args) * args.processes, arch)
+        for arch in dict.fromkeys(SHAPES[shape][1] for shape in args.shapes)
+    }
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     peak = args.peak_tflops or peak_tflops(name) or float("nan")
     deadline = started + 60 * args.budget_minutes if args.budget_minutes is not None else float("inf")
-    rows, flops_models, longest = [], {}, 0.0
+    rows, built, longest = [], {}, 0.0  # built: each shape's (FlopsModel, views per sample), or why it failed
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -443,20 +504,19 @@ def main() -> int:
                 continue
             t0 = time.monotonic()
             try:
-                if isinstance(flops_models.get(shape), LaunchFailed):  # its model could not be built: said once per row
-                    raise flops_models[shape]
-                if shape not in flops_models:
+                arch, model_dir = SHAPES[shape][1], root / f"model-{shape}"
+                if isinstance(built.get(shape), LaunchFailed):  # its model could not be built: said once per row
+                    raise built[shape]
+                if shape not in built:
                     try:
-                        build_random_model(root / f"model-{shape}", shape)
-                        flops_models[shape] = flops_model(root / f"model-{shape}")
+                        build_random_model(model_dir, shape)
+                        built[shape] = flops_model(model_dir), views_per_sample(model_dir, data[arch])
                     except Exception as exc:  # noqa: BLE001 - recorded for every row of this shape
-                        flops_models[shape] = LaunchFailed(
-                            f"building the {shape} model: {type(exc).__name__}: {exc}"[:300]
-                        )
-                        raise flops_models[shape] from exc
+                        built[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
+                        raise built[shape] from exc
                 r = launch(
-                    root / f"model-{shape}",
-                    root / "data",
+                    model_dir,
+                    data[arch],
                     root / f"run-{shape}-{mode}-{ckpt}-{kernels}",
                     shape,
                     mode,
@@ -465,9 +525,12 @@ def main() -> int:
                     args,
                     timeout=min(args.launch_timeout, deadline - time.monotonic()),
                 )
-                samples = args.micro_batch * args.processes
+                flops, views = built[shape]
+                samples = micro_batch(arch, args) * args.processes
                 tokens = r["tokens_per_sample"] * samples
-                six_n = flops_models[shape].step(views=samples, tokens=tokens, attention_pairs=0, supervised=0)[1]
+                # the data's mean views against the steps' median tokens: a mixed batch's views are not logged
+                six_n = flops.step(views=samples * views, tokens=tokens, attention_pairs=0, supervised=0)[1]
+                r["views_per_sample"] = views
                 r["mfu_needed"] = r["flops"] / r["seconds"] / 1e12 / args.processes / peak
                 r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
                 record({**r, "status": "ok", "wall_s": time.monotonic() - t0})
@@ -495,7 +558,8 @@ def main() -> int:
         report = "\n".join(
             [
                 common.header(
-                    f"GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-{args.zero}, "
+                    "GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs (anyres: LLaVA-NeXT tiles of 672x336 and 1008x336 "
+                    f"images), accelerate launch + DeepSpeed ZeRO-{args.zero}, "
                     f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
                     "python bench/gpu.py " + " ".join(sys.argv[1:]),
                 ),

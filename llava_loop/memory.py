@@ -5,22 +5,37 @@ Model states follow the ZeRO paper's accounting, per trainable parameter: bf16 w
 weight on every GPU and splits gradients and optimizer states N ways; ZeRO-3 splits the weights too (plus the
 layers gathered for the current forward); optimizer offload moves the 12 bytes to host memory. Activations
 assume gradient checkpointing (each layer's input kept, one layer recomputed at a time) and label-only logits.
+The vision tower's count only in ``full``, where it trains: the inputs of its checkpointed layers, per view (an
+image, or a tiled image's base view and each tile). Frozen, its outputs carry no graph and its forward's
+transients are freed before the LLM's forward, so they never meet the LLM's peak.
 ``held_weight_bytes`` measures what a process really holds, to hold the per-rank terms against DeepSpeed's.
+
+A sample is ``--seq-len`` tokens with one base-resolution image, or is sized from one image's geometry
+(``--image-size WxH`` at ``--arch``): text plus that image's placeholders, counted by the processor ``llava-loop
+build`` writes for CLIP-L/336, through the Tiler training counts with (data/tiles.py).
 
     python -m llava_loop.memory                      # the table in docs/BENCHMARKS.md
     llava-loop memory --llm 34B --mode full --gpus 8 --gpu-gib 80
+    llava-loop memory --llm 7B --mode full --arch llava-next --image-size 672x672 --text-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from dataclasses import dataclass
 
+from .anyres import ARCHS
 from .config import MODES
+from .data.images import MAX_IMAGE_PIXELS
+from .errors import UserError
 
 GIB = 1 << 30
-CLIP_L_336 = 303_507_456  # CLIP ViT-L/14-336 vision tower (the LLaVA-1.5 recipe)
+CLIP_L_336 = 303_507_456  # CLIP ViT-L/14-336 vision tower (the LLaVA-1.5 recipe): clip_l_336()'s parameters
 CLIP_L_HIDDEN = 1024
+CLIP_L_TOKENS = 577  # per view: 24 x 24 patches and CLS
+CLIP_L_USED_LAYERS = 23  # the projector reads the penultimate layer; the last is never run
 RUNTIME_GIB = 2.0  # CUDA context, NCCL buffers and allocator slack, a fixed allowance
 
 
@@ -45,6 +60,93 @@ LLMS = {
     )
 }
 SETTINGS = ("zero2", "zero3", "zero3+offload")
+
+
+def clip_l_336():
+    """openai/clip-vit-large-patch14-336's vision config, the tower these estimates assume."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=CLIP_L_HIDDEN,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: its tokens (text and image placeholders), the views its image costs the vision tower,
+    and where the count came from."""
+
+    tokens: int
+    views: int = 1
+    source: str = "--seq-len, one base-resolution image"
+
+
+def clip_l_processor(arch: str, grids: str | None = None, max_tiles: int = 0):
+    """``(tower, processor)`` as ``llava-loop build --arch`` writes them for CLIP-L/336. The tokenizer is a
+    stand-in holding the image token alone: the processors need one, and counting reads no text."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from .build import add_image_token, make_processor, prepare_tiling
+    from .vision_tower import CLIP, VisionTower, load_image_processor
+
+    vision, nowhere = clip_l_336(), Path(os.devnull)  # no preprocessor file: CLIP's defaults at 336 px
+    tower = VisionTower(nowhere, CLIP, vision, *load_image_processor(nowhere, CLIP, vision))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>"
+    )
+    add_image_token(tokenizer)
+    tiling, _ = prepare_tiling(arch, tower, tokenizer, grids, max_tiles)
+    return tower, make_processor(tower, tokenizer, tiling)
+
+
+def image_sample(
+    arch: str, width: int, height: int, *, text_tokens: int, grids: str | None = None, max_tiles: int = 0
+) -> Sample:
+    """A sample of ``text_tokens`` and one ``width`` x ``height`` image, as a CLIP-L/336 build of ``arch`` counts
+    its placeholders and tiles."""
+    from PIL import Image
+
+    from .data.tiles import Tiler
+
+    tower, processor = clip_l_processor(arch, grids, max_tiles)
+    tiler = Tiler.of(processor)
+    if tiler is None:
+        image_tokens, views = tower.features_per_image, 1
+    else:
+        image_tokens = tiler.tokens(height, width, 1)
+        views = len(tiler.tiles(Image.new("RGB", (width, height)), 1))  # the tiles the processor really cuts
+    plural = "s" if views > 1 else ""
+    source = (
+        f"{text_tokens} text + {image_tokens} image tokens: one {width}x{height} image at {arch}, {views} view{plural}"
+    )
+    return Sample(text_tokens + image_tokens, views, source)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``"1344x336"`` -> (1344, 336): width x height in pixels, as training would accept the image."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
+    if min(width, height) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an image size; write width x height in pixels, e.g. 1344x336"
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {width * height:,} pixels; training skips images over {MAX_IMAGE_PIXELS:,} as decompression "
+            "bombs (data.max_image_pixels)"
+        )
+    return width, height
 
 
 def projector_params(llm: LLMShape, vision_hidden: int = CLIP_L_HIDDEN) -> int:
@@ -107,6 +209,14 @@ def activation_bytes(llm: LLMShape, micro_batch: int, seq_len: int, setting: str
     return kept + one_layer + gathered
 
 
+def vision_activation_bytes(mode: str, micro_batch: int, views: int) -> float:
+    """A trained, checkpointed CLIP-L keeps each used layer's bf16 input per view through the LLM's backward; its
+    one-layer recompute comes after, once the LLM's activations are freed."""
+    if mode != "full":
+        return 0.0
+    return 2 * micro_batch * views * CLIP_L_TOKENS * CLIP_L_HIDDEN * CLIP_L_USED_LAYERS
+
+
 def estimate(
     llm: LLMShape,
     mode: str,
@@ -115,13 +225,15 @@ def estimate(
     *,
     micro_batch: int = 16,
     seq_len: int = 2048,
+    views: int = 1,
     lora_rank: int = 128,
 ) -> dict[str, float]:
-    """GiB per GPU, by term, and the total."""
+    """GiB per GPU, by term, and the total; ``views``: what one sample's image costs the vision tower."""
     total = llm.params + CLIP_L_336 + projector_params(llm)
     states = model_state_bytes(total, trainable_params(llm, mode, lora_rank), setting, gpus)
     parts = {k: v / GIB for k, v in states.items()}
-    parts["activations"] = activation_bytes(llm, micro_batch, seq_len, setting) / GIB
+    activations = activation_bytes(llm, micro_batch, seq_len, setting)
+    parts["activations"] = (activations + vision_activation_bytes(mode, micro_batch, views)) / GIB
     parts["runtime"] = RUNTIME_GIB
     parts["total"] = sum(v for k, v in parts.items() if k != "host_optimizer")
     return parts
@@ -150,15 +262,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (ZeRO splits across all of them)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU")
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=2048)
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument("--seq-len", type=int, help="tokens per sample, one base-resolution image (default 2048)")
+    sample.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="WxH",
+        help="size each sample from one image of this size at --arch (its exact image tokens and tiles)",
+    )
+    p.add_argument("--arch", choices=ARCHS, default="llava", help="with --image-size: how the image is seen")
+    p.add_argument("--grid-pinpoints", help="with --image-size: tile grids, as build takes them (rows x columns)")
+    p.add_argument("--max-tiles", type=int, default=0, help="with --image-size: the tile bound, as build takes it")
+    p.add_argument("--text-tokens", type=int, help="with --image-size: the sample's text tokens (default 64)")
     p.add_argument("--lora-rank", type=int, default=128)
 
 
+def sample_of(args) -> Sample:
+    """The sample the command line describes; image options without an image are refused, not ignored."""
+    if args.image_size:
+        text = 64 if args.text_tokens is None else args.text_tokens
+        if text < 0:
+            raise UserError(f"--text-tokens {text}: must be 0 or more")
+        grids, max_tiles = args.grid_pinpoints, args.max_tiles
+        return image_sample(args.arch, *args.image_size, text_tokens=text, grids=grids, max_tiles=max_tiles)
+    stray = {
+        f"--arch {args.arch}": args.arch != "llava",
+        "--text-tokens": args.text_tokens is not None,
+        "--grid-pinpoints": bool(args.grid_pinpoints),
+        "--max-tiles": bool(args.max_tiles),
+    }
+    if any(stray.values()):
+        given = ", ".join(name for name, set_ in stray.items() if set_)
+        raise UserError(f"{given}: these size a sample from an image; add --image-size WxH (in place of --seq-len)")
+    return Sample(args.seq_len or 2048)
+
+
 def run(args) -> int:
-    shape = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "lora_rank": args.lora_rank}
+    sample = sample_of(args)
+    shape = dict(micro_batch=args.micro_batch, seq_len=sample.tokens, views=sample.views, lora_rank=args.lora_rank)
+    print(f"tokens per sample: {sample.tokens} ({sample.source})")
     if not args.llm:
         print(
-            f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {args.seq_len} tokens, bf16, "
+            f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {sample.tokens} tokens, bf16, "
             "gradient checkpointing"
         )
         print(table(args.gpus, **shape))
@@ -177,6 +322,8 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
+    import sys
+
+    from .cli import main
+
+    raise SystemExit(main(["memory", *sys.argv[1:]]))
