@@ -187,3 +187,35 @@ def test_prepare_refuses_to_write_into_an_existing_model_towers_or_image_folder(
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UserError, match="dangling"):
         must_be_new(tmp_path / "dangling", "x", "")
+
+
+def test_fine_print_detail_reaches_only_a_tiled_model(tiny_model_dir, tmp_path):
+    """The premise of bench/anyres.py: the patch's 2-pixel pattern averages out in the base model's padded view
+    (a striped patch and a plain one give near-equal pixels) but survives in LLaVA-NeXT's tiles; the plain
+    patch itself is visible to both (the control: the base view does see the patch, just not its detail)."""
+    import random
+
+    from llava_loop.build import upgrade_llava
+    from llava_loop.data.encode import SampleEncoder
+    from llava_loop.demo.fine_print import PATTERNS, draw_patch_image
+    from llava_loop.runtime import load_model
+
+    upgrade_llava(tiny_model_dir, tmp_path / "next")
+    base = SampleEncoder(load_model(tiny_model_dir)[1], max_length=512, image_aspect_ratio="pad")
+    tiled = SampleEncoder(load_model(tmp_path / "next")[1], max_length=512)
+
+    def pixels(encoder, pattern):  # the same place and background for every pattern (one seed)
+        image = draw_patch_image(64, pattern, random.Random(3))
+        return encoder.image_inputs([image])["pixel_values"]
+
+    def spread(encoder, patterns):
+        views = [pixels(encoder, p) for p in patterns]
+        return max(float((a - b).abs().max()) for a in views for b in views)
+
+    striped = [p for p in PATTERNS if p != "plain"]
+    assert spread(base, [*striped, "plain"]) < 0.15 * spread(tiled, [*striped, "plain"])
+    assert spread(tiled, striped) > 2.0  # the patterns differ by the full black-to-white range in the tiles
+    background = draw_patch_image(64, "plain", random.Random(3))
+    background.paste((90, 90, 100), (0, 0, *background.size))  # no patch at all
+    no_patch = base.image_inputs([background])["pixel_values"]
+    assert float((no_patch - pixels(base, "plain")).abs().max()) > 0.3
