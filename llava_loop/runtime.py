@@ -117,7 +117,7 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
     samples cost their own lengths squared in attention, not the row's."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
     from transformers.utils import is_flash_attn_2_available
 
     from . import attention  # registers sdpa_varlen with transformers
@@ -150,6 +150,8 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
                 f"(it runs {model.config.text_config._attn_implementation}); use auto or eager"
             )
     # PIL, as the fast pixel path computes: with torchvision installed (lmms-eval pulls it) transformers would pick
-    # its torchvision backend, whose resizes differ by up to one grey level (docs/BENCHMARKS.md, "Pixels")
-    processor = AutoProcessor.from_pretrained(path, backend="pil")
+    # its torchvision backend, whose resizes differ by up to one grey level (docs/BENCHMARKS.md, "Pixels"). Set on
+    # the image processor alone: OneVision's video processor has no PIL backend, and `backend=` reaches every part
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     return model, processor

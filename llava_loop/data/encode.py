@@ -292,7 +292,7 @@ class SampleEncoder:
         if self.tiler is None:
             return {"pixel_values": torch.stack([self.pixel_values(image) for image in images])}
         inputs = {
-            "pixel_values": torch.cat([self.tiler.tiles(image, len(images)) for image in images]),
+            "pixel_values": self.tiler.views(images),
             "image_sizes": torch.tensor([[image.height, image.width] for image in images], dtype=torch.long),
         }
         if self.tiler.onevision:

@@ -4,7 +4,8 @@ A tiled processor cuts each image into a base view plus tiles on the best-fittin
 ``image_grid_pinpoints``, so an image's placeholder count depends on its size (``_get_number_of_features``, the
 processor's own formula, which the model's unpadding matches feature for feature). OneVision shows the tiles only
 for a sample with one image; a sample with several sees each at base resolution (one view, one newline), as its
-processor and ``get_image_features(batch_num_images=...)`` do.
+processor and ``get_image_features(batch_num_images=...)`` do; that view is the image padded to a square, not the
+squashed base view of a tiled one.
 
 The model takes every sample's tiles concatenated, ``(tiles, 3, side, side)``, with ``image_sizes`` (height,
 width) per image: it recomputes each image's tile count from its size, so nothing is padded.
@@ -48,8 +49,16 @@ class Tiler:
             n = self.processor.num_image_tokens + 1
         return n - 1 if self.drops_cls else n
 
+    def views(self, images: list[Image.Image]) -> torch.Tensor:
+        """One sample's images -> ``(views, 3, side, side)``, as the processor cuts them: each image's base view
+        and then its tiles, row by row, image after image; OneVision's several images one (square) view each."""
+        if self.tiled(len(images)):
+            return torch.cat(
+                [self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0] for image in images]
+            )
+        return self.image_processor(images=[images], return_tensors="pt")["pixel_values"][:, 0]
+
     def tiles(self, image: Image.Image, n_images: int) -> torch.Tensor:
-        """``(k, 3, side, side)``: the base view first, then the tiles, row by row (the base view alone when the
-        sample's images are not tiled)."""
-        tiles = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return tiles if self.tiled(n_images) else tiles[:1]
+        """The views of one image in a sample of ``n_images`` images: how many the tower encodes for it."""
+        views = self.views([image] * n_images)
+        return views[: len(views) // n_images]
