@@ -9,6 +9,13 @@ benchmarks in the background keeps training.
 Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each record's
 first question that shows one image, the prompt laid out as training lays it out, scored by exact match and token
 F1 with ``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
+
+Tiled exports (``--arch llava-next`` / ``llava-onevision``) load in ``llava_hf`` too: it picks
+LlavaNextForConditionalGeneration or LlavaOnevisionForConditionalGeneration from config.json's ``model_type``, and
+its processor tiles each image as training did. Its processor takes transformers' default image backend
+(torchvision, which lmms-eval installs), where llava_loop uses PIL: the two agree exactly at the tower's own size,
+but a tiled model resizes every image (its base view at least), and resized pixels differ by up to one grey level
+(docs/BENCHMARKS.md, "Pixels"), so an answer can differ where a greedy choice is that close.
 """
 
 from __future__ import annotations

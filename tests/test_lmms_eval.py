@@ -100,6 +100,53 @@ def test_lmms_eval_scores_an_export_as_llava_loop_eval_does(trained, tmp_path):
         )
 
 
+@pytest.mark.parametrize("arch", ["llava-next", "llava-onevision"])
+def test_lmms_eval_scores_a_tiled_export_as_llava_loop_eval_does(arch, trained, tmp_path, run_config):
+    """The trained export upgraded to tiles (``build --from``), trained on for a few steps and exported: on
+    held-out images of mixed aspect ratios lmms-eval's llava_hf (which loads the class config.json names) answers
+    as ``llava-loop eval`` does, answer for answer, though its processor resizes with torchvision. The control:
+    the base-resolution export's answers to the same questions, which differ."""
+    from test_anyres_train import ASPECTS
+
+    from llava_loop import lmms
+    from llava_loop.build import upgrade_llava
+    from llava_loop.checkpoint.files import complete_checkpoints
+    from llava_loop.data.records import load_records
+    from llava_loop.evaluate import evaluate_model, normalize
+    from llava_loop.export import export
+    from llava_loop.infer import load_for_inference
+
+    images = tmp_path / "images"
+    shutil.copytree(trained["val_images"], images)
+    for k, path in enumerate(sorted(images.iterdir())):
+        with Image.open(path) as image:
+            image.resize(ASPECTS[k % len(ASPECTS)]).save(path)
+    mixed = {"train": trained["val"], "train_images": images, "val": trained["val"], "val_images": images}
+    upgrade_llava(trained["export"], tmp_path / "tiled", arch=arch)
+    train = {"max_steps": 4, "lr": 2e-4}
+    data = {"max_length": 1024}  # a wide image takes 264 placeholders
+    helpers.train_here(run_config(model=tmp_path / "tiled", shapes=mixed, mode="projector", train=train, data=data))
+    export(complete_checkpoints(tmp_path / "run")[-1], tmp_path / "export")
+
+    records = load_records(trained["val"])
+
+    def evaluated(model_dir):
+        model, _, encoder = load_for_inference(model_dir, device="cpu")
+        metrics, predictions, left_out = evaluate_model(model, encoder, records, images, max_new_tokens=32)
+        assert not left_out
+        return metrics, [normalize(p["prediction"]) for p in predictions]
+
+    ours, expected = evaluated(tmp_path / "export")
+    assert 0.1 <= ours["exact_match"] <= 0.95, ours  # partly right: a wrong layout or wrong tiles show
+    assert evaluated(trained["export"])[1] != expected
+
+    options = lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=images, max_new_tokens=32)
+    scores = lmms.run(tmp_path / "export", options, tmp_path / "lmms", records=records)[lmms.LOCAL_TASK]
+    assert [normalize(p) for p in lmms_predictions(tmp_path / "lmms")] == expected
+    assert scores["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
+    assert scores["token_f1"] == pytest.approx(ours["token_f1"], abs=1e-9)
+
+
 def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
     from llava_loop.cli import main
 
