@@ -212,7 +212,7 @@ def views_per_sample(model_dir: Path, data: Path) -> float:
     if tiler is None:
         return 1.0
     sizes = [Image.open(path).size for path in (data / "images").iterdir()]
-    views = {size: len(tiler.tiles(Image.new("RGB", size), 1)) for size in set(sizes)}
+    views = {size: tiler.view_count(*size) for size in set(sizes)}
     return sum(views[size] for size in sizes) / len(sizes)
 
 

@@ -115,8 +115,6 @@ def image_sample(
 ) -> Sample:
     """A sample of ``text_tokens`` and one ``width`` x ``height`` image, as a CLIP-L/336 build of ``arch`` counts
     its placeholders and tiles."""
-    from PIL import Image
-
     from .data.tiles import Tiler
 
     tower, processor = clip_l_processor(arch, grids, max_tiles)
@@ -125,7 +123,7 @@ def image_sample(
         image_tokens, views = tower.features_per_image, 1
     else:
         image_tokens = tiler.tokens(height, width, 1)
-        views = len(tiler.tiles(Image.new("RGB", (width, height)), 1))  # the tiles the processor really cuts
+        views = tiler.view_count(width, height)
     plural = "s" if views > 1 else ""
     source = (
         f"{text_tokens} text + {image_tokens} image tokens: one {width}x{height} image at {arch}, {views} view{plural}"

@@ -215,18 +215,11 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 def test_real_scale_parameter_counts_on_meta_device():
     """clip-vit-large-patch14-336 + Qwen2.5-3B-Instruct, from their published configs, no weights."""
-    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
+    from transformers import LlavaForConditionalGeneration, Qwen2Config
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
+    from llava_loop.memory import clip_l_336
+
+    vision = clip_l_336()
     text = Qwen2Config(
         vocab_size=151936,
         hidden_size=2048,

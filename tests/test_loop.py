@@ -207,19 +207,12 @@ def test_lora_targets_are_the_language_models_linear_layers(tiny_model_dir):
 
 
 def test_real_scale_trainable_counts_on_meta_device():
-    from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, Qwen2Config
+    from transformers import LlavaForConditionalGeneration, Qwen2Config
 
     from llava_loop.build import compose_config
+    from llava_loop.memory import clip_l_336
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
+    vision = clip_l_336()  # hidden_act quick_gelu, CLIPVisionConfig's default too: the same counts
     text = Qwen2Config(
         vocab_size=151936,
         hidden_size=2048,

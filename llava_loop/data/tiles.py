@@ -58,7 +58,6 @@ class Tiler:
             )
         return self.image_processor(images=[images], return_tensors="pt")["pixel_values"][:, 0]
 
-    def tiles(self, image: Image.Image, n_images: int) -> torch.Tensor:
-        """The views of one image in a sample of ``n_images`` images: how many the tower encodes for it."""
-        views = self.views([image] * n_images)
-        return views[: len(views) // n_images]
+    def view_count(self, width: int, height: int) -> int:
+        """How many views the tower encodes for a lone image of this size, as the processor cuts it."""
+        return len(self.views([Image.new("RGB", (width, height))]))
