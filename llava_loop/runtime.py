@@ -117,7 +117,8 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
     samples cost their own lengths squared in attention, not the row's."""
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: vision_tower.image_processor
     from transformers.utils import is_flash_attn_2_available
 
     from . import attention  # registers sdpa_varlen with transformers
