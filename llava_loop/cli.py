@@ -115,10 +115,11 @@ def cmd_eval(args) -> int:
 
     if not args.data and not args.lmms_eval:
         raise UserError("eval needs --data (with --image-dir) for llava_loop's metrics, or --lmms-eval --tasks ...")
-    if args.data and not args.image_dir:
-        from .data.sources import source_kind
+    if args.data:
+        from .data.sources import image_dir_of, source_kind
 
-        if source_kind(args.data) == "json":
+        args.image_dir = image_dir_of(args.data, args.image_dir or "")
+        if source_kind(args.data) == "json" and not args.image_dir:
             raise UserError("--data needs --image-dir: the folder its image paths are relative to")
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
     result = {"model": str(args.model), "adapter": args.adapter, "data": args.data and str(args.data)}
@@ -252,10 +253,28 @@ def cmd_data_convert(args) -> int:
             "image_key": args.image_key,
             "caption_key": args.caption_key,
             "prompt": args.prompt,
+            "prompts": args.prompts,
             "seed": args.seed,
         }
     n = convert(args.kind, args.input, args.out, **options)
     say(f"converted {n} records from {args.input} to {args.out}", stderr=False)
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    import shlex
+
+    from .data.prepare import LEFT_OUT, prepare
+
+    command = shlex.join(["llava-loop", *sys.argv[1:]]) if sys.argv[0].endswith("llava-loop") else ""
+    manifest = prepare(args.name, args.src, args.out, command=command, force=args.force, say=say)
+    rows = [("records", manifest["records"]), ("images", manifest["images"])]
+    rows += [(f"left out: {reason}", n) for reason, n in manifest["left_out"].items()]
+    rows += [(f"images found under {prefix}", n) for prefix, n in manifest["found_under"].items()]
+    print_table(f"{args.name} prepared in {args.out}", rows)
+    if manifest["left_out"]:
+        say(f"the records left out, and why, are listed in {args.out}/{LEFT_OUT}")
+    say(f"train with data.path={args.out}", stderr=False)
     return 0
 
 
@@ -414,8 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=memory.run)
 
     data = sub.add_parser(
-        "data", help="dataset tools: check, convert, and those plugins add (the demo: synth)"
+        "data", help="dataset tools: prepare, check, convert, and those plugins add (the demo: synth)"
     ).add_subparsers(dest="data_command", required=True)
+    from .data.layouts import LAYOUTS
+
+    p = data.add_parser(
+        "prepare", help="a downloaded dataset folder (zips as they are) -> a folder that data.path= trains from"
+    )
+    p.add_argument("name", choices=sorted(LAYOUTS))
+    p.add_argument("--src", required=True, help="the dataset's files as downloaded from the hub, zips not unpacked")
+    p.add_argument("--out", required=True, help="the prepared folder (records, left-out list, card, manifest)")
+    p.add_argument("--force", action="store_true", help="prepare again over a folder that holds a preparation")
+    p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True, help="chat.json / .jsonl, Parquet, a save_to_disk folder, or shards")
     p.add_argument(
@@ -459,7 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-absolute-paths", action="store_true", help="shards: accept image paths outside --image-dir")
     p.add_argument("--image-key")
     p.add_argument("--caption-key")
-    p.add_argument("--prompt", help="one fixed instruction instead of the pretrain-style pool")
+    p.add_argument("--prompt", help="one fixed instruction instead of a pool")
+    p.add_argument(
+        "--prompts",
+        choices=["brief", "describe-and-read"],
+        default="brief",
+        help="captions: the instruction pool; brief for short captions (CC3M), describe-and-read for long "
+        "description + transcription captions (TextOCR-GPT4o), which a brief prompt contradicts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_convert)
 

@@ -30,10 +30,10 @@ from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 
 from .data.encode import first_exchange, record_messages
-from .data.images import EmbeddedImage, image_path, load_image, open_checked
+from .data.images import image_path, load_image, open_checked
 from .data.records import Records
 from .data.skips import SkipSample
-from .data.sources import open_records
+from .data.sources import image_dir_of, open_records
 from .errors import UserError
 from .evaluate import normalize, token_f1
 from .hooks import append_metrics
@@ -193,7 +193,7 @@ def run(
             raise UserError(f"the {LOCAL_TASK} task is written from your records: give --data (and --image-dir)")
         include_path = write_local_task(
             records,
-            options.image_dir or "",
+            image_dir_of(options.data or "", options.image_dir or ""),
             output_dir / "tasks",
             max_samples=options.max_samples,
             max_new_tokens=options.max_new_tokens,
@@ -276,10 +276,10 @@ def write_local_task(
         except SkipSample as skip:
             print(f"{LOCAL_TASK}: left out record {record.id}: {skip.reason} ({skip.detail})", file=sys.stderr)
             continue
-        if isinstance(path, EmbeddedImage):  # lmms-eval reads files: this question's image is written out
+        if not isinstance(path, Path):  # lmms-eval reads files: an embedded or zipped image is written out
             (out / "images").mkdir(exist_ok=True)
-            path = out / "images" / f"{len(rows):06d}"
-            path.write_bytes(record.images[0].data)
+            path, data = out / "images" / f"{len(rows):06d}", path.read_bytes()
+            path.write_bytes(data)
         question = messages[user]["content"].removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
         rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
     if not_one_image:

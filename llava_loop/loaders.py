@@ -21,7 +21,7 @@ from .data.lengths import token_lengths
 from .data.records import RecordError, Records
 from .data.sampler import EpochSampler, TokenBudgetBatches
 from .data.shards import expand, read_index, usable_shards
-from .data.sources import open_records, require_data_extra, source_kind
+from .data.sources import image_dir_of, open_records, require_data_extra, source_kind
 from .data.stream import StreamDataset, StreamLayout, stream_loader
 from .data.tables import TableRecords
 from .errors import UserError
@@ -78,10 +78,12 @@ def make_datasets(
     if source_kind(cfg.data.path) == "shards":
         train_ds = make_stream(cfg, encoder, train, rank=rank, processes=processes)
     else:
-        train_ds = LlavaDataset(train, encoder, cfg.data.image_dir, seed=cfg.train.seed)
+        train_ds = LlavaDataset(train, encoder, image_dir_of(cfg.data.path, cfg.data.image_dir), seed=cfg.train.seed)
     eval_ds = None
     if held is not None:
-        eval_ds = LlavaDataset(held, encoder, cfg.data.eval_image_dir or cfg.data.image_dir, substitute=False)
+        d = cfg.data
+        held_dir = image_dir_of(d.eval_path, d.eval_image_dir) if d.eval_path else ""
+        eval_ds = LlavaDataset(held, encoder, held_dir or image_dir_of(d.path, d.image_dir), substitute=False)
     return train_ds, eval_ds
 
 

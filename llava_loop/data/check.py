@@ -17,7 +17,7 @@ import numpy as np
 from .encode import record_messages
 from .images import MAX_IMAGE_PIXELS, EmbeddedImage, image_path, open_checked
 from .skips import SkipSample
-from .sources import open_records, require_data_extra, source_kind
+from .sources import image_dir_of, open_records, require_data_extra, source_kind
 
 
 def source_records(data: str | Path):
@@ -56,7 +56,7 @@ def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
     """(reason or None, detail, (width, height)) for one image; decode fully only when asked."""
     path, decode, max_pixels = args
     try:
-        result = open_checked(path if isinstance(path, EmbeddedImage) else Path(path), max_pixels, decode=decode)
+        result = open_checked(path, max_pixels, decode=decode)
     except SkipSample as skip:
         return skip.reason, skip.detail, None
     return None, "", result.size if decode else result
@@ -77,6 +77,7 @@ def check_dataset(
 ) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
+    image_dir = image_dir_of(data, image_dir or "")
     count, records = source_records(data)
     problems: Counter = Counter()
     examples: dict[str, str] = {}
@@ -118,7 +119,7 @@ def check_dataset(
                 reason, detail, size = _image_problem((path, decode, max_image_pixels))
                 embedded.append((record.id, (reason, detail, size)))
             else:
-                image_jobs.append((str(path), decode, max_image_pixels))
+                image_jobs.append((path, decode, max_image_pixels))
                 image_ids.append(record.id)
     sizes = []
     if workers > 1:

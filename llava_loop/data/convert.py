@@ -1,7 +1,8 @@
 """``llava-loop data convert``: other datasets into LLaVA's chat.json form.
 
-* ``captions``: an image-caption table (CSV, JSON, JSONL, or Parquet with pyarrow installed), as in
-  TextOCR-GPT4o; every row becomes a one-turn record with an instruction from a fixed pool.
+* ``captions``: an image-caption table (CSV, JSON, JSONL, or Parquet with pyarrow installed); every row becomes a
+  one-turn record with an instruction from a fixed pool: ``brief`` (short captions, as in CC3M) or
+  ``describe-and-read`` (long description + transcription captions, as in TextOCR-GPT4o).
 * ``conversations``: ShareGPT-4o / ShareGPT-style records (``conversations`` of from/value) or
   OpenAI-style ``messages`` whose content may be a list of ``{"type": "text"|"image"}`` parts; one image or
   several (``image``/``images`` lists), with image parts becoming ``<image>`` tags where they stand.
@@ -30,6 +31,16 @@ CAPTION_PROMPTS = (
     "Tell me in a few words what the picture shows.",
     "Describe the main content of the image concisely.",
 )
+# Instructions for long DESCRIPTION + TEXT captions (TextOCR-GPT4o): a brief-caption prompt would contradict them.
+DESCRIBE_AND_READ_PROMPTS = (
+    "Describe the image in detail and transcribe all the text in it.",
+    "Give a detailed description of this picture, then write out every piece of text you can read.",
+    "What does this image show? Describe it and transcribe any visible text.",
+    "Describe the scene and read out all of the text that appears in it.",
+    "Provide a thorough description of the image, including a transcription of its text.",
+    "Write a detailed caption for this image and list the text it contains.",
+)
+PROMPT_POOLS = {"brief": CAPTION_PROMPTS, "describe-and-read": DESCRIBE_AND_READ_PROMPTS}
 IMAGE_KEYS = ("image", "file_name", "filename", "image_path", "img", "path")
 CAPTION_KEYS = ("caption", "text", "description", "answer")
 
@@ -81,33 +92,48 @@ def _image_paths(value) -> list[str]:
     return [_image_path(v) for v in value] if isinstance(value, list) else [_image_path(value)]
 
 
+def caption_record(
+    row: dict,
+    where: str,
+    rng: random.Random,
+    *,
+    prompts: tuple[str, ...] = CAPTION_PROMPTS,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    prompt: str | None = None,
+) -> dict:
+    """One caption row as a one-turn record: an instruction from ``prompts`` (or ``prompt``), the caption whole."""
+    try:
+        image = _image_path(_pick(row, IMAGE_KEYS, image_key, "image", where))
+    except ValueError as exc:
+        raise ConvertError(f"{where}: {exc}") from None
+    caption = str(_pick(row, CAPTION_KEYS, caption_key, "caption", where)).strip()
+    instruction = prompt or rng.choice(prompts)
+    human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
+    return {
+        "id": str(row.get("id", Path(image).stem)),
+        "image": image,
+        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
+    }
+
+
 def from_captions(
     path: Path,
     *,
     image_key: str | None = None,
     caption_key: str | None = None,
     prompt: str | None = None,
+    prompts: str = "brief",
     seed: int = 0,
 ) -> list[dict]:
     rng = random.Random(seed)
-    out = []
-    for i, row in enumerate(read_rows(path)):
-        where = f"{path}: row {i}"
-        try:
-            image = _image_path(_pick(row, IMAGE_KEYS, image_key, "image", where))
-        except ValueError as exc:
-            raise ConvertError(f"{where}: {exc}") from None
-        caption = str(_pick(row, CAPTION_KEYS, caption_key, "caption", where)).strip()
-        instruction = prompt or rng.choice(CAPTION_PROMPTS)
-        human = f"{IMAGE_TOKEN}\n{instruction}" if rng.random() < 0.5 else f"{instruction}\n{IMAGE_TOKEN}"
-        out.append(
-            {
-                "id": str(row.get("id", Path(image).stem)),
-                "image": image,
-                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": caption}],
-            }
+    pool = PROMPT_POOLS[prompts]
+    return [
+        caption_record(
+            row, f"{path}: row {i}", rng, prompts=pool, image_key=image_key, caption_key=caption_key, prompt=prompt
         )
-    return out
+        for i, row in enumerate(read_rows(path))
+    ]
 
 
 def _message_text(content, where: str) -> str:
@@ -128,36 +154,43 @@ def _message_text(content, where: str) -> str:
     return "\n".join(t for t in texts if t)
 
 
+def conversation_record(row: dict, where: str, index: int) -> dict:
+    """One ShareGPT-style or OpenAI-style record as a LLaVA record, with one ``<image>`` tag per image."""
+    if not isinstance(row, dict):
+        raise ConvertError(f"{where}: expected an object, got {type(row).__name__}")
+    messages = row.get("conversations") or row.get("messages")
+    if not messages or not isinstance(messages, list):
+        raise ConvertError(f"{where}: no 'conversations' or 'messages'")
+    image = row.get("image") or row.get("images") or row.get("image_path")
+    conversations = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise ConvertError(f"{where}: a message is {type(message).__name__}, expected {{from, value}}")
+        role = str(message.get("from", message.get("role")))
+        text = _message_text(message.get("value", message.get("content")), where)
+        conversations.append({"from": LLAVA_FROM.get(ROLE_ALIASES.get(role.lower()), role), "value": text})
+    record = {"id": str(row.get("id", index)), "conversations": conversations}
+    if image:
+        try:
+            paths = _image_paths(image)
+        except ValueError as exc:
+            raise ConvertError(f"{where}: {exc}") from None
+        record["image"] = paths[0] if len(paths) == 1 else paths
+        tags = sum(c["value"].count(IMAGE_TOKEN) for c in conversations)
+        if tags == 0:  # ShareGPT-4o keeps images beside the text: put the tags where LLaVA expects them
+            first = next((c for c in conversations if c["from"] == "human"), None)
+            if first is None:
+                raise ConvertError(f"{where}: an image but no human message to show it in")
+            first["value"] = f"{IMAGE_TOKEN}\n" * len(paths) + first["value"]
+        elif tags != len(paths):
+            raise ConvertError(
+                f"{where}: {tags} <image> tags or image parts for {len(paths)} images; each image needs exactly one"
+            )
+    return record
+
+
 def from_conversations(path: Path) -> list[dict]:
-    out = []
-    for i, row in enumerate(read_rows(path)):
-        where = f"{path}: record {i}"
-        messages = row.get("conversations") or row.get("messages")
-        if not messages:
-            raise ConvertError(f"{where}: no 'conversations' or 'messages'")
-        image = row.get("image") or row.get("images") or row.get("image_path")
-        conversations = []
-        for message in messages:
-            role = str(message.get("from", message.get("role")))
-            text = _message_text(message.get("value", message.get("content")), where)
-            conversations.append({"from": LLAVA_FROM.get(ROLE_ALIASES.get(role.lower()), role), "value": text})
-        record = {"id": str(row.get("id", i)), "conversations": conversations}
-        if image:
-            try:
-                paths = _image_paths(image)
-            except ValueError as exc:
-                raise ConvertError(f"{where}: {exc}") from None
-            record["image"] = paths[0] if len(paths) == 1 else paths
-            tags = sum(c["value"].count(IMAGE_TOKEN) for c in conversations)
-            if tags == 0:  # ShareGPT-4o keeps images beside the text: put the tags where LLaVA expects them
-                first = next(c for c in conversations if c["from"] == "human")
-                first["value"] = f"{IMAGE_TOKEN}\n" * len(paths) + first["value"]
-            elif tags != len(paths):
-                raise ConvertError(
-                    f"{where}: {tags} <image> tags or image parts for {len(paths)} images; each image needs exactly one"
-                )
-        out.append(record)
-    return out
+    return [conversation_record(row, f"{path}: record {i}", i) for i, row in enumerate(read_rows(path))]
 
 
 def convert(kind: str, source: str | Path, out: str | Path, **options) -> int:

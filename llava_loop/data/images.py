@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserError
+from .archives import ZipMember, read_member, split_archive
 from .skips import SkipSample
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb limit; data.max_image_pixels defaults to it
@@ -30,18 +31,22 @@ class EmbeddedImage:
     def __str__(self) -> str:
         return self.where
 
+    def read_bytes(self) -> bytes:
+        return self.data
+
 
 def image_path(
     image_dir: str | Path, name: str | EmbeddedImage, *, allow_absolute: bool = False
-) -> Path | EmbeddedImage:
-    """Where a record's image lives (an embedded image is its own source). Names are relative to ``image_dir`` and
-    may not leave it (an absolute path or ``../``): a data file must not make the run read arbitrary files, unless
-    ``data.allow_absolute_paths``.
+) -> Path | EmbeddedImage | ZipMember:
+    """Where a record's image lives (an embedded image is its own source; ``images.zip/x.jpg`` is a member of
+    that zip, archives.py). Names are relative to ``image_dir`` and may not leave it (an absolute path or ``../``):
+    a data file must not make the run read arbitrary files, unless ``data.allow_absolute_paths``.
     Checked as written, then resolved: a symlink inside the folder that points out of it is refused too (both sides
     resolved, so an image folder that is itself a symlink still works)."""
     if isinstance(name, EmbeddedImage):
         return name
-    path = Path(image_dir) / name
+    member = split_archive(Path(image_dir), name) if ".zip/" in name.lower() else None
+    path = member.archive if member else Path(image_dir) / name
     if not allow_absolute:
         normal = os.path.normpath(name)
         if os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep):
@@ -59,16 +64,16 @@ def image_path(
                 f"{name!r} is a symbolic link to {target}, outside the image folder "
                 f"{image_dir} (set data.allow_absolute_paths to allow it)",
             )
-    return path
+    return member or path
 
 
-def load_image(path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: Path | EmbeddedImage | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
     return open_checked(path, max_pixels, decode=True)
 
 
 def open_checked(
-    path: Path | EmbeddedImage, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
+    path: Path | EmbeddedImage | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
 ) -> Image.Image | tuple[int, int]:
     """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
     only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
@@ -76,6 +81,8 @@ def open_checked(
         if not path.data:
             raise SkipSample("empty_image", f"{path} is zero bytes")
         return _decode_checked(io.BytesIO(path.data), path, max_pixels, decode)
+    if isinstance(path, ZipMember):
+        return _decode_checked(io.BytesIO(read_member(path)), path, max_pixels, decode)
     if not path.is_file():
         if path.is_dir():
             raise SkipSample("not_a_file", f"{path} is a directory")

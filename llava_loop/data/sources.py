@@ -1,6 +1,7 @@
 """What ``data.path`` names, and the one place that opens it.
 
-* ``json``: a chat.json list, JSONL or ``{"data": [...]}`` (records.py, the compact in-memory blob);
+* ``json``: a chat.json list, JSONL or ``{"data": [...]}`` (records.py, the compact in-memory blob), or a folder
+  ``llava-loop data prepare`` made (its ``records.jsonl``; its images' folder is the default ``data.image_dir``);
 * ``parquet``: a ``.parquet`` file or a folder of them; ``arrow``: a ``datasets.save_to_disk`` folder (tables.py);
 * ``shards``: webdataset tar shards, as a brace pattern (``shards/{000000..000127}.tar``), one ``.tar``, or a folder
   of them (stream.py); read as a stream, never all at once.
@@ -11,12 +12,28 @@ The first three are map-style (random access: ``open_records``); shards are stre
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 from ..errors import UserError
 from .records import RecordError, load_records
 
 DATA_EXTRA = "pip install 'llava-loop[data]'"
+PREPARED_MANIFEST, PREPARED_RECORDS = "prepared.json", "records.jsonl"  # what data/prepare.py writes
+
+
+def prepared_manifest(path: str | Path) -> dict | None:
+    """The manifest of a folder ``data prepare`` completed, else None."""
+    manifest = Path(path) / PREPARED_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def image_dir_of(path: str | Path, image_dir: str | Path = "") -> str:
+    """The image folder for the records at ``path``: ``image_dir`` when given, else a prepared folder's own."""
+    if image_dir or not path:
+        return str(image_dir)
+    manifest = prepared_manifest(path)
+    return manifest["image_dir"] if manifest else ""
 
 
 def source_kind(path: str | Path) -> str:
@@ -25,6 +42,8 @@ def source_kind(path: str | Path) -> str:
     if text.endswith(".tar") or ("{" in text and ".tar" in text):
         return "shards"
     if p.is_dir():
+        if (p / PREPARED_MANIFEST).is_file():
+            return "json"
         if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
             return "arrow"
         if any(p.glob("*.tar")):
@@ -57,7 +76,7 @@ def open_records(path: str | Path):
     """The records of a map-style source: ``Records`` (JSON) or ``TableRecords`` (Parquet, Arrow)."""
     kind = source_kind(path)
     if kind == "json":
-        return load_records(path)
+        return load_records(Path(path) / PREPARED_RECORDS if Path(path).is_dir() else path)
     if kind == "shards":
         raise RecordError(
             f"{path} is webdataset shards, which are streamed; they cannot serve as held-out records "

@@ -1,0 +1,279 @@
+"""``llava-loop data prepare NAME --src DIR --out OUT``: a dataset folder as the hub's files download (zips not
+unpacked) into a folder that ``data.path=OUT`` trains from with no other data setting:
+
+* ``records.jsonl``: LLaVA records whose images name files under ``--src``, zip members included
+  (``images.zip/GCC_train_000.jpg``, read in place by archives.py);
+* ``left_out.jsonl``: each record or image left out, with its file, record, reason and detail;
+* ``prepared.json``: what was made from what (the image folder training reads, counts, the inputs' sizes);
+  written last, so its presence means the folder is complete;
+* ``README.md``: a card with the source, the license notes, the counts and the command.
+
+A record's image is found where the records file names it, else in a zip extracted in place (``coco/train2017.zip``
+holding ``train2017/x.jpg`` serves ``coco/train2017/x.jpg``), else under one prefix the name lacks (ShareGPT-4o's
+``images.zip`` keeps its images under a long cluster path; TextOCR's under ``train_images/``): the prefix that
+serves most names wins."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import random
+import zipfile
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import UserError
+from .archives import is_zip_name
+from .convert import PROMPT_POOLS, ConvertError, caption_record, conversation_record
+from .images import image_path, open_checked
+from .layouts import LAYOUTS, Layout
+from .records import RecordError, normalize_record
+from .skips import SkipSample
+from .sources import PREPARED_MANIFEST as MANIFEST
+from .sources import PREPARED_RECORDS as RECORDS
+
+LEFT_OUT, CARD = "left_out.jsonl", "README.md"
+FORMAT = 1
+
+
+class PrepareError(UserError):
+    """Nothing usable came of the source, or the output folder holds something else."""
+
+
+class ImageIndex:
+    """Where each image name of a dataset lives under ``src``: a file, or a member of one of its zips."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        self.virtual: dict[str, str] = {}  # path as if every zip were extracted where it sits -> reference
+        self.archives: list[str] = []  # readable zips, relative to src
+        self.broken: dict[str, str] = {}  # zip (relative to src) -> why it cannot be read
+        self.prefixes: Counter = Counter()  # prefixes found for names the records give without them
+        self._by_name: dict[str, list[str]] | None = None
+        for archive in sorted(p for p in src.rglob("*") if is_zip_name(p.name) and p.is_file()):
+            rel = archive.relative_to(src).as_posix()
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    members = [m for m in zf.namelist() if not m.endswith("/")]
+            except (zipfile.BadZipFile, OSError) as exc:
+                self.broken[rel] = f"{rel} is not a readable zip (truncated or corrupt: {exc})"
+                continue
+            self.archives.append(rel)
+            folder = posixpath.dirname(rel)
+            for member in members:
+                self.virtual.setdefault(posixpath.join(folder, member), f"{rel}/{member}")
+
+    def inputs(self) -> list[str]:
+        return [*self.archives, *self.broken]
+
+    def find(self, name: str) -> str:
+        """The reference (relative to ``src``) for the image ``name``; a ``SkipSample`` when there is none."""
+        name = posixpath.normpath(name.replace("\\", "/"))
+        if (self.src / name).is_file() or name.startswith(("/", "../")) or name == "..":
+            return name  # as named (unsafe names are refused by image_path)
+        if name in self.virtual:
+            return self.virtual[name]
+        candidates = [v for v in self._names().get(posixpath.basename(name), ()) if v.endswith("/" + name)]
+        if candidates:
+            best = max(candidates, key=lambda v: (self.prefixes[v[: -len(name)]], -len(v)))
+            self.prefixes[best[: -len(name)]] += 1
+            return self.virtual.get(best, best)
+        for archive, why in self.broken.items():  # its members are unknown: the image may be in it
+            folder = posixpath.dirname(archive)
+            if not folder or name.startswith(folder + "/"):
+                raise SkipSample("unreadable_archive", f"{name}: {why}")
+        raise SkipSample("missing_image", f"{name} is in no folder or zip under {self.src}")
+
+    def _names(self) -> dict[str, list[str]]:
+        """Every zip member and file under src by base name; built on the first name not found as given."""
+        if self._by_name is None:
+            self._by_name = defaultdict(list)
+            for path in self.virtual:
+                self._by_name[posixpath.basename(path)].append(path)
+            for folder, _, files in os.walk(self.src):
+                rel = Path(folder).relative_to(self.src).as_posix()
+                for file in files:
+                    if not is_zip_name(file):
+                        self._by_name[file].append(posixpath.normpath(posixpath.join(rel, file)))
+        return self._by_name
+
+
+def salvage_records(text: str):
+    """``(index, raw record or None, problem, end offset)`` for each record of a JSON list or JSONL text. A JSONL
+    line that is not JSON, or a JSON list cut short, costs only what is broken: the records before the cut are kept."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):  # JSONL (or one object per line)
+        index, lineno = 0, 0
+        while pos < len(text):
+            end = text.find("\n", pos)
+            end = len(text) if end < 0 else end + 1
+            line, lineno = text[pos:end], lineno + 1
+            if line.strip():
+                try:
+                    yield index, json.loads(line), None, end
+                except json.JSONDecodeError as exc:
+                    yield index, None, f"line {lineno} is not JSON ({exc.msg})", end
+                index += 1
+            pos = end
+        return
+    pos, index = pos + 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            return
+        try:
+            raw, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            line = text.count("\n", 0, exc.pos) + 1
+            cut = "cut short" if not text[exc.pos :].strip() or text.rstrip()[-1] != "]" else "malformed"
+            problem = f"the file is {cut} at line {line} ({exc.msg}); the {index} records before it are kept"
+            yield index, None, problem, len(text)
+            return
+        yield index, raw, None, pos
+        index += 1
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PrepareError(f"{path}: not valid UTF-8 at byte {exc.start}; re-encode it as UTF-8") from None
+
+
+def fingerprint(src: Path, files: list[str]) -> dict:
+    """Size and modification time of each input: a re-run over the same download does nothing."""
+    return {name: [(src / name).stat().st_size, (src / name).stat().st_mtime_ns] for name in sorted(files)}
+
+
+def records_files(layout: Layout, src: Path) -> list[Path]:
+    for pattern in layout.records:
+        found = sorted(p for p in src.glob(pattern) if p.is_file())
+        if found:
+            return found
+    raise PrepareError(
+        f"{src}: no {' or '.join(layout.records)}; --src must be the folder of {layout.card} as downloaded"
+    )
+
+
+def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", force: bool = False, say=print):
+    """Prepare ``name`` from ``src`` into ``out``; returns the manifest. A complete ``out`` made from the same inputs
+    is left as it is."""
+    from tqdm import tqdm
+
+    if name not in LAYOUTS:
+        raise PrepareError(f"unknown dataset {name!r}; known: {', '.join(LAYOUTS)}")
+    layout, src, out = LAYOUTS[name], Path(src).resolve(), Path(out)
+    if not src.is_dir():
+        raise PrepareError(f"--src {src} is not a folder")
+    files = records_files(layout, src)
+    index = ImageIndex(src)
+    inputs = fingerprint(src, [f.relative_to(src).as_posix() for f in files] + index.inputs())
+    if (out / MANIFEST).is_file() and not force:
+        done = json.loads((out / MANIFEST).read_text())
+        if (done.get("dataset"), done.get("source"), done.get("inputs")) == (name, str(src), inputs):
+            say(f"{out} is already prepared ({done['records']} records of {name} from {src}); nothing to do")
+            return done
+        raise PrepareError(
+            f"{out} holds a preparation of {done.get('dataset')} from {done.get('source')} (or of other files); "
+            "choose another --out, or pass --force to prepare it again"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for problem in index.broken.values():
+        say(f"warning: {problem}; the records whose images are in it are left out")
+    rng = random.Random(0)
+    kept, left, images = 0, Counter(), 0
+    with open(out / RECORDS, "w") as records_out, open(out / LEFT_OUT, "w") as left_out:
+        for file in files:
+            text = read_text(file)
+            bar = tqdm(total=len(text), desc=f"{name}: {file.name}", unit="B", unit_scale=True, mininterval=1.0)
+            done = 0
+            for i, raw, problem, end in salvage_records(text):
+                bar.update(end - done)
+                done = end
+                where = f"{file}: record {i}"
+                try:
+                    if problem:
+                        raise SkipSample("malformed_record", problem)
+                    record = make_record(layout, raw, where, i, rng)
+                    names = record.get("image") or []
+                    refs = [index.find(n) for n in ([names] if isinstance(names, str) else names)]
+                    for ref in refs:
+                        open_checked(image_path(src, ref), decode=False)
+                    if refs:
+                        record["image"] = refs[0] if len(refs) == 1 else refs
+                    normalize_record(record, file, i)
+                except SkipSample as skip:
+                    left[skip.reason] += 1
+                    rid = raw.get("id") if isinstance(raw, dict) else None
+                    entry = {"file": str(file), "record": i, "id": rid, "reason": skip.reason, "detail": skip.detail}
+                    left_out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    continue
+                kept += 1
+                images += len(refs)
+                records_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            bar.update(len(text) - done)
+            bar.close()
+    manifest = {
+        "format": FORMAT,
+        "dataset": name,
+        "source": str(src),
+        "image_dir": str(src),
+        "records": kept,
+        "images": images,
+        "left_out": dict(left.most_common()),
+        "found_under": dict(index.prefixes.most_common()),  # prefixes the records' image names lacked
+        "inputs": inputs,
+        "command": command,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / CARD).write_text(card(layout, manifest, out))
+    if not kept:
+        raise PrepareError(
+            f"{name} from {src}: no usable record ({', '.join(f'{r} x{n}' for r, n in left.most_common())}); "
+            f"see {out / LEFT_OUT}"
+        )
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def make_record(layout: Layout, raw, where: str, index: int, rng: random.Random) -> dict:
+    """One raw row as a LLaVA record; a row that cannot be one is a ``SkipSample``."""
+    try:
+        if layout.kind == "captions":
+            if not isinstance(raw, dict):
+                raise ConvertError(f"{where}: expected an object, got {type(raw).__name__}")
+            return caption_record(raw, where, rng, prompts=PROMPT_POOLS[layout.prompts])
+        return conversation_record(raw, where, index)
+    except (ConvertError, RecordError) as exc:
+        raise SkipSample("malformed_record", str(exc)) from None
+
+
+def card(layout: Layout, manifest: dict, out: Path) -> str:
+    left = manifest["left_out"]
+    lines = [
+        f"# {layout.title}",
+        "",
+        f"Prepared by llava_loop from `{manifest['source']}` (the files of {layout.card}) on {manifest['created']}.",
+        "",
+        f"**License.** {layout.license}",
+        "",
+        f"**Counts.** {manifest['records']} records kept, with {manifest['images']} images; "
+        + (
+            f"{sum(left.values())} left out ({', '.join(f'{r}: {n}' for r, n in left.items())}), listed in "
+            f"`{LEFT_OUT}`."
+            if left
+            else "none left out."
+        ),
+        "",
+        f"**Train.** `data.path={out}`: its images are read in place from `{manifest['image_dir']}` (set "
+        "`data.image_dir` if that folder moves).",
+        "",
+        f"**Made with.** `{manifest['command'] or 'llava-loop data prepare ' + layout.name}`",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,262 @@
+"""``llava-loop data prepare``: small copies of each dataset's download (file names, record fields and zip member
+paths as the hub gives them) -> prepare -> data check -> a few training steps; images read from the zips in place
+train exactly as the extracted files do; bad downloads are named, counted and the rest prepared."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from llava_loop.cli import main
+from llava_loop.data.convert import DESCRIBE_AND_READ_PROMPTS
+
+import helpers
+
+SHAREGPT4O_PREFIX = "mnt/petrelfs/share_data/someone/sharegpt4o/4o/image/"  # a long nested prefix, as in its zip
+
+
+def shapes(shapes_data, n: int = 16) -> list[tuple[dict, bytes]]:
+    """The first ``n`` shapes records with their JPEG bytes."""
+    records = json.loads(Path(shapes_data["train"]).read_text())[:n]
+    return [(r, (Path(shapes_data["train_images"]) / r["image"]).read_bytes()) for r in records]
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:  # stored, as image zips usually are
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def renamed(record: dict, image: str, **fields) -> dict:
+    return {**record, "image": image, **fields}
+
+
+def cc3m(src: Path, items) -> int:
+    names = [f"GCC_train_{i:09d}.jpg" for i in range(len(items))]
+    (src / "chat.json").write_text(json.dumps([renamed(r, n, id=n[:-4]) for (r, _), n in zip(items, names)]))
+    (src / "metadata.json").write_text("[]")
+    write_zip(src / "images.zip", {n: data for (_, data), n in zip(items, names)})
+    return len(items)
+
+
+def blip558k(src: Path, items) -> int:
+    names = [f"{i // 8:05d}/{i:09d}.jpg" for i in range(len(items))]
+    (src / "blip_laion_cc_sbu_558k.json").write_text(json.dumps([renamed(r, n) for (r, _), n in zip(items, names)]))
+    write_zip(src / "images.zip", {n: data for (_, data), n in zip(items, names)})
+    return len(items)
+
+
+# LLaVA-1.5's image folders, and how each arrives: (record prefix, zip under src, member prefix); None: a folder
+MIX665K = (
+    ("coco/train2017/", "coco/train2017.zip", "train2017/"),
+    ("gqa/images/", "gqa/images.zip", "images/"),
+    ("ocr_vqa/images/", None, None),
+    ("textvqa/train_images/", "textvqa/train_val_images.zip", "train_images/"),
+    ("vg/VG_100K/", "vg/images.zip", "VG_100K/"),
+    ("vg/VG_100K_2/", "vg/images2.zip", "VG_100K_2/"),
+)
+
+
+def mix665k(src: Path, items) -> int:
+    records, zips = [], {}
+    for i, (record, data) in enumerate(items):
+        folder, archive, member = MIX665K[i % len(MIX665K)]
+        name = f"{i:012d}.jpg"
+        records.append(renamed(record, folder + name))
+        if archive:
+            zips.setdefault(archive, {})[member + name] = data
+        else:
+            (src / folder).mkdir(parents=True, exist_ok=True)
+            (src / folder / name).write_bytes(data)
+    text_only = [
+        {"id": f"text_{i}", "conversations": [{"from": "human", "value": "Name a shape."}, {"from": "gpt", "value": s}]}
+        for i, s in enumerate(("circle", "square", "triangle", "star"))
+    ]
+    (src / "llava_v1_5_mix665k.json").write_text(json.dumps(records + text_only))
+    for archive, members in zips.items():
+        write_zip(src / archive, members)
+    return len(records) + len(text_only)
+
+
+def sharegpt4o(src: Path, items) -> int:
+    rows = []
+    for i, (record, _) in enumerate(items):  # ShareGPT-4o's captions carry no <image> tag
+        turns = [{**t, "value": t["value"].replace("<image>", "").strip()} for t in record["conversations"]]
+        rows.append({"id": f"4o_{i}", "image": f"{i:06d}.jpg", "conversations": turns})
+    (src / "image_conversations").mkdir()
+    (src / "image_conversations" / "gpt-4o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_zip(src / "images.zip", {f"{SHAREGPT4O_PREFIX}{i:06d}.jpg": data for i, (_, data) in enumerate(items)})
+    return len(items)
+
+
+def textocr(src: Path, items) -> int:
+    rows = [
+        {"filename": f"{i:016x}.jpg", "caption": f"DESCRIPTION: {r['conversations'][1]['value']}\n\nTEXT: none"}
+        for i, (r, _) in enumerate(items)
+    ]
+    (src / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_zip(src / "train_val_images.zip", {f"train_images/{i:016x}.jpg": data for i, (_, data) in enumerate(items)})
+    return len(items)
+
+
+LAYOUTS = {"llava-cc3m-595k": cc3m, "llava-558k": blip558k, "llava-665k": mix665k, "sharegpt4o": sharegpt4o}
+LAYOUTS["textocr-gpt4o"] = textocr
+
+
+def prepared_run(run_config, out: Path, name: str = "run", **sections) -> Path:
+    """A run config whose data is the prepared folder alone: no image folder, no held-out set."""
+    data = {"path": str(out), "image_dir": "", "eval_path": "", "eval_image_dir": ""}
+    return run_config(name, data=data, train={"max_steps": 2, "micro_batch_size": 4}, **sections)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, run_config, capsys):
+    src, out = tmp_path / "download", tmp_path / "prepared"
+    src.mkdir()
+    n = LAYOUTS[name](src, shapes(shapes_data))
+    assert main(["data", "prepare", name, "--src", str(src), "--out", str(out)]) == 0
+    manifest = json.loads((out / "prepared.json").read_text())
+    assert (manifest["records"], manifest["left_out"]) == (n, {}), manifest
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    images = [r["image"] for r in records if "image" in r]
+    assert all(".zip/" in i or i.startswith("ocr_vqa/images/") for i in images), images
+    assert not list(src.rglob("*.jpg")) or name == "llava-665k"  # nothing extracted
+    card = (out / "README.md").read_text()
+    assert f"{n} records kept" in card and "License" in card
+    if name == "sharegpt4o":
+        assert manifest["found_under"] == {SHAREGPT4O_PREFIX: n}
+        assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
+    if name == "textocr-gpt4o":  # the caption kept whole, behind a describe-and-transcribe instruction
+        for record, row in zip(records, map(json.loads, (src / "train.jsonl").read_text().splitlines())):
+            question, answer = (t["value"] for t in record["conversations"])
+            assert question.replace("<image>", "").strip() in DESCRIBE_AND_READ_PROMPTS
+            assert answer == row["caption"]
+    if name == "llava-665k":
+        assert sum("image" not in r for r in records) == 4  # the text-only records are kept
+    capsys.readouterr()
+    assert main(["data", "check", "--data", str(out)]) == 0, capsys.readouterr().out
+    assert "no problems found" in capsys.readouterr().out
+    helpers.train_here(prepared_run(run_config, out))
+    steps = helpers.metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2] and all(s["skipped_samples"] == 0 for s in steps), steps
+
+
+@pytest.mark.slow
+def test_images_read_from_zips_train_as_the_extracted_files_do(tmp_path, shapes_data, run_config):
+    """The same records through the prepared folder (images in zips) and through chat.json + extracted files: the
+    same losses and gradient norms, bit for bit. Control: one member of the zip holds another image."""
+    items = shapes(shapes_data)
+    src = tmp_path / "download"
+    src.mkdir()
+    mix665k(src, items)
+    assert main(["data", "prepare", "llava-665k", "--src", str(src), "--out", str(tmp_path / "prepared")]) == 0
+    extracted = tmp_path / "extracted"
+    for archive in src.rglob("*.zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(extracted / archive.parent.relative_to(src))
+    for image in (src / "ocr_vqa").rglob("*.jpg"):
+        target = extracted / image.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(image.read_bytes())
+    plain = {"path": str(src / "llava_v1_5_mix665k.json"), "image_dir": str(extracted), "eval_path": ""}
+
+    def run(name, data):
+        train = {"max_steps": 3, "micro_batch_size": 4, "log_sample_ids": True}
+        helpers.train_here(run_config(name, data=data, train=train))
+        return [(s["loss"], s["grad_norm"], s["sample_ids"]) for s in helpers.metrics(tmp_path / name)]
+
+    zipped = run("zipped", {"path": str(tmp_path / "prepared"), "image_dir": "", "eval_path": ""})
+    assert zipped == run("extracted", plain)
+    # control: every extracted image replaced by the first one changes the losses
+    files = sorted(extracted.rglob("*.jpg"))
+    for file in files[1:]:
+        file.write_bytes(files[0].read_bytes())
+    assert run("swapped", plain)[0][:2] != zipped[0][:2]
+
+
+def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, shapes_data, capsys):
+    items = shapes(shapes_data, 12)
+    src, out = tmp_path / "download", tmp_path / "prepared"
+    src.mkdir()
+    mix665k(src, items)
+    records = json.loads((src / "llava_v1_5_mix665k.json").read_text())
+    records[0]["image"] = "coco/train2017/not_in_the_zip.jpg"  # a name the zip does not hold
+    corrupt = records[1]["image"]  # gqa/images/...: its member's bytes broken below
+    records[2]["image"] = "../../etc/passwd"  # unsafe
+    records.append({"id": "no_turns", "image": records[3]["image"]})
+    text = json.dumps(records)
+    (src / "llava_v1_5_mix665k.json").write_text(text[: len(text) - 40])  # cut short inside the last records
+    gqa = src / "gqa" / "images.zip"
+    with zipfile.ZipFile(gqa) as zf:
+        members = {m: zf.read(m) for m in zf.namelist()}
+    members[next(m for m in members if corrupt.endswith(m))] = b"\xff\xd8 this is no JPEG"
+    write_zip(gqa, members)
+    vg2 = src / "vg" / "images2.zip"
+    vg2.write_bytes(vg2.read_bytes()[:200])  # a download cut off: no central directory
+    capsys.readouterr()
+    assert main(["data", "prepare", "llava-665k", "--src", str(src), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "vg/images2.zip is not a readable zip" in said.err
+    manifest = json.loads((out / "prepared.json").read_text())
+    left = [json.loads(line) for line in (out / "left_out.jsonl").read_text().splitlines()]
+    reasons = {e["reason"] for e in left}
+    assert {"missing_image", "unsafe_path", "corrupt_image", "unreadable_archive", "malformed_record"} <= reasons
+    assert all(e["file"].endswith("llava_v1_5_mix665k.json") and isinstance(e["record"], int) for e in left)
+    cut = next(e for e in left if "cut short" in e["detail"])
+    assert cut["reason"] == "malformed_record"
+    vg2_records = [r for r in records[: cut["record"]] if str(r.get("image", "")).startswith("vg/VG_100K_2/")]
+    assert manifest["left_out"]["unreadable_archive"] == len(vg2_records) > 0
+    kept = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert manifest["records"] == len(kept) == cut["record"] - sum(manifest["left_out"].values()) + 1
+    assert "left out: unreadable_archive" in said.out and "left_out.jsonl" in said.err
+
+    # nothing usable: the one zip of a stage-1 download is cut off -> non-zero, naming it
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cc3m(bad, items)
+    (bad / "images.zip").write_bytes((bad / "images.zip").read_bytes()[:100])
+    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(bad), "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable record" in err and "unreadable_archive x12" in err and "images.zip is not a readable zip" in err
+    assert not (tmp_path / "none" / "prepared.json").exists()
+
+
+def test_a_rerun_over_a_complete_folder_does_nothing_and_other_inputs_are_refused(tmp_path, shapes_data, capsys):
+    src, out = tmp_path / "download", tmp_path / "prepared"
+    src.mkdir()
+    cc3m(src, shapes(shapes_data, 4))
+    args = ["data", "prepare", "llava-cc3m-595k", "--src", str(src), "--out", str(out)]
+    assert main(args) == 0
+    made = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already prepared (4 records" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == made
+    cc3m(src, shapes(shapes_data, 6))  # the download changed
+    assert main(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
+    assert json.loads((out / "prepared.json").read_text())["records"] == 6
+
+
+def test_convert_captions_can_ask_to_describe_and_read(tmp_path):
+    table = tmp_path / "train.jsonl"
+    table.write_text(json.dumps({"filename": "a.jpg", "caption": "DESCRIPTION: a sign.\n\nTEXT: OPEN"}) + "\n")
+    out = tmp_path / "chat.json"
+    assert main(["data", "convert", "captions", "--input", str(table), "--out", str(out)]) == 0
+    brief = json.loads(out.read_text())[0]["conversations"][0]["value"]
+    assert (
+        main(
+            ["data", "convert", "captions", "--input", str(table), "--out", str(out), "--prompts", "describe-and-read"]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())[0]
+    assert record["conversations"][0]["value"].replace("<image>", "").strip() in DESCRIBE_AND_READ_PROMPTS
+    assert brief.replace("<image>", "").strip() not in DESCRIBE_AND_READ_PROMPTS
+    assert record["conversations"][1]["value"] == "DESCRIPTION: a sign.\n\nTEXT: OPEN"
