@@ -103,6 +103,11 @@ class DataConfig:
         MAX_IMAGE_PIXELS, "Images with more pixels are skipped as decompression bombs (PIL's default)."
     )
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
+    template: Literal["chat", "plain"] = opt(
+        "chat",
+        "chat: the tokenizer's chat template, answers supervised (every stage); plain: LLaVA-1.5's stage-1 layout, "
+        "the image then the caption and end-of-text, no system prompt, question or template, the caption supervised.",
+    )
     image_aspect_ratio: Literal["resize", "pad"] = opt(
         "resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5)."
     )

@@ -80,6 +80,7 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
                 "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
                 "image_aspect_ratio": cfg.data.image_aspect_ratio,
                 "system_prompt": cfg.data.system_prompt,
+                "template": cfg.data.template,
             },
             indent=2,
         )

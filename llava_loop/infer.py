@@ -59,7 +59,7 @@ def load_for_inference(
     from .runtime import load_model
 
     path = Path(model)
-    settings = {"image_aspect_ratio": "resize", "system_prompt": ""}
+    settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat"}
     if is_checkpoint(path):
         from .export import load_trained
 
@@ -68,7 +68,8 @@ def load_for_inference(
         net, processor, cfg, _ = load_trained(path, attn_implementation=attn_implementation)
         if cfg.canonical_mode == "lora":
             net = net.merge_and_unload()
-        settings.update(image_aspect_ratio=cfg.data.image_aspect_ratio, system_prompt=cfg.data.system_prompt)
+        d = cfg.data
+        settings.update(image_aspect_ratio=d.image_aspect_ratio, system_prompt=d.system_prompt, template=d.template)
     else:
         net, processor = load_model(path, attn_implementation=attn_implementation)
         info = path / EXPORT_INFO

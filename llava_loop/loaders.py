@@ -62,6 +62,7 @@ def make_encoder(cfg: Config, processor) -> SampleEncoder:
         processor,
         max_length=d.max_length,
         system_prompt=d.system_prompt,
+        template=d.template,
         image_aspect_ratio=d.image_aspect_ratio,
         max_image_pixels=d.max_image_pixels,
         allow_absolute_paths=d.allow_absolute_paths,

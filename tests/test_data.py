@@ -85,6 +85,40 @@ def test_supervised_tokens_decode_to_exactly_the_answers(which, record, tiny_pro
         assert all("<think>" not in tokenizer.decode(run) for run in runs)
 
 
+CAPTION = Record(
+    "cap",
+    ("img.jpg",),
+    (("user", "<image>\nDescribe the image briefly."), ("assistant", "a red circle in the top left .")),
+)
+
+
+def test_plain_template_is_the_image_then_the_caption_and_end_of_text(tiny_processor):
+    """LLaVA-1.5's stage-1 layout: no system prompt, question or chat template; the caption and end token supervised.
+    Control: the chat layout of the same record holds the question and the template's tokens."""
+    tokenizer = tiny_processor.tokenizer
+    encoder = SampleEncoder(tiny_processor, max_length=1024, template="plain")
+    ids, labels = encoder.encode_text(CAPTION)
+    image_id, n = tokenizer.convert_tokens_to_ids("<image>"), encoder.n_image_tokens
+    caption = tokenizer(answers(CAPTION)[0], add_special_tokens=False)["input_ids"]
+    assert ids == [image_id] * n + caption + [tokenizer.eos_token_id]
+    assert supervised_runs(ids, labels) == [caption + [tokenizer.eos_token_id]]
+    chat = tokenizer.decode(SampleEncoder(tiny_processor, max_length=1024).encode_text(CAPTION)[0])
+    assert "Describe the image briefly." in chat and "<|im_start|>" in chat
+    assert "Describe" not in tokenizer.decode(ids) and "<|im_start|>" not in tokenizer.decode(ids)
+    # evaluation asks with the image alone, and scores against the caption
+    assert encoder.first_question(CAPTION) == ([image_id], "", answers(CAPTION)[0])
+    assert encoder.prompt_ids("ignored") == [image_id] * n
+
+
+def test_plain_template_skips_a_record_that_is_not_images_and_one_caption(tiny_processor):
+    encoder = SampleEncoder(tiny_processor, max_length=4096, template="plain")
+    text_only = Record("t", (), (("user", "Say hi."), ("assistant", "hi there .")))
+    for record in (MULTI_TURN, text_only):
+        with pytest.raises(SkipSample) as skip:
+            encoder.encode_text(record)
+        assert skip.value.reason == "not_a_caption" and "data.template=chat" in skip.value.detail
+
+
 def test_image_tag_at_start_or_end_is_placed_at_the_start(tiny_processor):
     for text in ("Describe it.\n<image>", "<image>\nDescribe it.", "Describe <image> it."):
         messages = record_messages(Record("x", ("a.jpg",), (("user", text), ("assistant", "ok ."))))

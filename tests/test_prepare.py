@@ -107,15 +107,17 @@ LAYOUTS = {"llava-cc3m-595k": cc3m, "llava-558k": blip558k, "llava-665k": mix665
 LAYOUTS["textocr-gpt4o"] = textocr
 
 
-def prepared_run(run_config, out: Path, name: str = "run", **sections) -> Path:
+def prepared_run(run_config, out: Path, name: str = "run", **data) -> Path:
     """A run config whose data is the prepared folder alone: no image folder, no held-out set."""
-    data = {"path": str(out), "image_dir": "", "eval_path": "", "eval_image_dir": ""}
-    return run_config(name, data=data, train={"max_steps": 2, "micro_batch_size": 4}, **sections)
+    data = {"path": str(out), "image_dir": "", "eval_path": "", "eval_image_dir": "", **data}
+    return run_config(name, data=data, train={"max_steps": 2, "micro_batch_size": 4, "log_sample_ids": True})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, run_config, capsys):
+def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, run_config, tiny_processor, capsys):
+    """The 558K run trains in LLaVA-1.5's own plain stage-1 layout: each sample supervises its caption and
+    end-of-text token, nothing else."""
     src, out = tmp_path / "download", tmp_path / "prepared"
     src.mkdir()
     n = LAYOUTS[name](src, shapes(shapes_data))
@@ -141,9 +143,23 @@ def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, r
     capsys.readouterr()
     assert main(["data", "check", "--data", str(out)]) == 0, capsys.readouterr().out
     assert "no problems found" in capsys.readouterr().out
-    helpers.train_here(prepared_run(run_config, out))
+    template = "plain" if name == "llava-558k" else "chat"
+    helpers.train_here(prepared_run(run_config, out, template=template))
     steps = helpers.metrics(tmp_path / "run")
     assert [s["step"] for s in steps] == [1, 2] and all(s["skipped_samples"] == 0 for s in steps), steps
+    if template == "plain":
+        captions = {r["id"]: r["conversations"][1]["value"] for r in records}
+        tokenizer = tiny_processor.tokenizer
+        for step in steps:
+            caption_tokens = [
+                len(tokenizer(captions[i], add_special_tokens=False)["input_ids"]) + 1 for i in step["sample_ids"]
+            ]
+            assert step["label_tokens"] == sum(caption_tokens)
+        # control: the same run in the chat layout supervises as many tokens (caption + <|im_end|>) but not the same
+        helpers.train_here(prepared_run(run_config, out, "chat", template="chat"))
+        chat = helpers.metrics(tmp_path / "chat")
+        assert [s["label_tokens"] for s in chat] == [s["label_tokens"] for s in steps]
+        assert all(c["loss"] != p["loss"] for c, p in zip(chat, steps))
 
 
 @pytest.mark.slow

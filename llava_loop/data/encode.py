@@ -2,7 +2,8 @@
 
 Labels supervise exactly the assistant answers plus their closing turn token; everything else
 (system, user, template scaffolding, image placeholders) is -100. The supervised spans come from the
-tokenizer's own chat template (see ``template.py``), not from hard-coded ChatML offsets.
+tokenizer's own chat template (see ``template.py``), not from hard-coded ChatML offsets. ``data.template: plain``
+is LLaVA-1.5's stage-1 layout instead: the image, the caption, the end-of-text token (``plain_tokens``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,31 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return ids, labels, turn_ends
 
 
+def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
+    """LLaVA-1.5's ``plain`` pretraining layout: the record's images, then its caption (the one answer) and the
+    end-of-text token; no system prompt, question or chat template. Only the caption and that token are supervised.
+    Token ids, labels and the one turn end, as ``tokenize_messages`` gives them."""
+    messages = record_messages(record)  # the same checks: roles, <image> tags, an empty answer
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    if len(answers) != 1 or not record.images:
+        raise SkipSample(
+            "not_a_caption",
+            f"record {record.id}: data.template=plain trains on images and one caption; this record has "
+            f"{len(record.images)} images and {len(answers)} answers (use data.template=chat)",
+        )
+    prefix = plain_prefix(tokenizer, image_token_id, len(record.images))
+    caption = tokenizer(answers[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prefix + caption
+    return ids, [IGNORE_INDEX] * len(prefix) + caption, [len(ids)]
+
+
+def plain_prefix(tokenizer, image_token_id: int, n_images: int) -> list[int]:
+    """What comes before a ``plain`` caption: the tokenizer's BOS where it adds one (Llama, Gemma), the images."""
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return [bos] * adds_bos + [image_token_id] * n_images
+
+
 def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, counts: list[int]):
     """Replace the i-th ``<image>`` id by ``counts[i]`` placeholders (labels -100), shifting turn ends to match."""
     out_ids, out_labels, new_index = [], [], []
@@ -159,8 +185,12 @@ class SampleEncoder:
         image_aspect_ratio: str = "resize",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         allow_absolute_paths: bool = False,
+        template: str = "chat",
     ):
         self.tokenizer = processor.tokenizer
+        if template == "plain" and self.tokenizer.eos_token_id is None:
+            raise UserError("data.template=plain ends each caption with the end-of-text token; the tokenizer has none")
+        self.template = template
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.tiler = Tiler.of(processor)
@@ -213,8 +243,11 @@ class SampleEncoder:
                 f"record {record.id}: its {len(record.images)} images alone take "
                 f"{sum(counts)} tokens > data.max_length={self.max_length}",
             )
-        messages = record_messages(record, self.system_prompt)
-        text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
+        if self.template == "plain":
+            text_ids, text_labels, text_ends = plain_tokens(self.tokenizer, record, self.image_token_id)
+        else:
+            messages = record_messages(record, self.system_prompt)
+            text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
         ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
         if kept != len(sizes) and self.placeholder_counts(sizes[:kept]) != counts[:kept]:
             # the kept images are laid out as their own count says (OneVision tiles a lone image), and fit again
@@ -238,7 +271,10 @@ class SampleEncoder:
 
     def question_ids(self, prompt: str, with_image: bool = True) -> list[int]:
         """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out, with one
-        ``<image>`` id where its image goes (``expand`` fills it in)."""
+        ``<image>`` id where its image goes (``expand`` fills it in). Under ``plain`` the image is the whole prompt:
+        the model was taught to caption what it is shown, and ``prompt`` is not used."""
+        if self.template == "plain":
+            return plain_prefix(self.tokenizer, self.image_token_id, int(with_image))
         content = (
             place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt)
             if with_image
@@ -256,9 +292,12 @@ class SampleEncoder:
     def first_question(self, record: Record) -> tuple[list[int], str, str]:
         """A record's first question as token ids ready for generation, its text, and the reference answer (see
         ``first_exchange``). The ids are the training layout's own prefix (system prompt, image tags where training
-        puts them) with one ``<image>`` id per image it shows, the record's first ``ids.count(image_token_id)``."""
+        puts them) with one ``<image>`` id per image it shows, the record's first ``ids.count(image_token_id)``.
+        Under ``plain``: the images alone, and the caption."""
         messages = record_messages(record, self.system_prompt)
         user, answer = first_exchange(record.id, messages)
+        if self.template == "plain":
+            return plain_prefix(self.tokenizer, self.image_token_id, len(record.images)), "", answer
         return self.generation_ids(messages[: user + 1]), messages[user]["content"], answer
 
     def generation_ids(self, messages: list[dict]) -> list[int]:

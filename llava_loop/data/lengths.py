@@ -47,6 +47,7 @@ def cache_key(records, encoder: SampleEncoder, image_dir) -> str:
         "records": records.fingerprint(),
         "max_length": encoder.max_length,
         "system_prompt": encoder.system_prompt,
+        "template": encoder.template,
         "image_tokens": encoder.n_image_tokens,
         "tiling": None
         if encoder.tiler is None
