@@ -79,6 +79,16 @@ class ModelConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of ``data.mix``."""
+
+    path: str = opt("", "A prepared folder, or any records `data.path` takes but shards.")
+    weight: float = opt(1.0, "Times each of its records is seen per epoch: 2 twice, 0.5 a random half per epoch.")
+    image_dir: str = opt("", "Its image folder (empty: a prepared folder's own).")
+    name: str = opt("", "Its name in metrics.jsonl's samples/<name> (empty: the folder's or file's name).")
+
+
+@dataclass
 class DataConfig:
     path: str = opt(
         "",
@@ -86,6 +96,11 @@ class DataConfig:
         "datasets save_to_disk folder; or webdataset shards, streamed (shards/{000000..000127}.tar).",
     )
     image_dir: str = opt("", "Folder that record `image` paths are relative to.", resume=True)
+    mix: list[MixSource] = opt(
+        [],
+        "Several sources in one run instead of `path`: [{path, weight, image_dir, name}, ...], each record seen "
+        "`weight` times per epoch (drawn by seed and epoch); per-source sample counts go to metrics.jsonl.",
+    )
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
     eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).", resume=True)
     num_workers: int = opt(2, "DataLoader worker processes; image decode and preprocessing run there.", resume=True)
@@ -434,8 +449,20 @@ def validate(config: Config) -> None:
         )
     if not 0 <= d.max_skip_fraction <= 1:
         problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")
-    if not d.path:
-        problems.append("data.path is required (a chat.json / .jsonl file)")
+    if not d.path and not d.mix:
+        problems.append("data.path is required (a chat.json / .jsonl file, a prepared folder, ...), or data.mix")
+    if d.path and d.mix:
+        problems.append("set data.path or data.mix, not both")
+    for i, source in enumerate(d.mix):
+        if not source.path:
+            problems.append(f"data.mix[{i}].path is required")
+        if not 0 < source.weight < math.inf:
+            problems.append(f"data.mix[{i}].weight must be > 0 (got {source.weight})")
+    names = mix_names(d.mix)
+    if len(set(names)) < len(names):
+        problems.append(f"data.mix: two sources are named alike ({', '.join(names)}); give each a name")
+    if d.mix and config.eval.holdout:
+        problems.append("eval.holdout does not split a data.mix; give held-out records in data.eval_path")
     if not config.resume:
         problems.append("resume must be auto, none, overwrite or a checkpoint path")
     if config.canonical_mode == "lora" and (config.lora.r < 1 or not config.lora.targets):
@@ -455,6 +482,11 @@ def validate(config: Config) -> None:
             problems.append(f"{call.fn!r}: expected module:attribute, e.g. llava_loop.losses:label_only_ce")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def mix_names(mix: list[MixSource]) -> list[str]:
+    """Each source's name: its own, else its folder's or file's."""
+    return [m.name or Path(m.path.rstrip("/")).stem for m in mix]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

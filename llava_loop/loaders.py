@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import Config
+from .config import Config, mix_names
 from .data.collate import Collator
 from .data.dataset import DataError, LlavaDataset
 from .data.encode import SampleEncoder
 from .data.lengths import token_lengths
+from .data.mixture import MixedDataset
 from .data.records import RecordError, Records
 from .data.sampler import EpochSampler, TokenBudgetBatches
 from .data.shards import expand, read_index, usable_shards
@@ -27,9 +28,13 @@ from .data.tables import TableRecords
 from .errors import UserError
 
 
-def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Records | TableRecords | None]:
+def split_records(cfg: Config) -> tuple[Records | TableRecords | list, Records | TableRecords | None]:
     """Training records and held-out records (``data.eval_path``, or ``eval.holdout`` records of ``data.path``).
-    Shards are streamed: their training part is the list of shard files (all found, or an error now)."""
+    Shards are streamed: their training part is the list of shard files (all found, or an error now). A
+    ``data.mix``'s training part is each source's records, in order."""
+    if cfg.data.mix:
+        held = open_records(cfg.data.eval_path) if cfg.data.eval_path else None
+        return [open_mix_source(m.path) for m in cfg.data.mix], held
     kind = source_kind(cfg.data.path)
     if kind != "json":
         require_data_extra(kind, cfg.data.path)
@@ -56,6 +61,14 @@ def split_records(cfg: Config) -> tuple[Records | TableRecords | list[Path], Rec
     return records, None
 
 
+def open_mix_source(path: str) -> Records | TableRecords:
+    if source_kind(path) == "shards":
+        raise RecordError(
+            f"data.mix: {path} is webdataset shards, which are streamed; a mixture takes map-style sources"
+        )
+    return open_records(path)
+
+
 def make_encoder(cfg: Config, processor) -> SampleEncoder:
     d = cfg.data
     return SampleEncoder(
@@ -76,7 +89,14 @@ def make_datasets(
     stream (``rank`` of ``processes``)."""
     encoder = make_encoder(cfg, processor)
     train, held = records or split_records(cfg)
-    if source_kind(cfg.data.path) == "shards":
+    if cfg.data.mix:
+        parts = [
+            LlavaDataset(records, encoder, image_dir_of(m.path, m.image_dir), seed=cfg.train.seed)
+            for records, m in zip(train, cfg.data.mix)
+        ]
+        weights = [m.weight for m in cfg.data.mix]
+        train_ds = MixedDataset(parts, mix_names(cfg.data.mix), weights, seed=cfg.train.seed)
+    elif source_kind(cfg.data.path) == "shards":
         train_ds = make_stream(cfg, encoder, train, rank=rank, processes=processes)
     else:
         train_ds = LlavaDataset(train, encoder, image_dir_of(cfg.data.path, cfg.data.image_dir), seed=cfg.train.seed)
@@ -179,11 +199,15 @@ def needs_lengths(cfg: Config) -> bool:
     return bool(cfg.data.group_by_length or cfg.data.max_tokens_per_micro_batch)
 
 
-def train_lengths(dataset: LlavaDataset, cfg: Config, say=lambda text: None) -> np.ndarray:
-    """The exact token length of every training record (``lengths.token_lengths``), counted by
-    ``data.num_workers`` processes."""
-    return token_lengths(
-        dataset.records, dataset.encoder, dataset.image_dir, workers=cfg.data.num_workers, progress=True, say=say
+def train_lengths(dataset: LlavaDataset | MixedDataset, cfg: Config, say=lambda text: None) -> np.ndarray:
+    """The exact token length of every training record (``lengths.token_lengths``; a mixture's, source after
+    source), counted by ``data.num_workers`` processes."""
+    parts = dataset.parts if isinstance(dataset, MixedDataset) else [dataset]
+    return np.concatenate(
+        [
+            token_lengths(p.records, p.encoder, p.image_dir, workers=cfg.data.num_workers, progress=True, say=say)
+            for p in parts
+        ]
     )
 
 
@@ -208,6 +232,7 @@ def make_train_loader(
         seed=t.seed,
         lengths=lengths if d.group_by_length else None,
         group_size=t.micro_batch_size * t.grad_accum * world_size,
+        mixture=dataset.mixture if isinstance(dataset, MixedDataset) else None,
     )
     generator = torch.Generator().manual_seed(t.seed)
     collate, kwargs = Collator(pad_token_id, d.padding_free), _loader_kwargs(cfg)

@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import send_to_device, set_seed
 
 from .backends import backend_for
 from .checkpoint.checkpointer import Checkpointer
-from .config import Config
+from .config import Config, mix_names
 from .console import Console
 from .data.blank_image import BlankImage
 from .data.sampler import TokenBudgetBatches
@@ -447,18 +448,28 @@ class Trainer:
                 sum(len(b["skipped"]) for b in window),
                 sum(b["n_views"] for b in window),
                 sum(b["n_attention_pairs"] for b in window),
+                *self.source_counts(window),
             ],
             dtype=torch.float64,
             device=self.accelerator.device,
         )
         return self.accelerator.reduce(local, reduction="sum")
 
+    def source_counts(self, window: list[dict]) -> list[int]:
+        """A ``data.mix``'s samples per source in this window (mixture.py), read as ``samples/<name>``."""
+        if not self.cfg.data.mix:
+            return []
+        sources = np.asarray([s for b in window for s in b["sources"]], dtype=np.int64)
+        return np.bincount(sources, minlength=len(self.cfg.data.mix)).tolist()
+
     def read_step(self, counts: torch.Tensor, terms: dict) -> tuple[dict, dict]:
         """The step's one metrics read: the global counts and the loss terms summed over processes."""
         sums = self.accelerator.reduce(torch.stack(list(terms.values())), reduction="sum")
         values = torch.cat([counts, sums]).tolist()
         stats = {name: int(v) for name, v in zip(self.COUNTS, values)}
-        return stats, dict(zip(terms, values[len(self.COUNTS) :]))
+        mixed = values[len(self.COUNTS) : len(counts)]
+        stats["per_source"] = dict(zip(mix_names(self.cfg.data.mix), map(int, mixed)))
+        return stats, dict(zip(terms, values[len(counts) :]))
 
     def check_skipped_updates(self, stepped: bool) -> None:
         """Warn of a skipped update; abort after too many non-finite steps in a row."""
@@ -506,6 +517,7 @@ class Trainer:
         metrics.update(self.throughput(stats, seconds))
         metrics.update({f"lr/{name}": lr for name, lr in lrs.items()})
         metrics.update({f"skipped/{reason}": count for reason, count in self.skips.counts.items()})
+        metrics.update({f"samples/{name}": n for name, n in stats["per_source"].items()})
         return metrics
 
     def throughput(self, stats: dict, seconds: float) -> dict:

@@ -37,6 +37,7 @@ class Collator:
         if not samples:
             return {
                 "ids": [],
+                "sources": [],
                 "skipped": events,
                 "n_label_tokens": 0,
                 "n_tokens": 0,
@@ -54,6 +55,7 @@ class Collator:
         batch.update(merge_image_inputs(samples))
         batch["n_views"] = len(batch["pixel_values"]) if "pixel_values" in batch else 0
         batch["ids"] = [s["id"] for s in samples]
+        batch["sources"] = [s.get("source", 0) for s in samples]  # a data.mix source's number (mixture.py)
         batch["skipped"] = events
         return batch
 

@@ -14,8 +14,11 @@ from torch.utils.data import Sampler
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, size: int, *, seed: int, lengths: np.ndarray | None = None, group_size: int = 0):
-        self.size = size
+    """A permutation of the records per epoch; of a ``mixture``'s draw for that epoch (mixture.py) when given."""
+
+    def __init__(self, size: int, *, seed: int, lengths: np.ndarray | None = None, group_size: int = 0, mixture=None):
+        self.mixture = mixture
+        self.size = len(mixture) if mixture is not None else size
         self.seed = seed
         self.lengths = lengths
         self.group_size = group_size
@@ -26,6 +29,8 @@ class EpochSampler(Sampler[int]):
 
     def order(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        if self.mixture is not None:
+            order = self.mixture.epoch_indices(epoch)[order]
         if self.lengths is not None and self.group_size > 1:
             groups = [order[i : i + self.group_size] for i in range(0, self.size, self.group_size)]
             order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")] for g in groups])

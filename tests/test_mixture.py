@@ -1,0 +1,105 @@
+"""``data.mix``: several sources in one run, each record seen ``weight`` times per epoch, drawn by (seed, epoch);
+per-source counts in metrics.jsonl; token budgets and packing; bitwise resume across an epoch boundary."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from llava_loop.config import ConfigError, load_config
+from llava_loop.data.mixture import Mixture
+
+import helpers
+
+
+def test_each_record_is_drawn_weight_times_per_epoch_by_seed_and_epoch():
+    mixture = Mixture([10, 6, 8], [2.0, 1.0, 0.5], seed=3)
+    assert len(mixture) == 20 + 6 + 4
+    draws = {epoch: mixture.epoch_indices(epoch) for epoch in range(3)}
+    for indices in draws.values():
+        counts = Counter(indices.tolist())
+        assert all(counts[i] == 2 for i in range(10)) and all(counts[i] == 1 for i in range(10, 16))
+        assert len([i for i in counts if i >= 16]) == 4 and all(16 <= i < 24 for i in counts if i >= 16)
+    halves = [frozenset(i for i in draws[e].tolist() if i >= 16) for e in range(3)]
+    assert len(set(halves)) > 1  # the half is drawn afresh each epoch
+    assert np.array_equal(Mixture([10, 6, 8], [2.0, 1.0, 0.5], seed=3).epoch_indices(1), draws[1])  # by seed, epoch
+    assert not np.array_equal(Mixture([10, 6, 8], [2.0, 1.0, 0.5], seed=4).epoch_indices(1), draws[1])
+    assert [mixture.source_of(i) for i in (0, 9, 10, 15, 16, 23)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_mix_is_set_in_yaml_or_as_a_flow_list_and_checked():
+    cfg = load_config(None, ["output_dir=x", "data.mix=[{path: a, weight: 2}, {path: b/, name: bee}]"])
+    assert [(m.path, m.weight, m.name) for m in cfg.data.mix] == [("a", 2.0, ""), ("b/", 1.0, "bee")]
+    for override, message in (
+        ("data.mix=[{path: a}, {path: x/a}]", "named alike"),
+        ("data.mix=[{path: a, weight: 0}]", "weight must be > 0"),
+        ("data.mix=[{path: a, wieght: 2}]", r"unknown key data\.mix\[0\]\.wieght"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["output_dir=x", override])
+    with pytest.raises(ConfigError, match="set data.path or data.mix, not both"):
+        load_config(None, ["output_dir=x", "data.path=c.json", "data.mix=[{path: a}]"])
+    with pytest.raises(ConfigError, match="eval.holdout does not split a data.mix"):
+        load_config(None, ["output_dir=x", "data.mix=[{path: a}]", "eval.holdout=10"])
+
+
+def mix(shapes_data, train_weight=0.25) -> dict:
+    """32 held-out shapes once per epoch and a quarter of the 96 training ones (24): 56 samples, 14 steps of 4."""
+    return {
+        "path": "",
+        "image_dir": "",
+        "eval_path": "",
+        "mix": [
+            {"path": str(shapes_data["val"]), "image_dir": str(shapes_data["val_images"]), "name": "val"},
+            {"path": str(shapes_data["train"]), "image_dir": str(shapes_data["train_images"]), "weight": train_weight},
+        ],
+    }
+
+
+def per_source(step: dict) -> dict:
+    """The step's samples by source, from their ids (the training source is named after its file, chat.json)."""
+    val = sum(i.startswith("val") for i in step["sample_ids"])
+    return {"val": val, "chat": len(step["sample_ids"]) - val}
+
+
+@pytest.mark.slow
+def test_a_mixed_run_counts_each_source_and_resumes_bitwise_across_an_epoch(
+    tmp_path, run_config, shapes_data, monkeypatch
+):
+    """Run A: 17 steps straight (into the second epoch); run B stops after step 15 and resumes. Same losses, grad
+    norms, learning rates and samples, step for step. Control: another seed draws other samples."""
+    n, k = 17, 15
+    train = {**helpers.RESUMED_TRAIN, "max_steps": n}
+    sections = {"data": mix(shapes_data), "train": train, "hooks": ["plugins:StopAtStep"]}
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", "-1")
+    helpers.train_here(run_config("A", **sections))
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", str(k))
+    b = run_config("B", **sections)
+    helpers.train_here(b)
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", "-1")
+    helpers.train_here(b)
+    steps_a, steps_b = helpers.steps_by_number(tmp_path / "A"), helpers.steps_by_number(tmp_path / "B")
+    assert sorted(steps_b) == list(range(1, n + 1))
+    assert helpers.trajectory(steps_a, 1, n) == helpers.trajectory(steps_b, 1, n)
+    for step in steps_a.values():  # samples/<name> counts what each step took from each source
+        assert {"val": step["samples/val"], "chat": step["samples/chat"]} == per_source(step)
+    epoch0 = [i for s in range(1, 15) for i in steps_a[s]["sample_ids"]]
+    assert Counter(i.startswith("val") for i in epoch0) == {True: 32, False: 24} and len(set(epoch0)) == 56
+    epoch1 = {i for s in range(15, n + 1) for i in steps_a[s]["sample_ids"] if not i.startswith("val")}
+    assert epoch1 - set(epoch0)  # the quarter of the training set is drawn afresh in epoch 1
+    other = run_config("other", **{**sections, "train": {**train, "seed": 5}})
+    helpers.train_here(other)
+    assert helpers.trajectory(helpers.steps_by_number(tmp_path / "other"), 1, 3) != helpers.trajectory(steps_a, 1, 3)
+
+
+@pytest.mark.slow
+def test_a_mix_fills_token_budgets_packed(tmp_path, run_config, shapes_data):
+    data = {**mix(shapes_data, train_weight=0.5), "max_tokens_per_micro_batch": 360, "padding_free": True}
+    helpers.train_here(run_config("run", data=data, train={**helpers.RESUMED_TRAIN, "max_steps": 6}))
+    steps = helpers.metrics(tmp_path / "run")
+    assert len({len(s["sample_ids"]) for s in steps}) > 1  # the budget, not a fixed size, made the micro-batches
+    for step in steps:
+        assert {"val": step["samples/val"], "chat": step["samples/chat"]} == per_source(step)
+        assert step["samples/val"] + step["samples/chat"] == step["samples"]
