@@ -234,9 +234,17 @@ def cmd_data_check(args) -> int:
         for axis, stats in report["image_sizes"].items()
     ]
     print_table(f"data check: {args.data}", rows)
+    distributions = report.pop("distributions")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.report:
+        from .data.report import write_report
+
+        report["distributions"] = distributions
+        title = f"data check: {args.data}"
+        write_report(report, args.report, title, max_length=args.max_length, budget=args.token_budget)
+        say(f"wrote {args.report}", stderr=False)
     bad = sum(report["problems"].values())
     say(f"{bad} problem records" if bad else "no problems found", stderr=False)
     return 1 if bad else 0
@@ -275,6 +283,9 @@ def cmd_data_prepare(args) -> int:
     if manifest["left_out"]:
         say(f"the records left out, and why, are listed in {args.out}/{LEFT_OUT}")
     say(f"train with data.path={args.out}", stderr=False)
+    if args.report:  # the prepared folder's check, drawn (its images were checked while preparing)
+        check = {"decode": False, "allow_absolute_paths": False, "max_image_pixels": None, "workers": 0, "json": None}
+        cmd_data_check(argparse.Namespace(**vars(args), data=args.out, image_dir="", **check))
     return 0
 
 
@@ -298,6 +309,21 @@ def convert_shards(args) -> int:
     ]
     print_table(f"webdataset shards written to {args.out}", rows)
     return 1 if report["skipped"] else 0
+
+
+def add_length_arguments(p) -> None:
+    """How ``data check`` (and ``prepare``'s) counts lengths, and its PNG report."""
+    p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument(
+        "--image-tokens",
+        type=int,
+        default=576,
+        help="placeholders per image in the length estimate without --model "
+        "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)",
+    )
+    p.add_argument("--report", help="draw the check as a PNG: token lengths, turns, images, sizes, skip reasons")
+    p.add_argument("--token-budget", type=int, default=0, help="the report's data.max_tokens_per_micro_batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="the dataset's files as downloaded from the hub, zips not unpacked")
     p.add_argument("--out", required=True, help="the prepared folder (records, left-out list, card, manifest)")
     p.add_argument("--force", action="store_true", help="prepare again over a folder that holds a preparation")
+    add_length_arguments(p)
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("check", help="validate a dataset: schema, images, lengths; exits 1 on problems")
     p.add_argument("--data", required=True, help="chat.json / .jsonl, Parquet, a save_to_disk folder, or shards")
@@ -453,15 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder image paths are relative to (not needed when every image is embedded)",
     )
     p.add_argument("--decode", action="store_true", help="fully decode every image (slow, thorough)")
-    p.add_argument("--model", help="model dir whose tokenizer gives exact token lengths")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument(
-        "--image-tokens",
-        type=int,
-        default=576,
-        help="placeholders per image in the length estimate without --model "
-        "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)",
-    )
+    add_length_arguments(p)
     p.add_argument(
         "--allow-absolute-paths",
         action="store_true",

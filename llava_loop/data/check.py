@@ -82,6 +82,7 @@ def check_dataset(
     problems: Counter = Counter()
     examples: dict[str, str] = {}
     lengths, image_jobs, image_ids, embedded, with_image = [], [], [], [], 0
+    text_tokens, turns, images_per_record = [], [], []  # per usable record, for the report (report.py)
     encoder = None
     if processor is not None:
         from .encode import SampleEncoder
@@ -106,9 +107,13 @@ def check_dataset(
             if encoder is not None:
                 ids, _ = encoder.encode_text(record, image_dir)  # a tiled model's counts read the headers
                 lengths.append(len(ids))
+                text_tokens.append(len(ids) - ids.count(encoder.image_token_id))
             else:
                 record_messages(record)
                 lengths.append(record.estimated_tokens(image_tokens))
+                text_tokens.append(record.estimated_tokens(0))
+            turns.append(sum(role == "assistant" for role, _ in record.turns))
+            images_per_record.append(len(record.images))
         except SkipSample as skip:
             problems[skip.reason] += 1
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
@@ -154,4 +159,12 @@ def check_dataset(
             },
         },
         "decoded": decode,
+        # per record and per image, for report.py; not written to --json
+        "distributions": {
+            "total_tokens": np.array(lengths, dtype=np.int64),
+            "text_tokens": np.array(text_tokens, dtype=np.int64),
+            "turns": np.array(turns, dtype=np.int64),
+            "images": np.array(images_per_record, dtype=np.int64),
+            "sizes": np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        },
     }
