@@ -251,7 +251,7 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from .data.convert import convert
+    from .data.convert import brief_prompt_warning, convert
 
     if args.kind == "shards":
         return convert_shards(args)
@@ -264,8 +264,12 @@ def cmd_data_convert(args) -> int:
             "prompts": args.prompts,
             "seed": args.seed,
         }
-    n = convert(args.kind, args.input, args.out, **options)
-    say(f"converted {n} records from {args.input} to {args.out}", stderr=False)
+    records = convert(args.kind, args.input, args.out, **options)
+    say(f"converted {len(records)} records from {args.input} to {args.out}", stderr=False)
+    if args.kind == "captions" and args.prompts == "brief" and not args.prompt:
+        warning = brief_prompt_warning(records)
+        if warning:
+            say(f"warning: {warning}")
     return 0
 
 
@@ -274,7 +278,7 @@ def cmd_data_prepare(args) -> int:
 
     from .data.prepare import LEFT_OUT, prepare
 
-    command = shlex.join(["llava-loop", *sys.argv[1:]]) if sys.argv[0].endswith("llava-loop") else ""
+    command = shlex.join(["llava-loop", "data", "prepare", args.name, "--src", str(args.src), "--out", str(args.out)])
     manifest = prepare(args.name, args.src, args.out, command=command, force=args.force, say=say)
     rows = [("records", manifest["records"]), ("images", manifest["images"])]
     rows += [(f"left out: {reason}", n) for reason, n in manifest["left_out"].items()]

@@ -129,7 +129,7 @@ def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, r
     assert all(".zip/" in i or i.startswith("ocr_vqa/images/") for i in images), images
     assert not list(src.rglob("*.jpg")) or name == "llava-665k"  # nothing extracted
     card = (out / "README.md").read_text()
-    assert f"{n} records kept" in card and "License" in card
+    assert f"{n} records kept" in card and "License" in card and f"data prepare {name} --src {src}" in card
     if name == "sharegpt4o":
         assert manifest["found_under"] == {SHAREGPT4O_PREFIX: n}
         assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
@@ -260,19 +260,21 @@ def test_a_rerun_over_a_complete_folder_does_nothing_and_other_inputs_are_refuse
     assert json.loads((out / "prepared.json").read_text())["records"] == 6
 
 
-def test_convert_captions_can_ask_to_describe_and_read(tmp_path):
-    table = tmp_path / "train.jsonl"
-    table.write_text(json.dumps({"filename": "a.jpg", "caption": "DESCRIPTION: a sign.\n\nTEXT: OPEN"}) + "\n")
-    out = tmp_path / "chat.json"
-    assert main(["data", "convert", "captions", "--input", str(table), "--out", str(out)]) == 0
+def test_convert_captions_can_ask_to_describe_and_read(tmp_path, capsys):
+    """Long captions under brief prompts are a warning (control: short ones are not); --prompts switches the pool."""
+    table, out = tmp_path / "train.jsonl", tmp_path / "chat.json"
+    convert = ["data", "convert", "captions", "--input", str(table), "--out", str(out)]
+    table.write_text(json.dumps({"filename": "a.jpg", "caption": "a red sign ."}) + "\n")
+    capsys.readouterr()
+    assert main(convert) == 0 and "warning" not in capsys.readouterr().err
+    caption = "DESCRIPTION: " + "a shop front with a red sign above the door, " * 6 + "\n\nTEXT: OPEN"
+    table.write_text(json.dumps({"filename": "a.jpg", "caption": caption}) + "\n")
+    assert main(convert) == 0
+    assert "--prompts describe-and-read" in capsys.readouterr().err
     brief = json.loads(out.read_text())[0]["conversations"][0]["value"]
-    assert (
-        main(
-            ["data", "convert", "captions", "--input", str(table), "--out", str(out), "--prompts", "describe-and-read"]
-        )
-        == 0
-    )
+    assert main([*convert, "--prompts", "describe-and-read"]) == 0
+    assert "warning" not in capsys.readouterr().err
     record = json.loads(out.read_text())[0]
     assert record["conversations"][0]["value"].replace("<image>", "").strip() in DESCRIBE_AND_READ_PROMPTS
     assert brief.replace("<image>", "").strip() not in DESCRIBE_AND_READ_PROMPTS
-    assert record["conversations"][1]["value"] == "DESCRIPTION: a sign.\n\nTEXT: OPEN"
+    assert record["conversations"][1]["value"] == caption

@@ -193,11 +193,26 @@ def from_conversations(path: Path) -> list[dict]:
     return [conversation_record(row, f"{path}: record {i}", i) for i, row in enumerate(read_rows(path))]
 
 
-def convert(kind: str, source: str | Path, out: str | Path, **options) -> int:
+LONG_CAPTION_WORDS = 40  # a brief-caption prompt over answers this long teaches the model to ignore prompts
+
+
+def brief_prompt_warning(records: list[dict]) -> str | None:
+    """Why the ``brief`` pool does not fit these captions, when their median is long (TextOCR-GPT4o's)."""
+    words = sorted(len(r["conversations"][1]["value"].split()) for r in records)
+    median = words[len(words) // 2] if words else 0
+    if median <= LONG_CAPTION_WORDS:
+        return None
+    return (
+        f"the captions are long (median {median} words) for brief-caption prompts, which would contradict "
+        "them; for description + transcription captions pass --prompts describe-and-read, or give --prompt"
+    )
+
+
+def convert(kind: str, source: str | Path, out: str | Path, **options) -> list[dict]:
     source, out = Path(source), Path(out)
     if not source.is_file():
         raise ConvertError(f"{source}: file not found")
     records = from_captions(source, **options) if kind == "captions" else from_conversations(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, ensure_ascii=False, indent=1))
-    return len(records)
+    return records

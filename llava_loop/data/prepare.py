@@ -273,7 +273,7 @@ def card(layout: Layout, manifest: dict, out: Path) -> str:
         f"**Train.** `data.path={out}`: its images are read in place from `{manifest['image_dir']}` (set "
         "`data.image_dir` if that folder moves).",
         "",
-        f"**Made with.** `{manifest['command'] or 'llava-loop data prepare ' + layout.name}`",
+        f"**Made with.** `{manifest['command']}`" if manifest["command"] else "",
         "",
     ]
     return "\n".join(lines)
