@@ -222,6 +222,7 @@ def cmd_data_check(args) -> int:
         max_image_pixels=args.max_image_pixels or MAX_IMAGE_PIXELS,
         allow_absolute_paths=args.allow_absolute_paths,
         workers=args.workers,
+        template=args.template,
     )
     rows = [("records", report["records"]), ("with images", report["with_image"]), ("images", report["images"])]
     rows += [
@@ -288,8 +289,10 @@ def cmd_data_prepare(args) -> int:
         say(f"the records left out, and why, are listed in {args.out}/{LEFT_OUT}")
     say(f"train with data.path={args.out}", stderr=False)
     if args.report:  # the prepared folder's check, drawn (its images were checked while preparing)
-        check = {"decode": False, "allow_absolute_paths": False, "max_image_pixels": None, "workers": 0, "json": None}
-        cmd_data_check(argparse.Namespace(**vars(args), data=args.out, image_dir="", **check))
+        check = ["data", "check", "--data", str(args.out), "--report", args.report, "--template", args.template]
+        check += ["--max-length", str(args.max_length), "--image-tokens", str(args.image_tokens)]
+        check += ["--token-budget", str(args.token_budget)] + (["--model", args.model] if args.model else [])
+        cmd_data_check(build_parser().parse_args(check))
     return 0
 
 
@@ -326,6 +329,7 @@ def add_length_arguments(p) -> None:
         help="placeholders per image in the length estimate without --model "
         "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)",
     )
+    p.add_argument("--template", choices=["chat", "plain"], default="chat", help="data.template, for --model's lengths")
     p.add_argument("--report", help="draw the check as a PNG: token lengths, turns, images, sizes, skip reasons")
     p.add_argument("--token-budget", type=int, default=0, help="the report's data.max_tokens_per_micro_batch")
 

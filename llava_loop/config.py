@@ -120,8 +120,9 @@ class DataConfig:
     system_prompt: str = opt("", "System prompt for every sample (empty: the chat template's default).")
     template: Literal["chat", "plain"] = opt(
         "chat",
-        "chat: the tokenizer's chat template, answers supervised (every stage); plain: LLaVA-1.5's stage-1 layout, "
-        "the image then the caption and end-of-text, no system prompt, question or template, the caption supervised.",
+        "chat: the tokenizer's chat template, answers supervised (every stage); plain: LLaVA-1.5's stage-1 layout "
+        "(the image, then the caption, closed here by end-of-text where LLaVA's code ends it with a newline): no "
+        "question, template or data.system_prompt; the caption and its end supervised.",
     )
     image_aspect_ratio: Literal["resize", "pad"] = opt(
         "resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5)."
@@ -461,6 +462,8 @@ def validate(config: Config) -> None:
     names = mix_names(d.mix)
     if len(set(names)) < len(names):
         problems.append(f"data.mix: two sources are named alike ({', '.join(names)}); give each a name")
+    if d.mix and d.image_dir:
+        problems.append("data.image_dir does not apply to data.mix: give each source its own image_dir")
     if d.mix and config.eval.holdout:
         problems.append("eval.holdout does not split a data.mix; give held-out records in data.eval_path")
     if not config.resume:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .data.archives import ZipMember
 from .data.collate import merge_image_inputs
 from .data.encode import SampleEncoder
 from .data.images import EmbeddedImage, load_image, to_rgb
@@ -94,7 +95,7 @@ def load_for_inference(
 def _as_image(image, max_pixels: int) -> Image.Image:
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    return load_image(image if isinstance(image, EmbeddedImage) else Path(image), max_pixels)
+    return load_image(image if isinstance(image, (EmbeddedImage, ZipMember)) else Path(image), max_pixels)
 
 
 def read_image(image, max_pixels: int) -> Image.Image:

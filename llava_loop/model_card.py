@@ -42,7 +42,8 @@ def last_eval(metrics_file: Path) -> dict:
 def model_card(cfg, state: dict, base_dir: Path, metrics: dict) -> str:
     build = json.loads((base_dir / BUILD_INFO).read_text()) if (base_dir / BUILD_INFO).is_file() else {}
     bases = [_source_name(build[k]) for k in ("vision", "llm") if build.get(k)]
-    data = [Path(p).parent.name or Path(p).name for p in (cfg.data.path, *(m.path for m in cfg.data.mix)) if p]
+    paths = [Path(p) for p in (cfg.data.path, *(m.path for m in cfg.data.mix)) if p]
+    data = list(dict.fromkeys(p.name if p.is_dir() else p.parent.name or p.name for p in paths))
     front = {
         "library_name": "transformers",
         "pipeline_tag": "image-text-to-text",

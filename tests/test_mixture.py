@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from llava_loop.config import ConfigError, load_config
-from llava_loop.data.mixture import Mixture
+from llava_loop.data.dataset import LlavaDataset
+from llava_loop.data.mixture import MixedDataset, Mixture
+from llava_loop.data.records import load_records
+from llava_loop.errors import UserError
 
 import helpers
 
@@ -43,6 +46,16 @@ def test_a_mix_is_set_in_yaml_or_as_a_flow_list_and_checked():
         load_config(None, ["output_dir=x", "data.path=c.json", "data.mix=[{path: a}]"])
     with pytest.raises(ConfigError, match="eval.holdout does not split a data.mix"):
         load_config(None, ["output_dir=x", "data.mix=[{path: a}]", "eval.holdout=10"])
+    with pytest.raises(ConfigError, match="give each source its own image_dir"):
+        load_config(None, ["output_dir=x", "data.mix=[{path: a}]", "data.image_dir=imgs"])
+
+
+def test_a_weight_that_draws_nothing_is_refused_naming_the_source(shapes_data):
+    records = load_records(shapes_data["val"])  # 32 records
+    parts = [LlavaDataset(records, None, ""), LlavaDataset(records, None, "")]
+    MixedDataset(parts, ["a", "b"], [1.0, 0.02], seed=0)  # 0.64 of a record rounds to one
+    with pytest.raises(UserError, match=r"data.mix source b .* weight 0.01 draws none of its 32 records"):
+        MixedDataset(parts, ["a", "b"], [1.0, 0.01], seed=0)
 
 
 def mix(shapes_data, train_weight=0.25) -> dict:

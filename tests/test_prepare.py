@@ -24,6 +24,11 @@ def shapes(shapes_data, n: int = 16) -> list[tuple[dict, bytes]]:
     return [(r, (Path(shapes_data["train_images"]) / r["image"]).read_bytes()) for r in records]
 
 
+def jsonl(path: Path) -> list[dict]:
+    """A JSONL file's rows (split on newlines only: U+2028 may sit inside a string)."""
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
 def write_zip(path: Path, members: dict[str, bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:  # stored, as image zips usually are
@@ -72,6 +77,8 @@ def mix665k(src: Path, items) -> int:
         else:
             (src / folder).mkdir(parents=True, exist_ok=True)
             (src / folder / name).write_bytes(data)
+    last = records[-1]["conversations"][-1]  # a line separator inside a string: the records must still load
+    last["value"] += "\u2028(and U+2028)"
     text_only = [
         {"id": f"text_{i}", "conversations": [{"from": "human", "value": "Name a shape."}, {"from": "gpt", "value": s}]}
         for i, s in enumerate(("circle", "square", "triangle", "star"))
@@ -90,6 +97,8 @@ def sharegpt4o(src: Path, items) -> int:
     (src / "image_conversations").mkdir()
     (src / "image_conversations" / "gpt-4o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_zip(src / "images.zip", {f"{SHAREGPT4O_PREFIX}{i:06d}.jpg": data for i, (_, data) in enumerate(items)})
+    (src / "thumbs").mkdir()  # a decoy: one name also found under a shorter prefix; the prefix serving most wins
+    (src / "thumbs" / "000000.jpg").write_bytes(items[-1][1])
     return len(items)
 
 
@@ -115,7 +124,9 @@ def prepared_run(run_config, out: Path, name: str = "run", **data) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, run_config, tiny_processor, capsys):
+def test_each_download_prepares_checks_and_trains(
+    name, tmp_path, shapes_data, run_config, tiny_processor, tiny_model_dir, capsys
+):
     """The 558K run trains in LLaVA-1.5's own plain stage-1 layout: each sample supervises its caption and
     end-of-text token, nothing else."""
     src, out = tmp_path / "download", tmp_path / "prepared"
@@ -124,22 +135,28 @@ def test_each_download_prepares_checks_and_trains(name, tmp_path, shapes_data, r
     assert main(["data", "prepare", name, "--src", str(src), "--out", str(out)]) == 0
     manifest = json.loads((out / "prepared.json").read_text())
     assert (manifest["records"], manifest["left_out"]) == (n, {}), manifest
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = jsonl(out / "records.jsonl")
     images = [r["image"] for r in records if "image" in r]
     assert all(".zip/" in i or i.startswith("ocr_vqa/images/") for i in images), images
-    assert not list(src.rglob("*.jpg")) or name == "llava-665k"  # nothing extracted
+    assert not [p for p in src.rglob("*.jpg") if p.parent.name not in ("images", "thumbs")]  # nothing extracted
     card = (out / "README.md").read_text()
     assert f"{n} records kept" in card and "License" in card and f"data prepare {name} --src {src}" in card
     if name == "sharegpt4o":
         assert manifest["found_under"] == {SHAREGPT4O_PREFIX: n}
         assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in records)
     if name == "textocr-gpt4o":  # the caption kept whole, behind a describe-and-transcribe instruction
-        for record, row in zip(records, map(json.loads, (src / "train.jsonl").read_text().splitlines())):
+        for record, row in zip(records, jsonl(src / "train.jsonl")):
             question, answer = (t["value"] for t in record["conversations"])
             assert question.replace("<image>", "").strip() in DESCRIBE_AND_READ_PROMPTS
             assert answer == row["caption"]
     if name == "llava-665k":
         assert sum("image" not in r for r in records) == 4  # the text-only records are kept
+        # generation reads the zipped images too: eval on the prepared folder, no --image-dir
+        evaluated = tmp_path / "eval.json"
+        eval_args = ["--max-samples", "6", "--max-new-tokens", "3", "--batch-size", "3"]
+        eval_args += ["--model", str(tiny_model_dir), "--data", str(out), "--out", str(evaluated)]
+        assert main(["eval", *eval_args]) == 0
+        assert len(json.loads(evaluated.read_text())["predictions"]) == 6
     capsys.readouterr()
     assert main(["data", "check", "--data", str(out)]) == 0, capsys.readouterr().out
     assert "no problems found" in capsys.readouterr().out
@@ -219,7 +236,7 @@ def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, sha
     said = capsys.readouterr()
     assert "vg/images2.zip is not a readable zip" in said.err
     manifest = json.loads((out / "prepared.json").read_text())
-    left = [json.loads(line) for line in (out / "left_out.jsonl").read_text().splitlines()]
+    left = jsonl(out / "left_out.jsonl")
     reasons = {e["reason"] for e in left}
     assert {"missing_image", "unsafe_path", "corrupt_image", "unreadable_archive", "malformed_record"} <= reasons
     assert all(e["file"].endswith("llava_v1_5_mix665k.json") and isinstance(e["record"], int) for e in left)
@@ -227,9 +244,22 @@ def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, sha
     assert cut["reason"] == "malformed_record"
     vg2_records = [r for r in records[: cut["record"]] if str(r.get("image", "")).startswith("vg/VG_100K_2/")]
     assert manifest["left_out"]["unreadable_archive"] == len(vg2_records) > 0
-    kept = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    kept = jsonl(out / "records.jsonl")
     assert manifest["records"] == len(kept) == cut["record"] - sum(manifest["left_out"].values()) + 1
     assert "left out: unreadable_archive" in said.out and "left_out.jsonl" in said.err
+
+    # a record broken mid-list: those before it are kept, and what is not read is said
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    cc3m(mid, items)
+    text = (mid / "chat.json").read_text()
+    at = text.index('"id": "GCC_train_000000004"')
+    (mid / "chat.json").write_text(text[:at] + "oops, " + text[at:])
+    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(mid), "--out", str(tmp_path / "mid-out")]) == 0
+    (broken,) = jsonl(tmp_path / "mid-out" / "left_out.jsonl")
+    assert broken["record"] == 4 and "the 4 records before it are kept" in broken["detail"]
+    assert "bytes after it are not read" in broken["detail"]
+    assert json.loads((tmp_path / "mid-out" / "prepared.json").read_text())["records"] == 4
 
     # nothing usable: the one zip of a stage-1 download is cut off -> non-zero, naming it
     bad = tmp_path / "bad"

@@ -17,6 +17,7 @@ from .skips import SkipSample
 # no real image is this large; a member that claims more is a zip bomb, refused before it is inflated
 MAX_MEMBER_BYTES = 1 << 28
 _open: dict[tuple[int, Path], tuple[tuple[int, int], zipfile.ZipFile]] = {}
+os.register_at_fork(after_in_child=_open.clear)  # a worker's copy of its parent's tables is never used
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,10 @@ def split_archive(image_dir: Path, name: str) -> ZipMember | None:
     """The member ``name`` reaches through a zip file in ``image_dir`` (its first folder that is a ``.zip`` file),
     or None when no folder of it is one."""
     parts = name.split("/")
+    root = Path("/") if name.startswith("/") else image_dir  # an absolute name (data.allow_absolute_paths)
     for i, part in enumerate(parts[:-1], 1):
         if is_zip_name(part):
-            archive = image_dir.joinpath(*parts[:i])
+            archive = root.joinpath(*parts[:i])
             if archive.is_file():
                 return ZipMember(archive, "/".join(parts[i:]))
     return None

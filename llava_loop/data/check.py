@@ -74,6 +74,7 @@ def check_dataset(
     allow_absolute_paths: bool = False,
     workers: int = 0,
     progress: bool = True,
+    template: str = "chat",
 ) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
@@ -82,7 +83,7 @@ def check_dataset(
     problems: Counter = Counter()
     examples: dict[str, str] = {}
     lengths, image_jobs, image_ids, embedded, with_image = [], [], [], [], 0
-    text_tokens, turns, images_per_record = [], [], []  # per usable record, for the report (report.py)
+    text_tokens, turns, images_per_record = [], [], []  # per record past the text checks, for report.py
     encoder = None
     if processor is not None:
         from .encode import SampleEncoder
@@ -92,6 +93,7 @@ def check_dataset(
             max_length=max_length,
             max_image_pixels=max_image_pixels,
             allow_absolute_paths=allow_absolute_paths,
+            template=template,
         )
     if progress:
         from rich.progress import track

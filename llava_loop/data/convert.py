@@ -146,6 +146,8 @@ def _message_text(content, where: str) -> str:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
+            if not isinstance(part.get("text", ""), str):
+                raise ConvertError(f"{where}: a text part's text is {type(part['text']).__name__}, not a string")
             texts.append(part.get("text", ""))
         elif kind in ("image", "image_url"):
             texts.append(IMAGE_TOKEN)
@@ -154,7 +156,7 @@ def _message_text(content, where: str) -> str:
     return "\n".join(t for t in texts if t)
 
 
-def conversation_record(row: dict, where: str, index: int) -> dict:
+def conversation_record(row: dict, where: str, index: int | str) -> dict:
     """One ShareGPT-style or OpenAI-style record as a LLaVA record, with one ``<image>`` tag per image."""
     if not isinstance(row, dict):
         raise ConvertError(f"{where}: expected an object, got {type(row).__name__}")

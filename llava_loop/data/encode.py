@@ -8,6 +8,7 @@ is LLaVA-1.5's stage-1 layout instead: the image, the caption, the end-of-text t
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -117,8 +118,9 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[
 
 
 def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
-    """LLaVA-1.5's ``plain`` pretraining layout: the record's images, then its caption (the one answer) and the
-    end-of-text token; no system prompt, question or chat template. Only the caption and that token are supervised.
+    """LLaVA-1.5's ``plain`` pretraining layout: the record's images, then its caption (the one answer), closed by
+    the end-of-text token (LLaVA's code closes it with a newline; an end token is what generation stops at); no
+    system prompt, question or chat template. Only the caption and that token are supervised.
     Token ids, labels and the one turn end, as ``tokenize_messages`` gives them."""
     messages = record_messages(record)  # the same checks: roles, <image> tags, an empty answer
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -136,9 +138,14 @@ def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[i
 
 def plain_prefix(tokenizer, image_token_id: int, n_images: int) -> list[int]:
     """What comes before a ``plain`` caption: the tokenizer's BOS where it adds one (Llama, Gemma), the images."""
+    return bos_ids(tokenizer) + [image_token_id] * n_images
+
+
+@lru_cache(maxsize=8)
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts text with it, else ``[]``."""
     bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    return [bos] * adds_bos + [image_token_id] * n_images
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def expand_image_tokens(ids, labels, turn_ends, image_token_id: int, counts: list[int]):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .dataset import LlavaDataset
 
 
@@ -50,6 +51,12 @@ class MixedDataset(Dataset):
     def __init__(self, parts: list[LlavaDataset], names: list[str], weights: list[float], *, seed: int):
         self.parts, self.names = parts, names
         self.mixture = Mixture([len(p) for p in parts], weights, seed=seed)
+        for s, (part, name) in enumerate(zip(parts, names)):
+            if self.mixture.draws(s) == (0, 0):
+                raise UserError(
+                    f"data.mix source {name} ({part.source}): weight {weights[s]} draws none of its {len(part)} "
+                    f"records per epoch; raise it to at least {0.5 / len(part):.2g}"
+                )
         self.encoder = parts[0].encoder
 
     def __len__(self) -> int:

@@ -29,7 +29,7 @@ from .archives import is_zip_name
 from .convert import PROMPT_POOLS, ConvertError, caption_record, conversation_record
 from .images import image_path, open_checked
 from .layouts import LAYOUTS, Layout
-from .records import RecordError, normalize_record
+from .records import RecordError, normalize_record, read_text
 from .skips import SkipSample
 from .sources import PREPARED_MANIFEST as MANIFEST
 from .sources import PREPARED_RECORDS as RECORDS
@@ -51,6 +51,7 @@ class ImageIndex:
         self.archives: list[str] = []  # readable zips, relative to src
         self.broken: dict[str, str] = {}  # zip (relative to src) -> why it cannot be read
         self.prefixes: Counter = Counter()  # prefixes found for names the records give without them
+        self.votes: Counter = Counter()  # how many names each prefix could serve (learn_prefixes)
         self._by_name: dict[str, list[str]] | None = None
         for archive in sorted(p for p in src.rglob("*") if is_zip_name(p.name) and p.is_file()):
             rel = archive.relative_to(src).as_posix()
@@ -63,10 +64,24 @@ class ImageIndex:
             self.archives.append(rel)
             folder = posixpath.dirname(rel)
             for member in members:
+                if member.startswith("/") or ".." in member.split("/"):
+                    continue  # never served: a record naming it is refused as unsafe (images.image_path)
                 self.virtual.setdefault(posixpath.join(folder, member), f"{rel}/{member}")
 
     def inputs(self) -> list[str]:
         return [*self.archives, *self.broken]
+
+    def learn_prefixes(self, names) -> None:
+        """Count, over ``names`` (a sample of the records' image names), the prefixes that would serve each name
+        not found as given: ``find`` then takes the prefix that serves most, not the first one it meets."""
+        for name in names:
+            name = posixpath.normpath(name.replace("\\", "/"))
+            if name in self.virtual or (self.src / name).is_file():
+                continue
+            self.votes.update({c[: -len(name)] for c in self._candidates(name)})
+
+    def _candidates(self, name: str) -> list[str]:
+        return [v for v in self._names().get(posixpath.basename(name), ()) if v.endswith("/" + name)]
 
     def find(self, name: str) -> str:
         """The reference (relative to ``src``) for the image ``name``; a ``SkipSample`` when there is none."""
@@ -75,9 +90,9 @@ class ImageIndex:
             return name  # as named (unsafe names are refused by image_path)
         if name in self.virtual:
             return self.virtual[name]
-        candidates = [v for v in self._names().get(posixpath.basename(name), ()) if v.endswith("/" + name)]
+        candidates = self._candidates(name)
         if candidates:
-            best = max(candidates, key=lambda v: (self.prefixes[v[: -len(name)]], -len(v)))
+            best = max(candidates, key=lambda v: (self.votes[v[: -len(name)]], self.prefixes[v[: -len(name)]], -len(v)))
             self.prefixes[best[: -len(name)]] += 1
             return self.virtual.get(best, best)
         for archive, why in self.broken.items():  # its members are unknown: the image may be in it
@@ -129,19 +144,17 @@ def salvage_records(text: str):
             raw, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             line = text.count("\n", 0, exc.pos) + 1
-            cut = "cut short" if not text[exc.pos :].strip() or text.rstrip()[-1] != "]" else "malformed"
-            problem = f"the file is {cut} at line {line} ({exc.msg}); the {index} records before it are kept"
+            if not text[exc.pos :].strip() or text.rstrip()[-1] != "]":
+                problem = f"the file is cut short at line {line} ({exc.msg}); the {index} records before it are kept"
+            else:  # the list cannot be followed past a broken record: say how much is not read
+                problem = (
+                    f"malformed JSON at line {line} ({exc.msg}): the {index} records before it are kept, the "
+                    f"{len(text) - exc.pos:,} bytes after it are not read; mend the file and prepare again (--force)"
+                )
             yield index, None, problem, len(text)
             return
         yield index, raw, None, pos
         index += 1
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PrepareError(f"{path}: not valid UTF-8 at byte {exc.start}; re-encode it as UTF-8") from None
 
 
 def fingerprint(src: Path, files: list[str]) -> dict:
@@ -190,6 +203,7 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
     with open(out / RECORDS, "w") as records_out, open(out / LEFT_OUT, "w") as left_out:
         for file in files:
             text = read_text(file)
+            index.learn_prefixes(sample_image_names(layout, text))
             bar = tqdm(total=len(text), desc=f"{name}: {file.name}", unit="B", unit_scale=True, mininterval=1.0)
             done = 0
             for i, raw, problem, end in salvage_records(text):
@@ -199,7 +213,7 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
                 try:
                     if problem:
                         raise SkipSample("malformed_record", problem)
-                    record = make_record(layout, raw, where, i, rng)
+                    record = make_record(layout, raw, where, f"{file.stem}-{i}" if len(files) > 1 else i, rng)
                     names = record.get("image") or []
                     refs = [index.find(n) for n in ([names] if isinstance(names, str) else names)]
                     for ref in refs:
@@ -241,7 +255,21 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
     return manifest
 
 
-def make_record(layout: Layout, raw, where: str, index: int, rng: random.Random) -> dict:
+def sample_image_names(layout: Layout, text: str, n: int = 2000) -> list[str]:
+    """The image names of the first ``n`` records, for ``ImageIndex.learn_prefixes``."""
+    names = []
+    for i, raw, _, _ in salvage_records(text):
+        if i >= n:
+            break
+        try:
+            image = make_record(layout, raw, "", i, random.Random(0)).get("image") or []
+        except SkipSample:
+            continue
+        names += [image] if isinstance(image, str) else image
+    return names
+
+
+def make_record(layout: Layout, raw, where: str, index: int | str, rng: random.Random) -> dict:
     """One raw row as a LLaVA record; a row that cannot be one is a ``SkipSample``."""
     try:
         if layout.kind == "captions":

@@ -131,7 +131,7 @@ def normalize_record(raw, path: Path, index: int) -> Record:
     return Record(str(rid), tuple(images), tuple(turns))
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
@@ -143,7 +143,7 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text: str):
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and kin may sit inside a string
         if not line.strip():
             continue
         try:
@@ -154,7 +154,7 @@ def _iter_jsonl(path: Path, text: str):
 
 def _iter_raw(path: Path):
     """Yield ``(index, raw_record)`` from a JSON list, ``{"data": [...]}`` or JSONL file."""
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path, text)
         return

@@ -71,7 +71,7 @@ def _counted(values: np.ndarray, cap: int) -> tuple[list[str], list[int]]:
     return [str(i) for i in range(cap)] + [f"{cap}+"], [int(c) for c in counts]
 
 
-def _lengths(draw, panel: Panel, dist: dict, max_length: int, budget: int, estimated: bool) -> None:
+def _lengths(draw, panel: Panel, dist: dict, max_length: int, budget: int, estimated: bool, too_long: int) -> None:
     total, text = dist["total_tokens"], dist["text_tokens"]
     series = (("total", total, TOTAL), ("text", text, TEXT), ("image", total - text, IMAGE))
     x0, y0, x1, y1 = panel.box
@@ -91,13 +91,13 @@ def _lengths(draw, panel: Panel, dist: dict, max_length: int, budget: int, estim
             points += [(x_of(edges[i]), y), (x_of(edges[i + 1]), y)]
         draw.line([(x0, y1), *points, (x1, y1)], fill=colour, width=2)
     draw.line([(x_of(max_length), y0), (x_of(max_length), y1)], fill=LIMIT, width=2)
-    over = int((total >= max_length).sum())
+    over = int((total > max_length).sum())
     draw.text((x_of(max_length) - 120, y0 + 4), f"max_length {max_length}", fill=LIMIT, font=small)
     legend = [("total", TOTAL), ("text", TEXT), ("image", IMAGE)]
     for i, (name, colour) in enumerate(legend):
         draw.rectangle((x0 + 10, y0 + 10 + 16 * i, x0 + 22, y0 + 20 + 16 * i), fill=colour)
         draw.text((x0 + 28, y0 + 8 + 16 * i), name, fill=INK, font=small)
-    notes = [f"{over:,} at max_length (truncated or skipped)"]
+    notes = [f"{too_long:,} skipped as too long" + (f", {over:,} estimated over max_length" if estimated else "")]
     if budget:
         mean = float(total.mean()) if len(total) else 0.0
         notes.append(f"token budget {budget}: ~{budget / max(mean, 1):.1f} samples per packed micro-batch")
@@ -138,7 +138,8 @@ def draw_report(report: dict, title: str, *, max_length: int, budget: int = 0) -
     summary = f"{report['records']:,} records ({bad:,} with problems), {report['images']:,} images"
     draw.text((WIDTH - 20 - draw.textlength(summary, font=_font(15)), 16), summary, fill=MUTED, font=_font(15))
     panels = [_frame(draw, 0, "tokens per record", "text, image placeholders and their sum")]
-    _lengths(draw, panels[0], dist, max_length, budget, report["token_lengths_estimated"])
+    too_long = report["problems"].get("too_long", 0)
+    _lengths(draw, panels[0], dist, max_length, budget, report["token_lengths_estimated"], too_long)
     panels.append(_frame(draw, 1, "answers per record", "assistant turns"))
     _bars(draw, panels[1], *_counted(dist["turns"], 10))
     panels.append(_frame(draw, 2, "images per record", "0: text-only"))

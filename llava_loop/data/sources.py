@@ -25,7 +25,14 @@ PREPARED_MANIFEST, PREPARED_RECORDS = "prepared.json", "records.jsonl"  # what d
 def prepared_manifest(path: str | Path) -> dict | None:
     """The manifest of a folder ``data prepare`` completed, else None."""
     manifest = Path(path) / PREPARED_MANIFEST
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        raise RecordError(
+            f"{manifest} is not valid JSON; prepare the folder again (llava-loop data prepare ... --force)"
+        ) from None
 
 
 def image_dir_of(path: str | Path, image_dir: str | Path = "") -> str:
@@ -33,7 +40,7 @@ def image_dir_of(path: str | Path, image_dir: str | Path = "") -> str:
     if image_dir or not path:
         return str(image_dir)
     manifest = prepared_manifest(path)
-    return manifest["image_dir"] if manifest else ""
+    return manifest.get("image_dir", "") if manifest else ""
 
 
 def source_kind(path: str | Path) -> str:
