@@ -298,8 +298,9 @@ def cmd_data_prepare(args) -> int:
 
 def convert_shards(args) -> int:
     from .data.shards import parse_size, write_shards
-    from .data.sources import require_data_extra
+    from .data.sources import image_dir_of, require_data_extra
 
+    args.image_dir = image_dir_of(args.input, args.image_dir or "")  # a prepared folder names its own
     if not args.image_dir:
         raise UserError("data convert shards needs --image-dir: the folder the records' image paths are relative to")
     require_data_extra("shards", args.out)

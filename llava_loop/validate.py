@@ -101,7 +101,9 @@ class Validator:
         reasons = ", ".join(f"{reason} x{n}" for reason, n in Counter(e[1] for e in events).most_common())
         d = self.cfg.data
         setting = (
-            f"data.eval_image_dir={d.eval_image_dir or d.image_dir}" if d.eval_path else f"data.image_dir={d.image_dir}"
+            f"data.eval_image_dir={self.eval_set.image_dir}"
+            if d.eval_path
+            else f"data.image_dir={self.eval_set.image_dir}"
         )
         self.warn(
             f"held-out loss: {count} of {len(self.eval_set)} samples left out ({reasons}; e.g. "

@@ -272,7 +272,7 @@ def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, sha
     assert not (tmp_path / "none" / "prepared.json").exists()
 
 
-def test_a_rerun_over_a_complete_folder_does_nothing_and_other_inputs_are_refused(tmp_path, shapes_data, capsys):
+def test_a_rerun_does_nothing_other_inputs_are_refused_and_the_folder_converts_to_shards(tmp_path, shapes_data, capsys):
     src, out = tmp_path / "download", tmp_path / "prepared"
     src.mkdir()
     cc3m(src, shapes(shapes_data, 4))
@@ -288,6 +288,10 @@ def test_a_rerun_over_a_complete_folder_does_nothing_and_other_inputs_are_refuse
     assert "pass --force" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
     assert json.loads((out / "prepared.json").read_text())["records"] == 6
+    # a prepared folder converts to webdataset shards as it is: its records, its zipped images
+    assert main(["data", "convert", "shards", "--input", str(out), "--out", str(tmp_path / "shards")]) == 0
+    index = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    assert sum(s["samples"] for s in index["shards"]) == 6
 
 
 def test_convert_captions_can_ask_to_describe_and_read(tmp_path, capsys):

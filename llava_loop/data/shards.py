@@ -22,8 +22,9 @@ from ..console import say_on_main
 from ..errors import UserError
 from .dataset import DataError
 from .images import EmbeddedImage, image_path, open_checked
-from .records import Record, RecordError, load_records, normalize_record
+from .records import Record, RecordError, normalize_record
 from .skips import SkipSample
+from .sources import open_records
 
 INDEX = "shards.json"
 TAR_BLOCK, TAR_RECORD = 512, 10240
@@ -65,7 +66,7 @@ def write_shards(
     """Write ``out/000000.tar, 000001.tar, ...`` of at most ``shard_size`` bytes each (``ShardSink``) and
     ``out/shards.json``. Records whose images cannot be read are left out and counted by
     reason (as training would skip them); returns ``{"shards", "samples", "skipped", "examples"}``."""
-    records = load_records(records_path)  # structural problems stop here, naming the record
+    records = open_records(records_path)  # structural problems stop here, naming the record
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
