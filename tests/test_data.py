@@ -110,6 +110,28 @@ def test_plain_template_is_the_image_then_the_caption_and_end_of_text(tiny_proce
     assert encoder.prompt_ids("ignored") == [image_id] * n
 
 
+def test_plain_template_starts_with_bos_where_the_tokenizer_adds_one():
+    """Llama 3's tokenizer starts text with <|begin_of_text|>: the plain layout keeps it, unsupervised. Control: the
+    same tokenizer without its BOS post-processor gives no BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from llava_loop.data.encode import plain_tokens
+    from llava_loop.demo.families import LLM_FAMILIES, make_tokenizer
+
+    image_id = 7  # any id stands for the image here
+    without = make_tokenizer(LLM_FAMILIES["llama"])
+    assert plain_tokens(without, CAPTION, image_id)[0][0] == image_id
+    tokenizer = make_tokenizer(LLM_FAMILIES["llama"])
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    ids, labels, _ = plain_tokens(tokenizer, CAPTION, image_id)
+    caption = tokenizer(answers(CAPTION)[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == [tokenizer.bos_token_id, image_id, *caption]
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, *caption]
+
+
 def test_plain_template_skips_a_record_that_is_not_images_and_one_caption(tiny_processor):
     encoder = SampleEncoder(tiny_processor, max_length=4096, template="plain")
     text_only = Record("t", (), (("user", "Say hi."), ("assistant", "hi there .")))
