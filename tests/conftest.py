@@ -15,6 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# under pytest-xdist (CI runs ``-n 2`` on 2 cores) each worker computes on one thread, as launched runs already do
+# (helpers.env): two workers at torch's default of one thread per core would spin against each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the token-length cache (data/lengths.py) of the tests' runs, launched ones included, stays out of the home folder
 os.environ.setdefault("LLAVA_LOOP_CACHE", tempfile.mkdtemp(prefix="llava-loop-cache-"))
 
