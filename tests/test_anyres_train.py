@@ -72,6 +72,16 @@ def _record(rid, images, question="<image>\nWhat is it?"):
                                                           {"from": "gpt", "value": "a shape ."}]}  # fmt: skip
 
 
+def _write_mixed_records(folder, image_names):
+    """``folder/chat.json``: one record per image, a record of wide.png and tall.png together, a text-only record;
+    returns them loaded."""
+    rows = [_record(name, name) for name in image_names]
+    rows.append(_record("two", ["wide.png", "tall.png"], "<image> then <image>: which is wider?"))
+    rows.append({"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "hi ."}]})
+    (folder / "chat.json").write_text(json.dumps(rows))
+    return load_records(folder / "chat.json")
+
+
 def test_every_image_fills_the_processors_count_and_bad_images_never_split_or_crash(next_dir, tiny_model_dir, tmp_path):
     """A 1x1 image, a 20,000-pixel panorama, a grayscale and a CMYK scan, wide and tall: each sample holds exactly
     the placeholders transformers' processor writes, a batch of them (with a text-only and a two-image record)
@@ -91,11 +101,7 @@ def test_every_image_fills_the_processors_count_and_bad_images_never_split_or_cr
     }
     for name, (mode, size) in images.items():
         Image.new(mode, size, 120 if mode == "L" else (200, 60, 30, 0)[: len(mode)]).save(tmp_path / name)
-    rows = [_record(name, name) for name in images]
-    rows.append(_record("two", ["wide.png", "tall.png"], "<image> then <image>: which is wider?"))
-    rows.append({"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "hi ."}]})
-    (tmp_path / "chat.json").write_text(json.dumps(rows))
-    records = load_records(tmp_path / "chat.json")
+    records = _write_mixed_records(tmp_path, images)
     encoder = SampleEncoder(processor, max_length=2048)
     samples = LlavaDataset(records, encoder, tmp_path, substitute=False)
     samples = [samples[i] for i in range(len(records))]

@@ -7,14 +7,12 @@ with the trained logits and that generates as llava_loop does, for one image and
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import test_anyres_train
 import torch
 from PIL import Image
-from test_anyres_train import _losses_and_grads, _record
+from test_anyres_train import _losses_and_grads, _write_mixed_records
 
 from llava_loop.data.collate import Collator
 from llava_loop.data.dataset import LlavaDataset
@@ -54,11 +52,7 @@ def test_samples_hold_what_the_onevision_processor_makes_of_each_record(onevisio
     sizes = {"square.png": (64, 64), "wide.png": (192, 64), "tall.png": (64, 128), "big.png": (256, 256)}
     for seed, (name, size) in enumerate(sizes.items()):
         _noise(*size, seed).save(tmp_path / name)
-    rows = [_record(name, name) for name in sizes]
-    rows.append(_record("two", ["wide.png", "tall.png"], "<image> then <image>: which is wider?"))
-    rows.append({"id": "text", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "hi ."}]})
-    (tmp_path / "chat.json").write_text(json.dumps(rows))
-    records = load_records(tmp_path / "chat.json")
+    records = _write_mixed_records(tmp_path, sizes)
     encoder = SampleEncoder(processor, max_length=4096)
     counts = []
     for i in range(len(records)):
