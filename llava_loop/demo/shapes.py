@@ -17,6 +17,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ..template import IMAGE_TOKEN
@@ -79,8 +80,13 @@ def parse_caption(text: str) -> dict[str, str | None]:
     return found
 
 
-def draw_shape(size: int, color: str, shape: str, position: str, rng: random.Random) -> Image.Image:
-    noise = Image.effect_noise((size, size), 12).convert("RGB")
+def draw_shape(
+    size: int, color: str, shape: str, position: str, rng: random.Random, noise_seed: tuple[int, ...] = (0,)
+) -> Image.Image:
+    # the grain is drawn from its own seed: PIL's effect_noise reads C's rand(), so the same seed gave other pixels
+    # on every call, and the shape's own draws from ``rng`` stay what they were
+    grain = np.random.default_rng(noise_seed).normal(128, 12, (size, size))
+    noise = Image.fromarray(grain.clip(0, 255).astype(np.uint8)).convert("RGB")
     image = Image.blend(Image.new("RGB", (size, size), (45, 45, 50)), noise, 0.25)
     draw = ImageDraw.Draw(image)
     fx, fy = POSITIONS[position]
@@ -178,8 +184,8 @@ def write_shapes(
         else:
             record, attrs = make_record(i, rng, prefix=prefix, max_turns=max_turns)
             names, drawn = [record["image"]], [attrs]
-        for name, (color, shape, position) in zip(names, drawn):
-            draw_shape(size, color, shape, position, rng).save(images / name, quality=92)
+        for k, (name, (color, shape, position)) in enumerate(zip(names, drawn)):
+            draw_shape(size, color, shape, position, rng, (seed, i, k)).save(images / name, quality=92)
         records.append(record)
     path = out / json_name
     path.write_text(json.dumps(records, indent=1))
