@@ -419,9 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="auto: sdpa where each tower supports it, else eager (Gemma 2)",
         )
 
-    p = sub.add_parser("infer", help="generate for one image (streamed) or caption a folder")
+    p = sub.add_parser("infer", help="generate for one image or several (streamed), or caption a folder")
     model_args(p)
-    p.add_argument("--image", help="one image; the answer streams to the terminal")
+    p.add_argument(
+        "--image",
+        action="append",
+        help="an image; the answer streams to the terminal. Repeat for a multi-image prompt: the prompt's <image> "
+        "tags, one per image in order, say where each goes (none: all at its start)",
+    )
     p.add_argument("--images-dir", help="caption every image in this folder")
     p.add_argument("--out", help="captions.jsonl for --images-dir")
     p.add_argument("--prompt", default="Describe the image briefly.")

@@ -108,14 +108,16 @@ def read_image(image, max_pixels: int) -> Image.Image:
 
 @torch.no_grad()
 def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[str], **options) -> list[str]:
-    """One batch: prompts (one, or one per image) each with its image -> decoded answers; ``options`` as in
-    ``generate_ids``. An unreadable image raises a UserError that names it."""
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else prompts
+    """One batch: prompts (one, or one per entry of ``images``) each with its image, or with a list of images for
+    a multi-image prompt (see ``SampleEncoder.question_ids`` for where their tags go) -> decoded answers;
+    ``options`` as in ``generate_ids``. An unreadable image raises a UserError that names it."""
+    rows = [list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
+    prompts = [prompts] * len(rows) if isinstance(prompts, str) else prompts
     return generate_ids(
         model,
         encoder,
-        [encoder.question_ids(p, with_image=True) for p in prompts],
-        [[read_image(image, encoder.max_image_pixels)] for image in images],
+        [encoder.question_ids(p, len(row)) for p, row in zip(prompts, rows)],
+        [[read_image(image, encoder.max_image_pixels) for image in row] for row in rows],
         **options,
     )
 
@@ -220,7 +222,7 @@ def caption(
     return answer_all(
         model,
         encoder,
-        [encoder.question_ids(p, with_image=True) for p in prompts],
+        [encoder.question_ids(p) for p in prompts],
         [[image] for image in images],
         batch_size=batch_size,
         progress=f"captioning {len(images)} images" if progress else "",

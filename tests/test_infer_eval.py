@@ -323,4 +323,48 @@ def test_eval_asks_every_record_with_no_image_one_or_several(tiny_model_dir, tmp
         if len(record.images) == 2:
             swapped, _ = first_answer_logits(dict(sample, pixel_values=sample["pixel_values"].flip(0)))
             assert (generation_starts[row] - swapped).abs().max() > 1e-3, record.id
-            assert encoder.prompt_ids(prediction["prompt"]) != prompt  # the one-image layout is not training's
+            assert encoder.prompt_ids(prediction["prompt"], ((0, 0), (0, 0))) == prompt  # infer's, as in training
+
+
+def test_infer_lays_out_a_multi_image_prompt_as_training_lays_out_the_record(trained, tmp_path):
+    """``infer --image a --image b`` with the record's own question: the prompt ids are the training layout's
+    prefix for that two-image record (each tag where the question put it), and the CLI says what the Python API
+    generates. A prompt without tags gets one per image at its start; a tag count that is not the image count
+    is refused, naming both (a one-image layout of this prompt dropped a tag: the control)."""
+    from llava_loop.data.records import load_records
+    from llava_loop.demo.shapes import write_shapes
+    from llava_loop.errors import UserError
+    from llava_loop.infer import generate, load_for_inference
+
+    records = load_records(write_shapes(tmp_path, 2, seed=5, size=64, prefix="p", pair_ratio=1.0))
+    record = records[0]
+    question = record.turns[0][1]
+    assert question.count("<image>") == 2 and question.index("<image>") > 0  # interleaved, not at the start
+    model, _, encoder = load_for_inference(trained["full"]["export"], device="cpu")
+    image_id = encoder.image_token_id
+    ids = encoder.question_ids(question, 2)
+    assert ids == encoder.first_question(record)[0]
+    with pytest.raises(UserError, match="2 <image> tags for 1 image"):
+        encoder.question_ids(question, 1)
+    untagged = encoder.question_ids("Which is red?", 2)
+    assert untagged.count(image_id) == 2 and untagged.index(image_id) < untagged.index(
+        encoder.tokenizer("Which")["input_ids"][0]
+    )
+    images = [str(tmp_path / "images" / name) for name in record.images]
+    out = _cli(
+        "infer",
+        "--model",
+        str(trained["full"]["export"]),
+        "--device",
+        "cpu",
+        "--image",
+        images[0],
+        "--image",
+        images[1],
+        "--prompt",
+        question,
+        "--max-new-tokens",
+        "6",
+    )
+    said = generate(model, encoder, [images], question, max_new_tokens=6)[0]
+    assert said and out.stdout.strip() == said

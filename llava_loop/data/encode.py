@@ -276,25 +276,35 @@ class SampleEncoder:
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
         return ids, labels, blocks_held(ids.count(self.image_token_id), counts)
 
-    def question_ids(self, prompt: str, with_image: bool = True) -> list[int]:
-        """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays it out, with one
-        ``<image>`` id where its image goes (``expand`` fills it in). Under ``plain`` the image is the whole prompt:
-        the model was taught to caption what it is shown, and ``prompt`` is not used."""
+    def question_ids(self, prompt: str, images: int = 1) -> list[int]:
+        """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays out a record with
+        ``images`` images, with one ``<image>`` id per image (``expand`` fills them in). One image: its tag goes to
+        the start of the turn, wherever the prompt put it or if it put none. Several: the prompt's tags, one per
+        image in order, stay where they are; a prompt with none gets them at its start, one per line. Under
+        ``plain`` the images are the whole prompt: the model was taught to caption what it is shown, and
+        ``prompt`` is not used."""
         if self.template == "plain":
-            return plain_prefix(self.tokenizer, self.image_token_id, int(with_image))
-        content = (
-            place_image_token(prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt)
-            if with_image
-            else prompt.strip()
-        )
+            return plain_prefix(self.tokenizer, self.image_token_id, images)
+        tags = prompt.count(IMAGE_TOKEN)
+        if tags not in (0, images):
+            raise UserError(
+                f"the prompt has {tags} {IMAGE_TOKEN} tags for {images} image(s): write one per image, in the order "
+                "the images are given, or none (then they go at the start of the prompt)"
+            )
+        if images == 1:
+            content = place_image_token(prompt if tags else IMAGE_TOKEN + prompt)
+        elif tags == images:  # several tags in place, or no image at all
+            content = prompt.strip()
+        else:
+            content = "\n".join([IMAGE_TOKEN] * images + [prompt.strip()])
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": content})
         return self.generation_ids(messages)
 
-    def prompt_ids(self, prompt: str, with_image: bool = True, size: tuple[int, int] = (0, 0)) -> list[int]:
-        """``question_ids`` with the image's placeholders in place (``size``: its (height, width), which a tiled
-        model's count follows)."""
-        return self.expand(self.question_ids(prompt, with_image), [size] if with_image else [])
+    def prompt_ids(self, prompt: str, sizes: tuple[tuple[int, int], ...] = ((0, 0),)) -> list[int]:
+        """``question_ids`` with each image's placeholders in place (``sizes``: one (height, width) per image, which
+        a tiled model's counts follow; empty for a text-only prompt)."""
+        return self.expand(self.question_ids(prompt, len(sizes)), list(sizes))
 
     def first_question(self, record: Record) -> tuple[list[int], str, str]:
         """A record's first question as token ids ready for generation, its text, and the reference answer (see
