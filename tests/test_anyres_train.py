@@ -133,6 +133,29 @@ def test_every_image_fills_the_processors_count_and_bad_images_never_split_or_cr
     assert report["token_lengths"]["p100"] == max(n for n in lengths.tolist() if n <= 200)
 
 
+def test_a_tiled_models_cached_lengths_are_counted_again_when_its_images_change_size(next_dir, tmp_path, monkeypatch):
+    """The length cache is keyed on the records, not on the images' sizes, which a tiled model's counts follow:
+    images replaced in place by others of other sizes are caught by the spot check of cached lengths and counted
+    again (control: the same images read the cache)."""
+    from llava_loop.data.lengths import count_lengths, token_lengths
+
+    monkeypatch.setenv("LLAVA_LOOP_CACHE", str(tmp_path / "cache"))
+    names = ("wide.png", "tall.png", "a.png", "b.png")
+    for name in names:
+        Image.new("RGB", (192, 64), (200, 60, 30)).save(tmp_path / name)
+    records = _write_mixed_records(tmp_path, names)
+    encoder = SampleEncoder(load_model(next_dir)[1], max_length=2048)
+    said = []
+    first = token_lengths(records, encoder, tmp_path, say=said.append)
+    assert "counted, cached at" in said[-1]
+    assert (token_lengths(records, encoder, tmp_path, say=said.append) == first).all() and "from the cache" in said[-1]
+    for name in names:  # a 1x1 grid now: fewer tiles
+        Image.new("RGB", (64, 64), (200, 60, 30)).save(tmp_path / name)
+    again = token_lengths(records, encoder, tmp_path, say=said.append)
+    assert "counting again" in said[-2] and "counted, cached at" in said[-1]
+    assert again.tolist() == count_lengths(records, encoder, tmp_path).tolist() != first.tolist()
+
+
 def _losses_and_grads(model_dir, mode, batch, *, checkpointing=False):
     torch.manual_seed(0)  # the same LoRA initialisation for every layout
     model = apply_mode(

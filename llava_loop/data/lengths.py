@@ -9,8 +9,11 @@ record at load time, whose length no one can know in advance.
 Counting 665K records takes minutes of tokenizing, so the result is cached under ``$LLAVA_LOOP_CACHE`` (default
 ``~/.cache/llava_loop``), keyed by the records' content, the tokenizer and every encoder setting that changes a
 length: a changed file, tokenizer or ``max_length`` counts again, a second run with the same ones does not. A
-tiled model's key also holds its tiling and the image folder's path, not the images' sizes: replacing images in
-place with others of other sizes needs ``LLAVA_LOOP_CACHE`` pointed elsewhere (or the cache file deleted).
+tiled model's key also holds its tiling and the image folder's path, not the images' sizes (reading 665K image
+headers at every start is what the cache saves): instead, a tiled model's cached lengths are checked against
+``SPOT_CHECK`` records counted afresh, and counted again whole when one differs (images replaced in place by
+others of other sizes). A few replaced images among many can pass the check; their micro-batches then miss their
+token budget by those images' difference.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .encode import SampleEncoder
 from .skips import SkipSample
 
 VERSION = 2  # bump when the way a length is counted changes
+SPOT_CHECK = 64  # records a tiled model's cached lengths are checked against
 
 
 def cache_dir() -> Path:
@@ -79,6 +83,16 @@ class _Lengths(torch.utils.data.Dataset):
             return min(record.estimated_tokens(self.encoder.n_image_tokens), self.encoder.max_length)
 
 
+def _first_stale(lengths: np.ndarray, records, encoder: SampleEncoder, image_dir) -> int | None:
+    """For a tiled model, the first of ``SPOT_CHECK`` seeded records whose length is no longer the cached one;
+    None when all agree, or for a fixed-size model (its lengths read no image)."""
+    if encoder.tiler is None or not len(records):
+        return None
+    count = _Lengths(records, encoder, image_dir)
+    picked = np.random.default_rng(0).choice(len(records), min(SPOT_CHECK, len(records)), replace=False)
+    return next((int(i) for i in sorted(picked) if count[int(i)] != lengths[i]), None)
+
+
 def count_lengths(records, encoder: SampleEncoder, image_dir=None, *, workers: int = 0, progress: bool = False):
     # its own generator: an iterator without one draws its seed from the global torch RNG, and a run that counts
     # would then draw different dropout masks from one that read the cache (a resumed run)
@@ -112,8 +126,14 @@ def token_lengths(
     if path.is_file():
         lengths = np.load(path)
         if len(lengths) == len(records):
-            say(f"token lengths of {len(records)} records: from the cache ({path})")
-            return lengths
+            stale = _first_stale(lengths, records, encoder, image_dir)
+            if stale is None:
+                say(f"token lengths of {len(records)} records: from the cache ({path})")
+                return lengths
+            say(
+                f"token lengths: the cache ({path}) says {lengths[stale]} tokens for record {stale}, which now "
+                f"makes {_Lengths(records, encoder, image_dir)[stale]} (its images replaced?): counting again"
+            )
     lengths = count_lengths(records, encoder, image_dir, workers=workers, progress=progress)
     try:  # written whole, then renamed: a run killed mid-write leaves no half file for the next one
         path.parent.mkdir(parents=True, exist_ok=True)
