@@ -294,6 +294,35 @@ def test_a_rerun_does_nothing_other_inputs_are_refused_and_the_folder_converts_t
     assert sum(s["samples"] for s in index["shards"]) == 6
 
 
+def test_a_rerun_after_missing_images_arrive_asks_for_force_and_then_keeps_their_records(tmp_path, shapes_data, capsys):
+    """A 665K download with loose folders (ocr_vqa/images/) and one image missing: that record is left out; once the
+    image is there, a re-run does not say "nothing to do" but names the change, and --force keeps the record. The
+    prepared folder inside --src is no change (control: a re-run before the image arrives does nothing)."""
+    src = tmp_path / "download"
+    src.mkdir()
+    items = shapes(shapes_data, 12)
+    mix665k(src, items)
+    loose = src / "ocr_vqa" / "images"
+    missing = sorted(loose.iterdir())[0]
+    data = missing.read_bytes()
+    missing.unlink()
+    out = src / "prepared"  # inside --src: its own files are not the download's
+    args = ["data", "prepare", "llava-665k", "--src", str(src), "--out", str(out)]
+    assert main(args) == 0
+    assert [e["reason"] for e in jsonl(out / "left_out.jsonl")] == ["missing_image"]
+    kept = json.loads((out / "prepared.json").read_text())["records"]
+    capsys.readouterr()
+    assert main(args) == 0 and "nothing to do" in capsys.readouterr().err
+    before = sum(p.is_file() and out not in p.parents for p in src.rglob("*"))  # the records file, zips, loose images
+    missing.write_bytes(data)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"held {before} files; it holds {before + 1} now" in err and "pass --force" in err
+    assert main([*args, "--force"]) == 0
+    assert json.loads((out / "prepared.json").read_text())["records"] == kept + 1
+    assert jsonl(out / "left_out.jsonl") == []
+
+
 def test_convert_captions_can_ask_to_describe_and_read(tmp_path, capsys):
     """Long captions under brief prompts are a warning (control: short ones are not); --prompts switches the pool."""
     table, out = tmp_path / "train.jsonl", tmp_path / "chat.json"

@@ -4,7 +4,8 @@ unpacked) into a folder that ``data.path=OUT`` trains from with no other data se
 * ``records.jsonl``: LLaVA records whose images name files under ``--src``, zip members included
   (``images.zip/GCC_train_000.jpg``, read in place by archives.py);
 * ``left_out.jsonl``: each record or image left out, with its file, record, reason and detail;
-* ``prepared.json``: what was made from what (the image folder training reads, counts, the inputs' sizes);
+* ``prepared.json``: what was made from what (the image folder training reads, counts, the inputs' sizes, which
+  files were under ``--src``: a re-run over a changed download is refused without ``--force``);
   written last, so its presence means the folder is complete;
 * ``README.md``: a card with the source, the license notes, the counts and the command.
 
@@ -15,6 +16,7 @@ serves most names wins."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -45,7 +47,7 @@ class PrepareError(UserError):
 class ImageIndex:
     """Where each image name of a dataset lives under ``src``: a file, or a member of one of its zips."""
 
-    def __init__(self, src: Path):
+    def __init__(self, src: Path, exclude: Path | None = None):
         self.src = src
         self.virtual: dict[str, str] = {}  # path as if every zip were extracted where it sits -> reference
         self.archives: list[str] = []  # readable zips, relative to src
@@ -53,7 +55,12 @@ class ImageIndex:
         self.prefixes: Counter = Counter()  # prefixes found for names the records give without them
         self.votes: Counter = Counter()  # how many names each prefix could serve (learn_prefixes)
         self._by_name: dict[str, list[str]] | None = None
-        for archive in sorted(p for p in src.rglob("*") if is_zip_name(p.name) and p.is_file()):
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not (exclude and exclude in p.parents))
+        # which files there are, so a re-run notices images added, removed or renamed since (their bytes are
+        # checked when prepared, not here: stat-ing or hashing 665K images at every start costs minutes)
+        names = "\n".join(p.relative_to(src).as_posix() for p in files)
+        self.listing = {"files": len(files), "names_sha256": hashlib.sha256(names.encode()).hexdigest()}
+        for archive in (p for p in files if is_zip_name(p.name)):
             rel = archive.relative_to(src).as_posix()
             try:
                 with zipfile.ZipFile(archive) as zf:
@@ -183,13 +190,19 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a folder")
     files = records_files(layout, src)
-    index = ImageIndex(src)
+    index = ImageIndex(src, exclude=out.resolve())
     inputs = fingerprint(src, [f.relative_to(src).as_posix() for f in files] + index.inputs())
     if (out / MANIFEST).is_file() and not force:
         done = json.loads((out / MANIFEST).read_text())
         if (done.get("dataset"), done.get("source"), done.get("inputs")) == (name, str(src), inputs):
-            say(f"{out} is already prepared ({done['records']} records of {name} from {src}); nothing to do")
-            return done
+            if done.get("listing") == index.listing:
+                say(f"{out} is already prepared ({done['records']} records of {name} from {src}); nothing to do")
+                return done
+            then = (done.get("listing") or {}).get("files", "an unrecorded number of")
+            raise PrepareError(
+                f"{out} was prepared from {src} when it held {then} files; it holds {index.listing['files']} now "
+                "(images added, removed or renamed): pass --force to prepare it again"
+            )
         raise PrepareError(
             f"{out} holds a preparation of {done.get('dataset')} from {done.get('source')} (or of other files); "
             "choose another --out, or pass --force to prepare it again"
@@ -242,6 +255,7 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
         "left_out": dict(left.most_common()),
         "found_under": dict(index.prefixes.most_common()),  # prefixes the records' image names lacked
         "inputs": inputs,
+        "listing": index.listing,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
