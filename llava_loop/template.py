@@ -7,6 +7,7 @@ Vicuna) works without hard-coded offsets.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -117,18 +118,21 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
     cursor = 0
     for message in messages:
         content = message["content"].strip()
+        if message["role"] == "assistant":
+            # an answer is found with its closing token: a short one ("a", "A", "end") also occurs in the role
+            # headers between the turns, and a bare search would stop there
+            closed = re.compile(re.escape(content) + r"\s*" + re.escape(end_token)).search(text, cursor)
+            if closed is None:
+                raise TemplateError(f"assistant message {content[:40]!r} is not closed by {end_token!r}")
+            spans.append((closed.start(), closed.end()))
+            cursor = closed.end()
+            continue
         at = text.find(content, cursor) if content else cursor
         if at < 0:
             raise TemplateError(
                 f"the chat template rewrote a {message['role']} message; cannot locate {content[:40]!r}"
             )
         cursor = at + len(content)
-        if message["role"] == "assistant":
-            close = text.find(end_token, cursor)
-            if close < 0 or text[cursor:close].strip():
-                raise TemplateError(f"assistant message {content[:40]!r} is not closed by {end_token!r}")
-            spans.append((at, close + len(end_token)))
-            cursor = close + len(end_token)
     return spans
 
 

@@ -126,7 +126,7 @@ def test_every_image_fills_the_processors_count_and_bad_images_never_split_or_cr
     short = SampleEncoder(processor, max_length=200)  # the wide image alone takes 264 placeholders
     with pytest.raises(SkipSample) as skip:
         short(records[4], tmp_path)
-    assert skip.value.reason == "too_long" and "264 tokens" in skip.value.detail
+    assert skip.value.reason == "too_long" and "(264 of them image placeholders)" in skip.value.detail
     report = check_dataset(tmp_path / "chat.json", tmp_path, processor=processor, max_length=200, progress=False)
     too_long = int((lengths > 200).sum())  # one-turn records: too long is skipped, nothing to drop
     assert too_long >= 2 and report["problems"] == {"too_long": too_long}

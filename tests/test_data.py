@@ -601,9 +601,18 @@ def test_multi_image_records_keep_each_tag_in_place_with_its_own_image(tiny_proc
     with pytest.raises(SkipSample) as skip:  # two tags for three images
         encoder(Record("bad", ("red.png", "blue.png", "red.png"), TWO_IMAGES.turns[:2]), tmp_path)
     assert skip.value.reason == "image_token_mismatch"
-    with pytest.raises(SkipSample) as skip:  # the images alone are over max_length
-        SampleEncoder(tiny_processor, max_length=3 * 64 - 1)(record, tmp_path)
-    assert skip.value.reason == "too_long" and "its 3 images alone take 192 tokens" in skip.value.detail
+    # the first exchange (two images, 194 tokens) fits, the third image does not: later turns go, as text does
+    kept = SampleEncoder(tiny_processor, max_length=200)(record, tmp_path)
+    assert kept["input_ids"].tolist().count(image_id) == 2 * 64 and len(kept["pixel_values"]) == 2
+    assert [
+        tiny_processor.tokenizer.decode(r) for r in supervised_runs(kept["input_ids"].tolist(), kept["labels"].tolist())
+    ] == ["the first .<|im_end|>"]
+    with pytest.raises(SkipSample) as skip:  # the first exchange's two images alone are over max_length
+        SampleEncoder(tiny_processor, max_length=2 * 64 - 1)(record, tmp_path)
+    assert (
+        skip.value.reason == "too_long"
+        and "(128 of them image placeholders) > data.max_length=127" in skip.value.detail
+    )
 
 
 def test_truncating_a_multi_image_record_drops_the_images_of_dropped_turns(tiny_processor, tmp_path):
@@ -935,3 +944,32 @@ def test_absolute_image_paths_load_when_allowed(tiny_processor, tmp_path):
     assert encoder(record, tmp_path / "images")["pixel_values"] is not None
     with pytest.raises(SkipSample, match="unsafe_path"):
         SampleEncoder(tiny_processor, max_length=160)(record, tmp_path / "images")
+
+
+def test_an_answer_that_also_occurs_in_the_template_markup_is_supervised_in_its_own_turn(tiny_processor, tmp_path):
+    """ChatML's markup between turns holds "a", "tan", "end", ">": each such answer is found where the assistant
+    says it and supervised with its <|im_end|> (a bare text search stopped in the markup and raised). A
+    conversation the chat template refuses is a record skipped as template_error, never a crash of the run."""
+    _solid_images(tmp_path, {"red.png": (220, 30, 30)})
+    encoder = SampleEncoder(tiny_processor, max_length=512)
+    for answer in ("a", "tan", "end", ">", "<", "assistant", "a ."):
+        record = Record(answer, ("red.png",), (("user", "<image>\nWhich?"), ("assistant", answer)))
+        sample = encoder(record, tmp_path)
+        runs = supervised_runs(sample["input_ids"].tolist(), sample["labels"].tolist())
+        assert [tiny_processor.tokenizer.decode(r) for r in runs] == [answer + "<|im_end|>"], answer
+    tokenizer = tiny_processor.tokenizer
+    chatml = tokenizer.chat_template
+    try:  # a template that refuses system turns, as Gemma's does
+        tokenizer.chat_template = (
+            "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        )
+        refused = Record(
+            "sys", ("red.png",), (("system", "Be brief."), ("user", "<image>\nWhich?"), ("assistant", "red ."))
+        )
+        with pytest.raises(SkipSample) as skip:
+            encoder(refused, tmp_path)
+        assert skip.value.reason == "template_error" and "record sys" in skip.value.detail
+        assert "no system role" in skip.value.detail
+    finally:
+        tokenizer.chat_template = chatml

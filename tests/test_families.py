@@ -252,6 +252,10 @@ def test_base_llms_take_a_built_in_chat_template(template, family, end, towers, 
     ids, labels, _ = tokenize_messages(tokenizer, _two_turns())
     assert [run.strip() for run in _supervised_runs(tokenizer, ids, labels)] == [ANSWER + end, "red ." + end]
     assert report.stop_tokens[0] == end
+    for short in ("A", "a", "s", ">", "user"):  # answers that also occur in the markup between the turns
+        turns = [{"role": "user", "content": "Which one?"}, {"role": "assistant", "content": short}]
+        ids, labels, _ = tokenize_messages(tokenizer, turns)
+        assert [run.strip() for run in _supervised_runs(tokenizer, ids, labels)] == [short + end], short
     if template == "vicuna":
         assert tokenizer.decode(ids).startswith("<s>A chat between a curious user")
 

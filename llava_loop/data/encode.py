@@ -11,10 +11,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import jinja2
 import torch
 
 from ..errors import UserError
-from ..template import IMAGE_TOKEN, assistant_spans, render
+from ..template import IMAGE_TOKEN, TemplateError, assistant_spans, render
 from .images import (
     MAX_IMAGE_PIXELS,
     expand_to_square,
@@ -244,17 +245,16 @@ class SampleEncoder:
     def encode_kept(self, record: Record, sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
         """``encode_text`` given the images' sizes, and how many of the record's images the kept turns show."""
         counts = self.placeholder_counts(sizes)
-        if sum(counts) > self.max_length:
-            raise SkipSample(
-                "too_long",
-                f"record {record.id}: its {len(record.images)} images alone take "
-                f"{sum(counts)} tokens > data.max_length={self.max_length}",
-            )
         if self.template == "plain":
             text_ids, text_labels, text_ends = plain_tokens(self.tokenizer, record, self.image_token_id)
         else:
             messages = record_messages(record, self.system_prompt)
-            text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
+            try:
+                text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
+            except (TemplateError, jinja2.TemplateError) as exc:
+                if not self.tokenizer.chat_template:  # no record can be encoded: the run's error, not this one's
+                    raise
+                raise SkipSample("template_error", f"record {record.id}: {exc}") from None
         ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
         if kept != len(sizes) and self.placeholder_counts(sizes[:kept]) != counts[:kept]:
             # the kept images are laid out as their own count says (OneVision tiles a lone image), and fit again
@@ -267,11 +267,13 @@ class SampleEncoder:
         ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, counts)
         if len(ids) > self.max_length:
             fitting = [end for end in turn_ends if end <= self.max_length]
-            if not fitting:  # the image block plus the first answer does not fit
+            if not fitting:  # the first exchange, its images included, does not fit
+                first = turn_ends[0]
                 raise SkipSample(
                     "too_long",
-                    f"record {record.id}: {len(ids)} tokens, first answer ends at "
-                    f"{turn_ends[0]} > data.max_length={self.max_length}",
+                    f"record {record.id}: its first answer ends at token {first} "
+                    f"({ids[:first].count(self.image_token_id)} of them image placeholders) "
+                    f"> data.max_length={self.max_length}",
                 )
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
         return ids, labels, blocks_held(ids.count(self.image_token_id), counts)

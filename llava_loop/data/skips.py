@@ -21,6 +21,7 @@ REASONS = (
     "empty_answer",
     "unknown_role",
     "too_long",
+    "template_error",  # the chat template refuses the conversation (roles that do not alternate) or rewrites it
     "not_a_caption",  # data.template=plain: a record that is not images + one caption
     "malformed_record",  # a row of a table or shard whose structure is broken (JSON files fail at load instead)
     "no_question",  # evaluation only: no user turn before an answer, so nothing to generate for (it still trains)
