@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 
@@ -147,11 +148,13 @@ def start(cmd: list[str], output_dir: str | Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env())
 
 
-def finish(process: subprocess.Popen, output_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Wait for a started lmms-eval and return its scores. lmms-eval logs most failures and still exits 0, so
-    a run without a results file is a failure too; the error quotes the end of its log."""
+def finish(process: subprocess.Popen, output_dir: str | Path, since: float) -> dict[str, dict[str, float]]:
+    """Wait for a started lmms-eval and return its scores. lmms-eval logs most failures and still exits 0 (an
+    unknown task name does), so a run that wrote no results file since ``since`` (a ``time.time()`` taken before
+    it started) is a failure too: an earlier run's file in the same folder is not this run's. The error quotes the
+    end of its log."""
     process.wait()
-    scores = read_results(output_dir)
+    scores = read_results(output_dir, since)
     if process.returncode != 0 or scores is None:
         log = Path(output_dir) / "lmms_eval.log"
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
@@ -159,13 +162,15 @@ def finish(process: subprocess.Popen, output_dir: str | Path) -> dict[str, dict[
     return scores
 
 
-def read_results(output_dir: str | Path) -> dict[str, dict[str, float]] | None:
-    """``{task: {metric: value}}`` from the newest ``*_results.json`` lmms-eval wrote under ``output_dir``."""
-    files = sorted(Path(output_dir).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+def read_results(output_dir: str | Path, since: float = 0.0) -> dict[str, dict[str, float]] | None:
+    """``{task: {metric: value}}`` from the newest ``*_results.json`` lmms-eval wrote under ``output_dir`` (at or
+    after ``since``)."""
+    found = [(p.stat().st_mtime, p) for p in Path(output_dir).rglob("*_results.json")]
+    files = sorted((t, p) for t, p in found if t >= since)
     if not files:
         return None
     scores = {}
-    for task, values in json.loads(files[-1].read_text())["results"].items():
+    for task, values in json.loads(files[-1][1].read_text())["results"].items():
         scores[task] = {
             key.split(",")[0]: value
             for key, value in values.items()
@@ -208,7 +213,8 @@ def run(
         dtype=options.dtype,
         force_simple=force_simple,
     )
-    return finish(start(cmd, output_dir), output_dir)
+    since = time.time()
+    return finish(start(cmd, output_dir), output_dir, since)
 
 
 # ------------------------------------------------------------------------------------------

@@ -147,7 +147,9 @@ def test_lmms_eval_scores_a_tiled_export_as_llava_loop_eval_does(arch, trained, 
     assert scores["token_f1"] == pytest.approx(ours["token_f1"], abs=1e-9)
 
 
-def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
+def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path, capsys):
+    """The CLI's scores equal its own metrics; a second run into the same folder whose lmms-eval fails quietly
+    (an unknown task: lmms-eval logs it and exits 0) is an error, not the first run's scores again."""
     from llava_loop.cli import main
 
     out = tmp_path / "eval.json"
@@ -180,6 +182,10 @@ def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path):
     ours, theirs = result["metrics"], result["lmms_eval"]["llava_loop_heldout"]
     assert ours["n"] == 8 and theirs["exact_match"] == pytest.approx(ours["exact_match"], abs=1e-12)
     assert (tmp_path / "eval_lmms" / "lmms_eval.log").is_file()
+    capsys.readouterr()
+    again = ["eval", "--model", str(trained["export"]), "--device", "cpu", "--lmms-eval", "--tasks", "no_such_task"]
+    assert main([*again, "--out", str(out)]) == 2
+    assert "lmms-eval failed (exit 0, no results)" in capsys.readouterr().err
 
 
 def test_the_lmms_eval_hook_scores_checkpoints_while_training_goes_on(trained, tmp_path, run_config):
