@@ -98,10 +98,17 @@ def _as_image(image, max_pixels: int) -> Image.Image:
     return load_image(image if isinstance(image, (EmbeddedImage, ZipMember)) else Path(image), max_pixels)
 
 
-def read_image(image, max_pixels: int) -> Image.Image:
-    """A path or PIL image as RGB; an unreadable one raises a UserError that names it and says why."""
+def usable_image(image, encoder: SampleEncoder) -> Image.Image:
+    """A path or PIL image as RGB, checked as training checks it (a ``SkipSample`` when it cannot be used)."""
+    rgb = _as_image(image, encoder.max_image_pixels)
+    encoder.check_working_size(rgb, image if isinstance(image, (str, Path)) else "the image")
+    return rgb
+
+
+def read_image(image, encoder: SampleEncoder) -> Image.Image:
+    """``usable_image``, where one that cannot be used raises a UserError that names it and says why."""
     try:
-        return _as_image(image, max_pixels)
+        return usable_image(image, encoder)
     except SkipSample as skip:
         raise UserError(f"{image}: cannot be used as an image ({skip.reason}: {skip.detail})") from None
 
@@ -117,7 +124,7 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
         model,
         encoder,
         [encoder.question_ids(p, len(row)) for p, row in zip(prompts, rows)],
-        [[read_image(image, encoder.max_image_pixels) for image in row] for row in rows],
+        [[read_image(image, encoder) for image in row] for row in rows],
         **options,
     )
 
@@ -193,7 +200,7 @@ def answer_all(
         readable = []
         for i in range(start, min(start + batch_size, len(sequences))):
             try:
-                readable.append((i, [_as_image(image, encoder.max_image_pixels) for image in images[i]]))
+                readable.append((i, [usable_image(image, encoder) for image in images[i]]))
             except SkipSample as skip:
                 unreadable[i] = (skip.reason, skip.detail)
         if readable:

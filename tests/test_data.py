@@ -973,3 +973,31 @@ def test_an_answer_that_also_occurs_in_the_template_markup_is_supervised_in_its_
         assert "no system role" in skip.value.detail
     finally:
         tokenizer.chat_template = chatml
+
+
+def test_a_strip_whose_resize_would_be_a_bomb_is_skipped_in_training_and_in_inference(
+    tiny_processor, tiny_model_dir, tmp_path
+):
+    """A 30000x1 strip has few pixels, but the shortest-edge resize would make it 1,920,000x64 (122.9M pixels),
+    and pad squares a 20000x50 panorama to 400M: each is skipped as extreme_aspect_ratio, named, before any of that
+    is allocated; a 4000x50 image is prepared in both modes (the control). Inference leaves the strip out, named."""
+    from llava_loop.infer import caption, load_for_inference
+
+    sizes = {"strip.png": (30000, 1), "panorama.png": (20000, 50), "wide.png": (4000, 50)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+    usable = {("strip.png", "resize"): False, ("panorama.png", "resize"): True, ("wide.png", "resize"): True}
+    usable |= {("strip.png", "pad"): False, ("panorama.png", "pad"): False, ("wide.png", "pad"): True}
+    for (name, ratio), ok in usable.items():
+        encoder = SampleEncoder(tiny_processor, max_length=512, image_aspect_ratio=ratio)
+        record = Record(name, (name,), (("user", "<image>\nWhat?"), ("assistant", "red .")))
+        if ok:
+            assert encoder(record, tmp_path)["pixel_values"].shape == (1, 3, 64, 64), (name, ratio)
+            continue
+        with pytest.raises(SkipSample) as skip:
+            encoder(record, tmp_path)
+        assert skip.value.reason == "extreme_aspect_ratio" and name in skip.value.detail, (name, ratio)
+        assert "data.max_image_pixels=89,478,485" in skip.value.detail
+    model, _, encoder = load_for_inference(tiny_model_dir, device="cpu")
+    answers, unreadable = caption(model, encoder, [tmp_path / "strip.png", tmp_path / "wide.png"], "What?")
+    assert answers[0] is None and unreadable[0][0] == "extreme_aspect_ratio" and answers[1] is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 import torch
+from PIL import Image
 
 from ..errors import UserError
 from ..template import IMAGE_TOKEN, TemplateError, assistant_spans, render
@@ -331,7 +332,37 @@ class SampleEncoder:
         return ids
 
     def pixels(self, path: Path) -> torch.Tensor:
-        return self.pixel_values(load_image(path, self.max_image_pixels))
+        return self.pixel_values(self.load(path))
+
+    def load(self, where) -> Image.Image:
+        """An image file decoded to RGB; a ``SkipSample`` when it, or what its preprocessing makes of it, is too
+        large (``check_working_size``)."""
+        image = load_image(where, self.max_image_pixels)
+        self.check_working_size(image, where)
+        return image
+
+    def check_working_size(self, image: Image.Image, name="the image") -> None:
+        """A ``SkipSample`` when a fixed-size model's preprocessing would hold more than ``max_image_pixels`` at
+        once: ``pad`` squares the image first, and a shortest-edge resize scales the short side to its target
+        before the centre crop, so a 30000x1 strip would become 1,920,000x64 (10,080,000x336 at CLIP-L/336). A
+        tiled model's views are bounded by its grid, and its base view is a fixed-size resize."""
+        if self.tiler is not None:
+            return
+        width, height = image.size
+        if self.image_aspect_ratio == "pad":
+            width = height = max(width, height)
+        working = width * height
+        short = dict(getattr(self.image_processor, "size", None) or {}).get("shortest_edge")
+        if short:
+            scale = short / min(width, height)
+            working = max(working, round(width * scale) * round(height * scale))
+        if working > self.max_image_pixels:
+            w, h = image.size
+            raise SkipSample(
+                "extreme_aspect_ratio",
+                f"{name} is {w}x{h}: preprocessing it would hold {working:,} pixels at once, over "
+                f"data.max_image_pixels={self.max_image_pixels:,}; crop it to a saner aspect ratio",
+            )
 
     def pixel_values(self, image) -> torch.Tensor:
         """An RGB PIL image -> normalised (3, H, W) pixels, padded to square first in ``pad`` mode (fixed-size
@@ -366,5 +397,5 @@ class SampleEncoder:
             "id": record.id,
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            **self.image_inputs([load_image(path, self.max_image_pixels) for path in where]),
+            **self.image_inputs([self.load(path) for path in where]),
         }

@@ -16,6 +16,7 @@ REASONS = (
     "corrupt_image",
     "truncated_image",
     "decompression_bomb",
+    "extreme_aspect_ratio",  # a strip whose resize (or pad to square) would be a decompression bomb of its own
     "unreadable_archive",  # the zip an image is read from is truncated or corrupt (archives.py)
     "image_token_mismatch",
     "empty_answer",
