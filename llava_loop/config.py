@@ -36,9 +36,17 @@ class ConfigError(UserError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with 1.2's numbers: ``1e-3`` is a float (YAML 1.1 reads it as a string), also inside ``kwargs``."""
+    """YAML with 1.2's numbers and booleans: ``1e-3`` is a float (YAML 1.1 reads it as a string), also inside
+    ``kwargs``, and only true/false are booleans (1.1 also reads yes/no/on/off, so ``train.liger=on`` was True)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
@@ -323,8 +331,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
         if isinstance(value, bool) or not (
@@ -419,6 +427,8 @@ def validate(config: Config) -> None:
         ("data.max_length", d.max_length),
         ("data.prefetch_factor", d.prefetch_factor),
         ("data.shuffle_buffer", d.shuffle_buffer),
+        ("train.log_every", t.log_every),
+        ("train.max_consecutive_skips", t.max_consecutive_skips),
     ):
         if value < 1:
             problems.append(f"{key} must be >= 1 (got {value})")
@@ -432,6 +442,7 @@ def validate(config: Config) -> None:
         ("train.max_grad_norm", t.max_grad_norm),
         ("train.weight_decay", t.weight_decay),
         ("train.projector_lr", t.projector_lr),
+        ("train.time_limit_minutes", t.time_limit_minutes),
     ):
         if value < 0:
             problems.append(f"{key} must be >= 0 (got {value})")

@@ -532,6 +532,14 @@ def test_a_second_fresh_run_never_mixes_its_checkpoints_with_the_first(tmp_path,
     assert second.name == "step-000004" and "lr: 0.0001" in (second / "config.yaml").read_text()
     assert json.loads((second / "trainer_state.json").read_text())["scheduler"] != first["scheduler"]
     assert [m["step"] for m in helpers.metrics(tmp_path / "run")] == [1, 2, 3, 4]  # only the new run's rows
+    # another folder's checkpoint into this used output_dir: refused (pruning counted the first run's as its own
+    # and deleted the new run's save); into an empty one it resumes (the control)
+    elsewhere = aside[0] / "step-000004"
+    with pytest.raises(checkpoint.CheckpointError, match="is another folder's checkpoint, and output_dir"):
+        helpers.train_here(config, f"resume={elsewhere}", "train.max_steps=5")
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")] == ["step-000004"]
+    helpers.train_here(config, f"resume={elsewhere}", "train.max_steps=5", f"output_dir={tmp_path / 'fresh'}")
+    assert [m["step"] for m in helpers.metrics(tmp_path / "fresh")] == [5]
 
 
 @pytest.mark.slow

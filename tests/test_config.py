@@ -74,6 +74,26 @@ def test_bad_values_name_the_key_and_choices():
         load_config(None, ["data.path=x", "train.epochs=.inf"])
     with pytest.raises(ConfigError, match=r"output_dir is required"):
         load_config(None, ["data.path=x", "output_dir="])
+    # each failed only after the model loaded and a step ran: a modulo by zero, a false "0 non-finite steps in a
+    # row" abort, a time limit already passed
+    for bad, message in (
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.max_consecutive_skips=0", "train.max_consecutive_skips must be >= 1"),
+        ("train.time_limit_minutes=-1", "train.time_limit_minutes must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["data.path=x", bad])
+
+
+def test_yaml_reads_only_true_and_false_as_booleans(tmp_path):
+    """YAML 1.1 reads on/off/yes/no as booleans, so the documented train.liger=on failed as 'True is not one of
+    auto, on, off'; in a file too. Booleans still take true/false, yes/no and on/off."""
+    cfg = load_config(None, ["data.path=x", "train.liger=on", "train.compile=yes"])
+    assert (cfg.train.liger, cfg.train.compile) == ("on", True)
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: x\ntrain:\n  liger: off\n  compile: off\n  log_sample_ids: true\n")
+    cfg = load_config(path, [])
+    assert (cfg.train.liger, cfg.train.compile, cfg.train.log_sample_ids) == ("off", False, True)
 
 
 def test_config_file_errors_name_the_file(tmp_path):

@@ -25,7 +25,8 @@ def set_aside(path: Path, label: str) -> Path:
 def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[Path]:
     """Checkpoints to try, in order: none, the complete ones newest first (auto), or the one path given.
     ``resume=none`` into a folder that already holds checkpoints is refused: the two runs' checkpoints would
-    mix, and a later ``auto`` would resume the wrong one. ``overwrite`` moves the old ones aside first."""
+    mix, and a later ``auto`` would resume the wrong one; so is a path outside this output_dir into one that holds
+    any. ``overwrite`` moves the old ones aside first."""
     existing = [p.name for p in step_folders(output_dir)]
     if resume == "none" and existing:
         raise CheckpointError(
@@ -49,7 +50,14 @@ def resume_candidates(output_dir: str | Path, resume: str, warn=print) -> list[P
             )
         return []
     if resume != "auto":
-        return [Path(resume)]
+        path = Path(resume)
+        if existing and path.resolve().parent != checkpoints_dir(output_dir).resolve():
+            raise CheckpointError(
+                f"resume={path} is another folder's checkpoint, and output_dir {output_dir} already holds "
+                f"checkpoints ({', '.join(existing[-3:])}): this run's would mix with them, and pruning would count "
+                "theirs as its own. Resume into an empty output_dir, or move those checkpoints away"
+            )
+        return [path]
     root = checkpoints_dir(output_dir)
     partial = (
         sorted(p.name for p in root.iterdir() if p.is_dir() and not (p / COMPLETE).is_file()) if root.is_dir() else []
