@@ -70,19 +70,27 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
     save_model_dir(model, processor, out)
     write_model_card(out, cfg, state, checkpoint_dir)
-    (out / EXPORT_INFO).write_text(
-        json.dumps(
-            {
-                "checkpoint": str(checkpoint_dir.resolve()),
-                "step": state["progress"]["step"],
-                "mode": cfg.canonical_mode,
-                "base_model": state["run"]["model_path"],
-                "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
-                "image_aspect_ratio": cfg.data.image_aspect_ratio,
-                "system_prompt": cfg.data.system_prompt,
-                "template": cfg.data.template,
-            },
-            indent=2,
-        )
-    )
+    info = {
+        "checkpoint": str(checkpoint_dir.resolve()),
+        "step": state["progress"]["step"],
+        "mode": cfg.canonical_mode,
+        "base_model": state["run"]["model_path"],
+        "adapter": "adapter" if cfg.canonical_mode == "lora" else None,
+        **prompt_settings(cfg),
+    }
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    if info["adapter"]:  # the adapter, loaded on its base (or copied elsewhere), is prompted as the run trained
+        (out / "adapter" / EXPORT_INFO).write_text(json.dumps({**info, "adapter": None}, indent=2))
     return out
+
+
+def prompt_settings(cfg) -> dict:
+    """What laying out a prompt for this run's model needs, beyond its tokenizer and processor: ``max_length``
+    is the run's, so held-out records are truncated or skipped as the training loop's evaluation did."""
+    d = cfg.data
+    return {
+        "image_aspect_ratio": d.image_aspect_ratio,
+        "system_prompt": d.system_prompt,
+        "template": d.template,
+        "max_length": d.max_length,
+    }

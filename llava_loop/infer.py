@@ -56,11 +56,11 @@ def load_for_inference(
     ``device`` (see ``inference_device``). Attention is ``sdpa`` unless told: a checkpoint trained with
     flash-attention still loads on a machine without it."""
     from .checkpoint.files import is_checkpoint
-    from .export import EXPORT_INFO
+    from .export import prompt_settings
     from .runtime import load_model
 
     path = Path(model)
-    settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat"}
+    settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat", "max_length": 1 << 30}
     if is_checkpoint(path):
         from .export import load_trained
 
@@ -69,17 +69,22 @@ def load_for_inference(
         net, processor, cfg, _ = load_trained(path, attn_implementation=attn_implementation)
         if cfg.canonical_mode == "lora":
             net = net.merge_and_unload()
-        d = cfg.data
-        settings.update(image_aspect_ratio=d.image_aspect_ratio, system_prompt=d.system_prompt, template=d.template)
+        settings.update(prompt_settings(cfg))
     else:
         net, processor = load_model(path, attn_implementation=attn_implementation)
-        info = path / EXPORT_INFO
-        if info.is_file():
-            settings.update({k: v for k, v in json.loads(info.read_text()).items() if k in settings})
+        info = export_info(path)
         if adapter:
             from peft import PeftModel
 
+            if info.get("adapter"):
+                raise UserError(
+                    f"{path} is a merged LoRA export: its adapter is in its weights already, and loading "
+                    f"{adapter} on it would apply LoRA twice. Pass --model {path} alone, or the base model "
+                    f"({info.get('base_model')}) with --adapter"
+                )
+            info = export_info(Path(adapter)) or info  # the settings of the run that trained the adapter
             net = PeftModel.from_pretrained(net, str(adapter))
+        settings.update({k: v for k, v in info.items() if k in settings})
     settings.update(
         {
             k: v
@@ -87,9 +92,17 @@ def load_for_inference(
             if v is not None
         }
     )
-    encoder = SampleEncoder(processor, max_length=1 << 30, **settings)
+    encoder = SampleEncoder(processor, **settings)
     target, dtype = inference_device(device)
     return net.to(device=target, dtype=dtype).eval(), processor, encoder
+
+
+def export_info(folder: Path) -> dict:
+    """An export's (or its adapter's) ``llava_loop_export.json``; empty for a folder llava_loop did not export."""
+    from .export import EXPORT_INFO
+
+    info = folder / EXPORT_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
 
 
 def _as_image(image, max_pixels: int) -> Image.Image:

@@ -368,3 +368,43 @@ def test_infer_lays_out_a_multi_image_prompt_as_training_lays_out_the_record(tra
     )
     said = generate(model, encoder, [images], question, max_new_tokens=6)[0]
     assert said and out.stdout.strip() == said
+
+
+def test_an_adapter_on_its_base_is_prompted_as_its_run_trained_and_never_applied_twice(
+    tiny_model_dir, shapes_data, tmp_path
+):
+    """A LoRA run with a system prompt, pad and a max_length: its merged export, its checkpoint and its adapter on
+    the base model all lay prompts out alike and truncate held-out records at the run's max_length (before, the
+    adapter got no system prompt, resize and no limit); the adapter on the merged export is refused (LoRA twice).
+    Control: the base model alone keeps the defaults."""
+    from llava_loop.data.records import load_records
+    from llava_loop.errors import UserError
+    from llava_loop.infer import load_for_inference
+
+    config = helpers.write_config(
+        tmp_path / "lora.yaml",
+        model=tiny_model_dir,
+        shapes=shapes_data,
+        output_dir=tmp_path / "run",
+        mode="lora",
+        data={"system_prompt": "Name colours.", "image_aspect_ratio": "pad", "max_length": 140},
+        train={"max_steps": 2},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+    )
+    helpers.train_here(config)
+    checkpoint = complete_checkpoints(tmp_path / "run")[-1]
+    _cli("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export"))
+    record = load_records(shapes_data["val"])[0]
+
+    def layout(*where):
+        _, _, encoder = load_for_inference(*where, device="cpu")
+        settings = (encoder.system_prompt, encoder.image_aspect_ratio, encoder.max_length)
+        return settings, encoder.first_question(record)[0]
+
+    merged = layout(tmp_path / "export")
+    assert merged[0] == ("Name colours.", "pad", 140)
+    assert layout(checkpoint) == merged
+    assert layout(tiny_model_dir, tmp_path / "export" / "adapter") == merged
+    assert layout(tiny_model_dir)[0] == ("", "resize", 1 << 30)
+    with pytest.raises(UserError, match="merged LoRA export: its adapter is in its weights already"):
+        load_for_inference(tmp_path / "export", tmp_path / "export" / "adapter", device="cpu")
