@@ -30,12 +30,13 @@ def _llava_loop_version() -> str:
         return "source checkout"
 
 
-def last_eval(metrics_file: Path) -> dict:
-    """The run's last held-out metrics row from ``metrics.jsonl`` ({} when it never evaluated)."""
+def last_eval(metrics_file: Path, step: int) -> dict:
+    """The run's last held-out metrics row at or before ``step`` (the exported one) from ``metrics.jsonl`` ({}
+    when it never evaluated by then)."""
     if not metrics_file.is_file():
         return {}
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if r.get("kind") == "eval"]
+    evals = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) <= step]
     return {k: v for k, v in evals[-1].items() if k not in ("kind", "run")} if evals else {}
 
 
@@ -95,7 +96,10 @@ print(captioner(text=messages, max_new_tokens=64, return_full_text=False)[0]["ge
 def write_model_card(out: Path, cfg, state: dict, checkpoint_dir: Path) -> Path:
     """``out/README.md`` for the export of ``checkpoint_dir`` (its run folder holds ``metrics.jsonl``)."""
     card = model_card(
-        cfg, state, Path(state["run"]["model_path"]), last_eval(checkpoint_dir.parent.parent / "metrics.jsonl")
+        cfg,
+        state,
+        Path(state["run"]["model_path"]),
+        last_eval(checkpoint_dir.parent.parent / "metrics.jsonl", state["progress"]["step"]),
     )
     path = out / "README.md"
     path.write_text(card)

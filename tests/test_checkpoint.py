@@ -666,15 +666,17 @@ def test_a_failure_on_the_main_process_is_raised_as_itself(fresh_accelerate_stat
 
 def test_export_writes_a_model_card_the_hub_reads(tmp_path, run_config, tiny_model_dir, shapes_data):
     """README.md with front matter huggingface_hub parses: towers, library, pipeline tag, data, mode; the body
-    holds the run's last held-out metrics, its config and the prompt layout."""
+    holds the exported step's held-out metrics (not a later step's: step 2 of a 4-step run is exported), its
+    config and the prompt layout."""
     from pathlib import Path
 
     import yaml
     from huggingface_hub import ModelCard
 
-    config = run_config(**_defaults(mode="lora", train={"max_steps": 2}, eval={"every": 2}))
+    sections = _defaults(mode="lora", train={"max_steps": 4}, eval={"every": 2}, checkpoint={"every": 2})
+    config = run_config(**sections)
     helpers.train_here(config)
-    ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[0]
     subprocess.run(
         [
             sys.executable,
@@ -695,8 +697,10 @@ def test_export_writes_a_model_card_the_hub_reads(tmp_path, run_config, tiny_mod
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
     assert card.data.base_model == [Path(build["vision"]).name, Path(build["llm"]).name]
     assert card.data.datasets == [shapes_data["train"].parent.name] and "lora" in card.data.tags
-    last = helpers.metrics(tmp_path / "run", "eval")[-1]
-    assert last["step"] == 2 and f"| eval_loss | {last['eval_loss']:.4g} |" in card.text
+    evals = {row["step"]: row for row in helpers.metrics(tmp_path / "run", "eval")}
+    step2, step4 = evals[2], evals[4]
+    assert f"{step2['eval_loss']:.4g}" != f"{step4['eval_loss']:.4g}"
+    assert f"| eval_loss | {step2['eval_loss']:.4g} |" in card.text and f"{step4['eval_loss']:.4g} |" not in card.text
     trained = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
     assert trained == yaml.safe_load((ckpt / "config.yaml").read_text())
     assert "`<image>\\nQuestion`" in card.text and "for 2 optimizer steps" in card.text
