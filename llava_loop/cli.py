@@ -21,6 +21,14 @@ def cmd_build(args) -> int:
     from .build import build_llava, upgrade_llava
 
     tiling = {"arch": args.arch, "grid_pinpoints": args.grid_pinpoints, "max_tiles": args.max_tiles}
+    composing = {"--dtype": args.dtype != "auto", "--feature-layer": args.feature_layer is not None}
+    composing["--chat-template"] = args.chat_template is not None
+    given = [flag for flag, set_ in composing.items() if set_]
+    if given and (args.from_dir or args.preset):
+        raise UserError(
+            f"build {'--from' if args.from_dir else '--preset'} keeps its model's towers as they are; "
+            f"{', '.join(given)} apply only when composing from --vision and --llm"
+        )
     if args.from_dir:
         if args.vision or args.llm or args.preset:
             raise UserError("build --from: the towers come from that model; leave out --vision, --llm and --preset")
@@ -41,8 +49,8 @@ def cmd_build(args) -> int:
             args.llm,
             args.out,
             dtype=args.dtype,
-            feature_layer=args.feature_layer,
             chat_template=args.chat_template,
+            **({} if args.feature_layer is None else {"feature_layer": args.feature_layer}),
             **{**tiling, "arch": args.arch or "llava"},
         )
     print_table(f"LLaVA model written to {args.out}", report.rows())
@@ -353,8 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--feature-layer",
         type=int,
-        default=-2,
-        help="vision hidden state the projector reads (-2: penultimate layer, as LLaVA-1.5)",
+        help="vision hidden state the projector reads (default -2: the penultimate layer, as LLaVA-1.5)",
     )
     p.add_argument(
         "--chat-template",

@@ -157,6 +157,22 @@ def test_cli_build_tiny_prints_report(tmp_path):
     assert (tmp_path / "m" / "processor_config.json").is_file()
 
 
+def test_build_refuses_composing_flags_that_a_preset_or_an_upgrade_would_ignore(tiny_model_dir, tmp_path, capsys):
+    """--dtype, --feature-layer and --chat-template shape a composition from --vision and --llm; with --preset or
+    --from they were dropped without a word (a float32 model with layer -2 written). Control: the preset alone
+    builds (test_cli_build_tiny_prints_report)."""
+    from llava_loop.cli import main
+
+    for argv, flag in (
+        (["--preset", "tiny", "--dtype", "bfloat16"], "--dtype"),
+        (["--preset", "tiny", "--feature-layer", "-1"], "--feature-layer"),
+        (["--from", str(tiny_model_dir), "--chat-template", "vicuna"], "--chat-template"),
+    ):
+        assert main(["build", *argv, "--out", str(tmp_path / "m")]) == 2
+        assert f"{flag} apply only when composing from --vision and --llm" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_inputs_get_clear_errors(hand_made_towers, tmp_path):
     good_vision, good_llm = str(hand_made_towers / "clip-vision"), str(hand_made_towers / "qwen-tied")
     with pytest.raises(BuildError, match="--vision .*directory not found"):
