@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .console import print_table, say
 from .errors import UserError
@@ -78,6 +79,11 @@ def cmd_infer(args) -> int:
 
     from .infer import caption, generate, images_in, load_for_inference
 
+    if not args.image:
+        if not (args.images_dir and args.out):
+            raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
+        files = images_in(args.images_dir)  # before the model loads: fail fast
+        writable_parent(args.out, "--out")
     model, _, encoder = load_for_inference(
         args.model, args.adapter, device=args.device, attn_implementation=args.attn_implementation
     )
@@ -88,9 +94,6 @@ def cmd_infer(args) -> int:
         streamer = TextStreamer(encoder.tokenizer, skip_prompt=True, skip_special_tokens=True)
         generate(model, encoder, [args.image], args.prompt, streamer=streamer, **options)
         return 0
-    if not (args.images_dir and args.out):
-        raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
-    files = images_in(args.images_dir)
     answers, unreadable = caption(
         model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options
     )
@@ -130,6 +133,10 @@ def cmd_eval(args) -> int:
         if source_kind(args.data) == "json" and not args.image_dir:
             raise UserError("--data needs --image-dir: the folder its image paths are relative to")
     scorers = [resolve(spec, "--scorer") for spec in args.scorer]  # before the model loads: fail fast
+    writable_parent(args.out, "--out")
+    if not args.lmms_eval and (args.tasks or args.limit):
+        raise UserError("--tasks and --limit choose what lmms-eval runs: add --lmms-eval")
+    tasks = lmms_tasks(args) if args.lmms_eval else []
     result = {"model": str(args.model), "adapter": args.adapter, "data": args.data and str(args.data)}
     records, left_out = None, []
     if args.data:
@@ -158,22 +165,24 @@ def cmd_eval(args) -> int:
             [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in metrics.items()],
         )
         result.update(metrics=metrics, predictions=predictions, left_out=left_out)
+        Path(args.out).write_text(json.dumps(result, indent=1))  # kept should lmms-eval fail after it
     if args.lmms_eval:
-        result["lmms_eval"] = run_lmms_eval(args, records)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        result["lmms_eval"] = run_lmms_eval(args, tasks, records)
+        Path(args.out).write_text(json.dumps(result, indent=1))
     say(f"wrote {args.out}", stderr=False)
     return report_left_out(left_out)
 
 
-def run_lmms_eval(args, records) -> dict:
-    """lmms-eval on the model (a checkpoint is exported first), its files in ``<--out stem>_lmms/``."""
-    from pathlib import Path
+def writable_parent(path: str, flag: str) -> None:
+    """Before any work: the folder ``path`` is written into exists (results are written last)."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {parent} does not exist; create it or choose another path")
 
-    from . import lmms
-    from .checkpoint.files import is_checkpoint
-    from .infer import inference_device
 
+def lmms_tasks(args) -> list[str]:
+    """``--tasks`` as a list, once ``--lmms-eval``'s arguments are known to go together (checked before any
+    evaluation runs)."""
     if args.adapter:
         raise UserError(
             "--lmms-eval takes an exported (merged) model or a checkpoint, not --adapter; "
@@ -182,6 +191,15 @@ def run_lmms_eval(args, records) -> dict:
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks:
         raise UserError("--lmms-eval needs --tasks, e.g. --tasks mme,pope,mmbench_en_dev,textvqa_val")
+    return tasks
+
+
+def run_lmms_eval(args, tasks: list[str], records) -> dict:
+    """lmms-eval on the model (a checkpoint is exported first), its files in ``<--out stem>_lmms/``."""
+    from . import lmms
+    from .checkpoint.files import is_checkpoint
+    from .infer import inference_device
+
     out = Path(args.out).with_name(Path(args.out).stem + "_lmms")
     model_dir = Path(args.model)
     if is_checkpoint(model_dir):

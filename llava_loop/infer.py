@@ -60,6 +60,10 @@ def load_for_inference(
     from .runtime import load_model
 
     path = Path(model)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(
+            f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder, e.g. EXPORT/adapter)"
+        )
     settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat", "max_length": 1 << 30}
     if is_checkpoint(path):
         from .export import load_trained
@@ -251,6 +255,8 @@ def caption(
 
 
 def images_in(folder: str | Path) -> list[Path]:
+    if not Path(folder).is_dir():
+        raise UserError(f"--images-dir {folder}: not a folder")
     files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--images-dir {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

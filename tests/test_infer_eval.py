@@ -408,3 +408,35 @@ def test_an_adapter_on_its_base_is_prompted_as_its_run_trained_and_never_applied
     assert layout(tiny_model_dir)[0] == ("", "resize", 1 << 30)
     with pytest.raises(UserError, match="merged LoRA export: its adapter is in its weights already"):
         load_for_inference(tmp_path / "export", tmp_path / "export" / "adapter", device="cpu")
+
+
+def test_cli_mistakes_are_named_before_any_model_loads(tiny_model_dir, shapes_data, tmp_path, capsys):
+    """Each of these once ran the whole evaluation or captioning first, then failed writing or checking (a raw
+    traceback, or no results file), or dropped the argument without a word."""
+    from llava_loop.cli import main
+
+    data = ["--data", str(shapes_data["val"]), "--image-dir", str(shapes_data["val_images"])]
+    model = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    cases = [
+        (["infer", *model, "--images-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "c.jsonl")], "not a folder"),
+        (
+            [
+                "infer",
+                *model,
+                "--images-dir",
+                str(shapes_data["val_images"]),
+                "--out",
+                str(tmp_path / "no" / "c.jsonl"),
+            ],
+            "does not exist; create it",
+        ),
+        (["eval", *model, *data, "--out", str(tmp_path / "no" / "r.json")], "does not exist; create it"),
+        (["eval", *model, *data, "--adapter", str(tmp_path), "--lmms-eval", "--tasks", "mme"], "not --adapter"),
+        (["eval", *model, *data, "--lmms-eval"], "--lmms-eval needs --tasks"),
+        (["eval", *model, *data, "--tasks", "mme"], "add --lmms-eval"),
+        (["eval", *model, *data, "--adapter", str(tmp_path)], "no adapter_config.json"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        printed = capsys.readouterr()
+        assert message in printed.err and "Traceback" not in printed.err and "evaluation of" not in printed.out, argv
