@@ -306,6 +306,7 @@ class Trainer:
     def resume(self) -> None:
         """Resume from a checkpoint if there is one, then record this run's config (never before a resume was
         accepted: a refused one leaves output_dir as it was)."""
+        self.checkpointer.hook_states()  # a hook whose state a resume could not load fails now, not at a save
         found = self.checkpointer.find_resume(self.cfg.resume)
         if found is not None:
             path, saved = found

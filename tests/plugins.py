@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -35,6 +36,20 @@ class RecordCalls:
 
     def on_train_end(self, trainer):
         self._log(trainer, "on_train_end", step=trainer.state.step)
+
+
+class NumpyMean:
+    """A hook whose state holds a numpy scalar: saved as torch.save pickles it, but refused by a resume's safe load
+    (so a run with it is refused at its start)."""
+
+    def __init__(self):
+        self.mean = np.float64(0.0)
+
+    def state_dict(self):
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"]
 
 
 class RunningLoss:

@@ -383,6 +383,10 @@ def test_a_hook_with_state_is_restored_on_resume(tmp_path, run_config):
     assert count == 3 and json.loads((tmp_path / "run" / "running_loss.json").read_text()) == {"count": 3, "mean": mean}
     helpers.train_here(config, "resume=overwrite", "train.max_steps=1")
     assert json.loads((tmp_path / "run" / "running_loss.json").read_text())["count"] == 1  # from 0, not from 3
+    # a state a resume could not load (a numpy scalar) is refused when the run starts, naming the hook: it used to
+    # save, pass verification, and fail every resume
+    with pytest.raises(checkpoint.CheckpointError, match=r"hook plugins:NumpyMean: its state_dict\(\) holds numpy"):
+        helpers.train_here(config, "resume=overwrite", "hooks=plugins:NumpyMean")
 
 
 def test_an_overwritten_run_set_aside_goes_once_the_new_run_has_a_complete_checkpoint(tmp_path, fresh_accelerate_state):

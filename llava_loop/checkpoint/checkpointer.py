@@ -18,6 +18,7 @@ from .files import (
     STATE,
     CheckpointError,
     check_files,
+    check_restorable,
     complete_checkpoints,
     fsync_dir,
     hash_share,
@@ -170,10 +171,7 @@ class Checkpointer:
         acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
         torch.save(rng_state(), tmp / RNG_FILE.format(rank=acc.process_index))
         if self.hooks:
-            torch.save(
-                {name: hook.state_dict() for name, hook in self.hooks.items()},
-                tmp / HOOK_FILE.format(rank=acc.process_index),
-            )
+            torch.save(self.hook_states(), tmp / HOOK_FILE.format(rank=acc.process_index))
         if acc.is_main_process:
             state = {"run": self.run_facts, **{name: part.state_dict() for name, part in self.states.items()}}
             (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -267,6 +265,14 @@ class Checkpointer:
         self.last_saved = self.progress.step
         set_rng_state(safe_torch_load(rng_file))  # last: nothing after this may draw random numbers
         return applied
+
+    def hook_states(self) -> dict:
+        """Each stateful hook's state, checked to load on resume as it will be loaded (also at the start of a run,
+        so a hook whose state cannot be restored fails then, not at the first save hours later)."""
+        states = {name: hook.state_dict() for name, hook in self.hooks.items()}
+        for name, state in states.items():
+            check_restorable(state, f"hook {name}: its state_dict()")
+        return states
 
     def load_hooks(self, path: Path) -> None:
         """Each stateful hook from this process's file; a hook the checkpoint has no state for (added since, or

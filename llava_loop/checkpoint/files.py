@@ -4,6 +4,7 @@ safe loading (no collectives: export, inference and the CLI use these without a 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -88,6 +89,26 @@ def scan_pickle(path: Path) -> None:
             f"{path}: refused to load, its pickle stream references {unexpected}; only tensors and known "
             "DeepSpeed/NumPy state are allowed. Only load checkpoints you wrote yourself."
         )
+
+
+def check_restorable(obj, what: str) -> None:
+    """Refuse now, when saving, what a resume would refuse to load (``scan_pickle`` and ``safe_torch_load``):
+    a hook state holding a numpy scalar or a deque saved fine and could never be resumed."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(buffer)) - ALLOWED_GLOBALS)
+    if not unexpected:
+        buffer.seek(0)
+        try:
+            torch.load(buffer, map_location="cpu", weights_only=True)
+            return
+        except Exception as exc:
+            unexpected = [f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]
+    raise CheckpointError(
+        f"{what} holds {', '.join(unexpected)}, which a resume refuses to unpickle; return Python numbers, strings, "
+        "lists, dicts and tensors (float(x) for a numpy scalar, list(d) for a deque, torch.from_numpy for an array)"
+    )
 
 
 def scan_pickles(root: Path) -> None:
