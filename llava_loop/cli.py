@@ -79,6 +79,8 @@ def cmd_infer(args) -> int:
 
     from .infer import caption, generate, images_in, load_for_inference
 
+    if args.image and (args.images_dir or args.out):
+        raise UserError("infer: --image streams one answer; --images-dir with --out captions a folder. Pass one")
     if not args.image:
         if not (args.images_dir and args.out):
             raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")

@@ -430,6 +430,7 @@ def test_cli_mistakes_are_named_before_any_model_loads(tiny_model_dir, shapes_da
             ],
             "does not exist; create it",
         ),
+        (["infer", *model, "--image", "a.png", "--images-dir", str(shapes_data["val_images"])], "Pass one"),
         (["eval", *model, *data, "--out", str(tmp_path / "no" / "r.json")], "does not exist; create it"),
         (["eval", *model, *data, "--adapter", str(tmp_path), "--lmms-eval", "--tasks", "mme"], "not --adapter"),
         (["eval", *model, *data, "--lmms-eval"], "--lmms-eval needs --tasks"),
