@@ -118,7 +118,7 @@ def _as_image(image, max_pixels: int) -> Image.Image:
 def usable_image(image, encoder: SampleEncoder) -> Image.Image:
     """A path or PIL image as RGB, checked as training checks it (a ``SkipSample`` when it cannot be used)."""
     rgb = _as_image(image, encoder.max_image_pixels)
-    encoder.check_working_size(rgb, image if isinstance(image, (str, Path)) else "the image")
+    encoder.check_working_size(rgb.size, image if isinstance(image, (str, Path)) else "the image")
     return rgb
 
 

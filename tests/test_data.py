@@ -1001,3 +1001,17 @@ def test_a_strip_whose_resize_would_be_a_bomb_is_skipped_in_training_and_in_infe
     model, _, encoder = load_for_inference(tiny_model_dir, device="cpu")
     answers, unreadable = caption(model, encoder, [tmp_path / "strip.png", tmp_path / "wide.png"], "What?")
     assert answers[0] is None and unreadable[0][0] == "extreme_aspect_ratio" and answers[1] is not None
+    # data check with the model counts it too (without --model the preprocessing is unknown: headers only)
+    from llava_loop.data.check import check_dataset
+
+    rows = [
+        {"id": n, "image": n, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}
+        for n in sizes
+    ]
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    checked = check_dataset(tmp_path / "chat.json", tmp_path, processor=tiny_processor, progress=False)
+    assert (
+        checked["problems"] == {"extreme_aspect_ratio": 1}
+        and "strip.png" in checked["examples"]["extreme_aspect_ratio"]
+    )
+    assert check_dataset(tmp_path / "chat.json", tmp_path, progress=False)["problems"] == {}

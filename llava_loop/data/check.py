@@ -124,7 +124,7 @@ def check_dataset(
         for path in paths:
             if isinstance(path, EmbeddedImage):  # checked here: its bytes are not kept for a pool
                 reason, detail, size = _image_problem((path, decode, max_image_pixels))
-                embedded.append((record.id, (reason, detail, size)))
+                embedded.append((record.id, path, (reason, detail, size)))
             else:
                 image_jobs.append((path, decode, max_image_pixels))
                 image_ids.append(record.id)
@@ -138,7 +138,12 @@ def check_dataset(
             from rich.progress import track
 
             results = track(results, total=len(image_jobs), description=f"{'decoding' if decode else 'opening'} images")
-    for rid, (reason, detail, size) in [*embedded, *zip(image_ids, results)]:
+    for rid, path, (reason, detail, size) in [*embedded, *zip(image_ids, (job[0] for job in image_jobs), results)]:
+        if not reason and encoder is not None:  # what the model's preprocessing would make of it
+            try:
+                encoder.check_working_size(size, path)
+            except SkipSample as skip:
+                reason, detail = skip.reason, skip.detail
         if reason:
             problems[reason] += 1
             examples.setdefault(reason, f"{rid}: {detail}")

@@ -338,17 +338,17 @@ class SampleEncoder:
         """An image file decoded to RGB; a ``SkipSample`` when it, or what its preprocessing makes of it, is too
         large (``check_working_size``)."""
         image = load_image(where, self.max_image_pixels)
-        self.check_working_size(image, where)
+        self.check_working_size(image.size, where)
         return image
 
-    def check_working_size(self, image: Image.Image, name="the image") -> None:
+    def check_working_size(self, size: tuple[int, int], name="the image") -> None:
         """A ``SkipSample`` when a fixed-size model's preprocessing would hold more than ``max_image_pixels`` at
         once: ``pad`` squares the image first, and a shortest-edge resize scales the short side to its target
         before the centre crop, so a 30000x1 strip would become 1,920,000x64 (10,080,000x336 at CLIP-L/336). A
         tiled model's views are bounded by its grid, and its base view is a fixed-size resize."""
         if self.tiler is not None:
             return
-        width, height = image.size
+        width, height = size
         if self.image_aspect_ratio == "pad":
             width = height = max(width, height)
         working = width * height
@@ -357,7 +357,7 @@ class SampleEncoder:
             scale = short / min(width, height)
             working = max(working, round(width * scale) * round(height * scale))
         if working > self.max_image_pixels:
-            w, h = image.size
+            w, h = size
             raise SkipSample(
                 "extreme_aspect_ratio",
                 f"{name} is {w}x{h}: preprocessing it would hold {working:,} pixels at once, over "
