@@ -22,8 +22,11 @@ def cmd_build(args) -> int:
     from .build import build_llava, upgrade_llava
 
     tiling = {"arch": args.arch, "grid_pinpoints": args.grid_pinpoints, "max_tiles": args.max_tiles}
-    composing = {"--dtype": args.dtype != "auto", "--feature-layer": args.feature_layer is not None}
-    composing["--chat-template"] = args.chat_template is not None
+    composing = {
+        "--dtype": args.dtype != "auto",
+        "--feature-layer": args.feature_layer is not None,
+        "--chat-template": args.chat_template is not None,
+    }
     given = [flag for flag, set_ in composing.items() if set_]
     if given and (args.from_dir or args.preset):
         raise UserError(

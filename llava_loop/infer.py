@@ -22,7 +22,7 @@ from PIL import Image
 from .data.archives import ZipMember
 from .data.collate import merge_image_inputs
 from .data.encode import SampleEncoder
-from .data.images import EmbeddedImage, load_image, to_rgb
+from .data.images import EmbeddedImage, to_rgb
 from .data.skips import SkipSample
 from .errors import UserError
 
@@ -109,17 +109,13 @@ def export_info(folder: Path) -> dict:
     return json.loads(info.read_text()) if info.is_file() else {}
 
 
-def _as_image(image, max_pixels: int) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    return load_image(image if isinstance(image, (EmbeddedImage, ZipMember)) else Path(image), max_pixels)
-
-
 def usable_image(image, encoder: SampleEncoder) -> Image.Image:
     """A path or PIL image as RGB, checked as training checks it (a ``SkipSample`` when it cannot be used)."""
-    rgb = _as_image(image, encoder.max_image_pixels)
-    encoder.check_working_size(rgb.size, image if isinstance(image, (str, Path)) else "the image")
-    return rgb
+    if isinstance(image, Image.Image):
+        rgb = to_rgb(image)
+        encoder.check_working_size(rgb.size)
+        return rgb
+    return encoder.load(image if isinstance(image, (EmbeddedImage, ZipMember)) else Path(image))
 
 
 def read_image(image, encoder: SampleEncoder) -> Image.Image:

@@ -348,19 +348,16 @@ class SampleEncoder:
         tiled model's views are bounded by its grid, and its base view is a fixed-size resize."""
         if self.tiler is not None:
             return
-        width, height = size
-        if self.image_aspect_ratio == "pad":
-            width = height = max(width, height)
+        width, height = (max(size),) * 2 if self.image_aspect_ratio == "pad" else size
         working = width * height
         short = dict(getattr(self.image_processor, "size", None) or {}).get("shortest_edge")
         if short:
             scale = short / min(width, height)
             working = max(working, round(width * scale) * round(height * scale))
         if working > self.max_image_pixels:
-            w, h = size
             raise SkipSample(
                 "extreme_aspect_ratio",
-                f"{name} is {w}x{h}: preprocessing it would hold {working:,} pixels at once, over "
+                f"{name} is {size[0]}x{size[1]}: preprocessing it would hold {working:,} pixels at once, over "
                 f"data.max_image_pixels={self.max_image_pixels:,}; crop it to a saner aspect ratio",
             )
 

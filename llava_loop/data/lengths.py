@@ -83,14 +83,15 @@ class _Lengths(torch.utils.data.Dataset):
             return min(record.estimated_tokens(self.encoder.n_image_tokens), self.encoder.max_length)
 
 
-def _first_stale(lengths: np.ndarray, records, encoder: SampleEncoder, image_dir) -> int | None:
-    """For a tiled model, the first of ``SPOT_CHECK`` seeded records whose length is no longer the cached one;
-    None when all agree, or for a fixed-size model (its lengths read no image)."""
+def _first_stale(lengths: np.ndarray, records, encoder: SampleEncoder, image_dir) -> tuple[int, int] | None:
+    """For a tiled model, ``(index, length now)`` of the first of ``SPOT_CHECK`` seeded records whose length is no
+    longer the cached one; None when all agree, or for a fixed-size model (its lengths read no image)."""
     if encoder.tiler is None or not len(records):
         return None
     count = _Lengths(records, encoder, image_dir)
     picked = np.random.default_rng(0).choice(len(records), min(SPOT_CHECK, len(records)), replace=False)
-    return next((int(i) for i in sorted(picked) if count[int(i)] != lengths[i]), None)
+    now = ((int(i), count[int(i)]) for i in sorted(picked))
+    return next(((i, n) for i, n in now if n != lengths[i]), None)
 
 
 def count_lengths(records, encoder: SampleEncoder, image_dir=None, *, workers: int = 0, progress: bool = False):
@@ -130,9 +131,10 @@ def token_lengths(
             if stale is None:
                 say(f"token lengths of {len(records)} records: from the cache ({path})")
                 return lengths
+            index, now = stale
             say(
-                f"token lengths: the cache ({path}) says {lengths[stale]} tokens for record {stale}, which now "
-                f"makes {_Lengths(records, encoder, image_dir)[stale]} (its images replaced?): counting again"
+                f"token lengths: the cache ({path}) says {lengths[index]} tokens for record {index}, which now "
+                f"makes {now} (its images replaced?): counting again"
             )
     lengths = count_lengths(records, encoder, image_dir, workers=workers, progress=progress)
     try:  # written whole, then renamed: a run killed mid-write leaves no half file for the next one

@@ -55,7 +55,7 @@ class ImageIndex:
         self.prefixes: Counter = Counter()  # prefixes found for names the records give without them
         self.votes: Counter = Counter()  # how many names each prefix could serve (learn_prefixes)
         self._by_name: dict[str, list[str]] | None = None
-        files = sorted(p for p in src.rglob("*") if p.is_file() and not (exclude and exclude in p.parents))
+        files = sorted(p for p in src.rglob("*") if p.is_file() and not (exclude and p.is_relative_to(exclude)))
         # which files there are, so a re-run notices images added, removed or renamed since (their bytes are
         # checked when prepared, not here: stat-ing or hashing 665K images at every start costs minutes)
         names = "\n".join(p.relative_to(src).as_posix() for p in files)
