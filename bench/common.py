@@ -18,14 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
+    """The machine in words; the GPU's name from nvidia-smi, so that asking creates no CUDA context here."""
     cpus = os.cpu_count()
     try:
         import torch
 
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
         threads = torch.get_num_threads()
     except Exception:
-        gpu, threads = "?", "?"
+        threads = "?"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        gpu = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "no GPU"
+    except OSError:
+        gpu = "no GPU"
     return f"{platform.machine()} {cpus} cores ({threads} torch threads), {gpu}, Python {platform.python_version()}"
 
 

@@ -28,8 +28,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 PINS=(
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   hjson==3.1.0 liger-kernel==0.8.5 transformers==5.24.0 peft==0.21.2
-  # bench/device.sh ends with tests/test_gpu.py, and the machine has no pytest (packaging and pygments: its floors)
-  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4
+  # no pytest: the image has its own (with plugins a carried one would shadow); device.sh runs it, autoload off
 )
 DEEPSPEED=deepspeed-0.19.8-py3-none-any.whl
 

@@ -1,50 +1,53 @@
 """Benchmark 5, the GPU checks: the real launch (`accelerate launch` + DeepSpeed ZeRO-2 + bf16, `train.py`) on
-random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded),
-over synthetic LLaVA-pretrain-like shapes data at 336 px. The `anyres` shape is a LLaVA-NeXT build of the 0.5B
-pair (the default pinpoints) over the same data stretched to 672x336 and 1008x336, mixed: a base view plus 2 or 3
-tiles, 1,752 or 2,328 image tokens a sample.
+random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded), over
+synthetic data at 336 px: LLaVA-pretrain-like shapes captions (stage 1), a LLaVA-665K-like length mix (stage 2,
+bench/batching.py's), and the shapes stretched to 672x336 and 1008x336 for a LLaVA-NeXT build (AnyRes).
 
-For each shape, mode (`projector`, `lora`) and gradient checkpointing (off, on) one launch, in its own
-processes so memory is freed between them, reports samples/s, tokens/s, peak GPU memory and MFU counted
-two ways (llava_loop/flops.py):
-* "needed": the FLOPs the step must compute, as the run itself logs them each step (`flops` in metrics.jsonl,
-  from its real token counts): the vision layers used, the LLM forward and its backward to the inputs (to the
-  weights only where they train), LoRA adapters, the LM head at supervised positions only;
-* "6N": 6 x the non-embedding parameters each token passes through (comparable with published MFU).
-Recomputation (checkpointing, the chunked loss) is not counted as useful work in either.
+The plan is fixed before the call (PLAN, in order; docs/BENCHMARKS.md section 5 says why each row is there and how
+the 3B row's settings were chosen). Each row is one launch, in its own processes, so memory is freed between them:
 
-    python bench/gpu.py                          # on a GPU machine: every shape, mode and checkpointing setting
-    python bench/gpu.py --shapes 0.5b --modes projector --checkpointing off
-    python bench/gpu.py --shapes anyres --modes projector --checkpointing off   # the tiled row alone
-    python bench/gpu.py --smoke                  # CPU: tiny shapes through the same launch path, measures nothing
-    python bench/gpu.py --budget-minutes 6 --out results/   # starts no launch the time left cannot fit
-    python bench/gpu.py --zero 3 --shapes 7b --modes freeze_vision --micro-batch 8
-                                                 # ZeRO-3 (partitioned load, NCCL, bf16) at Qwen2.5-7B's shape
+1. `0.5b`: stage 1 (`projector`) at micro-batch 32, plain kernels: the MFU target;
+2. `0.5b-liger`, 3. `0.5b-compile`: the same with Liger's kernels, and with compiled decoder layers;
+4. `3b`: stage 1 at the 3B shape, micro-batch 16 (32 does not fit an H100 without checkpointing): the samples/s
+   target;
+5. `stage2`: the 0.5B LLM trained (`freeze_vision`), padding-free micro-batches filled to a 16,384-token budget;
+6. `anyres`: the 0.5B pair as LLaVA-NeXT, micro-batch 16;
+7. `3b-mb32`: the 3B row at micro-batch 32, which only an H200 holds.
 
-Targets on one H100/H200 at micro-batch 32 (about 600 tokens a sample): stage 1 (`projector`) with the 0.5B
-shape at MFU >= 35% of needed FLOPs (about 255 samples/s on an H100/H200 by llava_loop/flops.py at 640 tokens a
-sample); with the 3B shape >= 35 samples/s (35% MFU there would be about 45).
+Before each launch, the memory model (`llava_loop.memory`, as `llava-loop memory` prints it) predicts the row's peak
+on the card found (`nvidia-smi`); a row it says will not fit is refused, not tried. A row whose predicted time does
+not fit the time left is skipped; a launch that outruns the budget is stopped and what its steps measured is kept.
+Every row is written to `--out` as it ends (rows.jsonl), and the table of what ran (table.md) is written also when
+the budget runs out or the bench is stopped with SIGTERM.
 
-The two target rows run first (0.5B then 3B, `projector`, checkpointing off, plain kernels), then the anyres one at
-the same settings, then the 0.5B one with Liger's kernels and with compiled decoder layers where `--kernels` asks for
-them, then the rest. A launch that fails (out of memory, say) is recorded with its reason and the tail of its
-stderr, and the bench goes on; the table of whatever ran is printed at the end, also when the time budget runs out
-or the bench is stopped with SIGTERM.
-The exit status is 1 when a launch failed. Launched ranks keep the caller's PYTHONPATH (carried wheels on the GPU
-machine: bench/device.sh).
+Each row reports samples/s, tokens/s, the loop's own `mfu` (the FLOPs the step needs, llava_loop/flops.py, over the
+card's dense bf16 peak), the median step time and its spread (the slowest over the fastest steady step), the peak
+GPU memory allocated and reserved (the allocator's whole holding, what an out-of-memory error counts), its
+prediction, and its loss after the warm-up (Liger's and the compiled row's must match the plain row's).
+
+    python bench/gpu.py --dry-run                   # the plan: predicted GiB and minutes per row on H100 and H200
+    python bench/gpu.py --out results/ --budget-minutes 6      # on a GPU machine (bench/device.sh runs this)
+    python bench/gpu.py --rows 3b anyres --budget-minutes 4    # a named subset again
+    python bench/gpu.py --smoke                     # CPU: each row's tiny twin through the same launch path
+    python bench/gpu.py --smoke --card h100 --rows 3b-mb32     # the refusal, on a CPU: planned as for an H100
+
+This process never touches CUDA: it reads the card from nvidia-smi, builds each model in a child process (on the
+GPU, freed when it exits) and counts FLOPs on the meta device. Launched ranks keep the caller's PYTHONPATH (carried
+wheels on the GPU machine: bench/device.sh) and run with the hub offline.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -52,41 +55,245 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TARGETS = {("0.5b", "projector"): "MFU (needed) >= 35%", ("3b", "projector"): ">= 35 samples/s"}
-# --shapes: (the LLM shape tower_configs builds, the architecture); --smoke swaps in the tiny twin of each arch
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+STEPS, WARMUP = 10, 3  # steps per launch; the first WARMUP fill the loader, tune kernels and compile
+
+
+@dataclass(frozen=True)
+class Shape:
+    llm: str  # a key of llava_loop.memory.LLMS, or "tiny"
+    arch: str
+
+
 SHAPES = {
-    "0.5b": ("0.5b", "llava"),
-    "3b": ("3b", "llava"),
-    "7b": ("7b", "llava"),
-    "anyres": ("0.5b", "llava-next"),
-    "tiny": ("tiny", "llava"),
-    "tiny-anyres": ("tiny", "llava-next"),
+    "0.5b": Shape("0.5B", "llava"),
+    "3b": Shape("3B", "llava"),
+    "anyres": Shape("0.5B", "llava-next"),
+    "tiny": Shape("tiny", "llava"),
+    "tiny-anyres": Shape("tiny", "llava-next"),
 }
-SMOKE_TWINS = {"llava": "tiny", "llava-next": "tiny-anyres"}
-WIDE = ((672, 336), (1008, 336))  # the anyres images, alternating: LLaVA-NeXT's 1x2 and 1x3 grids
-# the target rows, measured before anything else; then the tiled row; then what Liger's kernels and compiled
-# layers do to the first
-FIRST = [
-    ("0.5b", "projector", "off", "plain"),
-    ("3b", "projector", "off", "plain"),
-    ("anyres", "projector", "off", "plain"),
-    ("0.5b", "projector", "off", "liger"),
-    ("0.5b", "projector", "off", "compile"),
+
+
+@dataclass(frozen=True)
+class Data:
+    """What a data kind's micro-batch holds, for the predictions: mean tokens and padded length per sample (the
+    tiny tokenizer's count of the records written here), views per sample, supervised tokens per sample."""
+
+    tokens: float
+    padded: int
+    views: float
+    supervised: float
+
+
+DATA = {
+    "stage1": Data(tokens=640, padded=700, views=1.0, supervised=35),
+    "anyres": Data(tokens=2104, padded=2400, views=3.5, supervised=35),
+    "stage2": Data(tokens=700, padded=2048, views=0.7, supervised=250),  # batching.write_mix's records
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    shape: str
+    mode: str
+    micro_batch: int
+    data: str
+    kernels: str = "plain"  # plain, liger (train.liger=on) or compile (train.compile)
+    token_budget: int = 0  # data.max_tokens_per_micro_batch with data.padding_free; 0: micro_batch samples
+    target: str = ""
+
+
+PLAN = [
+    Row("0.5b", "0.5b", "projector", 32, "stage1", target="MFU >= 35%"),
+    Row("0.5b-liger", "0.5b", "projector", 32, "stage1", kernels="liger"),
+    Row("0.5b-compile", "0.5b", "projector", 32, "stage1", kernels="compile"),
+    Row("3b", "3b", "projector", 16, "stage1", target=">= 35 samples/s"),
+    Row("stage2", "0.5b", "freeze_vision", 1, "stage2", token_budget=16384),
+    Row("anyres", "anyres", "projector", 16, "anyres"),
+    Row("3b-mb32", "3b", "projector", 32, "stage1"),
 ]
-KERNELS = {
-    "plain": {"liger": "off", "compile": False},
-    "liger": {"liger": "on", "compile": False},
-    "compile": {"liger": "off", "compile": True},
-}  # train.* settings of each --kernels choice
+ROWS = {row.name: row for row in PLAN}
+WIDE = ((672, 336), (1008, 336))  # the anyres images, alternating: LLaVA-NeXT's 1x2 and 1x3 grids
+
+# Cards the plan is made for: nvidia-smi's name and memory.total as seen on the lent machines (KINDS.md)
+CARDS = {"h100": ("NVIDIA H100 80GB HBM3", 81559 / 1024), "h200": ("NVIDIA H200", 143771 / 1024)}
+
+# The time model, before any GPU measurement (docs/BENCHMARKS.md section 5): a launch's fixed start (imports,
+# DeepSpeed's engine, DataLoader workers), weights written by the builder and read by the launch at disk speed,
+# Liger's Triton JIT and torch.compile's first graphs, steps at an assumed MFU, and the final checkpoint (written and
+# hashed). The bench scales what is left by how far the rows so far ran over or under it.
+SETUP_S = 45  # bench/device.sh before the first row: wheels, import check, data
+BUILD_S = 15  # a builder child's imports and random init
+LAUNCH_S = 35
+DISK_BYTES_PER_S = 1e9
+KERNEL_START_S = {"plain": 0, "liger": 20, "compile": 90}
+ASSUMED_MFU = 0.30
+TESTS_S = 120  # tests/test_gpu.py: three short runs, each in its own process, and the varlen kernel
 
 
-def tower_configs(shape: str):
+def twin(row: Row) -> Row:
+    """A row's CPU smoke twin: tiny towers at the same 336 px / 14 px geometry, 2 samples or 2,048 tokens."""
+    shape = "tiny-anyres" if SHAPES[row.shape].arch == "llava-next" else "tiny"
+    return replace(row, shape=shape, micro_batch=min(row.micro_batch, 2), token_budget=min(row.token_budget, 2048))
+
+
+# ------------------------------------------------------------------------------------------------
+# The card, and what each row is predicted to hold and take
+# ------------------------------------------------------------------------------------------------
+
+
+def detect_card() -> tuple[str, float] | None:
+    """(name, GiB) of the first GPU by nvidia-smi, or None: no CUDA context is created here."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    name, mib = out.stdout.strip().splitlines()[0].rsplit(",", 1)
+    return name.strip(), float(mib) / 1024
+
+
+def memory_estimate(row: Row) -> dict[str, float]:
+    """The row's GiB on one GPU by llava_loop.memory: its LLM shape, mode, micro-batch (or token budget, one packed
+    row) at the data's padded length, checkpointing off, its kernels (compiled layers keep what plain ones do)."""
+    from llava_loop import memory
+
+    data = DATA[row.data]
+    micro_batch, seq_len = (1, row.token_budget) if row.token_budget else (row.micro_batch, data.padded)
+    return memory.estimate(
+        memory.LLMS[SHAPES[row.shape].llm],
+        row.mode,
+        "zero2",
+        gpus=1,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        views=max(1, round(data.views)),
+        checkpointing=False,
+        kernels="liger" if row.kernels == "liger" else "plain",
+        padding_free=bool(row.token_budget),
+    )
+
+
+def refusal(row: Row, card: tuple[str, float] | None) -> str | None:
+    """Why the memory model says ``row`` will not fit ``card``, or None."""
+    from llava_loop import memory
+
+    if card is None:
+        return None
+    parts = memory_estimate(row)
+    if memory.fits(parts, card[1]):
+        return None
+    return (
+        f"predicted {parts['total']:.1f} GiB, over the {card[1] * (1 - memory.HEADROOM):.1f} GiB usable of the "
+        f"{card[1]:.1f} GiB {card[0]} (llava-loop memory; {memory.HEADROOM:.0%} left for fragmentation)"
+    )
+
+
+def composed_config(shape: str):
+    """The LLaVA config of a bench shape, without a tokenizer: the image token takes the vocabulary's last id."""
+    from llava_loop.anyres import tiling_for
+    from llava_loop.build import compose_config
+
+    vision, text = tower_configs(SHAPES[shape].llm)
+    tiling = tiling_for(SHAPES[shape].arch, vision.image_size)
+    return compose_config(vision, text, text.vocab_size - 1, text.vocab_size - 2, tiling=tiling)
+
+
+def flops_model(config, mode: str):
+    """The FLOPs model of a composed config, built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from llava_loop.flops import FlopsModel
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return FlopsModel.from_model(model, mode)
+
+
+def weight_bytes(config) -> int:
+    """bf16 bytes of a composed model's weights (a tied head counted once)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def predicted_seconds(row: Row, peak_tflops: float, *, built: bool) -> float:
+    """The row's wall time: its model's build unless ``built``, the launch, its kernels' start, STEPS at
+    ASSUMED_MFU of ``peak_tflops``, the final checkpoint (the trained tensors' bf16 weights, fp32 master and Adam
+    moments, written and hashed)."""
+    from llava_loop import memory
+
+    config = composed_config(row.shape)
+    data, weights = DATA[row.data], weight_bytes(config)
+    samples = row.token_budget / data.tokens if row.token_budget else row.micro_batch
+    tokens = samples * data.tokens
+    needed, _ = flops_model(config, row.mode).step(
+        views=round(samples * data.views),
+        tokens=round(tokens),
+        attention_pairs=round(samples * data.tokens**2),
+        supervised=round(samples * data.supervised),
+    )
+    trained = memory.trainable_params(memory.LLMS[SHAPES[row.shape].llm], row.mode)
+    build = 0 if built else BUILD_S + weights / DISK_BYTES_PER_S
+    step = needed / (peak_tflops * 1e12 * ASSUMED_MFU)
+    save = 2 * 14 * trained / DISK_BYTES_PER_S
+    return build + LAUNCH_S + weights / DISK_BYTES_PER_S + KERNEL_START_S[row.kernels] + STEPS * step + save
+
+
+def plan_table(rows: list[Row]) -> str:
+    """The plan as the dry run prints it: per row, predicted GiB and whether it fits, predicted minutes, on each
+    card of CARDS."""
+    from llava_loop.flops import peak_tflops
+
+    cells, clock = [], {card: SETUP_S for card in CARDS}
+    built = {card: set() for card in CARDS}
+    for row in rows:
+        gib = memory_estimate(row)["total"]
+        line = [row.name, row.shape, row.mode, row.token_budget or row.micro_batch, row.kernels, f"{gib:.1f}"]
+        for card, (name, total) in CARDS.items():
+            why = refusal(row, (name, total))
+            if why:
+                line += ["refused", "—"]
+                continue
+            seconds = predicted_seconds(row, peak_tflops(name), built=row.shape in built[card])
+            built[card].add(row.shape)
+            clock[card] += seconds
+            line += [f"{seconds / 60:.1f}", f"{clock[card] / 60:.1f}"]
+        cells.append(line + [row.target])
+    headers = ["row", "shape", "mode", "micro-batch (tokens)", "kernels", "predicted GiB"]
+    for card in CARDS:
+        headers += [f"{card.upper()} min", f"{card.upper()} cumulative"]
+    note = (
+        f"Cumulative minutes include {SETUP_S} s of setup before the first row; tests/test_gpu.py after the rows "
+        f"is predicted at {TESTS_S / 60:.1f} min. GiB per row from llava-loop memory (ZeRO-2, 1 GPU, checkpointing "
+        f"off); a row fits a card when it leaves 5% of the card free."
+    )
+    return common.table([*headers, "target"], cells) + "\n\n" + note
+
+
+# ------------------------------------------------------------------------------------------------
+# Building a random-weight model (in a child process) and its data
+# ------------------------------------------------------------------------------------------------
+
+
+def tower_configs(llm: str):
     """CLIP-L/14-336 and a Qwen2.5-shaped LLM (published sizes), or tiny towers at the same geometry for --smoke."""
     from transformers import CLIPVisionConfig, Qwen2Config
 
-    from llava_loop.memory import clip_l_336
+    from llava_loop import memory
 
-    if shape == "tiny":
+    if llm == "tiny":
         vision = CLIPVisionConfig(
             hidden_size=64,
             intermediate_size=256,
@@ -105,43 +312,27 @@ def tower_configs(shape: str):
             num_key_value_heads=2,
             tie_word_embeddings=True,
         )
-    vision = clip_l_336()
-    llm = {
-        "0.5b": dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
-        "3b": dict(
-            hidden_size=2048,
-            intermediate_size=11008,
-            num_hidden_layers=36,
-            num_attention_heads=16,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
-        # the ZeRO-3 check (--zero 3 --shapes 7b): loaded partitioned, its peak GPU memory against llava_loop.memory
-        "7b": dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-        ),
-    }[shape]
-    return vision, Qwen2Config(
-        vocab_size=151_936, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, **llm
+    shape = memory.LLMS[llm]
+    text = Qwen2Config(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_dim // (shape.hidden // shape.heads),
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
     )
+    return memory.clip_l_336(), text
 
 
 def build_random_model(out: Path, shape: str) -> None:
     """Random-weight towers and the tiny tokenizer (Qwen's special tokens, ChatML) composed into a LLaVA dir (a
-    LLaVA-NeXT one for anyres, tiled as `llava-loop build --arch llava-next` tiles). The weights are drawn on the GPU
-    where there is one (a 3B model takes minutes on the CPU) and freed once saved."""
+    LLaVA-NeXT one for anyres, tiled as `llava-loop build --arch llava-next` tiles). Runs in a child process (--build):
+    the weights are drawn on the GPU where there is one (a 3B model takes minutes on the CPU), and the GPU is free
+    again when the child exits."""
     import torch
 
     from llava_loop.anyres import tiling_for
@@ -150,7 +341,7 @@ def build_random_model(out: Path, shape: str) -> None:
     from llava_loop.llm import generation_config
     from llava_loop.vision_tower import CLIP, VisionTower, load_image_processor
 
-    llm, arch = SHAPES[shape]
+    llm, arch = SHAPES[shape].llm, SHAPES[shape].arch
     vision, text = tower_configs(llm)
     tiling = tiling_for(arch, vision.image_size)
     tokenizer = make_tokenizer(LLM_FAMILIES["qwen2"])
@@ -168,92 +359,88 @@ def build_random_model(out: Path, shape: str) -> None:
     image_processor, source = load_image_processor(out, CLIP, vision)  # no preprocessor file: CLIP defaults at 336
     tower = VisionTower(out, CLIP, vision, image_processor, source)
     save_model_dir(model, make_processor(tower, tokenizer, tiling), out)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the launches need the memory, not this process
 
 
-def flops_model(model_dir: Path):
-    """The FLOPs model of a composed model dir, built on the meta device (no memory, no weights read); its 6N does
-    not depend on the mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def build_in_child(out: Path, shape: str, timeout: float) -> None:
+    run = common.run_child(
+        [common.python(), str(Path(__file__).resolve()), "--build", shape, "--out", str(out)],
+        env=launch_env(),
+        check=False,
+        timeout=timeout,
+    )
+    if run["timed_out"] or run["returncode"] != 0:
+        why = "stopped at the time budget" if run["timed_out"] else failure_reason(run["stderr"])
+        raise LaunchFailed(f"building the {shape} model: {why}", run["stderr"][-4000:])
 
-    from llava_loop.flops import FlopsModel
 
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
-    return FlopsModel.from_model(model, "projector")
-
-
-def write_data(out: Path, n: int, arch: str) -> Path:
-    """`n` shapes records at 336 px; for a tiled arch each image stretched to the next of WIDE."""
+def write_data(out: Path, kind: str, n: int) -> Path:
+    """``n`` records of a data kind: shapes at 336 px (stage1), the same stretched to WIDE (anyres), or
+    bench/batching.py's stage-2 length mix. Returns the records' path; images are in ``out/images``."""
     from PIL import Image
 
     from llava_loop.demo.shapes import write_shapes
 
-    write_shapes(out, n, seed=0, size=336)
-    if arch != "llava":
-        for i, path in enumerate(sorted((out / "images").iterdir())):
-            Image.open(path).resize(WIDE[i % len(WIDE)]).save(path, quality=92)
-    return out
+    if kind == "stage2":
+        from batching import write_mix
+
+        return write_mix(out, n)
+    path = write_shapes(out, n, seed=0, size=336)
+    if kind == "anyres":
+        for i, image in enumerate(sorted((out / "images").iterdir())):
+            Image.open(image).resize(WIDE[i % len(WIDE)]).save(image, quality=92)
+    return path
 
 
-def views_per_sample(model_dir: Path, data: Path) -> float:
-    """The tower views a sample costs on average, by the model's own processor over the images written (one per
-    record): the run's metrics log no view counts, and the 6N count needs them."""
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    from llava_loop.data.tiles import Tiler
-
-    tiler = Tiler.of(AutoProcessor.from_pretrained(model_dir))
-    if tiler is None:
-        return 1.0
-    sizes = [Image.open(path).size for path in (data / "images").iterdir()]
-    views = {size: tiler.view_count(*size) for size in set(sizes)}
-    return sum(views[size] for size in sizes) / len(sizes)
+def records_needed(row: Row) -> int:
+    """Enough records for a launch of ``row`` (a token-budget run that outlasts them starts a second epoch)."""
+    per_step = row.token_budget // 400 if row.token_budget else row.micro_batch  # stage 2: about 700 tokens a record
+    return (STEPS + 1) * per_step
 
 
-def micro_batch(arch: str, args) -> int:
-    """A tiled sample here holds about 3x a base-resolution one's tokens: half the micro-batch keeps a step's
-    activations within 2x of the target row's."""
-    return args.micro_batch if arch == "llava" else max(1, args.micro_batch // 2)
+# ------------------------------------------------------------------------------------------------
+# One launch
+# ------------------------------------------------------------------------------------------------
 
 
 class PeakMemory:
-    """A hook for the launched run: the peak GPU memory of every process, written at the end of training."""
+    """A hook for the launched run: every process's peak GPU memory in the steady state, allocated and reserved."""
 
     def on_step_end(self, trainer, metrics):
         import torch
 
-        if metrics["step"] == 2 and torch.cuda.is_available():  # after warm-up; the peak of the steady state
+        if metrics["step"] == WARMUP and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def on_train_end(self, trainer):
         import torch
 
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        cuda = torch.cuda.is_available()
+        peaks = {
+            "allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
+        }
         rank = trainer.accelerator.process_index
-        (Path(trainer.output_dir) / f"peak_memory_{rank}.json").write_text(json.dumps({"peak_gib": peak}))
+        (Path(trainer.output_dir) / f"peak_memory_{rank}.json").write_text(json.dumps(peaks))
 
 
 class LaunchFailed(Exception):
-    """A launch that exited non-zero or ran out of time: a short reason and the tail of its stderr."""
+    """A launch or build that exited non-zero: a short reason and the tail of its stderr."""
 
     def __init__(self, reason: str, stderr_tail: str = ""):
         super().__init__(reason)
         self.reason, self.stderr_tail = reason, stderr_tail
 
 
-WHY = re.compile(r"\b\w*(Error|Exception)\b:|^error:")
+WHY = re.compile(r"\b\w*(Error|Exception|SystemExit)\b:|^error:")
 LAUNCHER = re.compile(r"ChildFailedError|torch[./]distributed[./]elastic")  # the launcher reporting a rank's exit
 
 
 def failure_reason(stderr: str) -> str:
-    """One line that says why a launch failed: out of memory where it was, else a rank's last error line."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not LAUNCHER.search(line)]
+    """One line that says why a launch failed: out of memory where it was, else a rank's last error line (what the
+    launcher prints once a rank has exited, its own traceback and summary, is not the reason)."""
+    lines = stderr.splitlines()
+    ours = next((i for i, line in enumerate(lines) if LAUNCHER.search(line)), len(lines))
+    lines = [line.strip() for line in lines[:ours] if line.strip()] or [line.strip() for line in lines if line.strip()]
     memory = [line for line in lines if "out of memory" in line.lower() or "OutOfMemoryError" in line]
     if memory:
         return "out of memory: " + memory[-1][:300]
@@ -261,283 +448,246 @@ def failure_reason(stderr: str) -> str:
     return (errors or lines or ["no stderr"])[-1][:300]
 
 
-def launch(
-    model_dir: Path,
-    data: Path,
-    out: Path,
-    shape: str,
-    mode: str,
-    checkpointing: bool,
-    kernels: str,
-    args,
-    timeout: float,
-) -> dict:
-    """One real training launch; returns its measured figures, or raises LaunchFailed."""
-    arch = SHAPES[shape][1]
+def launch_env() -> dict:
+    """The caller's PYTHONPATH kept (on the GPU machine it holds the carried wheels), bench/ and the root first, the
+    hub offline."""
+    caller = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    path = [str(common.ROOT / "bench"), str(common.ROOT), *filter(None, caller)]
+    return {"PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false", **OFFLINE}
+
+
+def run_config(row: Row, model_dir: Path, data: Path, out: Path, args) -> dict:
     config = {
-        "mode": mode,
+        "mode": row.mode,
         "output_dir": str(out),
         "resume": "none",
         "model": {"path": str(model_dir)},
         "hooks": ["gpu:PeakMemory"],
         "data": {
-            "path": str(data / "chat.json"),
-            "image_dir": str(data / "images"),
+            "path": str(data),
+            "image_dir": str(data.parent / "images"),
             "num_workers": args.workers,
-            "max_length": 1024 if arch == "llava" else 4096,  # LLaVA-NeXT trains at 4096
+            "max_length": 4096 if SHAPES[row.shape].arch != "llava" else 2048,  # LLaVA-NeXT trains at 4096
+            "padding_free": bool(row.token_budget),
+            "max_tokens_per_micro_batch": row.token_budget,
         },
         "train": {
-            "micro_batch_size": micro_batch(arch, args),
+            "micro_batch_size": row.micro_batch,
             "grad_accum": 1,
             "max_steps": args.steps,
-            "lr": 1e-3 if mode == "projector" else 2e-4,
-            "warmup_ratio": 0.03,
+            "lr": 1e-3 if row.mode == "projector" else 2e-5,
+            "warmup_ratio": 0.0,
             "log_every": 1,
-            "gradient_checkpointing": checkpointing,
+            "gradient_checkpointing": False,
             "precision": "fp32" if args.smoke else "bf16",
-            **KERNELS[kernels],
+            "liger": "on" if row.kernels == "liger" else "off",
+            "compile": row.kernels == "compile",
         },
-        "lora": {"r": 64, "alpha": 128},
         "checkpoint": {"every": 0, "keep_last": 1},
-        "eval": {"every": 0},
+        "eval": {"every": 0, "holdout": 0},
     }
+    return config
+
+
+def launch(row: Row, model_dir: Path, data: Path, out: Path, args, timeout: float) -> dict:
+    """One real training launch; returns its measured figures (``partial`` when the time budget stopped it after
+    its warm-up), or raises LaunchFailed."""
     out.mkdir(parents=True)
-    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
-    accelerate_config = "accelerate_config_zero3.yaml" if args.zero == 3 else "accelerate_config.yaml"
+    config_path = out.parent / f"{out.name}.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(row, model_dir, data, out, args)))
     cmd = [
         common.python(),
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(common.ROOT / accelerate_config),
+        str(common.ROOT / "accelerate_config.yaml"),
         "--num_processes",
         str(args.processes),
         "--main_process_port",
         str(args.port),
         "train.py",
         "--config",
-        str(out.parent / f"{out.name}.yaml"),
+        str(config_path),
     ]
-    # the caller's PYTHONPATH stays: on the GPU machine it holds the carried wheels (deepspeed, transformers)
-    caller = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    path = [str(common.ROOT / "bench"), str(common.ROOT), *filter(None, caller)]
-    env = {"PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
-    run = common.run_child(cmd, env=env, check=False, timeout=timeout)
-    if run["timed_out"]:
-        raise LaunchFailed(f"stopped after {timeout:.0f} s (time budget or --launch-timeout)", run["stderr"][-4000:])
-    if run["returncode"] != 0:
+    run = common.run_child(cmd, env=launch_env(), check=False, timeout=timeout)
+    metrics = out / "metrics.jsonl"
+    steps = [m for m in map(json.loads, metrics.read_text().splitlines())] if metrics.is_file() else []
+    steady = [m for m in steps if m.get("kind") == "train" and m["step"] > WARMUP]
+    if run["timed_out"] and not steady:
+        raise LaunchFailed(f"stopped at the time budget after {timeout:.0f} s, before a steady step", run["stderr"])
+    if run["returncode"] != 0 and not run["timed_out"]:
         raise LaunchFailed(f"exit {run['returncode']}: {failure_reason(run['stderr'])}", run["stderr"][-4000:])
-    steps = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
-    steady = steps[2:] or steps  # the first steps compile kernels and fill the loader
-    seconds = common.median([m["step_time"] for m in steady])
-    samples = micro_batch(arch, args) * args.processes
-    tokens = common.median([m["tokens_per_s"] * m["step_time"] for m in steady])
-    supervised = common.median([m["label_tokens"] for m in steady])
-    flops = common.median([m["flops"] for m in steady])  # the step's needed FLOPs, as the loop counts them
-    peaks = [json.loads(p.read_text())["peak_gib"] for p in sorted(out.glob("peak_memory_*.json"))]
+    times = [m["step_time"] for m in steady]
+    peaks = [json.loads(p.read_text()) for p in sorted(out.glob("peak_memory_*.json"))]
+    median = common.median
     return {
-        "shape": shape,
-        "mode": mode,
-        "checkpointing": checkpointing,
-        "kernels": kernels,
-        "seconds": seconds,
-        "samples_per_s": samples / seconds,
-        "tokens_per_s": tokens / seconds,
-        "tokens_per_sample": tokens / samples,
-        "supervised": supervised,
-        "flops": flops,
-        "peak_gib": max(peaks),
+        "status": "partial" if run["timed_out"] else "ok",
+        "steps": len(steady),
+        "seconds": median(times),
+        "spread": max(times) / min(times),
+        "samples_per_s": median([m["samples_per_s"] for m in steady]) * args.processes,
+        "tokens_per_s": median([m["tokens_per_s"] for m in steady]) * args.processes,
+        "tokens_per_sample": median([m["tokens_per_s"] / m["samples_per_s"] for m in steady]),
+        "pad_fraction": median([m["pad_fraction"] for m in steady]),
+        "flops": median([m["flops"] for m in steady]),
+        "mfu": median([m["mfu"] for m in steady]) if all("mfu" in m for m in steady) else None,
+        "loss": steady[-1]["loss"],
+        "allocated_gib": max((p["allocated_gib"] for p in peaks), default=float("nan")),
+        "reserved_gib": max((p["reserved_gib"] for p in peaks), default=float("nan")),
     }
 
 
-def plan(
-    shapes: list[str], modes: list[str], checkpointing: list[str], kernels: list[str]
-) -> list[tuple[str, str, str, str]]:
-    """Every (shape, mode, checkpointing, kernels) asked for, the FIRST rows first, the rest in the order given."""
-    rows = [(shape, mode, ckpt, k) for shape in shapes for mode in modes for ckpt in checkpointing for k in kernels]
-    return sorted(rows, key=lambda row: FIRST.index(row) if row in FIRST else len(FIRST))
+# ------------------------------------------------------------------------------------------------
+# The plan, run
+# ------------------------------------------------------------------------------------------------
 
 
 def table(rows: list[dict]) -> str:
     def cells(r):
-        if r["status"] != "ok":
-            return ["—"] * 6
+        if r["status"] not in ("ok", "partial"):
+            return ["—"] * 8
+        mfu = "—" if r["mfu"] is None else f"{r['mfu']:.1%}"
         return [
             f"{r['samples_per_s']:.1f}",
             f"{r['tokens_per_s']:.0f}",
-            f"{r['tokens_per_sample']:.0f}",
-            f"{r['peak_gib']:.1f}",
-            f"{r['mfu_needed']:.1%}",
-            f"{r['mfu_6n']:.1%}",
+            mfu,
+            f"{r['seconds']:.3f} ({r['spread']:.2f}x)",
+            f"{r['allocated_gib']:.1f}",
+            f"{r['reserved_gib']:.1f}",
+            f"{r['loss']:.4f}",
+            f"{r['wall_s'] / 60:.1f} ({r['predicted_s'] / 60:.1f})",
         ]
 
-    return common.table(
+    headers = [
+        "row",
+        "shape",
+        "mode",
+        "micro-batch (tokens)",
+        "kernels",
+        "samples/s",
+        "tokens/s",
+        "MFU (needed FLOPs)",
+        "step s (slowest/fastest)",
+        "peak allocated GiB",
+        "peak reserved GiB",
+        "loss",
+        "minutes (predicted)",
+        "predicted GiB",
+        "target",
+        "status",
+    ]
+    lines = [
         [
-            "shape",
-            "mode",
-            "checkpointing",
-            "samples/s",
-            "tokens/s",
-            "tokens/sample",
-            "peak GPU memory (GiB)",
-            "MFU (needed)",
-            "MFU (6N)",
-            "kernels",
-            "target",
-            "status",
-        ],
-        [
-            [
-                r["shape"],
-                r["mode"],
-                "on" if r["checkpointing"] else "off",
-                *cells(r),
-                r["kernels"],
-                TARGETS.get((r["shape"], r["mode"]), ""),
-                "ok" if r["status"] == "ok" else f"{r['status']}: {r['reason']}",
-            ]
-            for r in rows
-        ],
-    )
+            r["row"],
+            r["shape"],
+            r["mode"],
+            r["token_budget"] or r["micro_batch"],
+            r["kernels"],
+            *cells(r),
+            f"{r['predicted_gib']:.1f}",
+            r["target"],
+            r["status"] if r["status"] in ("ok",) else f"{r['status']}: {r.get('reason', '')}".rstrip(": "),
+        ]
+        for r in rows
+    ]
+    return common.table(headers, lines)
 
 
 def main() -> int:
     started = time.monotonic()
-    parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny shapes on CPU through the same launch: checks, measures nothing"
-    )
-    parser.add_argument(
-        "--shapes",
-        nargs="+",
-        default=["0.5b", "3b", "anyres"],
-        choices=[shape for shape in SHAPES if not shape.startswith("tiny")],
-        help="LLM shapes with CLIP-L; anyres: LLaVA-NeXT tiles at the 0.5B shape",
-    )
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        default=["projector", "lora"],
-        help="training modes, one launch each (train.py checks the names)",
-    )
-    parser.add_argument(
-        "--checkpointing",
-        nargs="+",
-        choices=["off", "on"],
-        help="default: off and on; with --smoke, on (off is the path every test trains through)",
-    )
-    parser.add_argument(
-        "--kernels",
-        nargs="+",
-        choices=list(KERNELS),
-        default=["plain"],
-        help="plain, Liger's (train.liger=on) or compiled decoder layers (train.compile), one launch each",
-    )
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--micro-batch", type=int, default=32)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="run these rows of PLAN, in PLAN's order")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan with its predictions; run nothing")
+    parser.add_argument("--smoke", action="store_true", help="CPU: each row's tiny twin through the same launch")
+    parser.add_argument("--card", choices=list(CARDS), help="plan for this card (default: the one nvidia-smi finds)")
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--processes", type=int, default=0, help="GPUs to launch on (default: all visible)")
+    parser.add_argument("--processes", type=int, default=1, help="GPUs to launch on")
     parser.add_argument("--port", type=int, default=29531)
-    parser.add_argument(
-        "--zero",
-        type=int,
-        default=2,
-        choices=[2, 3],
-        help="DeepSpeed stage: 3 launches accelerate_config_zero3.yaml (NCCL + bf16 ZeRO-3 check)",
-    )
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
     parser.add_argument(
         "--budget-minutes",
         type=float,
-        help="wall time for the whole bench: no launch starts that the time left cannot fit (judged by "
-        "the longest launch so far), and a running one is stopped when it runs out",
+        help="wall time for the whole bench: no row starts whose predicted time (scaled by the rows so far) does "
+        "not fit what is left, and a running one is stopped when it runs out",
     )
-    parser.add_argument("--launch-timeout", type=float, default=1800, help="seconds before one launch is stopped")
-    parser.add_argument("--out", type=Path, help="also write rows.jsonl (each row as it ends) and table.md here")
+    parser.add_argument("--out", type=Path, help="also write plan.md, rows.jsonl (each row as it ends) and table.md")
+    parser.add_argument("--build", choices=list(SHAPES), help=argparse.SUPPRESS)  # the builder child
     args = parser.parse_args()
-    args.checkpointing = args.checkpointing or (["on"] if args.smoke else ["off", "on"])
-    # SIGTERM (a timeout around this script) ends it through the finally below, which prints what ran
+    if args.build:
+        build_random_model(args.out, args.build)
+        return 0
+    rows = [row for row in PLAN if row.name in args.rows] if args.rows else list(PLAN)
+    if args.dry_run:
+        print(plan_table(rows))
+        return 0
+    # SIGTERM (a timeout around this script) ends it through the finally below, which writes what ran
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(common.ROOT))
-    import torch
-
     from llava_loop.flops import peak_tflops
 
+    card = CARDS[args.card] if args.card else detect_card()
+    if card is None and not args.smoke:
+        raise SystemExit("no GPU here (nvidia-smi finds none); use --smoke to check the script on CPU, --dry-run")
     if args.smoke:
-        args.shapes = list(dict.fromkeys(SMOKE_TWINS[SHAPES[shape][1]] for shape in args.shapes))
-        args.steps, args.micro_batch, args.workers, args.processes = 3, 2, 0, 1
-    elif not torch.cuda.is_available():
-        raise SystemExit("no GPU here; use --smoke to check the script on CPU")
-    args.processes = args.processes or torch.cuda.device_count()
+        args.steps, args.workers, args.processes = WARMUP + 1, 0, 1
+    peak = peak_tflops(card[0]) if card else None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rows.jsonl").write_text("")
+        (args.out / "plan.md").write_text(plan_table(rows) + "\n")
     root = Path(tempfile.mkdtemp(prefix="llava-gpu-bench-"))
-    data = {
-        arch: write_data(root / f"data-{arch}", (args.steps + 1) * micro_batch(arch, args) * args.processes, arch)
-        for arch in dict.fromkeys(SHAPES[shape][1] for shape in args.shapes)
-    }
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    peak = args.peak_tflops or peak_tflops(name) or float("nan")
     deadline = started + 60 * args.budget_minutes if args.budget_minutes is not None else float("inf")
-    rows, built, longest = [], {}, 0.0  # built: each shape's (FlopsModel, views per sample), or why it failed
+    results, built, data, scale = [], {}, {}, []  # scale: measured / predicted wall time of each row run
 
-    def record(row: dict) -> None:
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    def record(result: dict) -> None:
+        results.append(result)
+        print(json.dumps(result), flush=True)
         if args.out:
             with open(args.out / "rows.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(result) + "\n")
 
     try:
-        for shape, mode, ckpt, kernels in plan(args.shapes, args.modes, args.checkpointing, args.kernels):
-            row = {"shape": shape, "mode": mode, "checkpointing": ckpt == "on", "kernels": kernels}
+        for planned in rows:
+            row = twin(planned) if args.smoke else planned
+            result = {"row": planned.name, **asdict(row), "predicted_gib": memory_estimate(planned)["total"]}
+            why = refusal(planned, card)
+            if why:
+                record({**result, "status": "refused", "reason": why})
+                continue
+            if row.kernels == "liger" and args.smoke:
+                record({**result, "status": "skipped", "reason": "Liger's Triton kernels need a CUDA GPU"})
+                continue
+            predicted = predicted_seconds(planned, peak or 989.0, built=row.shape in built)
+            expected = predicted * (common.median(scale) if scale else 1.0)
             left = deadline - time.monotonic()
-            if left <= longest:
-                record(
-                    {
-                        **row,
-                        "status": "skipped",
-                        "reason": f"time budget ({max(left, 0):.0f} s left, the longest launch took {longest:.0f} s)",
-                    }
-                )
+            result["predicted_s"] = predicted
+            if expected > left:
+                reason = f"time budget: {max(left, 0):.0f} s left, the row is predicted at {expected:.0f} s"
+                record({**result, "status": "skipped", "reason": reason})
                 continue
             t0 = time.monotonic()
             try:
-                arch, model_dir = SHAPES[shape][1], root / f"model-{shape}"
-                if isinstance(built.get(shape), LaunchFailed):  # its model could not be built: said once per row
-                    raise built[shape]
-                if shape not in built:
+                model_dir = root / f"model-{row.shape}"
+                if isinstance(built.get(row.shape), LaunchFailed):
+                    raise built[row.shape]
+                if row.shape not in built:
                     try:
-                        build_random_model(model_dir, shape)
-                        built[shape] = flops_model(model_dir), views_per_sample(model_dir, data[arch])
-                    except Exception as exc:  # noqa: BLE001 - recorded for every row of this shape
-                        built[shape] = LaunchFailed(f"building the {shape} model: {type(exc).__name__}: {exc}"[:300])
-                        raise built[shape] from exc
-                r = launch(
-                    model_dir,
-                    data[arch],
-                    root / f"run-{shape}-{mode}-{ckpt}-{kernels}",
-                    shape,
-                    mode,
-                    ckpt == "on",
-                    kernels,
-                    args,
-                    timeout=min(args.launch_timeout, deadline - time.monotonic()),
-                )
-                flops, views = built[shape]
-                samples = micro_batch(arch, args) * args.processes
-                tokens = r["tokens_per_sample"] * samples
-                # the data's mean views against the steps' median tokens: a mixed batch's views are not logged
-                six_n = flops.step(views=samples * views, tokens=tokens, attention_pairs=0, supervised=0)[1]
-                r["views_per_sample"] = views
-                r["mfu_needed"] = r["flops"] / r["seconds"] / 1e12 / args.processes / peak
-                r["mfu_6n"] = six_n / r["seconds"] / 1e12 / args.processes / peak
-                record({**r, "status": "ok", "wall_s": time.monotonic() - t0})
+                        build_in_child(model_dir, row.shape, timeout=deadline - time.monotonic())
+                        built[row.shape] = True
+                    except LaunchFailed as exc:
+                        built[row.shape] = exc
+                        raise
+                if row.data not in data:
+                    data[row.data] = write_data(root / f"data-{row.data}", row.data, records_needed(row))
+                out = root / f"run-{planned.name}"
+                measured = launch(row, model_dir, data[row.data], out, args, timeout=deadline - time.monotonic())
+                if measured["status"] == "partial":
+                    measured["reason"] = f"stopped at the time budget after {measured['steps']} steady steps"
+                record({**result, **measured, "wall_s": time.monotonic() - t0})
             except LaunchFailed as exc:
                 record(
                     {
-                        **row,
+                        **result,
                         "status": "failed",
                         "reason": exc.reason,
                         "wall_s": time.monotonic() - t0,
@@ -547,23 +697,25 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - a measuring bug in one row must not lose the others
                 record(
                     {
-                        **row,
+                        **result,
                         "status": "failed",
                         "reason": f"{type(exc).__name__}: {exc}"[:300],
                         "wall_s": time.monotonic() - t0,
                     }
                 )
-            longest = max(longest, time.monotonic() - t0)
+            scale.append((time.monotonic() - t0) / predicted)
     finally:
+        name = "CPU" if args.smoke else card[0]
+        if args.smoke and card:
+            name += f" (planned as for a {card[0]})"
         report = "\n".join(
             [
-                common.header(
-                    "GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs (anyres: LLaVA-NeXT tiles of 672x336 and 1008x336 "
-                    f"images), accelerate launch + DeepSpeed ZeRO-{args.zero}, "
-                    f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
-                    "python bench/gpu.py " + " ".join(sys.argv[1:]),
-                ),
-                table(rows),
+                f"### GPU: CLIP-L/14-336 + Qwen2.5-shaped LLMs, accelerate launch + DeepSpeed ZeRO-2, "
+                f"{'fp32 (smoke)' if args.smoke else 'bf16'} on {args.processes} x {name}",
+                "",
+                f"`python bench/gpu.py {' '.join(sys.argv[1:])}` — {common.machine()}, {time.strftime('%Y-%m-%d')}",
+                "",
+                table(results),
                 "",
                 f"{time.monotonic() - started:.0f} s in all",
             ]
@@ -571,7 +723,7 @@ def main() -> int:
         print(report, flush=True)
         if args.out:
             (args.out / "table.md").write_text(report + "\n")
-    return 1 if any(r["status"] == "failed" for r in rows) else 0
+    return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ is one more class in ``BACKENDS``, not more branches:
 * ``make_optimizer``: AdamW over the parameter groups, the trained weights cast to the dtype this backend
   trains them in (before ``accelerator.prepare``);
 * ``optimizer_step``: clip, step and zero after a window's last backward; returns (grad norm, stepped);
-* ``save_kwargs`` / ``load``: what ``accelerator.save_state`` / ``load_state`` need;
+* ``save_state`` / ``load``: write / restore the Accelerate state of a checkpoint, trained tensors only;
 * ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
 * ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export;
 * ``compile_refusal``: why ``train.compile`` cannot run under this backend, or None.
@@ -18,6 +18,7 @@ is one more class in ``BACKENDS``, not more branches:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,8 +60,8 @@ class PlainBackend:
         optimizer.zero_grad(set_to_none=True)
         return norm, stepped
 
-    def save_kwargs(self) -> dict:
-        return {}
+    def save_state(self, model, path: Path) -> None:
+        self.accelerator.save_state(str(path), safe_serialization=True)
 
     def rank_files(self) -> tuple[str, ...]:
         return ()
@@ -156,8 +157,9 @@ class DeepSpeedBackend:
         norm = float("nan") if norm is None else float(norm)
         return norm, math.isfinite(norm)
 
-    def save_kwargs(self) -> dict:
-        return {"exclude_frozen_parameters": True}
+    def save_state(self, model, path: Path) -> None:
+        with without_frozen_aliases(model):
+            self.accelerator.save_state(str(path), safe_serialization=True, exclude_frozen_parameters=True)
 
     def rank_files(self) -> tuple[str, ...]:
         files = ("pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",)  # each rank's optimizer partition
@@ -216,14 +218,41 @@ def backend_class(name: str, where: Path):
     return BACKENDS[name]
 
 
+def frozen_names(module) -> set[str]:
+    """Every name a frozen parameter goes by, tied aliases included (``named_parameters`` lists a shared tensor once,
+    under its first name: a tied LM head is ``embed_tokens`` there and ``lm_head.weight`` in the state dict)."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def frozen_tensor_filter(models, weights, output_dir) -> None:
-    """Accelerate save-state pre-hook: keep each trainable tensor once (under its first name, as
-    ``named_parameters`` does); drop frozen tensors and tied aliases."""
+    """Accelerate save-state pre-hook: drop every frozen tensor, and keep each trainable one once (under its first
+    name: safetensors refuses two names for one tensor)."""
     for model, state in zip(models, weights):
-        frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+        for name in frozen_names(model) & state.keys():
+            del state[name]
         seen = set()
         for key in list(state):
             ptr = state[key].data_ptr()
-            if ptr in frozen or ptr in seen:
+            if ptr in seen:
                 del state[key]
             seen.add(ptr)
+
+
+@contextmanager
+def without_frozen_aliases(engine):
+    """DeepSpeed's ``exclude_frozen_parameters`` drops frozen tensors by ``named_parameters``' names, which skip
+    aliases: a tied LM head over a frozen embedding was written whole into every checkpoint (551 MB at Qwen2.5's
+    vocabulary and 896 wide). While saving, the engine's module state drops every frozen name."""
+    module_state_dict = engine.module_state_dict
+
+    def trained_only(*args, **kwargs):
+        state = module_state_dict(*args, **kwargs)
+        for name in frozen_names(engine.module) & state.keys():
+            del state[name]
+        return state
+
+    engine.module_state_dict = trained_only
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the class's method again

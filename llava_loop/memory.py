@@ -2,12 +2,17 @@
 
 Model states follow the ZeRO paper's accounting, per trainable parameter: bf16 weight (2 bytes) and gradient
 (2; 4 when accumulation runs in fp32), and Adam's fp32 master, momentum and variance (12). ZeRO-2 keeps every
-weight on every GPU and splits gradients and optimizer states N ways; ZeRO-3 splits the weights too (plus the
-layers gathered for the current forward); optimizer offload moves the 12 bytes to host memory. Activations
-assume gradient checkpointing (each layer's input kept, one layer recomputed at a time) and label-only logits.
-The vision tower's count only in ``full``, where it trains: the inputs of its checkpointed layers, per view (an
-image, or a tiled image's base view and each tile). Frozen, its outputs carry no graph and its forward's
-transients are freed before the LLM's forward, so they never meet the LLM's peak.
+weight on every GPU and splits gradients and optimizer states N ways, and holds two gradient buckets whatever the
+trained size; ZeRO-3 splits the weights too (plus the layers gathered for the current forward); optimizer offload
+moves the 12 bytes to host memory.
+
+Activations are what autograd keeps per token and decoder layer (``layer_activation_bytes``: transformers' Qwen2
+layer in bf16, read off the tensors it saves; ``tests/test_memory.py`` holds the formula against them): every
+layer's without gradient checkpointing, or each layer's input plus one layer recomputed at a time with it; plus one
+layer's worth of backward working memory and the chunked loss's logits. The vision tower's count only in ``full``,
+where it trains: the inputs of its checkpointed layers, per view (an image, or a tiled image's base view and each
+tile). Frozen, its outputs carry no graph and its forward's transients are freed before the LLM's forward, so they
+never meet the LLM's peak. A fit leaves ``HEADROOM`` of the GPU free for the allocator's fragmentation.
 ``held_weight_bytes`` measures what a process really holds, to hold the per-rank terms against DeepSpeed's.
 
 A sample is ``--seq-len`` tokens with one base-resolution image, or is sized from one image's geometry
@@ -37,6 +42,9 @@ CLIP_L_HIDDEN = 1024
 CLIP_L_TOKENS = 577  # per view: 24 x 24 patches and CLS
 CLIP_L_USED_LAYERS = 23  # the projector reads the penultimate layer; the last is never run
 RUNTIME_GIB = 2.0  # CUDA context, NCCL buffers and allocator slack, a fixed allowance
+HEADROOM = 0.05  # of a GPU's memory, left free for the allocator's fragmentation: a fit must not use it
+ZERO2_BUCKET = 2e8  # configs/ds_zero2.json's reduce_bucket_size, in elements; overlap_comm holds two
+CHUNK_ROWS = 512  # losses.chunked_ce's rows of logits alive at once
 
 
 @dataclass(frozen=True)
@@ -47,19 +55,24 @@ class LLMShape:
     layers: int
     intermediate: int
     kv_dim: int  # key/value projection width (grouped-query attention)
+    heads: int
+    vocab: int
 
 
-# public configs: Qwen2.5-7B, Vicuna/Llama-2-13B, Yi-34B, Qwen2.5-72B
+# public configs: Qwen2.5-0.5B, -3B and -7B, Vicuna/Llama-2-13B, Yi-34B, Qwen2.5-72B
 LLMS = {
     s.name: s
     for s in (
-        LLMShape("7B", 7_615_616_512, 3584, 28, 18944, 512),
-        LLMShape("13B", 13_015_864_320, 5120, 40, 13824, 5120),
-        LLMShape("34B", 34_388_917_248, 7168, 60, 20480, 1024),
-        LLMShape("72B", 72_706_203_648, 8192, 80, 29568, 1024),
+        LLMShape("0.5B", 494_032_768, 896, 24, 4864, 128, 14, 151_936),
+        LLMShape("3B", 3_085_938_688, 2048, 36, 11008, 256, 16, 151_936),
+        LLMShape("7B", 7_615_616_512, 3584, 28, 18944, 512, 28, 152_064),
+        LLMShape("13B", 13_015_864_320, 5120, 40, 13824, 5120, 40, 32_000),
+        LLMShape("34B", 34_388_917_248, 7168, 60, 20480, 1024, 56, 64_000),
+        LLMShape("72B", 72_706_203_648, 8192, 80, 29568, 1024, 64, 152_064),
     )
 }
 SETTINGS = ("zero2", "zero3", "zero3+offload")
+KERNELS = ("plain", "liger")
 
 
 def clip_l_336():
@@ -197,14 +210,52 @@ def held_weight_bytes(model) -> int:
     return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in model.parameters())
 
 
-def activation_bytes(llm: LLMShape, micro_batch: int, seq_len: int, setting: str) -> float:
-    """Gradient checkpointing: each layer's bf16 input kept, one layer's activations (about 34 bytes per token
-    and hidden unit, flash attention) live at a time; under ZeRO-3 two layers' bf16 weights are gathered."""
+def layer_activation_bytes(
+    llm: LLMShape, mode: str, kernels: str = "plain", lora_rank: int = 128, seq_len: int = 0
+) -> int:
+    """Bytes autograd keeps per token for one bf16 decoder layer of ``seq_len``-token rows, by what each op saves
+    for backward (transformers' Qwen2 layer, sdpa).
+
+    A frozen layer still keeps what the backward to its input needs: both RMSNorms' fp32 input and rsqrt (8h + 8);
+    sdpa's query, output and logsumexp, with keys and values repeated to every head, and the padding mask (8h + 4
+    per head + 2 per token of the row); the MLP's gate, up and SiLU outputs (6i). Trained weights add their
+    linears' inputs and the norms' normalised inputs (8h + 2i). LoRA (dropout on, as by default) adds each
+    adapter's bf16 dropout mask and output and its rank-r product (4 x each input width + 2r, over q k v o gate up
+    down). Liger's RMSNorm keeps its bf16 input instead of an fp32 copy and its SwiGLU recomputes the SiLU (4h + 2i
+    less; 4h more where the norm weights train: no normalised input kept)."""
+    h, i = llm.hidden, llm.intermediate
+    kept = 16 * h + 6 * i + 4 * llm.heads + 8 + 2 * seq_len
+    if mode in ("freeze_vision", "full"):
+        kept += 8 * h + 2 * i
+    elif mode == "lora":
+        kept += 4 * (6 * h + i) + 7 * 2 * lora_rank
+    if kernels == "liger":
+        kept -= 4 * h + 2 * i + (4 * h if mode in ("freeze_vision", "full") else 0)
+    return kept
+
+
+def activation_bytes(
+    llm: LLMShape,
+    micro_batch: int,
+    seq_len: int,
+    setting: str,
+    *,
+    mode: str = "full",
+    checkpointing: bool = True,
+    kernels: str = "plain",
+    lora_rank: int = 128,
+    padding_free: bool = False,
+) -> float:
+    """A micro-batch's LLM activations: every layer's kept tensors, or with gradient checkpointing each layer's
+    bf16 input and one layer recomputed at a time; one layer's worth more as the backward's working memory; the
+    chunked loss's fp32 logits, their softmax and gradient (``CHUNK_ROWS`` rows); under ZeRO-3 two layers' bf16
+    weights gathered. ``padding_free``: rows packed from samples, whose varlen attention keeps no padding mask."""
     tokens = micro_batch * seq_len
-    kept = 2 * tokens * llm.hidden * llm.layers
-    one_layer = 34 * tokens * llm.hidden
+    one_layer = layer_activation_bytes(llm, mode, kernels, lora_rank, 0 if padding_free else seq_len) * tokens
+    kept = (2 * tokens * llm.hidden * llm.layers + one_layer) if checkpointing else one_layer * llm.layers
+    loss = 3 * 4 * min(tokens, CHUNK_ROWS) * llm.vocab
     gathered = 2 * 2 * (llm.params / llm.layers) if setting.startswith("zero3") else 0
-    return kept + one_layer + gathered
+    return kept + one_layer + loss + gathered
 
 
 def vision_activation_bytes(mode: str, micro_batch: int, views: int) -> float:
@@ -225,21 +276,40 @@ def estimate(
     seq_len: int = 2048,
     views: int = 1,
     lora_rank: int = 128,
+    checkpointing: bool = True,
+    kernels: str = "plain",
+    padding_free: bool = False,
 ) -> dict[str, float]:
     """GiB per GPU, by term, and the total; ``views``: what one sample's image costs the vision tower."""
     total = llm.params + CLIP_L_336 + projector_params(llm)
     states = model_state_bytes(total, trainable_params(llm, mode, lora_rank), setting, gpus)
     parts = {k: v / GIB for k, v in states.items()}
-    activations = activation_bytes(llm, micro_batch, seq_len, setting)
-    parts["activations"] = (activations + vision_activation_bytes(mode, micro_batch, views)) / GIB
+    parts["buckets"] = 2 * ZERO2_BUCKET * 2 / GIB if setting == "zero2" else 0.0
+    llm_part = activation_bytes(
+        llm,
+        micro_batch,
+        seq_len,
+        setting,
+        mode=mode,
+        checkpointing=checkpointing,
+        kernels=kernels,
+        lora_rank=lora_rank,
+        padding_free=padding_free,
+    )
+    parts["activations"] = (llm_part + vision_activation_bytes(mode, micro_batch, views)) / GIB
     parts["runtime"] = RUNTIME_GIB
     parts["total"] = sum(v for k, v in parts.items() if k != "host_optimizer")
     return parts
 
 
+def fits(parts: dict[str, float], gpu_gib: float) -> bool:
+    """Whether an estimate fits a GPU of ``gpu_gib`` with ``HEADROOM`` of it left free."""
+    return parts["total"] <= gpu_gib * (1 - HEADROOM)
+
+
 def smallest_fit(llm: LLMShape, mode: str, gpus: int, gpu_gib: float, **kwargs) -> str | None:
     """The first setting, in order of speed (ZeRO-2, ZeRO-3, ZeRO-3 with optimizer offload), that fits."""
-    return next((s for s in SETTINGS if estimate(llm, mode, s, gpus, **kwargs)["total"] <= gpu_gib), None)
+    return next((s for s in SETTINGS if fits(estimate(llm, mode, s, gpus, **kwargs), gpu_gib)), None)
 
 
 def table(gpus: int = 8, **kwargs) -> str:
@@ -273,6 +343,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tiles", type=int, default=0, help="with --image-size: the tile bound, as build takes it")
     p.add_argument("--text-tokens", type=int, help="with --image-size: the sample's text tokens (default 64)")
     p.add_argument("--lora-rank", type=int, default=128)
+    p.add_argument(
+        "--checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing (train.gradient_checkpointing); off keeps every layer's activations",
+    )
+    p.add_argument(
+        "--kernels", choices=KERNELS, default="plain", help="the LLM's kernels: liger keeps less (train.liger)"
+    )
+    p.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="a micro-batch is one packed row of --micro-batch x --seq-len tokens (data.padding_free): no padding mask",
+    )
 
 
 def sample_of(args) -> Sample:
@@ -297,12 +381,20 @@ def sample_of(args) -> Sample:
 
 def run(args) -> int:
     sample = sample_of(args)
-    shape = dict(micro_batch=args.micro_batch, seq_len=sample.tokens, views=sample.views, lora_rank=args.lora_rank)
+    shape = dict(
+        micro_batch=args.micro_batch,
+        seq_len=sample.tokens,
+        views=sample.views,
+        lora_rank=args.lora_rank,
+        checkpointing=args.checkpointing == "on",
+        kernels=args.kernels,
+        padding_free=args.padding_free,
+    )
     print(f"tokens per sample: {sample.tokens} ({sample.source})")
     if not args.llm:
         print(
             f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {sample.tokens} tokens, bf16, "
-            "gradient checkpointing"
+            f"gradient checkpointing {args.checkpointing}, {args.kernels} kernels"
         )
         print(table(args.gpus, **shape))
         return 0
@@ -313,8 +405,8 @@ def run(args) -> int:
         print(f"{setting:14s} {parts['total']:7.1f} GiB per GPU  ({detail})")
     fit = smallest_fit(llm, args.mode, args.gpus, args.gpu_gib, **shape)
     print(
-        f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB: "
-        + (fit or "none; add GPUs, lower --micro-batch, or use lora")
+        f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB ({HEADROOM:.0%} left free): "
+        + (fit or "none; add GPUs, lower --micro-batch, turn --checkpointing on, or use lora")
     )
     return 0 if fit else 1
 

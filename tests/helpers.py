@@ -260,6 +260,15 @@ def mixed_text_and_image_data(root, shapes_data, n=48):
     return dict(shapes_data, train=path, train_images=root / "images")
 
 
+def saved_module_names(checkpoint_dir: Path) -> set[str]:
+    """The tensor names a DeepSpeed checkpoint's module state holds (ZeRO-2: the whole tensors; ZeRO-3: rank 0's
+    placeholders)."""
+    engine = checkpoint_dir / "pytorch_model"
+    files = [engine / "mp_rank_00_model_states.pt", engine / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    found = next(f for f in files if f.is_file())
+    return set(torch.load(found, map_location="cpu", weights_only=False)["module"])
+
+
 def export_and_rerun_logits(checkpoint_dir: Path, run_dir: Path, out: Path, adapter_base: Path | None = None) -> dict:
     """``llava-loop export`` a checkpoint to ``out``, then, in a fresh interpreter that never imports llava_loop,
     run plain transformers on the inputs FinalLogits saved in ``run_dir``: {"merged": logits}, plus

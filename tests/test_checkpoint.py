@@ -708,3 +708,69 @@ def test_export_writes_a_model_card_the_hub_reads(tmp_path, run_config, tiny_mod
     trained = yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])
     assert trained == yaml.safe_load((ckpt / "config.yaml").read_text())
     assert "`<image>\\nQuestion`" in card.text and "for 2 optimizer steps" in card.text
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_model_dir(tmp_path_factory):
+    """The tiny model with 8,192 embedding rows tied to its LM head: the embedding (3 MiB in fp32) outweighs the
+    projector's whole trained state (243 KiB) as Qwen2.5's does at real size."""
+    from llava_loop.demo.tiny import TinySpec, build_tiny
+
+    out = tmp_path_factory.mktemp("wide-vocab") / "model"
+    build_tiny(out, TinySpec(embedding_rows=8192))
+    return out
+
+
+def _engine_bytes(checkpoint_dir) -> int:
+    return sum(p.stat().st_size for p in (checkpoint_dir / "pytorch_model").rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_a_zero2_projector_checkpoint_holds_the_projector_not_the_frozen_tied_embedding(
+    tmp_path, run_config, wide_vocab_model_dir
+):
+    """DeepSpeed's exclude_frozen_parameters drops frozen tensors by their first name, so under ZeRO-2 a tied LM
+    head over the frozen embedding was saved whole. Now a projector-mode checkpoint is about the projector's trained
+    state (fp32 weight, master copy, Adam's two moments); the run resumed from it logs the uninterrupted run's
+    losses bitwise and ends at the same weights, bitwise, as export reads them. Control: DeepSpeed's own filter
+    writes the embedding. (ZeRO-3 saves placeholders for every weight; test_memory checks that its checkpoints,
+    like ZeRO-2's, name the trained tensors alone, in lora and full.)"""
+    from llava_loop.export import load_trained
+    from llava_loop.parts import count_params
+
+    def config(name):
+        return run_config(
+            name,
+            model=wide_vocab_model_dir,
+            mode="projector",
+            hooks=["plugins:StopAtStep"],
+            train={"micro_batch_size": 2, "max_steps": 4},
+            checkpoint={"every": 2, "keep_last": 0},
+        )
+
+    never, at_2 = {"LLAVA_TEST_STOP_AT": "-1"}, {"LLAVA_TEST_STOP_AT": "2"}
+    launch = dict(processes=1)
+    helpers.launch(config("control"), extra_env=never, fault="deepspeed-frozen-filter", **launch)
+    helpers.launch(config("resumed"), extra_env=at_2, **launch)
+    helpers.launch(config("resumed"), extra_env=never, **launch)
+
+    control, resumed = (checkpoint.complete_checkpoints(tmp_path / name) for name in ("control", "resumed"))
+    assert [p.name for p in resumed] == [p.name for p in control] == ["step-000002", "step-000004"]
+    model, *_ = load_trained(resumed[-1])
+    projector = 4 * 4 * count_params(model, trainable_only=True)["projector"]  # fp32: weight, master, m, v
+    embedding = 4 * model.get_input_embeddings().weight.numel()
+    assert embedding > 10 * projector
+    for step in (0, 1):
+        assert _engine_bytes(resumed[step]) < projector + 128 * 1024, resumed[step]  # the rest is pickle framing
+        assert _engine_bytes(control[step]) > embedding  # the control: the frozen embedding, written again each save
+        assert helpers.saved_module_names(control[step]) - helpers.saved_module_names(resumed[step]) == {
+            "lm_head.weight"
+        }
+
+    assert [m["loss"] for m in helpers.metrics(tmp_path / "resumed")] == [
+        m["loss"] for m in helpers.metrics(tmp_path / "control")
+    ]
+    exported = {n: t for n, t in model.state_dict().items()}
+    reference = load_trained(control[-1])[0].state_dict()
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[n], reference[n]) for n in exported)

@@ -1,10 +1,17 @@
-"""What only a CUDA GPU runs: the varlen attention kernel, Liger's kernels, compiled layers in bf16. CI has no GPU,
-so these skip there; bench/device.sh runs them on the lent GPU machine before the benchmark."""
+"""What only a CUDA GPU runs: the varlen attention kernel, Liger's kernels and compiled layers in bf16. CI has no GPU,
+so these skip there; bench/device.sh runs them on the lent GPU machine after the benchmark rows.
+
+Each training run is a process of its own (`python train.py`): Liger patches transformers' Qwen2 classes and RoPE
+for the whole process, so a compiled run after a Liger one in the same process would be Liger + compile."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+
+import helpers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/device.sh runs these)")
 
@@ -37,22 +44,38 @@ def test_one_varlen_kernel_equals_sdpa_per_sample():
     assert (attention._one_kernel(module, q, k, v, whole, {}).float() - reference.float()).abs().max() > 0.1
 
 
-def _losses(tmp_path, run_config, name, **train):
-    import helpers
+@pytest.fixture(scope="module")
+def run_losses(tmp_path_factory, tiny_model_dir, shapes_data):
+    """``run_losses(name, **train)``: the step losses of a 4-step bf16 `full` run in its own `python train.py`."""
+    root = tmp_path_factory.mktemp("gpu-runs")
 
-    config = run_config(
-        name,
-        mode="full",
-        train={"max_steps": 3, "precision": "bf16", **train},
-    )
-    helpers.train_here(config)
-    return [m["loss"] for m in helpers.metrics(tmp_path / name)]
+    def losses(name: str, **train) -> list[float]:
+        config = helpers.write_config(
+            root / f"{name}.yaml",
+            model=tiny_model_dir,
+            shapes=shapes_data,
+            output_dir=root / name,
+            train={"max_steps": 4, "precision": "bf16", "liger": "off", **train},
+        )
+        helpers.launch(config, timeout=150)
+        return [m["loss"] for m in helpers.metrics(root / name)]
+
+    return losses
 
 
-def test_liger_and_compiled_bf16_runs_train_like_the_plain_one(tmp_path, run_config):
-    """bf16 on the GPU: Liger's kernels and compiled decoder layers give the plain run's step losses within bf16's
-    precision."""
-    plain = _losses(tmp_path, run_config, "plain", liger="off")
-    liger = _losses(tmp_path, run_config, "liger", liger="on")
-    compiled = _losses(tmp_path, run_config, "compiled", liger="off", compile=True)
-    assert liger == pytest.approx(plain, rel=2e-2) and compiled == pytest.approx(plain, rel=2e-2)
+@pytest.fixture(scope="module")
+def plain_losses(run_losses):
+    return run_losses("plain")
+
+
+def test_compiled_layers_alone_train_like_the_plain_run(run_losses, plain_losses):
+    """Compiled decoder layers without Liger give the plain run's step losses within bf16's precision; a run on
+    other data (seed 7, the control) does not."""
+    assert run_losses("compiled", compile=True) == pytest.approx(plain_losses, rel=2e-2)
+    assert run_losses("other-data", seed=7) != pytest.approx(plain_losses, rel=2e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel (the liger extra)")
+def test_liger_kernels_train_like_the_plain_run(run_losses, plain_losses):
+    """Liger's RMSNorm, SwiGLU and RoPE kernels give the plain run's step losses within bf16's precision."""
+    assert run_losses("liger", liger="on") == pytest.approx(plain_losses, rel=2e-2)

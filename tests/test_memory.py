@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from llava_loop import memory
+from llava_loop.checkpoint import files as checkpoint
 from llava_loop.parts import count_params
 
 import helpers
@@ -38,6 +39,10 @@ def test_model_state_terms_match_what_deepspeed_holds(setting, mode, tmp_path, r
     model = apply_mode(LlavaForConditionalGeneration.from_pretrained(tiny_model_dir), mode, LoraConfig(r=4, alpha=8))
     total, trainable = sum(count_params(model).values()), sum(count_params(model, trainable_only=True).values())
     expected = memory.model_state_bytes(total, trainable, setting, gpus=2, weight_bytes=4, grad_bytes=4)
+    # the final checkpoint holds the trained tensors alone: no frozen weight, no frozen tied LM head
+    final = checkpoint.complete_checkpoints(tmp_path / "run")[-1]
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}  # a tied head too
+    assert helpers.saved_module_names(final) == trained
     for rank in held:  # fp32 on CPU; partitions are padded to the world size, hence the 1%
         assert rank["weights"] == pytest.approx(expected["weights"], rel=0.01), (rank, expected)
         assert rank["optimizer"] == pytest.approx(expected["optimizer"], rel=0.01), (rank, expected)
@@ -55,12 +60,16 @@ def test_estimates_at_real_sizes_pick_the_smallest_setting_that_fits():
         2 * (llm7.params + memory.CLIP_L_336 + memory.projector_params(llm7)) / memory.GIB
     )
     assert memory.smallest_fit(llm7, "full", 8, 80) == "zero2"
-    assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 80) == "zero2"  # ZeRO-2's limit, as LLaVA found
+    # 13B full at 16 x 2,048 tokens is just over ZeRO-2 on 80 GB (LLaVA-1.5 trains its 13B under ZeRO-3); at 8 it fits
+    assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 80) == "zero3"
+    assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 80, micro_batch=8) == "zero2"
     assert memory.smallest_fit(memory.LLMS["34B"], "full", 8, 80) == "zero3+offload"
-    assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 48) == "zero3"
+    assert memory.smallest_fit(memory.LLMS["13B"], "full", 8, 48, micro_batch=8) == "zero3"
     assert memory.smallest_fit(llm72, "full", 8, 80) is None  # 72B full needs more than 8 x 80 GiB
-    assert memory.smallest_fit(llm72, "lora", 8, 80) == "zero3"
-    assert memory.smallest_fit(llm72, "full", 32, 80) == "zero3+offload"
+    # at 32,768 tokens a GPU, one 72B layer recomputed with LoRA's dropout copies is 20 GB: fewer tokens fit
+    assert memory.smallest_fit(llm72, "lora", 8, 80) is None
+    assert memory.smallest_fit(llm72, "lora", 8, 80, micro_batch=4) == "zero3"
+    assert memory.smallest_fit(llm72, "full", 32, 80, micro_batch=4) == "zero3"
     for llm in memory.LLMS.values():  # each setting needs less per GPU than the one before, in every mode
         for mode in memory.MODES:
             totals = [memory.estimate(llm, mode, s)["total"] for s in memory.SETTINGS]
@@ -77,7 +86,7 @@ def test_the_cli_names_the_smallest_setting_and_fails_when_none_fits():
         text=True,
         env=helpers.env(),
     )
-    assert fits.returncode == 0 and "smallest setting that fits 8 x 80 GiB: zero3+offload" in fits.stdout
+    assert fits.returncode == 0 and "smallest setting that fits 8 x 80 GiB (5% left free): zero3+offload" in fits.stdout
     too_big = subprocess.run(
         [sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "72B", "--gpus", "8"],
         capture_output=True,
@@ -158,7 +167,7 @@ def test_the_cli_prints_the_tokens_per_sample_and_refuses_bad_geometry(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "tokens per sample: 1954 (64 text + 1890 image tokens: one 1344x336 image at llava-next, 4 views)" in out
-    assert "smallest setting that fits 8 x 80 GiB: zero2" in out
+    assert "smallest setting that fits 8 x 80 GiB (5% left free): zero2" in out
 
     for size, why in [("garbage", "is not an image size"), ("0x336", "is not an image size"), ("20000x20000", "bombs")]:
         with pytest.raises(SystemExit) as exit_:
@@ -179,3 +188,91 @@ def test_a_onevision_sample_holds_a_real_builds_tokens_past_the_tile_bound(tmp_p
     sample = memory.image_sample("llava-onevision", 2016, 1344, text_tokens=0)
     assert (sample.tokens, sample.views) == (tokens, views)
     assert tokens < 577 + 576 * (views - 1)  # pooled: fewer than the tiles' own features
+
+
+def _saved_bytes_per_token_and_layer(llm: memory.LLMShape, mode: str, *, rank: int = 8, checkpointing: bool = False):
+    """What autograd really keeps for a bf16 Qwen2 stack of this geometry on a padded batch (the inputs require
+    gradients, as the projector's outputs do): the storage of every saved tensor that is not a weight, for 3 layers
+    less 1, per layer and token."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2Model
+
+    batch, seq = 2, 64
+
+    def saved(layers: int) -> int:
+        config = Qwen2Config(
+            hidden_size=llm.hidden,
+            intermediate_size=llm.intermediate,
+            num_attention_heads=llm.heads,
+            num_key_value_heads=llm.kv_dim // (llm.hidden // llm.heads),
+            num_hidden_layers=layers,
+            vocab_size=llm.vocab,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(0)
+        model = Qwen2Model(config).to(torch.bfloat16)
+        model.requires_grad_(mode == "freeze_vision")
+        if mode == "lora":
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets)
+            model = get_peft_model(model, lora).to(torch.bfloat16)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        inputs = torch.randn(batch, seq, llm.hidden, dtype=torch.bfloat16, requires_grad=True)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[1, seq // 2 :] = 0  # one padded row, as a micro-batch of two lengths has
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(inputs_embeds=inputs, attention_mask=mask)
+        return sum(kept.values())
+
+    return (saved(3) - saved(1)) / 2 / (batch * seq), seq
+
+
+@pytest.mark.parametrize("mode", ["projector", "freeze_vision", "lora"])
+@pytest.mark.parametrize(
+    "llm",
+    [
+        memory.LLMShape("small-gqa", 0, 128, 0, 704, 64, 4, 1000),  # 2 key/value heads for 4 query heads
+        memory.LLMShape("wide-mha", 0, 256, 0, 1024, 256, 8, 1000),
+    ],
+    ids=lambda llm: llm.name,
+)
+def test_the_activation_model_is_what_autograd_keeps(mode, llm):
+    """The bytes per token and layer the estimate charges without checkpointing are exactly what a bf16 Qwen2 layer
+    saves for backward (frozen, trained, and LoRA with dropout), at two geometries the formula was not fitted on; with
+    checkpointing a layer keeps its bf16 input alone (the recompute is charged as one layer at a time)."""
+    measured, seq = _saved_bytes_per_token_and_layer(llm, mode)
+    assert memory.layer_activation_bytes(llm, mode, lora_rank=8, seq_len=seq) == measured
+    if mode == "projector":
+        checkpointed, _ = _saved_bytes_per_token_and_layer(llm, mode, checkpointing=True)
+        assert checkpointed == 2 * llm.hidden  # the control: checkpointing keeps a tiny fraction of it
+        assert measured > 10 * checkpointed
+
+
+def test_the_3b_stage1_row_needs_an_h200_at_micro_batch_32_and_fits_an_h100_at_16():
+    """The arithmetic behind bench/gpu.py's 3B row, at CLIP-L/336 + Qwen2.5-3B, 700-token padded samples, no
+    checkpointing: about 100 KB per token and layer, so micro-batch 32 holds about 77 GiB of activations, over an
+    H100's usable memory; 16 halves them; Liger's kernels would keep about 30% less."""
+    llm = memory.LLMS["3B"]
+    per_layer = memory.layer_activation_bytes(llm, "projector", seq_len=700)
+    assert 95_000 < per_layer < 105_000
+    h100, h200 = 81559 / 1024, 143771 / 1024
+    shape = dict(seq_len=700, checkpointing=False)
+    at_32 = memory.estimate(llm, "projector", "zero2", gpus=1, micro_batch=32, **shape)
+    at_16 = memory.estimate(llm, "projector", "zero2", gpus=1, micro_batch=16, **shape)
+    liger = memory.estimate(llm, "projector", "zero2", gpus=1, micro_batch=32, kernels="liger", **shape)
+    assert not memory.fits(at_32, h100) and memory.fits(at_32, h200) and memory.fits(at_16, h100)
+    assert at_16["activations"] == pytest.approx(at_32["activations"] / 2, rel=0.05)
+    assert 0.6 < liger["activations"] / at_32["activations"] < 0.75
+    checkpointed = memory.estimate(llm, "projector", "zero2", gpus=1, micro_batch=32, seq_len=700)
+    assert checkpointed["activations"] < at_32["activations"] / 5

@@ -5,14 +5,18 @@ crash tests.
     python tests/train_patched.py no-data-position --config ...      resume restarting the epoch's data
     python tests/train_patched.py kill-in-save:STEP --config ...     SIGKILL itself while writing checkpoint STEP
     python tests/train_patched.py disk-full:STEP --config ...        the disk fills up while writing checkpoint STEP
+    python tests/train_patched.py deepspeed-frozen-filter --config ...
+                                    DeepSpeed's own exclude_frozen_parameters (which keeps frozen tied aliases)
 """
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import sys
 
+from llava_loop import backends
 from llava_loop.checkpoint.checkpointer import Checkpointer
 from llava_loop.checkpoint.rng import rng_state, set_rng_state
 from llava_loop.config import load_config
@@ -65,6 +69,9 @@ elif fault.startswith("kill-in-save:"):
     checkpointer_cls = kill_in_save(int(fault.split(":")[1]))
 elif fault.startswith("disk-full:"):
     checkpointer_cls = disk_full(int(fault.split(":")[1]))
+elif fault == "deepspeed-frozen-filter":
+    checkpointer_cls = Checkpointer
+    backends.without_frozen_aliases = lambda engine: contextlib.nullcontext()
 else:
     raise SystemExit(f"unknown fault {fault}")
 parser = argparse.ArgumentParser()

@@ -168,7 +168,7 @@ class Checkpointer:
         """Every process: its part of the Accelerate state, its RNG and its stateful hooks; the main process: the
         stateful parts and the config."""
         acc = self.accelerator
-        acc.save_state(str(tmp), safe_serialization=True, **self.backend.save_kwargs())
+        self.backend.save_state(self.model, tmp)
         torch.save(rng_state(), tmp / RNG_FILE.format(rank=acc.process_index))
         if self.hooks:
             torch.save(self.hook_states(), tmp / HOOK_FILE.format(rank=acc.process_index))
