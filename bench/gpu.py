@@ -238,7 +238,7 @@ def predicted_seconds(row: Row, peak_tflops: float, *, built: bool) -> float:
     data, weights = DATA[row.data], weight_bytes(config)
     samples = row.token_budget / data.tokens if row.token_budget else row.micro_batch
     tokens = samples * data.tokens
-    needed, _ = flops_model(config, row.mode).step(
+    needed = flops_model(config, row.mode).step(
         views=round(samples * data.views),
         tokens=round(tokens),
         attention_pairs=round(samples * data.tokens**2),

@@ -1,16 +1,13 @@
 """The FLOPs a training step needs, from the model's geometry and the step's real token counts; and MFU.
 
-Two counts, both of matrix products only (elementwise work, norms and softmax are not counted):
-
-* **needed**: what the step must compute in this mode. Forward of the vision layers that reach the features
-  (``vision_feature_layer``), of the projector and of the LLM's decoder layers; the LM head at supervised positions
-  only. Backward: through the LLM always (the projector trains in every mode, so gradients flow back to the image
-  tokens), with weight gradients only where weights train; LoRA adapters forward and backward; the projector's
-  weight gradients; the vision tower only in ``full``. Recomputation (gradient checkpointing, the chunked loss)
-  is not useful work and is not counted.
-* **6N**: 6 x the non-embedding parameters each token passes through (vision layers per image token, projector
-  per image feature, LLM decoder layers per text token; the LM head left out), the convention behind published
-  MFU figures.
+Counted: matrix products only (elementwise work, norms and softmax are not), what the step must compute in this
+mode. Forward of the vision layers that reach the features (``vision_feature_layer``), of the projector and of the
+LLM's decoder layers; the LM head at supervised positions only. Backward: through the LLM always (the projector
+trains in every mode, so gradients flow back to the image tokens), with weight gradients only where weights train;
+LoRA adapters forward and backward; the projector's weight gradients; the vision tower only in ``full``.
+Recomputation (gradient checkpointing, the chunked loss) is not useful work and is not counted. (The "6N"
+convention, 6 x parameters per token, charges a frozen LLM's weight gradients: at the 0.5B stage-1 shape it
+was 1.76x this count.)
 
 A matrix product of an (m x k) by a (k x n) costs 2mkn. Linear layers are read from their ``in_features`` /
 ``out_features``, so a ZeRO-3 model (whose parameters are empty partitions) is counted like any other.
@@ -109,8 +106,8 @@ class FlopsModel:
             head_weights=t.hidden_size * t.vocab_size,
         )
 
-    def step(self, *, views: int, tokens: int, attention_pairs: int, supervised: int) -> tuple[float, float]:
-        """(needed, 6N) FLOPs of one optimizer step: ``views`` through the vision tower (images, or a
+    def step(self, *, views: int, tokens: int, attention_pairs: int, supervised: int) -> float:
+        """The FLOPs one optimizer step needs: ``views`` through the vision tower (images, or a
         tiled image's base view and each tile), ``tokens`` (every text and
         image-placeholder token) through the LLM, ``attention_pairs`` = the sum over samples of length^2, and
         ``supervised`` positions through the LM head; all summed over micro-batches and processes."""
@@ -130,7 +127,4 @@ class FlopsModel:
             + adapters * 3
             + head * (3 if trains_llm else 2)
         )
-        six_n = 6 * (
-            self.vision_weights * vision_tokens + self.projector_weights * features + self.llm_weights * tokens
-        )
-        return float(needed), float(six_n)
+        return float(needed)

@@ -525,7 +525,7 @@ class Trainer:
         """``flops``: what the step needed (flops.py, all processes); ``model_tflops_per_s``: that per second per
         process; ``mfu``: that over one device's dense bf16 peak, where it is known (``train.peak_tflops``, or the
         GPU's name)."""
-        needed, _ = self.flops.step(
+        needed = self.flops.step(
             views=stats["views"],
             tokens=stats["tokens"],
             attention_pairs=stats["attention_pairs"],
