@@ -526,7 +526,14 @@ def upgrade_llava(
         raise BuildError(f"--from {path}: no config.json; pass a directory from `llava-loop build` or `export`")
     if arch == "llava":
         raise BuildError(f"--from {path}: it is a llava model already; choose --arch llava-next or llava-onevision")
-    base = LlavaForConditionalGeneration.from_pretrained(path)  # a non-llava config is refused here, by transformers
+    source_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if source_type != "llava":  # transformers would load a tiled model's weights into Llava, dropping image_newline
+        raise BuildError(
+            f"--from {path}: a {source_type} model; build --from upgrades a base-resolution llava model (stage 1's "
+            "export), and a tiled one's trained image_newline would be replaced by a fresh one. Train it as it is, "
+            "or upgrade the llava model it was made from"
+        )
+    base = LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=False)
     old = AutoProcessor.from_pretrained(path)
     family, vision_config = family_of(base.config.vision_config, path)
     tower = VisionTower(path, family, vision_config, old.image_processor, "--from " + str(path))

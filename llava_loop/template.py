@@ -106,13 +106,11 @@ def special_tokens(tokenizer) -> set[str]:
     }
 
 
-def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of each assistant answer in ``text`` = render(messages).
-
-    A span covers the answer as rendered plus the closing turn token: exactly what is supervised.
-    Template scaffolding (role headers, an inserted empty ``<think>`` block, newlines) stays outside.
-    Messages are located in order, so an answer that repeats the prompt is found in the right turn.
-    """
+def message_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int, int]]:
+    """``(start, end, closed)`` character offsets of each message's content in ``text`` = render(messages); for an
+    assistant message ``closed`` is the end of its closing turn token (the answer and that token are what is
+    supervised), for others it is ``end``. Messages are located in order, so an answer that repeats the prompt is
+    found in the right turn."""
     end_token = turn_end_token(tokenizer)
     spans = []
     cursor = 0
@@ -124,7 +122,7 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
             closed = re.compile(re.escape(content) + r"\s*" + re.escape(end_token)).search(text, cursor)
             if closed is None:
                 raise TemplateError(f"assistant message {content[:40]!r} is not closed by {end_token!r}")
-            spans.append((closed.start(), closed.end()))
+            spans.append((closed.start(), closed.start() + len(content), closed.end()))
             cursor = closed.end()
             continue
         at = text.find(content, cursor) if content else cursor
@@ -132,8 +130,42 @@ def assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[in
             raise TemplateError(
                 f"the chat template rewrote a {message['role']} message; cannot locate {content[:40]!r}"
             )
+        spans.append((at, at + len(content), at + len(content)))
         cursor = at + len(content)
     return spans
+
+
+def tokenize(tokenizer, text: str, data_spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text``, where only the template's own markup holds special tokens:
+    inside ``data_spans`` (what records and prompts said) a special token's text (``<|im_end|>``, ``<|endoftext|>``
+    in a web caption) is tokenized as the text it is, and only the ``<image>`` tag keeps its token. Text with no
+    special token in its data is tokenized whole, as it always was."""
+    inside = [(a, b) for a, b in data_spans if b > a]
+    specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
+    in_data = [t for t in specials if t != IMAGE_TOKEN and any(t in text[a:b] for a, b in inside)]
+    if not in_data:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding["input_ids"], encoding["offset_mapping"]
+    # the tokenizer splits text at its special tokens before anything else: split it here at the markup's own ones
+    # and the image tags instead, and tokenize what lies between with special tokens as plain text
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    kept = [
+        m for m in pattern.finditer(text) if m.group() == IMAGE_TOKEN or not any(a <= m.start() < b for a, b in inside)
+    ]
+    ids, offsets, cursor = [], [], 0
+    for match in [*kept, None]:
+        stop = len(text) if match is None else match.start()
+        if stop > cursor:
+            piece = tokenizer(
+                text[cursor:stop], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+            )
+            ids += piece["input_ids"]
+            offsets += [(a + cursor, b + cursor) for a, b in piece["offset_mapping"]]
+        if match is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(match.group()))
+            offsets.append(match.span())
+            cursor = match.end()
+    return ids, offsets
 
 
 # Templates for LLMs that ship none (base checkpoints), chosen with ``build --chat-template NAME``. Each lays a

@@ -153,6 +153,15 @@ def test_a_stage1_model_upgrades_to_llava_next_keeping_towers_and_projector(tiny
         text=True,
     )
     assert refused.returncode != 0 and "no config.json" in refused.stderr and "Traceback" not in refused.stderr
+    # an upgraded (tiled) model is refused: a second upgrade replaced its trained image_newline with a fresh one
+    tiled = subprocess.run(
+        [sys.executable, "-m", "llava_loop.cli", "build", "--from", str(tmp_path / "up"), "--out", str(tmp_path / "2")],
+        capture_output=True,
+        text=True,
+    )
+    assert tiled.returncode != 0 and "Traceback" not in tiled.stderr, tiled.stderr
+    assert "a llava_next model" in tiled.stderr and "image_newline would be replaced" in tiled.stderr
+    assert not (tmp_path / "2").exists()
 
 
 @pytest.mark.skipif(HAS_TORCHVISION, reason="the refusal is for machines without torchvision")

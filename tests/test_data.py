@@ -470,8 +470,18 @@ def test_exact_token_lengths_are_the_encoders_and_cached_by_what_changes_them(
     assert lengths.tolist() != [records[i].estimated_tokens(encoder.n_image_tokens) for i in range(len(records))]
     (cached,) = (tmp_path / "cache" / "token_lengths").glob("*.npy")
     assert "counted, cached at" in said[-1]
-    np.save(cached, lengths + 1)  # the second run reads the file, whatever it holds
-    assert (token_lengths(records, encoder, say=said.append) == lengths + 1).all() and "from the cache" in said[-1]
+    assert (token_lengths(records, encoder, say=said.append) == lengths).all() and "from the cache" in said[-1]
+    # a wrong but well-formed cache (a fixed-size model's too) fails the spot check and is counted again
+    np.save(cached, lengths + 1)
+    assert (token_lengths(records, encoder, say=said.append) == lengths).all()
+    assert "counting again" in said[-2] and "counted, cached at" in said[-1]
+    # a truncated, garbage or pickled cache is counted again, never unpickled, and says which file
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for damage in (cached.read_bytes()[:20], b"garbage" * 10, pickled.read_bytes()):
+        cached.write_bytes(damage)
+        assert (token_lengths(records, encoder, say=said.append) == lengths).all()
+        assert "is unreadable" in said[-2] and str(cached) in said[-2] and "counted" in said[-1]
     short = SampleEncoder(
         tiny_processor, max_length=100
     )  # negative control: a setting that changes lengths counts again

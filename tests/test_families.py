@@ -14,10 +14,10 @@ from PIL import Image
 
 from llava_loop.build import BuildError, build_llava
 from llava_loop.config import MODES
-from llava_loop.data.encode import IGNORE_INDEX, tokenize_messages
+from llava_loop.data.encode import IGNORE_INDEX, plain_tokens, tokenize_messages
 from llava_loop.demo.families import LLM_FAMILIES, VISION_FAMILIES, make_tokenizer, save_llm, save_vision
 from llava_loop.llm import emitted_tokens
-from llava_loop.template import render, turn_end_token
+from llava_loop.template import render, special_tokens, tokenize, turn_end_token
 
 import helpers
 
@@ -71,6 +71,47 @@ def answer_data(tmp_path_factory):
         "val": root / "chat.json",
         "val_images": root / "images",
     }
+
+
+@pytest.mark.parametrize("llm", [*LLM_FAMILIES, "qwen3-real"])
+def test_control_tokens_in_data_text_are_tokenized_as_text(llm, qwen3_tokenizer_dir):
+    """A caption holding the tokenizer's own special tokens as text (web captions do: `<|endoftext|>`,
+    `<|im_end|>`) trains on that text, never on the control tokens, in every family and under `plain`; the markup
+    around it tokenizes exactly as before. Control: the rendered text tokenized whole made them control tokens."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from llava_loop.data.records import Record
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir) if llm == "qwen3-real" else None
+    tokenizer = tokenizer or make_tokenizer(LLM_FAMILIES[llm])
+    controls = sorted(special_tokens(tokenizer))
+    caption = "a red circle " + " ".join(controls) + " end ."
+    question = {"role": "user", "content": "What is shown?"}
+    messages = [question, {"role": "assistant", "content": caption}]
+    ids, labels, _ = tokenize_messages(tokenizer, messages)
+    control_ids = {tokenizer.convert_tokens_to_ids(t) for t in controls}
+    plain_ids, _, _ = tokenize_messages(tokenizer, [question, {"role": "assistant", "content": "a red circle end ."}])
+    assert Counter(i for i in ids if i in control_ids) == Counter(i for i in plain_ids if i in control_ids)
+    end = "<|im_end|>" if llm == "qwen3-real" else END_OF_TURN[llm]
+    assert [run.strip() for run in _supervised_runs(tokenizer, ids, labels)] == [caption + end]
+
+    text = render(tokenizer, messages)
+    whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert sum(i in control_ids for i in whole["input_ids"]) > sum(i in control_ids for i in ids)  # the control
+    start = text.index(caption)
+    _, offsets = tokenize(tokenizer, text, [(start, start + len(caption))])
+
+    def markup(tokens, spans):  # the tokens wholly before or after the caption
+        return [(t, o) for t, o in zip(tokens, spans) if o[1] <= start or o[0] >= start + len(caption)]
+
+    assert markup(ids, offsets) == markup(whole["input_ids"], whole["offset_mapping"])
+
+    record = Record("r", ("x.jpg",), (("user", "<image>"), ("assistant", caption)))
+    plain, plain_labels, _ = plain_tokens(tokenizer, record, image_token_id=-1)
+    assert plain.count(tokenizer.eos_token_id) == 1  # the caption's end, not its text
+    assert tokenizer.decode([t for t in plain_labels if t != IGNORE_INDEX][:-1]).strip() == caption
 
 
 def _source_tensors(path):

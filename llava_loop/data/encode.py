@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..template import IMAGE_TOKEN, TemplateError, assistant_spans, render
+from ..template import IMAGE_TOKEN, TemplateError, message_spans, render, tokenize
 from .images import (
     MAX_IMAGE_PIXELS,
     expand_to_square,
@@ -99,9 +99,9 @@ def first_exchange(record_id: str, messages: list[dict]) -> tuple[int, str]:
 def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
     """Token ids, labels, and the token index just past each assistant turn's closing token."""
     text = render(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, text)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    located = message_spans(tokenizer, messages, text)
+    spans = [(start, closed) for m, (start, _, closed) in zip(messages, located) if m["role"] == "assistant"]
+    ids, offsets = tokenize(tokenizer, text, [(start, end) for start, end, _ in located])
     labels = [IGNORE_INDEX] * len(ids)
     turn_ends = []
     span_iter = iter(spans)
@@ -133,7 +133,7 @@ def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[i
             f"{len(record.images)} images and {len(answers)} answers (use data.template=chat)",
         )
     prefix = plain_prefix(tokenizer, image_token_id, len(record.images))
-    caption = tokenizer(answers[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    caption = tokenize(tokenizer, answers[0], [(0, len(answers[0]))])[0] + [tokenizer.eos_token_id]
     ids = prefix + caption
     return ids, [IGNORE_INDEX] * len(prefix) + caption, [len(ids)]
 
@@ -322,7 +322,8 @@ class SampleEncoder:
 
     def generation_ids(self, messages: list[dict]) -> list[int]:
         text = render(self.tokenizer, messages, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        located = message_spans(self.tokenizer, messages, text)
+        return tokenize(self.tokenizer, text, [(start, end) for start, end, _ in located])[0]
 
     def expand(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
         """Generation ids with each ``<image>`` id replaced by its image's placeholders."""

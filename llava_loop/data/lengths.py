@@ -10,10 +10,12 @@ Counting 665K records takes minutes of tokenizing, so the result is cached under
 ``~/.cache/llava_loop``), keyed by the records' content, the tokenizer and every encoder setting that changes a
 length: a changed file, tokenizer or ``max_length`` counts again, a second run with the same ones does not. A
 tiled model's key also holds its tiling and the image folder's path, not the images' sizes (reading 665K image
-headers at every start is what the cache saves): instead, a tiled model's cached lengths are checked against
-``SPOT_CHECK`` records counted afresh, and counted again whole when one differs (images replaced in place by
-others of other sizes). A few replaced images among many can pass the check; their micro-batches then miss their
-token budget by those images' difference.
+headers at every start is what the cache saves). A cache is never trusted blindly: every model's cached lengths are
+checked against ``SPOT_CHECK`` records counted afresh, and counted again whole when one differs (images replaced in
+place by others of other sizes, a cache file written by something else); a cache file that does not read as one
+length per record (truncated, garbage, pickled: never unpickled) is counted again too, saying so. A few replaced
+images among many can pass the check; their micro-batches then miss their token budget by those images'
+difference.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from .encode import SampleEncoder
 from .skips import SkipSample
 
-VERSION = 2  # bump when the way a length is counted changes
+VERSION = 3  # bump when the way a length is counted changes (3: special-token text in data is text)
 SPOT_CHECK = 64  # records a tiled model's cached lengths are checked against
 
 
@@ -84,14 +86,31 @@ class _Lengths(torch.utils.data.Dataset):
 
 
 def _first_stale(lengths: np.ndarray, records, encoder: SampleEncoder, image_dir) -> tuple[int, int] | None:
-    """For a tiled model, ``(index, length now)`` of the first of ``SPOT_CHECK`` seeded records whose length is no
-    longer the cached one; None when all agree, or for a fixed-size model (its lengths read no image)."""
-    if encoder.tiler is None or not len(records):
+    """``(index, length now)`` of the first of ``SPOT_CHECK`` seeded records whose length is no longer the cached
+    one; None when all agree."""
+    if not len(records):
         return None
     count = _Lengths(records, encoder, image_dir)
     picked = np.random.default_rng(0).choice(len(records), min(SPOT_CHECK, len(records)), replace=False)
     now = ((int(i), count[int(i)]) for i in sorted(picked))
     return next(((i, n) for i, n in now if n != lengths[i]), None)
+
+
+def _read_cache(path: Path, n: int, say) -> np.ndarray | None:
+    """The cached lengths at ``path``, or None (saying why) when the file is not ``n`` integer lengths: truncated,
+    garbage or pickled (never unpickled), or of another record count. A cache is never worth a dead run."""
+    try:
+        lengths = np.load(path, allow_pickle=False)
+        ok = isinstance(lengths, np.ndarray) and lengths.shape == (n,) and lengths.dtype.kind in "iu"
+        why = (
+            "" if ok else f"it holds {getattr(lengths, 'shape', '?')} {getattr(lengths, 'dtype', '?')}, not {n} lengths"
+        )
+    except (ValueError, OSError, EOFError) as exc:
+        lengths, why = None, f"{type(exc).__name__}: {exc}"[:200]
+    if why:
+        say(f"token lengths: the cache ({path}) is unreadable ({why}): counting again")
+        return None
+    return lengths
 
 
 def count_lengths(records, encoder: SampleEncoder, image_dir=None, *, workers: int = 0, progress: bool = False):
@@ -124,18 +143,17 @@ def token_lengths(
     """Every record's exact length, from the cache when it holds this (records, tokenizer, settings) key.
     ``image_dir``: where the records' images are, which a tiled model's lengths read the sizes of."""
     path = cache_dir() / "token_lengths" / f"{cache_key(records, encoder, image_dir)}.npy"
-    if path.is_file():
-        lengths = np.load(path)
-        if len(lengths) == len(records):
-            stale = _first_stale(lengths, records, encoder, image_dir)
-            if stale is None:
-                say(f"token lengths of {len(records)} records: from the cache ({path})")
-                return lengths
-            index, now = stale
-            say(
-                f"token lengths: the cache ({path}) says {lengths[index]} tokens for record {index}, which now "
-                f"makes {now} (its images replaced?): counting again"
-            )
+    lengths = _read_cache(path, len(records), say) if path.is_file() else None
+    if lengths is not None:
+        stale = _first_stale(lengths, records, encoder, image_dir)
+        if stale is None:
+            say(f"token lengths of {len(records)} records: from the cache ({path})")
+            return lengths
+        index, now = stale
+        say(
+            f"token lengths: the cache ({path}) says {lengths[index]} tokens for record {index}, which now "
+            f"makes {now} (its images replaced, or the file written by something else?): counting again"
+        )
     lengths = count_lengths(records, encoder, image_dir, workers=workers, progress=progress)
     try:  # written whole, then renamed: a run killed mid-write leaves no half file for the next one
         path.parent.mkdir(parents=True, exist_ok=True)
