@@ -315,16 +315,26 @@ def cmd_data_prepare(args) -> int:
     rows = [("records", manifest["records"]), ("images", manifest["images"])]
     rows += [(f"left out: {reason}", n) for reason, n in manifest["left_out"].items()]
     rows += [(f"images found under {prefix}", n) for prefix, n in manifest["found_under"].items()]
+    unread = manifest.get("unread", {})
+    rows += [
+        (f"NOT READ: {Path(file).name} after record {u['after_record']}", f"{u['bytes']:,} bytes")
+        for file, u in unread.items()
+    ]
     print_table(f"{args.name} prepared in {args.out}", rows)
     if manifest["left_out"]:
         say(f"the records left out, and why, are listed in {args.out}/{LEFT_OUT}")
-    say(f"train with data.path={args.out}", stderr=False)
+    for file, u in unread.items():
+        say(
+            f"error: {file} was read only in part ({u['bytes']:,} bytes after record {u['after_record']} were "
+            f"not): {u['detail']}"
+        )
+    say(f"train with data.path={args.out}" + (" (without the records not read)" if unread else ""), stderr=False)
     if args.report:  # the prepared folder's check, drawn (its images were checked while preparing)
         check = ["data", "check", "--data", str(args.out), "--report", args.report, "--template", args.template]
         check += ["--max-length", str(args.max_length), "--image-tokens", str(args.image_tokens)]
         check += ["--token-budget", str(args.token_budget)] + (["--model", args.model] if args.model else [])
         cmd_data_check(build_parser().parse_args(check))
-    return 0
+    return 1 if unread else 0
 
 
 def convert_shards(args) -> int:

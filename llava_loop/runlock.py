@@ -38,9 +38,13 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, output_dir: str | Path, warn=print):
+    """``what``: how the folder is named to the user (``output_dir``; ``--out`` for ``data prepare``); ``work``:
+    what holds it (a run, a preparation)."""
+
+    def __init__(self, output_dir: str | Path, warn=print, *, what: str = "output_dir", work: str = "run"):
         self.path = Path(output_dir) / LOCK
         self.warn = warn
+        self.what, self.work = what, work
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         self.held = False
 
@@ -53,7 +57,7 @@ class RunLock:
             probe.unlink()
         except OSError as exc:
             raise UserError(
-                f"output_dir {self.path.parent} is not writable ({exc.strerror or exc}); choose a folder "
+                f"{self.what} {self.path.parent} is not writable ({exc.strerror or exc}); choose a folder "
                 "this user can write to"
             ) from None
         me = {
@@ -68,18 +72,19 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 if self._stale(holder):
-                    self.warn(f"taking over the lock of a run that is gone ({self._describe(holder)})")
+                    self.warn(f"taking over the lock of a {self.work} that is gone ({self._describe(holder)})")
                     self.path.unlink(missing_ok=True)
                     continue
                 raise OutputDirBusy(
-                    f"output_dir {self.path.parent} is in use by another run ({self._describe(holder)}). Wait for it, "
-                    f"stop it, or use another output_dir; if that run is gone, delete {self.path}"
+                    f"{self.what} {self.path.parent} is in use by another {self.work} ({self._describe(holder)}). "
+                    f"Wait for it, stop it, or use another {self.what}; if that {self.work} is gone, delete "
+                    f"{self.path}"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
             return self.run_id
-        raise OutputDirBusy(f"could not take {self.path}: another run keeps taking it")
+        raise OutputDirBusy(f"could not take {self.path}: another {self.work} keeps taking it")
 
     @contextmanager
     def released_at_end(self):

@@ -5,6 +5,8 @@ train exactly as the extracted files do; bad downloads are named, counted and th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -232,7 +234,7 @@ def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, sha
     vg2 = src / "vg" / "images2.zip"
     vg2.write_bytes(vg2.read_bytes()[:200])  # a download cut off: no central directory
     capsys.readouterr()
-    assert main(["data", "prepare", "llava-665k", "--src", str(src), "--out", str(out)]) == 0
+    assert main(["data", "prepare", "llava-665k", "--src", str(src), "--out", str(out)]) == 1  # read in part
     said = capsys.readouterr()
     assert "vg/images2.zip is not a readable zip" in said.err
     manifest = json.loads((out / "prepared.json").read_text())
@@ -255,11 +257,21 @@ def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, sha
     text = (mid / "chat.json").read_text()
     at = text.index('"id": "GCC_train_000000004"')
     (mid / "chat.json").write_text(text[:at] + "oops, " + text[at:])
-    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(mid), "--out", str(tmp_path / "mid-out")]) == 0
+    capsys.readouterr()
+    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(mid), "--out", str(tmp_path / "mid-out")]) == 1
     (broken,) = jsonl(tmp_path / "mid-out" / "left_out.jsonl")
     assert broken["record"] == 4 and "the 4 records before it are kept" in broken["detail"]
     assert "bytes after it are not read" in broken["detail"]
-    assert json.loads((tmp_path / "mid-out" / "prepared.json").read_text())["records"] == 4
+    manifest = json.loads((tmp_path / "mid-out" / "prepared.json").read_text())
+    assert manifest["records"] == 4
+    (unread,) = manifest["unread"].values()
+    assert unread["after_record"] == 4 and unread["bytes"] == len(text) + len("oops, ") - text.rindex("{", 0, at) - 1
+    said = capsys.readouterr()  # the summary says it, with the size, not only left_out.jsonl
+    assert f"{unread['bytes']:,} bytes" in said.out and "NOT READ: chat.json after record 4" in said.out
+    assert "error: " in said.err and "was read only in part" in said.err
+    # the same folder prepared again says so again: it is complete, but not whole
+    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(mid), "--out", str(tmp_path / "mid-out")]) == 1
+    assert "was read only in part" in capsys.readouterr().err
 
     # nothing usable: the one zip of a stage-1 download is cut off -> non-zero, naming it
     bad = tmp_path / "bad"
@@ -341,3 +353,73 @@ def test_convert_captions_can_ask_to_describe_and_read(tmp_path, capsys):
     assert record["conversations"][0]["value"].replace("<image>", "").strip() in DESCRIBE_AND_READ_PROMPTS
     assert brief.replace("<image>", "").strip() not in DESCRIBE_AND_READ_PROMPTS
     assert record["conversations"][1]["value"] == caption
+
+
+def test_out_is_a_folder_of_its_own_and_one_preparation_at_a_time(tmp_path, shapes_data, capsys):
+    """An --out holding anything data prepare did not write is refused (its README.md was overwritten), and so is
+    --out equal to --src (the download's card replaced, every image then 'missing'); an --out inside --src works.
+    A second preparation into a folder another one holds is refused, naming the holder."""
+    src = tmp_path / "download"
+    src.mkdir()
+    cc3m(src, shapes(shapes_data, 4))
+    (src / "README.md").write_text("the dataset's own card")
+
+    def prepare(out):
+        return main(["data", "prepare", "llava-cc3m-595k", "--src", str(src), "--out", str(out)])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    assert prepare(mine) == 2
+    assert "holds README.md, which data prepare did not write" in capsys.readouterr().err
+    assert (mine / "README.md").read_text() == "my notes" and not (mine / "records.jsonl").exists()
+    assert prepare(src) == 2 and "is --src" in capsys.readouterr().err
+    assert (src / "README.md").read_text() == "the dataset's own card"
+    assert prepare(src / "prepared") == 0  # inside --src: left out of the listing, the images found
+    assert json.loads((src / "prepared" / "prepared.json").read_text())["records"] == 4
+    assert prepare(tmp_path / "empty") == 0 and prepare(tmp_path / "empty") == 0  # a new folder, then a re-run
+
+    busy = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from llava_loop.runlock import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+            str(busy),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=helpers.env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert prepare(busy) == 2
+        err = capsys.readouterr().err
+        assert f"--out {busy} is in use by another data prepare (pid {holder.pid}" in err
+        assert not (busy / "records.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare(busy) == 0  # the holder is gone: its lock is stale, taken over
+    assert "taking over the lock of a data prepare that is gone" in capsys.readouterr().err
+
+
+def test_a_damaged_prepared_json_is_named_with_the_fix(tmp_path, shapes_data, run_config, capsys):
+    """prepared.json whose image_dir is null, a number or absent, or which is a bare string: a clear error naming
+    the file and the fix, at startup of training and in data check, never a TypeError."""
+    src, out = tmp_path / "download", tmp_path / "prepared"
+    src.mkdir()
+    cc3m(src, shapes(shapes_data, 4))
+    assert main(["data", "prepare", "llava-cc3m-595k", "--src", str(src), "--out", str(out)]) == 0
+    manifest = json.loads((out / "prepared.json").read_text())
+    for damaged in ({**manifest, "image_dir": 3}, "just a string", {**manifest, "image_dir": None}):
+        (out / "prepared.json").write_text(json.dumps(damaged))
+        capsys.readouterr()
+        assert main(["data", "check", "--data", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "prepared.json" in err and "prepare the folder again" in err and "Traceback" not in err
+    run = helpers.launch(run_config(data={"path": str(out), "image_dir": "", "eval_path": ""}), check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "its image_dir is None" in run.stderr and "prepare the folder again" in run.stderr

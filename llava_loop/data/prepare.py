@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserError
+from ..runlock import LOCK, RunLock
 from .archives import is_zip_name
 from .convert import PROMPT_POOLS, ConvertError, caption_record, conversation_record
 from .images import image_path, open_checked
@@ -35,6 +36,7 @@ from .records import RecordError, normalize_record, read_text
 from .skips import SkipSample
 from .sources import PREPARED_MANIFEST as MANIFEST
 from .sources import PREPARED_RECORDS as RECORDS
+from .sources import prepared_manifest
 
 LEFT_OUT, CARD = "left_out.jsonl", "README.md"
 FORMAT = 1
@@ -124,7 +126,8 @@ class ImageIndex:
 
 def salvage_records(text: str):
     """``(index, raw record or None, problem, end offset)`` for each record of a JSON list or JSONL text. A JSONL
-    line that is not JSON, or a JSON list cut short, costs only what is broken: the records before the cut are kept."""
+    line that is not JSON, or a JSON list cut short, costs only what is broken: the records before the cut are kept.
+    A list that cannot be followed past a break ends there: its last item's end offset is where reading stopped."""
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):  # JSONL (or one object per line)
@@ -158,7 +161,7 @@ def salvage_records(text: str):
                     f"malformed JSON at line {line} ({exc.msg}): the {index} records before it are kept, the "
                     f"{len(text) - exc.pos:,} bytes after it are not read; mend the file and prepare again (--force)"
                 )
-            yield index, None, problem, len(text)
+            yield index, None, problem, exc.pos
             return
         yield index, raw, None, pos
         index += 1
@@ -167,6 +170,28 @@ def salvage_records(text: str):
 def fingerprint(src: Path, files: list[str]) -> dict:
     """Size and modification time of each input: a re-run over the same download does nothing."""
     return {name: [(src / name).stat().st_size, (src / name).stat().st_mtime_ns] for name in sorted(files)}
+
+
+OURS = {RECORDS, LEFT_OUT, MANIFEST, CARD, LOCK}  # what a preparation writes into --out
+
+
+def check_out(out: Path, src: Path) -> None:
+    """``--out`` is a new or empty folder, or one a preparation wrote (all of it), and not ``--src`` itself: the
+    card would replace the download's own README and the listing would leave out every image."""
+    if out.resolve() == src:
+        raise PrepareError(f"--out {out} is --src: choose a folder of its own for the prepared records")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PrepareError(f"--out {out} is a file; choose a folder")
+    names = {p.name for p in out.iterdir()}
+    foreign = sorted(names - OURS)
+    if foreign or ((names - {LOCK}) and not names & {RECORDS, MANIFEST}):
+        held = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PrepareError(
+            f"--out {out} holds {held or ', '.join(sorted(names))}, which data prepare did not write; it would "
+            "write its README.md and records there. Choose an empty or new folder"
+        )
 
 
 def records_files(layout: Layout, src: Path) -> list[Path]:
@@ -182,18 +207,17 @@ def records_files(layout: Layout, src: Path) -> list[Path]:
 def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", force: bool = False, say=print):
     """Prepare ``name`` from ``src`` into ``out``; returns the manifest. A complete ``out`` made from the same inputs
     is left as it is."""
-    from tqdm import tqdm
-
     if name not in LAYOUTS:
         raise PrepareError(f"unknown dataset {name!r}; known: {', '.join(LAYOUTS)}")
     layout, src, out = LAYOUTS[name], Path(src).resolve(), Path(out)
     if not src.is_dir():
         raise PrepareError(f"--src {src} is not a folder")
+    check_out(out, src)
     files = records_files(layout, src)
     index = ImageIndex(src, exclude=out.resolve())
     inputs = fingerprint(src, [f.relative_to(src).as_posix() for f in files] + index.inputs())
     if (out / MANIFEST).is_file() and not force:
-        done = json.loads((out / MANIFEST).read_text())
+        done = prepared_manifest(out)
         if (done.get("dataset"), done.get("source"), done.get("inputs")) == (name, str(src), inputs):
             if done.get("listing") == index.listing:
                 say(f"{out} is already prepared ({done['records']} records of {name} from {src}); nothing to do")
@@ -207,18 +231,27 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
             f"{out} holds a preparation of {done.get('dataset')} from {done.get('source')} (or of other files); "
             "choose another --out, or pass --force to prepare it again"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, warn=say, what="--out", work="data prepare")
+    lock.acquire()  # two preparations into one folder interleave their records
+    with lock.released_at_end():
+        return write_prepared(layout, name, src, out, files, index, inputs, command, say)
+
+
+def write_prepared(layout, name, src, out, files, index, inputs, command, say) -> dict:
+    """The records, left-out list, card and (last) manifest of a preparation, under its lock."""
+    from tqdm import tqdm
+
     (out / MANIFEST).unlink(missing_ok=True)
     for problem in index.broken.values():
         say(f"warning: {problem}; the records whose images are in it are left out")
     rng = random.Random(0)
-    kept, left, images = 0, Counter(), 0
+    kept, left, images, unread = 0, Counter(), 0, {}
     with open(out / RECORDS, "w") as records_out, open(out / LEFT_OUT, "w") as left_out:
         for file in files:
             text = read_text(file)
             index.learn_prefixes(sample_image_names(layout, text))
             bar = tqdm(total=len(text), desc=f"{name}: {file.name}", unit="B", unit_scale=True, mininterval=1.0)
-            done = 0
+            done, problem = 0, None
             for i, raw, problem, end in salvage_records(text):
                 bar.update(end - done)
                 done = end
@@ -243,6 +276,8 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
                 kept += 1
                 images += len(refs)
                 records_out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if problem and done < len(text):  # the list could not be followed past it
+                unread[str(file)] = {"bytes": len(text) - done, "after_record": i, "detail": problem}
             bar.update(len(text) - done)
             bar.close()
     manifest = {
@@ -253,6 +288,7 @@ def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", f
         "records": kept,
         "images": images,
         "left_out": dict(left.most_common()),
+        "unread": unread,  # records files read only in part: the records after the break were never seen
         "found_under": dict(index.prefixes.most_common()),  # prefixes the records' image names lacked
         "inputs": inputs,
         "listing": index.listing,

@@ -27,12 +27,20 @@ def prepared_manifest(path: str | Path) -> dict | None:
     manifest = Path(path) / PREPARED_MANIFEST
     if not manifest.is_file():
         return None
+    again = "prepare the folder again (llava-loop data prepare ... --force)"
     try:
-        return json.loads(manifest.read_text())
+        made = json.loads(manifest.read_text())
     except json.JSONDecodeError:
+        raise RecordError(f"{manifest} is not valid JSON; {again}") from None
+    if not isinstance(made, dict):
+        raise RecordError(f"{manifest} holds a {type(made).__name__}, not data prepare's manifest; {again}")
+    image_dir = made.get("image_dir")
+    if not isinstance(image_dir, str) or not image_dir:
         raise RecordError(
-            f"{manifest} is not valid JSON; prepare the folder again (llava-loop data prepare ... --force)"
-        ) from None
+            f"{manifest}: its image_dir is {image_dir!r}, not the path of the images' folder; {again}, or set "
+            "data.image_dir to that folder"
+        )
+    return made
 
 
 def image_dir_of(path: str | Path, image_dir: str | Path = "") -> str:
