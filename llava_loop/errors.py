@@ -7,3 +7,11 @@ class UserError(ValueError):
 
 class BuildError(UserError):
     """The inputs to ``build`` cannot be composed; the message says which input and why."""
+
+
+def size_text(n: float) -> str:
+    """A byte count as people read it in a message: ``4.7 MB``, ``1.25 GB``, ``512 B``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"

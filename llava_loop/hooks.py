@@ -22,6 +22,7 @@ The built-ins here need nothing but the trainer; a hook that needs more lives wi
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -64,10 +65,34 @@ class Hooks:
 
 def append_metrics(trainer, kind: str, metrics: dict) -> None:
     """One JSON line in ``output_dir/metrics.jsonl`` (main process); each row names the run (launch) that wrote it,
-    so a resumed run's rows can be told from the first launch's."""
+    so a resumed run's rows can be told from the first launch's. A row that cannot be written (a full disk) is
+    taken back whole and stops the run cleanly (``trainer.log_write_failed``): the file never ends in half a line."""
     if trainer.accelerator.is_main_process:
-        with open(Path(trainer.output_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"kind": kind, "run": trainer.run_id, **metrics}) + "\n")
+        path = Path(trainer.output_dir) / "metrics.jsonl"
+        try:
+            append_whole(path, (json.dumps({"kind": kind, "run": trainer.run_id, **metrics}) + "\n").encode())
+        except OSError as exc:
+            trainer.log_write_failed(path, exc)
+
+
+def append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` all or nothing: a write that fails part-way is truncated away again."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, data)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class MetricsJsonl:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from .data.blank_image import BlankImage
 from .data.sampler import TokenBudgetBatches
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
-from .errors import UserError
+from .errors import UserError, size_text
 from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
 from .importing import bind
@@ -49,6 +50,10 @@ from .ranks import on_main
 from .runlock import RunLock
 from .runtime import load_model, make_accelerator, require_shared_dir
 from .validate import Validator
+
+
+class LogWriteError(UserError):
+    """A log of the run (metrics.jsonl) could not be written; the run stopped after saving."""
 
 
 class NonFiniteError(UserError):
@@ -128,6 +133,7 @@ class Trainer:
         self.loss_fn = make_loss(cfg.loss, self.state)  # config callables resolve before anything slow
         self.hooks = make_hooks(cfg)
         self.stop_requested = False  # set by signals, the time limit or hooks (request_stop) on any process
+        self.log_failure: str | None = None  # why a log could not be written: the run stops, then fails with it
         self.stopped = False  # all processes agreed to stop early
         self.started = self.last_step_end = time.monotonic()  # reset when fit starts
 
@@ -365,6 +371,11 @@ class Trainer:
                 self.save(force=True)  # the final checkpoint is always written (once), before the final evaluation
                 if not self.state.due(self.cfg.eval.every):
                     self.eval_loss()
+            if self.log_failure:
+                raise LogWriteError(
+                    f"stopped at step {self.state.step}: {self.log_failure}. The step's checkpoint is saved; free "
+                    "space (or fix the folder), then resume with resume=auto"
+                )
             self.hooks.on_train_end(self)
             return self.state
 
@@ -577,6 +588,17 @@ class Trainer:
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from fit (hooks may call this)."""
         self.stop_requested = True
+
+    def log_write_failed(self, path: Path, exc: OSError) -> None:
+        """A log (metrics.jsonl) could not be written: stop as a signal would, saving this step's checkpoint (if
+        the disk allows: else the save says how much it needs), then end with an error naming the file."""
+        free = size_text(shutil.disk_usage(path.parent).free)
+        self.log_failure = (
+            f"could not write {path} ({exc.strerror or exc}; {free} free there); this step's row is lost, the "
+            "file holds every row before it whole"
+        )
+        self.console.warn(f"{self.log_failure}: stopping, saving a checkpoint first")
+        self.request_stop()
 
     def stop_agreed(self) -> bool:
         """True on every process once any process asked to stop (signal, time limit, hook)."""

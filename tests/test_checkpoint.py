@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -624,13 +625,47 @@ def test_a_full_disk_names_the_problem_and_keeps_the_previous_checkpoint(tmp_pat
     out = helpers.launch(config, fault="disk-full:4", check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "no space left on device while saving step 4 to" in out.stderr
-    assert "GB free there); the previous checkpoint (step-000002) is intact" in out.stderr
+    assert re.search(
+        r"needs about [\d.]+ [kM]B, [\d.]+ [kMGT]?B free there\); the previous checkpoint \(step-000002\) is intact",
+        out.stderr,
+    )
     assert "Traceback" not in out.stderr and "basic_ios" not in out.stderr
     saved = checkpoint.complete_checkpoints(tmp_path / "run")
     assert [p.name for p in saved] == ["step-000002"] and not (
         tmp_path / "run" / "checkpoints" / ".tmp-step-000004"
     ).exists()
     checkpoint.verify(saved[0])
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_metrics_row_stops_cleanly_and_leaves_every_file_whole(tmp_path, run_config):
+    """The disk fills while step 3's metrics row is written (between checkpoints): the half row is taken back, the
+    run saves step 3 and stops with an error naming the file (no traceback), and resumes from there. If the disk
+    stays full, the save says how much it needs, in sensible units, and the previous checkpoint stays."""
+    config = run_config(**_defaults(train={"max_steps": 5}, checkpoint={"every": 2, "keep_last": 0}))
+    out = helpers.launch(config, fault="metrics-disk-full:3", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "stopped at step 3: could not write" in out.stderr and "metrics.jsonl (No space left on device" in out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # all whole
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]  # step 3's row is the one lost
+    saved = [p.name for p in checkpoint.complete_checkpoints(tmp_path / "run")]
+    assert saved == ["step-000002", "step-000003"]  # the steps since the last checkpoint are not lost
+    resumed = helpers.launch(config)
+    assert "resumed from" in resumed.stderr and "step-000003 at step 3" in resumed.stderr
+    assert [r["step"] for r in helpers.metrics(tmp_path / "run")][-2:] == [4, 5]
+
+    full = run_config("full", **_defaults(train={"max_steps": 5}, checkpoint={"every": 2, "keep_last": 0}))
+    out = helpers.launch(full, fault="metrics-disk-full:3:save", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert re.search(r"saving step 3 to .* \(needs about [\d.]+ [kM]B", out.stderr), out.stderr[-2000:]
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path / "full")] == ["step-000002"]
+    [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sizes_in_messages_read_as_people_write_them():
+    from llava_loop.errors import size_text
+
+    assert [size_text(n) for n in (512, 4_700_000, 1_250_000_000, 0)] == ["512 B", "4.7 MB", "1.25 GB", "0 B"]
 
 
 def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):

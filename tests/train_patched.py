@@ -5,6 +5,9 @@ crash tests.
     python tests/train_patched.py no-data-position --config ...      resume restarting the epoch's data
     python tests/train_patched.py kill-in-save:STEP --config ...     SIGKILL itself while writing checkpoint STEP
     python tests/train_patched.py disk-full:STEP --config ...        the disk fills up while writing checkpoint STEP
+    python tests/train_patched.py metrics-disk-full:STEP[:save] --config ...
+                                    the disk fills up while writing step STEP's metrics row (and, with :save, the
+                                    checkpoint the run then saves)
     python tests/train_patched.py deepspeed-frozen-filter --config ...
                                     DeepSpeed's own exclude_frozen_parameters (which keeps frozen tied aliases)
 """
@@ -16,7 +19,7 @@ import os
 import signal
 import sys
 
-from llava_loop import backends
+from llava_loop import backends, hooks
 from llava_loop.checkpoint.checkpointer import Checkpointer
 from llava_loop.checkpoint.rng import rng_state, set_rng_state
 from llava_loop.config import load_config
@@ -69,6 +72,18 @@ elif fault.startswith("kill-in-save:"):
     checkpointer_cls = kill_in_save(int(fault.split(":")[1]))
 elif fault.startswith("disk-full:"):
     checkpointer_cls = disk_full(int(fault.split(":")[1]))
+elif fault.startswith("metrics-disk-full:"):
+    step, *save_too = fault.split(":")[1:]
+    write_all = hooks.write_all
+
+    def half_then_full(fd, data):
+        if b'"kind": "train"' in data and f'"step": {step},'.encode() in data:
+            write_all(fd, data[: len(data) // 2])  # what a filling disk leaves: half a line
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_all(fd, data)
+
+    hooks.write_all = half_then_full
+    checkpointer_cls = disk_full(int(step)) if save_too else Checkpointer
 elif fault == "deepspeed-frozen-filter":
     checkpointer_cls = Checkpointer
     backends.without_frozen_aliases = lambda engine: contextlib.nullcontext()

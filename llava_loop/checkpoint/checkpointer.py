@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..errors import size_text
 from ..ranks import everywhere, on_main
 from .files import (
     COMPLETE,
@@ -193,8 +194,8 @@ class Checkpointer:
             f"the previous checkpoint ({previous[-1].name}) is intact" if previous else "no earlier checkpoint exists"
         )
         return (
-            f"no space left on device while saving step {step} to {tmp.parent} (needs about {needs / 1e9:.2f} GB"
-            f"{'' if previous else ' at least'}, {free / 1e9:.2f} GB free there); {intact}. Free space or move "
+            f"no space left on device while saving step {step} to {tmp.parent} (needs about {size_text(needs)}"
+            f"{'' if previous else ' at least'}, {size_text(free)} free there); {intact}. Free space or move "
             "output_dir, then resume with resume=auto"
         )
 
