@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint.files import CheckpointError, check_tensor_names, scan_pickles
+from .folders import load
 
 
 class PlainBackend:
@@ -126,7 +127,7 @@ class DeepSpeedBackend:
         give them DeepSpeed's recommended values from the LLM's hidden size (h^2, 0.9 h^2, 10 h)."""
         from transformers import AutoConfig
 
-        hidden = AutoConfig.from_pretrained(model_path).text_config.hidden_size
+        hidden = load(AutoConfig, model_path, "model.path").text_config.hidden_size
         zero = self.config["zero_optimization"]
         recommended = {
             "reduce_bucket_size": hidden * hidden,

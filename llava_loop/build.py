@@ -26,6 +26,7 @@ from PIL import Image
 from .anyres import Tiling, tiling_for
 from .data.images import processed_size
 from .errors import BuildError
+from .folders import RemoteCodeRefused, load
 from .llm import choose_pad_token, fit_embeddings, generation_config, load_text_config, load_tokenizer
 from .parts import PARTS, PROJECTOR, count_params, part_of
 from .template import IMAGE_TOKEN, processor_chat_template, render, turn_end_token
@@ -118,7 +119,9 @@ def _load_config(path: Path, flag: str):
     if not (path / "config.json").is_file():
         raise BuildError(f"{flag} {path}: no config.json; not a Hugging Face model directory")
     try:
-        return AutoConfig.from_pretrained(path)
+        return load(AutoConfig, path, flag)
+    except RemoteCodeRefused:
+        raise
     except Exception as exc:
         raise BuildError(f"{flag} {path}: cannot read config.json ({exc})") from exc
 
@@ -533,8 +536,8 @@ def upgrade_llava(
             "export), and a tiled one's trained image_newline would be replaced by a fresh one. Train it as it is, "
             "or upgrade the llava model it was made from"
         )
-    base = LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=False)
-    old = AutoProcessor.from_pretrained(path)
+    base = LlavaForConditionalGeneration.from_pretrained(path)
+    old = load(AutoProcessor, path, "--from")
     family, vision_config = family_of(base.config.vision_config, path)
     tower = VisionTower(path, family, vision_config, old.image_processor, "--from " + str(path))
     tokenizer = old.tokenizer

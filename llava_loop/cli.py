@@ -240,9 +240,9 @@ def cmd_data_check(args) -> int:
 
     processor = None
     if args.model:
-        from transformers import AutoProcessor
+        from .runtime import load_processor
 
-        processor = AutoProcessor.from_pretrained(args.model)
+        processor = load_processor(args.model, "--model")
     report = check_dataset(
         args.data,
         args.image_dir,

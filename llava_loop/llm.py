@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BuildError
+from .folders import RemoteCodeRefused, load
 from .template import BUILTIN_TEMPLATES, TemplateError, chat_template_from, check_jinja, special_tokens, turn_end_token
 
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>")
@@ -57,7 +58,9 @@ def load_tokenizer(path: Path, chat_template: str | None = None):
             "or pass the checkpoint directory they came with"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load(AutoTokenizer, path, "--llm")
+    except RemoteCodeRefused:
+        raise
     except Exception as exc:
         raise BuildError(f"--llm {path}: cannot load its tokenizer ({exc})") from exc
     try:

@@ -12,6 +12,7 @@ import torch
 
 from .config import Config, find_config_file
 from .errors import UserError
+from .folders import load
 from .ranks import everywhere, on_main
 
 
@@ -117,26 +118,12 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
     ``packed`` (padding-free batches): under ``auto`` the LLM runs sdpa_varlen where it would run sdpa, so packed
     samples cost their own lengths squared in attention, not the row's."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor
-    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: vision_tower.image_processor
     from transformers.utils import is_flash_attn_2_available
 
     from . import attention  # registers sdpa_varlen with transformers
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(
-            f"model.path {path}: no LLaVA model there; build one with `llava-loop build --vision DIR --llm DIR "
-            f"--out {path}` (or `--preset tiny`)"
-        )
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in MODEL_CLASSES:
-        raise UserError(
-            f"model.path {path}: model_type is {config.model_type!r}, expected one of {sorted(MODEL_CLASSES)} "
-            "(a directory `llava-loop build` writes)"
-        )
-    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
-        raise UserError(f"model.path {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
+    config = model_dir_config(path, "model.path")
     # None: transformers picks per tower (it never picks flash-attention itself); sdpa_varlen is set on the LLM
     # alone, after loading
     kernel = None if attn_implementation in ("auto", attention.NAME) else attn_implementation
@@ -150,9 +137,39 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
                 f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
                 f"(it runs {model.config.text_config._attn_implementation}); use auto or eager"
             )
-    # PIL, as the fast pixel path computes: with torchvision installed (lmms-eval pulls it) transformers would pick
-    # its torchvision backend, whose resizes differ by up to one grey level (docs/BENCHMARKS.md, "Pixels"). Set on
-    # the image processor alone: OneVision's video processor has no PIL backend, and `backend=` reaches every part
-    processor = AutoProcessor.from_pretrained(path)
-    processor.image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    return model, processor
+    return model, load_processor(path, "model.path")
+
+
+def model_dir_config(path: Path, what: str):
+    """The config of a composed LLaVA directory, checked: a LLaVA model with its processor beside it."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{what} {path}: no LLaVA model there; build one with `llava-loop build --vision DIR --llm DIR "
+            f"--out {path}` (or `--preset tiny`)"
+        )
+    config = load(AutoConfig, path, what)
+    if config.model_type not in MODEL_CLASSES:
+        raise UserError(
+            f"{what} {path}: model_type is {config.model_type!r}, expected one of {sorted(MODEL_CLASSES)} "
+            "(a directory `llava-loop build` writes)"
+        )
+    if not (path / "processor_config.json").is_file() and not (path / "preprocessor_config.json").is_file():
+        raise UserError(f"{what} {path}: no processor saved next to the model; rebuild it with `llava-loop build`")
+    return config
+
+
+def load_processor(path: str | Path, what: str = "model.path"):
+    """A composed LLaVA directory's processor. PIL, as the fast pixel path computes: with torchvision installed
+    (lmms-eval pulls it) transformers would pick its torchvision backend, whose resizes differ by up to one grey
+    level (docs/BENCHMARKS.md, "Pixels"). Set on the image processor alone: OneVision's video processor has no PIL
+    backend, and `backend=` reaches every part."""
+    from transformers import AutoProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor  # why: vision_tower.py
+
+    path = Path(path)
+    model_dir_config(path, what)
+    processor = load(AutoProcessor, path, what)
+    processor.image_processor = load(AutoImageProcessor, path, what, backend="pil")
+    return processor

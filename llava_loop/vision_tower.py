@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .data.images import processed_size
 from .errors import BuildError
+from .folders import RemoteCodeRefused, load
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ def load_image_processor(path: Path, family: VisionFamily, vision_config) -> tup
 
     if (path / "preprocessor_config.json").is_file():
         try:
-            return AutoImageProcessor.from_pretrained(path), "preprocessor_config.json"
+            return load(AutoImageProcessor, path, "--vision"), "preprocessor_config.json"
+        except RemoteCodeRefused:
+            raise
         except Exception as exc:
             raise BuildError(f"--vision {path}: cannot read preprocessor_config.json ({exc})") from exc
     side = vision_config.image_size

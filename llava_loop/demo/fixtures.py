@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..folders import load
 from .shapes import write_shapes
 from .tiny import build_tiny, towers_beside
 
@@ -39,7 +40,7 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
         return
     from transformers import AutoConfig
 
-    size = AutoConfig.from_pretrained(model).vision_config.image_size  # images at the tower's resolution
+    size = load(AutoConfig, model, "model.path").vision_config.image_size  # images at the tower's resolution
     eval_images = cfg.data.eval_image_dir or cfg.data.image_dir
     splits = [
         ("data.path", cfg.data.path, "data.image_dir", cfg.data.image_dir, samples, cfg.train.seed, "train"),
