@@ -379,7 +379,14 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.load(raw, Loader=_Loader) if raw != "" else ""
+    try:
+        node[keys[-1]] = yaml.load(raw, Loader=_Loader) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(
+            f"override {dotted}={raw}: the value is not valid YAML ({problem}). Close its brackets or quotes, or "
+            f"give a string as a quoted YAML string: {dotted}='\"{raw}\"'"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

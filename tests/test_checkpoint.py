@@ -565,6 +565,22 @@ def test_a_damaged_newest_checkpoint_is_quarantined_and_its_step_saved_again(tmp
 
 
 @pytest.mark.slow
+def test_a_checkpoint_whose_config_does_not_parse_is_set_aside_as_damaged(tmp_path, run_config):
+    """config.yaml that is not YAML (its manifest entry consistent, as a tool that rewrote it would leave it):
+    resume=auto sets the checkpoint aside, as other damage, and resumes from the one before; no traceback."""
+    config = run_config(**_defaults(train={"max_steps": 4}, checkpoint={"every": 2, "keep_last": 0}))
+    helpers.train_here(config)
+    broken = tmp_path / "run" / "checkpoints" / "step-000004"
+    (broken / "config.yaml").write_text("mode: [projector\n")
+    manifest = json.loads((broken / "MANIFEST.json").read_text())
+    checkpoint.write_manifest(broken, world_size=manifest["world_size"], per_rank=tuple(manifest["per_rank"]))
+    out = helpers.launch(config)
+    assert "Traceback" not in out.stderr
+    assert "skipping damaged checkpoint, moved to .bad-step-000004" in out.stderr
+    assert "config.yaml is unreadable" in out.stderr and "step-000002 at step 2" in out.stderr
+
+
+@pytest.mark.slow
 def test_resume_applies_schedule_changes_and_refuses_the_rest(tmp_path, run_config):
     from llava_loop.loop import warmup_cosine
 

@@ -50,6 +50,17 @@ def test_overrides_are_typed():
     assert cfg.train.gradient_checkpointing is True
 
 
+def test_an_override_that_is_not_yaml_names_the_key_the_value_and_the_fix():
+    for item in ["data.mix=[{path: a.json, weight: 1}", "data.system_prompt=@x"]:
+        key, value = item.split("=", 1)
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, ["data.path=x", item])
+        message = str(raised.value)
+        assert f"override {key}={value}: the value is not valid YAML" in message and "quoted YAML string" in message
+    # the fix it gives works
+    assert load_config(None, ["data.path=x", "data.system_prompt=\"@x\""]).data.system_prompt == "@x"
+
+
 def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown key train\.lrr.*valid keys under train:.*\blr\b"):
         load_config(None, ["data.path=x", "train.lrr=1"])

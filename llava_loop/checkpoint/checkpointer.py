@@ -23,6 +23,7 @@ from .files import (
     complete_checkpoints,
     fsync_dir,
     hash_share,
+    read_config,
     read_manifest,
     read_state,
     safe_torch_load,
@@ -252,7 +253,7 @@ class Checkpointer:
             path,
             state["run"],
             self.run_facts,
-            yaml.safe_load((path / "config.yaml").read_text()),
+            read_config(path),
             yaml.safe_load(self.config_yaml),
         )
         rng_file = path / RNG_FILE.format(rank=self.accelerator.process_index)

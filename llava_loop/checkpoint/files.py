@@ -211,10 +211,26 @@ def check_files(path: Path, files: dict, level: str) -> None:
 
 
 def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state; its config is read too, so a damaged one is found with the rest."""
+    read_config(path)
     try:
         return json.loads((path / STATE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: {STATE} is unreadable ({exc}); the checkpoint is damaged") from None
+
+
+def read_config(path: Path) -> dict:
+    """The config a checkpoint was written with, as a tree; a file that does not parse as one is damage."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        problem = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: config.yaml is unreadable ({problem}); the checkpoint is damaged") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: config.yaml holds no config; the checkpoint is damaged")
+    return config
 
 
 def verify(path: Path, level: str = "hash") -> dict:
