@@ -86,13 +86,16 @@ class ModelConfig:
     )
 
 
+MAX_MIX_WEIGHT = 1000.0  # passes per epoch over one source; an epoch's order is held in memory (data/mixture.py)
+
+
 @dataclass
 class MixSource:
     """One source of ``data.mix``."""
 
     path: str = opt("", "A prepared folder, or any records `data.path` takes but shards.")
     weight: float = opt(1.0, "Times each of its records is seen per epoch: 2 twice, 0.5 a random half per epoch.")
-    image_dir: str = opt("", "Its image folder (empty: a prepared folder's own).")
+    image_dir: str = opt("", "Its image folder (empty: a prepared folder's own).", resume=True)
     name: str = opt("", "Its name in metrics.jsonl's samples/<name> (empty: the folder's or file's name).")
 
 
@@ -384,8 +387,9 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     except yaml.YAMLError as exc:
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError(
-            f"override {dotted}={raw}: the value is not valid YAML ({problem}). Close its brackets or quotes, or "
-            f"give a string as a quoted YAML string: {dotted}='\"{raw}\"'"
+            f"override {dotted}={raw}: the value is not valid YAML ({problem}). Close its brackets, and quote "
+            f"text that holds YAML's own characters ({{ }} [ ] : , # @ &): a string as {dotted}='\"{raw}\"', a "
+            'path inside a list as {path: "..."}'
         ) from None
 
 
@@ -475,8 +479,11 @@ def validate(config: Config) -> None:
     for i, source in enumerate(d.mix):
         if not source.path:
             problems.append(f"data.mix[{i}].path is required")
-        if not 0 < source.weight < math.inf:
-            problems.append(f"data.mix[{i}].weight must be > 0 (got {source.weight})")
+        if not 0 < source.weight <= MAX_MIX_WEIGHT:
+            problems.append(
+                f"data.mix[{i}].weight must be > 0 and at most {MAX_MIX_WEIGHT:g} (got {source.weight:g}): it is "
+                "how many times each record is seen per epoch; train longer with train.epochs or train.max_steps"
+            )
     names = mix_names(d.mix)
     if len(set(names)) < len(names):
         problems.append(f"data.mix: two sources are named alike ({', '.join(names)}); give each a name")
@@ -511,10 +518,18 @@ def mix_names(mix: list[MixSource]) -> list[str]:
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys; ``data.mix`` opens per source (``data.mix[0].image_dir``), so a source's own settings are
+    compared one by one."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and key not in ("loss",) and not key.endswith("kwargs"):
             out.update(_flatten(value, f"{prefix}{key}."))
+        elif prefix + key == "data.mix" and isinstance(value, list):
+            out["data.mix"] = len(value)  # how many sources: never changes on resume
+            for i, source in enumerate(value):
+                out.update(
+                    _flatten(source, f"data.mix[{i}].") if isinstance(source, dict) else {f"data.mix[{i}]": source}
+                )
         else:
             out[prefix + key] = value
     return out
@@ -525,11 +540,19 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any, 
     no field declares (an older config's) may not change."""
     old, new = _flatten(saved), _flatten(current)
     resumable = {key for key, f in leaf_fields() if f.metadata["resume"]}
+    resumable |= {
+        k for k in old.keys() & new.keys() if re.fullmatch(r"data\.mix\[\d+\]\.(\w+)", k) and _mix_resumable(k)
+    }
     return [
         (key, old.get(key), new.get(key), key in resumable)
         for key in sorted(set(old) | set(new))
         if old.get(key) != new.get(key)
     ]
+
+
+def _mix_resumable(key: str) -> bool:
+    field = {f.name: f for f in dataclasses.fields(MixSource)}.get(key.rsplit(".", 1)[1])
+    return bool(field and field.metadata["resume"])
 
 
 def change_line(key: str, old: Any, new: Any) -> str:

@@ -148,6 +148,14 @@ def test_prepare_leaves_existing_data_paths_alone_and_makes_only_the_missing_one
     )
     assert fresh.is_file() and len(list((fresh.parent / "images").iterdir())) == 32
     assert [entry for entry in _tree(tmp_path) if not entry[0].startswith("fresh")] == before
+    # shards named by a brace pattern, or a mixture (with a held-out path that is not there): the user's data,
+    # left for the loader to find or report, never taken for a missing file to make or refuse
+    before = _tree(tmp_path)
+    shards = tmp_path / "shards" / "train-{000000..000003}.tar"
+    prepare(_prepare_config(tiny_model_dir, path=shards, image_dir=tmp_path / "x"), samples=32)
+    mix = f'[{{path: "{tmp_path / "a.jsonl"}"}}, {{path: "{tmp_path / "b.json"}"}}]'
+    prepare(_prepare_config(tiny_model_dir, mix=mix, eval_path=tmp_path / "gone" / "val.json"), samples=32)
+    assert _tree(tmp_path) == before
 
 
 def test_prepare_refuses_to_write_into_an_existing_model_towers_or_image_folder(tiny_model_dir, tmp_path):

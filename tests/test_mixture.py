@@ -3,10 +3,13 @@ per-source counts in metrics.jsonl; token budgets and packing; bitwise resume ac
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from llava_loop.config import ConfigError, load_config
 from llava_loop.data.dataset import LlavaDataset
@@ -38,6 +41,7 @@ def test_a_mix_is_set_in_yaml_or_as_a_flow_list_and_checked():
     for override, message in (
         ("data.mix=[{path: a}, {path: x/a}]", "named alike"),
         ("data.mix=[{path: a, weight: 0}]", "weight must be > 0"),
+        ("data.mix=[{path: a, weight: 1e8}]", r"at most 1000 \(got 1e\+08\).*train.epochs or train.max_steps"),
         ("data.mix=[{path: a, wieght: 2}]", r"unknown key data\.mix\[0\]\.wieght"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -56,6 +60,38 @@ def test_a_weight_that_draws_nothing_is_refused_naming_the_source(shapes_data):
     MixedDataset(parts, ["a", "b"], [1.0, 0.02], seed=0)  # 0.64 of a record rounds to one
     with pytest.raises(UserError, match=r"data.mix source b .* weight 0.01 draws none of its 32 records"):
         MixedDataset(parts, ["a", "b"], [1.0, 0.01], seed=0)
+
+
+def test_a_mixture_whose_epoch_would_not_fit_in_memory_is_refused_before_training(shapes_data):
+    """An epoch's order is held in memory: 32 records drawn 1,000 times are 32,000 samples (768 kB in three int64
+    arrays), refused on a host of 1 MB and accepted on one of 2 MB (the control), naming the bytes and the source."""
+    from llava_loop.data.mixture import Mixture, check_epoch_fits
+
+    mixture = Mixture([32, 10], [1000.0, 1.0], seed=0)
+    check_epoch_fits(mixture, ["big", "small"], 2_000_000)
+    with pytest.raises(UserError, match=r"32,010 samples, whose order alone needs 768 kB .*source big draws 1000 x 32"):
+        check_epoch_fits(mixture, ["big", "small"], 1_000_000)
+
+
+def test_a_mix_sources_image_dir_may_move_on_resume_its_records_may_not():
+    """As data.image_dir may change on resume (the images moved), so may a mix source's image_dir; its path, its
+    weight and the number of sources may not."""
+    from llava_loop.checkpoint.files import CheckpointError
+    from llava_loop.checkpoint.policy import check_resumable
+
+    def tree(*sources):
+        return yaml.safe_load(load_config(None, ["output_dir=x", f"data.mix=[{', '.join(sources)}]"]).to_yaml())
+
+    saved = tree("{path: a, image_dir: /old}", "{path: b}")
+    moved = check_resumable(Path("ckpt"), {}, {}, saved, tree("{path: a, image_dir: /new}", "{path: b}"))
+    assert moved == ["data.mix[0].image_dir: '/old' -> '/new'"]
+    for changed, key in [
+        (tree("{path: c, image_dir: /old}", "{path: b}"), "data.mix[0].path"),
+        (tree("{path: a, image_dir: /old}", "{path: b, weight: 2}"), "data.mix[1].weight"),
+        (tree("{path: a, image_dir: /old}"), "data.mix"),
+    ]:
+        with pytest.raises(CheckpointError, match=re.escape(key)):
+            check_resumable(Path("ckpt"), {}, {}, saved, changed)
 
 
 def mix(shapes_data, train_weight=0.25) -> dict:

@@ -7,10 +7,12 @@ uses for one source, so a resumed run sees the same samples in the same order.""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import UserError, size_text
 from .dataset import LlavaDataset
 
 
@@ -57,6 +59,7 @@ class MixedDataset(Dataset):
                     f"data.mix source {name} ({part.source}): weight {weights[s]} draws none of its {len(part)} "
                     f"records per epoch; raise it to at least {0.5 / len(part):.2g}"
                 )
+        check_epoch_fits(self.mixture, names, host_memory())
         self.encoder = parts[0].encoder
 
     def __len__(self) -> int:
@@ -71,3 +74,25 @@ class MixedDataset(Dataset):
         sample = self.parts[s][index - int(self.mixture.offsets[s])]
         sample["source"] = s
         return sample
+
+
+EPOCH_COPIES = 3  # int64 arrays of an epoch's length alive at once: the draw, the sampler's order, its shard
+
+
+def host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_epoch_fits(mixture: Mixture, names: list[str], memory: int) -> None:
+    """An epoch's order is held in memory: refuse, before the first epoch, a mixture whose order would need more
+    than half of ``memory``, naming the bytes and the source that draws most."""
+    samples = len(mixture)
+    need = EPOCH_COPIES * 8 * samples
+    if need <= memory // 2:
+        return
+    biggest = max(range(len(names)), key=lambda s: mixture.weights[s] * mixture.sizes[s])
+    raise UserError(
+        f"data.mix: an epoch would draw {samples:,} samples, whose order alone needs {size_text(need)} of memory "
+        f"({size_text(memory)} here); source {names[biggest]} draws {mixture.weights[biggest]:g} x "
+        f"{mixture.sizes[biggest]:,} records. Lower its weight and train longer with train.epochs or train.max_steps"
+    )

@@ -8,7 +8,9 @@ It makes what the config points at and does not find: tiny towers composed into 
 synthetic shapes records at ``data.path`` (and a tenth as many at ``data.eval_path``), their images in the
 ``images/`` folder beside them. It only creates what does not exist: an existing data path of any kind (a file,
 a Parquet folder, anything) is the user's data and is left alone, so a second run reuses what the first made;
-a folder it would have to write into (anything but an empty one) stops it with a UserError instead.
+a folder it would have to write into (anything but an empty one) stops it with a UserError instead. Only a
+records file (``.json``, ``.jsonl``) is ever made: a shard pattern, a Parquet or Arrow path, or a ``data.mix``
+names the user's data, which the loader reports on if it is missing.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
             "model.path elsewhere",
         )
         build_tiny(model, preset)
-    if not samples:
+    if not samples or cfg.data.mix:  # a mixture is the user's data, held-out set included
         return
     from transformers import AutoConfig
 
@@ -55,8 +57,8 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
         ),
     ]
     for key, json_path, image_key, image_dir, count, seed, prefix in splits:
-        if not json_path or os.path.lexists(json_path):  # the user's data, or what an earlier run made
-            continue
+        if not json_path or os.path.lexists(json_path) or not synthesizable(json_path):
+            continue  # the user's data (missing or not), or what an earlier run made
         path = Path(json_path)
         images = path.parent / "images"  # where write_shapes puts them
         if not image_dir or Path(image_dir).resolve() != images.resolve():
@@ -72,6 +74,11 @@ def prepare(cfg, *, preset: str = "tiny", samples: int = 0) -> None:
             "existing data",
         )
         write_shapes(path.parent, count, seed=seed, size=size, prefix=prefix, json_name=path.name)
+
+
+def synthesizable(path: str) -> bool:
+    """A records file the shapes can be written as: ``.json`` or ``.jsonl``, no shard pattern or glob in it."""
+    return Path(path).suffix in (".json", ".jsonl") and not any(c in path for c in "{}*?[")
 
 
 def must_be_new(path: Path, what: str, why: str) -> None:
