@@ -49,6 +49,7 @@ from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .ranks import on_main
 from .runlock import RunLock
 from .runtime import load_model, make_accelerator, require_shared_dir
+from .template import THINK_BLOCK_NOTE, earlier_answers_lose_the_think_block
 from .validate import Validator
 
 
@@ -150,6 +151,8 @@ class Trainer:
         self.train_set, self.eval_set = make_datasets(
             cfg, self.processor, records, rank=self.accelerator.process_index, processes=self.accelerator.num_processes
         )
+        if cfg.data.template == "chat" and earlier_answers_lose_the_think_block(self.processor.tokenizer):
+            self.console.warn(THINK_BLOCK_NOTE)
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         loader, self.sampler = self.build_train_loader()
         self.blank_image = BlankImage(self.train_set.encoder, self.accelerator.device)  # for batches without an image

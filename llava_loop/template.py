@@ -98,6 +98,30 @@ def turn_end_token(tokenizer) -> str:
     )
 
 
+@lru_cache(maxsize=8)
+def earlier_answers_lose_the_think_block(tokenizer) -> bool:
+    """Whether the template writes its empty ``<think>`` block before the last answer only (Qwen3's): then in one
+    rendering of a multi-turn record the earlier answers follow no block, while inference (``enable_thinking=False``)
+    writes one before every answer it asks for."""
+    turns = [
+        {"role": "user", "content": _PROBE_USER},
+        {"role": "assistant", "content": _PROBE_ANSWER + "-1"},
+        {"role": "user", "content": _PROBE_USER},
+        {"role": "assistant", "content": _PROBE_ANSWER + "-2"},
+    ]
+    text = render(tokenizer, turns)
+    first, last = text.find(_PROBE_ANSWER + "-1"), text.find(_PROBE_ANSWER + "-2")
+    return "<think>" not in text[:first] and "<think>" in text[first:last]
+
+
+THINK_BLOCK_NOTE = (
+    "the chat template writes its empty <think></think> block before the last answer only (Qwen3's): in a "
+    "multi-turn record the earlier answers are trained without the block that inference (enable_thinking=False) "
+    "puts before every answer. llava_loop keeps the template's own layout (the history inference renders has no "
+    "blocks either); records of one exchange each train every answer exactly in its inference context"
+)
+
+
 def special_tokens(tokenizer) -> set[str]:
     """The tokenizer's named special tokens and every added token marked special (reserved ones included)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}

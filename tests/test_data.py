@@ -367,6 +367,27 @@ def test_skip_budget_stops_the_run_with_a_clear_error():
         tally.check(dataset_size=200, max_fraction=0.01, source="chat.json")
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_rotated_photo_is_seen_upright_as_transformers_pipeline_sees_it(suffix, tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6: training's loader, data check's header size and the
+    infer/eval path (the same loader) see it upright, pixel for pixel as transformers' load_image (what pipeline
+    uses) does. Control: PIL as LLaVA's loader opens it keeps it sideways."""
+    from transformers.image_utils import load_image as transformers_load_image
+
+    from llava_loop.data.images import load_image, open_checked
+
+    stored = Image.new("RGB", (64, 32), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 16, 16))  # a red corner, to see which way it turned
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo{suffix}"
+    stored.save(path, exif=exif, quality=95)
+    ours = load_image(path)
+    assert ours.size == (32, 64) == open_checked(path, decode=False)
+    assert np.array_equal(np.asarray(ours), np.asarray(transformers_load_image(str(path)).convert("RGB")))
+    assert Image.open(path).convert("RGB").size == (64, 32)  # the control: orientation ignored
+
+
 def test_a_dataset_of_only_bad_records_fails_fast_naming_the_image_dir(tiny_processor, tmp_path):
     records = Records.from_records(
         [Record(f"r{i}", (f"{i}.jpg",), (("user", "<image>\nx"), ("assistant", "y ."))) for i in range(40)]

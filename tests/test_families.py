@@ -114,6 +114,24 @@ def test_control_tokens_in_data_text_are_tokenized_as_text(llm, qwen3_tokenizer_
     assert tokenizer.decode([t for t in plain_labels if t != IGNORE_INDEX][:-1]).strip() == caption
 
 
+def test_qwen3s_template_gives_only_the_last_answer_its_think_block(qwen3_tokenizer_dir):
+    """What llava_loop does about Qwen3's template in multi-turn records: it keeps the template's one rendering, in
+    which the earlier answers follow no <think></think> block while inference (enable_thinking=False) writes one
+    before the answer it asks for; the template probe that makes every run say so finds Qwen3's and no other."""
+    from transformers import AutoTokenizer
+
+    from llava_loop.template import earlier_answers_lose_the_think_block
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    ids, labels, _ = tokenize_messages(tokenizer, _two_turns())
+    text = tokenizer.decode(ids)
+    first, last = text.index(ANSWER), text.index("red .")
+    assert "<think>" not in text[:first] and "<think>" in text[first:last]
+    assert render(tokenizer, _two_turns()[:1], add_generation_prompt=True).rstrip().endswith("</think>")
+    assert earlier_answers_lose_the_think_block(tokenizer)
+    assert not any(earlier_answers_lose_the_think_block(make_tokenizer(LLM_FAMILIES[f])) for f in ("qwen2", "llama"))
+
+
 def _source_tensors(path):
     from safetensors.torch import load_file
 
@@ -528,7 +546,7 @@ def _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["siglip-llama", "clip-qwen3-real-tokenizer"])
 def test_done_when_pairs_train_in_every_mode_export_and_generate(
-    pair, towers, answer_data, tmp_path, run_config, qwen3_tokenizer_dir, fresh_accelerate_state
+    pair, towers, answer_data, tmp_path, run_config, qwen3_tokenizer_dir, fresh_accelerate_state, capfd
 ):
     _, processor, report = _model_dirs_made_for_done_when(towers, tmp_path, pair, qwen3_tokenizer_dir)
     if pair == "siglip-llama":
@@ -540,6 +558,10 @@ def test_done_when_pairs_train_in_every_mode_export_and_generate(
         metrics = _train(tmp_path, run_config, tmp_path / "m", answer_data, mode, mode, 2, checkpointing=True)
         assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics), mode
         exports.append(str(_export(tmp_path, mode)))
+        # Qwen3's template loses the think block before earlier answers: every run says so (Llama 3's: none)
+        assert ("empty <think></think> block before the last answer only" in capfd.readouterr().err) == (
+            pair != "siglip-llama"
+        )
     script = (  # one fresh interpreter for all four exports: plain transformers, llava_loop never imported
         "import sys, torch\n"
         "from PIL import Image\n"

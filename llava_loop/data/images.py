@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UserError
 from .archives import ZipMember, read_member, split_archive
@@ -67,6 +67,10 @@ def image_path(
     return member or path
 
 
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)  # the orientations that swap width and height
+
+
 def load_image(path: Path | EmbeddedImage | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open, fully decode and convert to RGB; skip reasons name what is wrong with the file."""
     return open_checked(path, max_pixels, decode=True)
@@ -76,7 +80,11 @@ def open_checked(
     path: Path | EmbeddedImage | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS, *, decode: bool
 ) -> Image.Image | tuple[int, int]:
     """The one set of image checks, for training and for ``data check``: the RGB image (``decode``), or
-    only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason."""
+    only its ``(width, height)`` read from the header. Every failure is a ``SkipSample`` with a reason.
+
+    A photo's EXIF orientation is applied (its size too): training, ``infer``, ``eval`` and ``data check`` see
+    it upright, as transformers' ``load_image`` (and so ``pipeline``) and photo viewers do. LLaVA's own loader
+    ignores it, training on a rotated phone photo that inference then sees upright."""
     if isinstance(path, EmbeddedImage):
         if not path.data:
             raise SkipSample("empty_image", f"{path} is zero bytes")
@@ -102,10 +110,10 @@ def _decode_checked(file, path, max_pixels: int, decode: bool) -> Image.Image | 
                 width, height = image.size
                 if width * height > max_pixels:
                     raise SkipSample("decompression_bomb", f"{path} is {width}x{height}, over {max_pixels} pixels")
-                if not decode:
-                    return image.size
+                if not decode:  # as it will be seen: upright, its EXIF orientation applied
+                    return (height, width) if image.getexif().get(EXIF_ORIENTATION, 1) in QUARTER_TURNS else image.size
                 image.load()  # decode now, inside the guard: truncated files fail here, not later
-                return to_rgb(image)
+                return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise SkipSample("decompression_bomb", f"{path}: {exc}") from None
     except UnidentifiedImageError as exc:
