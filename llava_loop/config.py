@@ -110,7 +110,8 @@ class DataConfig:
     mix: list[MixSource] = opt(
         [],
         "Several sources in one run instead of `path`: [{path, weight, image_dir, name}, ...], each record seen "
-        "`weight` times per epoch (drawn by seed and epoch); per-source sample counts go to metrics.jsonl.",
+        "`weight` times per epoch (drawn by seed and epoch); per-source sample counts go to metrics.jsonl. On "
+        "resume only a source's image_dir may change.",
     )
     eval_path: str = opt("", "Held-out records for evaluation (empty: hold out `eval.holdout` records of `path`).")
     eval_image_dir: str = opt("", "Image folder for `eval_path` (empty: same as `image_dir`).", resume=True)
