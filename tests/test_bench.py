@@ -109,7 +109,7 @@ def test_gpu_benchmark_keeps_what_a_launch_measured_when_the_budget_stops_it(tmp
         "--rows",
         "0.5b",
         "--budget-minutes",
-        "1.5",
+        "1.2",
         "--out",
         str(tmp_path / "out"),
         HANG_RUN="run-0.5b",
