@@ -221,6 +221,17 @@ class TrainConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    hold: Literal["auto", "adapters", "copy"] = opt(
+        "auto",
+        "How a loss that takes a reference model (DPO, IPO: llava_loop.preference) gets it: adapters: the LoRA "
+        "policy with its adapters off (no copy); copy: a frozen copy of `path`; auto: adapters in lora without a "
+        "path, else copy.",
+    )
+    path: str = opt("", "The reference model directory (empty: model.path, the policy's starting weights).")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = opt(0, "Save every N optimizer steps (0: only the final checkpoint).", resume=True)
     keep_last: int = opt(2, "Keep the newest N complete checkpoints (0: keep all).", resume=True)
@@ -263,7 +274,8 @@ class Config:
     )
     loss: Call = opt(
         Call("llava_loop.losses:label_only_ce"),
-        "Loss `module:function(model, batch[, state]) -> dict`, or {fn, kwargs} (see losses.py).",
+        "Loss `module:function(model, batch[, state][, reference]) -> dict`, or {fn, kwargs} (see losses.py; "
+        "preference objectives: llava_loop.preference:dpo, ipo, dpo_sft).",
         resume=True,
     )
     hooks: list[Call] = opt(
@@ -285,6 +297,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -27,8 +27,8 @@ def resolve(spec: str, what: str):
 
 
 # What the caller passes a config callable besides its ``kwargs``: positional argument names, and keywords it passes
-# where the callable declares them (losses.make_loss passes ``state`` to a loss that takes it).
-CALLED_WITH = {"hook": ((), ()), "loss": (("model", "batch"), ("state",)), "setup": (("cfg",), ())}
+# where the callable declares them (losses.make_loss passes ``state``, the loop ``reference``, to a loss that takes it).
+CALLED_WITH = {"hook": ((), ()), "loss": (("model", "batch"), ("state", "reference")), "setup": (("cfg",), ())}
 
 
 def bind(call, what: str):

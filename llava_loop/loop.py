@@ -11,6 +11,7 @@ accumulation steps and average over processes; ``scale`` undoes both.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import shutil
 import signal
@@ -44,9 +45,10 @@ from .loaders import (
     train_lengths,
     worker_deaths_reported,
 )
-from .losses import make_loss
+from .losses import make_loss, unit_count, wants_reference
 from .modes import apply_mode, group_lr, param_groups, trainable_table
 from .ranks import on_main
+from .reference import make_reference
 from .runlock import RunLock
 from .runtime import load_model, make_accelerator, require_shared_dir
 from .template import THINK_BLOCK_NOTE, earlier_answers_lose_the_think_block
@@ -132,6 +134,7 @@ class Trainer:
         self.state = TrainState()
         self.skips = SkipTally()
         self.loss_fn = make_loss(cfg.loss, self.state)  # config callables resolve before anything slow
+        self.loss_units = unit_count(cfg.loss)  # what the loss's sums are divided by (losses.py)
         self.hooks = make_hooks(cfg)
         self.stop_requested = False  # set by signals, the time limit or hooks (request_stop) on any process
         self.log_failure: str | None = None  # why a log could not be written: the run stops, then fails with it
@@ -160,6 +163,9 @@ class Trainer:
 
         optimizer = self.build_optimizer(model)
         self.model, self.optimizer, self.loader = self.prepare(model, optimizer, loader)
+        if wants_reference(cfg.loss):  # after prepare: adapters-off references are the prepared policy itself
+            self.reference = make_reference(cfg, self.accelerator, self.backend, self.model, load=self.load_reference)
+            self.loss_fn = functools.partial(self.loss_fn, reference=self.reference)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.steps_per_epoch = self.steps_in_epoch(0)  # of the current epoch: token budgets vary it
         self.total_steps = self.count_total_steps()
@@ -201,6 +207,18 @@ class Trainer:
         self.console.table("parameters", ("part", "trainable", "total", "%"), trainable_table(model))
         return model, processor
 
+    def load_reference(self, path: str):
+        """A reference model loaded as the policy is (dtype, attention kernel), without its training mode."""
+        cfg = self.cfg
+        model, _ = load_model(
+            path,
+            attn_implementation=cfg.model.attn_implementation,
+            dtype=self.backend.weights_dtype(),
+            packed=cfg.data.padding_free,
+        )
+        self.fuse_kernels(model)
+        return model
+
     def fuse_kernels(self, model) -> None:
         """Liger's kernels and regional compilation (kernels.py), as ``train.liger`` and ``train.compile`` say."""
         t = self.cfg.train
@@ -235,7 +253,13 @@ class Trainer:
         if self.eval_set is None:
             return None
         return Validator(
-            self.cfg, self.accelerator, self.eval_set, self.loss_fn, self.blank_image, warn=self.console.warn
+            self.cfg,
+            self.accelerator,
+            self.eval_set,
+            self.loss_fn,
+            self.blank_image,
+            warn=self.console.warn,
+            units=self.loss_units,
         )
 
     def build_optimizer(self, model):
@@ -450,12 +474,13 @@ class Trainer:
             return len(self.sampler.batches(epoch)) // (ga * self.accelerator.num_processes)
         return (self.stream.micro_batches if self.stream is not None else len(self.loader)) // ga
 
-    COUNTS = ("label_tokens", "samples", "tokens", "padded_slots", "skip_events", "views", "attention_pairs")
+    COUNTS = ("units", "label_tokens", "samples", "tokens", "padded_slots", "skip_events", "views", "attention_pairs")
 
     def global_window_counts(self, window: list[dict]) -> torch.Tensor:
         """One all-reduce of the window's ``COUNTS`` (from the collator's Python ints); left on the device."""
         local = torch.tensor(
             [
+                sum(self.loss_units(b) for b in window),
                 sum(b["n_label_tokens"] for b in window),
                 sum(len(b["ids"]) for b in window),
                 sum(b["n_tokens"] for b in window),
@@ -512,7 +537,7 @@ class Trainer:
         self.skips.check(len(self.train_set), self.cfg.data.max_skip_fraction, self.train_set.source)
 
     def step_metrics(self, sums: dict, stats: dict, lrs: dict, grad_norm: float, stepped: bool, seconds: float) -> dict:
-        n = max(stats["label_tokens"], 1)
+        n = max(stats["units"], 1)  # the loss's units: supervised tokens by default
         metrics = {name: value / n for name, value in sums.items()}
         metrics.update(
             step=self.state.step,

@@ -1,11 +1,14 @@
 """Loss functions. The loop calls ``loss_fn(model, batch)`` and expects a dict:
 
-* ``"loss"``: the loss **summed** over the batch's supervised tokens (a 0-dim tensor);
+* ``"loss"``: the loss **summed** over the batch's units (a 0-dim tensor);
 * any other entries: named terms, also sums, logged as-is after the same normalisation.
 
-The loop divides every term by the number of supervised tokens in the whole accumulated global batch,
-so gradients are exact whatever the micro-batch, accumulation and process layout. Point the config at
-your own function to replace the default, with keyword arguments if it takes any:
+A loss's unit is what its sums are summed over, declared as its ``unit`` attribute: ``"tokens"`` (the default:
+supervised tokens), ``"samples"``, ``"pairs"`` (preference pairs), or a function of a batch that counts its own
+units on the host. The loop counts the units of the whole accumulated global batch before the forward (one
+all-reduce per step) and divides every term by it, so gradients are exact whatever the micro-batch, accumulation
+and process layout. Point the config at your own function to replace the default, with keyword arguments if it
+takes any:
 
     loss: package.module:function
     loss: {fn: llava_loop.losses:ce_with_z_loss, kwargs: {z_weight: 1.0e-3}}
@@ -29,7 +32,8 @@ from .attention import packed_kwargs
 from .data.collate import IMAGE_INPUTS
 from .data.collate import supervised_index as supervised_from_labels
 from .data.encode import IGNORE_INDEX
-from .importing import bind
+from .errors import UserError
+from .importing import bind, resolve
 from .parts import base_llava
 
 CHUNK_ROWS = 512  # supervised rows whose (rows x vocabulary) logits exist at once in the default loss
@@ -42,6 +46,29 @@ def make_loss(call, state):
     if "state" in inspect.signature(fn).parameters:
         return functools.partial(fn, state=state)
     return fn
+
+
+def wants_reference(call) -> bool:
+    """Whether the configured loss takes the run's reference model (reference.py)."""
+    return "reference" in inspect.signature(resolve(call.fn, "loss")).parameters
+
+
+UNITS = {  # a batch's count of each unit a loss may be normalised by (data/collate.py counts them)
+    "tokens": lambda batch: batch["n_label_tokens"],
+    "samples": lambda batch: batch["n_samples"],
+    "pairs": lambda batch: batch.get("n_pairs", 0),
+}
+
+
+def unit_count(call):
+    """``count(batch) -> int``: the units the configured loss sums over (its ``unit`` attribute)."""
+    target = resolve(call.fn, "loss")
+    unit = getattr(target, "unit", "tokens")
+    if callable(unit):
+        return unit
+    if unit not in UNITS:
+        raise UserError(f"loss {call.fn}: unit {unit!r} is none of {', '.join(UNITS)} (or a function of a batch)")
+    return UNITS[unit]
 
 
 def supervised_index(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

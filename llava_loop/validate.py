@@ -13,13 +13,14 @@ from .data.blank_image import BlankImage
 from .data.dataset import LlavaDataset
 from .data.encode import IGNORE_INDEX
 from .loaders import make_eval_loader
-from .losses import label_only_ce
+from .losses import UNITS, label_only_ce
 
 
 @torch.no_grad()
-def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tuple[float, int, list]:
-    """(summed loss, supervised tokens, left-out samples' skip events) over a held-out loader; the caller
-    divides (after reducing across processes). The loss is summed on the device and read once."""
+def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None, units=UNITS["tokens"]):
+    """(summed loss, its units: supervised tokens by default, left-out samples' skip events) over a held-out
+    loader; the caller divides (after reducing across processes). The loss is summed on the device and read
+    once."""
     loss_sum, tokens, left_out = torch.zeros((), dtype=torch.float64, device=device), 0, []
     for batch in loader:
         left_out += batch["skipped"]
@@ -28,16 +29,18 @@ def heldout_loss_sums(model, loader, loss_fn=label_only_ce, device=None) -> tupl
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss_sum += loss_fn(model, batch)["loss"].detach().double()
-        tokens += batch["n_label_tokens"]
+        tokens += units(batch)
     return float(loss_sum), tokens, left_out
 
 
 class Validator:
     """The held-out loss of ``eval_set`` under the training loss, on every process, each over its share."""
 
-    def __init__(self, cfg: Config, accelerator, eval_set: LlavaDataset, loss_fn, blank_image: BlankImage, *, warn):
+    def __init__(
+        self, cfg: Config, accelerator, eval_set: LlavaDataset, loss_fn, blank_image: BlankImage, *, warn, units
+    ):
         self.cfg, self.accelerator, self.eval_set = cfg, accelerator, eval_set
-        self.loss_fn, self.blank_image, self.warn = loss_fn, blank_image, warn
+        self.loss_fn, self.blank_image, self.warn, self.units = loss_fn, blank_image, warn, units
         self.loader = make_eval_loader(
             eval_set,
             cfg,
@@ -50,7 +53,9 @@ class Validator:
         """``{step, eval_loss, eval_tokens, eval_left_out}``, the same on every process."""
         acc = self.accelerator
         model.eval()
-        loss_sum, tokens, left_out = heldout_loss_sums(model, self.lockstep(), self.loss_fn, device=acc.device)
+        loss_sum, tokens, left_out = heldout_loss_sums(
+            model, self.lockstep(), self.loss_fn, device=acc.device, units=self.units
+        )
         model.train()
         total = acc.reduce(
             torch.tensor([loss_sum, tokens, len(left_out)], dtype=torch.float64, device=acc.device), reduction="sum"
@@ -76,6 +81,7 @@ class Validator:
             "labels": torch.tensor([[IGNORE_INDEX]]),
             "ids": ["(idle)"],
             "n_label_tokens": 0,
+            "n_samples": 0,
             "skipped": [],
         }
         idle.update(

@@ -260,6 +260,43 @@ def mixed_text_and_image_data(root, shapes_data, n=48):
     return dict(shapes_data, train=path, train_images=root / "images")
 
 
+def preference_data(
+    root: Path, shapes_data: dict, layout: str = "llava-next", text_only_every: int = 0, n: int = 0
+) -> dict:
+    """The shapes training set (its first ``n`` records, or all) as preference pairs: the true caption chosen, the
+    same caption with another colour rejected, in LLaVA-NeXT's DPO json (``id, image, prompt, chosen, rejected``),
+    TRL's conversational layout or RLAIF-V's (``question, image``); every ``text_only_every``-th pair without its
+    image."""
+    from llava_loop.demo.shapes import COLORS
+
+    colors = list(COLORS)
+    pairs = []
+    records = json.loads(Path(shapes_data["train"]).read_text())
+    for i, record in enumerate(records[:n] if n else records):
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        chosen = record["conversations"][1]["value"]
+        color = chosen.split()[1]
+        rejected = chosen.replace(color, colors[(colors.index(color) + 1 + i % 3) % len(colors)], 1)
+        image = None if text_only_every and i % text_only_every == 0 else record["image"]
+        if layout == "trl":
+            content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+            pair = {
+                "prompt": [{"role": "user", "content": content}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "images": [image] if image else [],
+            }
+        elif layout == "rlaif-v":
+            pair = {"question": question, "chosen": chosen, "rejected": rejected, "image": image}
+        else:
+            pair = {"id": record["id"], "image": image, "prompt": question, "chosen": chosen, "rejected": rejected}
+        pairs.append({k: v for k, v in pair.items() if v is not None})
+    path = root / f"pairs-{layout}{f'-{n}' if n else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pairs))
+    return {**shapes_data, "train": path}
+
+
 def saved_module_names(checkpoint_dir: Path) -> set[str]:
     """The tensor names a DeepSpeed checkpoint's module state holds (ZeRO-2: the whole tensors; ZeRO-3: rank 0's
     placeholders)."""

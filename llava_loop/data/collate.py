@@ -40,22 +40,33 @@ class Collator:
                 "sources": [],
                 "skipped": events,
                 "n_label_tokens": 0,
+                "n_samples": 0,
+                "n_pairs": 0,
                 "n_tokens": 0,
                 "n_slots": 0,
                 "n_views": 0,
                 "n_attention_pairs": 0,
             }
+        records = samples
+        samples = sequences(samples)  # a preference pair is two sequences: every chosen one, then every rejected one
         batch = self.packed(samples) if self.padding_free else self.padded(samples)
         batch["supervised"] = supervised_index(batch["labels"])
         batch["n_label_tokens"] = batch["supervised"].shape[1]
+        batch["supervised_sequence"] = (
+            torch.searchsorted(torch.tensor(batch["sample_bounds"][1:]), batch["supervised"][1], right=True)
+            if self.padding_free
+            else batch["supervised"][0]
+        )  # which sequence each supervised position belongs to: a row, or a packed row's sample
+        batch["n_pairs"] = len(samples) - len(records)
         lengths = [len(s["input_ids"]) for s in samples]
         batch["n_tokens"] = sum(lengths)
         batch["n_attention_pairs"] = sum(n * n for n in lengths)
         batch["n_slots"] = batch["input_ids"].numel()
         batch.update(merge_image_inputs(samples))
         batch["n_views"] = len(batch["pixel_values"]) if "pixel_values" in batch else 0
-        batch["ids"] = [s["id"] for s in samples]
-        batch["sources"] = [s.get("source", 0) for s in samples]  # a data.mix source's number (mixture.py)
+        batch["ids"] = [s["id"] for s in records]
+        batch["n_samples"] = len(records)
+        batch["sources"] = [s.get("source", 0) for s in records]  # a data.mix source's number (mixture.py)
         batch["skipped"] = events
         return batch
 
@@ -88,6 +99,18 @@ class Collator:
             "sample_bounds": bounds,
             "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
         }
+
+
+def sequences(samples: list[dict]) -> list[dict]:
+    """The sequences a batch's rows hold: each sample's, and for preference pairs (data/preference.py) every
+    chosen sequence first, then every rejected one in the same order, each with its pair's images. A batch is all
+    pairs or none."""
+    pairs = [s for s in samples if "rejected" in s]
+    if not pairs:
+        return samples
+    if len(pairs) != len(samples):
+        raise ValueError("a batch mixes preference pairs with other samples; train them in separate runs")
+    return samples + [{**s, **s["rejected"]} for s in samples]
 
 
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")

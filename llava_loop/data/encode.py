@@ -27,6 +27,7 @@ from .images import (
     open_checked,
     processed_size,
 )
+from .preference import is_pair
 from .records import Record
 from .skips import SkipSample
 from .tiles import Tiler
@@ -239,29 +240,55 @@ class SampleEncoder:
 
     def encode_text(self, record: Record, image_dir: str | Path | None = None) -> tuple[list[int], list[int]]:
         """Token ids and labels; later turns are dropped whole when too long, so an image block is never cut (the
-        images of dropped turns go with them). ``image_dir``: where a tiled model's images are (their sizes count)."""
-        ids, labels, _ = self.encode_kept(record, self.image_sizes(record, image_dir))
+        images of dropped turns go with them). ``image_dir``: where a tiled model's images are (their sizes count).
+        A preference pair's are its two sequences end to end: what it holds of a micro-batch."""
+        sizes = self.image_sizes(record, image_dir)
+        if is_pair(record):
+            (chosen, chosen_labels), (rejected, rejected_labels) = self.encode_pair(record, sizes)
+            return chosen + rejected, chosen_labels + rejected_labels
+        ids, labels, _ = self.encode_kept(record, sizes)
         return ids, labels
+
+    def encode_pair(self, record: Record, sizes: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
+        """A preference pair's chosen and rejected sequences: each the prompt laid out as training lays out any
+        record, then its answer as the assistant's, only that answer (and its end of turn) supervised. A pair whose
+        longer sequence exceeds ``max_length`` is skipped: cutting it would score a part of an answer."""
+        prompt = record.turns[:-2]
+        sides = []
+        for role, answer in record.turns[-2:]:
+            side = Record(record.id, record.images, (*prompt, ("assistant", answer)))
+            ids, labels, ends = self.tokens(side)
+            labels = [IGNORE_INDEX] * ends[-2] + labels[ends[-2] :] if len(ends) > 1 else labels
+            ids, labels, _ = expand_image_tokens(ids, labels, [], self.image_token_id, self.placeholder_counts(sizes))
+            if len(ids) > self.max_length:
+                raise SkipSample(
+                    "too_long", f"record {record.id}: its {role} sequence is {len(ids)} tokens > data.max_length"
+                )
+            sides.append((ids, labels))
+        return sides
 
     def encode_kept(self, record: Record, sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
         """``encode_text`` given the images' sizes, and how many of the record's images the kept turns show."""
         counts = self.placeholder_counts(sizes)
-        if self.template == "plain":
-            text_ids, text_labels, text_ends = plain_tokens(self.tokenizer, record, self.image_token_id)
-        else:
-            messages = record_messages(record, self.system_prompt)
-            try:
-                text_ids, text_labels, text_ends = tokenize_messages(self.tokenizer, messages)
-            except (TemplateError, jinja2.TemplateError) as exc:
-                if not self.tokenizer.chat_template:  # no record can be encoded: the run's error, not this one's
-                    raise
-                raise SkipSample("template_error", f"record {record.id}: {exc}") from None
+        text_ids, text_labels, text_ends = self.tokens(record)
         ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
         if kept != len(sizes) and self.placeholder_counts(sizes[:kept]) != counts[:kept]:
             # the kept images are laid out as their own count says (OneVision tiles a lone image), and fit again
             counts = self.placeholder_counts(sizes[:kept]) + counts[kept:]
             ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
         return ids, labels, kept
+
+    def tokens(self, record: Record) -> tuple[list[int], list[int], list[int]]:
+        """A record's text as its layout (``chat`` or ``plain``) tokenizes it: ids, labels, turn ends."""
+        if self.template == "plain":
+            return plain_tokens(self.tokenizer, record, self.image_token_id)
+        messages = record_messages(record, self.system_prompt)
+        try:
+            return tokenize_messages(self.tokenizer, messages)
+        except (TemplateError, jinja2.TemplateError) as exc:
+            if not self.tokenizer.chat_template:  # no record can be encoded: the run's error, not this one's
+                raise
+            raise SkipSample("template_error", f"record {record.id}: {exc}") from None
 
     def fit(self, record: Record, ids, labels, turn_ends, counts: list[int]) -> tuple[list[int], list[int], int]:
         """Images expanded to ``counts`` placeholders, then later turns dropped whole past ``max_length``."""
@@ -388,12 +415,24 @@ class SampleEncoder:
 
     def __call__(self, record: Record, image_dir: str | Path) -> dict:
         # text first (with only the headers of a tiled model's images read): cheap checks before image decode
-        ids, labels, kept = self.encode_kept(record, self.image_sizes(record, image_dir))
+        sizes = self.image_sizes(record, image_dir)
+        if is_pair(record):  # the chosen sequence, and the rejected one beside it: one sample, never split
+            (ids, labels), (rejected, rejected_labels) = self.encode_pair(record, sizes)
+            kept = len(record.images)
+            pair = {"rejected": {"input_ids": as_ids(rejected), "labels": as_ids(rejected_labels)}}
+        else:
+            ids, labels, kept = self.encode_kept(record, sizes)
+            pair = {}
         names = record.images[:kept]  # every image the kept turns refer to, in tag order
         where = [image_path(image_dir, name, allow_absolute=self.allow_absolute_paths) for name in names]
         return {
             "id": record.id,
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "input_ids": as_ids(ids),
+            "labels": as_ids(labels),
+            **pair,
             **self.image_inputs([self.load(path) for path in where]),
         }
+
+
+def as_ids(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)

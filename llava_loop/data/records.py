@@ -101,9 +101,13 @@ def _where(path: Path, index: int, raw) -> str:
 
 def normalize_record(raw, path: Path, index: int) -> Record:
     """Validate one raw record's structure and return it in normalised form."""
+    from .preference import is_preference, normalize_preference  # which imports this module's Record
+
     where = _where(path, index, raw)
     if not isinstance(raw, dict):
         raise RecordError(f"{where}: expected an object with id/image/conversations, got {type(raw).__name__}")
+    if is_preference(raw):
+        return normalize_preference(raw, where, index)
     conversations = raw.get("conversations", raw.get("messages"))
     if conversations is None:
         raise RecordError(f"{where}: no 'conversations' list; each record needs conversations=[{{from, value}}, ...]")

@@ -1,0 +1,165 @@
+"""Preference tuning on the same loop (issue 39): preference records in three layouts, pairs encoded as SFT lays
+out a record and kept together in a micro-batch, the loss-unit and reference extension points, and the DPO, IPO
+and DPO + SFT objectives: exact across layouts, resumable, and equal to TRL's DPOTrainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llava_loop.data.collate import Collator
+from llava_loop.data.encode import IGNORE_INDEX, SampleEncoder
+from llava_loop.data.records import Record, RecordError, load_records
+
+import helpers
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, shapes_data) -> dict:
+    return {**helpers.preference_data(tmp_path_factory.mktemp("pairs"), shapes_data), "shapes": shapes_data}
+
+
+def pairs_source(pairs: dict) -> dict:
+    return pairs["shapes"]
+
+
+def test_trl_rlaif_v_and_llava_next_layouts_read_as_the_same_pairs(tmp_path, shapes_data):
+    """The same pairs written in TRL's conversational layout (image parts in content lists), RLAIF-V's and
+    LLaVA-NeXT's DPO json read as the same prompts, answers and images."""
+    read = {
+        layout: load_records(helpers.preference_data(tmp_path, shapes_data, layout, text_only_every=5)["train"])
+        for layout in ("llava-next", "trl", "rlaif-v")
+    }
+    reference = read["llava-next"]
+    assert len(reference) == 96 and reference[1].turns[-2][0] == "chosen" and reference[1].turns[-1][0] == "rejected"
+    assert reference[1].images and reference[1].turns[0][1].startswith("<image>\n")  # LLaVA's layout: image first
+    assert not reference[5].images and "<image>" not in reference[5].turns[0][1]  # a text-only pair
+    for layout in ("trl", "rlaif-v"):
+        assert [(r.images, r.turns) for r in read[layout]] == [(r.images, r.turns) for r in reference], layout
+
+
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        ({"chosen": "a", "rejected": "b"}, "needs a 'prompt'"),
+        ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "must be the assistant's"),
+        ({"prompt": "q", "chosen": "a", "rejected": "  "}, "'rejected' is empty"),
+        ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "end with a user turn"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "image": 3}, "must be a relative path"),
+    ],
+)
+def test_a_broken_pair_is_named_with_its_file_record_and_fix(raw, why, tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, raw]))
+    with pytest.raises(RecordError, match=rf"{path}: record 1.*{why}"):
+        load_records(path)
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_each_side_of_a_pair_is_the_sft_layout_of_its_prompt_and_answer(template, pairs, tiny_processor):
+    """Chosen and rejected are each the record SFT would make of the prompt and that answer (same ids; labels on the
+    answer and its end alone), under the chat template and LLaVA's plain layout alike; the two share the prompt."""
+    encoder = SampleEncoder(tiny_processor, max_length=256, template=template)
+    record = load_records(pairs["train"])[0]
+    sample = encoder(record, pairs["train_images"])
+    for key, side in (("chosen", sample), ("rejected", sample["rejected"])):
+        answer = dict(record.turns)[key]
+        sft = encoder(
+            Record(record.id, record.images, (*record.turns[:-2], ("assistant", answer))), pairs["train_images"]
+        )
+        assert torch.equal(side["input_ids"], sft["input_ids"]) and torch.equal(side["labels"], sft["labels"]), key
+        supervised = side["labels"][side["labels"] != IGNORE_INDEX]
+        assert tiny_processor.tokenizer.decode(supervised).strip().startswith(answer), key
+    chosen, rejected = sample["input_ids"], sample["rejected"]["input_ids"]
+    start = int((sample["labels"] != IGNORE_INDEX).nonzero()[0])  # where the chosen answer begins
+    assert torch.equal(chosen[:start], rejected[:start]) and not torch.equal(chosen, rejected)
+
+
+def test_a_pair_too_long_for_max_length_is_skipped_not_cut(pairs, tiny_processor):
+    from llava_loop.data.skips import SkipSample
+
+    record = load_records(pairs["train"])[0]
+    encoder = SampleEncoder(tiny_processor, max_length=70)  # the prompt's 64 image tokens fit, an answer does not
+    with pytest.raises(SkipSample, match="too_long|data.max_length"):
+        encoder(record, pairs["train_images"])
+
+
+def _batch(mixed, tiny_processor, padding_free: bool, n: int = 3) -> dict:
+    encoder = SampleEncoder(tiny_processor, max_length=256)
+    records = load_records(mixed["train"])
+    samples = [{**encoder(records[i], mixed["train_images"]), "skipped": []} for i in range(n)]
+    return Collator(tiny_processor.tokenizer.pad_token_id, padding_free=padding_free)(samples)
+
+
+def test_a_pair_stays_in_its_micro_batch_and_its_log_probs_are_the_same_padded_or_packed(
+    tmp_path, shapes_data, tiny_processor, tiny_model_dir
+):
+    """Three pairs (one text-only) make six sequences, every chosen one first; each sequence's log-probability is
+    the same padded or packed into one row, and equals the sequence scored alone. Control: scoring the packed row
+    with another sequence map gives other sums."""
+    from llava_loop.data.blank_image import BlankImage
+    from llava_loop.preference import sequence_logps
+    from llava_loop.runtime import load_model
+
+    model = load_model(tiny_model_dir)[0].eval()
+    blank = BlankImage(SampleEncoder(tiny_processor, max_length=256), torch.device("cpu"))
+    mixed = helpers.preference_data(tmp_path, shapes_data, text_only_every=2)
+    padded, packed = (blank.add_where_missing(_batch(mixed, tiny_processor, p)) for p in (False, True))
+    assert padded["n_pairs"] == padded["n_samples"] == 3 and padded["input_ids"].shape[0] == 6
+    assert padded["ids"] == packed["ids"] and len(packed["sample_bounds"]) == 7
+    with torch.no_grad():
+        rows, counts = sequence_logps(model, padded)
+        packed_sums, packed_counts = sequence_logps(model, packed)
+        assert torch.allclose(rows, packed_sums, atol=1e-4) and torch.equal(counts, packed_counts)
+        mixed = {**packed, "supervised_sequence": packed["supervised_sequence"].flip(0)}
+        assert not torch.allclose(sequence_logps(model, mixed)[0], rows, atol=1e-2)
+
+
+def test_the_loss_unit_is_the_losses_own_and_tokens_by_default():
+    from llava_loop.config import Call
+    from llava_loop.losses import UNITS, unit_count
+
+    batch = {"n_label_tokens": 40, "n_samples": 4, "n_pairs": 2}
+    assert unit_count(Call("llava_loop.losses:label_only_ce")) is UNITS["tokens"]
+    assert unit_count(Call("llava_loop.preference:dpo"))(batch) == 2
+    assert unit_count(Call("plugins:per_sample_ce"))(batch) == 4
+    with pytest.raises(Exception, match="unit 'sentences' is none of tokens, samples, pairs"):
+        unit_count(Call("plugins:sentence_unit_loss"))
+
+
+def _dpo_config(run_config, pairs, name, *, mode="full", loss="dpo", train=None, **sections):
+    return run_config(
+        name,
+        shapes=pairs,
+        mode=mode,
+        loss={"fn": f"llava_loop.preference:{loss}", "kwargs": {"beta": 0.1}},
+        data={"eval_path": ""},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, **(train or {})},
+        **sections,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, loss", [("full", "dpo"), ("lora", "dpo"), ("full", "ipo"), ("full", "dpo_sft")])
+def test_a_reference_equal_to_the_policy_starts_at_ln2_and_the_rewards_then_part(
+    mode, loss, tmp_path, run_config, pairs
+):
+    """The default reference is the policy's starting weights (a frozen copy; the LoRA policy with its adapters
+    off): DPO's first loss is ln 2 exactly, IPO's (1 / 2 beta)^2, and after 4 epochs over 8 pairs the chosen
+    answers' rewards lead."""
+    eight = helpers.preference_data(tmp_path / "data", pairs_source(pairs), n=8)
+    config = _dpo_config(run_config, eight, "run", mode=mode, loss=loss, train={"max_steps": 8, "lr": 3e-4})
+    helpers.train_here(config)
+    steps = helpers.metrics(tmp_path / "run")
+    first = {"dpo": math.log(2), "ipo": (1 / (2 * 0.1)) ** 2, "dpo_sft": None}[loss]
+    if first is not None:
+        assert steps[0]["loss"] == pytest.approx(first, rel=1e-6)
+    assert steps[0]["rewards/margin"] == pytest.approx(0, abs=1e-6)
+    assert steps[0]["logps/chosen"] == pytest.approx(steps[0]["ref_logps/chosen"], rel=1e-6)
+    assert steps[-1]["rewards/margin"] > 0.01 and steps[-1]["rewards/accuracy"] >= 0.75, steps[-1]
+    if loss == "dpo_sft":
+        assert steps[0]["loss"] == pytest.approx(steps[0]["dpo"] + steps[0]["sft_nll"], rel=1e-6)
