@@ -137,7 +137,24 @@ def load_model(path: str | Path, *, attn_implementation: str = "auto", dtype=tor
                 f"model.attn_implementation {attention.NAME}: the LLM in {path} does not run sdpa "
                 f"(it runs {model.config.text_config._attn_implementation}); use auto or eager"
             )
+    restore_kernel_funcs(model)
     return model, load_processor(path, "model.path")
+
+
+def restore_kernel_funcs(model) -> None:
+    """transformers' hub-kernel layers (the ``kernels`` package's ``use_kernelized_func``) give each instance its
+    kernel wrappers in a patched ``__init__``, which a second ZeRO-3 (``zero.Init``) load in one process skips: its
+    attention layers then fail at the first forward ("no attribute '_kernel_funcs'"). A reference model is such a
+    second load. Give each layer that lacks them the wrappers that ``__init__`` would have made."""
+    for module in model.modules():
+        forward = type(module).forward
+        names = getattr(getattr(forward, "__code__", None), "co_freevars", ())
+        if "_kernel_funcs" in module.__dict__ or "decorator_args" not in names:
+            continue
+        functions = forward.__closure__[names.index("decorator_args")].cell_contents
+        module.__dict__["_kernel_funcs"] = {
+            getattr(fn, "__name__", None) or fn.kernel_layer_name: type(fn)() for fn in functions
+        }
 
 
 def model_dir_config(path: Path, what: str):

@@ -22,6 +22,16 @@ def pairs(tmp_path_factory, shapes_data) -> dict:
     return {**helpers.preference_data(tmp_path_factory.mktemp("pairs"), shapes_data), "shapes": shapes_data}
 
 
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """The tiny model drawn from another seed: a reference that is not the policy."""
+    from llava_loop.demo.tiny import TinySpec, build_tiny
+
+    out = tmp_path_factory.mktemp("other") / "model"
+    build_tiny(out, TinySpec(seed=3))
+    return out
+
+
 def pairs_source(pairs: dict) -> dict:
     return pairs["shapes"]
 
@@ -130,13 +140,13 @@ def test_the_loss_unit_is_the_losses_own_and_tokens_by_default():
         unit_count(Call("plugins:sentence_unit_loss"))
 
 
-def _dpo_config(run_config, pairs, name, *, mode="full", loss="dpo", train=None, **sections):
+def _dpo_config(run_config, pairs, name, *, mode="full", loss="dpo", train=None, data=None, **sections):
     return run_config(
         name,
         shapes=pairs,
         mode=mode,
         loss={"fn": f"llava_loop.preference:{loss}", "kwargs": {"beta": 0.1}},
-        data={"eval_path": ""},
+        data={"eval_path": "", **(data or {})},
         lora={"r": 4, "alpha": 8, "dropout": 0.0},
         train={"micro_batch_size": 4, "max_steps": 3, "lr": 1e-3, **(train or {})},
         **sections,
@@ -163,3 +173,79 @@ def test_a_reference_equal_to_the_policy_starts_at_ln2_and_the_rewards_then_part
     assert steps[-1]["rewards/margin"] > 0.01 and steps[-1]["rewards/accuracy"] >= 0.75, steps[-1]
     if loss == "dpo_sft":
         assert steps[0]["loss"] == pytest.approx(steps[0]["dpo"] + steps[0]["sft_nll"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_is_exact_across_process_layouts_zero2_zero3_and_packing(
+    tmp_path, run_config, pairs, other_model_dir
+):
+    """Against a reference that is not the policy (another model directory), with text-only pairs among image
+    ones: 2 processes ZeRO-2 and ZeRO-3 (micro-batch 1 x accumulation 2) log the losses and rewards of 1 process
+    at micro-batch 4 within 1e-5 and its first gradient; padding-free rows equal padded ones. Control: the same
+    layout on other data (seed) is far outside the tolerance."""
+    mixed = helpers.preference_data(tmp_path / "data", pairs_source(pairs), text_only_every=3, n=24)
+    reference_dir = {"path": str(other_model_dir)}
+    layouts = {
+        "1x4x1": (0, 4, 1, {}, "accelerate_config.yaml"),
+        "packed": (0, 4, 1, {"padding_free": True}, "accelerate_config.yaml"),
+        "zero2-2x1x2": (2, 1, 2, {}, "accelerate_config.yaml"),
+        "zero3-2x1x2": (2, 1, 2, {}, "accelerate_config_zero3.yaml"),
+        "control": (2, 1, 2, {}, "accelerate_config.yaml"),
+    }
+    runs = {}
+    for name, (processes, micro, accum, data, accelerate_config) in layouts.items():
+        train = {"micro_batch_size": micro, "grad_accum": accum, "max_grad_norm": 0.0, "warmup_ratio": 0.0}
+        config = _dpo_config(
+            run_config,
+            mixed,
+            name,
+            train={**train, **({"seed": 7} if name == "control" else {})},
+            data=data,
+            reference=reference_dir,
+            hooks=[] if "zero3" in name else ["plugins:GradCapture"],  # ZeRO-3's shards: compared by grad norm
+        )
+        helpers.launch(config, processes=processes, accelerate_config=accelerate_config)
+        captured = tmp_path / name / "grads_step1.pt"
+        runs[name] = (helpers.metrics(tmp_path / name), torch.load(captured) if captured.is_file() else None)
+    reference, grads = runs["1x4x1"]
+    assert reference[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the reference is not the policy
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen", "ref_logps/rejected"]
+    for name in ("packed", "zero2-2x1x2", "zero3-2x1x2"):
+        steps, their_grads = runs[name]
+        assert len(steps) == len(reference) == 3
+        for ours, theirs in zip(steps, reference):
+            for key in keys:
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, key)
+            assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-4), name
+        if their_grads is not None:
+            diff = torch.linalg.norm(their_grads["flat"] - grads["flat"]) / torch.linalg.norm(grads["flat"])
+            assert diff < 1e-5, (name, float(diff))
+    control = runs["control"][0]
+    assert max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(control[1:], reference[1:])) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_dpo_run_resumes_bitwise(tmp_path, run_config, pairs, monkeypatch):
+    """LoRA DPO with the adapters-off reference: a run stopped after step 2 and resumed logs the uninterrupted
+    run's losses and rewards bitwise."""
+    eight = helpers.preference_data(tmp_path / "data", pairs_source(pairs), n=16)
+    for name in ("A", "B"):
+        _dpo_config(
+            run_config,
+            eight,
+            name,
+            mode="lora",
+            hooks=["plugins:StopAtStep"],
+            train={"max_steps": 4},
+            checkpoint={"every": 2, "keep_last": 2},
+        )
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", "-1")
+    helpers.train_here(tmp_path / "A.yaml")
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", "2")
+    helpers.train_here(tmp_path / "B.yaml")
+    monkeypatch.setenv("LLAVA_TEST_STOP_AT", "-1")
+    helpers.train_here(tmp_path / "B.yaml")
+    a, b = helpers.metrics(tmp_path / "A"), helpers.metrics(tmp_path / "B")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for key in ("loss", "rewards/margin", "logps/chosen", "ref_logps/rejected"):
+        assert [m[key] for m in a] == [m[key] for m in b], key
