@@ -298,3 +298,13 @@ def sentence_unit_loss(model, batch: dict) -> dict:
 
 
 sentence_unit_loss.unit = "sentences"
+
+
+def counted_tokens_ce(model, batch: dict) -> dict:
+    """The default loss with its unit given as a function of the batch: the supervised tokens, counted here."""
+    from llava_loop.losses import label_only_ce
+
+    return label_only_ce(model, batch)
+
+
+counted_tokens_ce.unit = lambda batch: batch["n_label_tokens"]

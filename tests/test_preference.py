@@ -140,6 +140,30 @@ def test_the_loss_unit_is_the_losses_own_and_tokens_by_default():
         unit_count(Call("plugins:sentence_unit_loss"))
 
 
+@pytest.mark.slow
+def test_token_losses_are_normalised_as_before_and_a_units_own_count_is_used(tmp_path, run_config, shapes_data):
+    """The default loss (supervised tokens) and the same loss declaring its unit as a function that counts those
+    tokens log the same metrics bitwise, at micro-batch 2 x accumulation 2, on multi-turn records (samples of
+    different token counts); per-sample normalisation gives other losses (the control)."""
+    from llava_loop.demo.shapes import write_shapes
+
+    data = dict(
+        shapes_data,
+        train=write_shapes(tmp_path / "mt", 48, seed=6, size=64, max_turns=3),
+        train_images=tmp_path / "mt" / "images",
+    )
+    runs = {}
+    for name, loss in [
+        ("default", "llava_loop.losses:label_only_ce"),
+        ("counted", "plugins:counted_tokens_ce"),
+        ("samples", "plugins:per_sample_ce"),
+    ]:
+        helpers.train_here(run_config(name, shapes=data, loss=loss, train={"micro_batch_size": 2, "grad_accum": 2}))
+        runs[name] = [(m["loss"], m["grad_norm"]) for m in helpers.metrics(tmp_path / name)]
+    assert runs["default"] == runs["counted"]
+    assert max(abs(a[0] - b[0]) for a, b in zip(runs["samples"], runs["default"])) > 1e-2
+
+
 def _dpo_config(run_config, pairs, name, *, mode="full", loss="dpo", train=None, data=None, **sections):
     return run_config(
         name,
@@ -176,9 +200,7 @@ def test_a_reference_equal_to_the_policy_starts_at_ln2_and_the_rewards_then_part
 
 
 @pytest.mark.slow
-def test_dpo_is_exact_across_process_layouts_zero2_zero3_and_packing(
-    tmp_path, run_config, pairs, other_model_dir
-):
+def test_dpo_is_exact_across_process_layouts_zero2_zero3_and_packing(tmp_path, run_config, pairs, other_model_dir):
     """Against a reference that is not the policy (another model directory), with text-only pairs among image
     ones: 2 processes ZeRO-2 and ZeRO-3 (micro-batch 1 x accumulation 2) log the losses and rewards of 1 process
     at micro-batch 4 within 1e-5 and its first gradient; padding-free rows equal padded ones. Control: the same
