@@ -222,11 +222,12 @@ class TrainConfig:
 
 @dataclass
 class ReferenceConfig:
-    hold: Literal["auto", "adapters", "copy"] = opt(
+    hold: Literal["auto", "adapters", "copy", "precompute"] = opt(
         "auto",
         "How a loss that takes a reference model (DPO, IPO: llava_loop.preference) gets it: adapters: the LoRA "
-        "policy with its adapters off (no copy); copy: a frozen copy of `path`; auto: adapters in lora without a "
-        "path, else copy.",
+        "policy with its adapters off (no copy); copy: a frozen copy of `path`; precompute: every pair's "
+        "log-probabilities computed once before training and cached (nothing held while training); auto: adapters "
+        "in lora without a path, else copy.",
     )
     path: str = opt("", "The reference model directory (empty: model.path, the policy's starting weights).")
 

@@ -7,15 +7,25 @@ preference objectives of preference.py; a teacher for distillation would be one 
 * ``adapters`` (``auto`` in ``lora`` without a ``reference.path``): the policy itself with its LoRA adapters and
   trained projector switched off, i.e. its starting weights; no copy in memory;
 * ``copy`` (``auto`` otherwise): a frozen copy of ``reference.path`` (default ``model.path``: the policy's starting
-  weights) in the weights' dtype on each process's device; under ZeRO-3 partitioned by its own DeepSpeed engine.
+  weights) in the weights' dtype on each process's device; under ZeRO-3 partitioned by its own DeepSpeed engine;
+* ``precompute``: every training pair's log-probabilities computed once before the first step (by that copy, or
+  by the policy itself before it has trained when there is no ``reference.path``), the processes splitting the
+  pass, and cached under ``$LLAVA_LOOP_CACHE`` keyed on the reference and on the records and every encoder setting
+  (as the length cache is): nothing is held during training, and a resumed run reads the same numbers back.
 
-Either runs in the training forward's lockstep: every process calls it for every micro-batch, the same batch the
-policy saw (text-only batches carry the blank image), so ZeRO-3's gathers line up on every rank.
+The held references run in eval mode (no dropout, no random draws) and in the training forward's lockstep: every
+process calls them for every micro-batch, the same batch the policy saw (text-only batches carry the blank image),
+so ZeRO-3's gathers line up on every rank.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -23,26 +33,45 @@ from .errors import UserError
 from .preference import sequence_logps
 
 
-class AdaptersOff:
+class Frozen:
+    """A model scored without gradients, in eval mode, under the policy's autocast: a frozen copy, or the policy
+    itself before it has trained."""
+
+    def __init__(self, model, accelerator):
+        self.model, self.accelerator = model, accelerator
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad(), self.accelerator.autocast(), evaluating(self.model):
+            return sequence_logps(self.model, batch)[0]
+
+
+class AdaptersOff(Frozen):
     """The LoRA policy with its adapters (and PEFT's trained copies, the projector among them) disabled."""
 
-    def __init__(self, model, accelerator):
-        self.model, self.accelerator = model, accelerator
+    def logps(self, batch: dict) -> torch.Tensor:
+        with peft_model(self.model).disable_adapter():
+            return super().logps(batch)
+
+
+class Precomputed:
+    """Each pair's ``(chosen, rejected)`` reference log-probabilities by record id, computed before training."""
+
+    def __init__(self, table: dict[str, tuple[float, float]]):
+        self.table = table
 
     def logps(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad(), peft_model(self.model).disable_adapter():
-            return sequence_logps(self.model, batch)[0]
+        pairs = [self.table[rid] for rid in batch["ids"]]
+        return torch.tensor([c for c, _ in pairs] + [r for _, r in pairs], dtype=torch.float64)
 
 
-class FrozenCopy:
-    """A second model, frozen, its forward under the policy's autocast."""
-
-    def __init__(self, model, accelerator):
-        self.model, self.accelerator = model, accelerator
-
-    def logps(self, batch: dict) -> torch.Tensor:
-        with torch.no_grad(), self.accelerator.autocast():
-            return sequence_logps(self.model, batch)[0]
+@contextmanager
+def evaluating(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
 
 
 def peft_model(model):
@@ -52,18 +81,21 @@ def peft_model(model):
     return model
 
 
-def make_reference(cfg, accelerator, backend, policy, load):
+def make_reference(cfg, accelerator, backend, policy, load, pass_over=None, say=print):
     """The reference ``cfg.reference`` describes, for the prepared ``policy``; ``load(path)`` loads a model as the
-    run loads its own (dtype, attention)."""
+    run loads its own (dtype, attention); ``pass_over(score)`` runs ``score(batch)`` over the training pairs for
+    ``precompute`` (``Trainer.reference_pass``) and returns ``{record id: (chosen, rejected)}``."""
     r = cfg.reference
     hold = r.hold if r.hold != "auto" else ("adapters" if cfg.canonical_mode == "lora" and not r.path else "copy")
     if hold == "adapters":
         if cfg.canonical_mode != "lora" or r.path:
             raise UserError(
                 "reference.hold=adapters needs mode=lora and no reference.path (the reference is then the policy "
-                "with its adapters off); use reference.hold=copy"
+                "with its adapters off); use reference.hold=copy or precompute"
             )
         return AdaptersOff(policy, accelerator)
+    if hold == "precompute" and not r.path:  # the policy before its first step is its own starting weights
+        return Precomputed(pass_over(Frozen(policy, accelerator).logps))
     model = load(r.path or cfg.model.path)
     model.requires_grad_(False)
     model.eval()
@@ -71,7 +103,12 @@ def make_reference(cfg, accelerator, backend, policy, load):
         model = zero3_inference_engine(model, backend)
     else:
         model = model.to(accelerator.device)
-    return FrozenCopy(model, accelerator)
+    reference = Frozen(model, accelerator)
+    if hold == "precompute":
+        table = pass_over(reference.logps)
+        del reference, model  # nothing of the reference is held while training
+        return Precomputed(table)
+    return reference
 
 
 def zero3_inference_engine(model, backend):
@@ -85,3 +122,43 @@ def zero3_inference_engine(model, backend):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+CACHE_VERSION = 1
+
+
+def cache_key(dataset, cfg, weights_dtype) -> str:
+    """What a pair's reference log-probability depends on: the records and every encoder setting (the length cache's
+    key), the reference's weight files (by name, size and time), the dtype it runs in."""
+    from .data.lengths import cache_key as data_key
+
+    folder = Path(cfg.reference.path or cfg.model.path).resolve()
+    weights = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin")
+    )
+    parts = {
+        "version": CACHE_VERSION,
+        "data": data_key(dataset.records, dataset.encoder, dataset.image_dir),
+        "reference": [str(folder), weights, str(weights_dtype), cfg.train.precision],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_table(path: Path) -> dict | None:
+    try:
+        return {rid: tuple(pair) for rid, pair in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # absent or damaged: computed again
+
+
+def write_table(path: Path, table: dict) -> None:
+    """Written whole, then renamed (as the length cache is); a read-only cache folder costs a recount next run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, path)
+    except OSError:
+        pass

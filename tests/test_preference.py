@@ -271,3 +271,39 @@ def test_a_dpo_run_resumes_bitwise(tmp_path, run_config, pairs, monkeypatch):
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for key in ("loss", "rewards/margin", "logps/chosen", "ref_logps/rejected"):
         assert [m[key] for m in a] == [m[key] for m in b], key
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_train_as_a_held_copy_and_come_back_from_the_cache(
+    tmp_path, run_config, pairs, other_model_dir, capfd
+):
+    """reference.hold=precompute scores every pair once before training (here by another model, and by the policy's
+    own starting weights) and holds nothing after: the run logs the held copy's losses and rewards (within 1e-5:
+    each pair was scored in another batch), a second run reads the cache and logs the first's bitwise. Records
+    sharing an id are refused (the table is keyed by id)."""
+    data = helpers.preference_data(tmp_path / "data", pairs_source(pairs), text_only_every=4, n=16)
+    runs = {}
+    for name, hold, path in [
+        ("copy", "copy", other_model_dir),
+        ("precompute", "precompute", other_model_dir),
+        ("again", "precompute", other_model_dir),
+        ("own-copy", "copy", ""),
+        ("own-precompute", "precompute", ""),
+    ]:
+        capfd.readouterr()
+        helpers.train_here(_dpo_config(run_config, data, name, reference={"hold": hold, "path": str(path)}))
+        runs[name] = (helpers.metrics(tmp_path / name), capfd.readouterr().err)
+    keys = ["loss", "rewards/margin", "ref_logps/chosen", "ref_logps/rejected", "logps/chosen"]
+    for held, precomputed in [("copy", "precompute"), ("own-copy", "own-precompute")]:
+        for a, b in zip(runs[held][0], runs[precomputed][0]):
+            assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-5, abs=1e-6), held
+        assert "reference log-probabilities of 16 pairs: computed, cached at" in runs[precomputed][1]
+    assert "from the cache" in runs["again"][1]
+    assert [[m[k] for k in keys] for m in runs["again"][0]] == [[m[k] for k in keys] for m in runs["precompute"][0]]
+    assert runs["copy"][0][0]["ref_logps/chosen"] != pytest.approx(runs["own-copy"][0][0]["ref_logps/chosen"])
+
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(json.dumps(json.loads(data["train"].read_text()) * 2))
+    config = _dpo_config(run_config, {**data, "train": doubled}, "doubled", reference={"hold": "precompute"})
+    with pytest.raises(Exception, match="has id 'train_000000' more than once; give every record its own id"):
+        helpers.train_here(config)
