@@ -307,3 +307,112 @@ def test_precomputed_reference_log_probs_train_as_a_held_copy_and_come_back_from
     config = _dpo_config(run_config, {**data, "train": doubled}, "doubled", reference={"hold": "precompute"})
     with pytest.raises(Exception, match="has id 'train_000000' more than once; give every record its own id"):
         helpers.train_here(config)
+
+
+def _trl_first_step(policy, ref_model, processor, rows, tmp_path, peft_config=None, adapter=None):
+    """TRL's DPOTrainer on ``rows``: its collated first batch, and the loss, rewards and margins it computes. With
+    ``peft_config`` TRL wraps the policy itself (its reference is then the policy with adapters off) and the
+    ``adapter`` state is loaded into it."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(rows),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        remove_unused_columns=False,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    if adapter is not None:
+        missing = set(adapter) - set(trainer.model.state_dict())
+        assert not missing, sorted(missing)[:3]
+        trainer.model.load_state_dict(adapter, strict=False)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    with torch.no_grad():
+        loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    logged = trainer._metrics["train" if trainer.model.training else "eval"]
+    figures = {"loss": float(loss), **{key: logged[key][-1] for key in ("rewards/chosen", "rewards/rejected")}}
+    return batch, {**figures, "rewards/margin": logged["rewards/margins"][-1]}
+
+
+def _ours_on(batch: dict, policy, reference) -> dict:
+    """Our DPO on TRL's collated batch, its completion mask as the labels: the same tokens, so the same layout."""
+    from llava_loop.data.collate import supervised_index
+    from llava_loop.preference import dpo
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE_INDEX)
+    supervised = supervised_index(labels)
+    pairs = len(labels) // 2
+    ours = {
+        **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+        "labels": labels,
+        "supervised": supervised,
+        "supervised_sequence": supervised[0],
+        "n_pairs": pairs,
+        "n_samples": pairs,
+        "ids": [str(i) for i in range(pairs)],
+    }
+    with torch.no_grad():
+        out = dpo(policy, ours, reference, beta=0.1)
+    return {key: float(out[key]) / pairs for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin")}
+
+
+@pytest.mark.slow
+def test_the_first_step_equals_trls_dpo_trainer_in_full_and_lora(
+    tmp_path, run_config, pairs, tiny_model_dir, other_model_dir
+):
+    """TRL's DPOTrainer and ours on the same tiny LLaVA, the same four pairs (TRL's conversational layout with
+    image parts) and the same collated tensors: loss, rewards and margins within 1e-5. full: a reference directory
+    that is not the policy; lora: the adapter-disabled reference, after 3 DPO steps of ours (the adapter is not
+    zero). TRL supervises the newline after <|im_end|> that our layout leaves out: the comparison runs both
+    objectives on TRL's batch, so the layouts are the same by construction."""
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from llava_loop.checkpoint.files import complete_checkpoints
+    from llava_loop.export import load_trained
+    from llava_loop.reference import AdaptersOff, Frozen
+    from llava_loop.runtime import load_model
+
+    records = json.loads(pairs["train"].read_text())[:4]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}],
+            "images": [Image.open(pairs["train_images"] / r["image"]).convert("RGB")],
+        }
+        for r in records
+    ]
+    accelerator = Accelerator(cpu=True)
+    processor = load_model(tiny_model_dir)[1]
+
+    batch, theirs = _trl_first_step(
+        load_model(tiny_model_dir)[0], load_model(other_model_dir)[0], processor, rows, tmp_path / "full"
+    )
+    ours = _ours_on(batch, load_model(tiny_model_dir)[0].eval(), Frozen(load_model(other_model_dir)[0], accelerator))
+    assert theirs["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the reference is not the policy
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+
+    helpers.train_here(_dpo_config(run_config, pairs, "lora", mode="lora", train={"max_steps": 3}))
+    policy = load_trained(complete_checkpoints(tmp_path / "lora")[-1])[0]
+    trained = {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+    config = policy.peft_config["default"]
+    batch, theirs = _trl_first_step(
+        load_model(tiny_model_dir)[0], None, processor, rows, tmp_path / "lora-trl", peft_config=config, adapter=trained
+    )
+    ours = _ours_on(batch, policy, AdaptersOff(policy, accelerator))
+    assert abs(theirs["rewards/margin"]) > 1e-4  # the adapter moved the policy off its reference
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
