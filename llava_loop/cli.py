@@ -256,6 +256,7 @@ def cmd_data_check(args) -> int:
         template=args.template,
     )
     rows = [("records", report["records"]), ("with images", report["with_image"]), ("images", report["images"])]
+    rows += [("preference pairs (chosen, rejected)", report["pairs"])] if report["pairs"] else []
     rows += [
         (f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()
     ]

@@ -416,3 +416,35 @@ def test_the_first_step_equals_trls_dpo_trainer_in_full_and_lora(
     ours = _ours_on(batch, policy, AdaptersOff(policy, accelerator))
     assert abs(theirs["rewards/margin"]) > 1e-4  # the adapter moved the policy off its reference
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_readmes_simpo_file_trains_on_the_loop_unchanged(tmp_path, run_config, pairs, monkeypatch):
+    """The README's "one short file" objective, taken from the README as it is: a module of its own, named in the
+    config, trains with no reference and its margin grows over 4 epochs of 8 pairs."""
+    import re
+    import sys
+
+    readme = (helpers.ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# my_project/simpo\.py.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_simpo.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_simpo", None)
+    eight = helpers.preference_data(tmp_path / "data", pairs_source(pairs), n=8)
+    config = _dpo_config(run_config, eight, "simpo", train={"max_steps": 8, "lr": 3e-4}, loss="dpo")
+    helpers.train_here(config, "loss=my_simpo:simpo")
+    steps = helpers.metrics(tmp_path / "simpo")
+    assert "rewards/margin" not in steps[0] and steps[-1]["margin"] > steps[0]["margin"]
+
+
+def test_data_check_counts_pairs_and_their_two_sequences(pairs, tiny_model_dir, capsys):
+    from llava_loop.cli import main
+
+    argv = ["data", "check", "--data", str(pairs["train"]), "--image-dir", str(pairs["train_images"])]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "preference pairs (chosen, rejected)" in out and "no problems found" in capsys.readouterr().err + out
+    assert main([*argv, "--model", str(tiny_model_dir), "--json", str(pairs["train"].parent / "check.json")]) == 0
+    report = json.loads((pairs["train"].parent / "check.json").read_text())
+    assert report["pairs"] == report["records"] == 96
+    assert report["token_lengths"]["p50"] > 2 * 64  # both sequences, each with the image's 64 placeholders

@@ -16,6 +16,7 @@ import numpy as np
 
 from .encode import record_messages
 from .images import MAX_IMAGE_PIXELS, EmbeddedImage, image_path, open_checked
+from .preference import is_pair, pair_sides
 from .skips import SkipSample
 from .sources import image_dir_of, open_records, require_data_extra, source_kind
 
@@ -82,7 +83,7 @@ def check_dataset(
     count, records = source_records(data)
     problems: Counter = Counter()
     examples: dict[str, str] = {}
-    lengths, image_jobs, image_ids, embedded, with_image = [], [], [], [], 0
+    lengths, image_jobs, image_ids, embedded, with_image, pairs = [], [], [], [], 0, 0
     text_tokens, turns, images_per_record = [], [], []  # per record past the text checks, for report.py
     encoder = None
     if processor is not None:
@@ -111,10 +112,13 @@ def check_dataset(
                 lengths.append(len(ids))
                 text_tokens.append(len(ids) - ids.count(encoder.image_token_id))
             else:
-                record_messages(record)
-                lengths.append(record.estimated_tokens(image_tokens))
+                for side in pair_sides(record) if is_pair(record) else (record,):
+                    record_messages(side)
+                sides = 2 if is_pair(record) else 1  # a pair trains on its prompt twice, once per answer
+                lengths.append(sides * record.estimated_tokens(image_tokens))
                 text_tokens.append(record.estimated_tokens(0))
-            turns.append(sum(role == "assistant" for role, _ in record.turns))
+            pairs += is_pair(record)
+            turns.append(sum(role in ("assistant", "chosen") for role, _ in record.turns))
             images_per_record.append(len(record.images))
         except SkipSample as skip:
             problems[skip.reason] += 1
@@ -153,6 +157,7 @@ def check_dataset(
     sizes_arr = np.array(sizes) if sizes else np.zeros((1, 2))
     return {
         "records": count,
+        "pairs": pairs,  # preference records among them (data/preference.py)
         "with_image": with_image,
         "images": len(image_jobs) + len(embedded),
         "problems": dict(problems),

@@ -27,7 +27,7 @@ from .images import (
     open_checked,
     processed_size,
 )
-from .preference import is_pair
+from .preference import is_pair, pair_sides
 from .records import Record
 from .skips import SkipSample
 from .tiles import Tiler
@@ -253,10 +253,8 @@ class SampleEncoder:
         """A preference pair's chosen and rejected sequences: each the prompt laid out as training lays out any
         record, then its answer as the assistant's, only that answer (and its end of turn) supervised. A pair whose
         longer sequence exceeds ``max_length`` is skipped: cutting it would score a part of an answer."""
-        prompt = record.turns[:-2]
         sides = []
-        for role, answer in record.turns[-2:]:
-            side = Record(record.id, record.images, (*prompt, ("assistant", answer)))
+        for (role, _), side in zip(record.turns[-2:], pair_sides(record)):
             ids, labels, ends = self.tokens(side)
             labels = [IGNORE_INDEX] * ends[-2] + labels[ends[-2] :] if len(ends) > 1 else labels
             ids, labels, _ = expand_image_tokens(ids, labels, [], self.image_token_id, self.placeholder_counts(sizes))

@@ -30,6 +30,13 @@ def is_pair(record: Record) -> bool:
     return len(record.turns) >= 3 and (record.turns[-2][0], record.turns[-1][0]) == (CHOSEN, REJECTED)
 
 
+def pair_sides(record: Record) -> tuple[Record, Record]:
+    """A pair as the two records SFT would train on: its prompt, then the chosen (the rejected) answer as the
+    assistant's."""
+    prompt = record.turns[:-2]
+    return tuple(Record(record.id, record.images, (*prompt, ("assistant", answer))) for _, answer in record.turns[-2:])
+
+
 def normalize_preference(raw: dict, where: str, index: int) -> Record:
     prompt = raw.get("prompt", raw.get("question"))
     if prompt is None:
