@@ -197,6 +197,14 @@ def test_a_reference_equal_to_the_policy_starts_at_ln2_and_the_rewards_then_part
     assert steps[-1]["rewards/margin"] > 0.01 and steps[-1]["rewards/accuracy"] >= 0.75, steps[-1]
     if loss == "dpo_sft":
         assert steps[0]["loss"] == pytest.approx(steps[0]["dpo"] + steps[0]["sft_nll"], rel=1e-6)
+    if (mode, loss) == ("full", "dpo"):  # export and infer as after any run
+        from llava_loop.checkpoint.files import complete_checkpoints
+        from llava_loop.cli import main
+
+        checkpoint = complete_checkpoints(tmp_path / "run")[-1]
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 0
+        image = eight["train_images"] / json.loads(eight["train"].read_text())[0]["image"]
+        assert main(["infer", "--model", str(tmp_path / "export"), "--image", str(image), "--max-new-tokens", "4"]) == 0
 
 
 @pytest.mark.slow
@@ -448,3 +456,51 @@ def test_data_check_counts_pairs_and_their_two_sequences(pairs, tiny_model_dir, 
     report = json.loads((pairs["train"].parent / "check.json").read_text())
     assert report["pairs"] == report["records"] == 96
     assert report["token_lengths"]["p50"] > 2 * 64  # both sequences, each with the image's 64 placeholders
+
+
+def test_the_hallucination_demo_teaches_a_second_object_where_it_says_and_scores_it(tmp_path):
+    """The preference demo's sets: the SFT captions name an absent second object for top positions only (at the
+    share asked), the pairs prefer the faithful caption to the same one with a second object, the held-out set is
+    faithful; the same seed writes the same bytes. The scorer counts second objects and checks the first."""
+    from llava_loop.demo.hallucination import SECOND, hallucination_scores, write_sets
+
+    paths = write_sets(tmp_path / "a", sft=200, pairs=20, val=20, share=0.9)
+    again = write_sets(tmp_path / "b", sft=200, pairs=20, val=20, share=0.9)
+    assert all(paths[k].read_text() == again[k].read_text() for k in paths)
+    assert (tmp_path / "a/images/sft_000007.jpg").read_bytes() == (tmp_path / "b/images/sft_000007.jpg").read_bytes()
+    sft = json.loads(paths["sft"].read_text())
+    named = [(r["conversations"][1]["value"], bool(SECOND.search(r["conversations"][1]["value"]))) for r in sft]
+    top = [second for text, second in named if " in the top " in text]
+    assert not any(second for text, second in named if " in the top " not in text)
+    assert 0.8 < sum(top) / len(top) < 1.0
+    for pair in json.loads(paths["pairs"].read_text()):
+        assert not SECOND.search(pair["chosen"]) and pair["rejected"].startswith(pair["chosen"][:-2] + " and a ")
+    assert not any(SECOND.search(r["conversations"][1]["value"]) for r in json.loads(paths["val"].read_text()))
+    reference = "a red circle in the top left ."
+    scores = hallucination_scores(
+        [
+            {"prediction": reference, "reference": reference},
+            {"prediction": "a red circle in the top left and a blue square .", "reference": reference},
+            {"prediction": "a blue circle in the top left .", "reference": reference},
+        ]
+    )
+    assert scores == {"hallucination_rate": 1 / 3, "first_object_accuracy": 2 / 3}
+
+
+@pytest.mark.slow
+def test_token_budgets_fill_micro_batches_with_whole_pairs(tmp_path, run_config, pairs):
+    """Under a token budget a pair counts both its sequences: packed micro-batches hold whole pairs, never more
+    tokens than the budget, and the loss stays normalised per pair."""
+    data = helpers.preference_data(tmp_path / "data", pairs_source(pairs), text_only_every=3, n=24)
+    config = _dpo_config(
+        run_config,
+        data,
+        "budget",
+        data={"padding_free": True, "max_tokens_per_micro_batch": 600},
+        train={"max_steps": 3, "log_sample_ids": True},
+    )
+    helpers.train_here(config)
+    steps = helpers.metrics(tmp_path / "budget")
+    assert [m["samples"] for m in steps] == [len(m["sample_ids"]) for m in steps]
+    assert all(1 <= m["samples"] <= 4 for m in steps)  # 2 x 120-260 tokens a pair: 1 to 4 pairs in 600
+    assert all(m["loss"] == m["loss"] and m["rewards/accuracy"] <= 1 for m in steps)
