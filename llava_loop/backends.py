@@ -12,7 +12,8 @@ is one more class in ``BACKENDS``, not more branches:
 * ``save_state`` / ``load``: write / restore the Accelerate state of a checkpoint, trained tensors only;
 * ``rank_files``: the backend's files each process writes into a checkpoint (``{rank}`` filled in);
 * ``trained_tensors``: the trained weights of a checkpoint, by parameter name, for export;
-* ``compile_refusal``: why ``train.compile`` cannot run under this backend, or None.
+* ``compile_refusal``: why ``train.compile`` cannot run under this backend, or None;
+* ``place_frozen``: a second, frozen model (a reference) where the trained one's forward can run beside it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class PlainBackend:
 
     def save_state(self, model, path: Path) -> None:
         self.accelerator.save_state(str(path), safe_serialization=True)
+
+    def place_frozen(self, model):
+        return model.to(self.accelerator.device)
 
     def rank_files(self) -> tuple[str, ...]:
         return ()
@@ -157,6 +161,21 @@ class DeepSpeedBackend:
         norm = model.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         return norm, math.isfinite(norm)
+
+    def place_frozen(self, model):
+        """Under ZeRO-3 partitioned by an engine of its own (no optimizer), gathering layer by layer in the forward
+        in lockstep with the other ranks; else whole on the device."""
+        if self.stage != 3:
+            return model.to(self.accelerator.device)
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.eval()
 
     def save_state(self, model, path: Path) -> None:
         with without_frozen_aliases(model):

@@ -20,7 +20,6 @@ so ZeRO-3's gathers line up on every rank.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -99,29 +98,12 @@ def make_reference(cfg, accelerator, backend, policy, load, pass_over=None, say=
     model = load(r.path or cfg.model.path)
     model.requires_grad_(False)
     model.eval()
-    if backend.name == "deepspeed" and backend.stage == 3:
-        model = zero3_inference_engine(model, backend)
-    else:
-        model = model.to(accelerator.device)
-    reference = Frozen(model, accelerator)
+    reference = Frozen(backend.place_frozen(model), accelerator)
     if hold == "precompute":
         table = pass_over(reference.logps)
         del reference, model  # nothing of the reference is held while training
         return Precomputed(table)
     return reference
-
-
-def zero3_inference_engine(model, backend):
-    """The frozen copy partitioned as the policy is (its own engine, no optimizer): each rank holds its shard and
-    gathers layer by layer in the forward, in lockstep with the others."""
-    import deepspeed
-
-    config = copy.deepcopy(backend.config)
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
 
 
 CACHE_VERSION = 1
