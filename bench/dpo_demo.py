@@ -2,13 +2,14 @@
 
 1. SFT, the demo's recipe (tiny towers, full mode, configs/demo.yaml), on captions that name a second, absent
    object for most images whose shape sits in a top position: ``--sft-steps`` steps, then exported.
-2. From that export, the same budget twice (``--steps`` optimizer steps of 16 records): SFT continued on the same
-   data, and DPO (``llava_loop.preference:dpo``, beta 0.1, the export as the reference) on pairs that prefer the
-   faithful caption over the same caption with a second object.
+2. From that export, the same budget (``--steps`` optimizer steps of 16 records) three ways: SFT continued on the
+   same data; DPO (``llava_loop.preference:dpo``, beta 0.1, the export as the reference) on pairs that prefer the
+   faithful caption over the same caption with a second object; and DPO + SFT on the chosen answers
+   (``dpo_sft``, sft_weight 1: LLaVA-NeXT's dpo_alpha 1), on the same pairs at the same learning rate.
 3. Each scored on 400 held-out images with faithful captions, at greedy decoding: how often a caption names a
    second object, whether its first object is right, and exact match.
 
-    python bench/dpo_demo.py                       # about 6 minutes on the 2-core CPU machine
+    python bench/dpo_demo.py                       # about 8 minutes on the 2-core CPU machine
 """
 
 from __future__ import annotations
@@ -82,13 +83,18 @@ def main() -> int:
     paths = write_sets(RUNS / "data", sft=16_000, pairs=8_000, val=400)
     sft, sft_seconds = train_run("sft", model, paths["sft"], args.sft_steps, [])
     more, more_seconds = train_run("sft-more", sft, paths["sft"], args.steps, [])
-    dpo_loss = "loss={fn: llava_loop.preference:dpo, kwargs: {beta: 0.1}}"
-    dpo, dpo_seconds = train_run("dpo", sft, paths["pairs"], args.steps, [dpo_loss, f"train.lr={args.dpo_lr}"])
+    lr = f"train.lr={args.dpo_lr}"
+    dpo, dpo_seconds = train_run(
+        "dpo", sft, paths["pairs"], args.steps, ["loss={fn: llava_loop.preference:dpo, kwargs: {beta: 0.1}}", lr]
+    )
+    rpo = "loss={fn: llava_loop.preference:dpo_sft, kwargs: {beta: 0.1, sft_weight: 1.0}}"
+    dpo_sft, dpo_sft_seconds = train_run("dpo-sft", sft, paths["pairs"], args.steps, [rpo, lr])
     rows = []
     for name, path, seconds in (
         (f"SFT, {args.sft_steps} steps", sft, sft_seconds),
         (f"+ SFT, {args.steps} more steps", more, more_seconds),
         (f"+ DPO, {args.steps} steps", dpo, dpo_seconds),
+        (f"+ DPO + SFT, {args.steps} steps", dpo_sft, dpo_sft_seconds),
     ):
         m = score(path, paths["val"])
         rows.append(

@@ -175,7 +175,8 @@ class DeepSpeedBackend:
         for key in ("optimizer", "scheduler"):
             config.pop(key, None)
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeed's eval returns nothing
+        return engine
 
     def save_state(self, model, path: Path) -> None:
         with without_frozen_aliases(model):
