@@ -26,6 +26,10 @@ REASONS = (
     "not_a_caption",  # data.template=plain: a record that is not images + one caption
     "malformed_record",  # a row of a table or shard whose structure is broken (JSON files fail at load instead)
     "no_question",  # evaluation only: no user turn before an answer, so nothing to generate for (it still trains)
+    "missing_video",  # data/video.py: the file is not there
+    "corrupt_video",  # unreadable, or no video stream
+    "empty_video",  # no frame (in the record's window)
+    "video_too_large",  # frames over data.max_image_pixels
 )
 
 
