@@ -15,7 +15,7 @@ A prompt with images but no ``<image>`` tag gets one per image at the start of i
 
 from __future__ import annotations
 
-from .records import ROLE_ALIASES, Record, RecordError
+from .records import ROLE_ALIASES, Record, RecordError, message_turn
 
 CHOSEN, REJECTED = "chosen", "rejected"
 IMAGE_TAG = "<image>"
@@ -64,16 +64,7 @@ def _prompt_turns(prompt, where: str) -> list[tuple[str, str]]:
         return [("user", prompt)]
     if not isinstance(prompt, list) or not prompt:
         raise RecordError(f"{where}: 'prompt' must be a string or a non-empty list of messages")
-    turns = []
-    for t, message in enumerate(prompt):
-        if not isinstance(message, dict):
-            raise RecordError(f"{where}: prompt message {t} is {type(message).__name__}, expected {{role, content}}")
-        role = message.get("role", message.get("from"))
-        content = message.get("content", message.get("value"))
-        if role is None or content is None:
-            raise RecordError(f"{where}: prompt message {t} needs 'role' and 'content' (has {sorted(message)})")
-        turns.append((ROLE_ALIASES.get(str(role).lower(), str(role)), _text(content, where, f"prompt message {t}")))
-    return turns
+    return [message_turn(message, f"{where}: prompt message {t}", _text) for t, message in enumerate(prompt)]
 
 
 def _answer(answer, key: str, where: str) -> str:
@@ -85,13 +76,13 @@ def _answer(answer, key: str, where: str) -> str:
         if role != "assistant":
             raise RecordError(f"{where}: '{key}' is a {role or 'role-less'} message; it must be the assistant's")
         answer = message.get("content", message.get("value"))
-    text = _text(answer, where, f"'{key}'")
+    text = _text(answer, f"{where}: '{key}'")
     if not text.strip():
         raise RecordError(f"{where}: '{key}' is empty; a preference pair needs two answers")
     return text
 
 
-def _text(content, where: str, what: str) -> str:
+def _text(content, where: str) -> str:
     """A message's content as text; content lists' image parts become ``<image>`` tags in place."""
     if isinstance(content, str):
         return content
@@ -104,6 +95,6 @@ def _text(content, where: str, what: str) -> str:
             elif kind in ("image", "image_url"):
                 parts.append(IMAGE_TAG)
             else:
-                raise RecordError(f"{where}: {what} has a content part {part!r}; expected text or image parts")
+                raise RecordError(f"{where} has a content part {part!r}; expected text or image parts")
         return "\n".join(parts)
-    raise RecordError(f"{where}: {what} is {type(content).__name__}, expected text")
+    raise RecordError(f"{where} is {type(content).__name__}, expected text")

@@ -113,26 +113,34 @@ def normalize_record(raw, path: Path, index: int) -> Record:
         raise RecordError(f"{where}: no 'conversations' list; each record needs conversations=[{{from, value}}, ...]")
     if not isinstance(conversations, list) or not conversations:
         raise RecordError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} messages")
-    turns = []
-    for t, message in enumerate(conversations):
-        if not isinstance(message, dict):
-            raise RecordError(f"{where}: message {t} is {type(message).__name__}, expected {{from, value}}")
-        role = message.get("from", message.get("role"))
-        text = message.get("value", message.get("content"))
-        if role is None or text is None:
-            raise RecordError(f"{where}: message {t} needs 'from'+'value' or 'role'+'content' (has {sorted(message)})")
-        if not isinstance(text, str):
-            raise RecordError(
-                f"{where}: message {t} content is {type(text).__name__}, expected a string; "
-                "convert multimodal content lists with `llava-loop data convert`"
-            )
-        turns.append((ROLE_ALIASES.get(str(role).lower(), str(role)), text))
+    turns = [message_turn(message, f"{where}: message {t}", _string) for t, message in enumerate(conversations)]
     image = raw.get("image")
     images = image if isinstance(image, list) else [] if image in (None, "") else [image]
     if not all(isinstance(i, EmbeddedImage) or (isinstance(i, str) and i) for i in images):
         raise RecordError(f"{where}: 'image' must be a relative path or a list of them, got {image!r}")
     rid = raw.get("id", index)
     return Record(str(rid), tuple(images), tuple(turns))
+
+
+def message_turn(message, where: str, text_of) -> tuple[str, str]:
+    """``(role, text)`` of a ``{from, value}`` or ``{role, content}`` message; ``text_of(content, where)`` reads its
+    content (plain records take strings, preference prompts content lists too)."""
+    if not isinstance(message, dict):
+        raise RecordError(f"{where} is {type(message).__name__}, expected {{from, value}} or {{role, content}}")
+    role = message.get("from", message.get("role"))
+    content = message.get("value", message.get("content"))
+    if role is None or content is None:
+        raise RecordError(f"{where} needs 'from'+'value' or 'role'+'content' (has {sorted(message)})")
+    return ROLE_ALIASES.get(str(role).lower(), str(role)), text_of(content, where)
+
+
+def _string(content, where: str) -> str:
+    if not isinstance(content, str):
+        raise RecordError(
+            f"{where} content is {type(content).__name__}, expected a string; "
+            "convert multimodal content lists with `llava-loop data convert`"
+        )
+    return content
 
 
 def read_text(path: Path) -> str:
