@@ -206,26 +206,13 @@ def composed_config(shape: str):
     return compose_config(vision, text, text.vocab_size - 1, text.vocab_size - 2, tiling=tiling)
 
 
-def flops_model(config, mode: str):
-    """The FLOPs model of a composed config, built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from llava_loop.flops import FlopsModel
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    return FlopsModel.from_model(model, mode)
-
-
-def weight_bytes(config) -> int:
-    """bf16 bytes of a composed model's weights (a tied head counted once)."""
+def meta_model(config):
+    """A composed config's model on the meta device (no memory, no weights): what its FLOPs and sizes are read off."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    return 2 * sum(p.numel() for p in model.parameters())
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def predicted_seconds(row: Row, peak_tflops: float, *, built: bool) -> float:
@@ -233,12 +220,13 @@ def predicted_seconds(row: Row, peak_tflops: float, *, built: bool) -> float:
     ASSUMED_MFU of ``peak_tflops``, the final checkpoint (the trained tensors' bf16 weights, fp32 master and Adam
     moments, written and hashed)."""
     from llava_loop import memory
+    from llava_loop.flops import FlopsModel
 
-    config = composed_config(row.shape)
-    data, weights = DATA[row.data], weight_bytes(config)
+    model = meta_model(composed_config(row.shape))
+    data, weights = DATA[row.data], 2 * sum(p.numel() for p in model.parameters())  # bf16, a tied head once
     samples = row.token_budget / data.tokens if row.token_budget else row.micro_batch
     tokens = samples * data.tokens
-    needed = flops_model(config, row.mode).step(
+    needed = FlopsModel.from_model(model, row.mode).step(
         views=round(samples * data.views),
         tokens=round(tokens),
         attention_pairs=round(samples * data.tokens**2),

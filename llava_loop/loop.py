@@ -16,7 +16,6 @@ import math
 import shutil
 import signal
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,7 +165,14 @@ class Trainer:
         self.model, self.optimizer, self.loader = self.prepare(model, optimizer, loader)
         if wants_reference(cfg.loss):  # after prepare: adapters-off references are the prepared policy itself
             self.reference = make_reference(
-                cfg, self.accelerator, self.backend, self.model, load=self.load_reference, pass_over=self.reference_pass
+                cfg,
+                self.accelerator,
+                self.backend,
+                self.model,
+                load=self.load_reference,
+                data=self.train_set,
+                blank_image=self.blank_image,
+                say=self.console.say,
             )
             self.loss_fn = functools.partial(self.loss_fn, reference=self.reference)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -221,50 +227,6 @@ class Trainer:
         )
         self.fuse_kernels(model)
         return model
-
-    def reference_pass(self, score) -> dict:
-        """Every training pair's reference ``(chosen, rejected)`` log-probabilities by record id, for
-        ``reference.hold=precompute``: from the cache, else one pass in micro-batches that the processes split (the
-        last ones repeated so every process runs as many forwards: ZeRO-3's lockstep), then shared and cached."""
-        from accelerate.utils import gather_object
-
-        from .data.collate import Collator
-        from .data.dataset import LlavaDataset
-        from .data.lengths import cache_dir
-        from .reference import cache_key, read_table, write_table
-
-        cfg, acc, data = self.cfg, self.accelerator, self.train_set
-        if not isinstance(data, LlavaDataset):
-            raise UserError(
-                "reference.hold=precompute reads one records source (data.path: a records file, Parquet, a prepared "
-                "folder), not shards or a data.mix; use reference.hold=copy"
-            )
-        ids = [data.record_id(i) for i in range(len(data))]
-        if len(set(ids)) < len(ids):
-            twice = next(rid for rid, n in Counter(ids).items() if n > 1)
-            raise UserError(
-                f"reference.hold=precompute keys each pair by its id, and {data.source} has id {twice!r} more than "
-                "once; give every record its own id, or use reference.hold=copy"
-            )
-        path = cache_dir() / "reference_logps" / f"{cache_key(data, cfg, self.backend.weights_dtype())}.json"
-        table = read_table(path)
-        if table is not None and set(ids) <= set(table):
-            self.console.say(f"reference log-probabilities of {len(ids)} pairs: from the cache ({path})")
-            return table
-        size, processes = cfg.train.micro_batch_size, acc.num_processes
-        batches = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)]
-        mine = batches[acc.process_index :: processes]
-        mine += [batches[-1]] * (-(-len(batches) // processes) - len(mine))
-        collate, found = Collator(self.processor.tokenizer.pad_token_id, cfg.data.padding_free), []
-        for indices in mine:
-            batch = self.blank_image.add_where_missing(send_to_device(collate([data[i] for i in indices]), acc.device))
-            values, pairs = score(batch).double().cpu().tolist(), batch["n_pairs"]
-            found += [(rid, (values[k], values[pairs + k])) for k, rid in enumerate(batch["ids"])]
-        table = dict(gather_object(found))
-        if acc.is_main_process:
-            write_table(path, table)
-        self.console.say(f"reference log-probabilities of {len(ids)} pairs: computed, cached at {path}")
-        return table
 
     def fuse_kernels(self, model) -> None:
         """Liger's kernels and regional compilation (kernels.py), as ``train.liger`` and ``train.compile`` say."""

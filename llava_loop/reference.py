@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,10 +81,13 @@ def peft_model(model):
     return model
 
 
-def make_reference(cfg, accelerator, backend, policy, load, pass_over=None, say=print):
+def make_reference(cfg, accelerator, backend, policy, load, *, data, blank_image, say=print):
     """The reference ``cfg.reference`` describes, for the prepared ``policy``; ``load(path)`` loads a model as the
-    run loads its own (dtype, attention); ``pass_over(score)`` runs ``score(batch)`` over the training pairs for
-    ``precompute`` (``Trainer.reference_pass``) and returns ``{record id: (chosen, rejected)}``."""
+    run loads its own (dtype, attention); ``data`` (the training set) and ``blank_image`` serve ``precompute``."""
+
+    def pass_over(score):
+        return precomputed_table(score, cfg, accelerator, backend, data, blank_image, say)
+
     r = cfg.reference
     hold = r.hold if r.hold != "auto" else ("adapters" if cfg.canonical_mode == "lora" and not r.path else "copy")
     if hold == "adapters":
@@ -144,3 +148,46 @@ def write_table(path: Path, table: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def precomputed_table(score, cfg, accelerator, backend, data, blank_image, say) -> dict:
+    """Every training pair's reference ``(chosen, rejected)`` log-probabilities by record id: from the cache, else
+    one pass in micro-batches that the processes split (the last ones repeated so every process runs as many
+    forwards: ZeRO-3's lockstep), then shared and cached."""
+    from accelerate.utils import gather_object, send_to_device
+
+    from .data.collate import Collator
+    from .data.dataset import LlavaDataset
+    from .data.lengths import cache_dir
+
+    if not isinstance(data, LlavaDataset):
+        raise UserError(
+            "reference.hold=precompute reads one records source (data.path: a records file, Parquet, a prepared "
+            "folder), not shards or a data.mix; use reference.hold=copy"
+        )
+    ids = [data.record_id(i) for i in range(len(data))]
+    if len(set(ids)) < len(ids):
+        twice = next(rid for rid, n in Counter(ids).items() if n > 1)
+        raise UserError(
+            f"reference.hold=precompute keys each pair by its id, and {data.source} has id {twice!r} more than "
+            "once; give every record its own id, or use reference.hold=copy"
+        )
+    path = cache_dir() / "reference_logps" / f"{cache_key(data, cfg, backend.weights_dtype())}.json"
+    table = read_table(path)
+    if table is not None and set(ids) <= set(table):
+        say(f"reference log-probabilities of {len(ids)} pairs: from the cache ({path})")
+        return table
+    size, processes = cfg.train.micro_batch_size, accelerator.num_processes
+    batches = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)]
+    mine = batches[accelerator.process_index :: processes]
+    mine += [batches[-1]] * (-(-len(batches) // processes) - len(mine))
+    collate, found = Collator(blank_image.pad_token_id, cfg.data.padding_free), []
+    for indices in mine:
+        batch = blank_image.add_where_missing(send_to_device(collate([data[i] for i in indices]), accelerator.device))
+        values, pairs = score(batch).double().cpu().tolist(), batch["n_pairs"]
+        found += [(rid, (values[k], values[pairs + k])) for k, rid in enumerate(batch["ids"])]
+    table = dict(gather_object(found))
+    if accelerator.is_main_process:
+        write_table(path, table)
+    say(f"reference log-probabilities of {len(ids)} pairs: computed, cached at {path}")
+    return table
