@@ -159,20 +159,25 @@ def message_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int,
     return spans
 
 
+@lru_cache(maxsize=8)
+def special_pattern(tokenizer, size: int) -> re.Pattern:
+    """The tokenizer's special tokens as one pattern, longest first; built once per tokenizer and vocabulary size
+    (``size``: a token added later, ``<image>`` by build, makes another), not for every sample."""
+    return re.compile("|".join(re.escape(t) for t in sorted(special_tokens(tokenizer), key=len, reverse=True)))
+
+
 def tokenize(tokenizer, text: str, data_spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text``, where only the template's own markup holds special tokens:
     inside ``data_spans`` (what records and prompts said) a special token's text (``<|im_end|>``, ``<|endoftext|>``
     in a web caption) is tokenized as the text it is, and only the ``<image>`` tag keeps its token. Text with no
     special token in its data is tokenized whole, as it always was."""
     inside = [(a, b) for a, b in data_spans if b > a]
-    specials = sorted(special_tokens(tokenizer), key=len, reverse=True)
-    in_data = [t for t in specials if t != IMAGE_TOKEN and any(t in text[a:b] for a, b in inside)]
-    if not in_data:
+    pattern = special_pattern(tokenizer, len(tokenizer))
+    if not any(m.group() != IMAGE_TOKEN for a, b in inside for m in pattern.finditer(text, a, b)):
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return encoding["input_ids"], encoding["offset_mapping"]
     # the tokenizer splits text at its special tokens before anything else: split it here at the markup's own ones
     # and the image tags instead, and tokenize what lies between with special tokens as plain text
-    pattern = re.compile("|".join(re.escape(t) for t in specials))
     kept = [
         m for m in pattern.finditer(text) if m.group() == IMAGE_TOKEN or not any(a <= m.start() < b for a, b in inside)
     ]
