@@ -29,7 +29,7 @@ from .errors import BuildError
 from .folders import RemoteCodeRefused, load
 from .llm import choose_pad_token, fit_embeddings, generation_config, load_text_config, load_tokenizer
 from .parts import PARTS, PROJECTOR, count_params, part_of
-from .template import IMAGE_TOKEN, processor_chat_template, render, turn_end_token
+from .template import IMAGE_TOKEN, VIDEO_TOKEN, processor_chat_template, render, turn_end_token
 from .vision_tower import CLIP, VisionFamily, VisionTower, load_vision_tower
 
 VISION_FEATURE_LAYER = -2  # LLaVA-1.5: features from the penultimate layer
@@ -281,9 +281,6 @@ def check_feature_layer(layer: int, vision_config) -> int:
     return layer
 
 
-VIDEO_TOKEN = "<video>"  # OneVision's processor and config name it; llava_loop trains no video
-
-
 def add_image_token(tokenizer, token: str = IMAGE_TOKEN) -> int:
     """Add ``<image>`` (or OneVision's ``<video>``) as an additional special token (once) and return its id."""
     if token not in tokenizer.get_vocab():
@@ -315,6 +312,16 @@ def tiled_image_processor(tower: VisionTower, tiling: Tiling):
     return cls(**kwargs, image_grid_pinpoints=tiling.pinpoints, do_pad=True)
 
 
+def video_processor(tower: VisionTower, tiling: Tiling):
+    """OneVision's video processor for this tower: each frame resized to the tower's square input (no crop, as
+    LLaVA-OneVision's video frames) and normalised as the tower's own processor normalises images."""
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    own = tower.image_processor
+    kwargs = {key: getattr(own, key) for key in ("image_mean", "image_std", "resample") if getattr(own, key, None)}
+    return LlavaOnevisionVideoProcessor(**kwargs, size={"height": tiling.side, "width": tiling.side})
+
+
 def make_processor(tower: VisionTower, tokenizer, tiling: Tiling | None = None):
     from transformers import LlavaNextProcessor, LlavaOnevisionProcessor, LlavaProcessor
 
@@ -328,14 +335,10 @@ def make_processor(tower: VisionTower, tokenizer, tiling: Tiling | None = None):
             chat_template=tokenizer.chat_template,
         )
     if tiling is not None:
-        from transformers.models.llava_onevision.video_processing_llava_onevision import (
-            LlavaOnevisionVideoProcessor,
-        )
-
         return LlavaOnevisionProcessor(
             image_processor=tiled_image_processor(tower, tiling),
             tokenizer=tokenizer,
-            video_processor=LlavaOnevisionVideoProcessor(),  # the processor requires one; llava_loop trains no video
+            video_processor=video_processor(tower, tiling),
             # counted with CLIP's CLS, which the processor subtracts again under "default" (as LlavaProcessor)
             num_image_tokens=tower.features_per_image + int(tower.family.has_cls),
             vision_feature_select_strategy=tower.family.select_strategy,

@@ -80,11 +80,13 @@ def cmd_export(args) -> int:
 def cmd_infer(args) -> int:
     import json
 
-    from .infer import caption, generate, images_in, load_for_inference
+    from .infer import caption, generate, generate_video, images_in, load_for_inference
 
+    if args.video and (args.image or args.images_dir or args.out):
+        raise UserError("infer: --video answers about one video; pass it without --image / --images-dir / --out")
     if args.image and (args.images_dir or args.out):
         raise UserError("infer: --image streams one answer; --images-dir with --out captions a folder. Pass one")
-    if not args.image:
+    if not args.image and not args.video:
         if not (args.images_dir and args.out):
             raise UserError("infer: pass --image PATH, or --images-dir DIR with --out captions.jsonl")
         files = images_in(args.images_dir)  # before the model loads: fail fast
@@ -93,11 +95,14 @@ def cmd_infer(args) -> int:
         args.model, args.adapter, device=args.device, attn_implementation=args.attn_implementation
     )
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    if args.image:
+    if args.image or args.video:
         from transformers import TextStreamer
 
         streamer = TextStreamer(encoder.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generate(model, encoder, [args.image], args.prompt, streamer=streamer, **options)
+        if args.video:
+            generate_video(model, encoder, args.video, args.prompt, streamer=streamer, **options)
+        else:
+            generate(model, encoder, [args.image], args.prompt, streamer=streamer, **options)
         return 0
     answers, unreadable = caption(
         model, encoder, files, args.prompt, batch_size=args.batch_size, progress=True, **options
@@ -467,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="an image; the answer streams to the terminal. Repeat for a multi-image prompt: the prompt's <image> "
         "tags, one per image in order, say where each goes (none: all at its start)",
+    )
+    p.add_argument(
+        "--video",
+        help="a video file (OneVision models); its frames are sampled as the run trained (data.video_frames, "
+        "data.video_fps); the answer streams to the terminal",
     )
     p.add_argument("--images-dir", help="caption every image in this folder")
     p.add_argument("--out", help="captions.jsonl for --images-dir")

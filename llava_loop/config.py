@@ -166,6 +166,16 @@ class DataConfig:
         "Pack each micro-batch into one row with position ids restarting per sample: no padding, "
         "no cross-sample attention (varlen flash-attention on GPU, sdpa per sample elsewhere).",
     )
+    video_frames: int = opt(
+        32,
+        "Frames sampled from each video (OneVision's default), at evenly spread times of the clip or its window "
+        "(a shorter frame list repeats some); each fills frames x pooled patches + 1 placeholders.",
+    )
+    video_fps: float = opt(
+        0.0,
+        "At most this many frames per second of a video, still at most data.video_frames (0: no cap). Videos then "
+        "differ in frame count, which transformers' OneVision cannot stack: train.micro_batch_size 1, no token budget.",
+    )
 
 
 @dataclass
@@ -453,6 +463,7 @@ def validate(config: Config) -> None:
         ("data.max_length", d.max_length),
         ("data.prefetch_factor", d.prefetch_factor),
         ("data.shuffle_buffer", d.shuffle_buffer),
+        ("data.video_frames", d.video_frames),
         ("train.log_every", t.log_every),
         ("train.max_consecutive_skips", t.max_consecutive_skips),
     ):
@@ -469,6 +480,7 @@ def validate(config: Config) -> None:
         ("train.weight_decay", t.weight_decay),
         ("train.projector_lr", t.projector_lr),
         ("train.time_limit_minutes", t.time_limit_minutes),
+        ("data.video_fps", d.video_fps),
     ):
         if value < 0:
             problems.append(f"{key} must be >= 0 (got {value})")
@@ -484,6 +496,12 @@ def validate(config: Config) -> None:
         problems.append(
             f"data.max_tokens_per_micro_batch must be 0 (off) or >= data.max_length={d.max_length}, so "
             f"every sample fits (got {d.max_tokens_per_micro_batch})"
+        )
+    if d.video_fps and (t.micro_batch_size > 1 or d.max_tokens_per_micro_batch):
+        problems.append(
+            "data.video_fps gives videos different frame counts, and transformers' OneVision takes a micro-batch's "
+            "videos as one (videos, frames, ...) tensor: set train.micro_batch_size=1 and "
+            "data.max_tokens_per_micro_batch=0 (accumulate with train.grad_accum), or data.video_fps=0"
         )
     if not 0 <= d.max_skip_fraction <= 1:
         problems.append(f"data.max_skip_fraction must be in [0, 1] (got {d.max_skip_fraction})")

@@ -60,6 +60,17 @@ def save_adapter(model, out: Path) -> None:
         save_file({**load_file(weights), **extra}, weights, metadata={"format": "pt"})
 
 
+def sample_frames_as_trained(processor, cfg) -> None:
+    """A OneVision processor given a whole video (a path, through ``pipeline`` or ``apply_chat_template``) samples
+    the run's frame count itself. Its rule is transformers': frames from index 0 at an even stride, where training
+    took the middle of each share of the clip (data/video.py); ``llava-loop infer --video`` samples as training
+    did, and plain transformers does too when handed those frames (``do_sample_frames=False``)."""
+    video = getattr(processor, "video_processor", None)
+    if video is not None:
+        video.do_sample_frames, video.num_frames = True, cfg.data.video_frames
+        video.fps = cfg.data.video_fps or None
+
+
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     model, processor, cfg, state = load_trained(checkpoint_dir)
@@ -68,6 +79,7 @@ def export(checkpoint_dir: str | Path, out: str | Path) -> Path:
         save_adapter(model, out / "adapter")
         model = model.merge_and_unload()
     model.generation_config = type(model.generation_config).from_pretrained(state["run"]["model_path"])
+    sample_frames_as_trained(processor, cfg)
     save_model_dir(model, processor, out)
     write_model_card(out, cfg, state, checkpoint_dir)
     info = {
@@ -93,4 +105,6 @@ def prompt_settings(cfg) -> dict:
         "system_prompt": d.system_prompt,
         "template": d.template,
         "max_length": d.max_length,
+        "video_frames": d.video_frames,
+        "video_fps": d.video_fps,
     }

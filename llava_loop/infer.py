@@ -24,6 +24,7 @@ from .data.collate import merge_image_inputs
 from .data.encode import SampleEncoder
 from .data.images import EmbeddedImage, to_rgb
 from .data.skips import SkipSample
+from .data.video import Video
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -65,6 +66,7 @@ def load_for_inference(
             f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder, e.g. EXPORT/adapter)"
         )
     settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat", "max_length": 1 << 30}
+    settings.update(video_frames=32, video_fps=0.0)  # OneVision's default, where the export does not say
     if is_checkpoint(path):
         from .export import load_trained
 
@@ -142,6 +144,28 @@ def generate(model, encoder: SampleEncoder, images: list, prompts: str | list[st
     )
 
 
+def read_video_frames(video: str | Path, encoder: SampleEncoder) -> list[Image.Image]:
+    """A video file's frames, sampled as training sampled them (``data.video_frames`` / ``video_fps`` of the run);
+    a UserError naming it when the model takes no video or the file cannot be used."""
+    if encoder.video is None:
+        raise UserError(f"--video {video}: this model takes no video (build one with --arch llava-onevision)")
+    path = Path(video).resolve()
+    try:
+        return encoder.video.frames(Video(path.name), path.parent)
+    except SkipSample as skip:
+        raise UserError(f"{video}: cannot be used as a video ({skip.reason}: {skip.detail})") from None
+
+
+@torch.no_grad()
+def generate_video(model, encoder: SampleEncoder, video: str | Path, prompt: str, **options) -> str:
+    """One answer about a video file (its ``<video>`` tag where the prompt puts it, else at its start);
+    ``options`` as in ``generate_ids``."""
+    frames = read_video_frames(video, encoder)
+    return generate_ids(
+        model, encoder, [encoder.question_ids(prompt, 0, video=True)], [[]], videos=[frames], **options
+    )[0]
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -149,6 +173,7 @@ def generate_ids(
     sequences: list[list[int]],
     images: list[list[Image.Image]],
     *,
+    videos: list[list[Image.Image] | None] | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -156,12 +181,16 @@ def generate_ids(
     **generate_kwargs,
 ) -> list[str]:
     """One batch: prompts as token ids with one ``<image>`` id per image (``SampleEncoder.question_ids``),
-    left-padded, each with the RGB images those ids stand for (none, one or several, in tag order) -> decoded
-    answers. Under multi-process ZeRO-3 transformers sets ``synced_gpus``, so a rank that finishes first keeps
-    joining the others' forwards."""
+    left-padded, each with the RGB images those ids stand for (none, one or several, in tag order), and the frames
+    of a ``<video>`` where ``videos`` gives them -> decoded answers. Under multi-process ZeRO-3 transformers sets
+    ``synced_gpus``, so a rank that finishes first keeps joining the others' forwards."""
     tokenizer = encoder.tokenizer
-    # each image's placeholders as its size makes them (a tiled model's count follows it)
-    sequences = [encoder.expand(seq, [(im.height, im.width) for im in row]) for seq, row in zip(sequences, images)]
+    videos = videos or [None] * len(sequences)
+    # each image's placeholders as its size makes them (a tiled model's count follows it), a video's as its frames'
+    sequences = [
+        encoder.expand(seq, [(im.height, im.width) for im in row], len(frames or ()))
+        for seq, row, frames in zip(sequences, images, videos)
+    ]
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
@@ -171,8 +200,12 @@ def generate_ids(
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     # every prompt's images in row and tag order, as the collator lays them out: the model fills placeholders in
     # turn; a text-only batch passes no pixel_values at all (transformers encodes even pixel_values=None)
-    inputs = merge_image_inputs([encoder.image_inputs(row) for row in images])
-    inputs = {k: v.to(device, dtype=dtype if k == "pixel_values" else v.dtype) for k, v in inputs.items()}
+    rows = [
+        {**encoder.image_inputs(row), "pixel_values_videos": encoder.video.pixels(frames) if frames else None}
+        for row, frames in zip(images, videos)
+    ]
+    inputs = merge_image_inputs(rows)
+    inputs = {k: v.to(device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )

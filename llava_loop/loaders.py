@@ -79,6 +79,8 @@ def make_encoder(cfg: Config, processor) -> SampleEncoder:
         image_aspect_ratio=d.image_aspect_ratio,
         max_image_pixels=d.max_image_pixels,
         allow_absolute_paths=d.allow_absolute_paths,
+        video_frames=d.video_frames,
+        video_fps=d.video_fps,
     )
 
 

@@ -158,7 +158,10 @@ class Trainer:
             self.console.warn(THINK_BLOCK_NOTE)
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         loader, self.sampler = self.build_train_loader()
-        self.blank_image = BlankImage(self.train_set.encoder, self.accelerator.device)  # for batches without an image
+        # for micro-batches without an image (or a video, where the data holds videos and the model takes them)
+        videos = self.train_set.holds_video or getattr(self.eval_set, "holds_video", False)
+        encoder = self.train_set.encoder
+        self.blank_image = BlankImage(encoder, self.accelerator.device, video=videos and encoder.video is not None)
         self.validator = self.build_validator()
 
         optimizer = self.build_optimizer(model)

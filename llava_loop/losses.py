@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import packed_kwargs
-from .data.collate import IMAGE_INPUTS
+from .data.collate import MODEL_INPUTS
 from .data.collate import supervised_index as supervised_from_labels
 from .data.encode import IGNORE_INDEX
 from .errors import UserError
@@ -81,7 +81,7 @@ def supervised_index(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def model_inputs(batch: dict) -> dict:
     """What the model takes from a batch: a padded batch's attention mask, or a packed one's position ids (and its
     sample boundaries, computed once by the collator for every attention layer: attention.py)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *IMAGE_INPUTS) if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *MODEL_INPUTS) if k in batch}
     return {**inputs, **packed_kwargs(batch)}
 
 

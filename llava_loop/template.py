@@ -14,6 +14,8 @@ from pathlib import Path
 from .errors import UserError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # OneVision's; a record's video stands where it is
+VISUAL_TOKENS = (IMAGE_TOKEN, VIDEO_TOKEN)  # tags in data text that keep their special tokens
 
 # Sentinels used to probe a template; chosen so no real conversation contains them.
 _PROBE_USER = "llava-loop-probe-user"
@@ -169,17 +171,19 @@ def special_pattern(tokenizer, size: int) -> re.Pattern:
 def tokenize(tokenizer, text: str, data_spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text``, where only the template's own markup holds special tokens:
     inside ``data_spans`` (what records and prompts said) a special token's text (``<|im_end|>``, ``<|endoftext|>``
-    in a web caption) is tokenized as the text it is, and only the ``<image>`` tag keeps its token. Text with no
-    special token in its data is tokenized whole, as it always was."""
+    in a web caption) is tokenized as the text it is, and only the ``<image>`` and ``<video>`` tags keep their
+    tokens. Text with no special token in its data is tokenized whole, as it always was."""
     inside = [(a, b) for a, b in data_spans if b > a]
     pattern = special_pattern(tokenizer, len(tokenizer))
-    if not any(m.group() != IMAGE_TOKEN for a, b in inside for m in pattern.finditer(text, a, b)):
+    if not any(m.group() not in VISUAL_TOKENS for a, b in inside for m in pattern.finditer(text, a, b)):
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return encoding["input_ids"], encoding["offset_mapping"]
     # the tokenizer splits text at its special tokens before anything else: split it here at the markup's own ones
     # and the image tags instead, and tokenize what lies between with special tokens as plain text
     kept = [
-        m for m in pattern.finditer(text) if m.group() == IMAGE_TOKEN or not any(a <= m.start() < b for a, b in inside)
+        m
+        for m in pattern.finditer(text)
+        if m.group() in VISUAL_TOKENS or not any(a <= m.start() < b for a, b in inside)
     ]
     ids, offsets, cursor = [], [], 0
     for match in [*kept, None]:

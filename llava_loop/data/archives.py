@@ -62,8 +62,9 @@ def open_archive(path: Path) -> zipfile.ZipFile:
     return _open[key][1]
 
 
-def read_member(member: ZipMember) -> bytes:
-    """The member's bytes, CRC checked; every failure is a ``SkipSample`` naming the archive and the member."""
+def member_info(member: ZipMember, missing: str = "missing_image") -> tuple[zipfile.ZipFile, zipfile.ZipInfo]:
+    """The open archive and the member's entry; a ``SkipSample`` (``missing``: the reason for an absent member) when
+    either is not there."""
     try:
         archive = open_archive(member.archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -71,9 +72,15 @@ def read_member(member: ZipMember) -> bytes:
     try:
         info = archive.getinfo(member.member)
     except KeyError:
-        raise SkipSample("missing_image", f"{member.archive} has no member {member.member!r}") from None
+        raise SkipSample(missing, f"{member.archive} has no member {member.member!r}") from None
     if info.is_dir():
         raise SkipSample("not_a_file", f"{member} is a folder in the archive")
+    return archive, info
+
+
+def read_member(member: ZipMember) -> bytes:
+    """The member's bytes, CRC checked; every failure is a ``SkipSample`` naming the archive and the member."""
+    archive, info = member_info(member)
     if info.file_size > MAX_MEMBER_BYTES:
         raise SkipSample("decompression_bomb", f"{member} inflates to {info.file_size} bytes")
     if info.file_size == 0:

@@ -10,8 +10,8 @@ token attends across samples, every sample sees the positions it would see alone
 
 The batch also carries, computed here on the host so that nothing is read back from the device:
 
-* its counts as Python ints (supervised tokens, real tokens, slots, views the vision tower encodes (an image, or a
-  tiled image's base view and each tile), and the sum of squared sample lengths
+* its counts as Python ints (supervised tokens, real tokens, slots, views the vision tower encodes (an image, a
+  tiled image's base view and each tile, a video's frames), and the sum of squared sample lengths
   that attention costs), for the loop's loss normalisation and its FLOPs count;
 * ``supervised``: a (3, N) tensor of the (row, column, next token) of every position whose next token is
   supervised, which the loss indexes the hidden states with (``losses.supervised_index``);
@@ -63,7 +63,7 @@ class Collator:
         batch["n_attention_pairs"] = sum(n * n for n in lengths)
         batch["n_slots"] = batch["input_ids"].numel()
         batch.update(merge_image_inputs(samples))
-        batch["n_views"] = len(batch["pixel_values"]) if "pixel_values" in batch else 0
+        batch["n_views"] = sum(len(batch[key].flatten(0, -4)) for key in VISUAL_INPUTS if key in batch)
         batch["ids"] = [s["id"] for s in records]
         batch["n_samples"] = len(records)
         batch["sources"] = [s.get("source", 0) for s in records]  # a data.mix source's number (mixture.py)
@@ -114,14 +114,24 @@ def sequences(samples: list[dict]) -> list[dict]:
 
 
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")
+VISUAL_INPUTS = ("pixel_values", "pixel_values_videos")  # what the vision tower encodes, view by view
+MODEL_INPUTS = (*IMAGE_INPUTS, "pixel_values_videos")
 
 
 def merge_image_inputs(samples: list[dict]) -> dict:
     """The image inputs of several samples (``SampleEncoder.image_inputs``) as one batch's: every sample's images
     (a tiled model's tiles, sizes and image counts too) concatenated in row and tag order, the order the model
-    fills the ``<image>`` placeholders in. None of them when no sample has an image."""
+    fills the ``<image>`` placeholders in. None of them when no sample has an image. Videos, one per sample at
+    most, stack in row order as ``(videos, frames, 3, side, side)``: transformers' OneVision takes them so, which
+    needs one frame count (``data.video_fps`` is refused where a micro-batch could mix two: config.py)."""
     shown = [s for s in samples if s["pixel_values"] is not None]
-    return {key: torch.cat([s[key] for s in shown]) for key in IMAGE_INPUTS if shown and key in shown[0]}
+    merged = {key: torch.cat([s[key] for s in shown]) for key in IMAGE_INPUTS if shown and key in shown[0]}
+    videos = [s["pixel_values_videos"] for s in samples if s.get("pixel_values_videos") is not None]
+    if videos:
+        if len({len(video) for video in videos}) > 1:
+            raise ValueError(f"a micro-batch holds videos of {sorted({len(v) for v in videos})} frames; see config.py")
+        merged["pixel_values_videos"] = torch.stack(videos)
+    return merged
 
 
 def supervised_index(labels: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ class LlavaDataset(Dataset):
         return len(self.records)
 
     @property
+    def holds_video(self) -> bool:
+        """Whether the records may hold a video (every process gets the same answer: its source's)."""
+        return getattr(self.records, "holds_video", False)
+
+    @property
     def source(self) -> str:
         return self.records.source
 

@@ -1,4 +1,4 @@
-"""One record -> one training sample: chat template, labels, image placeholders, pixels.
+"""One record -> one training sample: chat template, labels, image and video placeholders, pixels.
 
 Labels supervise exactly the assistant answers plus their closing turn token; everything else
 (system, user, template scaffolding, image placeholders) is -100. The supervised spans come from the
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..template import IMAGE_TOKEN, TemplateError, message_spans, render, tokenize
+from ..template import IMAGE_TOKEN, VIDEO_TOKEN, TemplateError, message_spans, render, tokenize
 from .images import (
     MAX_IMAGE_PIXELS,
     expand_to_square,
@@ -31,6 +31,7 @@ from .preference import is_pair, pair_sides
 from .records import Record
 from .skips import SkipSample
 from .tiles import Tiler
+from .video import FrameSampling, VideoInputs
 
 IGNORE_INDEX = -100
 KNOWN_ROLES = ("system", "user", "assistant")
@@ -48,32 +49,40 @@ def image_tokens_per_image(processor) -> int:
     return n - 1 if processor.vision_feature_select_strategy == "default" else n
 
 
-def place_image_token(text: str) -> str:
-    """``<image>`` at the start of its turn, on its own line, wherever the data put it (as LLaVA does)."""
-    rest = text.replace(IMAGE_TOKEN, "").strip()
-    return f"{IMAGE_TOKEN}\n{rest}" if rest else IMAGE_TOKEN
+def place_image_token(text: str, tag: str = IMAGE_TOKEN) -> str:
+    """``<image>`` (or ``<video>``) at the start of its turn, on its own line, wherever the data put it (as LLaVA
+    does)."""
+    rest = text.replace(tag, "").strip()
+    return f"{tag}\n{rest}" if rest else tag
+
+
+def check_tags(record: Record, tag: str, expected: int, reason: str, noun: str) -> None:
+    n_tags = sum(text.count(tag) for _, text in record.turns)
+    if n_tags != expected or any(tag in text for role, text in record.turns if role != "user"):
+        raise SkipSample(
+            reason, f"record {record.id}: {n_tags} {tag} tags for {expected} {noun}(s) (tags go in user turns)"
+        )
 
 
 def record_messages(record: Record, system_prompt: str = "") -> list[dict]:
-    """Validated chat messages for a record. One image: its ``<image>`` moves to the start of its turn, as LLaVA
-    does. Several images: each tag stays where the data put it (interleaved), and stands for the images in order."""
+    """Validated chat messages for a record. One image (or a video alone): its tag moves to the start of its turn,
+    as LLaVA does. Several: each tag stays where the data put it (interleaved), and stands for the images in
+    order."""
     unknown = sorted({role for role, _ in record.turns if role not in KNOWN_ROLES})
     if unknown:
         raise SkipSample("unknown_role", f"record {record.id}: roles {unknown}")
-    n_tags = sum(text.count(IMAGE_TOKEN) for _, text in record.turns)
     expected = len(record.images)
-    if n_tags != expected or any(IMAGE_TOKEN in text for role, text in record.turns if role != "user"):
-        raise SkipSample(
-            "image_token_mismatch",
-            f"record {record.id}: {n_tags} <image> tags for {expected} image(s) (tags go in user turns)",
-        )
+    check_tags(record, IMAGE_TOKEN, expected, "image_token_mismatch", "image")
+    check_tags(record, VIDEO_TOKEN, int(record.video is not None), "video_token_mismatch", "video")
+    alone = {IMAGE_TOKEN: expected == 1 and record.video is None, VIDEO_TOKEN: expected == 0}
     messages = []
     if system_prompt and not any(role == "system" for role, _ in record.turns):
         messages.append({"role": "system", "content": system_prompt})
     for role, text in record.turns:
         text = text.strip()
-        if IMAGE_TOKEN in text and expected == 1:
-            text = place_image_token(text)
+        for tag in (IMAGE_TOKEN, VIDEO_TOKEN):
+            if tag in text and alone[tag]:
+                text = place_image_token(text, tag)
         messages.append({"role": role, "content": text})
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     if not answers or not all(answers):
@@ -181,10 +190,12 @@ def blocks_held(n_placeholders: int, counts: list[int]) -> int:
 
 
 class SampleEncoder:
-    """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values"}`` or raising SkipSample.
+    """Callable turning a ``Record`` into ``{"id", "input_ids", "labels", "pixel_values", "pixel_values_videos"}``
+    or raising SkipSample.
 
     A tiled model's samples also carry ``image_sizes`` (height, width per image; its placeholder counts follow them)
-    and, for OneVision, ``batch_num_images``; their ``pixel_values`` are every image's tiles, concatenated."""
+    and, for OneVision, ``batch_num_images``; their ``pixel_values`` are every image's tiles, concatenated. A
+    OneVision sample's video is ``(frames, 3, side, side)`` (``video.VideoInputs``)."""
 
     def __init__(
         self,
@@ -196,6 +207,8 @@ class SampleEncoder:
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         allow_absolute_paths: bool = False,
         template: str = "chat",
+        video_frames: int = 32,
+        video_fps: float = 0.0,
     ):
         self.tokenizer = processor.tokenizer
         if template == "plain" and self.tokenizer.eos_token_id is None:
@@ -217,6 +230,12 @@ class SampleEncoder:
         self.allow_absolute_paths = allow_absolute_paths
         self.pad_fill = tuple(int(255 * m) for m in self.image_processor.image_mean)
         self.fast_pixels = fast_path_applies(self.image_processor)
+        self.video = VideoInputs.of(
+            processor,
+            FrameSampling(video_frames, video_fps),
+            max_pixels=max_image_pixels,
+            allow_absolute_paths=allow_absolute_paths,
+        )
 
     def placeholder_counts(self, sizes: list[tuple[int, int]]) -> list[int]:
         """Placeholders each image of one sample fills, from the images' (height, width)."""
@@ -238,18 +257,42 @@ class SampleEncoder:
             sizes.append((height, width))
         return sizes
 
+    def video_frames(self, record: Record, image_dir: str | Path | None) -> int:
+        """How many frames the record's video gives (0: it has none); under ``data.video_fps`` read from its
+        file's header. A video for a model without a video path is the run's error, not the record's."""
+        if record.video is None:
+            return 0
+        if self.video is None:
+            raise UserError(
+                f"record {record.id} holds a video, and this model takes none: build it with --arch "
+                "llava-onevision (llava-loop build), or leave video records out of data.path"
+            )
+        return self.video.frame_count(record.video, image_dir)
+
     def encode_text(self, record: Record, image_dir: str | Path | None = None) -> tuple[list[int], list[int]]:
         """Token ids and labels; later turns are dropped whole when too long, so an image block is never cut (the
-        images of dropped turns go with them). ``image_dir``: where a tiled model's images are (their sizes count).
-        A preference pair's are its two sequences end to end: what it holds of a micro-batch."""
-        sizes = self.image_sizes(record, image_dir)
+        images of dropped turns go with them). ``image_dir``: where a tiled model's images are (their sizes count),
+        and videos (their frame counts, under an fps cap). A preference pair's are its two sequences end to end:
+        what it holds of a micro-batch."""
+        sizes, frames = self.image_sizes(record, image_dir), self.video_frames(record, image_dir)
         if is_pair(record):
-            (chosen, chosen_labels), (rejected, rejected_labels) = self.encode_pair(record, sizes)
+            (chosen, chosen_labels), (rejected, rejected_labels) = self.encode_pair(record, sizes, frames)
             return chosen + rejected, chosen_labels + rejected_labels
-        ids, labels, _ = self.encode_kept(record, sizes)
+        ids, labels, _ = self.encode_kept(record, sizes, frames)
         return ids, labels
 
-    def encode_pair(self, record: Record, sizes: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
+    def expand_visuals(self, ids, labels, turn_ends, counts: list[int], frames: int = 0):
+        """``expand_image_tokens`` for the images (``counts`` placeholders each), then the video of ``frames``."""
+        ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, counts)
+        if frames:
+            ids, labels, turn_ends = expand_image_tokens(
+                ids, labels, turn_ends, self.video.token_id, [self.video.tokens(frames)]
+            )
+        return ids, labels, turn_ends
+
+    def encode_pair(
+        self, record: Record, sizes: list[tuple[int, int]], frames: int = 0
+    ) -> list[tuple[list[int], list[int]]]:
         """A preference pair's chosen and rejected sequences: each the prompt laid out as training lays out any
         record, then its answer as the assistant's, only that answer (and its end of turn) supervised. A pair whose
         longer sequence exceeds ``max_length`` is skipped: cutting it would score a part of an answer."""
@@ -257,7 +300,7 @@ class SampleEncoder:
         for (role, _), side in zip(record.turns[-2:], pair_sides(record)):
             ids, labels, ends = self.tokens(side)
             labels = [IGNORE_INDEX] * ends[-2] + labels[ends[-2] :] if len(ends) > 1 else labels
-            ids, labels, _ = expand_image_tokens(ids, labels, [], self.image_token_id, self.placeholder_counts(sizes))
+            ids, labels, _ = self.expand_visuals(ids, labels, [], self.placeholder_counts(sizes), frames)
             if len(ids) > self.max_length:
                 raise SkipSample(
                     "too_long", f"record {record.id}: its {role} sequence is {len(ids)} tokens > data.max_length"
@@ -265,15 +308,18 @@ class SampleEncoder:
             sides.append((ids, labels))
         return sides
 
-    def encode_kept(self, record: Record, sizes: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
-        """``encode_text`` given the images' sizes, and how many of the record's images the kept turns show."""
+    def encode_kept(
+        self, record: Record, sizes: list[tuple[int, int]], frames: int = 0
+    ) -> tuple[list[int], list[int], int]:
+        """``encode_text`` given the images' sizes and the video's frames, and how many of the record's images the
+        kept turns show (whether they show its video: its token is in the ids)."""
         counts = self.placeholder_counts(sizes)
         text_ids, text_labels, text_ends = self.tokens(record)
-        ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
+        ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts, frames)
         if kept != len(sizes) and self.placeholder_counts(sizes[:kept]) != counts[:kept]:
             # the kept images are laid out as their own count says (OneVision tiles a lone image), and fit again
             counts = self.placeholder_counts(sizes[:kept]) + counts[kept:]
-            ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts)
+            ids, labels, kept = self.fit(record, text_ids, text_labels, text_ends, counts, frames)
         return ids, labels, kept
 
     def tokens(self, record: Record) -> tuple[list[int], list[int], list[int]]:
@@ -288,51 +334,65 @@ class SampleEncoder:
                 raise
             raise SkipSample("template_error", f"record {record.id}: {exc}") from None
 
-    def fit(self, record: Record, ids, labels, turn_ends, counts: list[int]) -> tuple[list[int], list[int], int]:
-        """Images expanded to ``counts`` placeholders, then later turns dropped whole past ``max_length``."""
-        ids, labels, turn_ends = expand_image_tokens(ids, labels, turn_ends, self.image_token_id, counts)
+    def fit(
+        self, record: Record, ids, labels, turn_ends, counts: list[int], frames: int = 0
+    ) -> tuple[list[int], list[int], int]:
+        """Images expanded to ``counts`` placeholders (the video to its frames'), then later turns dropped whole past
+        ``max_length``."""
+        ids, labels, turn_ends = self.expand_visuals(ids, labels, turn_ends, counts, frames)
         if len(ids) > self.max_length:
             fitting = [end for end in turn_ends if end <= self.max_length]
             if not fitting:  # the first exchange, its images included, does not fit
                 first = turn_ends[0]
+                held = f"{ids[:first].count(self.image_token_id)} of them image placeholders"
+                if frames:
+                    held += f", {ids[:first].count(self.video.token_id)} video placeholders"
                 raise SkipSample(
                     "too_long",
-                    f"record {record.id}: its first answer ends at token {first} "
-                    f"({ids[:first].count(self.image_token_id)} of them image placeholders) "
+                    f"record {record.id}: its first answer ends at token {first} ({held}) "
                     f"> data.max_length={self.max_length}",
                 )
             ids, labels = ids[: fitting[-1]], labels[: fitting[-1]]  # drop later turns whole
         return ids, labels, blocks_held(ids.count(self.image_token_id), counts)
 
-    def question_ids(self, prompt: str, images: int = 1) -> list[int]:
+    def question_ids(self, prompt: str, images: int = 1, video: bool = False) -> list[int]:
         """Token ids of a one-turn prompt ready for generation, laid out exactly as training lays out a record with
-        ``images`` images, with one ``<image>`` id per image (``expand`` fills them in). One image: its tag goes to
-        the start of the turn, wherever the prompt put it or if it put none. Several: the prompt's tags, one per
-        image in order, stay where they are; a prompt with none gets them at its start, one per line. Under
-        ``plain`` the images are the whole prompt: the model was taught to caption what it is shown, and
-        ``prompt`` is not used."""
+        ``images`` images (and a ``video``), with one ``<image>`` id per image (``expand`` fills them in). One
+        image (or a video alone): its tag goes to the start of the turn, wherever the prompt put it or if it put
+        none. Several: the prompt's tags, one per image in order, stay where they are; a prompt with none gets them
+        at its start, one per line. Under ``plain`` the images are the whole prompt: the model was taught to
+        caption what it is shown, and ``prompt`` is not used."""
         if self.template == "plain":
             return plain_prefix(self.tokenizer, self.image_token_id, images)
+        if prompt.count(VIDEO_TOKEN) > int(video):
+            raise UserError(f"the prompt has {prompt.count(VIDEO_TOKEN)} {VIDEO_TOKEN} tags for {int(video)} video")
+        if video and VIDEO_TOKEN not in prompt:
+            prompt = f"{VIDEO_TOKEN}\n{prompt}"
+        if video and not images:
+            return self.generation_ids(
+                self.with_system([{"role": "user", "content": place_image_token(prompt, VIDEO_TOKEN)}])
+            )
         tags = prompt.count(IMAGE_TOKEN)
         if tags not in (0, images):
             raise UserError(
                 f"the prompt has {tags} {IMAGE_TOKEN} tags for {images} image(s): write one per image, in the order "
                 "the images are given, or none (then they go at the start of the prompt)"
             )
-        if images == 1:
+        if images == 1 and not video:
             content = place_image_token(prompt if tags else IMAGE_TOKEN + prompt)
         elif tags == images:  # several tags in place, or no image at all
             content = prompt.strip()
         else:
             content = "\n".join([IMAGE_TOKEN] * images + [prompt.strip()])
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": content})
-        return self.generation_ids(messages)
+        return self.generation_ids(self.with_system([{"role": "user", "content": content}]))
 
-    def prompt_ids(self, prompt: str, sizes: tuple[tuple[int, int], ...] = ((0, 0),)) -> list[int]:
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        return [{"role": "system", "content": self.system_prompt}, *messages] if self.system_prompt else messages
+
+    def prompt_ids(self, prompt: str, sizes: tuple[tuple[int, int], ...] = ((0, 0),), frames: int = 0) -> list[int]:
         """``question_ids`` with each image's placeholders in place (``sizes``: one (height, width) per image, which
-        a tiled model's counts follow; empty for a text-only prompt)."""
-        return self.expand(self.question_ids(prompt, len(sizes)), list(sizes))
+        a tiled model's counts follow; empty for a text-only prompt), and a video's of ``frames`` frames."""
+        return self.expand(self.question_ids(prompt, len(sizes), video=bool(frames)), list(sizes), frames)
 
     def first_question(self, record: Record) -> tuple[list[int], str, str]:
         """A record's first question as token ids ready for generation, its text, and the reference answer (see
@@ -350,11 +410,10 @@ class SampleEncoder:
         located = message_spans(self.tokenizer, messages, text)
         return tokenize(self.tokenizer, text, [(start, end) for start, end, _ in located])[0]
 
-    def expand(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
-        """Generation ids with each ``<image>`` id replaced by its image's placeholders."""
-        ids, _, _ = expand_image_tokens(
-            ids, [IGNORE_INDEX] * len(ids), [], self.image_token_id, self.placeholder_counts(sizes)
-        )
+    def expand(self, ids: list[int], sizes: list[tuple[int, int]], frames: int = 0) -> list[int]:
+        """Generation ids with each ``<image>`` id replaced by its image's placeholders, and the ``<video>`` id by
+        its ``frames`` frames'."""
+        ids, _, _ = self.expand_visuals(ids, [IGNORE_INDEX] * len(ids), [], self.placeholder_counts(sizes), frames)
         return ids
 
     def pixels(self, path: Path) -> torch.Tensor:
@@ -411,16 +470,24 @@ class SampleEncoder:
             inputs["batch_num_images"] = torch.tensor([len(images)], dtype=torch.long)
         return inputs
 
+    def video_inputs(self, record: Record, image_dir, frames: int) -> torch.Tensor:
+        """The record's video as its ``frames`` frames' pixels."""
+        pixels = self.video.pixels(self.video.frames(record.video, image_dir), record.video)
+        if len(pixels) != frames:  # the count the placeholders were laid out for
+            raise SkipSample("corrupt_video", f"{record.video}: {len(pixels)} frames decoded, {frames} expected")
+        return pixels
+
     def __call__(self, record: Record, image_dir: str | Path) -> dict:
         # text first (with only the headers of a tiled model's images read): cheap checks before image decode
-        sizes = self.image_sizes(record, image_dir)
+        sizes, frames = self.image_sizes(record, image_dir), self.video_frames(record, image_dir)
         if is_pair(record):  # the chosen sequence, and the rejected one beside it: one sample, never split
-            (ids, labels), (rejected, rejected_labels) = self.encode_pair(record, sizes)
+            (ids, labels), (rejected, rejected_labels) = self.encode_pair(record, sizes, frames)
             kept = len(record.images)
             pair = {"rejected": {"input_ids": as_ids(rejected), "labels": as_ids(rejected_labels)}}
         else:
-            ids, labels, kept = self.encode_kept(record, sizes)
+            ids, labels, kept = self.encode_kept(record, sizes, frames)
             pair = {}
+        shown = frames and self.video.token_id in ids  # the video's turn kept
         names = record.images[:kept]  # every image the kept turns refer to, in tag order
         where = [image_path(image_dir, name, allow_absolute=self.allow_absolute_paths) for name in names]
         return {
@@ -429,6 +496,7 @@ class SampleEncoder:
             "labels": as_ids(labels),
             **pair,
             **self.image_inputs([self.load(path) for path in where]),
+            "pixel_values_videos": self.video_inputs(record, image_dir, frames) if shown else None,
         }
 
 

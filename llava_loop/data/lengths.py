@@ -59,10 +59,18 @@ def cache_key(records, encoder: SampleEncoder, image_dir) -> str:
         if encoder.tiler is None
         else [encoder.tiler.describe(), encoder.tiler.image_processor.image_grid_pinpoints, str(image_dir)],
         "image_token_id": encoder.image_token_id,
+        "video": None if encoder.video is None else video_settings(encoder.video, image_dir),
         "chat_template": tokenizer.chat_template,
         "vocab": _tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def video_settings(video, image_dir) -> list:
+    """What a video's length follows: its frame count (under an fps cap, the files' headers in ``image_dir``) and
+    the placeholders per frame."""
+    sampling = video.sampling
+    return [sampling.frames, sampling.fps, video.token_id, video.tokens(1), str(image_dir) if sampling.fps else None]
 
 
 class _Lengths(torch.utils.data.Dataset):

@@ -2,7 +2,10 @@
 
 Accepted files: a JSON list (LLaVA's ``chat.json``), JSONL, or ``{"data": [...]}``. Each record has
 ``id``, an optional ``image`` (one path relative to the image folder, or a list of them for multi-image
-records) and ``conversations`` of ``{"from": human|gpt|system, "value"}`` or ``{"role", "content"}`` messages.
+records), an optional ``video`` (a file, or the list of its frame images; ``video_start`` / ``video_end``: a window
+of it in seconds) and ``conversations`` of ``{"from": human|gpt|system, "value"}`` or ``{"role", "content"}``
+messages. A video stands where its ``<video>`` tag is; a record with a video, no image and one ``<image>`` tag
+(LLaVA-Video-178K's and LLaVA-NeXT's convention) has that tag read as ``<video>``.
 
 Structural problems (malformed JSON, bad encoding, a record without ``conversations``...) fail here
 with the file name and record index, before any model is loaded. Content problems (unknown roles,
@@ -22,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..template import IMAGE_TOKEN, VIDEO_TOKEN
 from .images import EmbeddedImage
+from .video import Video
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -37,6 +42,7 @@ class Record:
     images: tuple[str | EmbeddedImage, ...]  # paths relative to the image folder, or embedded images, in the order
     # of the record's <image> tags; empty for text-only records
     turns: tuple[tuple[str, str], ...]  # (role, text); role is normalised where known, else kept as given
+    video: Video | None = None
 
     def estimated_tokens(self, image_tokens: int) -> int:
         """A cheap length estimate without a tokenizer: about 4 characters per text token, plus the images."""
@@ -46,21 +52,25 @@ class Record:
 class Records:
     """An immutable, indexable list of ``Record`` backed by a single bytes blob."""
 
-    def __init__(self, blob: bytes, offsets: np.ndarray, source: str, index: np.ndarray | None = None):
+    def __init__(
+        self, blob: bytes, offsets: np.ndarray, source: str, index: np.ndarray | None = None, *, holds_video=False
+    ):
         self._blob = blob
         self._offsets = offsets
         self._index = index  # a subset view shares the blob
         self.source = source
+        self.holds_video = holds_video  # whether the file has a video record (a subset keeps the file's answer)
 
     @classmethod
-    def from_encoded(cls, encoded: list[bytes], source: str) -> Records:
+    def from_encoded(cls, encoded: list[bytes], source: str, *, holds_video: bool = False) -> Records:
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(b"".join(encoded), offsets, source)
+        return cls(b"".join(encoded), offsets, source, holds_video=holds_video)
 
     @classmethod
     def from_records(cls, records: list[Record], source: str = "<memory>") -> Records:
-        return cls.from_encoded([_encode(r) for r in records], source)
+        holds_video = any(r.video is not None for r in records)
+        return cls.from_encoded([_encode(r) for r in records], source, holds_video=holds_video)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1 if self._index is None else len(self._index)
@@ -69,14 +79,15 @@ class Records:
         if self._index is not None:
             index = int(self._index[index])
         start, end = self._offsets[index], self._offsets[index + 1]
-        rid, images, turns = json.loads(self._blob[start:end])
-        return Record(rid, tuple(images), tuple((role, text) for role, text in turns))
+        rid, images, turns, *video = json.loads(self._blob[start:end])  # a video is a fourth field
+        turns = tuple((role, text) for role, text in turns)
+        return Record(rid, tuple(images), turns, Video.from_json(video[0]) if video else None)
 
     def subset(self, indices) -> Records:
         base = np.asarray(indices, dtype=np.int64)
         if self._index is not None:
             base = self._index[base]
-        return Records(self._blob, self._offsets, self.source, base)
+        return Records(self._blob, self._offsets, self.source, base, holds_video=self.holds_video)
 
     def nbytes(self) -> int:
         return len(self._blob) + self._offsets.nbytes
@@ -91,7 +102,8 @@ class Records:
 
 
 def _encode(record: Record) -> bytes:
-    return json.dumps([record.id, record.images, record.turns], ensure_ascii=False, separators=(",", ":")).encode()
+    fields = [record.id, record.images, record.turns] + ([record.video.to_json()] if record.video else [])
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _where(path: Path, index: int, raw) -> str:
@@ -118,8 +130,34 @@ def normalize_record(raw, path: Path, index: int) -> Record:
     images = image if isinstance(image, list) else [] if image in (None, "") else [image]
     if not all(isinstance(i, EmbeddedImage) or (isinstance(i, str) and i) for i in images):
         raise RecordError(f"{where}: 'image' must be a relative path or a list of them, got {image!r}")
+    video = read_video_field(raw, where)
+    if video is not None and not images:
+        turns = video_tag_from_image_tag(turns)
     rid = raw.get("id", index)
-    return Record(str(rid), tuple(images), tuple(turns))
+    return Record(str(rid), tuple(images), tuple(turns), video)
+
+
+def read_video_field(raw: dict, where: str) -> Video | None:
+    """A record's ``video`` (a path, or its frame images' paths) and window (``video_start`` / ``video_end``)."""
+    source = raw.get("video")
+    if source in (None, "", []):
+        return None
+    if isinstance(source, list) and all(isinstance(name, str) and name for name in source):
+        source = tuple(source)
+    elif not isinstance(source, str):
+        raise RecordError(f"{where}: 'video' must be a relative path or a list of frame image paths, got {source!r}")
+    window = [raw.get("video_start"), raw.get("video_end")]
+    if not all(t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0) for t in window):
+        raise RecordError(f"{where}: video_start / video_end must be seconds (numbers >= 0), got {window}")
+    return Video(source, *(None if t is None else float(t) for t in window))
+
+
+def video_tag_from_image_tag(turns: list) -> list:
+    """A video record with no ``<video>`` tag and one ``<image>`` tag: that tag, as LLaVA-Video's data writes it."""
+    texts = [text for _, text in turns]
+    if any(VIDEO_TOKEN in text for text in texts) or sum(text.count(IMAGE_TOKEN) for text in texts) != 1:
+        return turns
+    return [(role, text.replace(IMAGE_TOKEN, VIDEO_TOKEN)) for role, text in turns]
 
 
 def message_turn(message, where: str, text_of) -> tuple[str, str]:
@@ -188,7 +226,11 @@ def load_records(path: str | Path) -> Records:
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"data file {path} not found; set data.path to a chat.json or .jsonl file")
-    encoded = [_encode(normalize_record(raw, path, index)) for index, raw in _iter_raw(path)]
+    records = (normalize_record(raw, path, index) for index, raw in _iter_raw(path))
+    encoded, holds_video = [], False
+    for record in records:
+        encoded.append(_encode(record))
+        holds_video |= record.video is not None
     if not encoded:
         raise RecordError(f"{path}: no records")
-    return Records.from_encoded(encoded, str(path))
+    return Records.from_encoded(encoded, str(path), holds_video=holds_video)

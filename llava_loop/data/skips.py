@@ -30,6 +30,7 @@ REASONS = (
     "corrupt_video",  # unreadable, or no video stream
     "empty_video",  # no frame (in the record's window)
     "video_too_large",  # frames over data.max_image_pixels
+    "video_token_mismatch",  # a <video> tag without a video, or a video without its one tag
 )
 
 

@@ -31,6 +31,8 @@ from .skips import SkipSample
 TEXT_COLUMNS = ("conversations", "messages")
 LARGE_ROW_GROUP = 1000
 IMAGE_COLUMNS = ("image", "images")
+VIDEO_COLUMNS = ("video", "video_start", "video_end")  # a path (or frame paths) under the image folder, a window
+KEPT_COLUMNS = TEXT_COLUMNS + IMAGE_COLUMNS + VIDEO_COLUMNS + ("id",)
 
 
 def image_refs(value, where: str):
@@ -64,6 +66,7 @@ def row_record(row: dict, source: str, index: int) -> Record:
     image = row.get("image", row.get("images"))
     if image is not None:
         raw["image"] = image_refs(image, where)
+    raw.update({key: row[key] for key in VIDEO_COLUMNS if row.get(key) is not None})
     try:
         return normalize_record(raw, Path(source), index)
     except RecordError as exc:
@@ -93,7 +96,8 @@ class ArrowRows:
         check_columns(dataset.column_names, str(path))
         self.table = dataset.with_format("arrow")  # rows as Arrow slices: the Image feature is not decoded
         self.files = [Path(f["filename"]) for f in dataset.cache_files]
-        self.columns = [c for c in dataset.column_names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)]
+        self.columns = [c for c in dataset.column_names if c in KEPT_COLUMNS]
+        self.holds_video = "video" in self.columns
 
     def __len__(self) -> int:
         return len(self.table)
@@ -116,7 +120,7 @@ class ParquetRows:
             meta, names = parquet.metadata, parquet.schema_arrow.names
             check_columns(names, str(file))
             # each file's own columns: a folder's files may differ (a text-only part, `images` beside `image`)
-            self.columns.append([c for c in names if c in TEXT_COLUMNS + IMAGE_COLUMNS + ("id",)])
+            self.columns.append([c for c in names if c in KEPT_COLUMNS])
             for g in range(meta.num_row_groups):
                 counts.append(meta.row_group(g).num_rows)
                 groups.append((f, g))
@@ -129,6 +133,7 @@ class ParquetRows:
                     "a save_to_disk folder or shards",
                     stacklevel=2,
                 )
+        self.holds_video = any("video" in columns for columns in self.columns)
         self.groups = groups
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._cached: tuple[int, object] | None = None
@@ -166,6 +171,11 @@ class TableRecords:
         if self._index is not None:
             index = int(self._index[index])
         return row_record(self.rows[index], self.source, index)
+
+    @property
+    def holds_video(self) -> bool:
+        """Whether a video column is there (its rows may still have none)."""
+        return self.rows.holds_video
 
     def subset(self, indices) -> TableRecords:
         base = np.asarray(indices, dtype=np.int64)

@@ -3,13 +3,16 @@
 Sampling is a pure function of the clip and the settings, so a record gives the same frames in every epoch,
 process and resume, and anyone can recompute them from the record alone:
 
-* ``frames`` (``data.video_frames``, OneVision's 32): at most that many frames;
+* ``frames`` (``data.video_frames``, OneVision's 32): that many frames;
 * ``fps`` (``data.video_fps``; 0: no cap): at most that many frames per second of the clip, still at most ``frames``;
 * a window of the clip (a record's ``video_start`` / ``video_end`` seconds), else all of it.
 
 A file's frames are taken at times spread evenly over the window (each the middle of its share of it), which holds
 for variable frame rates too; each is found by seeking to the key frame before it and decoding forward, so a
-10-hour video costs its sampled frames, not its length. A frame list is sampled by index the same way.
+10-hour video costs its sampled frames, not its length. A frame list is sampled by index the same way, always to
+``frames`` frames (a shorter list repeats some, as LLaVA-OneVision's uniform sampling does), so that without an
+fps cap every video of a run has the same frame count and a micro-batch's videos stack into one tensor, the shape
+transformers' OneVision takes.
 
 Every problem is a ``SkipSample`` with its reason: ``missing_video``, ``corrupt_video`` (unreadable, or no video
 stream), ``empty_video`` (no frame), ``video_too_large`` (a frame over ``data.max_image_pixels``).
@@ -17,18 +20,47 @@ stream), ``empty_video`` (no frame), ``video_too_large`` (a frame over ``data.ma
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..errors import UserError
-from .images import MAX_IMAGE_PIXELS, load_image
+from ..template import VIDEO_TOKEN
+from .archives import ZipMember, member_info
+from .images import MAX_IMAGE_PIXELS, image_path, load_image
 from .skips import SkipSample
 
-VIDEO_TOKEN = "<video>"
+
+@dataclass(frozen=True)
+class Video:
+    """A record's video: a file, or its frames as image files in order (``source``, relative to the image folder),
+    and an optional window of it in seconds."""
+
+    source: str | tuple[str, ...]
+    start: float | None = None
+    end: float | None = None
+
+    @property
+    def frame_list(self) -> bool:
+        return isinstance(self.source, tuple)
+
+    def __str__(self) -> str:
+        return f"{self.source[0]} (+{len(self.source) - 1} frames)" if self.frame_list else self.source
+
+    def to_json(self) -> list:
+        return [list(self.source) if self.frame_list else self.source, self.start, self.end]
+
+    @classmethod
+    def from_json(cls, value) -> Video | None:
+        if value is None:
+            return None
+        source, start, end = value
+        return cls(tuple(source) if isinstance(source, list) else source, start, end)
 
 
 def require_video_extra() -> None:
@@ -46,12 +78,11 @@ class FrameSampling:
     frames: int = 32
     fps: float = 0.0
 
-    def count(self, seconds: float | None, available: int | None = None) -> int:
-        """How many frames a clip of ``seconds`` (None: unknown, a frame list) gives, at most ``available``."""
-        n = self.frames
+    def count(self, seconds: float | None = None) -> int:
+        """How many frames a clip of ``seconds`` (None: unknown, a frame list) gives."""
         if self.fps and seconds is not None:
-            n = min(n, max(1, math.ceil(seconds * self.fps)))
-        return n if available is None else min(n, available)
+            return min(self.frames, max(1, math.ceil(seconds * self.fps)))
+        return self.frames
 
     def times(self, start: float, end: float) -> list[float]:
         """The times (seconds) of a file's frames in ``[start, end)``: the middle of each of ``count`` equal parts."""
@@ -60,9 +91,8 @@ class FrameSampling:
         return [start + (i + 0.5) * step for i in range(n)]
 
     def indices(self, available: int) -> list[int]:
-        """The indices of a frame list's frames, spread the same way."""
-        n = self.count(None, available)
-        return [int((i + 0.5) * available / n) for i in range(n)]
+        """The indices of a frame list's ``frames`` frames, spread the same way (repeating some of a shorter list)."""
+        return [int((i + 0.5) * available / self.frames) for i in range(self.frames)]
 
 
 def clip_window(duration: float, start: float | None, end: float | None, where) -> tuple[float, float]:
@@ -72,40 +102,61 @@ def clip_window(duration: float, start: float | None, end: float | None, where) 
     return begin, finish
 
 
+@contextlib.contextmanager
+def opened(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS):
+    """``(container, stream, seconds)`` of a video file or zip member, its one video stream checked: there, of a
+    frame size within ``max_pixels``, and not empty."""
+    import av
+
+    if isinstance(where, ZipMember):
+        archive, info = member_info(where, "missing_video")
+        source = archive.open(info)  # seekable: PyAV reads the member in place
+    elif not where.is_file():
+        raise SkipSample("missing_video", f"{where} does not exist")
+    else:
+        source = str(where)
+    try:
+        container = av.open(source)
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise SkipSample("corrupt_video", f"{where}: {exc}") from None
+    with container:
+        if not container.streams.video:
+            raise SkipSample("corrupt_video", f"{where} has no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise SkipSample("video_too_large", f"{where}: frames of {width}x{height}, over {max_pixels} pixels")
+        seconds = _duration(container, stream)
+        if not seconds:
+            raise SkipSample("empty_video", f"{where} holds no frame")
+        yield container, stream, seconds
+
+
+def clip_seconds(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS) -> float:
+    """A video's length in seconds, from its header (nothing is decoded)."""
+    with opened(where, max_pixels) as (_, _, seconds):
+        return seconds
+
+
 def read_video(
-    path: Path,
+    where: Path | ZipMember,
     sampling: FrameSampling,
     *,
     start: float | None = None,
     end: float | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> list[Image.Image]:
-    """The sampled frames of a video file, as RGB images."""
+    """The sampled frames of a video file (or zip member), as RGB images."""
     import av
 
-    if not path.is_file():
-        raise SkipSample("missing_video", f"{path} does not exist")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise SkipSample("corrupt_video", f"{path}: {exc}") from None
-    with container:
-        if not container.streams.video:
-            raise SkipSample("corrupt_video", f"{path} has no video stream")
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width * height > max_pixels:
-            raise SkipSample("video_too_large", f"{path}: frames of {width}x{height}, over {max_pixels} pixels")
-        duration = _duration(container, stream)
-        if not duration:
-            raise SkipSample("empty_video", f"{path} holds no frame")
-        times = sampling.times(*clip_window(duration, start, end, path))
+    with opened(where, max_pixels) as (container, stream, seconds):
+        times = sampling.times(*clip_window(seconds, start, end, where))
         try:
             frames = [_frame_at(container, stream, t) for t in times]
-        except (av.FFmpegError, OSError, ValueError) as exc:
-            raise SkipSample("corrupt_video", f"{path}: {exc}") from None
+        except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+            raise SkipSample("corrupt_video", f"{where}: {exc}") from None
     if any(frame is None for frame in frames):
-        raise SkipSample("empty_video", f"{path}: no frame decodes at some of {len(times)} sampled times")
+        raise SkipSample("empty_video", f"{where}: no frame decodes at some of {len(times)} sampled times")
     return frames
 
 
@@ -136,12 +187,65 @@ def _frame_at(container, stream, seconds: float) -> Image.Image | None:
 
 
 def read_frame_list(paths: list, sampling: FrameSampling, max_pixels: int = MAX_IMAGE_PIXELS) -> list[Image.Image]:
-    """The sampled frames of a video given as its frame images (LLaVA-Video-178K, ShareGPT-4o)."""
+    """The sampled frames of a video given as its frame images (LLaVA-Video-178K, ShareGPT-4o); a frame picked
+    twice is decoded once."""
     if not paths:
         raise SkipSample("empty_video", "the video's frame list is empty")
-    return [load_image(paths[i], max_pixels) for i in sampling.indices(len(paths))]
+    picked = sampling.indices(len(paths))
+    decoded = {i: load_image(paths[i], max_pixels) for i in sorted(set(picked))}
+    return [decoded[i] for i in picked]
 
 
-def frames_array(frames: list[Image.Image]) -> np.ndarray:
+def frames_array(frames: list[Image.Image], where="the video") -> np.ndarray:
     """Frames as the (n, height, width, 3) uint8 array transformers' video processors take."""
+    if len({frame.size for frame in frames}) > 1:
+        raise SkipSample("corrupt_video", f"{where}: its frames differ in size ({sorted({f.size for f in frames})})")
     return np.stack([np.asarray(frame) for frame in frames])
+
+
+class VideoInputs:
+    """What a OneVision processor makes of a record's video, the way training lays it out: its frame count, the
+    ``<video>`` placeholders they fill (frames x pooled patches per frame, plus one newline: the processor's own
+    count), and the pixels its video processor makes of them, ``(frames, 3, side, side)``."""
+
+    def __init__(self, processor, sampling: FrameSampling, *, max_pixels: int, allow_absolute_paths: bool):
+        self.processor = processor
+        self.video_processor = processor.video_processor
+        self.token_id = processor.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.sampling, self.max_pixels, self.allow_absolute_paths = sampling, max_pixels, allow_absolute_paths
+
+    @classmethod
+    def of(cls, processor, sampling: FrameSampling, **kwargs) -> VideoInputs | None:
+        """VideoInputs for a processor with a video processor (OneVision), None for one without."""
+        return cls(processor, sampling, **kwargs) if getattr(processor, "video_processor", None) else None
+
+    def tokens(self, frames: int) -> int:
+        side = self.video_processor.size
+        size = (frames, side["height"], side["width"])
+        return self.processor._get_num_multimodal_tokens(video_sizes=[size]).num_video_tokens[0]
+
+    def locate(self, video: Video, image_dir) -> Path | ZipMember | list:
+        """The file (or zip member), or the frame files, a record's video names under ``image_dir``."""
+        names = video.source if video.frame_list else [video.source]
+        found = [image_path(image_dir, name, allow_absolute=self.allow_absolute_paths) for name in names]
+        return found if video.frame_list else found[0]
+
+    def frame_count(self, video: Video, image_dir) -> int:
+        """Frames the video gives: ``data.video_frames``, or under an fps cap as many as its window's length allows
+        (read from the file's header)."""
+        if video.frame_list or not self.sampling.fps:
+            return self.sampling.count()
+        seconds = clip_seconds(self.locate(video, image_dir), self.max_pixels)
+        start, end = clip_window(seconds, video.start, video.end, video)
+        return self.sampling.count(end - start)
+
+    def frames(self, video: Video, image_dir) -> list[Image.Image]:
+        where = self.locate(video, image_dir)
+        if video.frame_list:
+            return read_frame_list(where, self.sampling, self.max_pixels)
+        return read_video(where, self.sampling, start=video.start, end=video.end, max_pixels=self.max_pixels)
+
+    def pixels(self, frames: list[Image.Image], where="the video") -> torch.Tensor:
+        array = frames_array(frames, where)
+        out = self.video_processor(videos=[array], do_sample_frames=False, return_tensors="pt")
+        return out["pixel_values_videos"][0]

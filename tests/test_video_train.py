@@ -1,0 +1,255 @@
+"""Training OneVision models on video (issue 40; the extras step: OneVision's processor needs torchvision).
+
+Proven here, on the tiny model upgraded to OneVision and synthetic motion clips (files and frame lists) mixed with
+image and text-only records: a video sample holds what transformers' own OneVision processor makes of the same
+record and frames, token for token and pixel for pixel (a video alone, and beside an image); bad videos are skipped
+with their reasons; padded and packed batches give the same losses and gradients in every mode; 1 process x
+micro-batch 4 equals 2-process ZeRO-2 and ZeRO-3 x micro-batch 1 x accumulation 2 (ranks holding a video, an
+image or neither in the same slot) and padding-free; a run resumes bitwise mid-epoch with loader workers; and the
+export generates from a video through plain transformers as ``llava-loop infer --video`` does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_anyres_train import _losses_and_grads
+from test_onevision_train import onevision_dir  # noqa: F401 - the fixture
+
+from llava_loop.data.collate import Collator
+from llava_loop.data.dataset import LlavaDataset
+from llava_loop.data.encode import SampleEncoder, record_messages
+from llava_loop.data.records import Record, load_records
+from llava_loop.data.video import FrameSampling, Video, frames_array, read_video
+from llava_loop.template import render
+
+import helpers
+
+pytestmark = pytest.mark.extras
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def video_mix(tmp_path_factory, shapes_data) -> dict:
+    """24 motion clips (a quarter as frame lists), 12 shapes images and 12 text-only records in one folder, shuffled
+    so that micro-batches and ranks hold every combination; 8 held-out clips."""
+    from llava_loop.demo.motion import write_motion
+
+    root = tmp_path_factory.mktemp("video-mix")
+    clips = json.loads(write_motion(root, 24, seed=0, frame_lists=0.25).read_text())
+    held = write_motion(root / "held", 8, seed=1)
+    images = json.loads(Path(shapes_data["train"]).read_text())[:24]
+    shutil.copytree(shapes_data["train_images"], root / "images")  # a symlink out of the folder is unsafe_path
+    for record in clips:
+        record["video"] = (
+            [f"videos/{name}" for name in record["video"]]
+            if isinstance(record["video"], list)
+            else f"videos/{record['video']}"
+        )
+    for record in images[:12]:
+        record["image"] = f"images/{record['image']}"
+    for record in images[12:]:
+        del record["image"]
+        record["id"] = "text_" + record["id"]
+        for turn in record["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "").strip()
+    records = clips + images
+    np.random.default_rng(0).shuffle(records)
+    path = root / "mix.json"
+    path.write_text(json.dumps(records))
+    return {"train": path, "train_images": root, "val": held, "val_images": root / "held" / "videos"}
+
+
+def _encoder(processor, **kwargs):
+    return SampleEncoder(processor, max_length=1024, video_frames=FRAMES, **kwargs)
+
+
+def test_a_video_sample_is_what_transformers_processor_makes_of_it(onevision_dir, video_mix):  # noqa: F811
+    """A clip alone and a clip beside an image: our ids (its placeholders frames x pooled patches + 1) and pixels
+    equal the OneVision processor's for the same rendered text and frames. The control: other frames differ."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(onevision_dir)
+    encoder = _encoder(processor)
+    root = video_mix["train_images"]
+    records = load_records(video_mix["train"])
+    clip = next(r for r in (records[i] for i in range(len(records))) if r.video and not r.video.frame_list)
+    image = next(r for r in (records[i] for i in range(len(records))) if r.images)
+    both = Record(
+        "both", image.images, (("user", "<image>\n<video>\nWhat happens?"), ("assistant", "it moves")), clip.video
+    )
+    for record in (clip, both):
+        sample = encoder(record, root)
+        frames = read_video(root / clip.video.source, FrameSampling(FRAMES))
+        text = render(processor.tokenizer, record_messages(record))
+        kwargs = {"images": [encoder.load(root / record.images[0])]} if record.images else {}
+        expected = processor(
+            text=text, videos=[frames_array(frames)], do_sample_frames=False, return_tensors="pt", **kwargs
+        )
+        assert sample["input_ids"].tolist() == expected["input_ids"][0].tolist()
+        assert (sample["input_ids"] == encoder.video.token_id).sum() == FRAMES * 16 + 1  # 8x8 patches pooled to 4x4
+        assert torch.equal(sample["pixel_values_videos"], expected["pixel_values_videos"][0])
+        if record.images:
+            assert torch.equal(sample["pixel_values"], expected["pixel_values"][0][: len(sample["pixel_values"])])
+    other = next(r for r in (records[i] for i in range(len(records))) if r.video and r.video != clip.video)
+    assert not torch.equal(encoder(other, root)["pixel_values_videos"], encoder(clip, root)["pixel_values_videos"])
+
+
+def test_bad_videos_are_skipped_with_their_reasons_never_a_crash(onevision_dir, video_mix, tmp_path):  # noqa: F811
+    """A missing file, a truncated one, a file with no video stream, a tag without a video and the reverse, a path
+    out of the folder, an empty frame list: each replaced by a good record, its reason counted."""
+    from transformers import AutoProcessor
+
+    root = tmp_path / "data"
+    (root / "videos").mkdir(parents=True)
+    good = sorted(Path(video_mix["train_images"], "videos").glob("*.mp4"))[0]
+    (root / "videos" / "good.mp4").write_bytes(good.read_bytes())
+    (root / "videos" / "cut.mp4").write_bytes(good.read_bytes()[:300])
+    (root / "videos" / "text.mp4").write_text("not a video")
+    ask = [("user", "<video>\nWhich way?"), ("assistant", "left")]
+    cases = {
+        "missing_video": Record("a", (), tuple(ask), Video("videos/none.mp4")),
+        "corrupt_video": Record("b", (), tuple(ask), Video("videos/cut.mp4")),
+        "corrupt_video ": Record("c", (), tuple(ask), Video("videos/text.mp4")),
+        "video_token_mismatch": Record("d", (), tuple(ask)),
+        "video_token_mismatch ": Record(
+            "e", (), (("user", "Which way?"), ("assistant", "left")), Video("videos/good.mp4")
+        ),
+        "unsafe_path": Record("f", (), tuple(ask), Video("../outside.mp4")),
+        "empty_video": Record("g", (), tuple(ask), Video("videos/good.mp4", start=100.0)),
+    }
+    from llava_loop.data.records import Records
+
+    good_record = Record("ok", (), tuple(ask), Video("videos/good.mp4"))
+    records = Records.from_records([*cases.values(), good_record])
+    dataset = LlavaDataset(records, _encoder(AutoProcessor.from_pretrained(onevision_dir)), root)
+    for i, reason in enumerate(cases):
+        sample = dataset[i]
+        assert [event[1] for event in sample["skipped"]][:1] == [reason.strip()], (reason, sample["skipped"])
+        assert sample["pixel_values_videos"] is not None  # replaced by a good record
+    assert dataset[len(cases)]["skipped"] == []
+
+
+def _mixed_batch(onevision_dir, video_mix, padding_free):  # noqa: F811
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(onevision_dir)
+    dataset = LlavaDataset(load_records(video_mix["train"]), _encoder(processor), video_mix["train_images"])
+    picked = [i for i in range(len(dataset)) if not dataset.records[i].images][:3]  # videos and text
+    picked += [next(i for i in range(len(dataset)) if dataset.records[i].images)]
+    samples = [dataset[i] for i in picked]
+    assert any(s["pixel_values_videos"] is not None for s in samples) and any(
+        s["pixel_values"] is not None for s in samples
+    )
+    return Collator(processor.tokenizer.pad_token_id, padding_free=padding_free)(samples)
+
+
+@pytest.mark.parametrize("mode", ["projector", "lora", "freeze_vision", "full"])
+def test_video_batches_train_in_every_mode_alike_padded_packed_and_checkpointed(mode, onevision_dir, video_mix):  # noqa: F811
+    """Videos, an image and text in one micro-batch: padded and packed rows (and gradient checkpointing) give the
+    same per-token losses and gradients, within 1e-5. The control: frames swapped between the videos."""
+    padded = _mixed_batch(onevision_dir, video_mix, False)
+    reference, grads = _losses_and_grads(onevision_dir, mode, padded)
+    for batch, checkpointing in ((_mixed_batch(onevision_dir, video_mix, True), False), (padded, True)):
+        losses, other = _losses_and_grads(onevision_dir, mode, batch, checkpointing=checkpointing)
+        assert (losses - reference).abs().max() < 1e-5
+        assert all((other[n] - g).abs().max() < 1e-5 for n, g in grads.items())
+    swapped = dict(padded, pixel_values_videos=padded["pixel_values_videos"].flip(1).flip(0))
+    assert (_losses_and_grads(onevision_dir, mode, swapped)[0] - reference).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
+    tmp_path,
+    run_config,
+    onevision_dir,  # noqa: F811
+    video_mix,
+):
+    """On the video + image + text mix: 1 process x mb4 padded, the same padding-free, 2-process ZeRO-2 x mb1 x
+    acc2 padding-free and 2-process ZeRO-3 x mb1 x acc2 log the same losses within 1e-5, with slots where one rank
+    held a video and the other none. The control: the same run on 2 frames a video."""
+    train = {"max_steps": 3, "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True}
+    layouts = {
+        "padded": (0, 4, 1, False, "", FRAMES),
+        "packed": (0, 4, 1, True, "", FRAMES),
+        "zero2-2x1x2": (2, 1, 2, True, "", FRAMES),
+        "zero3-2x1x2": (2, 1, 2, False, "accelerate_config_zero3.yaml", FRAMES),
+        "two-frames": (0, 4, 1, False, "", 2),
+    }
+    runs = {}
+    for name, (processes, micro, accum, packed, zero, frames) in layouts.items():
+        config = run_config(
+            name,
+            model=onevision_dir,
+            shapes=video_mix,
+            mode="freeze_vision",
+            train={**train, "micro_batch_size": micro, "grad_accum": accum},
+            data={"padding_free": packed, "max_length": 1024, "video_frames": frames},
+        )
+        if processes:
+            helpers.launch(config, processes=processes, accelerate_config=zero or "accelerate_config.yaml")
+        else:
+            helpers.train_here(config)
+        runs[name] = helpers.metrics(tmp_path / name)
+    clips = {r["id"] for r in json.loads(Path(video_mix["train"]).read_text()) if "video" in r}
+    slots = [ids for ids in (m["sample_ids"] for m in runs["zero2-2x1x2"])]
+    assert any((ids[k] in clips) != (ids[2 + k] in clips) for ids in slots for k in (0, 1))
+    reference = [m["loss"] for m in runs["padded"]]
+    for name in ("packed", "zero2-2x1x2", "zero3-2x1x2"):
+        assert [m["loss"] for m in runs[name]] == pytest.approx(reference, rel=1e-5), name
+    assert [m["loss"] for m in runs["two-frames"]] != pytest.approx(reference, rel=1e-4)
+    assert runs["padded"][0]["views"] > runs["two-frames"][0]["views"]  # frames are counted as the tower's views
+
+
+@pytest.mark.slow
+def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_infer_does(
+    tmp_path,
+    run_config,
+    onevision_dir,  # noqa: F811
+    video_mix,
+):
+    """LoRA (dropout on), 2 loader workers: stopped at step K and resumed in a fresh process, the run matches an
+    uninterrupted one to the bit (the control: a resume that forgets the data position). Its merged export, loaded
+    by plain transformers, generates from a clip's frames what ``llava-loop infer --video`` generates."""
+    from llava_loop.checkpoint import files as checkpoint
+    from llava_loop.export import export
+    from llava_loop.infer import generate_video, load_for_inference
+
+    hooks = ["plugins:FinalState", "plugins:StopAtStep"]
+    sections = {"train": helpers.RESUMED_TRAIN, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "hooks": hooks}
+    sections["data"] = {"max_length": 1024, "num_workers": 2, "video_frames": FRAMES}
+    stop, never = {"LLAVA_TEST_STOP_AT": str(helpers.K)}, {"LLAVA_TEST_STOP_AT": "-1"}
+    configs = {name: run_config(name, model=onevision_dir, shapes=video_mix, mode="lora", **sections) for name in "ABC"}
+    helpers.launch(configs["A"], extra_env=never)
+    for name, fault in (("B", ""), ("C", "no-data-position")):
+        helpers.launch(configs[name], extra_env=stop)
+        helpers.launch(configs[name], extra_env=never, fault=fault)
+    a, b, c = (helpers.steps_by_number(tmp_path / name) for name in "ABC")
+    n, k = helpers.N, helpers.K
+    assert helpers.trajectory(a, 1, n) == helpers.trajectory(b, 1, n)
+    assert helpers.bitwise_equal(helpers.final_state(tmp_path / "A"), helpers.final_state(tmp_path / "B"))
+    assert helpers.trajectory(a, k + 1, n) != helpers.trajectory(c, k + 1, n)
+
+    out = tmp_path / "export"
+    export(checkpoint.complete_checkpoints(tmp_path / "B")[-1], out)
+    clip = sorted(Path(video_mix["train_images"], "videos").glob("*.mp4"))[0]
+    model, _, encoder = load_for_inference(out, device="cpu")
+    ours = generate_video(model, encoder, clip, "Which way does the shape move?", max_new_tokens=6)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    plain_model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    plain = AutoProcessor.from_pretrained(out)
+    frames = frames_array(read_video(clip, FrameSampling(plain.video_processor.num_frames)))
+    conversation = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Which way does the shape move?"}]}
+    ]
+    prompt = plain.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = plain(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")
+    generated = plain_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    theirs = plain.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert ours == theirs.strip() and ours
