@@ -259,8 +259,11 @@ def cmd_data_check(args) -> int:
         allow_absolute_paths=args.allow_absolute_paths,
         workers=args.workers,
         template=args.template,
+        video_frames=args.video_frames,
+        video_fps=args.video_fps,
     )
     rows = [("records", report["records"]), ("with images", report["with_image"]), ("images", report["images"])]
+    rows += [("videos", report["videos"])] if report["videos"] else []
     rows += [("preference pairs (chosen, rejected)", report["pairs"])] if report["pairs"] else []
     rows += [
         (f"problem: {reason}", f"{n}  e.g. {report['examples'][reason]}") for reason, n in report["problems"].items()
@@ -378,6 +381,8 @@ def add_length_arguments(p) -> None:
         "(576: CLIP ViT-L/14 at 336 px; 729: SigLIP so400m at 384 px)",
     )
     p.add_argument("--template", choices=["chat", "plain"], default="chat", help="data.template, for --model's lengths")
+    p.add_argument("--video-frames", type=int, default=32, help="data.video_frames: frames sampled per video")
+    p.add_argument("--video-fps", type=float, default=0.0, help="data.video_fps: at most this many frames a second")
     p.add_argument("--report", help="draw the check as a PNG: token lengths, turns, images, sizes, skip reasons")
     p.add_argument("--token-budget", type=int, default=0, help="the report's data.max_tokens_per_micro_batch")
 

@@ -107,10 +107,11 @@ class FlopsModel:
         )
 
     def step(self, *, views: int, tokens: int, attention_pairs: int, supervised: int) -> float:
-        """The FLOPs one optimizer step needs: ``views`` through the vision tower (images, or a
-        tiled image's base view and each tile), ``tokens`` (every text and
-        image-placeholder token) through the LLM, ``attention_pairs`` = the sum over samples of length^2, and
-        ``supervised`` positions through the LM head; all summed over micro-batches and processes."""
+        """The FLOPs one optimizer step needs: ``views`` through the vision tower (images, a tiled image's base view
+        and each tile, a video's frames: the projector sees each frame's patches before OneVision pools them),
+        ``tokens`` (every text, image- and video-placeholder token) through the LLM, ``attention_pairs`` = the sum
+        over samples of length^2, and ``supervised`` positions through the LM head; all summed over micro-batches and
+        processes."""
         vision_tokens, features = views * self.vision_tokens, views * self.image_features
         vision = 2 * self.vision_weights * vision_tokens + 4 * self.vision_attention * views * self.vision_tokens**2
         projector = 2 * self.projector_weights * features

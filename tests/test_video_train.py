@@ -153,6 +153,8 @@ def test_video_batches_train_in_every_mode_alike_padded_packed_and_checkpointed(
     """Videos, an image and text in one micro-batch: padded and packed rows (and gradient checkpointing) give the
     same per-token losses and gradients, within 1e-5. The control: frames swapped between the videos."""
     padded = _mixed_batch(onevision_dir, video_mix, False)
+    videos, frames = padded["pixel_values_videos"].shape[:2]
+    assert padded["n_views"] == len(padded["pixel_values"]) + videos * frames  # what FLOPs count through the tower
     reference, grads = _losses_and_grads(onevision_dir, mode, padded)
     for batch, checkpointing in ((_mixed_batch(onevision_dir, video_mix, True), False), (padded, True)):
         losses, other = _losses_and_grads(onevision_dir, mode, batch, checkpointing=checkpointing)
@@ -202,7 +204,7 @@ def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
     for name in ("packed", "zero2-2x1x2", "zero3-2x1x2"):
         assert [m["loss"] for m in runs[name]] == pytest.approx(reference, rel=1e-5), name
     assert [m["loss"] for m in runs["two-frames"]] != pytest.approx(reference, rel=1e-4)
-    assert runs["padded"][0]["views"] > runs["two-frames"][0]["views"]  # frames are counted as the tower's views
+    assert runs["padded"][0]["flops"] > runs["two-frames"][0]["flops"]  # frames and their tokens are counted
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 Structural errors stop at the first bad record (they would stop training too). Everything the
 training run would skip is counted by reason, with examples. Token lengths come from the model's
 tokenizer when ``--model`` is given, else from ``Record.estimated_tokens`` with ``image_tokens``
-placeholders per image. Images go through the same checks as in training (``images.open_checked``).
+placeholders per image. Images go through the same checks as in training (``images.open_checked``), and
+videos too: a file's header (its stream, frame size and length; ``decode``: its sampled frames), each image of a
+frame list.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .images import MAX_IMAGE_PIXELS, EmbeddedImage, image_path, open_checked
 from .preference import is_pair, pair_sides
 from .skips import SkipSample
 from .sources import image_dir_of, open_records, require_data_extra, source_kind
+from .video import FrameSampling, clip_seconds, clip_window, read_video
 
 
 def source_records(data: str | Path):
@@ -63,6 +66,24 @@ def _image_problem(args) -> tuple[str | None, str, tuple[int, int] | None]:
     return None, "", result.size if decode else result
 
 
+def _video_problem(record, image_dir, sampling: FrameSampling, decode: bool, max_pixels: int, absolute: bool):
+    """``(seconds or None for a frame list, image paths to check as images)`` of a record's video; its problems are
+    SkipSamples. A file's header is read (its frames decoded too when ``decode``); a frame list's images go with
+    the other images."""
+    video = record.video
+    names = video.source if video.frame_list else [video.source]
+    where = [image_path(image_dir, name, allow_absolute=absolute) for name in names]
+    if video.frame_list:
+        if not where:
+            raise SkipSample("empty_video", f"{record.id}: the video's frame list is empty")
+        return None, where
+    seconds = clip_seconds(where[0], max_pixels)
+    start, end = clip_window(seconds, video.start, video.end, where[0])
+    if decode:
+        read_video(where[0], sampling, start=video.start, end=video.end, max_pixels=max_pixels)
+    return end - start, []
+
+
 def check_dataset(
     data: str | Path,
     image_dir: str | Path,
@@ -76,6 +97,8 @@ def check_dataset(
     workers: int = 0,
     progress: bool = True,
     template: str = "chat",
+    video_frames: int = 32,
+    video_fps: float = 0.0,
 ) -> dict:
     """Count every problem the training run would skip. ``image_tokens`` is the placeholders per image for
     the length estimate when no ``processor`` gives exact lengths."""
@@ -85,6 +108,9 @@ def check_dataset(
     examples: dict[str, str] = {}
     lengths, image_jobs, image_ids, embedded, with_image, pairs = [], [], [], [], 0, 0
     text_tokens, turns, images_per_record = [], [], []  # per record past the text checks, for report.py
+    video_frames_per, video_seconds, video_tokens = [], [], []  # per video record, for report.py
+    frame_images = 0  # the images of frame-list videos, checked as images are
+    sampling = FrameSampling(video_frames, video_fps)
     encoder = None
     if processor is not None:
         from .encode import SampleEncoder
@@ -95,6 +121,8 @@ def check_dataset(
             max_image_pixels=max_image_pixels,
             allow_absolute_paths=allow_absolute_paths,
             template=template,
+            video_frames=video_frames,
+            video_fps=video_fps,
         )
     if progress:
         from rich.progress import track
@@ -107,10 +135,17 @@ def check_dataset(
             continue
         try:
             paths = [image_path(image_dir, name, allow_absolute=allow_absolute_paths) for name in record.images]
+            seconds, frames = None, []
+            if record.video is not None:
+                seconds, frames = _video_problem(
+                    record, image_dir, sampling, decode, max_image_pixels, allow_absolute_paths
+                )
             if encoder is not None:
                 ids, _ = encoder.encode_text(record, image_dir)  # a tiled model's counts read the headers
                 lengths.append(len(ids))
-                text_tokens.append(len(ids) - ids.count(encoder.image_token_id))
+                held = ids.count(encoder.video.token_id) if encoder.video is not None else 0
+                text_tokens.append(len(ids) - ids.count(encoder.image_token_id) - held)
+                video_tokens += [held] if record.video is not None else []
             else:
                 for side in pair_sides(record) if is_pair(record) else (record,):
                     record_messages(side)
@@ -120,12 +155,16 @@ def check_dataset(
             pairs += is_pair(record)
             turns.append(sum(role in ("assistant", "chosen") for role, _ in record.turns))
             images_per_record.append(len(record.images))
+            if record.video is not None:
+                video_frames_per.append(sampling.count(seconds))
+                video_seconds += [seconds] if seconds is not None else []
         except SkipSample as skip:
             problems[skip.reason] += 1
             examples.setdefault(skip.reason, f"{record.id}: {skip.detail}")
             continue
         with_image += bool(paths)
-        for path in paths:
+        frame_images += len(frames)
+        for path in paths + frames:
             if isinstance(path, EmbeddedImage):  # checked here: its bytes are not kept for a pool
                 reason, detail, size = _image_problem((path, decode, max_image_pixels))
                 embedded.append((record.id, path, (reason, detail, size)))
@@ -157,9 +196,10 @@ def check_dataset(
     sizes_arr = np.array(sizes) if sizes else np.zeros((1, 2))
     return {
         "records": count,
+        "videos": len(video_frames_per),
         "pairs": pairs,  # preference records among them (data/preference.py)
         "with_image": with_image,
-        "images": len(image_jobs) + len(embedded),
+        "images": len(image_jobs) + len(embedded) - frame_images,
         "problems": dict(problems),
         "examples": examples,
         "token_lengths": {f"p{q}": int(np.percentile(lengths_arr, q)) for q in (50, 90, 99, 100)},
@@ -178,5 +218,8 @@ def check_dataset(
             "turns": np.array(turns, dtype=np.int64),
             "images": np.array(images_per_record, dtype=np.int64),
             "sizes": np.array(sizes, dtype=np.int64).reshape(-1, 2),
+            "video_frames": np.array(video_frames_per, dtype=np.int64),
+            "video_seconds": np.array(video_seconds, dtype=np.float64),
+            "video_tokens": np.array(video_tokens, dtype=np.int64),
         },
     }

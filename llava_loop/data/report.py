@@ -1,6 +1,7 @@
 """``data check --report report.png``: what a dataset holds, in six panels drawn with Pillow (no plotting library):
-token lengths (text, image, total) against ``data.max_length`` and the token budget, answers per record, images per
-record, image sizes, aspect ratios, and what training would skip.
+token lengths (text, image and video placeholders, total) against ``data.max_length`` and the token budget, answers
+per record, images per record, image sizes, aspect ratios, and what training would skip; for data with videos, two
+more: video lengths (seconds) and frames per video.
 
 ``draw_report`` returns the image and, for each panel, where it drew each bar (``Panel.bars``), so a test can read
 the picture back."""
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-WIDTH, HEIGHT, COLUMNS, ROWS = 1400, 1260, 2, 3
+WIDTH, COLUMNS, PANEL_HEIGHT = 1400, 2, 403
+HEIGHT = 50 + 3 * PANEL_HEIGHT  # six panels; data with videos adds a row
 INK, GRID, MUTED = (30, 30, 30), (225, 225, 225), (120, 120, 120)
 TEXT, IMAGE, TOTAL, BAR = (40, 90, 200), (230, 120, 20), (30, 30, 30), (70, 120, 180)
 LIMIT, BUDGET = (200, 40, 40), (20, 140, 60)
@@ -38,7 +40,7 @@ class Panel:
 
 def _frame(draw: ImageDraw.ImageDraw, index: int, title: str, note: str = "") -> Panel:
     col, row = index % COLUMNS, index // COLUMNS
-    w, h = WIDTH // COLUMNS, (HEIGHT - 50) // ROWS
+    w, h = WIDTH // COLUMNS, PANEL_HEIGHT
     x, y = col * w, 50 + row * h
     draw.text((x + 60, y + 8), title, fill=INK, font=_font(17))
     if note:
@@ -73,7 +75,7 @@ def _counted(values: np.ndarray, cap: int) -> tuple[list[str], list[int]]:
 
 def _lengths(draw, panel: Panel, dist: dict, max_length: int, budget: int, estimated: bool, too_long: int) -> None:
     total, text = dist["total_tokens"], dist["text_tokens"]
-    series = (("total", total, TOTAL), ("text", text, TEXT), ("image", total - text, IMAGE))
+    series = (("total", total, TOTAL), ("text", text, TEXT), ("image + video", total - text, IMAGE))
     x0, y0, x1, y1 = panel.box
     right_edge = max(int(np.percentile(total, 99.9)) if len(total) else 1, max_length) * 1.05
     edges = np.linspace(0, right_edge, 61)
@@ -93,7 +95,7 @@ def _lengths(draw, panel: Panel, dist: dict, max_length: int, budget: int, estim
     draw.line([(x_of(max_length), y0), (x_of(max_length), y1)], fill=LIMIT, width=2)
     over = int((total > max_length).sum())
     draw.text((x_of(max_length) - 120, y0 + 4), f"max_length {max_length}", fill=LIMIT, font=small)
-    legend = [("total", TOTAL), ("text", TEXT), ("image", IMAGE)]
+    legend = [("total", TOTAL), ("text", TEXT), ("image + video", IMAGE)]
     for i, (name, colour) in enumerate(legend):
         draw.rectangle((x0 + 10, y0 + 10 + 16 * i, x0 + 22, y0 + 20 + 16 * i), fill=colour)
         draw.text((x0 + 28, y0 + 8 + 16 * i), name, fill=INK, font=small)
@@ -131,11 +133,13 @@ ASPECTS += ((1.1, 1.5, "wide"), (1.5, 3, "1.5:1-3:1"), (3, math.inf, ">3:1"))
 
 def draw_report(report: dict, title: str, *, max_length: int, budget: int = 0) -> tuple[Image.Image, list[Panel]]:
     dist = report["distributions"]
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    videos = len(dist.get("video_frames", ()))
+    image = Image.new("RGB", (WIDTH, 50 + PANEL_HEIGHT * (4 if videos else 3)), "white")
     draw = ImageDraw.Draw(image)
     draw.text((20, 12), title, fill=INK, font=_font(20))
     bad = sum(report["problems"].values())
     summary = f"{report['records']:,} records ({bad:,} with problems), {report['images']:,} images"
+    summary += f", {videos:,} videos" if videos else ""
     draw.text((WIDTH - 20 - draw.textlength(summary, font=_font(15)), 16), summary, fill=MUTED, font=_font(15))
     panels = [_frame(draw, 0, "tokens per record", "text, image placeholders and their sum")]
     too_long = report["problems"].get("too_long", 0)
@@ -156,7 +160,27 @@ def draw_report(report: dict, title: str, *, max_length: int, budget: int = 0) -
         _frame(draw, 5, "what training would skip", "by reason" if problems else "nothing: no problems found")
     )
     _bars(draw, panels[5], list(problems), list(problems.values()), colour=LIMIT)
+    if videos:
+        panels.append(_frame(draw, 6, "video lengths", "seconds (of the record's window); frame lists have none"))
+        _bars(draw, panels[6], *_binned(dist["video_seconds"], VIDEO_SECONDS))
+        panels.append(_frame(draw, 7, "frames per video", "as sampled (data.video_frames, data.video_fps)"))
+        frames = dist["video_frames"]
+        labels = [str(n) for n in sorted(set(frames.tolist()))]
+        _bars(draw, panels[7], labels, [int((frames == int(n)).sum()) for n in labels])
     return image, panels
+
+
+VIDEO_SECONDS = (0, 10, 30, 60, 180, 600, 1800, math.inf)
+
+
+def _binned(values: np.ndarray, edges: tuple) -> tuple[list[str], list[int]]:
+    """Counts between consecutive ``edges`` (seconds), labelled like ``10-30s``."""
+
+    def name(lo, hi):
+        return f">{lo:g}s" if hi == math.inf else f"{lo:g}-{hi:g}s"
+
+    pairs = list(zip(edges, edges[1:]))
+    return [name(lo, hi) for lo, hi in pairs], [int(((values >= lo) & (values < hi)).sum()) for lo, hi in pairs]
 
 
 def write_report(report: dict, path: str | Path, title: str, *, max_length: int, budget: int = 0) -> Path:
