@@ -322,8 +322,9 @@ def cmd_data_prepare(args) -> int:
     command = shlex.join(["llava-loop", "data", "prepare", args.name, "--src", str(args.src), "--out", str(args.out)])
     manifest = prepare(args.name, args.src, args.out, command=command, force=args.force, say=say)
     rows = [("records", manifest["records"]), ("images", manifest["images"])]
+    rows += [("video records", manifest["videos"])] if manifest.get("videos") else []
     rows += [(f"left out: {reason}", n) for reason, n in manifest["left_out"].items()]
-    rows += [(f"images found under {prefix}", n) for prefix, n in manifest["found_under"].items()]
+    rows += [(f"images and videos found under {prefix}", n) for prefix, n in manifest["found_under"].items()]
     unread = manifest.get("unread", {})
     rows += [
         (f"NOT READ: {Path(file).name} after record {u['after_record']}", f"{u['bytes']:,} bytes")

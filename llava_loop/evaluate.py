@@ -2,7 +2,7 @@
 
 * ``eval_loss``: summed label-only cross-entropy / supervised tokens (``validate.py``'s, the loop's in-training number);
 * ``exact_match`` and ``token_f1`` of the answer generated for each record's first question (``n`` of them): every
-  record is asked, text-only, one image or several, its prompt laid out as training lays it out;
+  record is asked, text-only, one image or several, a video, its prompt laid out as training lays it out;
 * whatever extra scorers add: each is ``scorer(predictions) -> dict`` (the demo adds shapes attribute accuracy).
 """
 
@@ -73,13 +73,15 @@ def evaluate_model(
 
     if max_samples:
         records = records.subset(range(min(max_samples, len(records))))
+    if encoder.video is not None and encoder.video.sampling.fps:
+        batch_size = 1  # videos of different frame counts do not stack (config.py, data.video_fps)
     dataset = LlavaDataset(records, encoder, image_dir, substitute=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(encoder.tokenizer.pad_token_id))
     device = next(model.parameters()).device
     loss_sum, tokens, skipped = heldout_loss_sums(model, loader, device=device)
     left_out = {rid: {"id": rid, "reason": reason, "detail": detail} for rid, reason, detail in skipped}
 
-    asked, sequences, images = [], [], []
+    asked, sequences, images, videos = [], [], [], []
     for record in (records[i] for i in range(len(records))):
         if record.id in left_out:
             continue
@@ -93,11 +95,14 @@ def evaluate_model(
         asked.append((record.id, names, prompt, reference))
         sequences.append(ids)
         images.append(paths)
+        shown = encoder.video is not None and encoder.video.token_id in ids
+        videos.append((record.video, image_dir) if shown else None)  # read where the batch is generated
     answers, unreadable = answer_all(
         model,
         encoder,
         sequences,
         images,
+        videos=videos,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=f"generating for {len(sequences)} records" if progress else "",

@@ -228,13 +228,16 @@ def answer_all(
     sequences: list[list[int]],
     images: list[list],
     *,
+    videos: list[tuple | None] | None = None,
     batch_size: int = 16,
     progress: str = "",
     **generate_kwargs,
 ) -> tuple[list[str | None], dict[int, tuple[str, str]]]:
     """Generate for many prompts in batches: token ids, each with its images (paths, embedded or PIL images; none,
-    one or several). Returns the answers in input order, None for a prompt one of whose images could not be read,
-    and ``{position: (reason, detail)}`` for those. ``progress``: a progress bar's description."""
+    one or several) and, where ``videos`` gives one, a record's ``(Video, image folder)``. Returns the answers in
+    input order, None for a prompt one of whose images or video could not be read, and ``{position: (reason,
+    detail)}`` for those. ``progress``: a progress bar's description."""
+    videos = videos or [None] * len(sequences)
     chunks = range(0, len(sequences), batch_size)
     if progress:
         from rich.progress import track
@@ -246,14 +249,20 @@ def answer_all(
         readable = []
         for i in range(start, min(start + batch_size, len(sequences))):
             try:
-                readable.append((i, [usable_image(image, encoder) for image in images[i]]))
+                frames = encoder.video.frames(*videos[i]) if videos[i] else None
+                readable.append((i, [usable_image(image, encoder) for image in images[i]], frames))
             except SkipSample as skip:
                 unreadable[i] = (skip.reason, skip.detail)
         if readable:
             said = generate_ids(
-                model, encoder, [sequences[i] for i, _ in readable], [row for _, row in readable], **generate_kwargs
+                model,
+                encoder,
+                [sequences[i] for i, _, _ in readable],
+                [row for _, row, _ in readable],
+                videos=[frames for _, _, frames in readable],
+                **generate_kwargs,
             )
-            for (i, _), answer in zip(readable, said):
+            for (i, _, _), answer in zip(readable, said):
                 answers[i] = answer
     return answers, unreadable
 

@@ -51,15 +51,17 @@ CONTENT_LIST_PRELUDE = """{#- llava_loop: content lists in the training layout -
 {%- if message['content'] is string -%}
 {%- set llava_ns.messages = llava_ns.messages + [message] -%}
 {%- else -%}
-{%- set images = message['content'] | selectattr('type', 'in', ['image', 'image_url']) | list -%}
+{%- set visuals = message['content'] | selectattr('type', 'in', ['image', 'image_url', 'video']) | list -%}
 {%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}
-{%- if images | length == 1 -%}
+{%- if visuals | length == 1 -%}
+{%- set tag = '<video>' if visuals[0]['type'] == 'video' else '<image>' -%}
 {%- set body = texts | join('\n') | trim -%}
-{%- set content = '<image>\n' + body if body else '<image>' -%}
+{%- set content = tag + '\n' + body if body else tag -%}
 {%- else -%}
 {%- set parts = namespace(items=[]) -%}
 {%- for item in message['content'] -%}
-{%- set parts.items = parts.items + ['<image>' if item['type'] in ['image', 'image_url'] else item['text']] -%}
+{%- set tags = {'image': '<image>', 'image_url': '<image>', 'video': '<video>'} -%}
+{%- set parts.items = parts.items + [tags[item['type']] if item['type'] in tags else item['text']] -%}
 {%- endfor -%}
 {%- set content = parts.items | join('\n') -%}
 {%- endif -%}

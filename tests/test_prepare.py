@@ -11,9 +11,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from llava_loop.cli import main
+from llava_loop.data.archives import ZipMember
 from llava_loop.data.convert import DESCRIBE_AND_READ_PROMPTS
+from llava_loop.data.images import image_path
+from llava_loop.data.records import load_records
+from llava_loop.data.video import FrameSampling, read_video
+from llava_loop.template import IMAGE_TOKEN, VIDEO_TOKEN
 
 import helpers
 
@@ -91,7 +97,10 @@ def mix665k(src: Path, items) -> int:
     return len(records) + len(text_only)
 
 
-def sharegpt4o(src: Path, items) -> int:
+def sharegpt4o(src: Path, items, clips: dict[str, bytes | None] | None = None) -> int:
+    """ShareGPT-4o as the hub holds it (image_conversations/gpt-4o.jsonl, images.zip), and with ``clips`` its video
+    part: video_conversations/gpt4o.jsonl, one row per clip, named as the hub's rows name them (``video_10001.mp4``);
+    the clips (None: not downloaded) in a zip under a folder the names lack."""
     rows = []
     for i, (record, _) in enumerate(items):  # ShareGPT-4o's captions carry no <image> tag
         turns = [{**t, "value": t["value"].replace("<image>", "").strip()} for t in record["conversations"]]
@@ -101,7 +110,32 @@ def sharegpt4o(src: Path, items) -> int:
     write_zip(src / "images.zip", {f"{SHAREGPT4O_PREFIX}{i:06d}.jpg": data for i, (_, data) in enumerate(items)})
     (src / "thumbs").mkdir()  # a decoy: one name also found under a shorter prefix; the prefix serving most wins
     (src / "thumbs" / "000000.jpg").write_bytes(items[-1][1])
-    return len(items)
+    if clips is None:
+        return len(items)
+    # which tag the hub's video rows carry is not known: one row without (as its image rows), one with <video>
+    rows = []
+    for i, name in enumerate(clips):
+        ask = f"{VIDEO_TOKEN}\nDescribe the video." if i % 2 else "Describe the video."
+        turns = [{"from": "human", "value": ask}, {"from": "gpt", "value": f"A square moves right ({name})."}]
+        rows.append({"id": name[:-4], "video": name, "conversations": turns})
+    (src / "video_conversations").mkdir()
+    (src / "video_conversations" / "gpt4o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_zip(src / "videos.zip", {f"pvideo/{name}": data for name, data in clips.items() if data is not None})
+    return len(items) + len(clips)
+
+
+def tiny_clip(path: Path, shade: int) -> bytes:
+    """A 4-frame 32x32 mp4 of a square moving right, encoded with PyAV."""
+    pytest.importorskip("av")
+    from llava_loop.demo.motion import write_clip
+
+    frames = []
+    for t in range(4):
+        frame = Image.new("RGB", (32, 32), (shade, 40, 40))
+        frame.paste((250, 250, 250), (4 + 6 * t, 12, 12 + 6 * t, 20))
+        frames.append(frame)
+    write_clip(path, frames)
+    return path.read_bytes()
 
 
 def textocr(src: Path, items) -> int:
@@ -212,6 +246,58 @@ def test_images_read_from_zips_train_as_the_extracted_files_do(tmp_path, shapes_
     for file in files[1:]:
         file.write_bytes(files[0].read_bytes())
     assert run("swapped", plain)[0][:2] != zipped[0][:2]
+
+
+def test_sharegpt4o_video_part_is_prepared_with_clips_read_in_place(tmp_path, shapes_data, capsys):
+    """ShareGPT-4o with its video part: each clip found in the zip it arrived in (under a folder the names lack) and
+    named there, read in place; a clip not downloaded and one that is no video are left out and counted; the
+    records load as video records. Control: the same download without its video part prepares the images alone
+    and says 0 video records."""
+    items = shapes(shapes_data, 6)
+    clips = {f"video_1000{i}.mp4": tiny_clip(tmp_path / f"{i}.mp4", 60 * i) for i in range(2)}
+    clips |= {"video_10002.mp4": None, "video_10003.mp4": b"no mp4 here"}  # not downloaded; broken
+    src, out = tmp_path / "download", tmp_path / "prepared"
+    src.mkdir()
+    n = sharegpt4o(src, items, clips)
+    capsys.readouterr()
+    assert main(["data", "prepare", "sharegpt4o", "--src", str(src), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    manifest = json.loads((out / "prepared.json").read_text())
+    assert manifest["left_out"] == {"missing_video": 1, "corrupt_video": 1}, manifest
+    assert (manifest["records"], manifest["images"], manifest["videos"]) == (n - 2, len(items), 2)
+    assert manifest["found_under"] == {SHAREGPT4O_PREFIX: len(items), "pvideo/": 3}  # the broken one is found
+    left = {e["id"]: e for e in jsonl(out / "left_out.jsonl")}
+    assert left["video_10002"]["reason"] == "missing_video" and left["video_10003"]["reason"] == "corrupt_video"
+    assert all(e["file"].endswith("video_conversations/gpt4o.jsonl") for e in left.values())
+    assert "2 of the 8 records kept are video" in said.err
+    assert "8 records kept, with 6 images and 2 video records; 2 left out" in (out / "README.md").read_text()
+    assert not list(src.rglob("*.mp4"))  # nothing extracted
+
+    records = load_records(out / "records.jsonl")
+    videos = [r for r in records if r.video is not None]
+    assert [r.id for r in videos] == ["video_10000", "video_10001"]
+    for record, shade in zip(videos, (0, 60)):
+        assert record.video.source == f"videos.zip/pvideo/{record.id}.mp4" and record.images == ()
+        human = record.turns[0][1]
+        assert human.count(VIDEO_TOKEN) == 1 and IMAGE_TOKEN not in human  # a tag added where the row had none
+        where = image_path(manifest["image_dir"], record.video.source)
+        assert where == ZipMember(src / "videos.zip", f"pvideo/{record.id}.mp4")
+        frames = read_video(where, FrameSampling(frames=4))  # read from the zip in place
+        assert [f.size for f in frames] == [(32, 32)] * 4
+        assert abs(frames[0].getpixel((28, 2))[0] - shade) < 12  # this clip's own background
+    assert sum(r.video is None and len(r.images) == 1 for r in records) == len(items)
+
+    # control: the download without its video part
+    bare, bare_out = tmp_path / "images-only", tmp_path / "images-only-prepared"
+    bare.mkdir()
+    sharegpt4o(bare, items)
+    capsys.readouterr()
+    assert main(["data", "prepare", "sharegpt4o", "--src", str(bare), "--out", str(bare_out)]) == 0
+    manifest = json.loads((bare_out / "prepared.json").read_text())
+    assert (manifest["records"], manifest["videos"], manifest["left_out"]) == (len(items), 0, {})
+    assert "0 of the 6 records kept are video (no video_conversations/" in capsys.readouterr().err
+    assert "with 6 images and 0 video records (no video_conversations/" in (bare_out / "README.md").read_text()
+    assert all(r.video is None for r in load_records(bare_out / "records.jsonl"))
 
 
 def test_a_bad_download_is_named_and_counted_and_the_rest_prepared(tmp_path, shapes_data, capsys):

@@ -240,7 +240,7 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
     export(checkpoint.complete_checkpoints(tmp_path / "B")[-1], out)
     clip = sorted(Path(video_mix["train_images"], "videos").glob("*.mp4"))[0]
     model, _, encoder = load_for_inference(out, device="cpu")
-    ours = generate_video(model, encoder, clip, "Which way does the shape move?", max_new_tokens=6)
+    ours = generate_video(model, encoder, clip, "Which way does the shape move?", max_new_tokens=6, min_new_tokens=6)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -252,6 +252,36 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
     ]
     prompt = plain.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = plain(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")
-    generated = plain_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    generated = plain_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     theirs = plain.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert ours == theirs.strip() and ours
+
+
+def test_data_check_counts_videos_their_frames_and_placeholders_and_draws_them(onevision_dir, video_mix, tmp_path):  # noqa: F811
+    """``data check --model`` on the mix: every clip counted with its sampled frames and exact placeholders (the
+    encoder's), lengths that hold them, a broken clip counted by reason; the report adds the two video panels."""
+    from transformers import AutoProcessor
+
+    from llava_loop.data.check import check_dataset
+    from llava_loop.data.report import draw_report
+
+    records = json.loads(Path(video_mix["train"]).read_text())
+    broken = dict(next(r for r in records if isinstance(r.get("video"), str)), id="broken", video="videos/none.mp4")
+    data = tmp_path / "mix.json"
+    data.write_text(json.dumps([*records, broken]))
+    processor = AutoProcessor.from_pretrained(onevision_dir)
+    report = check_dataset(
+        data, video_mix["train_images"], processor=processor, max_length=1024, video_frames=FRAMES, progress=False
+    )
+    clips = sum("video" in r for r in records)
+    assert report["videos"] == clips and report["problems"] == {"missing_video": 1}
+    dist = report["distributions"]
+    assert dist["video_frames"].tolist() == [FRAMES] * clips
+    assert dist["video_tokens"].tolist() == [_encoder(processor).video.tokens(FRAMES)] * clips
+    assert len(dist["video_seconds"]) == sum(isinstance(r.get("video"), str) for r in records)  # files have a length
+    assert dist["total_tokens"].max() > dist["video_tokens"].max()
+    image, panels = draw_report(report, "video mix", max_length=1024)
+    assert [p.title for p in panels][-2:] == ["video lengths", "frames per video"]
+    assert list(panels[-1].bars) == [str(FRAMES)]
+    image_only = dict(report, distributions={**dist, "video_frames": dist["video_frames"][:0]})
+    assert draw_report(image_only, "no videos", max_length=1024)[0].height < image.height

@@ -1,6 +1,6 @@
 """The datasets ``llava-loop data prepare`` knows: where their records are in the downloaded folder, what shape the
-records have, and what their cards say about licensing. Images are found by prepare.ImageIndex, whatever zip or
-folder they arrive in. (Light to import: the CLI lists the names.)"""
+records have, and what their cards say about licensing. Images and videos are found by prepare.ImageIndex, whatever
+zip or folder they arrive in. (Light to import: the CLI lists the names.)"""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ class Layout:
     kind: Literal["conversations", "captions"]
     license: str  # what the dataset cards say, for the prepared folder's card
     prompts: str = ""  # captions: the instruction pool, a key of convert.PROMPT_POOLS
+    videos: tuple[str, ...] = ()  # globs under --src for the records files of video records: a part of the download
+    # that may be absent (every match is read, after the image records)
 
 
 LAYOUTS = {
@@ -50,14 +52,21 @@ LAYOUTS = {
             "terms of use) over COCO, GQA, OCR-VQA, TextVQA and Visual Genome images, each under its own "
             "dataset's terms.",
         ),
+        # ShareGPT-4o as the hub holds it (its card's configs): image_caption = image_conversations/gpt-4o.jsonl,
+        # rows {"image": "<name>.jpg", "conversations"} with no <image> tag, the images in images.zip under a long
+        # cluster path; video_caption (split "ptest") = video_conversations/gpt4o.jsonl, about 2K rows each naming
+        # one clip file ("video": "video_10001.mp4"). Where the clips arrive (which zip or folder) is not known for
+        # sure, so nothing here fixes it: the index finds them in any zip or folder of the download, as the images.
         Layout(
             "sharegpt4o",
-            "ShareGPT-4o image captions",
+            "ShareGPT-4o image and video captions",
             "OpenGVLab/ShareGPT-4o",
             ("image_conversations/*.jsonl", "image_conversations/*.json", "*.jsonl", "*.json"),
             "conversations",
-            "GPT-4o-written image descriptions; see the card (OpenGVLab/ShareGPT-4o) for its license, and OpenAI's "
-            "terms for model outputs.",
+            "GPT-4o-written image and video descriptions; see the card (OpenGVLab/ShareGPT-4o, MIT, gated) for its "
+            "terms, and OpenAI's terms for model outputs. The card says the videos' copyright stays with their "
+            "creators or platforms, for academic research use only.",
+            videos=("video_conversations/*.jsonl", "video_conversations/*.json"),
         ),
         Layout(
             "textocr-gpt4o",

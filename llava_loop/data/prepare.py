@@ -1,22 +1,24 @@
 """``llava-loop data prepare NAME --src DIR --out OUT``: a dataset folder as the hub's files download (zips not
 unpacked) into a folder that ``data.path=OUT`` trains from with no other data setting:
 
-* ``records.jsonl``: LLaVA records whose images name files under ``--src``, zip members included
-  (``images.zip/GCC_train_000.jpg``, read in place by archives.py);
-* ``left_out.jsonl``: each record or image left out, with its file, record, reason and detail;
+* ``records.jsonl``: LLaVA records whose images and videos name files under ``--src``, zip members included
+  (``images.zip/GCC_train_000.jpg``, ``videos.zip/clip.mp4``: read in place by archives.py and video.py);
+* ``left_out.jsonl``: each record, image or video left out, with its file, record, reason and detail;
 * ``prepared.json``: what was made from what (the image folder training reads, counts, the inputs' sizes, which
   files were under ``--src``: a re-run over a changed download is refused without ``--force``);
   written last, so its presence means the folder is complete;
 * ``README.md``: a card with the source, the license notes, the counts and the command.
 
-A record's image is found where the records file names it, else in a zip extracted in place (``coco/train2017.zip``
-holding ``train2017/x.jpg`` serves ``coco/train2017/x.jpg``), else under one prefix the name lacks (ShareGPT-4o's
-``images.zip`` keeps its images under a long cluster path; TextOCR's under ``train_images/``): the prefix that
-serves most names wins."""
+A record's image or video is found where the records file names it, else in a zip extracted in place
+(``coco/train2017.zip`` holding ``train2017/x.jpg`` serves ``coco/train2017/x.jpg``), else under one prefix the name
+lacks (ShareGPT-4o's ``images.zip`` keeps its images under a long cluster path; TextOCR's under ``train_images/``):
+the prefix that serves most names wins. Videos are found by the same index and left out for the same reasons, under
+their own names (``missing_video``, ``corrupt_video``, ...)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import posixpath
@@ -28,15 +30,17 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..runlock import LOCK, RunLock
+from ..template import IMAGE_TOKEN, VIDEO_TOKEN
 from .archives import is_zip_name
 from .convert import PROMPT_POOLS, ConvertError, caption_record, conversation_record
 from .images import image_path, open_checked
 from .layouts import LAYOUTS, Layout
-from .records import RecordError, normalize_record, read_text
+from .records import RecordError, normalize_record, read_text, read_video_field
 from .skips import SkipSample
 from .sources import PREPARED_MANIFEST as MANIFEST
 from .sources import PREPARED_RECORDS as RECORDS
 from .sources import prepared_manifest
+from .video import clip_seconds
 
 LEFT_OUT, CARD = "left_out.jsonl", "README.md"
 FORMAT = 1
@@ -47,7 +51,7 @@ class PrepareError(UserError):
 
 
 class ImageIndex:
-    """Where each image name of a dataset lives under ``src``: a file, or a member of one of its zips."""
+    """Where each image (or video) name of a dataset lives under ``src``: a file, or a member of one of its zips."""
 
     def __init__(self, src: Path, exclude: Path | None = None):
         self.src = src
@@ -92,8 +96,9 @@ class ImageIndex:
     def _candidates(self, name: str) -> list[str]:
         return [v for v in self._names().get(posixpath.basename(name), ()) if v.endswith("/" + name)]
 
-    def find(self, name: str) -> str:
-        """The reference (relative to ``src``) for the image ``name``; a ``SkipSample`` when there is none."""
+    def find(self, name: str, missing: str = "missing_image") -> str:
+        """The reference (relative to ``src``) for the image or video ``name``; a ``SkipSample`` (``missing``: its
+        reason when no folder or zip holds the name) when there is none."""
         name = posixpath.normpath(name.replace("\\", "/"))
         if (self.src / name).is_file() or name.startswith(("/", "../")) or name == "..":
             return name  # as named (unsafe names are refused by image_path)
@@ -108,7 +113,7 @@ class ImageIndex:
             folder = posixpath.dirname(archive)
             if not folder or name.startswith(folder + "/"):
                 raise SkipSample("unreadable_archive", f"{name}: {why}")
-        raise SkipSample("missing_image", f"{name} is in no folder or zip under {self.src}")
+        raise SkipSample(missing, f"{name} is in no folder or zip under {self.src}")
 
     def _names(self) -> dict[str, list[str]]:
         """Every zip member and file under src by base name; built on the first name not found as given."""
@@ -195,13 +200,24 @@ def check_out(out: Path, src: Path) -> None:
 
 
 def records_files(layout: Layout, src: Path) -> list[Path]:
+    """The records files under ``src``: those of the first ``layout.records`` glob that matches, then every video
+    records file (``layout.videos``; a download may lack that part)."""
+    found = []
     for pattern in layout.records:
         found = sorted(p for p in src.glob(pattern) if p.is_file())
         if found:
-            return found
-    raise PrepareError(
-        f"{src}: no {' or '.join(layout.records)}; --src must be the folder of {layout.card} as downloaded"
-    )
+            break
+    videos = video_files(layout, src)
+    if not found and not videos:
+        raise PrepareError(
+            f"{src}: no {' or '.join(layout.records + layout.videos)}; --src must be the folder of {layout.card} as "
+            "downloaded"
+        )
+    return found + [f for f in videos if f not in found]
+
+
+def video_files(layout: Layout, src: Path) -> list[Path]:
+    return sorted({p for pattern in layout.videos for p in src.glob(pattern) if p.is_file()})
 
 
 def prepare(name: str, src: str | Path, out: str | Path, *, command: str = "", force: bool = False, say=print):
@@ -243,13 +259,15 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
 
     (out / MANIFEST).unlink(missing_ok=True)
     for problem in index.broken.values():
-        say(f"warning: {problem}; the records whose images are in it are left out")
+        say(f"warning: {problem}; the records whose images or videos are in it are left out")
     rng = random.Random(0)
-    kept, left, images, unread = 0, Counter(), 0, {}
+    kept, left, images, videos, unread = 0, Counter(), 0, 0, {}
+    # a clip's header is read as training will read it (PyAV, the video extra); without it a clip is only found
+    headers = importlib.util.find_spec("av") is not None
     with open(out / RECORDS, "w") as records_out, open(out / LEFT_OUT, "w") as left_out:
         for file in files:
             text = read_text(file)
-            index.learn_prefixes(sample_image_names(layout, text))
+            index.learn_prefixes(sample_media_names(layout, text))
             bar = tqdm(total=len(text), desc=f"{name}: {file.name}", unit="B", unit_scale=True, mininterval=1.0)
             done, problem = 0, None
             for i, raw, problem, end in salvage_records(text):
@@ -266,6 +284,8 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
                         open_checked(image_path(src, ref), decode=False)
                     if refs:
                         record["image"] = refs[0] if len(refs) == 1 else refs
+                    if record.get("video"):
+                        record["video"] = find_video(index, src, record["video"], headers)
                     normalize_record(record, file, i)
                 except SkipSample as skip:
                     left[skip.reason] += 1
@@ -275,6 +295,7 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
                     continue
                 kept += 1
                 images += len(refs)
+                videos += bool(record.get("video"))
                 records_out.write(json.dumps(record, ensure_ascii=False) + "\n")
             if problem and done < len(text):  # the list could not be followed past it
                 unread[str(file)] = {"bytes": len(text) - done, "after_record": i, "detail": problem}
@@ -287,15 +308,20 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
         "image_dir": str(src),
         "records": kept,
         "images": images,
+        "videos": videos,  # records with a video (one each)
         "left_out": dict(left.most_common()),
         "unread": unread,  # records files read only in part: the records after the break were never seen
-        "found_under": dict(index.prefixes.most_common()),  # prefixes the records' image names lacked
+        "found_under": dict(index.prefixes.most_common()),  # prefixes the records' image and video names lacked
         "inputs": inputs,
         "listing": index.listing,
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out / CARD).write_text(card(layout, manifest, out))
+    if layout.videos or videos:
+        say(f"{name}: {videos} of the {kept} records kept are video{video_note(layout, src)}")
+        if videos and not headers:
+            say("warning: PyAV is not installed (pip install 'llava_loop[video]'): the clips were found, not opened")
     if not kept:
         raise PrepareError(
             f"{name} from {src}: no usable record ({', '.join(f'{r} x{n}' for r, n in left.most_common())}); "
@@ -305,17 +331,39 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
     return manifest
 
 
-def sample_image_names(layout: Layout, text: str, n: int = 2000) -> list[str]:
-    """The image names of the first ``n`` records, for ``ImageIndex.learn_prefixes``."""
+def find_video(index: ImageIndex, src: Path, video, headers: bool):
+    """A record's video (a file name, or its frame images' names) as found under ``src``, each checked as training
+    reads it: a file's header (when ``headers``: PyAV is there), a frame's as an image's."""
+    if isinstance(video, list):
+        frames = [index.find(name, "missing_video") for name in video]
+        for frame in frames:
+            open_checked(image_path(src, frame), decode=False)
+        return frames
+    ref = index.find(video, "missing_video")
+    if headers:
+        clip_seconds(image_path(src, ref))
+    return ref
+
+
+def video_note(layout: Layout, src: Path) -> str:
+    """Why a layout with a video part has no video record: the download lacks that part."""
+    if not layout.videos or video_files(layout, src):
+        return ""
+    return f" (no {' or '.join(layout.videos)} under {src}: the download has no video part)"
+
+
+def sample_media_names(layout: Layout, text: str, n: int = 2000) -> list[str]:
+    """The image and video names of the first ``n`` records, for ``ImageIndex.learn_prefixes``."""
     names = []
     for i, raw, _, _ in salvage_records(text):
         if i >= n:
             break
         try:
-            image = make_record(layout, raw, "", i, random.Random(0)).get("image") or []
+            record = make_record(layout, raw, "", i, random.Random(0))
         except SkipSample:
             continue
-        names += [image] if isinstance(image, str) else image
+        for media in (record.get("image"), record.get("video")):
+            names += [media] if isinstance(media, str) else media or []
     return names
 
 
@@ -326,9 +374,31 @@ def make_record(layout: Layout, raw, where: str, index: int | str, rng: random.R
             if not isinstance(raw, dict):
                 raise ConvertError(f"{where}: expected an object, got {type(raw).__name__}")
             return caption_record(raw, where, rng, prompts=PROMPT_POOLS[layout.prompts])
-        return conversation_record(raw, where, index)
+        record = conversation_record(raw, where, index)
+        add_video(record, raw, where)
+        return record
     except (ConvertError, RecordError) as exc:
         raise SkipSample("malformed_record", str(exc)) from None
+
+
+def add_video(record: dict, raw: dict, where: str) -> None:
+    """The row's video and window, which conversation_record (images only) leaves out, with a ``<video>`` tag at the
+    start of the first human turn when the row has none: ShareGPT-4o's captions carry no tag, for images as for
+    videos. One ``<image>`` tag and no image is left as it is: records.py reads it as ``<video>`` (LLaVA-Video)."""
+    video = read_video_field(raw, where)
+    if video is None:
+        return
+    record["video"] = list(video.source) if video.frame_list else video.source
+    record.update({key: raw[key] for key in ("video_start", "video_end") if raw.get(key) is not None})
+    texts = [turn["value"] for turn in record["conversations"]]
+    if any(VIDEO_TOKEN in text for text in texts):
+        return
+    if "image" not in record and sum(text.count(IMAGE_TOKEN) for text in texts) == 1:
+        return
+    first = next((turn for turn in record["conversations"] if turn["from"] == "human"), None)
+    if first is None:
+        raise ConvertError(f"{where}: a video but no human message to show it in")
+    first["value"] = f"{VIDEO_TOKEN}\n{first['value']}"
 
 
 def card(layout: Layout, manifest: dict, out: Path) -> str:
@@ -340,7 +410,13 @@ def card(layout: Layout, manifest: dict, out: Path) -> str:
         "",
         f"**License.** {layout.license}",
         "",
-        f"**Counts.** {manifest['records']} records kept, with {manifest['images']} images; "
+        f"**Counts.** {manifest['records']} records kept, with {manifest['images']} images"
+        + (
+            f" and {manifest['videos']} video records{video_note(layout, Path(manifest['source']))}"
+            if layout.videos or manifest["videos"]
+            else ""
+        )
+        + "; "
         + (
             f"{sum(left.values())} left out ({', '.join(f'{r}: {n}' for r, n in left.items())}), listed in "
             f"`{LEFT_OUT}`."

@@ -102,10 +102,15 @@ def clip_window(duration: float, start: float | None, end: float | None, where) 
     return begin, finish
 
 
+# FFmpeg's slice threading, PyAV's default: a seek-and-decode of a few frames gains nothing from frame threading,
+# whose threads each hold frames back (docs/BENCHMARKS.md, "Video decoding", measures both)
+THREADS = "SLICE"
+
+
 @contextlib.contextmanager
-def opened(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS):
+def opened(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS, threads: str = THREADS):
     """``(container, stream, seconds)`` of a video file or zip member, its one video stream checked: there, of a
-    frame size within ``max_pixels``, and not empty."""
+    frame size within ``max_pixels``, and not empty. ``threads``: FFmpeg's decoding threads (``THREADS``)."""
     import av
 
     if isinstance(where, ZipMember):
@@ -123,6 +128,7 @@ def opened(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS):
         if not container.streams.video:
             raise SkipSample("corrupt_video", f"{where} has no video stream")
         stream = container.streams.video[0]
+        stream.thread_type = threads
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > max_pixels:
             raise SkipSample("video_too_large", f"{where}: frames of {width}x{height}, over {max_pixels} pixels")
@@ -145,11 +151,12 @@ def read_video(
     start: float | None = None,
     end: float | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    threads: str = THREADS,
 ) -> list[Image.Image]:
     """The sampled frames of a video file (or zip member), as RGB images."""
     import av
 
-    with opened(where, max_pixels) as (container, stream, seconds):
+    with opened(where, max_pixels, threads) as (container, stream, seconds):
         times = sampling.times(*clip_window(seconds, start, end, where))
         try:
             frames = [_frame_at(container, stream, t) for t in times]
