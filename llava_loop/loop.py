@@ -32,6 +32,7 @@ from .data.blank_image import BlankImage
 from .data.sampler import TokenBudgetBatches
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
+from .data.video import require_video_extra
 from .errors import UserError, size_text
 from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
@@ -160,6 +161,8 @@ class Trainer:
         loader, self.sampler = self.build_train_loader()
         # for micro-batches without an image (or a video, where the data holds videos and the model takes them)
         videos = self.train_set.holds_video or getattr(self.eval_set, "holds_video", False)
+        if self.train_set.holds_video_files or getattr(self.eval_set, "holds_video_files", False):
+            require_video_extra()  # refused now, not in a loader worker at the first clip
         encoder = self.train_set.encoder
         self.blank_image = BlankImage(encoder, self.accelerator.device, video=videos and encoder.video is not None)
         self.validator = self.build_validator()

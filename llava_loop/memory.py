@@ -144,6 +144,19 @@ def image_sample(
     return Sample(text_tokens + image_tokens, views, source)
 
 
+def video_sample(frames: int, *, text_tokens: int) -> Sample:
+    """A sample of ``text_tokens`` and one video of ``frames`` frames, as a CLIP-L/336 ``llava-onevision`` build
+    lays it out: each frame one view of the tower, frames x pooled patches + 1 placeholders (its processor's
+    count). Needs torchvision, as OneVision's processor does."""
+    from .data.video import FrameSampling, VideoInputs
+
+    _, processor = clip_l_processor("llava-onevision")
+    video = VideoInputs(processor, FrameSampling(frames), max_pixels=MAX_IMAGE_PIXELS, allow_absolute_paths=False)
+    tokens = video.tokens(frames)
+    source = f"{text_tokens} text + {tokens} video tokens: {frames} frames at llava-onevision, {frames} views"
+    return Sample(text_tokens + tokens, frames, source)
+
+
 def image_size(text: str) -> tuple[int, int]:
     """``"1344x336"`` -> (1344, 336): width x height in pixels, as training would accept the image."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
@@ -338,10 +351,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="WxH",
         help="size each sample from one image of this size at --arch (its exact image tokens and tiles)",
     )
+    sample.add_argument(
+        "--video-frames",
+        type=int,
+        metavar="N",
+        help="size each sample from one video of N frames at llava-onevision (data.video_frames; needs torchvision)",
+    )
     p.add_argument("--arch", choices=ARCHS, default="llava", help="with --image-size: how the image is seen")
     p.add_argument("--grid-pinpoints", help="with --image-size: tile grids, as build takes them (rows x columns)")
     p.add_argument("--max-tiles", type=int, default=0, help="with --image-size: the tile bound, as build takes it")
-    p.add_argument("--text-tokens", type=int, help="with --image-size: the sample's text tokens (default 64)")
+    p.add_argument(
+        "--text-tokens", type=int, help="with --image-size or --video-frames: the sample's text tokens (default 64)"
+    )
     p.add_argument("--lora-rank", type=int, default=128)
     p.add_argument(
         "--checkpointing",
@@ -361,12 +382,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sample_of(args) -> Sample:
     """The sample the command line describes; image options without an image are refused, not ignored."""
+    text = 64 if args.text_tokens is None else args.text_tokens
+    if text < 0:
+        raise UserError(f"--text-tokens {text}: must be 0 or more")
     if args.image_size:
-        text = 64 if args.text_tokens is None else args.text_tokens
-        if text < 0:
-            raise UserError(f"--text-tokens {text}: must be 0 or more")
         grids, max_tiles = args.grid_pinpoints, args.max_tiles
         return image_sample(args.arch, *args.image_size, text_tokens=text, grids=grids, max_tiles=max_tiles)
+    if args.video_frames is not None:
+        if args.video_frames < 1 or args.arch not in ("llava", "llava-onevision"):
+            raise UserError(f"--video-frames {args.video_frames}: at least 1 frame, at --arch llava-onevision")
+        return video_sample(args.video_frames, text_tokens=text)
     stray = {
         f"--arch {args.arch}": args.arch != "llava",
         "--text-tokens": args.text_tokens is not None,

@@ -50,6 +50,11 @@ class LlavaDataset(Dataset):
         return getattr(self.records, "holds_video", False)
 
     @property
+    def holds_video_files(self) -> bool:
+        """Whether they may hold a video file, which PyAV decodes."""
+        return getattr(self.records, "holds_video_files", False)
+
+    @property
     def source(self) -> str:
         return self.records.source
 

@@ -73,6 +73,10 @@ class MixedDataset(Dataset):
     def holds_video(self) -> bool:
         return any(part.holds_video for part in self.parts)
 
+    @property
+    def holds_video_files(self) -> bool:
+        return any(part.holds_video_files for part in self.parts)
+
     def __getitem__(self, index: int) -> dict:
         s = self.mixture.source_of(index)
         sample = self.parts[s][index - int(self.mixture.offsets[s])]

@@ -53,24 +53,32 @@ class Records:
     """An immutable, indexable list of ``Record`` backed by a single bytes blob."""
 
     def __init__(
-        self, blob: bytes, offsets: np.ndarray, source: str, index: np.ndarray | None = None, *, holds_video=False
+        self,
+        blob: bytes,
+        offsets: np.ndarray,
+        source: str,
+        index: np.ndarray | None = None,
+        *,
+        holds_video: bool = False,
+        holds_video_files: bool = False,
     ):
         self._blob = blob
         self._offsets = offsets
         self._index = index  # a subset view shares the blob
         self.source = source
         self.holds_video = holds_video  # whether the file has a video record (a subset keeps the file's answer)
+        self.holds_video_files = holds_video_files  # whether one is a file (decoded with PyAV), not frame images
 
     @classmethod
-    def from_encoded(cls, encoded: list[bytes], source: str, *, holds_video: bool = False) -> Records:
+    def from_encoded(cls, encoded: list[bytes], source: str, **video) -> Records:
+        """``video``: ``holds_video`` and ``holds_video_files``, as ``video_kinds`` finds them."""
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(b"".join(encoded), offsets, source, holds_video=holds_video)
+        return cls(b"".join(encoded), offsets, source, **video)
 
     @classmethod
     def from_records(cls, records: list[Record], source: str = "<memory>") -> Records:
-        holds_video = any(r.video is not None for r in records)
-        return cls.from_encoded([_encode(r) for r in records], source, holds_video=holds_video)
+        return cls.from_encoded([_encode(r) for r in records], source, **video_kinds(records))
 
     def __len__(self) -> int:
         return len(self._offsets) - 1 if self._index is None else len(self._index)
@@ -87,7 +95,8 @@ class Records:
         base = np.asarray(indices, dtype=np.int64)
         if self._index is not None:
             base = self._index[base]
-        return Records(self._blob, self._offsets, self.source, base, holds_video=self.holds_video)
+        video = {"holds_video": self.holds_video, "holds_video_files": self.holds_video_files}
+        return Records(self._blob, self._offsets, self.source, base, **video)
 
     def nbytes(self) -> int:
         return len(self._blob) + self._offsets.nbytes
@@ -99,6 +108,12 @@ class Records:
         if self._index is not None:
             digest.update(self._index.tobytes())
         return digest.hexdigest()
+
+
+def video_kinds(records) -> dict[str, bool]:
+    """Whether ``records`` hold a video, and a video file (not frame images)."""
+    videos = [r.video for r in records if r.video is not None]
+    return {"holds_video": bool(videos), "holds_video_files": any(not v.frame_list for v in videos)}
 
 
 def _encode(record: Record) -> bytes:
@@ -226,11 +241,12 @@ def load_records(path: str | Path) -> Records:
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"data file {path} not found; set data.path to a chat.json or .jsonl file")
-    records = (normalize_record(raw, path, index) for index, raw in _iter_raw(path))
-    encoded, holds_video = [], False
-    for record in records:
+    encoded, videos = [], []  # encoded as read: 600K Record objects would outweigh the blob many times over
+    for index, raw in _iter_raw(path):
+        record = normalize_record(raw, path, index)
         encoded.append(_encode(record))
-        holds_video |= record.video is not None
+        if record.video is not None and len(videos) < 2 and record.video.frame_list not in videos:
+            videos.append(record.video.frame_list)
     if not encoded:
         raise RecordError(f"{path}: no records")
-    return Records.from_encoded(encoded, str(path), holds_video=holds_video)
+    return Records.from_encoded(encoded, str(path), holds_video=bool(videos), holds_video_files=False in videos)

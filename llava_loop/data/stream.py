@@ -143,7 +143,7 @@ class StreamDataset(IterableDataset):
     """One process's share of the shards, as encoded samples in training order. ``start(epoch, k)`` sets where the
     next iterator begins: micro-batch ``k`` of ``epoch``."""
 
-    holds_video = False  # shards carry images as members; a record's video would be a path outside them
+    holds_video = holds_video_files = False  # shards carry images as members; a video would be a path outside them
 
     def __init__(self, layout: StreamLayout, encoder: SampleEncoder, *, rank: int, source: str):
         self.layout, self.encoder, self.rank, self.source = layout, encoder, rank, source

@@ -174,8 +174,10 @@ class TableRecords:
 
     @property
     def holds_video(self) -> bool:
-        """Whether a video column is there (its rows may still have none)."""
+        """Whether a video column is there (its rows may still have none, or name frame images)."""
         return self.rows.holds_video
+
+    holds_video_files = holds_video
 
     def subset(self, indices) -> TableRecords:
         base = np.asarray(indices, dtype=np.int64)

@@ -63,14 +63,15 @@ class Video:
         return cls(tuple(source) if isinstance(source, list) else source, start, end)
 
 
-def require_video_extra() -> None:
-    """PyAV, or the command that installs it."""
+def require_video_extra():
+    """PyAV, or a UserError with the command that installs it."""
     try:
-        import av  # noqa: F401
+        import av
     except ImportError:
         raise UserError(
-            "these records hold videos, which need PyAV to decode: pip install 'llava_loop[video]'"
+            "these records hold video files, which need PyAV to decode: pip install 'llava-loop[video]'"
         ) from None
+    return av
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ THREADS = "SLICE"
 def opened(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS, threads: str = THREADS):
     """``(container, stream, seconds)`` of a video file or zip member, its one video stream checked: there, of a
     frame size within ``max_pixels``, and not empty. ``threads``: FFmpeg's decoding threads (``THREADS``)."""
-    import av
+    av = require_video_extra()
 
     if isinstance(where, ZipMember):
         archive, info = member_info(where, "missing_video")
