@@ -1,7 +1,8 @@
 """Benchmark 5, the GPU checks: the real launch (`accelerate launch` + DeepSpeed ZeRO-2 + bf16, `train.py`) on
 random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded), over
 synthetic data at 336 px: LLaVA-pretrain-like shapes captions (stage 1), a LLaVA-665K-like length mix (stage 2,
-bench/batching.py's), and the shapes stretched to 672x336 and 1008x336 for a LLaVA-NeXT build (AnyRes).
+bench/batching.py's), the shapes stretched to 672x336 and 1008x336 for a LLaVA-NeXT build (AnyRes), and the motion
+demo's clips at 336 px as frame lists (32 frames each) for a OneVision build (video).
 
 The plan is fixed before the call (PLAN, in order; docs/BENCHMARKS.md section 5 says why each row is there and how
 the 3B row's settings were chosen). Each row is one launch, in its own processes, so memory is freed between them:
@@ -12,7 +13,9 @@ the 3B row's settings were chosen). Each row is one launch, in its own processes
    target;
 5. `stage2`: the 0.5B LLM trained (`freeze_vision`), padding-free micro-batches filled to a 16,384-token budget;
 6. `anyres`: the 0.5B pair as LLaVA-NeXT, micro-batch 16;
-7. `3b-mb32`: the 3B row at micro-batch 32, which only an H200 holds.
+7. `video`: the 0.5B pair as LLaVA-OneVision, `freeze_vision`, micro-batch 4 clips of 32 frames (4,609 video tokens
+   each: 32 x 12 x 12 pooled patches + 1);
+8. `3b-mb32`: the 3B row at micro-batch 32, which only an H200 holds.
 
 Before each launch, the memory model (`llava_loop.memory`, as `llava-loop memory` prints it) predicts the row's peak
 on the card found (`nvidia-smi`); a row it says will not fit is refused, not tried. A row whose predicted time does
@@ -69,9 +72,13 @@ SHAPES = {
     "0.5b": Shape("0.5B", "llava"),
     "3b": Shape("3B", "llava"),
     "anyres": Shape("0.5B", "llava-next"),
+    "onevision": Shape("0.5B", "llava-onevision"),
     "tiny": Shape("tiny", "llava"),
     "tiny-anyres": Shape("tiny", "llava-next"),
+    "tiny-onevision": Shape("tiny", "llava-onevision"),
 }
+TINY = {"llava": "tiny", "llava-next": "tiny-anyres", "llava-onevision": "tiny-onevision"}  # each arch's twin
+VIDEO_FRAMES = 32  # data.video_frames of the video row: OneVision's default
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ DATA = {
     "stage1": Data(tokens=640, padded=700, views=1.0, supervised=35),
     "anyres": Data(tokens=2104, padded=2400, views=3.5, supervised=35),
     "stage2": Data(tokens=700, padded=2048, views=0.7, supervised=250),  # batching.write_mix's records
+    "video": Data(tokens=4640, padded=4650, views=VIDEO_FRAMES, supervised=3),  # motion clips: a direction word
 }
 
 
@@ -111,6 +119,7 @@ PLAN = [
     Row("3b", "3b", "projector", 16, "stage1", target=">= 35 samples/s"),
     Row("stage2", "0.5b", "freeze_vision", 1, "stage2", token_budget=16384),
     Row("anyres", "anyres", "projector", 16, "anyres"),
+    Row("video", "onevision", "freeze_vision", 4, "video"),
     Row("3b-mb32", "3b", "projector", 32, "stage1"),
 ]
 ROWS = {row.name: row for row in PLAN}
@@ -134,7 +143,7 @@ TESTS_S = 120  # tests/test_gpu.py: three short runs, each in its own process, a
 
 def twin(row: Row) -> Row:
     """A row's CPU smoke twin: tiny towers at the same 336 px / 14 px geometry, 2 samples or 2,048 tokens."""
-    shape = "tiny-anyres" if SHAPES[row.shape].arch == "llava-next" else "tiny"
+    shape = TINY[SHAPES[row.shape].arch]
     return replace(row, shape=shape, micro_batch=min(row.micro_batch, 2), token_budget=min(row.token_budget, 2048))
 
 
@@ -203,7 +212,8 @@ def composed_config(shape: str):
 
     vision, text = tower_configs(SHAPES[shape].llm)
     tiling = tiling_for(SHAPES[shape].arch, vision.image_size)
-    return compose_config(vision, text, text.vocab_size - 1, text.vocab_size - 2, tiling=tiling)
+    video = text.vocab_size - 3 if SHAPES[shape].arch == "llava-onevision" else None
+    return compose_config(vision, text, text.vocab_size - 1, text.vocab_size - 2, tiling=tiling, video_token_id=video)
 
 
 def meta_model(config):
@@ -327,6 +337,7 @@ def build_random_model(out: Path, shape: str) -> None:
     from llava_loop.build import add_image_token, compose_config, make_processor, model_class, save_model_dir
     from llava_loop.demo.families import LLM_FAMILIES, make_tokenizer
     from llava_loop.llm import generation_config
+    from llava_loop.template import VIDEO_TOKEN
     from llava_loop.vision_tower import CLIP, VisionTower, load_image_processor
 
     llm, arch = SHAPES[shape].llm, SHAPES[shape].arch
@@ -334,12 +345,14 @@ def build_random_model(out: Path, shape: str) -> None:
     tiling = tiling_for(arch, vision.image_size)
     tokenizer = make_tokenizer(LLM_FAMILIES["qwen2"])
     image_id, pad_id = add_image_token(tokenizer), tokenizer.pad_token_id
+    video_id = add_image_token(tokenizer, VIDEO_TOKEN) if arch == "llava-onevision" else None
     torch.manual_seed(0)
     dtype = torch.float32 if llm == "tiny" else torch.bfloat16
     torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = model_class(arch)(compose_config(vision, text, image_id, pad_id, tiling=tiling))
+            config = compose_config(vision, text, image_id, pad_id, tiling=tiling, video_token_id=video_id)
+            model = model_class(arch)(config)
     finally:
         torch.set_default_dtype(torch.float32)
     model.config.dtype = dtype
@@ -362,12 +375,17 @@ def build_in_child(out: Path, shape: str, timeout: float) -> None:
 
 
 def write_data(out: Path, kind: str, n: int) -> Path:
-    """``n`` records of a data kind: shapes at 336 px (stage1), the same stretched to WIDE (anyres), or
-    bench/batching.py's stage-2 length mix. Returns the records' path; images are in ``out/images``."""
+    """``n`` records of a data kind: shapes at 336 px (stage1), the same stretched to WIDE (anyres),
+    bench/batching.py's stage-2 length mix, or motion clips as frame lists (video: PNGs, no decoder needed). Returns
+    the records' path; images are in ``out/images`` (videos in ``out/videos``)."""
     from PIL import Image
 
     from llava_loop.demo.shapes import write_shapes
 
+    if kind == "video":
+        from llava_loop.demo.motion import write_motion
+
+        return write_motion(out, n, seed=0, size=336, frames=VIDEO_FRAMES, frame_lists=1.0)
     if kind == "stage2":
         from batching import write_mix
 
@@ -453,9 +471,11 @@ def run_config(row: Row, model_dir: Path, data: Path, out: Path, args) -> dict:
         "hooks": ["gpu:PeakMemory"],
         "data": {
             "path": str(data),
-            "image_dir": str(data.parent / "images"),
+            "image_dir": str(data.parent / ("videos" if row.data == "video" else "images")),
             "num_workers": args.workers,
-            "max_length": 4096 if SHAPES[row.shape].arch != "llava" else 2048,  # LLaVA-NeXT trains at 4096
+            # LLaVA-NeXT trains at 4096; a 32-frame clip alone is 4,609 tokens
+            "max_length": 8192 if row.data == "video" else 4096 if SHAPES[row.shape].arch != "llava" else 2048,
+            "video_frames": VIDEO_FRAMES,
             "padding_free": bool(row.token_budget),
             "max_tokens_per_micro_batch": row.token_budget,
         },

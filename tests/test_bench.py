@@ -139,10 +139,19 @@ def test_gpu_benchmark_starts_no_launch_past_its_time_budget(tmp_path):
 
 def test_the_gpu_plan_runs_the_target_rows_first_and_fits_its_rows_to_the_card():
     """The plan's order is the issue's: 0.5B plain, its Liger and compiled twins, the 3B target, stage 2, AnyRes,
-    then what only an H200 holds. The memory model (llava-loop memory's) refuses the 3B row at micro-batch 32 on an
-    H100, not on an H200, and fits every other row on both."""
+    video, then what only an H200 holds. The memory model (llava-loop memory's) refuses the 3B row at micro-batch 32
+    on an H100, not on an H200, and fits every other row on both."""
     gpu = load_gpu_bench()
-    assert [row.name for row in gpu.PLAN] == ["0.5b", "0.5b-liger", "0.5b-compile", "3b", "stage2", "anyres", "3b-mb32"]
+    assert [row.name for row in gpu.PLAN] == [
+        "0.5b",
+        "0.5b-liger",
+        "0.5b-compile",
+        "3b",
+        "stage2",
+        "anyres",
+        "video",
+        "3b-mb32",
+    ]
     assert gpu.ROWS["0.5b"].target and gpu.ROWS["3b"].target
     for row in gpu.PLAN:
         assert gpu.refusal(row, gpu.CARDS["h200"]) is None, row
@@ -168,6 +177,6 @@ def test_the_gpu_dry_run_prints_the_plan_with_memory_and_minutes_per_card():
     assert lines[0].startswith("| row | shape | mode | micro-batch (tokens) | kernels | predicted GiB | H100 min |")
     assert "H200 cumulative" in lines[0]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines[1:]}
-    assert list(rows) == ["0.5b", "0.5b-liger", "0.5b-compile", "3b", "stage2", "anyres", "3b-mb32"]
+    assert list(rows) == ["0.5b", "0.5b-liger", "0.5b-compile", "3b", "stage2", "anyres", "video", "3b-mb32"]
     assert rows["3b-mb32"][6] == "refused" and float(rows["3b-mb32"][8]) > 0  # H100 refuses it, H200 runs it
     assert all(float(cells[6]) > 0 for name, cells in rows.items() if name != "3b-mb32")

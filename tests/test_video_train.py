@@ -285,3 +285,17 @@ def test_data_check_counts_videos_their_frames_and_placeholders_and_draws_them(o
     assert list(panels[-1].bars) == [str(FRAMES)]
     image_only = dict(report, distributions={**dist, "video_frames": dist["video_frames"][:0]})
     assert draw_report(image_only, "no videos", max_length=1024)[0].height < image.height
+
+
+@pytest.mark.slow
+def test_the_gpu_benchs_video_row_runs_through_the_real_launch_on_cpu(tmp_path):
+    """bench/gpu.py's video row, as its CPU twin (tiny OneVision towers at 336 px, 2 clips of 32 frames as frame
+    lists): built in a child, launched with accelerate + DeepSpeed ZeRO-2, its tokens and FLOPs those of 32 frames."""
+    from test_bench import gpu_bench, table_rows
+
+    out, _ = gpu_bench(tmp_path, "--smoke", "--rows", "video", "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    [row] = table_rows(out.stdout)
+    assert row[0] == "video" and row[-1].startswith("ok"), row
+    [run] = map(json.loads, (tmp_path / "out" / "rows.jsonl").read_text().splitlines())
+    assert 32 * 144 + 1 < run["tokens_per_sample"] < 32 * 144 + 120  # 32 frames of 12 x 12 pooled patches, + text
