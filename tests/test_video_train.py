@@ -216,7 +216,8 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
 ):
     """LoRA (dropout on), 2 loader workers: stopped at step K and resumed in a fresh process, the run matches an
     uninterrupted one to the bit (the control: a resume that forgets the data position). Its merged export, loaded
-    by plain transformers, generates from a clip's frames what ``llava-loop infer --video`` generates."""
+    by plain transformers (its processor and generate, and its any-to-any pipeline), generates from a clip's
+    frames what ``llava-loop infer --video`` generates."""
     from llava_loop.checkpoint import files as checkpoint
     from llava_loop.export import export
     from llava_loop.infer import generate_video, load_for_inference
@@ -255,6 +256,15 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
     generated = plain_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     theirs = plain.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert ours == theirs.strip() and ours
+    from transformers import pipeline
+
+    # transformers' pipeline samples num_frames (the run's) itself: handed exactly those frames, it keeps them all
+    pipe = pipeline("any-to-any", model=str(out), device="cpu")
+    chat = [{"role": "user", "content": [{"type": "video", "video": frames}, conversation[0]["content"][1]]}]
+    said = pipe(
+        text=chat, max_new_tokens=6, generate_kwargs={"min_new_tokens": 6, "do_sample": False}, return_full_text=False
+    )
+    assert said[0]["generated_text"] == ours
 
 
 def test_data_check_counts_videos_their_frames_and_placeholders_and_draws_them(onevision_dir, video_mix, tmp_path):  # noqa: F811

@@ -78,6 +78,8 @@ def write_shards(
         for i in range(len(records)):
             record = records[i]
             try:
+                if record.video is not None:  # shards carry images as members only
+                    raise SkipSample("malformed_record", "a video record; train videos from JSON or Parquet records")
                 sample = {"__key__": f"{i:09d}", "json": record_json(record)}
                 for n, name in enumerate(record.images):
                     path = image_path(image_dir, name, allow_absolute=allow_absolute_paths)
