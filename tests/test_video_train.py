@@ -173,7 +173,8 @@ def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
 ):
     """On the video + image + text mix: 1 process x mb4 padded, the same padding-free, 2-process ZeRO-2 x mb1 x
     acc2 padding-free and 2-process ZeRO-3 x mb1 x acc2 log the same losses within 1e-5, with slots where one rank
-    held a video and the other none. The control: the same run on 2 frames a video."""
+    held a video and the other none (the control: the same run on 2 frames a video); token-budget micro-batches
+    under 2-process ZeRO-2 match 1 process."""
     train = {"max_steps": 3, "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True}
     layouts = {
         "padded": (0, 4, 1, False, "", FRAMES),
@@ -205,6 +206,23 @@ def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
         assert [m["loss"] for m in runs[name]] == pytest.approx(reference, rel=1e-5), name
     assert [m["loss"] for m in runs["two-frames"]] != pytest.approx(reference, rel=1e-4)
     assert runs["padded"][0]["flops"] > runs["two-frames"][0]["flops"]  # frames and their tokens are counted
+
+    budgets = {}  # token-budget micro-batches (packed), 2-process ZeRO-2 against 1 process accumulating 2
+    for name, (processes, accum) in {"budget-1xacc2": (0, 2), "budget-2xacc1": (2, 1)}.items():
+        config = run_config(
+            name,
+            model=onevision_dir,
+            shapes=video_mix,
+            mode="freeze_vision",
+            train={**train, "grad_accum": accum},
+            data={"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024, "video_frames": FRAMES},
+        )
+        helpers.launch(config, processes=processes) if processes else helpers.train_here(config)
+        budgets[name] = helpers.metrics(tmp_path / name)
+    one, two = budgets["budget-1xacc2"], budgets["budget-2xacc1"]
+    assert len({m["samples"] for m in one}) > 1  # the budget packs as many samples as their placeholders allow
+    assert [sorted(m["sample_ids"]) for m in two] == [sorted(m["sample_ids"]) for m in one]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -309,3 +327,21 @@ def test_the_gpu_benchs_video_row_runs_through_the_real_launch_on_cpu(tmp_path):
     assert row[0] == "video" and row[-1].startswith("ok"), row
     [run] = map(json.loads, (tmp_path / "out" / "rows.jsonl").read_text().splitlines())
     assert 32 * 144 + 1 < run["tokens_per_sample"] < 32 * 144 + 120  # 32 frames of 12 x 12 pooled patches, + text
+
+
+def test_memory_sizes_a_sample_from_a_video_as_the_processor_counts_it(capsys):
+    """``llava-loop memory --video-frames 32``: CLIP-L/336 at OneVision, 32 frames x 12 x 12 pooled patches + 1
+    placeholders and 32 views of the tower; more frames hold more."""
+    from llava_loop.cli import main
+    from llava_loop.memory import LLMS, estimate
+
+    argv = ["memory", "--llm", "0.5B", "--mode", "freeze_vision", "--gpus", "1", "--micro-batch", "4"]
+    assert main([*argv, "--video-frames", "32"]) == 0
+    assert "tokens per sample: 4673 (64 text + 4609 video tokens: 32 frames at llava-onevision, 32 views)" in (
+        capsys.readouterr().out
+    )
+    shape = dict(gpus=1, micro_batch=4, checkpointing=True)
+    assert (
+        estimate(LLMS["0.5B"], "freeze_vision", "zero2", seq_len=4673, views=32, **shape)["activations"]
+        > (estimate(LLMS["0.5B"], "freeze_vision", "zero2", seq_len=4673 - 16 * 144, views=16, **shape)["activations"])
+    )

@@ -10,6 +10,7 @@ frame list.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -150,7 +151,9 @@ def check_dataset(
                 for side in pair_sides(record) if is_pair(record) else (record,):
                     record_messages(side)
                 sides = 2 if is_pair(record) else 1  # a pair trains on its prompt twice, once per answer
-                lengths.append(sides * record.estimated_tokens(image_tokens))
+                # a video: OneVision pools each frame's patch grid by 2 a side, and adds one newline
+                video = sampling.count(seconds) * math.ceil(math.sqrt(image_tokens) / 2) ** 2 + 1 if record.video else 0
+                lengths.append(sides * (record.estimated_tokens(image_tokens) + video))
                 text_tokens.append(record.estimated_tokens(0))
             pairs += is_pair(record)
             turns.append(sum(role in ("assistant", "chosen") for role, _ in record.turns))
