@@ -63,12 +63,12 @@ def save_adapter(model, out: Path) -> None:
 def sample_frames_as_trained(processor, cfg) -> None:
     """A OneVision processor given a whole video (a path, through ``pipeline`` or ``apply_chat_template``) samples
     the run's frame count itself. Its rule is transformers': frames from index 0 at an even stride, where training
-    took the middle of each share of the clip (data/video.py); ``llava-loop infer --video`` samples as training
-    did, and plain transformers does too when handed those frames (``do_sample_frames=False``)."""
+    took the middle of each share of the clip (data/video.py), and it takes a frame count or a rate, not both, so a
+    run's ``data.video_fps`` cap is not carried; ``llava-loop infer --video`` samples as training did, and plain
+    transformers does too when handed those frames (``do_sample_frames=False``)."""
     video = getattr(processor, "video_processor", None)
     if video is not None:
-        video.do_sample_frames, video.num_frames = True, cfg.data.video_frames
-        video.fps = cfg.data.video_fps or None
+        video.do_sample_frames, video.num_frames, video.fps = True, cfg.data.video_frames, None
 
 
 def export(checkpoint_dir: str | Path, out: str | Path) -> Path:

@@ -7,8 +7,9 @@ transformers' default image-processor backend) never enter a training process, a
 benchmarks in the background keeps training.
 
 Besides the benchmarks, ``llava_loop_heldout`` is a local task written from llava_loop records: each record's
-first question that shows one image, the prompt laid out as training lays it out, scored by exact match and token
-F1 with ``evaluate``'s own functions. On the same records, lmms-eval and ``llava-loop eval`` must agree.
+first question that shows one image, or one video file and no image, the prompt laid out as training lays it out,
+scored by exact match and token F1 with ``evaluate``'s own functions. On the same records, lmms-eval and
+``llava-loop eval`` (``infer.generate_video`` for a video) must agree.
 
 Tiled exports (``--arch llava-next`` / ``llava-onevision``) load in ``llava_hf`` too: it picks
 LlavaNextForConditionalGeneration or LlavaOnevisionForConditionalGeneration from config.json's ``model_type``, and
@@ -16,6 +17,27 @@ its processor tiles each image as training did. Its processor takes transformers
 (torchvision, which lmms-eval installs), where llava_loop uses PIL: the two agree exactly at the tower's own size,
 but a tiled model resizes every image (its base view at least), and resized pixels differ by up to one grey level
 (docs/BENCHMARKS.md, "Pixels"), so an answer can differ where a greedy choice is that close.
+
+Video (OneVision exports). A video doc's visual is its file's path: a string is how llava_hf tells a video from an
+image (lmms_eval/models/simple/llava_hf.py:295-298). Its simple variant then writes ``<video>\\n{question}``
+(:322-324), which the export's tokenizer template renders in the training layout, reads the frames with decord
+(``load_video``, :256-265, called at :341) and hands them to the processor as ``videos`` (:350). Its chat variant
+(models/chat/llava_hf.py:53-68) sends the path as a ``{"type": "video"}`` content item and leaves the frames to
+transformers' processor, whose own rule (below) is another; so a run whose ``llava_loop_heldout`` asks about a
+video takes the simple variant, whose frames ``command`` controls (its images are asked as the chat variant asks
+them). Not asked: a video given as frame images or as a window of a file (llava_hf reads whole files), and videos
+for a model that takes none, or that was trained with ``data.video_fps`` (llava_hf reads a fixed frame count).
+
+Frames of a clip of T frames, for a model trained on N (``data.video_frames``): llava_hf reads ``max_frames_num``
+frames at ``np.linspace(0, T - 1, max_frames_num)`` rounded down (the first, the last, and evenly between; :262),
+then the export's video processor (``do_sample_frames``, ``num_frames=N``) samples N of those by transformers' rule
+(indices ``i * count // N``). ``command`` sets ``max_frames_num`` to the export's N, so that second step keeps every
+frame (at llava_hf's default of 32 a 4-frame model would see frames 0, 0, 1, 2 of a 4-frame clip). Training,
+``llava-loop infer --video`` and ``generate_video`` take the frame showing at the middle of each of N equal shares
+of the clip (data/video.py): index ``floor((i + 0.5) * T / N)`` at a steady frame rate. The two agree on a clip of
+exactly N frames, where both take every frame; otherwise they mostly differ (T = 8, N = 4: llava_hf 0, 2, 4, 7,
+training 1, 3, 5, 7), and answers may too. decord and PyAV decode the demo's MPEG-4 clips to the same pixels, and
+both sides hand the frames to the export's own video processor.
 """
 
 from __future__ import annotations
@@ -27,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 
@@ -35,10 +58,11 @@ from .data.images import image_path, load_image, open_checked
 from .data.records import Records
 from .data.skips import SkipSample
 from .data.sources import image_dir_of, open_records
+from .data.video import clip_seconds, require_video_extra
 from .errors import UserError
 from .evaluate import normalize, token_f1
 from .hooks import append_metrics
-from .template import IMAGE_TOKEN
+from .template import IMAGE_TOKEN, VIDEO_TOKEN
 
 LMMS_EXTRA = "pip install 'llava-loop[lmms]'"
 LOCAL_TASK = "llava_loop_heldout"
@@ -112,6 +136,9 @@ def command(
     through the tokenizer's); the export renders both in the training layout."""
     # device_map too: llava_hf's default ("") is no device map transformers 5 accepts
     model_args = f"pretrained={Path(model_dir).resolve()},device={device},device_map={device},dtype={dtype}"
+    frames = video_frames(model_dir)
+    if frames:  # llava_hf reads this many frames of a video file; the video processor then keeps them all
+        model_args += f",max_frames_num={frames}"
     cmd = [
         sys.executable,
         "-m",
@@ -135,6 +162,39 @@ def command(
     if force_simple:
         cmd.append("--force_simple")
     return cmd
+
+
+def video_processor_config(model_dir: str | Path) -> dict:
+    """A saved processor's video processor settings (empty when it has none)."""
+    model_dir = Path(model_dir)
+    if (model_dir / "processor_config.json").is_file():
+        config = json.loads((model_dir / "processor_config.json").read_text()).get("video_processor")
+        if config:
+            return config
+    if (model_dir / "video_preprocessor_config.json").is_file():
+        return json.loads((model_dir / "video_preprocessor_config.json").read_text())
+    return {}
+
+
+def video_frames(model_dir: str | Path) -> int | None:
+    """The frame count a model's video processor samples from a whole video (an export's ``data.video_frames``);
+    None for a model whose processor samples none (or has no video processor)."""
+    config = video_processor_config(model_dir)
+    return config.get("num_frames") if config.get("do_sample_frames") else None
+
+
+def why_no_video(model_dir: str | Path) -> str:
+    """Why llava_hf cannot show this model a video file as it was trained ('' when it can)."""
+    from .infer import export_info
+
+    if not video_processor_config(model_dir):
+        return f"{model_dir} has no video processor (a video model is built with --arch llava-onevision)"
+    if export_info(Path(model_dir)).get("video_fps"):
+        return (
+            f"{model_dir} was trained with an fps cap (data.video_fps), and llava_hf reads a fixed count of frames "
+            "(max_frames_num)"
+        )
+    return ""
 
 
 def child_env() -> dict:
@@ -188,7 +248,9 @@ def run(
     force_simple: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Run lmms-eval on ``options.tasks`` and return its scores. ``llava_loop_heldout`` among them is written first
-    from ``records`` (read from ``options.data`` when not given) and ``options.image_dir``."""
+    from ``records`` (read from ``options.data`` when not given) and ``options.image_dir``; when it asks about
+    videos, lmms-eval runs llava_hf's simple variant (its frames are the ones ``command`` asks for; see the module
+    docstring)."""
     output_dir = Path(output_dir)
     include_path = None
     if LOCAL_TASK in options.tasks:
@@ -202,7 +264,9 @@ def run(
             output_dir / "tasks",
             max_samples=options.max_samples,
             max_new_tokens=options.max_new_tokens,
+            no_video=why_no_video(model_dir),
         )
+        force_simple = force_simple or asks_videos(include_path)
     cmd = command(
         model_dir,
         options.tasks,
@@ -222,7 +286,7 @@ def run(
 # ------------------------------------------------------------------------------------------
 
 TASK_YAML = f"""\
-# Written by llava_loop.lmms: the first question of each single-image record, laid out as training lays it out.
+# Written by llava_loop.lmms: the first question of each single-image or single-video record, in the training layout.
 task: {LOCAL_TASK}
 dataset_path: json
 dataset_kwargs:
@@ -252,6 +316,20 @@ metadata:
 TASK_HOOKS = "from llava_loop.lmms import doc_to_text, doc_to_visual, process_results  # noqa: F401\n"
 
 
+NOT_ONE_VISUAL = (
+    "records whose first question does not show exactly one image, or one video and no image, are not asked "
+    "(llava-loop eval scores them)"
+)
+NOT_A_WHOLE_FILE = (
+    "video records are not asked: their video is a list of frame images or a window of a file, and llava_hf reads "
+    "whole video files"
+)
+
+
+def whole_file(video) -> bool:
+    return not video.frame_list and not video.start and video.end is None
+
+
 def write_local_task(
     records,
     image_dir: str | Path,
@@ -259,43 +337,56 @@ def write_local_task(
     *,
     max_samples: int = 0,
     max_new_tokens: int = 32,
+    no_video: str = "",
 ) -> Path:
     """Write the ``llava_loop_heldout`` task (YAML, questions, hooks) to ``out`` for ``--include_path``. The
-    questions are those ``evaluate_model`` generates for that show one image (llava_hf puts one image before the
-    question), in order; the others are counted on stderr. A record whose image cannot be opened is left out and
-    named on stderr, as ``llava-loop eval`` leaves it out."""
+    questions are those ``evaluate_model`` generates for that show one image, or one video file and no image
+    (llava_hf puts one ``<image>`` or ``<video>`` before the question), in order; the others are counted on stderr,
+    and so are video records when ``no_video`` says why the model cannot be shown one (``why_no_video``). A video
+    given as frame images or as a window of a file is not asked: llava_hf reads whole files. A record whose image
+    or video cannot be opened is left out and named on stderr, as ``llava-loop eval`` leaves it out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if max_samples:
         records = records.subset(range(min(max_samples, len(records))))
-    rows, not_one_image = [], 0
+    rows, not_asked = [], Counter()
     for i in range(len(records)):
         record = records[i]
         try:
             messages = record_messages(record)
             user, answer = first_exchange(record.id, messages)
-            if len(record.images) != 1 or not messages[user]["content"].startswith(IMAGE_TOKEN):
-                not_one_image += 1
+            kind = shown(record, messages[user]["content"])
+            if kind == "video" and no_video:
+                kind = f"video records are not asked: {no_video}"
+            elif kind == "video" and not whole_file(record.video):
+                kind = NOT_A_WHOLE_FILE
+            if kind not in ("image", "video"):
+                not_asked[kind or NOT_ONE_VISUAL] += 1
                 continue
-            path = image_path(image_dir, record.images[0])
-            open_checked(path, decode=False)
+            if kind == "image":
+                path = image_path(image_dir, record.images[0])
+                open_checked(path, decode=False)
+            else:
+                require_video_extra()
+                path = image_path(image_dir, record.video.source)
+                clip_seconds(path)  # there, with a video stream, not empty: as training checks it
         except SkipSample as skip:
             print(f"{LOCAL_TASK}: left out record {record.id}: {skip.reason} ({skip.detail})", file=sys.stderr)
             continue
-        if not isinstance(path, Path):  # lmms-eval reads files: an embedded or zipped image is written out
-            (out / "images").mkdir(exist_ok=True)
-            path, data = out / "images" / f"{len(rows):06d}", path.read_bytes()
+        if not isinstance(path, Path):  # lmms-eval reads files: an embedded or zipped image or video is written out
+            folder = out / f"{kind}s"
+            folder.mkdir(exist_ok=True)
+            suffix = Path(record.video.source).suffix if kind == "video" else ""
+            path, data = folder / f"{len(rows):06d}{suffix}", path.read_bytes()
             path.write_bytes(data)
-        question = messages[user]["content"].removeprefix(IMAGE_TOKEN).strip()  # the tag comes from the image
-        rows.append({"id": record.id, "image": str(path.resolve()), "question": question, "answer": answer})
-    if not_one_image:
-        print(
-            f"{LOCAL_TASK}: {not_one_image} records whose first question does not show exactly one image are not "
-            "asked (llava-loop eval scores them)",
-            file=sys.stderr,
-        )
+        tag = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
+        question = messages[user]["content"].removeprefix(tag).strip()  # the tag comes from the visual
+        visual = {"image": "", "video": "", kind: str(path.resolve())}
+        rows.append({"id": record.id, **visual, "question": question, "answer": answer})
+    for reason, count in not_asked.items():
+        print(f"{LOCAL_TASK}: {count} {reason}", file=sys.stderr)
     if not rows:
-        raise UserError(f"{records.source}: no single-image record to ask; {LOCAL_TASK} needs some")
+        raise UserError(f"{records.source}: no single-image or single-video record to ask; {LOCAL_TASK} needs some")
     questions = out / "questions.jsonl"
     questions.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     (out / f"{LOCAL_TASK}.yaml").write_text(
@@ -305,13 +396,33 @@ def write_local_task(
     return out
 
 
+def asks_videos(task_dir: Path) -> bool:
+    """Whether a written ``llava_loop_heldout`` asks about a video."""
+    lines = (Path(task_dir) / "questions.jsonl").read_text().splitlines()
+    return any(json.loads(line)["video"] for line in lines)
+
+
+def shown(record, question: str) -> str | None:
+    """What a record's first question shows, as llava_hf can show it: ``"image"`` (one image, its tag first),
+    ``"video"`` (one video and no image, its tag first), or None (anything else)."""
+    if record.video is None and len(record.images) == 1 and question.startswith(IMAGE_TOKEN):
+        return "image"
+    if record.video is not None and not record.images and question.startswith(VIDEO_TOKEN):
+        return "video"
+    return None
+
+
 def doc_to_visual(doc, lmms_eval_specific_kwargs=None):
+    """An image doc's image; a video doc's file path, which is how llava_hf tells a video (it reads the frames)."""
+    if doc.get("video"):
+        return [doc["video"]]
     return [load_image(Path(doc["image"]))]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    """The question without its ``<image>`` tag: llava_hf puts ``<image>\n`` before it, and its chat variant sends
-    [image, text] content, which the export's template renders the same way (the training layout)."""
+    """The question without its ``<image>`` (``<video>``) tag: llava_hf puts ``<image>\n`` (``<video>\n``) before
+    it, and for an image its chat variant sends [image, text] content, which the export's template renders the same
+    way (the training layout)."""
     return doc["question"]
 
 

@@ -147,6 +147,148 @@ def test_lmms_eval_scores_a_tiled_export_as_llava_loop_eval_does(arch, trained, 
     assert scores["token_f1"] == pytest.approx(ours["token_f1"], abs=1e-9)
 
 
+VIDEO_FRAMES = 4  # what the video export's processor samples, and the held-out clips' length
+
+
+def interleaved_clip(path, seed: int) -> None:
+    """A control clip of 2 x VIDEO_FRAMES frames, two motion clips' frames in turn: the even frames show one shape,
+    the odd ones another, so llava_hf's frames (0, 2, 4, 7) and training's (1, 3, 5, 7) show different shapes."""
+    import random
+
+    from llava_loop.demo.motion import clip_frames, write_clip
+
+    rng = random.Random(seed)
+    (_, first), (_, second) = clip_frames(rng, 64, VIDEO_FRAMES), clip_frames(rng, 64, VIDEO_FRAMES)
+    write_clip(path, [frame for pair in zip(first, second) for frame in pair])
+
+
+def test_lmms_eval_answers_about_videos_as_generate_video_does(trained, tmp_path, run_config):
+    """The trained export upgraded to OneVision, trained 4 steps on motion clips of VIDEO_FRAMES frames and exported
+    (its video processor samples VIDEO_FRAMES). One ``llava_loop_heldout`` run asks about held-out clips of exactly
+    that many frames, two shapes images and four control clips: on the clips, where both sides take every frame,
+    lmms-eval's llava_hf answers as ``generate_video`` does, and on the images as ``generate`` does, answer for
+    answer. The control clips (twice as long, see ``interleaved_clip``): llava_hf answers as llava_loop does on
+    llava_hf's frames (linspace, first and last), and not always as ``generate_video`` does on training's."""
+    from llava_loop import lmms
+    from llava_loop.build import upgrade_llava
+    from llava_loop.checkpoint.files import complete_checkpoints
+    from llava_loop.data.records import load_records
+    from llava_loop.data.video import FrameSampling, read_video
+    from llava_loop.demo.motion import write_motion
+    from llava_loop.export import export
+    from llava_loop.infer import generate, generate_ids, generate_video, load_for_inference
+
+    upgrade_llava(trained["export"], tmp_path / "onevision", arch="llava-onevision")
+    clips = write_motion(tmp_path / "motion", 16, seed=0, frames=VIDEO_FRAMES)
+    motion = {
+        "train": clips,
+        "train_images": clips.parent / "videos",
+        "val": clips,
+        "val_images": clips.parent / "videos",
+    }
+    data = {"max_length": 1024, "video_frames": VIDEO_FRAMES}
+    config = run_config(
+        model=tmp_path / "onevision", shapes=motion, mode="projector", train={"max_steps": 4, "lr": 2e-4}, data=data
+    )
+    helpers.train_here(config)
+    model_dir = export(complete_checkpoints(tmp_path / "run")[-1], tmp_path / "export")
+    assert lmms.video_frames(model_dir) == VIDEO_FRAMES
+    assert f"max_frames_num={VIDEO_FRAMES}" in lmms.command(model_dir, [lmms.LOCAL_TASK], tmp_path)[6]
+
+    held = tmp_path / "held"
+    rows = json.loads(write_motion(held, 4, seed=1, frames=VIDEO_FRAMES).read_text())
+    for k in range(4):
+        interleaved_clip(held / "videos" / f"control_{k}.mp4", seed=100 + k)
+        rows.append({**rows[k], "id": f"control_{k}", "video": f"control_{k}.mp4"})
+    for row in rows:
+        row["video"] = f"videos/{row['video']}"
+    (held / "images").mkdir()
+    for row in json.loads(trained["val"].read_text())[:2]:
+        shutil.copy(trained["val_images"] / row["image"], held / "images")
+        rows.append({**row, "image": f"images/{row['image']}"})
+    (held / "mixed.json").write_text(json.dumps(rows))
+    records = load_records(held / "mixed.json")
+
+    model, _, encoder = load_for_inference(model_dir, device="cpu")
+    expected, at_their_frames = [], []
+    for i in range(len(records)):
+        record = records[i]
+        question = record.turns[0][1]
+        if record.video is None:
+            expected.append(generate(model, encoder, [held / record.images[0]], question, max_new_tokens=32)[0])
+            continue
+        clip = held / record.video.source
+        expected.append(generate_video(model, encoder, clip, question, max_new_tokens=32))
+        every = read_video(clip, FrameSampling(2 * VIDEO_FRAMES if record.id.startswith("control") else VIDEO_FRAMES))
+        theirs = [every[k] for k in np.linspace(0, len(every) - 1, VIDEO_FRAMES, dtype=int)]
+        ids = [encoder.question_ids(question, 0, video=True)]
+        at_their_frames.append(generate_ids(model, encoder, ids, [[]], videos=[theirs], max_new_tokens=32)[0])
+    assert len(set(expected)) > 2  # the answers follow the clips
+
+    options = lmms.LmmsOptions([lmms.LOCAL_TASK], image_dir=held, max_new_tokens=32)
+    lmms.run(model_dir, options, tmp_path / "lmms", records=records)  # the chat variant by default: videos go simple
+    answers = [answer.strip() for answer in lmms_predictions(tmp_path / "lmms")]
+    same_frames, control, images = slice(0, 4), slice(4, 8), slice(8, 10)
+    assert answers[same_frames] == expected[same_frames] == at_their_frames[same_frames]
+    assert answers[images] == expected[images]
+    assert answers[control] == at_their_frames[control]
+    assert answers[control] != expected[control]  # the control: other frames, other answers
+
+
+def test_the_local_task_asks_whole_video_files_of_a_model_that_takes_them(tmp_path, capsys):
+    """Records of a clip, a clip given as frame images, a window of a clip, a missing clip and an image: the task asks
+    about the clip (its path, a video to llava_hf) and the image; the others are counted or named on stderr. For a
+    model without a video processor, or one trained with an fps cap, no video is asked, and stderr says why."""
+    from llava_loop import lmms
+    from llava_loop.data.records import load_records
+    from llava_loop.demo.motion import write_motion
+
+    root = tmp_path / "data"
+    rows = json.loads(write_motion(root, 1, seed=0, frames=VIDEO_FRAMES).read_text())
+    rows += json.loads(write_motion(root, 1, seed=1, frames=VIDEO_FRAMES, frame_lists=1.0).read_text())
+    rows += [{**rows[0], "id": "window", "video_start": 0.25}, {**rows[0], "id": "missing", "video": "none.mp4"}]
+    Image.new("RGB", (64, 64), "red").save(root / "videos" / "red.png")
+    rows.append(
+        {
+            "id": "image",
+            "image": "red.png",
+            "conversations": [{"from": "human", "value": "What colour?\n<image>"}, {"from": "gpt", "value": "red"}],
+        }
+    )
+    (root / "records.json").write_text(json.dumps(rows))
+    records = load_records(root / "records.json")
+
+    task = lmms.write_local_task(records, root / "videos", tmp_path / "task")
+    questions = [json.loads(line) for line in (task / "questions.jsonl").read_text().splitlines()]
+    assert [q["id"] for q in questions] == [rows[0]["id"], "image"] and lmms.asks_videos(task)
+    video_doc, image_doc = questions
+    assert video_doc["question"] == rows[0]["conversations"][0]["value"].removeprefix("<video>\n")
+    assert lmms.doc_to_visual(video_doc) == [str((root / "videos" / rows[0]["video"]).resolve())]
+    assert isinstance(lmms.doc_to_visual(image_doc)[0], Image.Image) and image_doc["question"] == "What colour?"
+    err = capsys.readouterr().err
+    assert "2 video records are not asked: their video is a list of frame images or a window of a file" in err
+    assert "left out record missing: missing_video" in err
+
+    configs = {
+        "plain": None,
+        "fps": {"video_processor": {"do_sample_frames": True, "num_frames": VIDEO_FRAMES}},
+        "frames": {"video_processor": {"do_sample_frames": True, "num_frames": VIDEO_FRAMES}},
+    }
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        if config:
+            (tmp_path / name / "processor_config.json").write_text(json.dumps(config))
+    (tmp_path / "fps" / "llava_loop_export.json").write_text(json.dumps({"video_fps": 2.0}))  # the run's cap
+    assert lmms.video_frames(tmp_path / "frames") == VIDEO_FRAMES and lmms.why_no_video(tmp_path / "frames") == ""
+    assert lmms.video_frames(tmp_path / "plain") is None
+    for name, why in (("plain", "has no video processor"), ("fps", "trained with an fps cap")):
+        no_video = lmms.why_no_video(tmp_path / name)
+        assert why in no_video
+        task = lmms.write_local_task(records, root / "videos", tmp_path / f"task-{name}", no_video=no_video)
+        assert [json.loads(line)["id"] for line in (task / "questions.jsonl").read_text().splitlines()] == ["image"]
+        assert f"4 video records are not asked: {no_video}" in capsys.readouterr().err
+
+
 def test_cli_eval_writes_lmms_eval_scores_beside_its_own(trained, tmp_path, capsys):
     """The CLI's scores equal its own metrics; a second run into the same folder whose lmms-eval fails quietly
     (an unknown task: lmms-eval logs it and exits 0) is an error, not the first run's scores again."""
