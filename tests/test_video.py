@@ -112,3 +112,15 @@ def test_a_frame_list_is_sampled_by_index(tmp_path):
     assert [g // 20 for g in grey(read_frame_list(paths, FrameSampling(frames=5)))] == [1, 3, 5, 7, 9]
     with pytest.raises(SkipSample, match="empty"):
         read_frame_list([], FrameSampling(frames=5))
+
+
+def test_an_fps_cap_asks_for_one_clip_per_micro_batch():
+    """data.video_fps gives clips different frame counts, which transformers cannot stack: refused with more than
+    one sample per micro-batch or with a token budget, accepted at micro-batch 1."""
+    from llava_loop.config import ConfigError, load_config
+
+    base = ["output_dir=/tmp/x", "data.path=x.json", "data.video_fps=1"]
+    for extra in (["train.micro_batch_size=2"], ["train.micro_batch_size=1", "data.max_tokens_per_micro_batch=4096"]):
+        with pytest.raises(ConfigError, match="data.video_fps gives videos different frame counts"):
+            load_config(None, base + extra)
+    assert load_config(None, base + ["train.micro_batch_size=1"]).data.video_fps == 1

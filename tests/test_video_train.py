@@ -99,6 +99,23 @@ def test_a_video_sample_is_what_transformers_processor_makes_of_it(onevision_dir
     assert not torch.equal(encoder(other, root)["pixel_values_videos"], encoder(clip, root)["pixel_values_videos"])
 
 
+def test_an_fps_cap_counts_a_clips_frames_from_its_header_and_its_window(onevision_dir, video_mix):  # noqa: F811
+    """The motion clips are 2 s (16 frames at 8 fps): at most 1.5 frames a second gives 3 frames, their window of
+    1 s gives 2; each laid out with that many frames' placeholders and decoded to that many."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(onevision_dir)
+    encoder = _encoder(processor, video_fps=1.5)
+    root = video_mix["train_images"]
+    records = load_records(video_mix["train"])
+    clip = next(r for r in (records[i] for i in range(len(records))) if r.video and not r.video.frame_list)
+    windowed = Record(clip.id, (), clip.turns, Video(clip.video.source, start=0.5, end=1.5))
+    for record, frames in ((clip, 3), (windowed, 2)):
+        sample = encoder(record, root)
+        assert len(sample["pixel_values_videos"]) == frames
+        assert (sample["input_ids"] == encoder.video.token_id).sum() == encoder.video.tokens(frames)
+
+
 def test_bad_videos_are_skipped_with_their_reasons_never_a_crash(onevision_dir, video_mix, tmp_path):  # noqa: F811
     """A missing file, a truncated one, a file with no video stream, a tag without a video and the reverse, a path
     out of the folder, an empty frame list: each replaced by a good record, its reason counted."""
@@ -228,6 +245,7 @@ def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
 @pytest.mark.slow
 def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_infer_does(
     tmp_path,
+    capsys,
     run_config,
     onevision_dir,  # noqa: F811
     video_mix,
@@ -260,6 +278,13 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
     clip = sorted(Path(video_mix["train_images"], "videos").glob("*.mp4"))[0]
     model, _, encoder = load_for_inference(out, device="cpu")
     ours = generate_video(model, encoder, clip, "Which way does the shape move?", max_new_tokens=6, min_new_tokens=6)
+    from llava_loop.cli import main
+
+    argv = ["infer", "--model", str(out), "--device", "cpu", "--video", str(clip), "--max-new-tokens", "6"]
+    assert main([*argv, "--prompt", "Which way does the shape move?"]) == 0
+    assert capsys.readouterr().out.strip() == generate_video(
+        model, encoder, clip, "Which way does the shape move?", max_new_tokens=6
+    )
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -36,15 +36,15 @@ def clip_frames(rng: random.Random, size: int, frames: int) -> tuple[str, list[I
     direction = rng.choice(list(DIRECTIONS))
     dx, dy = DIRECTIONS[direction]
     color = COLORS[rng.choice(list(COLORS))]
-    radius = size // 8
-    speed = size * 0.5 / frames  # half the frame over the clip
+    radius = size // 7
+    speed = size * 0.6 / frames  # 60% of the frame over the clip: from about 0.2 to 0.8 of the side
     middle = (rng.uniform(0.4, 0.6) * size, rng.uniform(0.4, 0.6) * size)
     noise = np.random.default_rng(rng.randrange(1 << 30))
     out = []
     for i in range(frames):
         step = i - (frames - 1) / 2
         x, y = middle[0] + dx * speed * step, middle[1] + dy * speed * step
-        background = noise.integers(0, 48, (size, size, 3), dtype=np.uint8)
+        background = noise.integers(0, 32, (size, size, 3), dtype=np.uint8)
         image = Image.fromarray(background)
         ImageDraw.Draw(image).ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
         out.append(image)
