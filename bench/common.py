@@ -133,3 +133,31 @@ def header(title: str, command: str) -> str:
 
 def python() -> str:
     return sys.executable
+
+
+def demo_run(out: Path, model: Path, data: Path, image_dir: Path, steps: int, extra: list[str]) -> tuple[Path, float]:
+    """A run of the demo's recipe (configs/demo.yaml: tiny towers, ``full``) from ``model`` on ``data`` for ``steps``
+    optimizer steps into ``out``, with ``extra`` overrides; returns its export (beside ``out``) and training seconds."""
+    from llava_loop.checkpoint.files import complete_checkpoints
+    from llava_loop.config import load_config
+    from llava_loop.export import export
+    from llava_loop.loop import train
+
+    overrides = [
+        f"output_dir={out}",
+        "resume=overwrite",
+        f"model.path={model}",
+        "setup=[]",
+        f"data.path={data}",
+        f"data.image_dir={image_dir}",
+        "data.eval_path=",
+        "data.eval_image_dir=",
+        f"train.max_steps={steps}",
+        "train.time_limit_minutes=0",
+        "eval.every=0",
+        *extra,
+    ]
+    started = time.monotonic()
+    train(load_config("configs/demo.yaml", overrides))
+    seconds = time.monotonic() - started
+    return export(complete_checkpoints(out)[-1], out.parent / f"{out.name}-export"), seconds

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,30 +26,7 @@ RUNS = common.ROOT / "runs" / "bench-dpo"
 
 def train_run(name: str, model: Path, data: Path, steps: int, extra: list[str]) -> tuple[Path, float]:
     """A run of the demo's recipe on ``data`` from ``model``; its export and its training seconds."""
-    from llava_loop.checkpoint.files import complete_checkpoints
-    from llava_loop.config import load_config
-    from llava_loop.export import export
-    from llava_loop.loop import train
-
-    out = RUNS / name
-    overrides = [
-        f"output_dir={out}",
-        "resume=overwrite",
-        f"model.path={model}",
-        "setup=[]",
-        f"data.path={data}",
-        f"data.image_dir={data.parent / 'images'}",
-        "data.eval_path=",
-        "data.eval_image_dir=",
-        f"train.max_steps={steps}",
-        "train.time_limit_minutes=0",
-        "eval.every=0",
-        *extra,
-    ]
-    started = time.monotonic()
-    train(load_config("configs/demo.yaml", overrides))
-    seconds = time.monotonic() - started
-    return export(complete_checkpoints(out)[-1], RUNS / f"{name}-export"), seconds
+    return common.demo_run(RUNS / name, model, data, data.parent / "images", steps, extra)
 
 
 def score(model: Path, val: Path) -> dict:

@@ -1,7 +1,7 @@
 """Benchmark 5, the GPU checks: the real launch (`accelerate launch` + DeepSpeed ZeRO-2 + bf16, `train.py`) on
 random-weight CLIP-L/14-336 + Qwen2.5-0.5B- and 3B-shaped towers (configs written here, nothing downloaded), over
 synthetic data at 336 px: LLaVA-pretrain-like shapes captions (stage 1), a LLaVA-665K-like length mix (stage 2,
-bench/batching.py's), the shapes stretched to 672x336 and 1008x336 for a LLaVA-NeXT build (AnyRes), and the motion
+bench/batching.py's), the shapes stretched to 672x336 and 1008x336 for a LLaVA-NeXT build (AnyRes), and the video
 demo's clips at 336 px as frame lists (32 frames each) for a OneVision build (video).
 
 The plan is fixed before the call (PLAN, in order; docs/BENCHMARKS.md section 5 says why each row is there and how
@@ -96,7 +96,7 @@ DATA = {
     "stage1": Data(tokens=640, padded=700, views=1.0, supervised=35),
     "anyres": Data(tokens=2104, padded=2400, views=3.5, supervised=35),
     "stage2": Data(tokens=700, padded=2048, views=0.7, supervised=250),  # batching.write_mix's records
-    "video": Data(tokens=4640, padded=4650, views=VIDEO_FRAMES, supervised=3),  # motion clips: a direction word
+    "video": Data(tokens=4640, padded=4650, views=VIDEO_FRAMES, supervised=3),  # demo clips: a colour word
 }
 
 
@@ -376,16 +376,16 @@ def build_in_child(out: Path, shape: str, timeout: float) -> None:
 
 def write_data(out: Path, kind: str, n: int) -> Path:
     """``n`` records of a data kind: shapes at 336 px (stage1), the same stretched to WIDE (anyres),
-    bench/batching.py's stage-2 length mix, or motion clips as frame lists (video: PNGs, no decoder needed). Returns
-    the records' path; images are in ``out/images`` (videos in ``out/videos``)."""
+    bench/batching.py's stage-2 length mix, or the video demo's clips as frame lists (video: PNGs, no decoder
+    needed). Returns the records' path; images are in ``out/images`` (videos in ``out/videos``)."""
     from PIL import Image
 
     from llava_loop.demo.shapes import write_shapes
 
     if kind == "video":
-        from llava_loop.demo.motion import write_motion
+        from llava_loop.demo.clips import write_clips
 
-        return write_motion(out, n, seed=0, size=336, frames=VIDEO_FRAMES, frame_lists=1.0)
+        return write_clips(out, n, seed=0, size=336, frames=VIDEO_FRAMES, frame_lists=1.0)
     if kind == "stage2":
         from batching import write_mix
 

@@ -1,6 +1,6 @@
 """Benchmark 16: video decode throughput of llava_loop/data/video.py, frames/s in one process (one loader worker).
 
-Clips encoded here with PyAV (MPEG-4 part 2, its bundled encoder): the motion demo's 64 px clips (16 frames), and
+Clips encoded here with PyAV (MPEG-4 part 2, its bundled encoder): the video demo's 64 px clips (16 frames), and
 640x360 clips of 30 s at 30 fps (900 frames, a key frame every 2 s) like a short instruction video. Each clip's
 ``--frames`` sampled frames are read as training reads them (seek to the key frame before each, decode forward),
 with FFmpeg's slice threading (PyAV's default, llava_loop's) and with frame threading as well (``AUTO``); the
@@ -75,10 +75,10 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8, help="frames sampled per clip")
     args = parser.parse_args()
     sys.path.insert(0, str(common.ROOT))
-    from llava_loop.demo.motion import write_motion
+    from llava_loop.demo.clips import write_clips
 
     root = Path(tempfile.mkdtemp(prefix="video-decode-"))
-    write_motion(root / "demo", 100, seed=0)
+    write_clips(root / "demo", 100, seed=0)
     demo = sorted((root / "demo" / "videos").glob("*.mp4"))
     long = [write_long_clip(root / f"long{i}.mp4") for i in range(4)]
     rows = []

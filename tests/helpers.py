@@ -216,6 +216,39 @@ RESUMED_TRAIN = {"micro_batch_size": 2, "grad_accum": 2, "max_steps": N, "lr": 2
                  "log_sample_ids": True}  # fmt: skip
 
 
+def check_token_budgets_match(run_config, tmp_path: Path, *, model, shapes, train: dict, data: dict) -> None:
+    """Token-budget micro-batches (``data`` sets the budget, packed) under 2-process ZeRO-2 take the same samples
+    each step and log the same losses (within 1e-5) as 1 process accumulating 2; the budget packs as many samples
+    as their lengths allow, so the count varies."""
+    import pytest
+
+    runs = {}
+    for name, (processes, accum) in {"budget-1xacc2": (0, 2), "budget-2xacc1": (2, 1)}.items():
+        train_accum = {**train, "grad_accum": accum}
+        config = run_config(name, model=model, shapes=shapes, mode="freeze_vision", train=train_accum, data=data)
+        launch(config, processes=processes) if processes else train_here(config)
+        runs[name] = metrics(tmp_path / name)
+    one, two = runs["budget-1xacc2"], runs["budget-2xacc1"]
+    assert len({m["samples"] for m in one}) > 1
+    assert [sorted(m["sample_ids"]) for m in two] == [sorted(m["sample_ids"]) for m in one]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+
+
+def check_resumes_bitwise(configs: dict, tmp_path: Path) -> None:
+    """Runs ``configs`` A (uninterrupted), B (stopped after step K, resumed in a fresh process) and C (the same,
+    resumed forgetting its data position): B matches A to the bit, its trajectory and its final state, and C does
+    not (the control). The configs' hooks include plugins:StopAtStep and plugins:FinalState."""
+    stop, never = {"LLAVA_TEST_STOP_AT": str(K)}, {"LLAVA_TEST_STOP_AT": "-1"}
+    launch(configs["A"], extra_env=never)
+    for name, fault in (("B", ""), ("C", "no-data-position")):
+        launch(configs[name], extra_env=stop)
+        launch(configs[name], extra_env=never, fault=fault)
+    a, b, c = (steps_by_number(tmp_path / name) for name in "ABC")
+    assert trajectory(a, 1, N) == trajectory(b, 1, N)
+    assert bitwise_equal(final_state(tmp_path / "A"), final_state(tmp_path / "B"))
+    assert trajectory(a, K + 1, N) != trajectory(c, K + 1, N)
+
+
 def steps_by_number(output_dir) -> dict[int, dict]:
     """A run's train rows, ``{step: row}``."""
     return {m["step"]: m for m in metrics(output_dir)}

@@ -239,22 +239,8 @@ def test_tiled_runs_match_across_packing_token_budgets_and_two_process_zero2_and
     assert [m["loss"] for m in runs["base-resolution"]] != pytest.approx(reference, rel=1e-3)
     assert all(m["pad_fraction"] == 0 for m in runs["packed"])
 
-    budgets = {}
-    for name, (processes, accum) in {"budget-1xacc2": (0, 2), "budget-2xacc1": (2, 1)}.items():
-        config = run_config(
-            name,
-            model=next_dir,
-            shapes=aspect_mix,
-            mode="freeze_vision",
-            train={**train, "grad_accum": accum},
-            data={"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024},
-        )
-        helpers.launch(config, processes=processes) if processes else helpers.train_here(config)
-        budgets[name] = helpers.metrics(tmp_path / name)
-    one, two = budgets["budget-1xacc2"], budgets["budget-2xacc1"]
-    assert len({m["samples"] for m in one}) > 1  # the budget packs as many samples as their tiles allow
-    assert [sorted(m["sample_ids"]) for m in two] == [sorted(m["sample_ids"]) for m in one]
-    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    budget = {"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024}
+    helpers.check_token_budgets_match(run_config, tmp_path, model=next_dir, shapes=aspect_mix, train=train, data=budget)
 
 
 @pytest.mark.slow
@@ -272,17 +258,8 @@ def test_a_tiled_lora_run_resumes_bitwise_and_its_export_infers_and_evaluates_at
     hooks = ["plugins:FinalState", "plugins:StopAtStep", "plugins:FinalLogits"]
     sections = {"train": helpers.RESUMED_TRAIN, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "hooks": hooks}
     sections["data"] = {"max_length": 1024}  # two tiled images take 400 placeholders
-    stop, never = {"LLAVA_TEST_STOP_AT": str(helpers.K)}, {"LLAVA_TEST_STOP_AT": "-1"}
     configs = {name: run_config(name, model=next_dir, shapes=aspect_mix, mode="lora", **sections) for name in "ABC"}
-    helpers.launch(configs["A"], extra_env=never)
-    for name, fault in (("B", ""), ("C", "no-data-position")):
-        helpers.launch(configs[name], extra_env=stop)
-        helpers.launch(configs[name], extra_env=never, fault=fault)
-    a, b, c = (helpers.steps_by_number(tmp_path / name) for name in "ABC")
-    n, k = helpers.N, helpers.K
-    assert helpers.trajectory(a, 1, n) == helpers.trajectory(b, 1, n)
-    assert helpers.bitwise_equal(helpers.final_state(tmp_path / "A"), helpers.final_state(tmp_path / "B"))
-    assert helpers.trajectory(a, k + 1, n) != helpers.trajectory(c, k + 1, n)
+    helpers.check_resumes_bitwise(configs, tmp_path)
 
     ckpt = checkpoint.complete_checkpoints(tmp_path / "B")[-1]
     export = tmp_path / "export"

@@ -151,11 +151,11 @@ VIDEO_FRAMES = 4  # what the video export's processor samples, and the held-out 
 
 
 def interleaved_clip(path, seed: int) -> None:
-    """A control clip of 2 x VIDEO_FRAMES frames, two motion clips' frames in turn: the even frames show one shape,
+    """A control clip of 2 x VIDEO_FRAMES frames, two demo clips' frames in turn: the even frames show one shape,
     the odd ones another, so llava_hf's frames (0, 2, 4, 7) and training's (1, 3, 5, 7) show different shapes."""
     import random
 
-    from llava_loop.demo.motion import clip_frames, write_clip
+    from llava_loop.demo.clips import clip_frames, write_clip
 
     rng = random.Random(seed)
     (_, first), (_, second) = clip_frames(rng, 64, VIDEO_FRAMES), clip_frames(rng, 64, VIDEO_FRAMES)
@@ -163,7 +163,7 @@ def interleaved_clip(path, seed: int) -> None:
 
 
 def test_lmms_eval_answers_about_videos_as_generate_video_does(trained, tmp_path, run_config):
-    """The trained export upgraded to OneVision, trained 4 steps on motion clips of VIDEO_FRAMES frames and exported
+    """The trained export upgraded to OneVision, trained 4 steps on demo clips of VIDEO_FRAMES frames and exported
     (its video processor samples VIDEO_FRAMES). One ``llava_loop_heldout`` run asks about held-out clips of exactly
     that many frames, two shapes images and four control clips: on the clips, where both sides take every frame,
     lmms-eval's llava_hf answers as ``generate_video`` does, and on the images as ``generate`` does, answer for
@@ -174,13 +174,13 @@ def test_lmms_eval_answers_about_videos_as_generate_video_does(trained, tmp_path
     from llava_loop.checkpoint.files import complete_checkpoints
     from llava_loop.data.records import load_records
     from llava_loop.data.video import FrameSampling, read_video
-    from llava_loop.demo.motion import write_motion
+    from llava_loop.demo.clips import write_clips
     from llava_loop.export import export
     from llava_loop.infer import generate, generate_ids, generate_video, load_for_inference
 
     upgrade_llava(trained["export"], tmp_path / "onevision", arch="llava-onevision")
-    clips = write_motion(tmp_path / "motion", 16, seed=0, frames=VIDEO_FRAMES)
-    motion = {
+    clips = write_clips(tmp_path / "clips", 16, seed=0, frames=VIDEO_FRAMES)
+    clip_data = {
         "train": clips,
         "train_images": clips.parent / "videos",
         "val": clips,
@@ -188,7 +188,7 @@ def test_lmms_eval_answers_about_videos_as_generate_video_does(trained, tmp_path
     }
     data = {"max_length": 1024, "video_frames": VIDEO_FRAMES}
     config = run_config(
-        model=tmp_path / "onevision", shapes=motion, mode="projector", train={"max_steps": 4, "lr": 2e-4}, data=data
+        model=tmp_path / "onevision", shapes=clip_data, mode="projector", train={"max_steps": 4, "lr": 2e-4}, data=data
     )
     helpers.train_here(config)
     model_dir = export(complete_checkpoints(tmp_path / "run")[-1], tmp_path / "export")
@@ -196,7 +196,7 @@ def test_lmms_eval_answers_about_videos_as_generate_video_does(trained, tmp_path
     assert f"max_frames_num={VIDEO_FRAMES}" in lmms.command(model_dir, [lmms.LOCAL_TASK], tmp_path)[6]
 
     held = tmp_path / "held"
-    rows = json.loads(write_motion(held, 4, seed=1, frames=VIDEO_FRAMES).read_text())
+    rows = json.loads(write_clips(held, 4, seed=1, frames=VIDEO_FRAMES).read_text())
     for k in range(4):
         interleaved_clip(held / "videos" / f"control_{k}.mp4", seed=100 + k)
         rows.append({**rows[k], "id": f"control_{k}", "video": f"control_{k}.mp4"})
@@ -241,11 +241,11 @@ def test_the_local_task_asks_whole_video_files_of_a_model_that_takes_them(tmp_pa
     model without a video processor, or one trained with an fps cap, no video is asked, and stderr says why."""
     from llava_loop import lmms
     from llava_loop.data.records import load_records
-    from llava_loop.demo.motion import write_motion
+    from llava_loop.demo.clips import write_clips
 
     root = tmp_path / "data"
-    rows = json.loads(write_motion(root, 1, seed=0, frames=VIDEO_FRAMES).read_text())
-    rows += json.loads(write_motion(root, 1, seed=1, frames=VIDEO_FRAMES, frame_lists=1.0).read_text())
+    rows = json.loads(write_clips(root, 1, seed=0, frames=VIDEO_FRAMES).read_text())
+    rows += json.loads(write_clips(root, 1, seed=1, frames=VIDEO_FRAMES, frame_lists=1.0).read_text())
     rows += [{**rows[0], "id": "window", "video_start": 0.25}, {**rows[0], "id": "missing", "video": "none.mp4"}]
     Image.new("RGB", (64, 64), "red").save(root / "videos" / "red.png")
     rows.append(

@@ -127,7 +127,7 @@ def sharegpt4o(src: Path, items, clips: dict[str, bytes | None] | None = None) -
 def tiny_clip(path: Path, shade: int) -> bytes:
     """A 4-frame 32x32 mp4 of a square moving right, encoded with PyAV."""
     pytest.importorskip("av")
-    from llava_loop.demo.motion import write_clip
+    from llava_loop.demo.clips import write_clip
 
     frames = []
     for t in range(4):

@@ -1,6 +1,6 @@
 """Training OneVision models on video (issue 40; the extras step: OneVision's processor needs torchvision).
 
-Proven here, on the tiny model upgraded to OneVision and synthetic motion clips (files and frame lists) mixed with
+Proven here, on the tiny model upgraded to OneVision and synthetic demo clips (files and frame lists) mixed with
 image and text-only records: a video sample holds what transformers' own OneVision processor makes of the same
 record and frames, token for token and pixel for pixel (a video alone, and beside an image); bad videos are skipped
 with their reasons; padded and packed batches give the same losses and gradients in every mode; 1 process x
@@ -35,13 +35,13 @@ FRAMES = 4
 
 @pytest.fixture(scope="module")
 def video_mix(tmp_path_factory, shapes_data) -> dict:
-    """24 motion clips (a quarter as frame lists), 12 shapes images and 12 text-only records in one folder, shuffled
+    """24 demo clips (a quarter as frame lists), 12 shapes images and 12 text-only records in one folder, shuffled
     so that micro-batches and ranks hold every combination; 8 held-out clips."""
-    from llava_loop.demo.motion import write_motion
+    from llava_loop.demo.clips import write_clips
 
     root = tmp_path_factory.mktemp("video-mix")
-    clips = json.loads(write_motion(root, 24, seed=0, frame_lists=0.25).read_text())
-    held = write_motion(root / "held", 8, seed=1)
+    clips = json.loads(write_clips(root, 24, seed=0, frame_lists=0.25).read_text())
+    held = write_clips(root / "held", 8, seed=1)
     images = json.loads(Path(shapes_data["train"]).read_text())[:24]
     shutil.copytree(shapes_data["train_images"], root / "images")  # a symlink out of the folder is unsafe_path
     for record in clips:
@@ -100,7 +100,7 @@ def test_a_video_sample_is_what_transformers_processor_makes_of_it(onevision_dir
 
 
 def test_an_fps_cap_counts_a_clips_frames_from_its_header_and_its_window(onevision_dir, video_mix):  # noqa: F811
-    """The motion clips are 2 s (16 frames at 8 fps): at most 1.5 frames a second gives 3 frames, their window of
+    """The demo clips are 2 s (16 frames at 8 fps): at most 1.5 frames a second gives 3 frames, their window of
     1 s gives 2; each laid out with that many frames' placeholders and decoded to that many."""
     from transformers import AutoProcessor
 
@@ -224,22 +224,10 @@ def test_video_runs_match_across_packing_and_two_process_zero2_and_zero3(
     assert [m["loss"] for m in runs["two-frames"]] != pytest.approx(reference, rel=1e-4)
     assert runs["padded"][0]["flops"] > runs["two-frames"][0]["flops"]  # frames and their tokens are counted
 
-    budgets = {}  # token-budget micro-batches (packed), 2-process ZeRO-2 against 1 process accumulating 2
-    for name, (processes, accum) in {"budget-1xacc2": (0, 2), "budget-2xacc1": (2, 1)}.items():
-        config = run_config(
-            name,
-            model=onevision_dir,
-            shapes=video_mix,
-            mode="freeze_vision",
-            train={**train, "grad_accum": accum},
-            data={"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024, "video_frames": FRAMES},
-        )
-        helpers.launch(config, processes=processes) if processes else helpers.train_here(config)
-        budgets[name] = helpers.metrics(tmp_path / name)
-    one, two = budgets["budget-1xacc2"], budgets["budget-2xacc1"]
-    assert len({m["samples"] for m in one}) > 1  # the budget packs as many samples as their placeholders allow
-    assert [sorted(m["sample_ids"]) for m in two] == [sorted(m["sample_ids"]) for m in one]
-    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    budget = {"padding_free": True, "max_length": 1024, "max_tokens_per_micro_batch": 1024, "video_frames": FRAMES}
+    helpers.check_token_budgets_match(
+        run_config, tmp_path, model=onevision_dir, shapes=video_mix, train=train, data=budget
+    )
 
 
 @pytest.mark.slow
@@ -261,17 +249,8 @@ def test_a_video_run_resumes_bitwise_with_workers_and_its_export_generates_as_in
     hooks = ["plugins:FinalState", "plugins:StopAtStep"]
     sections = {"train": helpers.RESUMED_TRAIN, "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "hooks": hooks}
     sections["data"] = {"max_length": 1024, "num_workers": 2, "video_frames": FRAMES}
-    stop, never = {"LLAVA_TEST_STOP_AT": str(helpers.K)}, {"LLAVA_TEST_STOP_AT": "-1"}
     configs = {name: run_config(name, model=onevision_dir, shapes=video_mix, mode="lora", **sections) for name in "ABC"}
-    helpers.launch(configs["A"], extra_env=never)
-    for name, fault in (("B", ""), ("C", "no-data-position")):
-        helpers.launch(configs[name], extra_env=stop)
-        helpers.launch(configs[name], extra_env=never, fault=fault)
-    a, b, c = (helpers.steps_by_number(tmp_path / name) for name in "ABC")
-    n, k = helpers.N, helpers.K
-    assert helpers.trajectory(a, 1, n) == helpers.trajectory(b, 1, n)
-    assert helpers.bitwise_equal(helpers.final_state(tmp_path / "A"), helpers.final_state(tmp_path / "B"))
-    assert helpers.trajectory(a, k + 1, n) != helpers.trajectory(c, k + 1, n)
+    helpers.check_resumes_bitwise(configs, tmp_path)
 
     out = tmp_path / "export"
     export(checkpoint.complete_checkpoints(tmp_path / "B")[-1], out)
