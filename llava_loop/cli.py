@@ -117,6 +117,86 @@ def cmd_infer(args) -> int:
     return report_left_out([{"id": files[i].name, "reason": r, "detail": d} for i, (r, d) in unreadable.items()])
 
 
+def cmd_memory(args) -> int:
+    from .memory import HEADROOM, LLMS, SETTINGS, estimate, smallest_fit, table
+
+    sample = memory_sample(args)
+    shape = dict(
+        micro_batch=args.micro_batch,
+        seq_len=sample.tokens,
+        views=sample.views,
+        lora_rank=args.lora_rank,
+        checkpointing=args.checkpointing == "on",
+        kernels=args.kernels,
+        padding_free=args.padding_free,
+    )
+    print(f"tokens per sample: {sample.tokens} ({sample.source})")
+    if not args.llm:
+        print(
+            f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {sample.tokens} tokens, bf16, "
+            f"gradient checkpointing {args.checkpointing}, {args.kernels} kernels"
+        )
+        print(table(args.gpus, **shape))
+        return 0
+    llm = LLMS[args.llm]
+    for setting in SETTINGS:
+        parts = estimate(llm, args.mode, setting, args.gpus, **shape)
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total" and v)
+        print(f"{setting:14s} {parts['total']:7.1f} GiB per GPU  ({detail})")
+    fit = smallest_fit(llm, args.mode, args.gpus, args.gpu_gib, **shape)
+    print(
+        f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB ({HEADROOM:.0%} left free): "
+        + (fit or "none; add GPUs, lower --micro-batch, turn --checkpointing on, or use lora")
+    )
+    return 0 if fit else 1
+
+
+def memory_sample(args):
+    """The sample the command line describes; image options without an image are refused, not ignored."""
+    from .memory import Sample, image_sample, video_sample
+
+    text = 64 if args.text_tokens is None else args.text_tokens
+    if text < 0:
+        raise UserError(f"--text-tokens {text}: must be 0 or more")
+    if args.image_size:
+        grids, max_tiles = args.grid_pinpoints, args.max_tiles
+        return image_sample(args.arch, *args.image_size, text_tokens=text, grids=grids, max_tiles=max_tiles)
+    if args.video_frames is not None:
+        if args.video_frames < 1 or args.arch not in ("llava", "llava-onevision"):
+            raise UserError(f"--video-frames {args.video_frames}: at least 1 frame, at --arch llava-onevision")
+        return video_sample(args.video_frames, text_tokens=text)
+    stray = {
+        f"--arch {args.arch}": args.arch != "llava",
+        "--text-tokens": args.text_tokens is not None,
+        "--grid-pinpoints": bool(args.grid_pinpoints),
+        "--max-tiles": bool(args.max_tiles),
+    }
+    if any(stray.values()):
+        given = ", ".join(name for name, set_ in stray.items() if set_)
+        raise UserError(f"{given}: these size a sample from an image; add --image-size WxH (in place of --seq-len)")
+    return Sample(args.seq_len or 2048)
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``"1344x336"`` -> (1344, 336): width x height in pixels, as training would accept the image."""
+    import re
+
+    from .data.images import MAX_IMAGE_PIXELS
+
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
+    if min(width, height) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an image size; write width x height in pixels, e.g. 1344x336"
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {width * height:,} pixels; training skips images over {MAX_IMAGE_PIXELS:,} as decompression "
+            "bombs (data.max_image_pixels)"
+        )
+    return width, height
+
+
 def report_left_out(left_out: list[dict]) -> int:
     """List what could not be used, and why; the exit status is 1 when anything was left out."""
     if left_out:
@@ -524,10 +604,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from . import memory
+    from .anyres import ARCHS
 
     p = sub.add_parser("memory", help="per-GPU memory by LLM size, mode and ZeRO setting; the smallest that fits")
-    memory.add_arguments(p)
-    p.set_defaults(func=memory.run)
+    p.add_argument("--llm", choices=list(memory.LLMS), help="LLM size (omit for the whole table)")
+    p.add_argument("--mode", choices=memory.MODES, default="full")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (ZeRO splits across all of them)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU")
+    p.add_argument("--micro-batch", type=int, default=16)
+    sample = p.add_mutually_exclusive_group()
+    sample.add_argument("--seq-len", type=int, help="tokens per sample, one base-resolution image (default 2048)")
+    sample.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="WxH",
+        help="size each sample from one image of this size at --arch (its exact image tokens and tiles)",
+    )
+    sample.add_argument(
+        "--video-frames",
+        type=int,
+        metavar="N",
+        help="size each sample from one video of N frames at llava-onevision (data.video_frames; needs torchvision)",
+    )
+    p.add_argument("--arch", choices=ARCHS, default="llava", help="with --image-size: how the image is seen")
+    p.add_argument("--grid-pinpoints", help="with --image-size: tile grids, as build takes them (rows x columns)")
+    p.add_argument("--max-tiles", type=int, default=0, help="with --image-size: the tile bound, as build takes it")
+    p.add_argument(
+        "--text-tokens", type=int, help="with --image-size or --video-frames: the sample's text tokens (default 64)"
+    )
+    p.add_argument("--lora-rank", type=int, default=128)
+    p.add_argument(
+        "--checkpointing",
+        choices=["on", "off"],
+        default="on",
+        help="gradient checkpointing (train.gradient_checkpointing); off keeps every layer's activations",
+    )
+    p.add_argument(
+        "--kernels", choices=memory.KERNELS, default="plain", help="the LLM's kernels: liger keeps less (train.liger)"
+    )
+    p.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="a micro-batch is one packed row of --micro-batch x --seq-len tokens (data.padding_free): no padding mask",
+    )
+    p.set_defaults(func=cmd_memory)
 
     data = sub.add_parser(
         "data", help="dataset tools: prepare, check, convert, and those plugins add (the demo: synth)"

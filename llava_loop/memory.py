@@ -19,22 +19,18 @@ A sample is ``--seq-len`` tokens with one base-resolution image, or is sized fro
 (``--image-size WxH`` at ``--arch``): text plus that image's placeholders, counted by the processor ``llava-loop
 build`` writes for CLIP-L/336, through the Tiler training counts with (data/tiles.py).
 
-    python -m llava_loop.memory                      # the table in docs/BENCHMARKS.md
+    llava-loop memory                                # the table in docs/BENCHMARKS.md
     llava-loop memory --llm 34B --mode full --gpus 8 --gpu-gib 80
     llava-loop memory --llm 7B --mode full --arch llava-next --image-size 672x672 --text-tokens 64
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 from dataclasses import dataclass
 
-from .anyres import ARCHS
 from .config import MODES
 from .data.images import MAX_IMAGE_PIXELS
-from .errors import UserError
 
 GIB = 1 << 30
 CLIP_L_336 = 303_507_456  # CLIP ViT-L/14-336 vision tower (the LLaVA-1.5 recipe): clip_l_336()'s parameters
@@ -155,22 +151,6 @@ def video_sample(frames: int, *, text_tokens: int) -> Sample:
     tokens = video.tokens(frames)
     source = f"{text_tokens} text + {tokens} video tokens: {frames} frames at llava-onevision, {frames} views"
     return Sample(text_tokens + tokens, frames, source)
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """``"1344x336"`` -> (1344, 336): width x height in pixels, as training would accept the image."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    width, height = (int(match[1]), int(match[2])) if match else (0, 0)
-    if min(width, height) < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an image size; write width x height in pixels, e.g. 1344x336"
-        )
-    if width * height > MAX_IMAGE_PIXELS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {width * height:,} pixels; training skips images over {MAX_IMAGE_PIXELS:,} as decompression "
-            "bombs (data.max_image_pixels)"
-        )
-    return width, height
 
 
 def projector_params(llm: LLMShape, vision_hidden: int = CLIP_L_HIDDEN) -> int:
@@ -335,110 +315,3 @@ def table(gpus: int = 8, **kwargs) -> str:
                 f"{cells[2]['total']:.1f} ({cells[2]['host_optimizer']:.1f}) |"
             )
     return "\n".join(rows)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llm", choices=list(LLMS), help="LLM size (omit for the whole table)")
-    p.add_argument("--mode", choices=MODES, default="full")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (ZeRO splits across all of them)")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU")
-    p.add_argument("--micro-batch", type=int, default=16)
-    sample = p.add_mutually_exclusive_group()
-    sample.add_argument("--seq-len", type=int, help="tokens per sample, one base-resolution image (default 2048)")
-    sample.add_argument(
-        "--image-size",
-        type=image_size,
-        metavar="WxH",
-        help="size each sample from one image of this size at --arch (its exact image tokens and tiles)",
-    )
-    sample.add_argument(
-        "--video-frames",
-        type=int,
-        metavar="N",
-        help="size each sample from one video of N frames at llava-onevision (data.video_frames; needs torchvision)",
-    )
-    p.add_argument("--arch", choices=ARCHS, default="llava", help="with --image-size: how the image is seen")
-    p.add_argument("--grid-pinpoints", help="with --image-size: tile grids, as build takes them (rows x columns)")
-    p.add_argument("--max-tiles", type=int, default=0, help="with --image-size: the tile bound, as build takes it")
-    p.add_argument(
-        "--text-tokens", type=int, help="with --image-size or --video-frames: the sample's text tokens (default 64)"
-    )
-    p.add_argument("--lora-rank", type=int, default=128)
-    p.add_argument(
-        "--checkpointing",
-        choices=["on", "off"],
-        default="on",
-        help="gradient checkpointing (train.gradient_checkpointing); off keeps every layer's activations",
-    )
-    p.add_argument(
-        "--kernels", choices=KERNELS, default="plain", help="the LLM's kernels: liger keeps less (train.liger)"
-    )
-    p.add_argument(
-        "--padding-free",
-        action="store_true",
-        help="a micro-batch is one packed row of --micro-batch x --seq-len tokens (data.padding_free): no padding mask",
-    )
-
-
-def sample_of(args) -> Sample:
-    """The sample the command line describes; image options without an image are refused, not ignored."""
-    text = 64 if args.text_tokens is None else args.text_tokens
-    if text < 0:
-        raise UserError(f"--text-tokens {text}: must be 0 or more")
-    if args.image_size:
-        grids, max_tiles = args.grid_pinpoints, args.max_tiles
-        return image_sample(args.arch, *args.image_size, text_tokens=text, grids=grids, max_tiles=max_tiles)
-    if args.video_frames is not None:
-        if args.video_frames < 1 or args.arch not in ("llava", "llava-onevision"):
-            raise UserError(f"--video-frames {args.video_frames}: at least 1 frame, at --arch llava-onevision")
-        return video_sample(args.video_frames, text_tokens=text)
-    stray = {
-        f"--arch {args.arch}": args.arch != "llava",
-        "--text-tokens": args.text_tokens is not None,
-        "--grid-pinpoints": bool(args.grid_pinpoints),
-        "--max-tiles": bool(args.max_tiles),
-    }
-    if any(stray.values()):
-        given = ", ".join(name for name, set_ in stray.items() if set_)
-        raise UserError(f"{given}: these size a sample from an image; add --image-size WxH (in place of --seq-len)")
-    return Sample(args.seq_len or 2048)
-
-
-def run(args) -> int:
-    sample = sample_of(args)
-    shape = dict(
-        micro_batch=args.micro_batch,
-        seq_len=sample.tokens,
-        views=sample.views,
-        lora_rank=args.lora_rank,
-        checkpointing=args.checkpointing == "on",
-        kernels=args.kernels,
-        padding_free=args.padding_free,
-    )
-    print(f"tokens per sample: {sample.tokens} ({sample.source})")
-    if not args.llm:
-        print(
-            f"GiB per GPU, {args.gpus} GPUs, micro-batch {args.micro_batch} x {sample.tokens} tokens, bf16, "
-            f"gradient checkpointing {args.checkpointing}, {args.kernels} kernels"
-        )
-        print(table(args.gpus, **shape))
-        return 0
-    llm = LLMS[args.llm]
-    for setting in SETTINGS:
-        parts = estimate(llm, args.mode, setting, args.gpus, **shape)
-        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if k != "total" and v)
-        print(f"{setting:14s} {parts['total']:7.1f} GiB per GPU  ({detail})")
-    fit = smallest_fit(llm, args.mode, args.gpus, args.gpu_gib, **shape)
-    print(
-        f"smallest setting that fits {args.gpus} x {args.gpu_gib:g} GiB ({HEADROOM:.0%} left free): "
-        + (fit or "none; add GPUs, lower --micro-batch, turn --checkpointing on, or use lora")
-    )
-    return 0 if fit else 1
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    raise SystemExit(main(["memory", *sys.argv[1:]]))
