@@ -133,8 +133,13 @@ class DataConfig:
     template: Literal["chat", "plain"] = opt(
         "chat",
         "chat: the tokenizer's chat template, answers supervised (every stage); plain: LLaVA-1.5's stage-1 layout "
-        "(the image, then the caption, closed here by end-of-text where LLaVA's code ends it with a newline): no "
-        "question, template or data.system_prompt; the caption and its end supervised.",
+        "(the image, then the caption and its end, data.caption_end): no question, template or data.system_prompt; "
+        "the caption and its end supervised.",
+    )
+    caption_end: Literal["eos", "newline"] = opt(
+        "eos",
+        "data.template=plain: what closes a caption: eos, the end-of-text token generation stops at; newline, as "
+        "LLaVA-1.5's code writes it (its plain separator; generation then stops at a newline).",
     )
     image_aspect_ratio: Literal["resize", "pad"] = opt(
         "resize", "resize: processor's resize+center-crop; pad: pad to square with the mean colour (LLaVA-1.5)."

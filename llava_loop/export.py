@@ -104,6 +104,7 @@ def prompt_settings(cfg) -> dict:
         "image_aspect_ratio": d.image_aspect_ratio,
         "system_prompt": d.system_prompt,
         "template": d.template,
+        "caption_end": d.caption_end,
         "max_length": d.max_length,
         "video_frames": d.video_frames,
         "video_fps": d.video_fps,

@@ -66,7 +66,7 @@ def load_for_inference(
             f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder, e.g. EXPORT/adapter)"
         )
     settings = {"image_aspect_ratio": "resize", "system_prompt": "", "template": "chat", "max_length": 1 << 30}
-    settings.update(video_frames=32, video_fps=0.0)  # OneVision's default, where the export does not say
+    settings.update(video_frames=32, video_fps=0.0, caption_end="eos")  # the defaults, where the export does not say
     if is_checkpoint(path):
         from .export import load_trained
 
@@ -209,6 +209,8 @@ def generate_ids(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
+    if encoder.template == "plain" and encoder.caption_end == "newline":  # trained to end a caption with one
+        generate_kwargs = {"stop_strings": ["\n"], "tokenizer": tokenizer, **generate_kwargs}
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),

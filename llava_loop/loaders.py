@@ -76,6 +76,7 @@ def make_encoder(cfg: Config, processor) -> SampleEncoder:
         max_length=d.max_length,
         system_prompt=d.system_prompt,
         template=d.template,
+        caption_end=d.caption_end,
         image_aspect_ratio=d.image_aspect_ratio,
         max_image_pixels=d.max_image_pixels,
         allow_absolute_paths=d.allow_absolute_paths,

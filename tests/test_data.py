@@ -110,6 +110,20 @@ def test_plain_template_is_the_image_then_the_caption_and_end_of_text(tiny_proce
     assert encoder.prompt_ids("ignored") == [image_id] * n
 
 
+def test_a_plain_caption_can_end_as_llavas_code_ends_it_with_a_newline(tiny_processor):
+    """data.caption_end=newline: LLaVA-1.5's preprocess_plain layout, the image, then the caption and its "\n"
+    separator tokenized as one text, supervised, with no end-of-text token (the control: the default's ends in it)."""
+    tokenizer = tiny_processor.tokenizer
+    ids, labels = SampleEncoder(tiny_processor, max_length=1024, template="plain", caption_end="newline").encode_text(
+        CAPTION
+    )
+    caption = tokenizer(answers(CAPTION)[0] + "\n", add_special_tokens=False)["input_ids"]
+    assert supervised_runs(ids, labels) == [caption] and tokenizer.eos_token_id not in ids
+    assert tokenizer.decode(caption).endswith("\n")
+    default = SampleEncoder(tiny_processor, max_length=1024, template="plain").encode_text(CAPTION)[0]
+    assert default[-1] == tokenizer.eos_token_id and default != ids
+
+
 def test_plain_template_starts_with_bos_where_the_tokenizer_adds_one():
     """Llama 3's tokenizer starts text with <|begin_of_text|>: the plain layout keeps it, unsupervised. Control: the
     same tokenizer without its BOS post-processor gives no BOS."""

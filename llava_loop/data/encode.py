@@ -3,7 +3,7 @@
 Labels supervise exactly the assistant answers plus their closing turn token; everything else
 (system, user, template scaffolding, image placeholders) is -100. The supervised spans come from the
 tokenizer's own chat template (see ``template.py``), not from hard-coded ChatML offsets. ``data.template: plain``
-is LLaVA-1.5's stage-1 layout instead: the image, the caption, the end-of-text token (``plain_tokens``).
+is LLaVA-1.5's stage-1 layout instead: the image, the caption, its end (``plain_tokens``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return ids, labels, turn_ends
 
 
-def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[int], list[int], list[int]]:
+def plain_tokens(
+    tokenizer, record: Record, image_token_id: int, caption_end: str = "eos"
+) -> tuple[list[int], list[int], list[int]]:
     """LLaVA-1.5's ``plain`` pretraining layout: the record's images, then its caption (the one answer), closed by
     the end-of-text token (LLaVA's code closes it with a newline; an end token is what generation stops at); no
     system prompt, question or chat template. Only the caption and that token are supervised.
@@ -143,7 +145,10 @@ def plain_tokens(tokenizer, record: Record, image_token_id: int) -> tuple[list[i
             f"{len(record.images)} images and {len(answers)} answers (use data.template=chat)",
         )
     prefix = plain_prefix(tokenizer, image_token_id, len(record.images))
-    caption = tokenize(tokenizer, answers[0], [(0, len(answers[0]))])[0] + [tokenizer.eos_token_id]
+    if caption_end == "newline":  # LLaVA's layout: the caption and its separator tokenized as one text
+        caption = tokenize(tokenizer, answers[0] + "\n", [(0, len(answers[0]))])[0]
+    else:
+        caption = tokenize(tokenizer, answers[0], [(0, len(answers[0]))])[0] + [tokenizer.eos_token_id]
     ids = prefix + caption
     return ids, [IGNORE_INDEX] * len(prefix) + caption, [len(ids)]
 
@@ -207,13 +212,14 @@ class SampleEncoder:
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         allow_absolute_paths: bool = False,
         template: str = "chat",
+        caption_end: str = "eos",
         video_frames: int = 32,
         video_fps: float = 0.0,
     ):
         self.tokenizer = processor.tokenizer
         if template == "plain" and self.tokenizer.eos_token_id is None:
             raise UserError("data.template=plain ends each caption with the end-of-text token; the tokenizer has none")
-        self.template = template
+        self.template, self.caption_end = template, caption_end
         self.image_processor = processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.tiler = Tiler.of(processor)
@@ -325,7 +331,7 @@ class SampleEncoder:
     def tokens(self, record: Record) -> tuple[list[int], list[int], list[int]]:
         """A record's text as its layout (``chat`` or ``plain``) tokenizes it: ids, labels, turn ends."""
         if self.template == "plain":
-            return plain_tokens(self.tokenizer, record, self.image_token_id)
+            return plain_tokens(self.tokenizer, record, self.image_token_id, self.caption_end)
         messages = record_messages(record, self.system_prompt)
         try:
             return tokenize_messages(self.tokenizer, messages)

@@ -54,6 +54,7 @@ def cache_key(records, encoder: SampleEncoder, image_dir) -> str:
         "max_length": encoder.max_length,
         "system_prompt": encoder.system_prompt,
         "template": encoder.template,
+        "caption_end": encoder.caption_end,
         "image_tokens": encoder.n_image_tokens,
         "tiling": None
         if encoder.tiler is None
