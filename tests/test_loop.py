@@ -823,7 +823,8 @@ def test_token_budget_epochs_each_count_their_own_steps(tmp_path, run_config, sh
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_as_one_two_process_run(tmp_path, run_config):
-    """The README's multi-node recipe: machine_rank 0 and 1 on 127.0.0.1, one process each, DeepSpeed ZeRO-2."""
+    """The guide's multi-node recipe (docs/guide/training.md): machine_rank 0 and 1 on 127.0.0.1, one process each,
+    DeepSpeed ZeRO-2."""
     runs = {}
     for name in ("two-nodes", "one-node"):
         config = run_config(name, train={"micro_batch_size": 2, "max_steps": 3})

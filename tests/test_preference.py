@@ -427,14 +427,14 @@ def test_the_first_step_equals_trls_dpo_trainer_in_full_and_lora(
 
 
 @pytest.mark.slow
-def test_the_readmes_simpo_file_trains_on_the_loop_unchanged(tmp_path, run_config, pairs, monkeypatch):
-    """The README's "one short file" objective, taken from the README as it is: a module of its own, named in the
-    config, trains with no reference and its margin grows over 4 epochs of 8 pairs."""
+def test_the_guides_simpo_file_trains_on_the_loop_unchanged(tmp_path, run_config, pairs, monkeypatch):
+    """The guide's "one short file" objective (docs/guide/extending.md), taken from the page as it is: a module of its
+    own, named in the config, trains with no reference and its margin grows over 4 epochs of 8 pairs."""
     import re
     import sys
 
-    readme = (helpers.ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(# my_project/simpo\.py.*?)```", readme, re.S).group(1)
+    page = (helpers.ROOT / "docs" / "guide" / "extending.md").read_text()
+    code = re.search(r"```python\n(# my_project/simpo\.py.*?)```", page, re.S).group(1)
     (tmp_path / "my_simpo.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_simpo", None)
