@@ -321,7 +321,7 @@ def write_prepared(layout, name, src, out, files, index, inputs, command, say) -
     if layout.videos or videos:
         say(f"{name}: {videos} of the {kept} records kept are video{video_note(layout, src)}")
         if videos and not headers:
-            say("warning: PyAV is not installed (pip install 'llava_loop[video]'): the clips were found, not opened")
+            say("warning: PyAV is not installed (pip install 'llava-loop[video]'): the clips were found, not opened")
     if not kept:
         raise PrepareError(
             f"{name} from {src}: no usable record ({', '.join(f'{r} x{n}' for r, n in left.most_common())}); "
