@@ -124,3 +124,28 @@ def test_an_fps_cap_asks_for_one_clip_per_micro_batch():
         with pytest.raises(ConfigError, match="data.video_fps gives videos different frame counts"):
             load_config(None, base + extra)
     assert load_config(None, base + ["train.micro_batch_size=1"]).data.video_fps == 1
+
+
+def test_video_files_without_pyav_are_refused_with_the_install_command(tmp_path, monkeypatch):
+    """Records naming a video file mark their source as needing PyAV (a run checks it at startup); frame lists do
+    not. Without PyAV the check says how to install it."""
+    import json
+    import sys
+
+    from llava_loop.data.records import load_records
+    from llava_loop.data.video import require_video_extra
+    from llava_loop.errors import UserError
+
+    kinds = {}
+    for name, video in (("file", "a.mp4"), ("frames", ["a/0.png", "a/1.png"]), ("none", None)):
+        question = "<video>\nWhat happens?" if video else "What happens?"
+        record = {"id": name, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "it"}]}
+        if video:
+            record["video"] = video
+        (tmp_path / f"{name}.json").write_text(json.dumps([record]))
+        records = load_records(tmp_path / f"{name}.json")
+        kinds[name] = (records.holds_video, records.holds_video_files)
+    assert kinds == {"file": (True, True), "frames": (True, False), "none": (False, False)}
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now fails, as without the extra
+    with pytest.raises(UserError, match=r"pip install 'llava-loop\[video\]'"):
+        require_video_extra()
