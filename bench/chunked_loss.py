@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,22 +49,12 @@ def variant(config: str, chunk_rows: int, args) -> None:
     model, _ = load_model(load_config(common.ROOT / config).model.path)
     model.train()
     batch = batch_with_answers(model.config.text_config.vocab_size, args.rows, args.length, args.supervised)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
-    for _ in range(args.repeats + 1):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        loss = label_only_ce(model, batch, chunk_rows=chunk_rows)["loss"]
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = common.loss_steps(model, lambda: label_only_ce(model, batch, chunk_rows=chunk_rows)["loss"], args.repeats)
     print(
         json.dumps(
             {
-                "seconds": common.median(times[1:]),
-                "loss": float(loss),
-                "peak_rss_mib": peak,
-                "growth_mib": peak - baseline,
+                **steps,
+                "growth_mib": steps["peak_rss_mib"] - steps["before_mib"],
                 "supervised": batch["supervised"].shape[1],
             }
         )

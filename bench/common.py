@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -119,6 +120,22 @@ def last_json_line(text: str) -> dict:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def loss_steps(model, loss, repeats: int) -> dict:
+    """Forward + backward of ``loss()`` (the loss tensor of one forward of ``model``), ``repeats`` + 1 times, the
+    first a warm-up: the median seconds of the others, the last loss, and this process's peak RSS (MiB) before the
+    steps and after them."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        value = loss()
+        value.backward()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": median(times[1:]), "loss": float(value), "peak_rss_mib": peak, "before_mib": before}
 
 
 def table(headers: list[str], rows: list[list]) -> str:

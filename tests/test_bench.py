@@ -161,9 +161,7 @@ def test_the_gpu_plan_runs_the_target_rows_first_and_fits_its_rows_to_the_card()
     def smallest_fit(micro_batch: str) -> subprocess.CompletedProcess:
         argv = ["memory", "--llm", "3B", "--mode", "projector", "--gpus", "1", "--gpu-gib", "79.6"]
         argv += ["--micro-batch", micro_batch, "--seq-len", "700", "--checkpointing", "off"]
-        return subprocess.run(
-            [sys.executable, "-m", "llava_loop.cli", *argv], capture_output=True, text=True, env=helpers.env()
-        )
+        return helpers.cli(*argv)
 
     assert smallest_fit("16").returncode == 0 and smallest_fit("32").returncode == 1
 

@@ -10,49 +10,26 @@ import textwrap
 import pytest
 import torch
 
-from llava_loop.build import BuildError, build_llava, compose_config
+from llava_loop.build import BuildError, build_llava
 from llava_loop.parts import count_params
 
-
-def _clip_configs():
-    from transformers import CLIPConfig, CLIPVisionConfig
-
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        projection_dim=16,
-    )
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
-    return CLIPVisionConfig(**vision), CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+import helpers
 
 
 @pytest.fixture(scope="module")
 def hand_made_towers(tmp_path_factory, qwen3_tokenizer_dir):
     """Towers saved by plain transformers, no llava_loop involved: a full CLIPModel, a CLIPVisionModel,
     a tied Qwen2 with spare embedding rows and an untied Qwen2 whose rows are exactly the tokenizer."""
-    from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("towers")
-    vision_config, clip_config = _clip_configs()
+    vision_config, clip_config = helpers.tiny_clip_configs()
     torch.manual_seed(0)
     CLIPModel(clip_config).save_pretrained(root / "clip-full")
     CLIPVisionModel(vision_config).save_pretrained(root / "clip-vision")
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
     for name, rows, tied in (("qwen-tied", 151936, True), ("qwen-exact", len(tokenizer), False)):
-        config = Qwen2Config(
-            vocab_size=rows,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            tie_word_embeddings=tied,
-        )
-        Qwen2ForCausalLM(config).save_pretrained(root / name)
+        Qwen2ForCausalLM(helpers.tiny_qwen2_config(rows, tied)).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root
 
@@ -231,24 +208,9 @@ def test_cli_reports_errors_without_traceback(tmp_path):
 
 def test_real_scale_parameter_counts_on_meta_device():
     """clip-vit-large-patch14-336 + Qwen2.5-3B-Instruct, from their published configs, no weights."""
-    from transformers import LlavaForConditionalGeneration, Qwen2Config
+    from transformers import LlavaForConditionalGeneration
 
-    from llava_loop.memory import clip_l_336
-
-    vision = clip_l_336()
-    text = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
-    config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
+    config = helpers.clip_l_qwen25_3b_config()
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     counts = count_params(model)

@@ -457,21 +457,7 @@ def test_two_process_checkpoints_are_hashed_by_every_rank_and_need_every_ranks_f
         CheckpointError, match=r"no pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt from process 1 of 2"
     ):
         checkpoint.verify(damaged)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "export",
-            "--checkpoint",
-            str(damaged),
-            "--out",
-            str(tmp_path / "export"),
-        ],
-        env=helpers.env(),
-        capture_output=True,
-        text=True,
-    )
+    out = helpers.cli("export", "--checkpoint", str(damaged), "--out", str(tmp_path / "export"))
     assert out.returncode == 2 and "from process 1 of 2" in out.stderr
 
 
@@ -498,21 +484,7 @@ def test_a_flash_attention_checkpoint_exports_and_infers_without_flash_attention
     tree["model"]["attn_implementation"] = "flash_attention_2"
     (ckpt / "config.yaml").write_text(yaml.safe_dump(tree))
     _rewrite_manifest(ckpt)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "export",
-            "--checkpoint",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "export"),
-        ],
-        env=helpers.env(),
-        capture_output=True,
-        text=True,
-    )
+    out = helpers.cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export"))
     assert out.returncode == 0, out.stderr[-2000:]
     from llava_loop.infer import load_for_inference
 
@@ -685,12 +657,7 @@ def test_sizes_in_messages_read_as_people_write_them():
 
 
 def test_export_errors_speak_of_the_checkpoint_not_of_resume(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")],
-        env=helpers.env(),
-        capture_output=True,
-        text=True,
-    )
+    out = helpers.cli("export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "not a checkpoint directory (expected output_dir/checkpoints/step-N)" in out.stderr
     assert "resume=" not in out.stderr
 
@@ -732,21 +699,8 @@ def test_export_writes_a_model_card_the_hub_reads(tmp_path, run_config, tiny_mod
     config = run_config(**sections)
     helpers.train_here(config)
     ckpt = checkpoint.complete_checkpoints(tmp_path / "run")[0]
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "export",
-            "--checkpoint",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "export"),
-        ],
-        check=True,
-        env=helpers.env(),
-        capture_output=True,
-    )
+    out = helpers.cli("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export"))
+    assert out.returncode == 0, out.stderr[-2000:]
     card = ModelCard.load(tmp_path / "export" / "README.md")
     build = json.loads((tiny_model_dir / "llava_loop_build.json").read_text())
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"

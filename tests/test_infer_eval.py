@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +15,7 @@ PROMPT = "Describe the image briefly."
 
 
 def _cli(*args):
-    out = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", *args], capture_output=True, text=True, env=helpers.env()
-    )
+    out = helpers.cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -172,60 +168,21 @@ def test_a_bad_image_never_stops_infer_or_eval_and_is_listed(trained, shapes_dat
     files[2].unlink()  # missing (eval only: infer captions what is in the folder)
     model = str(trained["full"]["export"])
     out = tmp_path / "captions.jsonl"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "infer",
-            "--model",
-            model,
-            "--images-dir",
-            str(images),
-            "--out",
-            str(out),
-            "--prompt",
-            PROMPT,
-        ],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
-    )
+    run = helpers.cli("infer", "--model", model, "--images-dir", str(images), "--out", str(out), "--prompt", PROMPT)
     assert run.returncode == 1  # some failed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 31 and [r["image"] for r in rows if "error" in r] == [files[1].name]
     assert all(r["caption"] for r in rows if "error" not in r) and rows[1]["error"] == "corrupt_image"
     assert "1 left out" in run.stderr and files[1].name in run.stderr
     results = tmp_path / "results.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "eval",
-            "--model",
-            model,
-            "--data",
-            str(shapes_data["val"]),
-            "--image-dir",
-            str(images),
-            "--out",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
+    run = helpers.cli(
+        "eval", "--model", model, "--data", str(shapes_data["val"]), "--image-dir", str(images), "--out", str(results)
     )
     assert run.returncode == 1
     report = json.loads(results.read_text())
     assert report["metrics"]["n"] == 30 and report["metrics"]["left_out"] == 2
     assert sorted(x["reason"] for x in report["left_out"]) == ["corrupt_image", "missing_image"]
-    single = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "infer", "--model", model, "--image", str(files[1])],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
-    )
+    single = helpers.cli("infer", "--model", model, "--image", str(files[1]))
     assert single.returncode == 2 and "cannot be used as an image (corrupt_image" in single.stderr
     assert "Traceback" not in single.stderr
 

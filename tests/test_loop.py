@@ -207,22 +207,9 @@ def test_lora_targets_are_the_language_models_linear_layers(tiny_model_dir):
 
 
 def test_real_scale_trainable_counts_on_meta_device():
-    from transformers import LlavaForConditionalGeneration, Qwen2Config
+    from transformers import LlavaForConditionalGeneration
 
-    from llava_loop.build import compose_config
-    from llava_loop.memory import clip_l_336
-
-    vision = clip_l_336()  # hidden_act quick_gelu, CLIPVisionConfig's default too: the same counts
-    text = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=11008,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    config = compose_config(vision, text, image_token_id=151665, pad_token_id=151643)
+    config = helpers.clip_l_qwen25_3b_config()
     projector = 1024 * 2048 + 2048 + 2048 * 2048 + 2048
     llm = 3_085_938_688  # Qwen2.5-3B with tied embeddings
     vision_layer = 4 * (1024 * 1024 + 1024) + 2 * (1024 * 4096) + 4096 + 1024 + 4 * 1024
@@ -664,6 +651,11 @@ def test_accumulation_and_process_layouts_give_the_same_losses_and_gradients(
     assert torch.linalg.norm(mean_of_means - reference_grad) / torch.linalg.norm(reference_grad) > 1e-3
 
 
+# the train section of runs whose logged losses are compared across process layouts: no clipping or warmup to set
+# them apart, and the sample ids each step took
+COMPARED_TRAIN = {"max_steps": 4, "max_grad_norm": 0.0, "warmup_ratio": 0.0, "log_sample_ids": True}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["projector", "lora"])  # the projector alone; the projector beside PEFT's adapters
 def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode, tmp_path, run_config, shapes_data):
@@ -677,24 +669,12 @@ def test_text_only_micro_batches_under_two_process_zero2_match_one_process(mode,
             shapes=data,
             mode=mode,
             lora={"r": 4, "alpha": 8, "dropout": 0.0},
-            train={
-                "micro_batch_size": micro,
-                "grad_accum": accum,
-                "max_steps": 4,
-                "max_grad_norm": 0.0,
-                "warmup_ratio": 0.0,
-                "log_sample_ids": True,
-            },
+            train={**COMPARED_TRAIN, "micro_batch_size": micro, "grad_accum": accum},
         )
         helpers.launch(config, processes=processes)
         losses[name] = helpers.metrics(tmp_path / name)
     # the run really mixed: some accumulation slot had an image on one rank and none on the other
-    mixed_slots = [
-        ids
-        for ids in (m["sample_ids"] for m in losses["2x1x2"])
-        if any(ids[k].startswith("text_") != ids[2 + k].startswith("text_") for k in (0, 1))
-    ]
-    assert mixed_slots, [m["sample_ids"] for m in losses["2x1x2"]]
+    assert helpers.mixed_slots(losses["2x1x2"]), [m["sample_ids"] for m in losses["2x1x2"]]
     reference = [m["loss"] for m in losses["1x4x1"]]
     got = [m["loss"] for m in losses["2x1x2"]]
     assert len(got) == 4 and got == pytest.approx(reference, rel=1e-5)
@@ -729,14 +709,7 @@ def test_padding_free_runs_match_padded_ones_in_one_and_two_process_zero2(tmp_pa
             name,
             shapes=data,
             mode="freeze_vision",
-            train={
-                "micro_batch_size": micro,
-                "grad_accum": accum,
-                "max_steps": 4,
-                "max_grad_norm": 0.0,
-                "warmup_ratio": 0.0,
-                "log_sample_ids": True,
-            },
+            train={**COMPARED_TRAIN, "micro_batch_size": micro, "grad_accum": accum},
         )
         helpers.launch(config, f"data.padding_free={str(packed).lower()}", "data.max_length=512", processes=processes)
         runs[name] = helpers.metrics(tmp_path / name)
@@ -753,32 +726,8 @@ def test_token_budget_batches_under_two_process_zero2_match_one_process(tmp_path
     """Packed micro-batches filled to a token budget: 2 processes x acc 1 run the micro-batches 1 process x acc 2
     runs, as many on each rank, and log the same losses; the samples per step vary."""
     data = _stage2_mix(tmp_path / "mixed", shapes_data)
-    runs = {}
-    for name, (processes, accum) in {"1xacc2": (0, 2), "2xacc1": (2, 1)}.items():
-        config = run_config(
-            name,
-            shapes=data,
-            mode="freeze_vision",
-            train={
-                "grad_accum": accum,
-                "max_steps": 4,
-                "max_grad_norm": 0.0,
-                "warmup_ratio": 0.0,
-                "log_sample_ids": True,
-            },
-        )
-        helpers.launch(
-            config,
-            "data.padding_free=true",
-            "data.max_length=512",
-            "data.max_tokens_per_micro_batch=600",
-            processes=processes,
-        )
-        runs[name] = helpers.metrics(tmp_path / name)
-    reference = runs["1xacc2"]
-    assert len({m["samples"] for m in reference}) > 1
-    assert [sorted(m["sample_ids"]) for m in runs["2xacc1"]] == [sorted(m["sample_ids"]) for m in reference]
-    assert [m["loss"] for m in runs["2xacc1"]] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
+    budget = {"padding_free": True, "max_length": 512, "max_tokens_per_micro_batch": 600}
+    helpers.check_token_budgets_match(run_config, tmp_path, model=None, shapes=data, train=COMPARED_TRAIN, data=budget)
 
 
 def test_each_epoch_trains_in_its_own_order(tmp_path, run_config, fresh_accelerate_state):

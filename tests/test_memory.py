@@ -77,22 +77,9 @@ def test_estimates_at_real_sizes_pick_the_smallest_setting_that_fits():
 
 
 def test_the_cli_names_the_smallest_setting_and_fails_when_none_fits():
-    import subprocess
-    import sys
-
-    fits = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "34B", "--mode", "full"],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
-    )
+    fits = helpers.cli("memory", "--llm", "34B", "--mode", "full")
     assert fits.returncode == 0 and "smallest setting that fits 8 x 80 GiB (5% left free): zero3+offload" in fits.stdout
-    too_big = subprocess.run(
-        [sys.executable, "-m", "llava_loop.cli", "memory", "--llm", "72B", "--gpus", "8"],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
-    )
+    too_big = helpers.cli("memory", "--llm", "72B", "--gpus", "8")
     assert too_big.returncode == 1 and "none; add GPUs" in too_big.stdout
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -49,26 +47,18 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
     import webdataset as wds
 
     out = tmp_path / "shards"
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "data",
-            "convert",
-            "shards",
-            "--input",
-            str(shapes_data["train"]),
-            "--image-dir",
-            str(shapes_data["train_images"]),
-            "--out",
-            str(out),
-            "--shard-size",
-            "30KB",
-        ],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
+    cli = helpers.cli(
+        "data",
+        "convert",
+        "shards",
+        "--input",
+        str(shapes_data["train"]),
+        "--image-dir",
+        str(shapes_data["train_images"]),
+        "--out",
+        str(out),
+        "--shard-size",
+        "30KB",
     )
     assert cli.returncode == 0, cli.stderr
     files = sorted(out.glob("*.tar"))
@@ -88,24 +78,16 @@ def test_convert_shards_writes_sized_numbered_shards_with_an_index(tmp_path, sha
     broken = json.loads(shapes_data["train"].read_text())[:4]
     broken[1]["image"] = "nope.jpg"
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llava_loop.cli",
-            "data",
-            "convert",
-            "shards",
-            "--input",
-            str(tmp_path / "broken.json"),
-            "--image-dir",
-            str(shapes_data["train_images"]),
-            "--out",
-            str(tmp_path / "b"),
-        ],
-        capture_output=True,
-        text=True,
-        env=helpers.env(),
+    cli = helpers.cli(
+        "data",
+        "convert",
+        "shards",
+        "--input",
+        str(tmp_path / "broken.json"),
+        "--image-dir",
+        str(shapes_data["train_images"]),
+        "--out",
+        str(tmp_path / "b"),
     )
     assert cli.returncode == 1 and "missing_image" in cli.stdout
     assert shard_counts(expand(tmp_path / "b")) == [3]
