@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import Config, mix_names
+from .data.blank_image import BlankImage
 from .data.collate import Collator
 from .data.dataset import DataError, LlavaDataset
 from .data.encode import SampleEncoder
@@ -25,6 +26,7 @@ from .data.shards import expand, read_index, usable_shards
 from .data.sources import image_dir_of, open_records, require_data_extra, source_kind
 from .data.stream import StreamDataset, StreamLayout, stream_loader
 from .data.tables import TableRecords
+from .data.video import require_video_extra
 from .errors import UserError
 
 
@@ -108,7 +110,17 @@ def make_datasets(
         d = cfg.data
         held_dir = image_dir_of(d.eval_path, d.eval_image_dir) if d.eval_path else ""
         eval_ds = LlavaDataset(held, encoder, held_dir or image_dir_of(d.path, d.image_dir), substitute=False)
+    if train_ds.holds_video_files or getattr(eval_ds, "holds_video_files", False):
+        require_video_extra()  # refused now, not in a loader worker at the first clip
     return train_ds, eval_ds
+
+
+def blank_inputs(train_set, eval_set, device) -> BlankImage:
+    """The stand-ins for micro-batches without an image, and without a video where the data holds videos and the
+    model takes them (blank_image.py)."""
+    videos = train_set.holds_video or getattr(eval_set, "holds_video", False)
+    encoder = train_set.encoder
+    return BlankImage(encoder, device, video=videos and encoder.video is not None)
 
 
 def make_stream(cfg: Config, encoder: SampleEncoder, shards: list[Path], *, rank: int, processes: int) -> StreamDataset:

@@ -28,17 +28,16 @@ from .backends import backend_for
 from .checkpoint.checkpointer import Checkpointer
 from .config import Config, mix_names
 from .console import Console
-from .data.blank_image import BlankImage
 from .data.sampler import TokenBudgetBatches
 from .data.skips import SkipTally
 from .data.stream import StreamDataset, StreamPosition
-from .data.video import require_video_extra
 from .errors import UserError, size_text
 from .flops import FlopsModel, device_peak_tflops
 from .hooks import make_hooks
 from .importing import bind
 from .kernels import apply_liger, compile_decoder_layers
 from .loaders import (
+    blank_inputs,
     make_datasets,
     make_train_loader,
     needs_lengths,
@@ -159,12 +158,7 @@ class Trainer:
             self.console.warn(THINK_BLOCK_NOTE)
         self.stream = self.train_set.layout if isinstance(self.train_set, StreamDataset) else None
         loader, self.sampler = self.build_train_loader()
-        # for micro-batches without an image (or a video, where the data holds videos and the model takes them)
-        videos = self.train_set.holds_video or getattr(self.eval_set, "holds_video", False)
-        if self.train_set.holds_video_files or getattr(self.eval_set, "holds_video_files", False):
-            require_video_extra()  # refused now, not in a loader worker at the first clip
-        encoder = self.train_set.encoder
-        self.blank_image = BlankImage(encoder, self.accelerator.device, video=videos and encoder.video is not None)
+        self.blank_image = blank_inputs(self.train_set, self.eval_set, self.accelerator.device)
         self.validator = self.build_validator()
 
         optimizer = self.build_optimizer(model)

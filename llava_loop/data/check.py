@@ -22,7 +22,7 @@ from .images import MAX_IMAGE_PIXELS, EmbeddedImage, image_path, open_checked
 from .preference import is_pair, pair_sides
 from .skips import SkipSample
 from .sources import image_dir_of, open_records, require_data_extra, source_kind
-from .video import FrameSampling, clip_seconds, clip_window, read_video
+from .video import FrameSampling, read_video, video_paths, window_seconds
 
 
 def source_records(data: str | Path):
@@ -72,17 +72,15 @@ def _video_problem(record, image_dir, sampling: FrameSampling, decode: bool, max
     SkipSamples. A file's header is read (its frames decoded too when ``decode``); a frame list's images go with
     the other images."""
     video = record.video
-    names = video.source if video.frame_list else [video.source]
-    where = [image_path(image_dir, name, allow_absolute=absolute) for name in names]
+    where = video_paths(video, image_dir, allow_absolute=absolute)
     if video.frame_list:
         if not where:
             raise SkipSample("empty_video", f"{record.id}: the video's frame list is empty")
         return None, where
-    seconds = clip_seconds(where[0], max_pixels)
-    start, end = clip_window(seconds, video.start, video.end, where[0])
+    seconds = window_seconds(where, video, max_pixels)
     if decode:
-        read_video(where[0], sampling, start=video.start, end=video.end, max_pixels=max_pixels)
-    return end - start, []
+        read_video(where, sampling, start=video.start, end=video.end, max_pixels=max_pixels)
+    return seconds, []
 
 
 def check_dataset(

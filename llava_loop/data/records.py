@@ -241,12 +241,14 @@ def load_records(path: str | Path) -> Records:
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"data file {path} not found; set data.path to a chat.json or .jsonl file")
-    encoded, videos = [], []  # encoded as read: 600K Record objects would outweigh the blob many times over
+    encoded = []  # encoded as read: 600K Record objects would outweigh the blob many times over
+    kinds = {"holds_video": False, "holds_video_files": False}  # as video_kinds says
     for index, raw in _iter_raw(path):
         record = normalize_record(raw, path, index)
         encoded.append(_encode(record))
-        if record.video is not None and len(videos) < 2 and record.video.frame_list not in videos:
-            videos.append(record.video.frame_list)
+        if record.video is not None:
+            kinds["holds_video"] = True
+            kinds["holds_video_files"] |= not record.video.frame_list
     if not encoded:
         raise RecordError(f"{path}: no records")
-    return Records.from_encoded(encoded, str(path), holds_video=bool(videos), holds_video_files=False in videos)
+    return Records.from_encoded(encoded, str(path), **kinds)

@@ -145,6 +145,21 @@ def clip_seconds(where: Path | ZipMember, max_pixels: int = MAX_IMAGE_PIXELS) ->
         return seconds
 
 
+def video_paths(video: Video, image_dir, *, allow_absolute: bool) -> Path | ZipMember | list:
+    """The file (or zip member), or the frame files, a record's video names under ``image_dir`` (unsafe names are
+    ``SkipSample``s, as for images)."""
+    names = video.source if video.frame_list else [video.source]
+    found = [image_path(image_dir, name, allow_absolute=allow_absolute) for name in names]
+    return found if video.frame_list else found[0]
+
+
+def window_seconds(where: Path | ZipMember, video: Video, max_pixels: int = MAX_IMAGE_PIXELS) -> float:
+    """The length of a video file's window (the record's ``video_start`` / ``video_end``, else all of it), from its
+    header."""
+    start, end = clip_window(clip_seconds(where, max_pixels), video.start, video.end, where)
+    return end - start
+
+
 def read_video(
     where: Path | ZipMember,
     sampling: FrameSampling,
@@ -233,19 +248,14 @@ class VideoInputs:
         return self.processor._get_num_multimodal_tokens(video_sizes=[size]).num_video_tokens[0]
 
     def locate(self, video: Video, image_dir) -> Path | ZipMember | list:
-        """The file (or zip member), or the frame files, a record's video names under ``image_dir``."""
-        names = video.source if video.frame_list else [video.source]
-        found = [image_path(image_dir, name, allow_absolute=self.allow_absolute_paths) for name in names]
-        return found if video.frame_list else found[0]
+        return video_paths(video, image_dir, allow_absolute=self.allow_absolute_paths)
 
     def frame_count(self, video: Video, image_dir) -> int:
         """Frames the video gives: ``data.video_frames``, or under an fps cap as many as its window's length allows
         (read from the file's header)."""
         if video.frame_list or not self.sampling.fps:
             return self.sampling.count()
-        seconds = clip_seconds(self.locate(video, image_dir), self.max_pixels)
-        start, end = clip_window(seconds, video.start, video.end, video)
-        return self.sampling.count(end - start)
+        return self.sampling.count(window_seconds(self.locate(video, image_dir), video, self.max_pixels))
 
     def frames(self, video: Video, image_dir) -> list[Image.Image]:
         where = self.locate(video, image_dir)
