@@ -6,7 +6,7 @@ accelerate launch --config_file accelerate_config.yaml train.py --config ...    
 
 import sys
 
-from llava_loop.cli import main
+from llava_loop.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

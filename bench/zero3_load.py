@@ -27,11 +27,11 @@ CONFIGS = {"ZeRO-2": "accelerate_config.yaml", "ZeRO-3 (zero3_init_flag)": "acce
 def child() -> None:
     """One rank: load as training does, then print what it holds."""
     sys.path.insert(0, str(common.ROOT))
-    import torch
     from accelerate.utils import gather_object
 
     from llava_loop.backends import backend_for
     from llava_loop.config import load_config
+    from llava_loop.launch import exit_process
     from llava_loop.memory import held_weight_bytes
     from llava_loop.runtime import load_model, make_accelerator
 
@@ -55,7 +55,9 @@ def child() -> None:
     rows = gather_object([row])
     if accelerator.is_main_process:
         print(json.dumps({"rows": rows}))
-    torch.distributed.barrier()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    exit_process(0)  # as train.py ends (llava_loop/launch.py)
 
 
 def main() -> None:

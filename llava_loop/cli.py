@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .console import print_table, say
 from .errors import UserError
@@ -725,5 +726,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The ``llava-loop`` command and ``train.py``: ``main``, then ``launch.exit_process`` with its status. An
+    uncaught error prints its traceback (through ``sys.excepthook``, which names the rank under a launch) and
+    exits 1, as Python would."""
+    from .launch import exit_process
+
+    try:
+        code = main(argv)
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

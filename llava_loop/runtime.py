@@ -13,12 +13,8 @@ import torch
 from .config import Config, find_config_file
 from .errors import UserError
 from .folders import load
+from .launch import launched
 from .ranks import everywhere, on_main
-
-
-def launched() -> bool:
-    """True under ``accelerate launch`` / torchrun (which set LOCAL_RANK), False for ``python train.py``."""
-    return "LOCAL_RANK" in os.environ
 
 
 def resolve_precision(precision: str) -> str:

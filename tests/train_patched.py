@@ -24,6 +24,7 @@ from llava_loop.checkpoint.checkpointer import Checkpointer
 from llava_loop.checkpoint.rng import rng_state, set_rng_state
 from llava_loop.config import load_config
 from llava_loop.errors import UserError
+from llava_loop.launch import exit_process
 from llava_loop.loop import train
 
 
@@ -97,4 +98,5 @@ try:
     train(load_config(args.config, args.overrides), checkpointer_cls=checkpointer_cls)
 except UserError as exc:  # as the CLI reports it
     print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    exit_process(2)
+exit_process(0)  # as train.py ends
