@@ -20,7 +20,8 @@ from pathlib import Path
 how, folder = sys.argv[1], Path(sys.argv[2])
 leaving, joined = folder / "leaving", folder / "joined"
 # Exit hooks run last-registered first: the GIL is held after `leaving` is written
-atexit.register(ctypes.PyDLL(None).system, f"until [ -f {joined} ]; do sleep 0.01; done; sleep 1".encode())
+wait_for_rank0 = f"timeout 60 sh -c 'until [ -f {joined} ]; do sleep 0.01; done'; sleep 1"  # bounded: rank 0 may fail
+atexit.register(ctypes.PyDLL(None).system, wait_for_rank0.encode())
 atexit.register(leaving.touch)
 
 import torch  # noqa: E402
